@@ -1,0 +1,137 @@
+"""A paged KV cache for the sequences one device serves.
+
+Tokens live in fixed-size blocks of a per-layer pool; each sequence owns a list of blocks
+(its block table). The pool starts small and doubles when it runs out, up to
+`max_tokens`; past that, `reserve` raises KVCacheFull and nothing is changed.
+
+Per layer the pool is [slots, W] with W the cached width of one token: K and V of every
+key/value head for GQA, the compressed latent plus rope key for MLA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """The device has no room for the tokens asked for."""
+
+
+@dataclass
+class SeqBlocks:
+    blocks: list[int]
+    length: int = 0
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, width: int, dtype: torch.dtype, max_tokens: int,
+                 block_size: int = 16, initial_tokens: int = 1024) -> None:
+        if max_tokens < block_size:
+            raise ValueError(f"max_tokens={max_tokens} is below one block ({block_size})")
+        self.num_layers = num_layers
+        self.width = width
+        self.dtype = dtype
+        self.block_size = block_size
+        self.max_blocks = max_tokens // block_size
+        self.num_blocks = 0
+        self.pools: list[torch.Tensor] = [torch.empty(0, width, dtype=dtype)
+                                          for _ in range(num_layers)]
+        self.free_blocks: list[int] = []
+        self.seqs: dict[int, SeqBlocks] = {}
+        self._grow(min(self.max_blocks, max(1, initial_tokens // block_size)))
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.max_blocks * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can still be handed out, counting those the pool may grow into."""
+        return len(self.free_blocks) + self.max_blocks - self.num_blocks
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def _grow(self, num_blocks: int) -> None:
+        old = self.num_blocks
+        if num_blocks <= old:
+            return
+        slots = num_blocks * self.block_size
+        for layer, pool in enumerate(self.pools):
+            grown = torch.zeros(slots, self.width, dtype=self.dtype)
+            grown[: pool.shape[0]] = pool
+            self.pools[layer] = grown
+        self.free_blocks.extend(range(num_blocks - 1, old - 1, -1))
+        self.num_blocks = num_blocks
+
+    def blocks_needed(self, seq_id: int, new_length: int) -> int:
+        have = len(self.seqs[seq_id].blocks) if seq_id in self.seqs else 0
+        return max(0, -(-new_length // self.block_size) - have)
+
+    def can_reserve(self, needs: dict[int, int]) -> bool:
+        """Whether every sequence in `needs` (seq id -> new total length) fits at once."""
+        return sum(self.blocks_needed(s, n) for s, n in needs.items()) <= self.num_free_blocks
+
+    def reserve(self, seq_id: int, start: int, num_tokens: int) -> torch.Tensor:
+        """Room for positions start..start+num_tokens-1 of `seq_id` (which must hold exactly
+        `start` tokens). Returns their slot indices [num_tokens]."""
+        seq = self.seqs.get(seq_id)
+        if seq is None:
+            if start != 0:
+                raise KeyError(f"sequence {seq_id} is not cached here; it cannot resume at "
+                               f"position {start}")
+            seq = SeqBlocks([])
+        elif seq.length != start:
+            raise ValueError(f"sequence {seq_id} holds {seq.length} tokens, not {start}")
+        length = start + num_tokens
+        need = self.blocks_needed(seq_id, length)
+        if need > len(self.free_blocks):
+            if need > self.num_free_blocks:
+                raise KVCacheFull(
+                    f"KV cache full: sequence {seq_id} needs {need} more blocks of "
+                    f"{self.block_size} tokens, {len(self.free_blocks)} free of {self.max_blocks}")
+            self._grow(min(self.max_blocks, max(2 * self.num_blocks,
+                                                self.used_blocks + need)))
+        for _ in range(need):
+            seq.blocks.append(self.free_blocks.pop())
+        seq.length = length
+        self.seqs[seq_id] = seq
+        return self.slots(seq_id, start, length)
+
+    def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
+        """Slot indices of positions start..end-1 of `seq_id` [end-start]."""
+        blocks = torch.tensor(self.seqs[seq_id].blocks, dtype=torch.int64)
+        pos = torch.arange(start, end)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def gather_index(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch of sequences: slot indices [B, Lmax] (padding points at slot 0) and
+        lengths [B]."""
+        lengths = [self.seqs[s].length for s in seq_ids]
+        width = -(-max(lengths) // self.block_size)
+        table = torch.zeros(len(seq_ids), width, dtype=torch.int64)
+        for row, s in enumerate(seq_ids):
+            blocks = self.seqs[s].blocks
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        index = (table[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)
+        return index[:, : max(lengths)], torch.tensor(lengths, dtype=torch.int64)
+
+    def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """values [n, W] into slots [n] of `layer`."""
+        self.pools[layer].index_copy_(0, slots, values.to(self.dtype))
+
+    def read(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """index [...] of slots -> [..., W]"""
+        return self.pools[layer][index]
+
+    def free(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None:
+            self.free_blocks.extend(reversed(seq.blocks))
+
+    def length(self, seq_id: int) -> int:
+        seq = self.seqs.get(seq_id)
+        return 0 if seq is None else seq.length

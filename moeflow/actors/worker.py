@@ -1,0 +1,438 @@
+"""DeviceWorker: one device's share of a model, and the ops that run each node kind on it.
+
+A worker holds the dense weights (if it serves requests), the routed experts it owns, and
+the KV cache of the sequences homed on it. `run(key, node, inputs)` executes one graph node
+with real ops; `key` names the unit in flight (several may be in flight at once), whose
+per-unit state `begin` prepared.
+
+Values flowing along data edges:
+    Embed, Combine          hidden [T, D]
+    Attention               AttnOut(resid [T, D], xn [T, D])
+    Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
+    Transfer(dispatch)      Rows for one expert group from one home
+    Expert(routed)          ExpertOut: weighted output rows per home
+    Transfer(combine)       Partial rows for one home
+    Expert(shared / dense)  [T, D]
+    LMHead                  Logits [R, V] (fp32)
+
+Shapes: T tokens homed here, D hidden, A top-k, N = T*A routed rows, H/K query/kv heads,
+d head dim, V vocab, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.actors.kvcache import PagedKVCache
+from moeflow.dataflow.graph import (
+    Attention,
+    Combine,
+    Embed,
+    Expert,
+    Gate,
+    Graph,
+    LMHead,
+    Node,
+    Placement,
+    Transfer,
+    Unit,
+)
+from moeflow.models.spec import ModelSpec
+from moeflow.models.weights import DenseWeights, ExpertStack
+from moeflow.ops.attention import decode_attention, prefill_attention
+from moeflow.ops.experts import grouped_swiglu, swiglu
+from moeflow.ops.norm import rms_norm
+from moeflow.ops.rope import RopeTable, apply_rope
+from moeflow.ops.router import route, router_logits
+
+MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
+
+
+@dataclass
+class AttnOut:
+    resid: torch.Tensor  # [T, D] residual stream after attention
+    xn: torch.Tensor  # [T, D] its post-attention norm: the FFN input
+
+
+@dataclass
+class Routing:
+    xn: torch.Tensor  # [T, D]
+    token_of_row: torch.Tensor  # [N] token of each routed row, rows in dispatch order
+    weight_of_row: torch.Tensor  # [N] fp32
+    offsets: list[int]  # [E+1] first row of each dispatch rank
+    counts: tuple[int, ...]  # rows per expert id
+
+
+@dataclass
+class Rows:
+    """Routed rows of one home for one contiguous expert group."""
+
+    home: str
+    start: int  # first row within the home's dispatch order
+    x: torch.Tensor  # [n, D]
+    counts: list[int]  # rows per expert of the group
+    weights: torch.Tensor  # [n] fp32
+
+
+@dataclass
+class Partial:
+    start: int
+    y: torch.Tensor  # [n, D] weighted expert outputs
+
+
+@dataclass
+class ExpertOut:
+    parts: dict[str, Partial]
+
+
+@dataclass
+class Logits:
+    seqs: tuple[int, ...]  # unit sequence indices
+    rows_per_seq: tuple[int, ...]
+    values: torch.Tensor  # [R, V] fp32
+
+
+@dataclass
+class _UnitState:
+    unit: Unit
+    rows: dict[int, tuple[int, int]]  # seq index -> (first row, num rows) among rows homed here
+    token_ids: torch.Tensor  # [T]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor  # [T] cache slots of the new tokens
+    decode_seqs: list[int] = field(default_factory=list)  # seq indices with 1 new token
+    decode_rows: torch.Tensor | None = None
+    decode_index: torch.Tensor | None = None  # [B, Lmax] cache slots
+    decode_lengths: torch.Tensor | None = None
+    all_decode: bool = False
+    prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # row0, n, start, seq
+
+
+class DeviceWorker:
+    def __init__(self, device: str, spec: ModelSpec, dtype: torch.dtype,
+                 dense: DenseWeights | None, experts: dict[int, ExpertStack],
+                 kv_tokens: int = 65536) -> None:
+        self.device = device
+        self.spec = spec
+        self.dtype = dtype
+        self.dense = dense
+        self.experts = experts
+        self.rope = RopeTable(spec.rope, min(spec.max_position_embeddings, 4096))
+        self.kv = PagedKVCache(spec.num_layers, spec.attention.cache_width, dtype, kv_tokens)
+        self._units: dict[Any, _UnitState] = {}
+        self._ranks: dict[Placement, tuple[torch.Tensor, dict[int, int]]] = {}
+        self._stack_pos: dict[int, dict[int, int]] = {
+            layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
+
+    # -- units ---------------------------------------------------------------------
+
+    def begin(self, key: Any, unit: Unit, token_ids: dict[int, list[int]]) -> None:
+        """Prepare to run `unit` here: reserve KV for the sequences homed on this device
+        and lay out their tokens. `token_ids` maps seq index -> its new token ids."""
+        homed = unit.seqs_on(self.device)
+        rows: dict[int, tuple[int, int]] = {}
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        reserved: list[int] = []
+        try:
+            for i in homed:
+                chunk = unit.seqs[i]
+                tokens = token_ids[i]
+                if len(tokens) != chunk.num_tokens:
+                    raise ValueError(f"sequence {chunk.seq_id}: {len(tokens)} token ids for "
+                                     f"{chunk.num_tokens} new tokens")
+                rows[i] = (len(ids), chunk.num_tokens)
+                ids.extend(tokens)
+                positions.append(torch.arange(chunk.start, chunk.start + chunk.num_tokens))
+                slots.append(self.kv.reserve(chunk.seq_id, chunk.start, chunk.num_tokens))
+                reserved.append(chunk.seq_id)
+        except Exception:
+            for seq_id in reserved:  # leave the cache as it was
+                chunk = next(c for c in unit.seqs if c.seq_id == seq_id)
+                self._unreserve(seq_id, chunk.start)
+            raise
+        pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        cos, sin = self.rope.cos_sin(pos)
+        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64), cos, sin,
+                           torch.cat(slots) if slots else pos)
+        for i in homed:
+            chunk = unit.seqs[i]
+            if chunk.num_tokens == 1 and chunk.start > 0:
+                state.decode_seqs.append(i)
+            else:
+                state.prefill.append((rows[i][0], chunk.num_tokens, chunk.start, chunk.seq_id))
+        if state.decode_seqs:
+            seq_ids = [unit.seqs[i].seq_id for i in state.decode_seqs]
+            state.decode_index, state.decode_lengths = self.kv.gather_index(seq_ids)
+            state.decode_rows = torch.tensor([rows[i][0] for i in state.decode_seqs])
+            state.all_decode = not state.prefill
+        self._units[key] = state
+
+    def _unreserve(self, seq_id: int, start: int) -> None:
+        if start == 0:
+            self.kv.free(seq_id)
+        else:
+            self.kv.seqs[seq_id].length = start
+
+    def end(self, key: Any) -> None:
+        self._units.pop(key, None)
+
+    def abort(self, key: Any) -> None:
+        """Forget a unit that will not finish, rolling its sequences' KV back."""
+        state = self._units.pop(key, None)
+        if state is None:
+            return
+        for i in state.rows:
+            chunk = state.unit.seqs[i]
+            if chunk.seq_id in self.kv.seqs:
+                self._unreserve(chunk.seq_id, chunk.start)
+
+    def release(self, seq_id: int) -> None:
+        """Free a finished sequence's KV cache."""
+        self.kv.free(seq_id)
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def run(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
+        if isinstance(node, Expert):
+            if node.kind == "routed":
+                return self._routed(graph, node, inputs)
+            return self._dense_mlp(node, inputs)
+        if isinstance(node, Transfer):
+            return self._transfer(graph, node, inputs)
+        if isinstance(node, Attention):
+            return self._attention(self._units[key], node, inputs[0][1])
+        if isinstance(node, Gate):
+            return self._gate(graph, node, inputs[0][1])
+        if isinstance(node, Combine):
+            return self._combine(node, inputs)
+        if isinstance(node, Embed):
+            assert self.dense is not None
+            return F.embedding(self._units[key].token_ids, self.dense.embed)
+        if isinstance(node, LMHead):
+            return self._lm_head(self._units[key], node, inputs[0][1])
+        raise TypeError(f"cannot run node {node!r}")
+
+    def _attention(self, st: _UnitState, node: Attention, hidden: torch.Tensor) -> AttnOut:
+        assert self.dense is not None
+        spec, a = self.spec, self.spec.attention
+        w = self.dense.layers[node.layer].attn
+        x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
+        if a.kind == "mla":
+            out = self._mla(st, node.layer, x)
+        else:
+            out = self._gqa(st, node.layer, x)
+        resid = hidden + F.linear(out, w.o, w.o_bias)
+        return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
+
+    def _gqa(self, st: _UnitState, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> attention output [T, H*d]"""
+        a = self.spec.attention
+        w = self.dense.layers[layer].attn  # type: ignore[union-attr]
+        qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
+        q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=-1)
+        if a.qk_norm == "full":
+            q = rms_norm(q, w.q_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
+            k = rms_norm(k, w.k_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
+        if a.clip_qkv is not None:
+            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+        num_tokens = x.shape[0]
+        q = q.reshape(num_tokens, a.num_heads, a.head_dim)
+        k = k.reshape(num_tokens, a.num_kv_heads, a.head_dim)
+        v = v.reshape(num_tokens, a.num_kv_heads, a.head_dim)
+        if a.qk_norm == "head":
+            q = rms_norm(q, w.q_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
+            k = rms_norm(k, w.k_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
+        interleaved = self.spec.rope.interleaved
+        q = apply_rope(q, st.cos, st.sin, interleaved)
+        k = apply_rope(k, st.cos, st.sin, interleaved)
+        self.kv.write(layer, st.slots, torch.cat((k.flatten(1), v.flatten(1)), dim=1))
+
+        def split_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kk, vv = kv.split(a.kv_width, dim=-1)
+            return (kk.unflatten(-1, (a.num_kv_heads, a.head_dim)),
+                    vv.unflatten(-1, (a.num_kv_heads, a.head_dim)))
+
+        return self._attend(st, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
+
+    def _mla(self, st: _UnitState, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> attention output [T, H*v] (DeepSeek multi-head latent attention)"""
+        a = self.spec.attention
+        w = self.dense.layers[layer].attn  # type: ignore[union-attr]
+        num_tokens = x.shape[0]
+        if w.q is not None:
+            q = F.linear(x, w.q)
+        else:
+            q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, MLA_NORM_EPS), w.q_b)  # type: ignore[arg-type]
+        q = q.view(num_tokens, a.num_heads, a.head_dim)
+        q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        latent, k_pe = F.linear(x, w.kv_a).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        latent = rms_norm(latent, w.kv_a_norm, MLA_NORM_EPS)  # type: ignore[arg-type]
+        q_pe = apply_rope(q_pe, st.cos, st.sin, True)
+        k_pe = apply_rope(k_pe[:, None, :], st.cos, st.sin, True)[:, 0, :]
+        query = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, nope + rope]
+        cached = torch.cat((latent, k_pe), dim=-1)  # [T, kv_lora + rope]
+        self.kv.write(layer, st.slots, cached)
+
+        def expand(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # c [..., L, kv_lora + rope] -> K [..., L, H, nope + rope], V [..., L, H, v]
+            lat, pe = c.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+            kv = F.linear(lat, w.kv_b).unflatten(-1, (a.num_heads, -1))
+            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+            pe = pe.unsqueeze(-2).expand(*k_nope.shape[:-1], a.qk_rope_head_dim)
+            return torch.cat((k_nope, pe), dim=-1), v
+
+        fresh = expand(cached)
+        return self._attend(st, layer, query, fresh, expand, a.softmax_scale).flatten(1)
+
+    def _attend(self, st: _UnitState, layer: int, q: torch.Tensor,
+                fresh: tuple[torch.Tensor, torch.Tensor], unpack: Any,
+                scale: float) -> torch.Tensor:
+        """q [T, H, d] against each sequence's cached keys; `fresh` are this unit's own
+        keys/values [T, K, *] (used directly by sequences that start at position 0)."""
+        window = self.spec.layers[layer].sliding_window
+        if st.all_decode:
+            k, v = unpack(self.kv.read(layer, st.decode_index))
+            return decode_attention(q, k, v, st.decode_lengths, scale, window)
+        out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
+        if st.decode_seqs:
+            k, v = unpack(self.kv.read(layer, st.decode_index))
+            out[st.decode_rows] = decode_attention(q[st.decode_rows], k, v,
+                                                   st.decode_lengths, scale, window)
+        for row0, n, start, seq_id in st.prefill:
+            if start == 0:
+                k, v = fresh[0][row0:row0 + n], fresh[1][row0:row0 + n]
+            else:
+                k, v = unpack(self.kv.read(layer, self.kv.slots(seq_id, 0, start + n)))
+            out[row0:row0 + n] = prefill_attention(q[row0:row0 + n], k, v, start, scale,
+                                                   window)
+        return out
+
+    def _ranks_of(self, placement: Placement) -> tuple[torch.Tensor, dict[int, int]]:
+        cached = self._ranks.get(placement)
+        if cached is None:
+            order = placement.dispatch_order()
+            rank = {e: r for r, e in enumerate(order)}
+            cached = (torch.tensor([rank[e] for e in range(len(order))], dtype=torch.int64),
+                      rank)
+            self._ranks[placement] = cached
+        return cached
+
+    def _gate(self, graph: Graph, node: Gate, attn: AttnOut) -> Routing:
+        assert self.dense is not None
+        moe = self.spec.moe
+        logits = router_logits(attn.xn, self.dense.layers[node.layer].router, moe)  # type: ignore[arg-type]
+        ids, weights = route(logits, moe)  # [T, A]
+        rank, _ = self._ranks_of(graph.placement)
+        row_rank = rank[ids.flatten()]  # [N]
+        order = torch.argsort(row_rank, stable=True)
+        per_rank = torch.bincount(row_rank, minlength=moe.num_experts)
+        offsets = [0, *torch.cumsum(per_rank, 0).tolist()]
+        counts = tuple(per_rank[rank].tolist())
+        return Routing(attn.xn, order // moe.top_k, weights.flatten()[order], offsets, counts)
+
+    def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
+        _, rank = self._ranks_of(graph.placement)
+        r0, r1 = rank[group[0]], rank[group[-1]] + 1
+        start, end = routing.offsets[r0], routing.offsets[r1]
+        return Rows(home, start, routing.xn[routing.token_of_row[start:end]],
+                    [routing.offsets[r + 1] - routing.offsets[r] for r in range(r0, r1)],
+                    routing.weight_of_row[start:end])
+
+    def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:
+        value = inputs[0][1]
+        if node.payload == "dispatch":
+            return self._rows(graph, value, node.src, node.experts)
+        if node.payload == "combine":
+            return value.parts[node.dst]
+        return value
+
+    def _routed(self, graph: Graph, node: Expert, inputs: list[tuple[Node, Any]]) -> ExpertOut:
+        batches = [value if isinstance(value, Rows)
+                   else self._rows(graph, value, src.device, node.experts)
+                   for src, value in inputs]
+        stack = self.experts[node.layer]
+        first = self._stack_pos[node.layer][node.experts[0]]
+        gate_up = stack.gate_up[first:first + len(node.experts)]
+        down = stack.down[first:first + len(node.experts)]
+        total = sum(b.x.shape[0] for b in batches)
+        if total == 0:
+            return ExpertOut({b.home: Partial(b.start, b.x) for b in batches})
+        if len(batches) == 1:
+            x, counts, weights = batches[0].x, batches[0].counts, batches[0].weights
+            perm = None
+        else:  # merge homes' rows so that each expert's rows are contiguous
+            x = torch.cat([b.x for b in batches])
+            expert_of_row = torch.cat([
+                torch.repeat_interleave(torch.arange(len(b.counts)), torch.tensor(b.counts))
+                for b in batches])
+            perm = torch.argsort(expert_of_row, stable=True)
+            x = x[perm]
+            weights = torch.cat([b.weights for b in batches])[perm]
+            counts = [sum(c) for c in zip(*(b.counts for b in batches))]
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        y = grouped_swiglu(x, offsets, gate_up, down)  # [n, D]
+        y = (y * weights[:, None]).to(self.dtype)
+        if perm is not None:
+            unsorted = torch.empty_like(y)
+            unsorted[perm] = y
+            y = unsorted
+        parts, row = {}, 0
+        for b in batches:
+            n = b.x.shape[0]
+            parts[b.home] = Partial(b.start, y[row:row + n])
+            row += n
+        return ExpertOut(parts)
+
+    def _dense_mlp(self, node: Expert, inputs: list[tuple[Node, Any]]) -> torch.Tensor:
+        assert self.dense is not None
+        xn = inputs[0][1].xn
+        lw = self.dense.layers[node.layer]
+        if node.kind == "dense":
+            return swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
+        out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
+        if lw.shared_gate is not None:
+            out = torch.sigmoid(F.linear(xn, lw.shared_gate)) * out
+        return out
+
+    def _combine(self, node: Combine, inputs: list[tuple[Node, Any]]) -> torch.Tensor:
+        attn: AttnOut = inputs[0][1]
+        routing: Routing | None = None
+        partials: list[Partial] = []
+        extra: list[torch.Tensor] = []
+        for src, value in inputs[1:]:
+            if isinstance(src, Gate):
+                routing = value
+            elif isinstance(value, ExpertOut):
+                partials.append(value.parts[node.device])
+            elif isinstance(value, Partial):
+                partials.append(value)
+            else:  # shared expert or dense MLP output
+                extra.append(value)
+        out = torch.zeros(attn.resid.shape, dtype=torch.float32)
+        if routing is not None and partials:
+            partials.sort(key=lambda p: p.start)
+            rows = torch.cat([p.y for p in partials])  # [N, D] in dispatch order
+            out.index_add_(0, routing.token_of_row, rows.float())
+        for e in extra:
+            out += e.float()
+        return attn.resid + out.to(self.dtype)
+
+    def _lm_head(self, st: _UnitState, node: LMHead, hidden: torch.Tensor) -> Logits:
+        assert self.dense is not None
+        picks: list[int] = []
+        rows_per_seq: list[int] = []
+        for i in node.seqs:
+            row0, n = st.rows[i]
+            keep = st.unit.seqs[i].num_logit_rows
+            picks.extend(range(row0 + n - keep, row0 + n))
+            rows_per_seq.append(keep)
+        x = hidden[torch.tensor(picks, dtype=torch.int64)] if len(picks) != hidden.shape[0] \
+            else hidden
+        x = rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
+        return Logits(node.seqs, tuple(rows_per_seq), F.linear(x, self.dense.lm_head).float())

@@ -1,0 +1,166 @@
+"""The `moeflow` command line.
+
+    moeflow make-tiny FAMILY OUT_DIR [--layers ... --seed ...]
+    moeflow generate MODEL_DIR (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
+                     [--devices cpu:0,cpu:1] [--dtype auto] [--json] [--stats]
+    moeflow graph MODEL_DIR --out FILE.{dot,html} [--layer N] [--devices ...]
+
+Errors in what the user gave (a bad checkpoint, a bad flag value) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from moeflow.models.checkpoint import CheckpointError
+from moeflow.models.families import FAMILIES, ConfigError
+from moeflow.models.tokenizer import TokenizerError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointError, ConfigError, TokenizerError, ValueError, KeyError, FileNotFoundError)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given")
+    return ids
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeflow", description=(
+        "Serve Mixture-of-Experts language models as dataflow graphs."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a small random checkpoint in HF layout")
+    tiny.add_argument("family", choices=sorted(FAMILIES))
+    tiny.add_argument("out_dir")
+    for name, default in (("layers", 2), ("experts", 8), ("top-k", 2), ("hidden", 64),
+                          ("heads", 4), ("kv-heads", 2), ("head-dim", 16),
+                          ("intermediate", 32), ("dense-intermediate", 96),
+                          ("shared-intermediate", 48), ("vocab", 512)):
+        tiny.add_argument(f"--{name}", type=_positive, default=default)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    tiny.add_argument("--shards", type=_positive, default=1,
+                      help="write N safetensors shards plus model.safetensors.index.json")
+    tiny.add_argument("--no-tokenizer", action="store_true",
+                      help="leave out tokenizer.json (the model then takes token ids only)")
+
+    gen = sub.add_parser("generate", help="generate from one prompt")
+    gen.add_argument("model_dir")
+    group = gen.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
+    group.add_argument("--prompt-ids", type=_token_ids, help="token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=_positive, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--devices", default="cpu:0")
+    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    gen.add_argument("--scheduler", default="batch-ep")
+    gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
+    gen.add_argument("--stats", action="store_true", help="print prefill and decode speed")
+
+    graph = sub.add_parser("graph", help="draw the dataflow graph of one forward pass")
+    graph.add_argument("model_dir")
+    graph.add_argument("--out", required=True, help="output file: .dot or .html")
+    graph.add_argument("--layer", type=int, action="append",
+                       help="layer(s) to draw (repeatable; default: all)")
+    graph.add_argument("--devices", default="cpu:0")
+    graph.add_argument("--prompt-len", type=_positive, default=8,
+                       help="tokens in the drawn unit (one sequence per device)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        print(f"moeflow {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from moeflow.models.tiny import TinyShape, make_tiny
+
+    shape = TinyShape(layers=args.layers, experts=args.experts, top_k=args.top_k,
+                      hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                      head_dim=args.head_dim, intermediate=args.intermediate,
+                      dense_intermediate=args.dense_intermediate,
+                      shared_intermediate=args.shared_intermediate, vocab=args.vocab)
+    out = make_tiny(args.family, args.out_dir, shape, seed=args.seed, dtype=args.dtype,
+                    shards=args.shards, tokenizer=not args.no_tokenizer)
+    print(f"wrote a tiny {args.family} checkpoint to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moeflow.serve.llm import LLM
+    from moeflow.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    llm = LLM(args.model_dir, devices=args.devices, dtype=args.dtype, scheduler=args.scheduler)
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    [out] = llm.generate(prompt, sampling=params)
+    if args.json:
+        print(json.dumps({"token_ids": list(out.token_ids), "text": out.text}))
+    elif args.prompt is not None:
+        print(args.prompt + out.text)
+    else:
+        print(out.text if llm.tokenizer else " ".join(map(str, out.token_ids)))
+    if args.stats:
+        print(f"prefill: {len(out.prompt_token_ids)} tokens in {out.ttft_s * 1e3:.1f} ms "
+              f"({out.prefill_tokens_per_s:.0f} tok/s); decode: {len(out.token_ids)} tokens, "
+              f"{out.decode_tokens_per_s:.1f} tok/s; devices {args.devices}, "
+              f"dtype {llm.dtype}".replace("torch.", ""), file=sys.stderr)
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from moeflow.actors.inproc import parse_devices
+    from moeflow.dataflow import Cut, Placement, SeqChunk, Unit, compile
+    from moeflow.dataflow.render import write
+    from moeflow.models.families import load_spec
+
+    spec = load_spec(args.model_dir)
+    devices = parse_devices(args.devices)
+    for layer in args.layer or []:
+        if not 0 <= layer < spec.num_layers:
+            raise ValueError(f"--layer {layer} is outside 0..{spec.num_layers - 1}")
+    unit = Unit(tuple(SeqChunk(i, 0, args.prompt_len, d) for i, d in enumerate(devices)))
+    graph = compile(spec, unit, Placement.sharded(devices, spec.moe.num_experts), Cut())
+    write(graph, args.out, layers=args.layer, title=f"{spec.name} ({spec.family})")
+    print(f"wrote {args.out}: {len(graph.nodes)} nodes in the full graph")
+    return 0
+
+
+COMMANDS = {"make-tiny": cmd_make_tiny, "generate": cmd_generate, "graph": cmd_graph}
+
+if __name__ == "__main__":
+    sys.exit(main())

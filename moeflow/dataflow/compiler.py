@@ -1,0 +1,138 @@
+"""`compile`: (ModelSpec, Unit, Placement, Cut) -> the Graph of one forward pass.
+
+Per layer and per home device h (a device serving some of the unit's sequences):
+
+    Attention(h) -> Gate(h) -> Transfer(dispatch, h->d) -> Expert(d, group)
+                                                                   |
+                    Combine(h) <- Transfer(combine, d->h) <--------+
+                 (Combine(h) also reads Attention(h) for the residual, Gate(h) for the row
+                  order, and Expert(h, shared) when the model has a shared expert)
+
+Rows routed to experts that h itself owns skip the transfers. An owner's Expert node for a
+group takes the rows of every home at once. A dense layer is Attention -> Expert(dense) ->
+Combine. The first layer reads Embed(h); LMHead(h) reads the last Combine.
+
+The Cut says how a policy wants the graph cut:
+    expert_stages  split each owner's experts into that many contiguous groups, each its own
+                   dispatch -> GEMM -> combine stage (EPS-MoE pipelining);
+    barrier        every device finishes layer l before any device starts layer l+1 (the
+                   collective all-to-all of batch expert parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeflow.dataflow.graph import (
+    Attention,
+    Combine,
+    Edge,
+    EdgeKind,
+    Embed,
+    Expert,
+    Gate,
+    Graph,
+    GraphError,
+    LMHead,
+    Node,
+    Placement,
+    Transfer,
+    Unit,
+)
+from moeflow.models.spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    expert_stages: int = 1
+    barrier: bool = False
+
+    def __post_init__(self) -> None:
+        if self.expert_stages < 1:
+            raise GraphError(f"expert_stages must be >= 1, got {self.expert_stages}")
+
+
+def split_groups(experts: tuple[int, ...], num_groups: int) -> list[tuple[int, ...]]:
+    """`experts` cut into `num_groups` contiguous, near-equal, non-empty groups (fewer when
+    there are fewer experts than groups)."""
+    n = min(num_groups, len(experts))
+    bounds = [len(experts) * g // n for g in range(n + 1)]
+    return [experts[bounds[g]:bounds[g + 1]] for g in range(n)]
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.edges: list[Edge] = []
+
+    def add(self, cls: type, *inputs: int, **fields: object) -> int:
+        node_id = len(self.nodes)
+        self.nodes.append(cls(id=node_id, **fields))
+        self.edges.extend(Edge(src, node_id) for src in inputs)
+        return node_id
+
+    def edge(self, src: int, dst: int, kind: EdgeKind) -> None:
+        self.edges.append(Edge(src, dst, kind))
+
+
+def compile(spec: ModelSpec, unit: Unit, placement: Placement,
+                  cut: Cut = Cut()) -> Graph:
+    if placement.num_experts != spec.moe.num_experts:
+        raise GraphError(f"the placement covers {placement.num_experts} experts, "
+                         f"the model has {spec.moe.num_experts}")
+    homes = unit.homes(placement.devices)
+    seqs = {h: unit.seqs_on(h) for h in homes}
+    tokens = {h: sum(unit.seqs[i].num_tokens for i in seqs[h]) for h in homes}
+    context = {h: sum(unit.seqs[i].start + unit.seqs[i].num_tokens for i in seqs[h])
+               for h in homes}
+    order = placement.dispatch_order()
+    groups = [(owner, group) for owner in placement.owners()
+              for group in split_groups(tuple(e for e in order if placement.owner(e) == owner),
+                                        cut.expert_stages)]
+
+    b = _Builder()
+    prev = {h: b.add(Embed, device=h, seqs=seqs[h], num_tokens=tokens[h]) for h in homes}
+    for layer, layer_spec in enumerate(spec.layers):
+        attn = {h: b.add(Attention, prev[h], device=h, layer=layer, seqs=seqs[h],
+                         num_tokens=tokens[h], num_context=context[h]) for h in homes}
+        if cut.barrier and layer > 0:
+            for h in homes:
+                for other in homes:
+                    if other != h:
+                        b.edge(prev[other], attn[h], "control")
+        if layer_spec.mlp == "dense":
+            for h in homes:
+                mlp = b.add(Expert, attn[h], device=h, layer=layer, kind="dense",
+                            num_tokens=tokens[h])
+                prev[h] = b.add(Combine, attn[h], mlp, device=h, layer=layer, seqs=seqs[h],
+                                num_tokens=tokens[h])
+        else:
+            gate = {h: b.add(Gate, attn[h], device=h, layer=layer, seqs=seqs[h],
+                             num_tokens=tokens[h]) for h in homes}
+            partials: dict[str, list[int]] = {h: [] for h in homes}
+            stage_of_owner: dict[str, int] = {}
+            for owner, group in groups:
+                stage = stage_of_owner.get(owner, 0)
+                stage_of_owner[owner] = stage + 1
+                sources = [gate[h] if h == owner else
+                           b.add(Transfer, gate[h], src=h, dst=owner, layer=layer,
+                                 payload="dispatch", experts=group, stage=stage)
+                           for h in homes]
+                expert = b.add(Expert, *sources, device=owner, layer=layer, experts=group,
+                               stage=stage)
+                for h in homes:
+                    partials[h].append(expert if h == owner else b.add(
+                        Transfer, expert, src=owner, dst=h, layer=layer, payload="combine",
+                        experts=group, stage=stage))
+            for h in homes:
+                shared = ([b.add(Expert, attn[h], device=h, layer=layer, kind="shared",
+                                 num_tokens=tokens[h])]
+                          if spec.moe.shared_intermediate_size else [])
+                prev[h] = b.add(Combine, attn[h], gate[h], *partials[h], *shared, device=h,
+                                layer=layer, seqs=seqs[h], num_tokens=tokens[h])
+    for h in homes:
+        rows = sum(unit.seqs[i].num_logit_rows for i in seqs[h])
+        b.add(LMHead, prev[h], device=h, seqs=seqs[h], num_rows=rows)
+    return Graph(unit=unit, placement=placement, nodes=tuple(b.nodes), edges=tuple(b.edges),
+                 num_layers=spec.num_layers)
+

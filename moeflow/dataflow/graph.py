@@ -1,0 +1,326 @@
+"""The dataflow graph of one forward pass: node kinds, units, placement and `Graph`.
+
+Everything here is plain frozen data whose `repr` is valid Python (evaluate it with
+`from moeflow.dataflow import *` in scope), so a failing case found by a property test can
+be pasted into a regression test as it is.
+
+Node kinds. Each node runs on one `device`; a Transfer runs from `src` to `dst`.
+    Embed       token ids -> hidden, for the sequences homed on a device
+    Attention   input norm, attention over the KV cache, residual add, post-attention norm
+    Gate        router: top-k experts per token; its completion carries per-expert counts
+    Expert      routed experts (a group of them, on their owner), a shared expert, or a
+                dense MLP
+    Transfer    bytes moving between devices: dispatch / combine of routed rows, hidden
+                states, KV, weight pages
+    Combine     residual + shared + routed partial outputs -> the layer's output
+    LMHead      final norm and vocabulary projection for the rows that need logits
+
+Edges are dependencies: `data` (read after write), `war` (write after read, for reused
+buffers), and `control` (ordering with no data, e.g. a barrier).
+
+Sizes can be dynamic: how many rows reach an expert is known only once its Gate has run.
+Such Transfers have `num_bytes=None`; executors read the Gate's counts then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal, Union
+
+EdgeKind = Literal["data", "war", "control"]
+ExpertKind = Literal["routed", "shared", "dense"]
+Payload = Literal["dispatch", "combine", "hidden", "kv", "weights", "qkv"]
+AttentionPart = Literal["full", "pre", "core", "post"]
+LogitsMode = Literal["last", "all", "none"]
+
+
+class GraphError(ValueError):
+    """A graph is malformed: a dangling edge, a bad id, or a cycle."""
+
+
+# -- units -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SeqChunk:
+    """`num_tokens` new tokens of sequence `seq_id`, at positions start..start+num_tokens-1,
+    served by (attention and KV cache on) device `home`."""
+
+    seq_id: int
+    start: int
+    num_tokens: int
+    home: str
+    logits: LogitsMode = "last"
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.num_tokens < 1:
+            raise GraphError(f"sequence {self.seq_id}: start={self.start} must be >= 0 and "
+                             f"num_tokens={self.num_tokens} >= 1")
+
+    @property
+    def num_logit_rows(self) -> int:
+        return {"last": 1, "all": self.num_tokens, "none": 0}[self.logits]
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A unit of work: the tokens of one forward pass over some sequences."""
+
+    seqs: tuple[SeqChunk, ...]
+
+    def __post_init__(self) -> None:
+        if not self.seqs:
+            raise GraphError("a unit needs at least one sequence")
+        ids = [s.seq_id for s in self.seqs]
+        if len(set(ids)) != len(ids):
+            raise GraphError(f"a unit lists a sequence twice: {ids}")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    def homes(self, order: tuple[str, ...]) -> tuple[str, ...]:
+        """The devices serving this unit's sequences, in `order`."""
+        used = {s.home for s in self.seqs}
+        unknown = used - set(order)
+        if unknown:
+            raise GraphError(f"sequences are homed on unknown devices {sorted(unknown)}")
+        return tuple(d for d in order if d in used)
+
+    def seqs_on(self, device: str) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.seqs) if s.home == device)
+
+
+# -- placement -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where routed experts live: `expert_owners[e]` indexes `devices`.
+
+    The dispatch order of experts is owner-major (by device order), then by expert id; each
+    device's experts, and each pipeline stage's group, are contiguous in that order."""
+
+    devices: tuple[str, ...]
+    expert_owners: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            raise GraphError("a placement needs at least one device")
+        if len(set(self.devices)) != len(self.devices):
+            raise GraphError(f"devices listed twice: {self.devices}")
+        for e, owner in enumerate(self.expert_owners):
+            if not 0 <= owner < len(self.devices):
+                raise GraphError(f"expert {e} owned by device index {owner}, "
+                                 f"outside 0..{len(self.devices) - 1}")
+
+    @staticmethod
+    def sharded(devices: tuple[str, ...] | list[str], num_experts: int) -> Placement:
+        """Experts split into contiguous, near-equal ranges, one per device in order."""
+        devices = tuple(devices)
+        n = len(devices)
+        owners = tuple(min(e * n // num_experts, n - 1) for e in range(num_experts))
+        return Placement(devices, owners)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_owners)
+
+    def experts_of(self, device: str) -> tuple[int, ...]:
+        index = self.devices.index(device)
+        return tuple(e for e, owner in enumerate(self.expert_owners) if owner == index)
+
+    def owner(self, expert: int) -> str:
+        return self.devices[self.expert_owners[expert]]
+
+    def owners(self) -> tuple[str, ...]:
+        """Devices that own at least one expert, in device order."""
+        used = set(self.expert_owners)
+        return tuple(d for i, d in enumerate(self.devices) if i in used)
+
+    def dispatch_order(self) -> tuple[int, ...]:
+        return tuple(sorted(range(self.num_experts), key=lambda e: (self.expert_owners[e], e)))
+
+
+# -- nodes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Embed:
+    id: int
+    device: str
+    seqs: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attention:
+    id: int
+    device: str
+    layer: int
+    seqs: tuple[int, ...]
+    num_tokens: int
+    num_context: int
+    part: AttentionPart = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    id: int
+    device: str
+    layer: int
+    seqs: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expert:
+    """Routed experts `experts` of `layer` on their owner (rows known after the gate), or a
+    shared expert / dense MLP over `num_tokens` rows of the sequences homed here."""
+
+    id: int
+    device: str
+    layer: int
+    experts: tuple[int, ...] = ()
+    kind: ExpertKind = "routed"
+    num_tokens: int = 0
+    stage: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    id: int
+    src: str
+    dst: str
+    layer: int
+    payload: Payload
+    num_bytes: int | None = None
+    experts: tuple[int, ...] = ()
+    stage: int = 0
+
+    @property
+    def device(self) -> str:
+        return self.src
+
+
+@dataclass(frozen=True, slots=True)
+class Combine:
+    id: int
+    device: str
+    layer: int
+    seqs: tuple[int, ...]
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class LMHead:
+    id: int
+    device: str
+    seqs: tuple[int, ...]
+    num_rows: int
+
+
+Node = Union[Embed, Attention, Gate, Expert, Transfer, Combine, LMHead]
+NODE_KINDS: tuple[type, ...] = (Embed, Attention, Gate, Expert, Transfer, Combine, LMHead)
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    src: int
+    dst: int
+    kind: EdgeKind = "data"
+
+
+# -- the graph -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One forward pass of `unit` under `placement`. Node ids equal their index."""
+
+    unit: Unit
+    placement: Placement
+    nodes: tuple[Node, ...]
+    edges: tuple[Edge, ...]
+    num_layers: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        for i, node in enumerate(self.nodes):
+            if node.id != i:
+                raise GraphError(f"node at index {i} has id {node.id}")
+        n = len(self.nodes)
+        for edge in self.edges:
+            if not (0 <= edge.src < n and 0 <= edge.dst < n) or edge.src == edge.dst:
+                raise GraphError(f"bad edge {edge!r} in a graph of {n} nodes")
+        self.topological_order()  # raises on a cycle
+
+    @cached_property
+    def _preds(self) -> tuple[tuple[int, ...], ...]:
+        preds: list[list[int]] = [[] for _ in self.nodes]
+        for edge in self.edges:
+            preds[edge.dst].append(edge.src)
+        return tuple(tuple(p) for p in preds)
+
+    @cached_property
+    def _data_preds(self) -> tuple[tuple[int, ...], ...]:
+        preds: list[list[int]] = [[] for _ in self.nodes]
+        for edge in self.edges:
+            if edge.kind == "data":
+                preds[edge.dst].append(edge.src)
+        return tuple(tuple(p) for p in preds)
+
+    @cached_property
+    def _succs(self) -> tuple[tuple[int, ...], ...]:
+        succs: list[list[int]] = [[] for _ in self.nodes]
+        for edge in self.edges:
+            succs[edge.src].append(edge.dst)
+        return tuple(tuple(s) for s in succs)
+
+    def preds(self, node_id: int) -> tuple[int, ...]:
+        return self._preds[node_id]
+
+    def inputs(self, node_id: int) -> tuple[int, ...]:
+        """Predecessors whose outputs this node reads, in edge order."""
+        return self._data_preds[node_id]
+
+    def succs(self, node_id: int) -> tuple[int, ...]:
+        return self._succs[node_id]
+
+    def topological_order(self) -> tuple[int, ...]:
+        """Kahn's algorithm, smallest id first among the ready; a cycle raises GraphError."""
+        indegree = [0] * len(self.nodes)
+        succs: list[list[int]] = [[] for _ in self.nodes]
+        for edge in self.edges:
+            indegree[edge.dst] += 1
+            succs[edge.src].append(edge.dst)
+        ready = deque(i for i, d in enumerate(indegree) if d == 0)
+        order: list[int] = []
+        while ready:
+            i = ready.popleft()
+            order.append(i)
+            for j in succs[i]:
+                indegree[j] -= 1
+                if indegree[j] == 0:
+                    ready.append(j)
+        if len(order) != len(self.nodes):
+            stuck = [i for i, d in enumerate(indegree) if d > 0]
+            raise GraphError(f"the graph has a cycle through nodes {stuck[:10]}")
+        return tuple(order)
+
+    def of_kind(self, kind: type) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if isinstance(n, kind))
+
+    def layer_nodes(self, layer: int) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if getattr(n, "layer", None) == layer)
+
+    def devices(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for n in self.nodes:
+            if isinstance(n, Transfer):
+                seen.setdefault(n.src)
+                seen.setdefault(n.dst)
+            else:
+                seen.setdefault(n.device)
+        return tuple(seen)

@@ -1,0 +1,429 @@
+"""Family adapters: a Hugging Face `config.json` becomes a ModelSpec, and each weight a
+model needs gets its checkpoint key name.
+
+One adapter per `model_type`: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2. Adapters
+read both config styles found on the hub: `rope_theta` + `rope_scaling` (most published
+checkpoints) and `rope_parameters` (configs written by newer transformers). Every error
+names the config file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from moeflow.models.spec import (
+    AttentionSpec,
+    LayerSpec,
+    ModelSpec,
+    MoESpec,
+    RopeSpec,
+    SpecError,
+)
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+class ConfigError(ValueError):
+    """config.json is missing, unreadable, of an unknown family, or out of range."""
+
+
+class Fields:
+    """Typed access to a config dict; every error names the file and the field."""
+
+    def __init__(self, data: dict[str, Any], source: str) -> None:
+        self.data = data
+        self.source = source
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {message}")
+
+    def _get(self, key: str, default: Any, required: bool) -> Any:
+        value = self.data.get(key)
+        if value is None:
+            if required:
+                raise self.error(f"required field {key!r} is missing")
+            return default
+        return value
+
+    def int(self, key: str, default: int | None = None, *, required: bool = False,
+            minimum: int | None = None) -> int:
+        value = self._get(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(f"field {key!r} must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.error(f"field {key!r} must be >= {minimum}, got {value}")
+        return value
+
+    def opt_int(self, key: str) -> int | None:
+        return None if self.data.get(key) is None else self.int(key)
+
+    def float(self, key: str, default: float | None = None, *, required: bool = False) -> float:
+        value = self._get(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(f"field {key!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise self.error(f"field {key!r} must be finite, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default, False)
+        if not isinstance(value, bool):
+            raise self.error(f"field {key!r} must be true or false, got {value!r}")
+        return value
+
+    def str(self, key: str, default: str) -> str:
+        value = self._get(key, default, False)
+        if not isinstance(value, str):
+            raise self.error(f"field {key!r} must be a string, got {value!r}")
+        return value
+
+    def int_list(self, key: str) -> list[int]:
+        value = self._get(key, [], False)
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self.error(f"field {key!r} must be a list of integers, got {value!r}")
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        value = self.data.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value,)
+        if isinstance(value, list) and all(isinstance(v, int) for v in value):
+            return tuple(value)
+        raise self.error(f"field {key!r} must be a token id or a list of them, got {value!r}")
+
+
+# -- shared parsing ------------------------------------------------------------------
+
+
+def _rope(f: Fields, rotary_dim: int, default_theta: float, interleaved: bool) -> RopeSpec:
+    params = f.data.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta_src, scaling = params, params
+    else:
+        theta_src, scaling = f.data, f.data.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise f.error(f"field 'rope_scaling' must be an object, got {scaling!r}")
+    theta = Fields(theta_src, f.source).float("rope_theta", default_theta)
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ("default", "linear", "yarn"):
+        raise f.error(f"rope scaling type {kind!r} is not supported "
+                      "(supported: default, linear, yarn)")
+    s = Fields(scaling, f.source)
+    if kind == "default":
+        return RopeSpec(theta=theta, rotary_dim=rotary_dim, interleaved=interleaved)
+    factor = s.float("factor", required=True)
+    if kind == "linear":
+        return RopeSpec(theta=theta, rotary_dim=rotary_dim, interleaved=interleaved,
+                        scaling="linear", factor=factor)
+    return RopeSpec(
+        theta=theta, rotary_dim=rotary_dim, interleaved=interleaved, scaling="yarn",
+        factor=factor,
+        original_max_position=s.int("original_max_position_embeddings", required=True),
+        beta_fast=s.float("beta_fast", 32.0), beta_slow=s.float("beta_slow", 1.0),
+        mscale=s.float("mscale", 0.0), mscale_all_dim=s.float("mscale_all_dim", 0.0))
+
+
+def _common(f: Fields) -> dict[str, Any]:
+    return dict(
+        vocab_size=f.int("vocab_size", required=True, minimum=1),
+        hidden_size=f.int("hidden_size", required=True, minimum=1),
+        tie_word_embeddings=f.bool("tie_word_embeddings", False),
+        max_position_embeddings=f.int("max_position_embeddings", 4096, minimum=1),
+        dtype=_dtype(f),
+        bos_token_id=f.opt_int("bos_token_id"),
+        eos_token_ids=f.token_ids("eos_token_id"),
+    )
+
+
+def _dtype(f: Fields) -> str:
+    value = f.data.get("torch_dtype") or f.data.get("dtype") or "bfloat16"
+    if value not in ("float32", "bfloat16", "float16"):
+        raise f.error(f"field 'torch_dtype' must be float32, bfloat16 or float16, got {value!r}")
+    return str(value)
+
+
+def _check_act(f: Fields) -> None:
+    act = f.str("hidden_act", "silu")
+    if act != "silu":
+        raise f.error(f"field 'hidden_act' must be 'silu' (SwiGLU experts), got {act!r}")
+
+
+def _gqa(f: Fields, *, qkv_bias: bool = False, o_bias: bool = False,
+         qk_norm: str = "none", clip_qkv: float | None = None) -> AttentionSpec:
+    hidden = f.int("hidden_size", required=True, minimum=1)
+    heads = f.int("num_attention_heads", required=True, minimum=1)
+    kv_heads = f.int("num_key_value_heads", heads, minimum=1)
+    head_dim = f.int("head_dim", hidden // heads, minimum=1)
+    return AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                         qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,  # type: ignore[arg-type]
+                         clip_qkv=clip_qkv)
+
+
+# -- families ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertKeys:
+    moe_prefix: str  # "block_sparse_moe." or "mlp."
+    gate: str
+    up: str
+    down: str
+    shared_prefix: str = ""  # "mlp.shared_expert." / "mlp.shared_experts."
+
+
+class Family:
+    """Adapter for one `model_type`."""
+
+    model_type: str = ""
+    expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj")
+
+    def parse(self, f: Fields) -> ModelSpec:
+        raise NotImplementedError
+
+    # Checkpoint key names. `i` is the layer index, `e` the expert index.
+    def layer_key(self, i: int, name: str) -> str:
+        return f"model.layers.{i}.{name}"
+
+    def attn_key(self, i: int, proj: str, suffix: str = "weight") -> str:
+        return self.layer_key(i, f"self_attn.{proj}.{suffix}")
+
+    def router_key(self, i: int) -> str:
+        return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.weight")
+
+    def expert_key(self, i: int, e: int, part: str) -> str:
+        k = self.expert_keys
+        proj = {"gate": k.gate, "up": k.up, "down": k.down}[part]
+        return self.layer_key(i, f"{k.moe_prefix}experts.{e}.{proj}.weight")
+
+    def shared_key(self, i: int, part: str) -> str:
+        return self.layer_key(i, f"{self.expert_keys.shared_prefix}{part}_proj.weight")
+
+    def shared_gate_key(self, i: int) -> str:
+        return self.layer_key(i, "mlp.shared_expert_gate.weight")
+
+    def dense_key(self, i: int, part: str) -> str:
+        return self.layer_key(i, f"mlp.{part}_proj.weight")
+
+
+class Mixtral(Family):
+    model_type = "mixtral"
+    expert_keys = ExpertKeys("block_sparse_moe.", "w1", "w3", "w2")
+
+    def parse(self, f: Fields) -> ModelSpec:
+        _check_act(f)
+        attn = _gqa(f)
+        window = f.opt_int("sliding_window")
+        layers = f.int("num_hidden_layers", required=True, minimum=1)
+        moe = MoESpec(
+            num_experts=f.int("num_local_experts", f.opt_int("num_experts"), required=True),
+            top_k=f.int("num_experts_per_tok", 2),
+            intermediate_size=f.int("intermediate_size", required=True),
+            router="topk_softmax")
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe,
+            rope=_rope(f, attn.head_dim, 1e6, interleaved=False),
+            layers=tuple(LayerSpec("moe", window) for _ in range(layers)),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-5), **_common(f))
+
+
+def _sparse_layers(f: Fields, num_experts: int) -> list[str]:
+    layers = f.int("num_hidden_layers", required=True, minimum=1)
+    step = f.int("decoder_sparse_step", 1, minimum=1)
+    dense_only = set(f.int_list("mlp_only_layers"))
+    return ["moe" if i not in dense_only and num_experts > 0 and (i + 1) % step == 0
+            else "dense" for i in range(layers)]
+
+
+class Qwen2Moe(Family):
+    model_type = "qwen2_moe"
+    expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_expert.")
+
+    def parse(self, f: Fields) -> ModelSpec:
+        _check_act(f)
+        attn = _gqa(f, qkv_bias=f.bool("qkv_bias", True))
+        num_experts = f.int("num_experts", required=True, minimum=1)
+        kinds = _sparse_layers(f, num_experts)
+        window = f.opt_int("sliding_window") if f.bool("use_sliding_window", False) else None
+        max_window_layers = f.int("max_window_layers", len(kinds))
+        layer_types = f.data.get("layer_types") or [
+            "sliding_attention" if window and (i + 1) % 2 and i < max_window_layers
+            else "full_attention" for i in range(len(kinds))]
+        if len(layer_types) != len(kinds):
+            raise f.error(f"field 'layer_types' has {len(layer_types)} entries for "
+                          f"{len(kinds)} layers")
+        moe = MoESpec(
+            num_experts=num_experts, top_k=f.int("num_experts_per_tok", 4),
+            intermediate_size=f.int("moe_intermediate_size", required=True),
+            norm_topk_prob=f.bool("norm_topk_prob", False),
+            shared_intermediate_size=f.int("shared_expert_intermediate_size", 0, minimum=0),
+            shared_gate=f.int("shared_expert_intermediate_size", 0) > 0)
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe,
+            rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
+            layers=tuple(LayerSpec(k, window if t == "sliding_attention" else None)  # type: ignore[arg-type]
+                         for k, t in zip(kinds, layer_types)),
+            dense_intermediate_size=f.int("intermediate_size", 0),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+
+
+class Qwen3Moe(Family):
+    model_type = "qwen3_moe"
+
+    def parse(self, f: Fields) -> ModelSpec:
+        _check_act(f)
+        bias = f.bool("attention_bias", False)
+        attn = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head")
+        num_experts = f.int("num_experts", f.opt_int("num_local_experts"), required=True)
+        kinds = _sparse_layers(f, num_experts)
+        window = f.opt_int("sliding_window") if f.bool("use_sliding_window", False) else None
+        moe = MoESpec(
+            num_experts=num_experts, top_k=f.int("num_experts_per_tok", 8),
+            intermediate_size=f.int("moe_intermediate_size", required=True),
+            norm_topk_prob=f.bool("norm_topk_prob", False))
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe,
+            rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
+            layers=tuple(LayerSpec(k, window) for k in kinds),  # type: ignore[arg-type]
+            dense_intermediate_size=f.int("intermediate_size", 0),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+
+
+class Olmoe(Family):
+    model_type = "olmoe"
+
+    def parse(self, f: Fields) -> ModelSpec:
+        _check_act(f)
+        bias = f.bool("attention_bias", False)
+        clip = f.data.get("clip_qkv")
+        attn = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="full",
+                    clip_qkv=None if clip is None else f.float("clip_qkv"))
+        hidden = f.int("hidden_size", required=True)
+        if attn.head_dim * attn.num_heads != hidden:
+            raise f.error(f"OLMoE needs head_dim * num_attention_heads == hidden_size, got "
+                          f"{attn.head_dim} * {attn.num_heads} != {hidden}")
+        layers = f.int("num_hidden_layers", required=True, minimum=1)
+        moe = MoESpec(
+            num_experts=f.int("num_experts", f.opt_int("num_local_experts"), required=True),
+            top_k=f.int("num_experts_per_tok", 8),
+            intermediate_size=f.int("intermediate_size", required=True),
+            norm_topk_prob=f.bool("norm_topk_prob", False))
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe,
+            rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
+            layers=tuple(LayerSpec("moe") for _ in range(layers)),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-5), **_common(f))
+
+
+class DeepseekV2(Family):
+    model_type = "deepseek_v2"
+    expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_experts.")
+
+    def parse(self, f: Fields) -> ModelSpec:
+        _check_act(f)
+        if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
+            raise f.error("attention_bias / mlp_bias are not supported for deepseek_v2")
+        scoring = f.str("scoring_func", "softmax")
+        if scoring != "softmax":
+            raise f.error(f"field 'scoring_func' must be 'softmax' for deepseek_v2, got {scoring!r}")
+        heads = f.int("num_attention_heads", required=True, minimum=1)
+        nope = f.int("qk_nope_head_dim", 128, minimum=0)
+        rope_dim = f.int("qk_rope_head_dim", 64, minimum=2)
+        rope = _rope(f, rope_dim, 10000.0, interleaved=True)
+        scale = (nope + rope_dim) ** -0.5
+        if rope.scaling == "yarn" and rope.mscale_all_dim:
+            m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
+            scale *= m * m
+        attn = AttentionSpec(
+            kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope_dim,
+            q_lora_rank=f.opt_int("q_lora_rank"),
+            kv_lora_rank=f.int("kv_lora_rank", 512, minimum=1),
+            qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
+            v_head_dim=f.int("v_head_dim", 128, minimum=1), softmax_scale=scale)
+        method = f.str("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise f.error(f"field 'topk_method' must be 'greedy' or 'group_limited_greedy', "
+                          f"got {method!r}")
+        num_experts = f.int("n_routed_experts", required=True, minimum=1)
+        layers = f.int("num_hidden_layers", required=True, minimum=1)
+        first_dense = f.int("first_k_dense_replace", 0, minimum=0)
+        freq = f.int("moe_layer_freq", 1, minimum=1)
+        moe = MoESpec(
+            num_experts=num_experts, top_k=f.int("num_experts_per_tok", required=True),
+            intermediate_size=f.int("moe_intermediate_size", required=True),
+            router="group_limited" if method == "group_limited_greedy" else "softmax_topk",
+            norm_topk_prob=f.bool("norm_topk_prob", False),
+            routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
+            num_groups=f.int("n_group", 1) if method == "group_limited_greedy" else 1,
+            topk_groups=f.int("topk_group", 1) if method == "group_limited_greedy" else 1,
+            router_fp32=True,
+            shared_intermediate_size=(f.int("moe_intermediate_size", required=True)
+                                      * f.int("n_shared_experts", 0, minimum=0)))
+        kinds = ["moe" if i >= first_dense and i % freq == 0 else "dense" for i in range(layers)]
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe, rope=rope,
+            layers=tuple(LayerSpec(k) for k in kinds),  # type: ignore[arg-type]
+            dense_intermediate_size=f.int("intermediate_size", 0),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+FAMILIES: dict[str, Family] = {
+    fam.model_type: fam for fam in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV2())}
+
+
+def family_of(spec_or_type: ModelSpec | str) -> Family:
+    name = spec_or_type if isinstance(spec_or_type, str) else spec_or_type.family
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConfigError(f"unknown model family {name!r}; supported: "
+                          f"{', '.join(sorted(FAMILIES))}") from None
+
+
+def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> ModelSpec:
+    """A ModelSpec from a parsed config dict; `source` names it in errors."""
+    f = Fields(config, source)
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise f.error(f"unknown model family {model_type!r}; supported: "
+                      f"{', '.join(sorted(FAMILIES))}")
+    try:
+        spec = FAMILIES[model_type].parse(f)
+    except SpecError as exc:
+        raise f.error(str(exc)) from None
+    return spec
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    """The ModelSpec of a checkpoint directory (config.json, plus generation_config.json's
+    eos ids when the config has none)."""
+    directory = Path(model_dir)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a directory")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    gen_path = directory / GENERATION_CONFIG_FILE
+    if config.get("eos_token_id") is None and gen_path.exists():
+        try:
+            config["eos_token_id"] = json.loads(gen_path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{gen_path}: not valid JSON ({exc})") from None
+    return replace(spec_from_config(config, str(path)), name=directory.name)

@@ -1,0 +1,62 @@
+"""Tokenizers: load a checkpoint's `tokenizer.json`, and train a small one locally for tiny
+checkpoints (there is no model hub to fetch one from)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, inner: HFTokenizer, source: str) -> None:
+        self.inner = inner
+        self.source = source
+
+    @staticmethod
+    def load(model_dir: str | Path) -> Tokenizer | None:
+        """The checkpoint's tokenizer, or None if it has no tokenizer.json."""
+        path = Path(model_dir) / TOKENIZER_FILE
+        if not path.exists():
+            return None
+        try:
+            return Tokenizer(HFTokenizer.from_file(str(path)), str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise TokenizerError(f"{path}: cannot load tokenizer ({exc})") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.inner.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.inner.encode(text).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return str(self.inner.decode(list(ids), skip_special_tokens=True))
+
+    def token_id(self, token: str) -> int | None:
+        value = self.inner.token_to_id(token)
+        return None if value is None else int(value)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE tokenizer of at most `vocab_size` tokens, trained on `texts`.
+    Special tokens come first: <|endoftext|> is id 0."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok

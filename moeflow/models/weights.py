@@ -1,0 +1,184 @@
+"""Model weights in the layout the ops want.
+
+Two parts, loaded separately so each device holds only what it runs:
+
+- `DenseWeights`: embeddings, norms, attention, routers, shared experts and dense MLPs.
+  Every device that serves requests needs them. Tensors whose layout already fits are views
+  of the memory-mapped checkpoint (no copy); q/k/v and gate/up pairs are fused into one
+  matrix each, which is the one copy those bytes get.
+- `ExpertStack`: the routed experts one device owns in one layer, stacked as
+  gate_up [E, 2F, D] and down [E, D, F] for grouped matmul.
+
+Every tensor is checked against the ModelSpec's shapes; a mismatch names the file and key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moeflow.models.checkpoint import Checkpoint
+from moeflow.models.families import Family, family_of
+from moeflow.models.spec import ModelSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of "
+                         f"{', '.join(TORCH_DTYPES)}") from None
+
+
+@dataclass
+class AttentionWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    o: torch.Tensor
+    o_bias: torch.Tensor | None = None
+    # GQA
+    qkv: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    # MLA
+    q: torch.Tensor | None = None
+    q_a: torch.Tensor | None = None
+    q_a_norm: torch.Tensor | None = None
+    q_b: torch.Tensor | None = None
+    kv_a: torch.Tensor | None = None
+    kv_a_norm: torch.Tensor | None = None
+    kv_b: torch.Tensor | None = None
+
+
+@dataclass
+class LayerWeights:
+    attn: AttentionWeights
+    router: torch.Tensor | None = None
+    shared_gate_up: torch.Tensor | None = None
+    shared_down: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
+    dense_gate_up: torch.Tensor | None = None
+    dense_down: torch.Tensor | None = None
+
+
+@dataclass
+class DenseWeights:
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    layers: list[LayerWeights] = field(default_factory=list)
+
+
+@dataclass
+class ExpertStack:
+    """Routed experts of one layer held by one device, in the order of `experts`."""
+
+    experts: tuple[int, ...]
+    gate_up: torch.Tensor  # [E, 2F, D]
+    down: torch.Tensor  # [E, D, F]
+
+
+class WeightLoader:
+    """Reads tensors for `spec` out of `checkpoint`, converted to `dtype`."""
+
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+        self.spec = spec
+        self.ckpt = checkpoint
+        self.dtype = dtype
+        self.family: Family = family_of(spec)
+
+    def _get(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.ckpt.get(key, shape).to(self.dtype)
+
+    def _cat(self, parts: list[tuple[str, tuple[int, ...]]]) -> torch.Tensor:
+        tensors = [self.ckpt.get(key, shape) for key, shape in parts]
+        return torch.cat([t.to(self.dtype) for t in tensors], dim=0)
+
+    def dense(self) -> DenseWeights:
+        spec, fam = self.spec, self.family
+        d, v = spec.hidden_size, spec.vocab_size
+        embed = self._get("model.embed_tokens.weight", (v, d))
+        if spec.tie_word_embeddings and "lm_head.weight" not in self.ckpt:
+            lm_head = embed
+        else:
+            lm_head = self._get("lm_head.weight", (v, d))
+        weights = DenseWeights(embed=embed, final_norm=self._get("model.norm.weight", (d,)),
+                               lm_head=lm_head)
+        for i, layer in enumerate(spec.layers):
+            lw = LayerWeights(attn=self._attention(i))
+            if layer.mlp == "moe":
+                moe = spec.moe
+                lw.router = self._get(fam.router_key(i), (moe.num_experts, d))
+                if moe.shared_intermediate_size:
+                    f = moe.shared_intermediate_size
+                    lw.shared_gate_up = self._cat([(fam.shared_key(i, "gate"), (f, d)),
+                                                   (fam.shared_key(i, "up"), (f, d))])
+                    lw.shared_down = self._get(fam.shared_key(i, "down"), (d, f))
+                    if moe.shared_gate:
+                        lw.shared_gate = self._get(fam.shared_gate_key(i), (1, d))
+            else:
+                f = spec.dense_intermediate_size
+                lw.dense_gate_up = self._cat([(fam.dense_key(i, "gate"), (f, d)),
+                                              (fam.dense_key(i, "up"), (f, d))])
+                lw.dense_down = self._get(fam.dense_key(i, "down"), (d, f))
+            weights.layers.append(lw)
+        return weights
+
+    def _attention(self, i: int) -> AttentionWeights:
+        spec, fam, a = self.spec, self.family, self.spec.attention
+        d = spec.hidden_size
+        key = fam.attn_key
+        w = AttentionWeights(
+            input_norm=self._get(fam.layer_key(i, "input_layernorm.weight"), (d,)),
+            post_norm=self._get(fam.layer_key(i, "post_attention_layernorm.weight"), (d,)),
+            o=self._get(key(i, "o_proj"), (d, a.o_width)))
+        if a.o_bias:
+            w.o_bias = self._get(key(i, "o_proj", "bias"), (d,))
+        if a.kind == "mla":
+            qk = a.num_heads * a.head_dim
+            if a.q_lora_rank:
+                r = a.q_lora_rank
+                w.q_a = self._get(key(i, "q_a_proj"), (r, d))
+                w.q_a_norm = self._get(key(i, "q_a_layernorm"), (r,))
+                w.q_b = self._get(key(i, "q_b_proj"), (qk, r))
+            else:
+                w.q = self._get(key(i, "q_proj"), (qk, d))
+            w.kv_a = self._get(key(i, "kv_a_proj_with_mqa"), (a.kv_lora_rank + a.qk_rope_head_dim, d))
+            w.kv_a_norm = self._get(key(i, "kv_a_layernorm"), (a.kv_lora_rank,))
+            w.kv_b = self._get(key(i, "kv_b_proj"),
+                               (a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank))
+            return w
+        w.qkv = self._cat([(key(i, "q_proj"), (a.q_width, d)), (key(i, "k_proj"), (a.kv_width, d)),
+                           (key(i, "v_proj"), (a.kv_width, d))])
+        if a.qkv_bias:
+            w.qkv_bias = self._cat([(key(i, "q_proj", "bias"), (a.q_width,)),
+                                    (key(i, "k_proj", "bias"), (a.kv_width,)),
+                                    (key(i, "v_proj", "bias"), (a.kv_width,))])
+        if a.qk_norm == "head":
+            w.q_norm = self._get(key(i, "q_norm"), (a.head_dim,))
+            w.k_norm = self._get(key(i, "k_norm"), (a.head_dim,))
+        elif a.qk_norm == "full":
+            w.q_norm = self._get(key(i, "q_norm"), (a.q_width,))
+            w.k_norm = self._get(key(i, "k_norm"), (a.kv_width,))
+        return w
+
+    def experts(self, layer: int, experts: tuple[int, ...]) -> ExpertStack:
+        """Stack the routed experts `experts` of `layer` (checked to exist and fit)."""
+        spec, fam = self.spec, self.family
+        if spec.layers[layer].mlp != "moe":
+            raise ValueError(f"layer {layer} is dense; it has no routed experts")
+        d, f = spec.hidden_size, spec.moe.intermediate_size
+        for e in experts:
+            if not 0 <= e < spec.moe.num_experts:
+                raise ValueError(f"expert {e} out of range [0, {spec.moe.num_experts})")
+        gate_up = torch.empty(len(experts), 2 * f, d, dtype=self.dtype)
+        down = torch.empty(len(experts), d, f, dtype=self.dtype)
+        for j, e in enumerate(experts):
+            gate_up[j, :f].copy_(self.ckpt.get(fam.expert_key(layer, e, "gate"), (f, d)))
+            gate_up[j, f:].copy_(self.ckpt.get(fam.expert_key(layer, e, "up"), (f, d)))
+            down[j].copy_(self.ckpt.get(fam.expert_key(layer, e, "down"), (d, f)))
+        return ExpertStack(tuple(experts), gate_up, down)

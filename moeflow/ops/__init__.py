@@ -1,0 +1,1 @@
+"""Torch reference ops for the supported MoE families (and, under `ops.triton`, kernels)."""

@@ -1,0 +1,92 @@
+"""Rotary position embeddings: default, linear and YaRN frequency schedules, applied either to
+halves (`rotate_half`, Llama/Mixtral/Qwen/OLMoE) or to interleaved pairs (DeepSeek).
+
+Shapes: T tokens, H heads, R rotary dims (R <= head dim; the rotated dims come first... only
+when R equals the head dim, which holds for every supported family).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moeflow.models.spec import RopeSpec
+
+
+def inv_frequencies(rope: RopeSpec) -> tuple[torch.Tensor, float]:
+    """The per-pair inverse frequencies [R/2] (fp32) and the attention scaling applied to
+    cos and sin."""
+    dim = rope.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    pos_freqs = rope.theta ** exponents
+    inv = 1.0 / pos_freqs
+    if rope.scaling == "default":
+        return inv, 1.0
+    if rope.scaling == "linear":
+        return inv / rope.factor, 1.0
+    # YaRN: blend interpolated and extrapolated frequencies over a ramp of dimensions.
+    factor = rope.factor
+    if rope.mscale and rope.mscale_all_dim:
+        scaling = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
+    else:
+        scaling = _yarn_mscale(factor, 1.0)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))
+                / (2 * math.log(rope.theta)))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    interpolated = 1.0 / (factor * pos_freqs)
+    return interpolated * (1 - extrapolation) + inv * extrapolation, float(scaling)
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class RopeTable:
+    """cos/sin for positions, computed once per position and grown on demand."""
+
+    def __init__(self, rope: RopeSpec, initial_positions: int = 4096) -> None:
+        self.rope = rope
+        self.inv_freq, self.scaling = inv_frequencies(rope)
+        self._cos = torch.empty(0, rope.rotary_dim // 2)
+        self._sin = torch.empty(0, rope.rotary_dim // 2)
+        self._grow(initial_positions)
+
+    def _grow(self, n: int) -> None:
+        freqs = torch.arange(n, dtype=torch.int64).float()[:, None] * self.inv_freq[None, :]
+        self._cos = freqs.cos() * self.scaling
+        self._sin = freqs.sin() * self.scaling
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, R/2] (fp32)"""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self._cos.shape[0]:
+            self._grow(max(need, 2 * self._cos.shape[0]))
+        return self._cos[positions], self._sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               interleaved: bool) -> torch.Tensor:
+    """x [T, H, R], cos/sin [T, R/2] -> [T, H, R], in x's dtype.
+
+    Half rotation follows the families' own arithmetic: cos/sin are cast to x's dtype and
+    combined there. Interleaved (DeepSeek) rotation is a complex product in fp32."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        xf = x.float().unflatten(-1, (-1, 2))
+        re, im = xf[..., 0], xf[..., 1]
+        out = torch.stack((re * c - im * s, re * s + im * c), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+    c = torch.cat((c, c), dim=-1).to(x.dtype)
+    s = torch.cat((s, s), dim=-1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * c + rotated * s

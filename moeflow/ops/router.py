@@ -1,0 +1,51 @@
+"""MoE routers: gate logits -> the top-k experts of each token and their weights.
+
+Shapes: T tokens, E experts, A top-k, D hidden, G expert groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflow.models.spec import MoESpec
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, moe: MoESpec) -> torch.Tensor:
+    """x [T, D], weight [E, D] -> logits [T, E]"""
+    if moe.router_fp32:
+        return torch.nn.functional.linear(x.float(), weight.float())
+    return torch.nn.functional.linear(x, weight)
+
+
+def route(logits: torch.Tensor, moe: MoESpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> expert ids [T, A] (int64), weights [T, A] (fp32)
+
+    - softmax_topk: softmax over all experts, keep the top-k, renormalise if
+      `norm_topk_prob`, then scale by `routed_scaling_factor` (Qwen, OLMoE, DeepSeek greedy);
+    - topk_softmax: top-k logits, softmax over those k (Mixtral);
+    - group_limited: softmax, keep the `topk_groups` groups with the best expert, then the
+      top-k among their experts (DeepSeek-V2 `group_limited_greedy`).
+    """
+    top_k = moe.top_k
+    if moe.router == "topk_softmax":
+        top_logits, ids = torch.topk(logits.float(), top_k, dim=-1)
+        return ids, torch.softmax(top_logits, dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    if moe.router == "group_limited":
+        num_tokens, num_experts = probs.shape
+        grouped = probs.view(num_tokens, moe.num_groups, num_experts // moe.num_groups)
+        best_groups = grouped.max(dim=-1).values.topk(moe.topk_groups, dim=-1).indices
+        keep = torch.zeros(num_tokens, moe.num_groups, dtype=torch.bool, device=probs.device)
+        keep.scatter_(1, best_groups, True)
+        probs = grouped.masked_fill(~keep[:, :, None], 0.0).view(num_tokens, num_experts)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if moe.norm_topk_prob and top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + _norm_eps(moe))
+    elif moe.routed_scaling_factor != 1.0:
+        weights = weights * moe.routed_scaling_factor
+    return ids, weights
+
+
+def _norm_eps(moe: MoESpec) -> float:
+    # DeepSeek's own code adds 1e-20 to the denominator; the others add nothing.
+    return 1e-20 if moe.router == "group_limited" or moe.router_fp32 else 0.0

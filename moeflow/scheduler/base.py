@@ -1,0 +1,100 @@
+"""The scheduler contract: what a scheduling policy is, and what it sees.
+
+A scheduler is a pure, synchronous object: no I/O, no asyncio, no devices, no torch. The
+engine calls it with plain data and runs what it returns on whichever executor is in use
+(in-process, actor processes, or the simulator); a policy never knows which.
+
+    form_units(waiting, running, budget) -> [Unit]
+        Admission and batching. `running` are requests with KV on some device; `waiting`
+        have none yet. Return the units to run now, each a tuple of SeqChunks: which
+        sequences advance, by how many tokens, and on which home device (where their
+        attention runs and their KV cache lives). A running request keeps its home. Stay
+        within `budget`: at most `max_tokens` new tokens and `max_seqs` sequences per
+        unit, and no more new KV blocks on a device than `free_kv_blocks[device]`.
+
+    plan(unit, model, cluster) -> Plan
+        Cutting, placement and ordering: compile the unit's graph (`moeflow.dataflow.
+        compile` with the cut the policy wants) and give every node an actor and a stream,
+        and every stream its rule (InOrder or ByPriority).
+
+    on_routing(unit, layer, counts) -> None   (optional)
+        Called when a layer's gate counts are known, for decisions that need them.
+
+Subclass `Scheduler`, give it a `name`, and register it through the `moeflow.schedulers`
+entry-point group, or name it as "module:Class". `moeflow.testing.check_scheduler(cls)`
+runs the invariant suite on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from moeflow.dataflow.graph import Placement, Unit
+from moeflow.models.spec import ModelSpec
+from moeflow.scheduler.plan import Plan
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What a scheduler sees of a request: counts and times, never tokens or tensors."""
+
+    seq_id: int
+    num_prompt_tokens: int
+    num_computed: int  # tokens already in its KV cache
+    num_output: int  # tokens generated so far
+    max_new_tokens: int
+    arrival: float
+    home: str | None = None  # set once it runs
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens: the length its KV will reach once caught up."""
+        return self.num_prompt_tokens + self.num_output
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in its KV cache: 1 while decoding, more while prefilling (or
+        recomputing after a preemption)."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Limits of one step: new tokens and sequences per unit, and free KV-cache blocks of
+    `kv_block_size` tokens on each device that can home requests."""
+
+    max_tokens: int
+    max_seqs: int
+    free_kv_blocks: dict[str, int] = field(default_factory=dict)
+    kv_block_size: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """The devices a plan may use and where the routed experts live."""
+
+    devices: tuple[str, ...]
+    placement: Placement
+
+    @staticmethod
+    def sharded(devices: Sequence[str], num_experts: int) -> Cluster:
+        devs = tuple(devices)
+        return Cluster(devs, Placement.sharded(devs, num_experts))
+
+
+class Scheduler:
+    """Base class of scheduling policies; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+
+    def form_units(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
+                   budget: Budget) -> list[Unit]:
+        raise NotImplementedError
+
+    def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
+        raise NotImplementedError
+
+    def on_routing(self, unit: Unit, layer: int, counts: tuple[int, ...]) -> None:
+        return None

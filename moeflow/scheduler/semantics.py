@@ -1,0 +1,195 @@
+"""The one execution semantics of moeflow, shared by every executor.
+
+    - each stream runs one node at a time;
+    - a node is ready when all its predecessors are done;
+    - a stream picks its next node by its rule (InOrder: the next in its sequence, once
+      ready; ByPriority: the ready node with the smallest key);
+    - a Gate's completion carries the per-expert row counts of its layer.
+
+`Execution` holds this state for any number of Plans at once (units in flight together share
+streams: fine-grained EP overlaps inputs on one actor). It knows nothing of time or tensors:
+the in-process executor runs each started node right away, the simulator advances a clock
+from a cost model, and the actors run nodes on real streams. All of them call only
+`next_node`, `start` and `finish`, so they cannot disagree on what may run when.
+
+Tasks are named (plan index, node id).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from moeflow.dataflow.graph import Gate
+from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PriorityKey, Rule, Stream
+
+Task = tuple[int, int]
+
+
+class SemanticsError(RuntimeError):
+    """A caller broke the semantics: started a node that is not ready or not its stream's
+    turn, or started two on one stream."""
+
+
+@dataclass
+class _StreamState:
+    rule_kind: type
+    busy: Task | None = None
+    queue: deque[Task] = field(default_factory=deque)  # InOrder: issue sequence
+    heap: list[tuple[PriorityKey, int, int]] = field(default_factory=list)  # ByPriority
+
+
+@dataclass
+class _PlanState:
+    plan: Plan
+    waiting: list[int]  # unfinished predecessors per node
+    done: list[bool]
+    num_done: int = 0
+    counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
+
+
+class Execution:
+    def __init__(self, plans: Iterable[Plan] = ()) -> None:
+        self.plans: list[_PlanState] = []
+        self.streams: dict[Stream, _StreamState] = {}
+        self._ready: set[Task] = set()
+        for plan in plans:
+            self.add(plan)
+
+    # -- building ------------------------------------------------------------------
+
+    def add(self, plan: Plan) -> int:
+        """Admit a plan; its nodes join their streams after those already there."""
+        index = len(self.plans)
+        graph = plan.graph
+        waiting = [len(graph.preds(i)) for i in range(len(graph.nodes))]
+        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes)))
+        for stream, rule in plan.rules:
+            state = self.streams.get(stream)
+            if state is None:
+                state = self.streams[stream] = _StreamState(type(rule))
+            elif state.rule_kind is not type(rule):
+                raise SemanticsError(f"stream {stream} is {state.rule_kind.__name__} in one "
+                                     f"plan and {type(rule).__name__} in another")
+            if isinstance(rule, InOrder):
+                state.queue.extend((index, n) for n in rule.order)
+        for node_id, n in enumerate(waiting):
+            if n == 0:
+                self._make_ready((index, node_id))
+        return index
+
+    def _make_ready(self, task: Task) -> None:
+        self._ready.add(task)
+        state = self.plans[task[0]]
+        stream = state.plan.assignment[task[1]]
+        if self.streams[stream].rule_kind is ByPriority:
+            heapq.heappush(self.streams[stream].heap,
+                           (state.plan.priority[task[1]], task[0], task[1]))
+
+    # -- queries -------------------------------------------------------------------
+
+    def rule_of(self, task: Task) -> Rule:
+        plan = self.plans[task[0]].plan
+        return plan.rule(plan.assignment[task[1]])
+
+    def stream_of(self, task: Task) -> Stream:
+        return self.plans[task[0]].plan.assignment[task[1]]
+
+    def next_node(self, stream: Stream) -> Task | None:
+        """The task `stream` would start now, or None (busy, or nothing it may run)."""
+        state = self.streams[stream]
+        if state.busy is not None:
+            return None
+        if state.rule_kind is InOrder:
+            if state.queue and state.queue[0] in self._ready:
+                return state.queue[0]
+            return None
+        return (state.heap[0][1], state.heap[0][2]) if state.heap else None
+
+    def is_ready(self, task: Task) -> bool:
+        return task in self._ready
+
+    def idle_streams(self) -> Iterator[Stream]:
+        return (s for s, st in self.streams.items() if st.busy is None)
+
+    @property
+    def done(self) -> bool:
+        return all(p.num_done == len(p.done) for p in self.plans)
+
+    def plan_done(self, index: int) -> bool:
+        p = self.plans[index]
+        return p.num_done == len(p.done)
+
+    def counts(self, plan_index: int, layer: int) -> tuple[int, ...] | None:
+        """Per-expert row counts of `layer` once a Gate of that layer has finished (summed
+        over the plan's gates that have)."""
+        return self.plans[plan_index].counts.get(layer)
+
+    def busy(self, stream: Stream) -> Task | None:
+        return self.streams[stream].busy
+
+    # -- transitions ---------------------------------------------------------------
+
+    def start(self, task: Task) -> None:
+        stream = self.stream_of(task)
+        if self.next_node(stream) != task:
+            raise SemanticsError(f"task {task} on {stream} is not the stream's next "
+                                 f"(next is {self.next_node(stream)}, busy "
+                                 f"{self.streams[stream].busy})")
+        state = self.streams[stream]
+        if state.rule_kind is InOrder:
+            state.queue.popleft()
+        else:
+            heapq.heappop(state.heap)
+        self._ready.discard(task)
+        state.busy = task
+
+    def finish(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
+        """Mark `task` done; `counts` are its per-expert rows if it is a Gate. Returns the
+        tasks that became ready."""
+        plan_index, node_id = task
+        stream = self.stream_of(task)
+        if self.streams[stream].busy != task:
+            raise SemanticsError(f"task {task} finished but {stream} is running "
+                                 f"{self.streams[stream].busy}")
+        self.streams[stream].busy = None
+        p = self.plans[plan_index]
+        p.done[node_id] = True
+        p.num_done += 1
+        node = p.plan.graph.nodes[node_id]
+        if isinstance(node, Gate) and counts is not None:
+            prior = p.counts.get(node.layer)
+            p.counts[node.layer] = (counts if prior is None
+                                    else tuple(a + b for a, b in zip(prior, counts)))
+        newly: list[Task] = []
+        for succ in p.plan.graph.succs(node_id):
+            p.waiting[succ] -= 1
+            if p.waiting[succ] == 0:
+                self._make_ready((plan_index, succ))
+                newly.append((plan_index, succ))
+        return newly
+
+    def run_in_order(self, streams: Iterable[Stream] | None = None) -> Iterator[Task]:
+        """Drive every plan to completion one task at a time, for an executor whose every
+        node finishes before the next starts: yields each task after starting it; the caller
+        runs it and calls `finish`. Streams are polled in a fixed order; if none can start
+        anything while work remains, the plans deadlock and this raises."""
+        order = list(streams) if streams is not None else sorted(self.streams)
+        while not self.done:
+            progressed = False
+            for stream in order:
+                task = self.next_node(stream)
+                if task is None:
+                    continue
+                self.start(task)
+                progressed = True
+                yield task
+                if self.streams[stream].busy == task:
+                    raise SemanticsError(f"task {task} was not finished before the next")
+            if not progressed:
+                raise SemanticsError(f"deadlock: nothing can run, {self._pending()} tasks left")
+
+    def _pending(self) -> int:
+        return sum(len(p.done) - p.num_done for p in self.plans)

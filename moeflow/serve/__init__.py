@@ -1,0 +1,1 @@
+"""Serving: the engine core, the Python APIs, the request server and client, the CLI."""

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny checkpoints built once per session, Hypothesis profiles, and the
+`gpu` marker's skip."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=30, deadline=None)
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("nightly", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("MOEFLOW_HYPOTHESIS_PROFILE", "ci"))
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """tiny_factory(family, **make_tiny kwargs) -> checkpoint dir, built once per arguments."""
+    from moeflow.models.tiny import make_tiny
+
+    cache: dict[str, Path] = {}
+
+    def build(family: str, **kwargs: Any) -> Path:
+        key = family + json.dumps(kwargs, sort_keys=True, default=str)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny-{family}")
+            cache[key] = make_tiny(family, out, **kwargs)
+        return cache[key]
+
+    return build
+
+
+class StepRunner:
+    """Drives an LLM's executor one forward pass at a time, returning logits: the same
+    plans the engine runs, without sampling in between."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        engine = llm.engine
+        self.spec, self.executor = engine.spec, engine.executor
+        self.scheduler, self.cluster = engine.scheduler, engine.cluster
+        self.lengths: dict[int, int] = {}
+
+    def forward(self, chunks: dict[int, list[int]], logits: str = "last",
+                homes: dict[int, str] | None = None) -> dict[int, Any]:
+        """chunks: seq id -> new tokens. Returns seq id -> logits [rows, V]."""
+        from moeflow.dataflow import SeqChunk, Unit
+
+        devices = self.cluster.devices
+        seqs = tuple(SeqChunk(s, self.lengths.get(s, 0), len(toks),
+                              (homes or {}).get(s, devices[s % len(devices)]), logits)
+                     for s, toks in chunks.items())
+        unit = Unit(seqs)
+        plan = self.scheduler.plan(unit, self.spec, self.cluster)
+        out = self.executor.run(plan, {i: chunks[c.seq_id] for i, c in enumerate(seqs)})
+        for c in seqs:
+            self.lengths[c.seq_id] = c.start + c.num_tokens
+        return {c.seq_id: out[i] for i, c in enumerate(seqs)}
+
+
+@pytest.fixture
+def step_runner() -> Callable[[Any], StepRunner]:
+    return StepRunner
