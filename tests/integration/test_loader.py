@@ -1,0 +1,180 @@
+"""Loading checkpoints: sharded and single-file agree, weights are mapped not copied, and each
+kind of bad input fails with a message that names the file and the key or field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeflow.cli import main as cli_main
+from moeflow.models.checkpoint import Checkpoint, CheckpointError
+from moeflow.models.families import ConfigError, load_spec
+from moeflow.models.tiny import make_tiny
+from moeflow.models.weights import WeightLoader
+from moeflow.serve.llm import LLM, NoTokenizerError
+
+EXPERT_KEY = "model.layers.1.mlp.experts.3.up_proj.weight"
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path, tiny_factory) -> Path:
+    """A private copy of a tiny qwen3_moe checkpoint that a test may damage."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny_factory("qwen3_moe"), out)
+    return out
+
+
+def edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_tensors(path: Path, edit) -> None:
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(path / "model.safetensors"))
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path, tiny_factory):
+    single = tiny_factory("mixtral")
+    sharded = make_tiny("mixtral", tmp_path / "sharded", shards=3)
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    assert (sharded / "model.safetensors.index.json").exists()
+    a, b = Checkpoint(single), Checkpoint(sharded)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name
+    prompt = [3, 4, 5, 6]
+    assert (LLM(single).generate(prompt, max_new_tokens=4)[0].token_ids
+            == LLM(sharded).generate(prompt, max_new_tokens=4)[0].token_ids)
+
+
+def test_weights_view_the_mapped_file_without_copying(tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    ckpt = Checkpoint(path)
+    dense = WeightLoader(load_spec(path), ckpt, torch.float32).dense()
+    # tensors used as stored are views of the one mapping, not copies
+    for key, tensor in (("model.embed_tokens.weight", dense.embed),
+                        ("lm_head.weight", dense.lm_head),
+                        ("model.layers.0.self_attn.o_proj.weight", dense.layers[0].attn.o)):
+        assert tensor.data_ptr() == ckpt.get(key).data_ptr(), key
+    # a fused q/k/v matrix is the one copy those bytes get
+    assert dense.layers[0].attn.qkv.data_ptr() != ckpt.get(
+        "model.layers.0.self_attn.q_proj.weight").data_ptr()
+
+
+def test_unknown_family(ckpt):
+    edit_config(ckpt, model_type="llama")
+    with pytest.raises(ConfigError, match=r"config\.json: unknown model family 'llama'"):
+        load_spec(ckpt)
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty/config\.json: file not found"):
+        load_spec(tmp_path / "empty")
+
+
+def test_config_field_out_of_range(ckpt):
+    edit_config(ckpt, num_experts_per_tok=99)
+    with pytest.raises(ConfigError, match=r"config\.json: num_experts_per_tok=99 must be in "
+                                          r"\[1, num_experts=8\]"):
+        load_spec(ckpt)
+
+
+def test_config_field_of_wrong_type(ckpt):
+    edit_config(ckpt, hidden_size="64")
+    with pytest.raises(ConfigError, match=r"config\.json: field 'hidden_size' must be an "
+                                          r"integer, got '64'"):
+        load_spec(ckpt)
+
+
+def test_config_heads_that_do_not_divide(ckpt):
+    edit_config(ckpt, num_key_value_heads=3)
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=3 must divide"):
+        load_spec(ckpt)
+
+
+def test_missing_tensor_names_key_and_file(ckpt):
+    rewrite_tensors(ckpt, lambda s: s.pop(EXPERT_KEY))
+    with pytest.raises(CheckpointError, match=rf"tensor '{EXPERT_KEY}' is missing \(looked in "
+                                              r"model\.safetensors\)"):
+        LLM(ckpt)
+
+
+def test_wrong_shape_names_key_file_and_shapes(ckpt):
+    key = "model.layers.0.self_attn.k_proj.weight"
+
+    def widen(state):
+        state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+
+    rewrite_tensors(ckpt, widen)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{key}' has shape "
+                                              r"\[33, 64\], expected \[32, 64\]"):
+        LLM(ckpt)
+
+
+def test_truncated_file(ckpt):
+    path = ckpt / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*': data_offsets"):
+        Checkpoint(ckpt)
+
+
+def test_header_not_json(ckpt):
+    path = ckpt / "model.safetensors"
+    body = b"{not json"
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: header is not valid JSON"):
+        Checkpoint(ckpt)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    sharded = make_tiny("olmoe", tmp_path / "s", shards=2, tokenizer=False)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: file not found"):
+        Checkpoint(sharded)
+
+
+def test_index_listing_a_tensor_its_shard_lacks(tmp_path):
+    sharded = make_tiny("olmoe", tmp_path / "s", shards=2, tokenizer=False)
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"lists tensor 'model\.norm\.weight' in "
+                                              r"model-00001-of-00002\.safetensors"):
+        Checkpoint(sharded)
+
+
+def test_no_weights_at_all(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or "
+                                              r"model\.safetensors\.index\.json found"):
+        LLM(ckpt)
+
+
+def test_checkpoint_without_tokenizer_runs_from_ids_and_rejects_text(ckpt):
+    (ckpt / "tokenizer.json").unlink()
+    llm = LLM(ckpt)
+    [out] = llm.generate([1, 2, 3], max_new_tokens=3)
+    assert len(out.token_ids) == 3 and out.text == ""
+    with pytest.raises(NoTokenizerError, match=r"has no tokenizer\.json, so text prompts"):
+        llm.generate("hello", max_new_tokens=3)
+
+
+def test_cli_reports_bad_input_in_one_line(ckpt, capsys):
+    edit_config(ckpt, model_type="gpt2")
+    code = cli_main(["generate", str(ckpt), "--prompt-ids", "1,2", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("moeflow generate: error: ") and "unknown model family 'gpt2'" in err
+    assert "Traceback" not in err
