@@ -93,9 +93,13 @@ class InProcessExecutor:
     def _execute(self, keys: list[Any], plans: list[Plan]) -> list[dict[int, torch.Tensor]]:
         execution = Execution(plans)
         values: list[dict[int, Any]] = [{} for _ in plans]
-        uses: list[list[int]] = [
-            [sum(1 for s in p.graph.succs(i) if i in p.graph.inputs(s))
-             for i in range(len(p.graph.nodes))] for p in plans]
+        uses: list[list[int]] = []
+        for p in plans:
+            count = [0] * len(p.graph.nodes)
+            for edge in p.graph.edges:
+                if edge.kind == "data":
+                    count[edge.src] += 1
+            uses.append(count)
         results: list[dict[int, torch.Tensor]] = [{} for _ in plans]
         for index, node_id in execution.run_in_order():
             plan = plans[index]

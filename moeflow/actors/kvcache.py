@@ -124,8 +124,8 @@ class PagedKVCache:
         self.pools[layer].index_copy_(0, slots, values.to(self.dtype))
 
     def read(self, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """index [...] of slots -> [..., W]"""
-        return self.pools[layer][index]
+        """index [n] of slots -> [n, W]"""
+        return self.pools[layer].index_select(0, index)
 
     def free(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)

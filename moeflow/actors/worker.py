@@ -43,10 +43,11 @@ from moeflow.dataflow.graph import (
 )
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import DenseWeights, ExpertStack
-from moeflow.ops.attention import decode_attention, prefill_attention
+from moeflow.ops.attention import decode_attention, decode_mask, prefill_attention
+from moeflow.ops.backend import rows_per_weight
 from moeflow.ops.experts import grouped_swiglu, swiglu
 from moeflow.ops.norm import rms_norm
-from moeflow.ops.rope import RopeTable, apply_rope
+from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope, half_rotation_tables
 from moeflow.ops.router import route, router_logits
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
@@ -64,6 +65,7 @@ class Routing:
     token_of_row: torch.Tensor  # [N] token of each routed row, rows in dispatch order
     weight_of_row: torch.Tensor  # [N] fp32
     offsets: list[int]  # [E+1] first row of each dispatch rank
+    ends: torch.Tensor  # [E] int32: offsets[1:], for grouped matmul
     counts: tuple[int, ...]  # rows per expert id
 
 
@@ -74,7 +76,7 @@ class Rows:
     home: str
     start: int  # first row within the home's dispatch order
     x: torch.Tensor  # [n, D]
-    counts: list[int]  # rows per expert of the group
+    ends: torch.Tensor  # [G] int32 cumulative row ends per expert of the group
     weights: torch.Tensor  # [n] fp32
 
 
@@ -101,13 +103,16 @@ class _UnitState:
     unit: Unit
     rows: dict[int, tuple[int, int]]  # seq index -> (first row, num rows) among rows homed here
     token_ids: torch.Tensor  # [T]
-    cos: torch.Tensor
+    cos: torch.Tensor  # [T, R/2] fp32
     sin: torch.Tensor
+    half_cos: torch.Tensor | None  # [T, 1, R] in the model dtype, for half rotation
+    half_sin: torch.Tensor | None
     slots: torch.Tensor  # [T] cache slots of the new tokens
     decode_seqs: list[int] = field(default_factory=list)  # seq indices with 1 new token
     decode_rows: torch.Tensor | None = None
-    decode_index: torch.Tensor | None = None  # [B, Lmax] cache slots
-    decode_lengths: torch.Tensor | None = None
+    decode_index: torch.Tensor | None = None  # [B * Lmax] cache slots
+    decode_shape: tuple[int, int] = (0, 0)  # (B, Lmax)
+    decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
     all_decode: bool = False
     prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # row0, n, start, seq
 
@@ -158,7 +163,9 @@ class DeviceWorker:
             raise
         pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         cos, sin = self.rope.cos_sin(pos)
-        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64), cos, sin,
+        half = (None, None) if self.spec.rope.interleaved else half_rotation_tables(
+            cos, sin, self.dtype)
+        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64), cos, sin, *half,
                            torch.cat(slots) if slots else pos)
         for i in homed:
             chunk = unit.seqs[i]
@@ -168,7 +175,10 @@ class DeviceWorker:
                 state.prefill.append((rows[i][0], chunk.num_tokens, chunk.start, chunk.seq_id))
         if state.decode_seqs:
             seq_ids = [unit.seqs[i].seq_id for i in state.decode_seqs]
-            state.decode_index, state.decode_lengths = self.kv.gather_index(seq_ids)
+            index, lengths = self.kv.gather_index(seq_ids)
+            state.decode_index, state.decode_shape = index.flatten(), tuple(index.shape)
+            state.decode_masks = {w: decode_mask(lengths, w)
+                                  for w in {layer.sliding_window for layer in self.spec.layers}}
             state.decode_rows = torch.tensor([rows[i][0] for i in state.decode_seqs])
             state.all_decode = not state.prefill
         self._units[key] = state
@@ -222,6 +232,7 @@ class DeviceWorker:
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
         w = self.dense.layers[node.layer].attn
+        rows_per_weight(hidden.shape[0])
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
             out = self._mla(st, node.layer, x)
@@ -232,31 +243,33 @@ class DeviceWorker:
 
     def _gqa(self, st: _UnitState, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> attention output [T, H*d]"""
-        a = self.spec.attention
+        a, eps = self.spec.attention, self.spec.rms_norm_eps
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
+        num_tokens, heads, kv_heads, d = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
         qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
-        q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=-1)
-        if a.qk_norm == "full":
-            q = rms_norm(q, w.q_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
-            k = rms_norm(k, w.k_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
-        if a.clip_qkv is not None:
-            q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
-        num_tokens = x.shape[0]
-        q = q.reshape(num_tokens, a.num_heads, a.head_dim)
-        k = k.reshape(num_tokens, a.num_kv_heads, a.head_dim)
-        v = v.reshape(num_tokens, a.num_kv_heads, a.head_dim)
-        if a.qk_norm == "head":
-            q = rms_norm(q, w.q_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
-            k = rms_norm(k, w.k_norm, self.spec.rms_norm_eps)  # type: ignore[arg-type]
-        interleaved = self.spec.rope.interleaved
-        q = apply_rope(q, st.cos, st.sin, interleaved)
-        k = apply_rope(k, st.cos, st.sin, interleaved)
+        if a.qk_norm == "full" or a.clip_qkv is not None:
+            q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=-1)
+            if a.qk_norm == "full":
+                q, k = rms_norm(q, w.q_norm, eps), rms_norm(k, w.k_norm, eps)  # type: ignore[arg-type]
+            if a.clip_qkv is not None:
+                q, k, v = (t.clamp(-a.clip_qkv, a.clip_qkv) for t in (q, k, v))
+            qk = torch.cat((q, k), dim=-1).view(num_tokens, heads + kv_heads, d)
+            v = v.reshape(num_tokens, kv_heads, d)
+        else:
+            qk = qkv[:, : a.q_width + a.kv_width].view(num_tokens, heads + kv_heads, d)
+            v = qkv[:, a.q_width + a.kv_width:].view(num_tokens, kv_heads, d)
+            if a.qk_norm == "head":
+                qk = rms_norm(qk, w.qk_norm_heads, eps)  # type: ignore[arg-type]
+        if st.half_cos is not None:
+            qk = apply_half_rotation(qk, st.half_cos, st.half_sin)  # type: ignore[arg-type]
+        else:
+            qk = apply_rope(qk, st.cos, st.sin, interleaved=True)
+        q, k = qk[:, :heads], qk[:, heads:]
         self.kv.write(layer, st.slots, torch.cat((k.flatten(1), v.flatten(1)), dim=1))
 
         def split_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            kk, vv = kv.split(a.kv_width, dim=-1)
-            return (kk.unflatten(-1, (a.num_kv_heads, a.head_dim)),
-                    vv.unflatten(-1, (a.num_kv_heads, a.head_dim)))
+            return (kv[..., : a.kv_width].unflatten(-1, (kv_heads, d)),
+                    kv[..., a.kv_width:].unflatten(-1, (kv_heads, d)))
 
         return self._attend(st, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
 
@@ -296,14 +309,17 @@ class DeviceWorker:
         """q [T, H, d] against each sequence's cached keys; `fresh` are this unit's own
         keys/values [T, K, *] (used directly by sequences that start at position 0)."""
         window = self.spec.layers[layer].sliding_window
-        if st.all_decode:
-            k, v = unpack(self.kv.read(layer, st.decode_index))
-            return decode_attention(q, k, v, st.decode_lengths, scale, window)
-        out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
         if st.decode_seqs:
-            k, v = unpack(self.kv.read(layer, st.decode_index))
-            out[st.decode_rows] = decode_attention(q[st.decode_rows], k, v,
-                                                   st.decode_lengths, scale, window)
+            batch, length = st.decode_shape
+            cached = self.kv.read(layer, st.decode_index).view(batch, length, -1)
+            k, v = unpack(cached)
+            mask = st.decode_masks[window]
+            if st.all_decode:
+                return decode_attention(q, k, v, mask, scale)
+            out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
+            out[st.decode_rows] = decode_attention(q[st.decode_rows], k, v, mask, scale)
+        else:
+            out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
         for row0, n, start, seq_id in st.prefill:
             if start == 0:
                 k, v = fresh[0][row0:row0 + n], fresh[1][row0:row0 + n]
@@ -332,16 +348,17 @@ class DeviceWorker:
         row_rank = rank[ids.flatten()]  # [N]
         order = torch.argsort(row_rank, stable=True)
         per_rank = torch.bincount(row_rank, minlength=moe.num_experts)
-        offsets = [0, *torch.cumsum(per_rank, 0).tolist()]
+        ends = torch.cumsum(per_rank, 0, dtype=torch.int32)
         counts = tuple(per_rank[rank].tolist())
-        return Routing(attn.xn, order // moe.top_k, weights.flatten()[order], offsets, counts)
+        return Routing(attn.xn, order // moe.top_k, weights.flatten()[order],
+                       [0, *ends.tolist()], ends, counts)
 
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
         _, rank = self._ranks_of(graph.placement)
         r0, r1 = rank[group[0]], rank[group[-1]] + 1
         start, end = routing.offsets[r0], routing.offsets[r1]
-        return Rows(home, start, routing.xn[routing.token_of_row[start:end]],
-                    [routing.offsets[r + 1] - routing.offsets[r] for r in range(r0, r1)],
+        ends = routing.ends[r0:r1] - start if start else routing.ends[r0:r1]
+        return Rows(home, start, routing.xn[routing.token_of_row[start:end]], ends,
                     routing.weight_of_row[start:end])
 
     def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:
@@ -356,28 +373,32 @@ class DeviceWorker:
         batches = [value if isinstance(value, Rows)
                    else self._rows(graph, value, src.device, node.experts)
                    for src, value in inputs]
+        total = sum(b.x.shape[0] for b in batches)
+        if total == 0:  # no token chose these experts: a no-op
+            return ExpertOut({b.home: Partial(b.start, b.x) for b in batches})
         stack = self.experts[node.layer]
         first = self._stack_pos[node.layer][node.experts[0]]
         gate_up = stack.gate_up[first:first + len(node.experts)]
         down = stack.down[first:first + len(node.experts)]
-        total = sum(b.x.shape[0] for b in batches)
-        if total == 0:
-            return ExpertOut({b.home: Partial(b.start, b.x) for b in batches})
+        perm = None
         if len(batches) == 1:
-            x, counts, weights = batches[0].x, batches[0].counts, batches[0].weights
-            perm = None
+            x, ends, weights = batches[0].x, batches[0].ends, batches[0].weights
         else:  # merge homes' rows so that each expert's rows are contiguous
             x = torch.cat([b.x for b in batches])
-            expert_of_row = torch.cat([
-                torch.repeat_interleave(torch.arange(len(b.counts)), torch.tensor(b.counts))
-                for b in batches])
+            counts = [torch.diff(b.ends, prepend=b.ends.new_zeros(1)) for b in batches]
+            expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(len(c)), c)
+                                       for c in counts])
             perm = torch.argsort(expert_of_row, stable=True)
             x = x[perm]
             weights = torch.cat([b.weights for b in batches])[perm]
-            counts = [sum(c) for c in zip(*(b.counts for b in batches))]
-        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        y = grouped_swiglu(x, offsets, gate_up, down)  # [n, D]
-        y = (y * weights[:, None]).to(self.dtype)
+            ends = torch.stack(counts).sum(0).cumsum(0, dtype=torch.int32)
+        if total > 2:  # rows per active expert decide the GEMM backend
+            active = int(torch.count_nonzero(torch.diff(ends, prepend=ends.new_zeros(1))))
+            rows_per_weight(-(-total // active))
+        else:
+            rows_per_weight(total)
+        y = grouped_swiglu(x, ends, gate_up, down)  # [n, D]
+        y.mul_(weights.to(y.dtype)[:, None])  # routing weights applied in the model dtype
         if perm is not None:
             unsorted = torch.empty_like(y)
             unsorted[perm] = y
@@ -393,6 +414,7 @@ class DeviceWorker:
         assert self.dense is not None
         xn = inputs[0][1].xn
         lw = self.dense.layers[node.layer]
+        rows_per_weight(xn.shape[0])
         if node.kind == "dense":
             return swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
         out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
@@ -414,14 +436,15 @@ class DeviceWorker:
                 partials.append(value)
             else:  # shared expert or dense MLP output
                 extra.append(value)
-        out = torch.zeros(attn.resid.shape, dtype=torch.float32)
+        # accumulate in the model dtype, as the families' own implementations do
+        out = torch.zeros_like(attn.resid)
         if routing is not None and partials:
             partials.sort(key=lambda p: p.start)
-            rows = torch.cat([p.y for p in partials])  # [N, D] in dispatch order
-            out.index_add_(0, routing.token_of_row, rows.float())
+            rows = partials[0].y if len(partials) == 1 else torch.cat([p.y for p in partials])
+            out.index_add_(0, routing.token_of_row, rows)  # rows in dispatch order
         for e in extra:
-            out += e.float()
-        return attn.resid + out.to(self.dtype)
+            out += e
+        return attn.resid + out
 
     def _lm_head(self, st: _UnitState, node: LMHead, hidden: torch.Tensor) -> Logits:
         assert self.dense is not None
@@ -435,4 +458,5 @@ class DeviceWorker:
         x = hidden[torch.tensor(picks, dtype=torch.int64)] if len(picks) != hidden.shape[0] \
             else hidden
         x = rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
+        rows_per_weight(x.shape[0])
         return Logits(node.seqs, tuple(rows_per_seq), F.linear(x, self.dense.lm_head).float())

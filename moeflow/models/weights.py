@@ -44,6 +44,7 @@ class AttentionWeights:
     qkv_bias: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    qk_norm_heads: torch.Tensor | None = None  # [H + K, d]: q_norm per q head, then k_norm
     # MLA
     q: torch.Tensor | None = None
     q_a: torch.Tensor | None = None
@@ -161,6 +162,8 @@ class WeightLoader:
         if a.qk_norm == "head":
             w.q_norm = self._get(key(i, "q_norm"), (a.head_dim,))
             w.k_norm = self._get(key(i, "k_norm"), (a.head_dim,))
+            w.qk_norm_heads = torch.cat((w.q_norm.expand(a.num_heads, -1),
+                                         w.k_norm.expand(a.num_kv_heads, -1)))
         elif a.qk_norm == "full":
             w.q_norm = self._get(key(i, "q_norm"), (a.q_width,))
             w.k_norm = self._get(key(i, "k_norm"), (a.kv_width,))

@@ -17,34 +17,51 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     The new tokens sit at positions start..start+n-1 and see keys 0..their own position
     (and, with a sliding window w, only the last w of them)."""
     n, length = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
-    gqa = kh.shape[0] != qh.shape[0]
+    # CPU flash attention takes only 4-D inputs and no grouped kv heads; anything else falls
+    # back to the math kernel, ~3x slower at 512 tokens.
+    qh = q.transpose(0, 1)[None]
+    kh, vh = _repeat_heads(k, q.shape[1])[None], _repeat_heads(v, q.shape[1])[None]
     if start == 0 and (window is None or window >= length):
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         qpos = torch.arange(start, start + n)[:, None]
         kpos = torch.arange(length)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                             enable_gqa=gqa)
-    return out.transpose(0, 1)  # [n, H, v]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)  # [n, H, v]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     lengths: torch.Tensor, scale: float,
-                     window: int | None = None) -> torch.Tensor:
-    """q [B, H, d], k [B, L, K, d], v [B, L, K, v], lengths [B] -> [B, H, v]
+def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """x [L, K, d] -> [H, L, d], each kv head repeated for its H/K query heads."""
+    length, kv_heads, d = x.shape
+    if kv_heads == heads:
+        return x.transpose(0, 1)
+    return (x.transpose(0, 1)[:, None].expand(kv_heads, heads // kv_heads, length, d)
+            .reshape(heads, length, d))
 
-    One new token per sequence, at position lengths[b]-1; keys past lengths[b] are padding."""
-    kpos = torch.arange(k.shape[1])[None, :]
+
+def decode_mask(lengths: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """The key mask [B, 1, 1, L] for one new token per sequence at position lengths[b]-1,
+    or None when every key up to L = max(lengths) is visible to every sequence."""
+    longest = int(lengths.max())
+    if bool((lengths == longest).all()) and (window is None or window >= longest):
+        return None
+    kpos = torch.arange(longest)[None, :]
     last = (lengths - 1)[:, None]
     mask = kpos <= last
     if window is not None:
         mask &= kpos > last - window
+    return mask[:, None, None, :]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, H, d], k [B, L, K, d], v [B, L, K, v], mask from `decode_mask` -> [B, H, v]
+
+    One new token per sequence; keys the mask hides are padding (or outside the window)."""
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
-        scale=scale, enable_gqa=k.shape[2] != q.shape[1])  # [B, H, 1, v]
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
+        enable_gqa=k.shape[2] != q.shape[1])  # [B, H, 1, v]
     return out[:, :, 0, :]

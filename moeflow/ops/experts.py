@@ -27,7 +27,7 @@ def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor
     """
     h = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)  # [N, 2F]
     width = down.shape[2]
-    a = F.silu(h[:, :width]) * h[:, width:]  # [N, F]
+    a = F.silu(h[:, :width]).mul_(h[:, width:])  # [N, F]
     return F.grouped_mm(a, down.transpose(1, 2), offs=offsets)  # [N, D]
 
 

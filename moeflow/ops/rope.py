@@ -73,6 +73,24 @@ class RopeTable:
         return self._cos[positions], self._sin[positions]
 
 
+def half_rotation_tables(cos: torch.Tensor, sin: torch.Tensor,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, R/2] (fp32) -> cos [T, 1, R], signed sin [T, 1, R] in `dtype`, for
+    `apply_half_rotation`. Compute once per batch, use in every layer."""
+    c = torch.cat((cos, cos), dim=-1).to(dtype)
+    s = torch.cat((-sin, sin), dim=-1).to(dtype)
+    return c[:, None, :], s[:, None, :]
+
+
+def apply_half_rotation(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+                        ) -> torch.Tensor:
+    """x [T, H, R] -> x*cos + rotate_half(x)*sin, with tables from `half_rotation_tables`.
+
+    rotate_half(x) * sin == roll(x, R/2) * cat(-sin, sin) exactly (negation is exact), which
+    takes one op instead of four."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                interleaved: bool) -> torch.Tensor:
     """x [T, H, R], cos/sin [T, R/2] -> [T, H, R], in x's dtype.

@@ -17,7 +17,7 @@ def test_cache_grows_reuses_freed_blocks_and_refuses_past_its_budget():
     kv.write(1, slots, torch.arange(30, dtype=torch.float32).view(10, 3))
     index, lengths = kv.gather_index([7])
     assert lengths.tolist() == [10]
-    assert torch.equal(kv.read(1, index)[0], torch.arange(30, dtype=torch.float32).view(10, 3))
+    assert torch.equal(kv.read(1, index.flatten()), torch.arange(30, dtype=torch.float32).view(10, 3))
     more = kv.reserve(7, 10, 1)
     assert kv.length(7) == 11 and more.shape == (1,)
     with pytest.raises(ValueError, match="holds 11 tokens"):
