@@ -4,11 +4,11 @@ On x86 CPUs torch sends bf16 matmuls to oneDNN, which is fast when many rows sha
 (prefill: ~400 GFLOP/s here) but streams weights at half the memory bandwidth when one or a
 few rows do (decode), and its bf16 `linear` has a slow path for a single row. With oneDNN
 off, torch's own bf16 GEMV kernels stream weights near the memory bandwidth. Measured on
-this project's 2-core AVX-512 machine (benchmarks/gemm_backend.py):
+this project's 2-core AVX-512 machine, streaming 400 cold [768, 1024] weights:
 
-    rows per weight       1         2        4        64+
-    oneDNN             13 GB/s   14 GB/s  13 GB/s  ~400 GFLOP/s
-    torch native       26 GB/s   26 GB/s  10 GB/s   ~43 GFLOP/s
+    rows per weight       1         2         3         4        8       64+
+    oneDNN             12 GB/s   12 GB/s   11 GB/s   11 GB/s  12 GB/s  ~400 GFLOP/s
+    torch native       32 GB/s   18 GB/s   13 GB/s   10 GB/s   5 GB/s   ~43 GFLOP/s
 
 The switch is torch's process-wide flag, so this is only for code that runs one node at a
 time on a thread (the CPU worker); it costs a C call.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-SMALL_GEMM_ROWS = 2
+SMALL_GEMM_ROWS = 3
 
 
 def rows_per_weight(rows: int) -> None:

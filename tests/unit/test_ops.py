@@ -1,0 +1,141 @@
+"""Each op against a plainly written reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moeflow.models.spec import MoESpec, RopeSpec
+from moeflow.ops.attention import (
+    SMALL_DECODE_KEYS, decode_attention, decode_mask, prefill_attention,
+)
+from moeflow.ops.experts import grouped_swiglu, grouped_swiglu_ref
+from moeflow.ops.norm import rms_norm, rms_norm_ref
+from moeflow.ops.rope import (
+    RopeTable, apply_half_rotation, apply_rope, half_rotation_tables, inv_frequencies,
+)
+from moeflow.ops.router import route
+
+
+def attention_ref(q, k, v, visible, scale):
+    """q [H, d] one query; k/v [L, K, *]; visible [L] bool -> [H, v]"""
+    heads, kv_heads = q.shape[0], k.shape[1]
+    k = k.repeat_interleave(heads // kv_heads, dim=1).float()
+    v = v.repeat_interleave(heads // kv_heads, dim=1).float()
+    scores = torch.einsum("hd,lhd->hl", q.float(), k) * scale
+    scores[:, ~visible] = float("-inf")
+    return torch.einsum("hl,lhv->hv", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("batch,length", [(1, 8), (3, 20), (2, 90), (4, 64)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_both_kernels_match_reference(batch, length, window):
+    torch.manual_seed(batch * 100 + length)
+    heads, kv_heads, d = 8, 2, 16
+    lengths = torch.tensor([length - 3 * (b % 3) for b in range(batch)])
+    q = torch.randn(batch, heads, d)
+    k, v = torch.randn(batch, length, kv_heads, d), torch.randn(batch, length, kv_heads, d)
+    mask = decode_mask(lengths, window)
+    out = decode_attention(q, k, v, mask, 0.25)
+    for b in range(batch):
+        pos = torch.arange(length)
+        visible = pos < lengths[b]
+        if window is not None:
+            visible &= pos > lengths[b] - 1 - window
+        assert torch.allclose(out[b], attention_ref(q[b], k[b], v[b], visible, 0.25), atol=1e-5)
+    # both kernels are exercised by this parametrisation
+    assert any(b * n <= SMALL_DECODE_KEYS for b, n in [(1, 8), (3, 20)])
+    assert any(b * n > SMALL_DECODE_KEYS for b, n in [(2, 90), (4, 64)])
+
+
+def test_decode_mask_is_none_only_when_nothing_is_hidden():
+    assert decode_mask(torch.tensor([7, 7]), None) is None
+    assert decode_mask(torch.tensor([7, 7]), 7) is None
+    assert decode_mask(torch.tensor([7, 7]), 3) is not None
+    assert decode_mask(torch.tensor([7, 5]), None).shape == (2, 1, 1, 7)
+
+
+@pytest.mark.parametrize("start,window", [(0, None), (5, None), (0, 4), (6, 3)])
+def test_prefill_attention_matches_reference(start, window):
+    torch.manual_seed(start)
+    n, heads, kv_heads, d = 7, 4, 2, 8
+    q = torch.randn(n, heads, d)
+    k, v = torch.randn(start + n, kv_heads, d), torch.randn(start + n, kv_heads, d)
+    out = prefill_attention(q, k, v, start, 0.3, window)
+    for i in range(n):
+        pos = torch.arange(start + n)
+        visible = pos <= start + i
+        if window is not None:
+            visible &= pos > start + i - window
+        assert torch.allclose(out[i], attention_ref(q[i], k, v, visible, 0.3), atol=1e-5)
+
+
+def test_grouped_swiglu_matches_per_expert_loop():
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 1, 0]
+    x = torch.randn(sum(counts), 16)
+    gate_up, down = torch.randn(5, 24, 16), torch.randn(5, 16, 12)
+    ends = torch.tensor(counts).cumsum(0, dtype=torch.int32)
+    assert torch.allclose(grouped_swiglu(x, ends, gate_up, down),
+                          grouped_swiglu_ref(x, counts, gate_up, down), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_families_formulation(dtype):
+    x = (torch.randn(5, 64) * 4).to(dtype)
+    w = torch.randn(64).to(dtype)
+    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+
+
+def test_half_rotation_equals_rotate_half():
+    table = RopeTable(RopeSpec(theta=10000.0, rotary_dim=16))
+    pos = torch.tensor([0, 3, 17, 200])
+    cos, sin = table.cos_sin(pos)
+    x = torch.randn(4, 3, 16)
+    c, s = half_rotation_tables(cos, sin, x.dtype)
+    assert torch.equal(apply_half_rotation(x, c, s), apply_rope(x, cos, sin, interleaved=False))
+    # rotating by position p preserves norms and turns a vector by p * inv_freq per pair
+    inter = apply_rope(x, cos, sin, interleaved=True)
+    assert torch.allclose(inter.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_yarn_frequencies_blend_between_interpolation_and_extrapolation():
+    base = RopeSpec(theta=10000.0, rotary_dim=64)
+    yarn = RopeSpec(theta=10000.0, rotary_dim=64, scaling="yarn", factor=8.0,
+                    original_max_position=512, mscale=1.0, mscale_all_dim=0.0)
+    plain, one = inv_frequencies(base)
+    scaled, attention_scaling = inv_frequencies(yarn)
+    assert one == 1.0 and attention_scaling == pytest.approx(0.1 * math.log(8.0) + 1.0)
+    assert torch.allclose(scaled[:2], plain[:2])  # high frequencies extrapolated
+    assert torch.allclose(scaled[-2:], plain[-2:] / 8.0)  # low frequencies interpolated
+
+
+def brute_force_topk(probs, k):
+    out = []
+    for row in probs.tolist():
+        out.append(sorted(range(len(row)), key=lambda e: -row[e])[:k])
+    return out
+
+
+def test_routers():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 8)
+    probs = logits.softmax(-1)
+    ids, w = route(logits, MoESpec(8, 2, 4, "softmax_topk", norm_topk_prob=False))
+    assert [sorted(r) for r in ids.tolist()] == [sorted(r) for r in brute_force_topk(probs, 2)]
+    assert torch.allclose(w, probs.gather(1, ids))
+    ids_n, w_n = route(logits, MoESpec(8, 2, 4, "softmax_topk", norm_topk_prob=True))
+    assert torch.allclose(w_n.sum(-1), torch.ones(6))
+    ids_m, w_m = route(logits, MoESpec(8, 2, 4, "topk_softmax"))  # Mixtral: same experts
+    assert torch.equal(ids_m, ids_n) and torch.allclose(w_m, w_n, atol=1e-6)
+    scaled = route(logits, MoESpec(8, 2, 4, "softmax_topk", routed_scaling_factor=2.5))[1]
+    assert torch.allclose(scaled, 2.5 * w)
+    # group-limited: 4 groups of 2, best 2 groups by their best expert, then top-2 inside
+    ids_g, _ = route(logits, MoESpec(8, 2, 4, "group_limited", num_groups=4, topk_groups=2))
+    for row, chosen in zip(probs, ids_g.tolist()):
+        best_groups = row.view(4, 2).max(-1).values.topk(2).indices.tolist()
+        allowed = [e for g in best_groups for e in (2 * g, 2 * g + 1)]
+        assert set(chosen) <= set(allowed)
+        assert sorted(chosen) == sorted(sorted(allowed, key=lambda e: -row[e])[:2])
