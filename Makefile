@@ -23,6 +23,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 		--vocab 2048 --dtype bfloat16 --seed 0
 
 demo: $(STAMP) $(DEMO_MODEL)/config.json
+	@echo "# a random-weight checkpoint: the words are noise; watch the speed and the graph"
 	$(BIN)/moeflow generate $(DEMO_MODEL) --prompt "Once upon a time" --max-new-tokens 48 \
 		--devices cpu:0,cpu:1 --stats
 	$(BIN)/moeflow graph $(DEMO_MODEL) --layer 0 --devices cpu:0,cpu:1 \

@@ -130,5 +130,6 @@ class InProcessExecutor:
 def _collect(out: Logits, into: dict[int, torch.Tensor]) -> None:
     row = 0
     for seq, n in zip(out.seqs, out.rows_per_seq):
-        into[seq] = out.values[row:row + n]
+        if n:  # a prefill chunk that does not reach the prompt's end has no logits
+            into[seq] = out.values[row:row + n]
         row += n

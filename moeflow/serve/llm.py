@@ -82,7 +82,7 @@ class LLM:
             return self.tokenizer.encode(prompt)
         ids = list(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise TypeError("a token-id prompt must be a sequence of ints")
+            raise TypeError(f"a token-id prompt must be a sequence of ints, got {ids[:8]!r}")
         return ids
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
@@ -111,6 +111,6 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     items = list(prompts)
     if not items:
         raise ValueError("no prompts given")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-        return [items]  # one token-id prompt
+    if any(isinstance(t, int) for t in items):
+        return [items]  # one token-id prompt (checked when encoded)
     return items

@@ -1,0 +1,113 @@
+"""The engine through the LLM API: batching, memory pressure, stops, validation, sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moeflow.cli import main as cli_main
+from moeflow.serve.llm import LLM
+from moeflow.serve.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 33, 2, 99], [250, 7], [8, 9, 10, 11, 300, 301, 302, 40, 41]]
+
+
+@pytest.fixture(scope="module")
+def path(tiny_factory):
+    return tiny_factory("qwen3_moe")
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def test_batched_generation_equals_one_at_a_time(path):
+    llm = LLM(path, devices="cpu:0,cpu:1")
+    together = llm.generate(PROMPTS, sampling=greedy(12))
+    alone = [llm.generate(p, sampling=greedy(12))[0] for p in PROMPTS]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in together)
+
+
+def test_small_kv_cache_preempts_and_recomputes_without_changing_tokens(path):
+    roomy = LLM(path).generate(PROMPTS * 2, sampling=greedy(20))
+    # 3 blocks of 16 tokens: six sequences of up to 29 tokens cannot all stay resident
+    tight = LLM(path, kv_cache_tokens=48, max_batch_tokens=16)
+    squeezed = tight.generate(PROMPTS * 2, sampling=greedy(20))
+    assert [c.token_ids for c in squeezed] == [c.token_ids for c in roomy]
+    assert tight.engine.executor.free_kv_blocks() == {"cpu:0": 3}  # everything freed
+
+
+def test_long_prompt_is_prefilled_in_chunks(path):
+    prompt = list(range(3, 200))
+    whole = LLM(path).generate(prompt, sampling=greedy(5))[0]
+    chunked = LLM(path, max_batch_tokens=32).generate(prompt, sampling=greedy(5))[0]
+    assert chunked.token_ids == whole.token_ids
+
+
+def test_stops(path):
+    llm = LLM(path)
+    free = llm.generate(PROMPTS[0], sampling=greedy(10))[0].token_ids
+    stop_at = free[3]
+    out = llm.generate(PROMPTS[0], sampling=SamplingParams(
+        max_new_tokens=10, stop_token_ids=(stop_at,), ignore_eos=True))[0]
+    assert out.token_ids == free[:free.index(stop_at) + 1] and out.finish_reason == "stop"
+    text = llm.generate(PROMPTS[0], sampling=greedy(10))[0].text
+    needle = text[2:5]
+    cut = llm.generate(PROMPTS[0], sampling=SamplingParams(
+        max_new_tokens=10, stop=(needle,), ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and needle not in cut.text and text.startswith(cut.text)
+
+
+def test_eos_ends_generation_unless_ignored(path, tiny_factory):
+    llm = LLM(path)
+    free = llm.generate(PROMPTS[1], sampling=greedy(8))[0].token_ids
+    eos_path = tiny_factory("qwen3_moe", eos_token_id=free[2])
+    out = LLM(eos_path).generate(PROMPTS[1], max_new_tokens=8)[0]
+    assert out.token_ids == free[:3] and out.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_the_seed(path):
+    llm = LLM(path)
+    a = llm.generate(PROMPTS[0], sampling=SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                         seed=7, ignore_eos=True))[0]
+    b = llm.generate(PROMPTS[0], sampling=SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                         seed=7, ignore_eos=True))[0]
+    c = llm.generate(PROMPTS[0], sampling=SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                         seed=8, ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([], "empty"), ([1, 2, 100000], "outside the vocabulary"), ([True, 2], "ints"),
+    ([3 + i % 500 for i in range(2100)], "context holds 2048"),
+])
+def test_bad_prompts_are_refused(path, prompt, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LLM(path).generate([prompt] if prompt == [] else prompt, max_new_tokens=2)
+
+
+def test_bad_devices_are_refused(path):
+    with pytest.raises(ValueError, match="bad device 'gpu0'"):
+        LLM(path, devices="gpu0")
+    with pytest.raises(ValueError, match="listed twice"):
+        LLM(path, devices="cpu:0,cpu:0")
+
+
+def test_cli_generate_json_graph_and_make_tiny(tmp_path, capsys):
+    model = tmp_path / "m"
+    assert cli_main(["make-tiny", "olmoe", str(model), "--layers", "2", "--experts", "4"]) == 0
+    assert (model / "config.json").exists() and (model / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert cli_main(["generate", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                     "--devices", "cpu:0,cpu:1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 4 and isinstance(out["text"], str)
+    assert out["token_ids"] == list(LLM(model).generate([1, 2, 3], max_new_tokens=4)[0].token_ids)
+    assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.html"), "--layer", "1"]) == 0
+    assert "<svg" in (tmp_path / "g.html").read_text()
+    assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.dot")]) == 0
+    assert (tmp_path / "g.dot").read_text().startswith("digraph")
+    assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.png")]) == 2
+    assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.dot"), "--layer", "9"]) == 2
