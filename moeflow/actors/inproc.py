@@ -61,8 +61,12 @@ class InProcessExecutor:
     def kv_block_size(self) -> int:
         return next(iter(self.workers.values())).kv.block_size
 
+    def kv_capacity_blocks(self) -> dict[str, int]:
+        """KV-cache blocks each device that serves requests can hold."""
+        return {d: w.kv.max_blocks for d, w in self.workers.items() if w.dense is not None}
+
     def free_kv_blocks(self) -> dict[str, int]:
-        """Free KV blocks (including room to grow) on each device that serves requests."""
+        """Blocks each serving device could still hand out (for checks)."""
         return {d: w.kv.num_free_blocks for d, w in self.workers.items() if w.dense is not None}
 
     def run(self, plan: Plan, token_ids: dict[int, list[int]]) -> dict[int, torch.Tensor]:

@@ -5,8 +5,9 @@ engine calls it with plain data and runs what it returns on whichever executor i
 (in-process, actor processes, or the simulator); a policy never knows which.
 
     form_units(waiting, running, budget) -> [Unit]
-        Admission and batching. `running` are requests with KV on some device; `waiting`
-        have none yet. Return the units to run now, each a tuple of SeqChunks: which
+        Admission and batching. `running` are idle requests with KV on some device (those
+        in a unit still in flight are not offered); `waiting` have no KV yet. The engine
+        calls this whenever work may start: on arrivals and whenever a unit finishes. Return the units to run now, each a tuple of SeqChunks: which
         sequences advance, by how many tokens, and on which home device (where their
         attention runs and their KV cache lives). A running request keeps its home. Stay
         within `budget`: at most `max_tokens` new tokens and `max_seqs` sequences per
@@ -62,13 +63,15 @@ class RequestView:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """Limits of one step: new tokens and sequences per unit, and free KV-cache blocks of
-    `kv_block_size` tokens on each device that can home requests."""
+    """Limits of one scheduling call: new tokens and sequences per unit, free KV-cache
+    blocks of `kv_block_size` tokens on each device that can home requests, and how many
+    units are still in flight (their sequences are not offered again until they finish)."""
 
     max_tokens: int
     max_seqs: int
     free_kv_blocks: dict[str, int] = field(default_factory=dict)
     kv_block_size: int = 16
+    units_in_flight: int = 0
 
 
 @dataclass(frozen=True, slots=True)

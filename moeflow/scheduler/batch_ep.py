@@ -2,7 +2,7 @@
 
 - Routed experts are sharded over the devices; attention is replicated, and each device
   serves the requests homed on it (new requests go to the device serving the fewest).
-- Every step batches all running requests, plus as many waiting ones (first come, first
+- Every step batches all running requests (one step at a time), plus as many waiting ones (first come, first
   served) as the token, sequence and KV budgets allow, into one unit. Long prompts are
   prefilled in chunks.
 - Per layer: attention -> gate -> all-to-all dispatch -> experts -> all-to-all combine, with
@@ -18,10 +18,7 @@ from moeflow.dataflow.graph import SeqChunk, Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
 from moeflow.scheduler.plan import Plan, topological_plan
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
+from moeflow.scheduler.requests import blocks_for
 
 
 class BatchEP(Scheduler):
@@ -29,6 +26,8 @@ class BatchEP(Scheduler):
 
     def form_units(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
                    budget: Budget) -> list[Unit]:
+        if budget.units_in_flight:
+            return []  # one batch step at a time
         free = dict(budget.free_kv_blocks)
         load = {d: 0 for d in free}
         for r in running:

@@ -1,41 +1,30 @@
-"""EngineCore: requests in, tokens out, one synchronous step at a time.
+"""EngineCore: requests in, tokens out.
 
-    step() = schedule -> run -> postprocess
-        schedule     the scheduler forms units from waiting and running requests (as plain
-                     RequestViews) and plans each one;
-        run          the executor runs the plans;
-        postprocess  sample a token for every sequence that produced logits, check stops,
-                     free the KV of finished requests.
+    schedule() -> [Job]            units for idle requests, planned, KV reserved
+    run(jobs)  -> [(job, logits)]  the executor's part
+    complete(job, logits)          sample, check stops, free what finished
 
-The engine owns request state and memory accounting (it preempts the newest running
-request when the KV cache cannot hold everyone's next token); the scheduler owns the policy.
-`moeflow.LLM` drives it synchronously, `moeflow.AsyncEngine` from an event loop.
+`step()` does the three in order for a synchronous caller (`moeflow.LLM`); an async caller
+(`moeflow.AsyncEngine`) schedules whenever work may start and completes each job as it
+finishes. Counting, admission and memory live in the pure `RequestBook` (shared with the
+simulator); this class adds what needs tokens: the ids themselves, sampling and stops.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Protocol
 
 import torch
 
-from moeflow.dataflow.graph import Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
-from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
+from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan import Plan
+from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
 from moeflow.serve.sampling import SamplingParams, make_generator, sample
-
-
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 class Executor(Protocol):
@@ -44,7 +33,7 @@ class Executor(Protocol):
 
     def release(self, home: str, seq_id: int) -> None: ...
 
-    def free_kv_blocks(self) -> dict[str, int]: ...
+    def kv_capacity_blocks(self) -> dict[str, int]: ...
 
     @property
     def kv_block_size(self) -> int: ...
@@ -57,12 +46,9 @@ class Request:
     params: SamplingParams
     arrival: float
     output_ids: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    home: str | None = None
-    num_computed: int = 0
-    finish_reason: str | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+    finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut the text
     generator: torch.Generator | None = None
 
@@ -70,10 +56,9 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def view(self) -> RequestView:
-        return RequestView(self.request_id, len(self.prompt_ids), self.num_computed,
-                           len(self.output_ids), self.params.max_new_tokens, self.arrival,
-                           self.home)
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +79,12 @@ class EngineCore:
         self.scheduler = scheduler
         self.cluster = cluster
         self.tokenizer = tokenizer
-        self.max_batch_tokens = max_batch_tokens
-        self.max_seqs = max_seqs
         self.clock = clock
+        self.book = RequestBook(scheduler, spec, cluster, executor.kv_capacity_blocks(),
+                                executor.kv_block_size, max_batch_tokens=max_batch_tokens,
+                                max_seqs=max_seqs)
         self.requests: dict[int, Request] = {}
-        self.waiting: deque[int] = deque()
-        self.running: list[int] = []
-        self._ids = itertools.count()
+        self._next_id = 0
         self.eos_ids = frozenset(spec.eos_token_ids)
 
     # -- requests ------------------------------------------------------------------
@@ -117,120 +101,94 @@ class EngineCore:
         if len(prompt_ids) >= limit:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context "
                              f"holds {limit}")
-        rid = next(self._ids) if request_id is None else request_id
-        if rid in self.requests:
-            raise ValueError(f"request id {rid} is already in use")
-        req = Request(rid, list(prompt_ids), params, self.clock(),
+        if request_id is None:
+            request_id = self._next_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id} is already in use")
+        self._next_id = max(self._next_id, request_id + 1)
+        req = Request(request_id, list(prompt_ids), params, self.clock(),
                       generator=make_generator(params))
-        self.requests[rid] = req
-        self.waiting.append(rid)
+        self.book.add(request_id, len(prompt_ids), params.max_new_tokens, req.arrival)
+        self.requests[request_id] = req
         return req
 
-    def abort(self, request_id: int) -> None:
+    def abort(self, request_id: int, reason: str = "abort") -> None:
         req = self.requests.get(request_id)
-        if req is not None and req.status is not Status.FINISHED:
-            self._finish(req, "abort")
+        if req is not None and not req.finished:
+            self._finish(req, reason)
 
     def pop_finished(self, request_id: int) -> Request:
         req = self.requests.pop(request_id)
-        assert req.status is Status.FINISHED
+        assert req.finished
+        self.book.pop(request_id)
         return req
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.book.has_unfinished()
 
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return self.book.num_unfinished
 
     # -- the step ------------------------------------------------------------------
 
+    def schedule(self) -> list[Job]:
+        jobs = self.book.schedule()
+        while self.book.evicted:
+            self.executor.release(*self.book.evicted.pop())
+        stuck = self.book.unschedulable() if not jobs else None
+        if stuck is not None:
+            self._finish(self.requests[stuck],
+                         "error: the prompt does not fit in the KV cache")
+        return jobs
+
+    def tokens_of(self, job: Job) -> dict[int, list[int]]:
+        """Each unit sequence's new token ids."""
+        return {i: self.requests[c.seq_id].all_ids[c.start:c.start + c.num_tokens]
+                for i, c in enumerate(job.unit.seqs)}
+
     def step(self) -> list[TokenEvent]:
-        units = self._schedule()
-        if not units:
-            if self.running or self.waiting:
-                self._fail_unschedulable()
+        jobs = self.schedule()
+        if not jobs:
             return []
-        jobs = []
-        for unit in units:
-            plan = self.scheduler.plan(unit, self.spec, self.cluster)
-            tokens = {i: self.requests[c.seq_id].all_ids[c.start:c.start + c.num_tokens]
-                      for i, c in enumerate(unit.seqs)}
-            jobs.append((plan, tokens))
-        results = self.executor.run_many(jobs)
+        results = self.executor.run_many([(job.plan, self.tokens_of(job)) for job in jobs])
         events: list[TokenEvent] = []
-        for unit, logits in zip(units, results):
-            events.extend(self._postprocess(unit, logits))
+        for job, logits in zip(jobs, results):
+            events.extend(self.complete(job, logits))
         return events
 
-    def _schedule(self) -> list[Unit]:
-        self._preempt_if_full()
-        views_waiting = [self.requests[r].view() for r in self.waiting]
-        views_running = [self.requests[r].view() for r in self.running]
-        budget = Budget(self.max_batch_tokens, self.max_seqs, self.executor.free_kv_blocks(),
-                        self.executor.kv_block_size)
-        units = self.scheduler.form_units(views_waiting, views_running, budget)
-        for unit in units:
-            for chunk in unit.seqs:
-                req = self.requests.get(chunk.seq_id)
-                if req is None or req.status is Status.FINISHED:
-                    raise RuntimeError(f"scheduler {self.scheduler.name!r} scheduled unknown "
-                                       f"or finished request {chunk.seq_id}")
-                if chunk.start != req.num_computed:
-                    raise RuntimeError(f"scheduler {self.scheduler.name!r} resumed request "
-                                       f"{chunk.seq_id} at {chunk.start}, its KV holds "
-                                       f"{req.num_computed}")
-                if req.status is Status.WAITING:
-                    self.waiting.remove(req.request_id)
-                    self.running.append(req.request_id)
-                    req.status = Status.RUNNING
-                    req.home = chunk.home
-                elif chunk.home != req.home:
-                    raise RuntimeError(f"scheduler moved request {chunk.seq_id} from "
-                                       f"{req.home} to {chunk.home}; its KV cannot move")
-        return units
-
-    def _preempt_if_full(self) -> None:
-        """Free the newest running requests while the others' next tokens do not fit."""
-        block = self.executor.kv_block_size
-        while self.running:
-            free = self.executor.free_kv_blocks()
-            need: dict[str, int] = {}
-            for rid in self.running:
-                req = self.requests[rid]
-                if not req.num_computed % block and req.num_computed:
-                    need[req.home] = need.get(req.home, 0) + 1  # type: ignore[index]
-            if all(need.get(d, 0) <= free.get(d, 0) for d in need):
-                return
-            victim = self.requests[self.running.pop()]
-            self.executor.release(victim.home, victim.request_id)  # type: ignore[arg-type]
-            # a preempted request is recomputed later from its prompt and outputs so far
-            victim.status, victim.home, victim.num_computed = Status.WAITING, None, 0
-            self.waiting.appendleft(victim.request_id)
-
-    def _fail_unschedulable(self) -> None:
-        """Nothing could be scheduled although requests wait: the oldest cannot fit at all."""
-        if self.running:
-            return
-        rid = self.waiting[0]
-        self._finish(self.requests[rid], "error: the prompt does not fit in the KV cache")
-
-    def _postprocess(self, unit: Unit, logits: dict[int, torch.Tensor]) -> list[TokenEvent]:
+    def complete(self, job: Job, logits: dict[int, torch.Tensor]) -> list[TokenEvent]:
+        done = self.book.complete(job)
+        for home, seq_id in done.released:
+            self.executor.release(home, seq_id)
+        index = {c.seq_id: i for i, c in enumerate(job.unit.seqs)}
         now = self.clock()
         events = []
-        for i, chunk in enumerate(unit.seqs):
-            req = self.requests[chunk.seq_id]
-            req.num_computed = chunk.start + chunk.num_tokens
-            if req.status is Status.FINISHED or i not in logits:
-                continue
-            token = sample(logits[i][-1], req.params, req.generator)
+        for seq_id in done.sampled:
+            req = self.requests[seq_id]
+            token = sample(logits[index[seq_id]][-1], req.params, req.generator)
             req.output_ids.append(token)
+            self.book.add_output(seq_id)
             if req.first_token_time is None:
                 req.first_token_time = now
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self._finish(req, reason, now)
-            events.append(TokenEvent(req.request_id, token, reason is not None, reason))
+            events.append(TokenEvent(seq_id, token, reason is not None, reason))
+        return events
+
+    def fail(self, job: Job, reason: str) -> list[TokenEvent]:
+        """`job` could not run: end its requests with `reason`."""
+        done = self.book.fail(job, reason)
+        for home, seq_id in done.released:
+            self.executor.release(home, seq_id)
+        now = self.clock()
+        events = []
+        for chunk in job.unit.seqs:
+            req = self.requests[chunk.seq_id]
+            if req.finish_time is None:
+                req.finish_reason, req.finish_time = reason, now
+                events.append(TokenEvent(req.request_id, -1, True, reason))
         return events
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
@@ -254,14 +212,15 @@ class EngineCore:
         return None
 
     def _finish(self, req: Request, reason: str, now: float | None = None) -> None:
-        if req.status is Status.RUNNING:
-            self.running.remove(req.request_id)
-            self.executor.release(req.home, req.request_id)  # type: ignore[arg-type]
-        elif req.status is Status.WAITING:
-            self.waiting.remove(req.request_id)
-        req.status = Status.FINISHED
+        seq: Seq = self.book.seqs[req.request_id]
+        home = seq.home
+        if self.book.finish(req.request_id, reason) and home is not None:
+            self.executor.release(home, req.request_id)
         req.finish_reason = reason
         req.finish_time = self.clock() if now is None else now
+
+    def is_running(self, request_id: int) -> bool:
+        return self.book.seqs[request_id].status is SeqStatus.RUNNING
 
     def text_of(self, req: Request) -> str:
         if self.tokenizer is None:
