@@ -7,7 +7,7 @@ This is the embedded default and the reference the other executors are checked a
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from moeflow.dataflow.graph import Gate, LMHead, Placement, Transfer
 from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import WeightLoader
-from moeflow.scheduler.plan import Plan
+from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution
 
 
@@ -52,9 +52,15 @@ def load_workers(model_dir: str | Path, spec: ModelSpec, placement: Placement,
     return workers
 
 
+Observer = Callable[[Plan, int, Stream], None]
+
+
 class InProcessExecutor:
-    def __init__(self, workers: dict[str, DeviceWorker]) -> None:
+    """`observer(plan, node_id, stream)`, if given, is called as each node runs."""
+
+    def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None) -> None:
         self.workers = workers
+        self.observer = observer
         self._keys = itertools.count()
 
     @property
@@ -111,8 +117,10 @@ class InProcessExecutor:
             node = graph.nodes[node_id]
             store = values[index]
             inputs = [(graph.nodes[p], store[p]) for p in graph.inputs(node_id)]
-            actor = plan.assignment[node_id].actor
-            worker = self.workers[node.src if isinstance(node, Transfer) else actor]
+            stream = plan.assignment[node_id]
+            if self.observer is not None:
+                self.observer(plan, node_id, stream)
+            worker = self.workers[node.src if isinstance(node, Transfer) else stream.actor]
             out = worker.run(keys[index], graph, node, inputs)
             for p in graph.inputs(node_id):  # drop values nobody else will read
                 uses[index][p] -= 1

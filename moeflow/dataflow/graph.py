@@ -254,7 +254,7 @@ class Graph:
         for edge in self.edges:
             if not (0 <= edge.src < n and 0 <= edge.dst < n) or edge.src == edge.dst:
                 raise GraphError(f"bad edge {edge!r} in a graph of {n} nodes")
-        self.topological_order()  # raises on a cycle
+        object.__setattr__(self, "_topo", self._kahn())  # raises on a cycle
 
     @cached_property
     def _preds(self) -> tuple[tuple[int, ...], ...]:
@@ -289,7 +289,10 @@ class Graph:
         return self._succs[node_id]
 
     def topological_order(self) -> tuple[int, ...]:
-        """Kahn's algorithm, smallest id first among the ready; a cycle raises GraphError."""
+        """Kahn's algorithm, first-ready first; a cycle raises GraphError (at construction)."""
+        return self._topo  # type: ignore[attr-defined,no-any-return]
+
+    def _kahn(self) -> tuple[int, ...]:
         indegree = [0] * len(self.nodes)
         succs: list[list[int]] = [[] for _ in self.nodes]
         for edge in self.edges:

@@ -10,8 +10,8 @@ engine calls it with plain data and runs what it returns on whichever executor i
         calls this whenever work may start: on arrivals and whenever a unit finishes. Return the units to run now, each a tuple of SeqChunks: which
         sequences advance, by how many tokens, and on which home device (where their
         attention runs and their KV cache lives). A running request keeps its home. Stay
-        within `budget`: at most `max_tokens` new tokens and `max_seqs` sequences per
-        unit, and no more new KV blocks on a device than `free_kv_blocks[device]`.
+        within `budget`: at most `max_tokens` new tokens and `max_seqs` sequences over all
+        returned units, and no more new KV blocks on a device than `free_kv_blocks[device]`.
 
     plan(unit, model, cluster) -> Plan
         Cutting, placement and ordering: compile the unit's graph (`moeflow.dataflow.
@@ -63,9 +63,10 @@ class RequestView:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """Limits of one scheduling call: new tokens and sequences per unit, free KV-cache
+    """Limits of one scheduling call: the tokens and sequences all returned units may hold
+    together (what units still in flight leave of the engine's limits), free KV-cache
     blocks of `kv_block_size` tokens on each device that can home requests, and how many
-    units are still in flight (their sequences are not offered again until they finish)."""
+    units are in flight (their sequences are not offered again until they finish)."""
 
     max_tokens: int
     max_seqs: int

@@ -143,10 +143,22 @@ class RequestBook:
         waiting = [self.seqs[s].view() for s in self.waiting]
         if not idle_running and not waiting:
             return []
-        budget = Budget(self.max_batch_tokens, self.max_seqs, self.free_kv_blocks(),
-                        self.block_size, units_in_flight=len(self.in_flight))
+        tokens = sum(j.unit.num_tokens for j in self.in_flight.values())
+        seqs = sum(len(j.unit.seqs) for j in self.in_flight.values())
+        budget = Budget(self.max_batch_tokens - tokens, self.max_seqs - seqs,
+                        self.free_kv_blocks(), self.block_size,
+                        units_in_flight=len(self.in_flight))
+        if budget.max_tokens <= 0 or budget.max_seqs <= 0:
+            return []
         jobs = []
         for unit in self.scheduler.form_units(waiting, idle_running, budget):
+            tokens += unit.num_tokens
+            seqs += len(unit.seqs)
+            if tokens > self.max_batch_tokens or seqs > self.max_seqs:
+                raise SchedulingError(
+                    f"scheduler {self.scheduler.name!r} put {tokens} tokens of {seqs} "
+                    f"sequences in flight; the budget is {self.max_batch_tokens} tokens and "
+                    f"{self.max_seqs} sequences")
             self._admit(unit)
             plan = self.scheduler.plan(unit, self.model, self.cluster)
             if plan.graph.unit != unit:

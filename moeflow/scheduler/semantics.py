@@ -33,8 +33,9 @@ class SemanticsError(RuntimeError):
     turn, or started two on one stream."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _StreamState:
+    stream: Stream
     rule_kind: type
     busy: Task | None = None
     queue: deque[Task] = field(default_factory=deque)  # InOrder: issue sequence
@@ -46,6 +47,7 @@ class _PlanState:
     plan: Plan
     waiting: list[int]  # unfinished predecessors per node
     done: list[bool]
+    streams: list[_StreamState]  # per node
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
 
@@ -55,6 +57,7 @@ class Execution:
         self.plans: list[_PlanState] = []
         self.streams: dict[Stream, _StreamState] = {}
         self._ready: set[Task] = set()
+        self._touched: dict[Stream, None] = {}  # streams whose next node may have changed
         for plan in plans:
             self.add(plan)
 
@@ -65,16 +68,18 @@ class Execution:
         index = len(self.plans)
         graph = plan.graph
         waiting = [len(graph.preds(i)) for i in range(len(graph.nodes))]
-        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes)))
         for stream, rule in plan.rules:
             state = self.streams.get(stream)
             if state is None:
-                state = self.streams[stream] = _StreamState(type(rule))
+                state = self.streams[stream] = _StreamState(stream, type(rule))
             elif state.rule_kind is not type(rule):
                 raise SemanticsError(f"stream {stream} is {state.rule_kind.__name__} in one "
                                      f"plan and {type(rule).__name__} in another")
             if isinstance(rule, InOrder):
                 state.queue.extend((index, n) for n in rule.order)
+            self._touched[stream] = None
+        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes),
+                                     [self.streams[s] for s in plan.assignment]))
         for node_id, n in enumerate(waiting):
             if n == 0:
                 self._make_ready((index, node_id))
@@ -82,11 +87,11 @@ class Execution:
 
     def _make_ready(self, task: Task) -> None:
         self._ready.add(task)
-        state = self.plans[task[0]]
-        stream = state.plan.assignment[task[1]]
-        if self.streams[stream].rule_kind is ByPriority:
-            heapq.heappush(self.streams[stream].heap,
-                           (state.plan.priority[task[1]], task[0], task[1]))
+        plan_state = self.plans[task[0]]
+        state = plan_state.streams[task[1]]
+        if state.rule_kind is ByPriority:
+            heapq.heappush(state.heap, (plan_state.plan.priority[task[1]], task[0], task[1]))
+        self._touched[state.stream] = None
 
     # -- queries -------------------------------------------------------------------
 
@@ -99,7 +104,9 @@ class Execution:
 
     def next_node(self, stream: Stream) -> Task | None:
         """The task `stream` would start now, or None (busy, or nothing it may run)."""
-        state = self.streams[stream]
+        return self._next(self.streams[stream])
+
+    def _next(self, state: _StreamState) -> Task | None:
         if state.busy is not None:
             return None
         if state.rule_kind is InOrder:
@@ -113,6 +120,17 @@ class Execution:
 
     def idle_streams(self) -> Iterator[Stream]:
         return (s for s, st in self.streams.items() if st.busy is None)
+
+    def startable(self) -> list[Task]:
+        """Every task some stream would start now (one per stream), checking only streams
+        whose state changed since the last call. Start them, or call again later."""
+        out = []
+        touched, self._touched = self._touched, {}
+        for stream in touched:
+            task = self._next(self.streams[stream])
+            if task is not None:
+                out.append(task)
+        return out
 
     @property
     def done(self) -> bool:
@@ -133,12 +151,10 @@ class Execution:
     # -- transitions ---------------------------------------------------------------
 
     def start(self, task: Task) -> None:
-        stream = self.stream_of(task)
-        if self.next_node(stream) != task:
-            raise SemanticsError(f"task {task} on {stream} is not the stream's next "
-                                 f"(next is {self.next_node(stream)}, busy "
-                                 f"{self.streams[stream].busy})")
-        state = self.streams[stream]
+        state = self.plans[task[0]].streams[task[1]]
+        if self._next(state) != task:
+            raise SemanticsError(f"task {task} on {state.stream} is not the stream's next "
+                                 f"(next is {self._next(state)}, busy {state.busy})")
         if state.rule_kind is InOrder:
             state.queue.popleft()
         else:
@@ -150,12 +166,13 @@ class Execution:
         """Mark `task` done; `counts` are its per-expert rows if it is a Gate. Returns the
         tasks that became ready."""
         plan_index, node_id = task
-        stream = self.stream_of(task)
-        if self.streams[stream].busy != task:
-            raise SemanticsError(f"task {task} finished but {stream} is running "
-                                 f"{self.streams[stream].busy}")
-        self.streams[stream].busy = None
         p = self.plans[plan_index]
+        state = p.streams[node_id]
+        if state.busy != task:
+            raise SemanticsError(f"task {task} finished but {state.stream} is running "
+                                 f"{state.busy}")
+        state.busy = None
+        self._touched[state.stream] = None
         p.done[node_id] = True
         p.num_done += 1
         node = p.plan.graph.nodes[node_id]

@@ -1,0 +1,167 @@
+"""Is a graph a correct forward pass? Each node must read everything it depends on.
+
+Executors guarantee that a node runs only after its predecessors *in the graph*; a graph
+that leaves out a real dependency lets a node run before its data exists. `problems(graph,
+spec)` lists every such gap in words, so a policy that cuts or re-wires the graph is
+checked against what the model needs, whatever shape it chose:
+
+    - every home chains Embed -> Attention(0) -> ... -> Combine(L-1) -> LMHead, each layer
+      reading the previous one;
+    - in an MoE layer, every routed expert appears in exactly one Expert node, on a device
+      that owns it, and that node reads every home's Gate (directly on its own device, or
+      through a dispatch Transfer from the home);
+    - every home's Combine reads its Attention (residual), its Gate (row order), every expert
+      group's output (directly, or through a combine Transfer to the home), and its shared
+      expert when the model has one;
+    - every Transfer reads a node on its source device and feeds nodes on its destination.
+"""
+
+from __future__ import annotations
+
+from moeflow.dataflow.graph import (
+    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Transfer,
+)
+from moeflow.models.spec import ModelSpec
+
+
+class MalformedGraph(ValueError):
+    pass
+
+
+def problems(graph: Graph, spec: ModelSpec) -> list[str]:
+    return _Checker(graph, spec).run()
+
+
+def check(graph: Graph, spec: ModelSpec) -> None:
+    found = problems(graph, spec)
+    if found:
+        more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
+        raise MalformedGraph("; ".join(found[:5]) + more)
+
+
+class _Checker:
+    def __init__(self, graph: Graph, spec: ModelSpec) -> None:
+        self.graph = graph
+        self.spec = spec
+        self.nodes = graph.nodes
+        self.out: list[str] = []
+
+    def label(self, n: Node) -> str:
+        where = f"{n.src}->{n.dst}" if isinstance(n, Transfer) else n.device
+        layer = getattr(n, "layer", None)
+        return f"{type(n).__name__}#{n.id}({'' if layer is None else f'L{layer} '}{where})"
+
+    def reads(self, node: Node) -> list[Node]:
+        return [self.nodes[i] for i in self.graph.inputs(node.id)]
+
+    def sources(self, node: Node) -> list[Node]:
+        """What `node` reads, seen through transfers: the nodes that produced the data."""
+        return [self.origin(x) for x in self.reads(node)]
+
+    def origin(self, n: Node) -> Node:
+        for _ in range(len(self.nodes)):
+            if not isinstance(n, Transfer):
+                break
+            ins = self.reads(n)
+            if len(ins) != 1:
+                break
+            n = ins[0]
+        return n
+
+    def on(self, kind: type, layer: int | None, device: str) -> list[Node]:
+        return [n for n in self.nodes
+                if isinstance(n, kind) and getattr(n, "device", None) == device
+                and (layer is None or getattr(n, "layer", None) == layer)]
+
+    def run(self) -> list[str]:
+        self.devices_and_transfers()
+        if self.out:
+            return self.out
+        for home in self.graph.unit.homes(self.graph.placement.devices):
+            self.home_chain(home)
+        return self.out
+
+    def devices_and_transfers(self) -> None:
+        devices = self.graph.placement.devices
+        for n in self.nodes:
+            for d in ((n.src, n.dst) if isinstance(n, Transfer) else (n.device,)):
+                if d not in devices:
+                    self.out.append(f"{self.label(n)} runs on {d}, not in the placement")
+            if not isinstance(n, Transfer):
+                continue
+            for src in self.reads(n):
+                if src.device != n.src and not (isinstance(src, Transfer) and src.dst == n.src):
+                    self.out.append(f"{self.label(n)} reads {self.label(src)}, not on {n.src}")
+            for succ in self.graph.succs(n.id):
+                dst = self.nodes[succ]
+                if n.id in self.graph.inputs(succ) and getattr(dst, "device", None) != n.dst \
+                        and not (isinstance(dst, Transfer) and dst.src == n.dst):
+                    self.out.append(f"{self.label(n)} feeds {self.label(dst)}, not on {n.dst}")
+
+    def home_chain(self, home: str) -> None:
+        embeds, heads = self.on(Embed, None, home), self.on(LMHead, None, home)
+        if len(embeds) != 1 or len(heads) != 1:
+            self.out.append(f"home {home} needs one Embed and one LMHead, has {len(embeds)} "
+                            f"and {len(heads)}")
+            return
+        previous: Node = embeds[0]
+        for layer, layer_spec in enumerate(self.spec.layers):
+            attn = self.on(Attention, layer, home)
+            firsts = [a for a in attn if a.part in ("full", "pre")]  # type: ignore[union-attr]
+            lasts = [a for a in attn if a.part in ("full", "post")]  # type: ignore[union-attr]
+            combines = self.on(Combine, layer, home)
+            if len(firsts) != 1 or len(lasts) != 1 or len(combines) != 1:
+                self.out.append(f"home {home} layer {layer}: expected one Attention and one "
+                                f"Combine, found {len(firsts)} and {len(combines)}")
+                return
+            first, last, combine = firsts[0], lasts[0], combines[0]
+            if previous not in self.sources(first):
+                self.out.append(f"{self.label(first)} does not read {self.label(previous)}")
+            if last not in self.sources(combine):
+                self.out.append(f"{self.label(combine)} does not read the residual from "
+                                f"{self.label(last)}")
+            if layer_spec.mlp == "dense":
+                if not any(isinstance(x, Expert) and x.kind == "dense"
+                           for x in self.sources(combine)):
+                    self.out.append(f"{self.label(combine)} reads no dense MLP")
+            else:
+                self.moe_layer(layer, home, last, combine)
+            previous = combine
+        if previous not in self.sources(heads[0]):
+            self.out.append(f"{self.label(heads[0])} does not read {self.label(previous)}")
+
+    def moe_layer(self, layer: int, home: str, last: Node, combine: Node) -> None:
+        gates = self.on(Gate, layer, home)
+        if len(gates) != 1:
+            self.out.append(f"home {home} layer {layer}: expected one Gate, found {len(gates)}")
+            return
+        gate = gates[0]
+        if last not in self.sources(gate):
+            self.out.append(f"{self.label(gate)} does not read {self.label(last)}")
+        experts = [n for n in self.nodes
+                   if isinstance(n, Expert) and n.kind == "routed" and n.layer == layer]
+        covered: dict[int, Node] = {}
+        for ex in experts:
+            for e in ex.experts:
+                if e in covered:
+                    self.out.append(f"expert {e} of layer {layer} is in both "
+                                    f"{self.label(covered[e])} and {self.label(ex)}")
+                covered[e] = ex
+                if self.graph.placement.owner(e) != ex.device:
+                    self.out.append(f"{self.label(ex)} computes expert {e}, owned by "
+                                    f"{self.graph.placement.owner(e)}")
+            if gate not in self.sources(ex):
+                self.out.append(f"{self.label(ex)} does not read {self.label(gate)}'s rows "
+                                f"(no dispatch from {home})")
+        missing = sorted(set(range(self.spec.moe.num_experts)) - set(covered))
+        if missing:
+            self.out.append(f"layer {layer}: experts {missing[:8]} are computed by no Expert")
+        inputs = self.sources(combine)
+        if gate not in inputs:
+            self.out.append(f"{self.label(combine)} does not read {self.label(gate)} (row order)")
+        for ex in experts:
+            if ex not in inputs:
+                self.out.append(f"{self.label(combine)} does not read {self.label(ex)}'s output")
+        if self.spec.moe.shared_intermediate_size and not any(
+                isinstance(x, Expert) and x.kind == "shared" for x in inputs):
+            self.out.append(f"{self.label(combine)} reads no shared expert")

@@ -1,0 +1,159 @@
+"""Hardware for the cost model: a roofline per device, links between devices and to the host.
+
+Presets carry figures from the vendors' data sheets (dense tensor-core FLOP/s, no
+sparsity; HBM/GDDR bandwidth; NVLink per direction = the data sheet's total / 2). Names:
+`t4 l4 a100-80g h100 h800 h200`, each alone or as an 8-GPU node (`h100x8`). A JSON file
+written by `moeflow calibrate` describes the local CPU the same way.
+
+    moeflow.scheduler.hardware.load("h100x8")
+    moeflow.scheduler.hardware.load("calibration.json")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+GB = 1e9
+TERA = 1e12
+
+
+class HardwareError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One device's roofline.
+
+    peak_flops        dense FLOP/s per dtype ("bfloat16", "float16", "float32", ...)
+    mem_bandwidth     bytes/s its weights and activations stream at
+    memory            bytes of device memory
+    launch_overhead   seconds per kernel launch (GPU) or per op dispatch (CPU)
+    gemm_half_rows    rows sharing a weight at which a GEMM reaches half its peak: the
+                      efficiency of a GEMM with m rows is m / (m + gemm_half_rows)
+    """
+
+    name: str
+    kind: Literal["gpu", "cpu"]
+    peak_flops: dict[str, float]
+    mem_bandwidth: float
+    memory: float
+    launch_overhead: float = 4e-6
+    gemm_half_rows: float = 32.0
+
+    def __post_init__(self) -> None:
+        if self.mem_bandwidth <= 0 or self.memory <= 0:
+            raise HardwareError(f"{self.name}: bandwidth and memory must be > 0")
+        if not self.peak_flops or min(self.peak_flops.values()) <= 0:
+            raise HardwareError(f"{self.name}: peak_flops needs positive entries")
+        if self.launch_overhead < 0 or self.gemm_half_rows < 0:
+            raise HardwareError(f"{self.name}: overheads must be >= 0")
+
+    def flops_for(self, dtype: str) -> float:
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        if dtype == "bfloat16" and "float16" in self.peak_flops:
+            return self.peak_flops["float16"]  # e.g. T4: no bf16 tensor cores; runs fp16
+        raise HardwareError(f"{self.name} has no peak FLOP/s for {dtype}; known: "
+                            f"{', '.join(sorted(self.peak_flops))}")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSpec:
+    """A link: bytes/s in each direction, and a fixed latency per message."""
+
+    bandwidth: float
+    latency: float = 5e-6
+
+    def time(self, num_bytes: float) -> float:
+        return 0.0 if num_bytes <= 0 else self.latency + num_bytes / self.bandwidth
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    name: str
+    device: DeviceSpec
+    num_devices: int
+    link: LinkSpec  # device <-> device
+    host_link: LinkSpec  # host memory <-> device
+    host_memory: float = 512 * GB
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_devices < 1:
+            raise HardwareError(f"{self.name}: num_devices must be >= 1")
+
+    def device_names(self) -> tuple[str, ...]:
+        prefix = "cuda" if self.device.kind == "gpu" else "cpu"
+        return tuple(f"{prefix}:{i}" for i in range(self.num_devices))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], source: str = "hardware") -> Hardware:
+        try:
+            return Hardware(
+                name=data["name"], device=DeviceSpec(**data["device"]),
+                num_devices=int(data["num_devices"]), link=LinkSpec(**data["link"]),
+                host_link=LinkSpec(**data["host_link"]),
+                host_memory=float(data.get("host_memory", 512 * GB)),
+                notes=data.get("notes", ""))
+        except (KeyError, TypeError) as exc:
+            raise HardwareError(f"{source}: not a hardware description ({exc})") from None
+
+
+def _gpu(name: str, bf16: float, fp32: float, bandwidth_gb: float, memory_gb: float,
+         fp8: float | None = None) -> DeviceSpec:
+    flops = {"bfloat16": bf16 * TERA, "float16": bf16 * TERA, "float32": fp32 * TERA}
+    if fp8:
+        flops["float8"] = fp8 * TERA
+    return DeviceSpec(name, "gpu", flops, bandwidth_gb * GB, memory_gb * GB)
+
+
+# Data sheet figures. NVLink: total bidirectional / 2 per direction. PCIe: x16 per direction.
+_T4 = DeviceSpec("T4", "gpu", {"float16": 65 * TERA, "float32": 8.1 * TERA}, 320 * GB, 16 * GB)
+_DEVICES = {
+    "t4": (_T4, LinkSpec(15.75 * GB, 10e-6), LinkSpec(15.75 * GB, 10e-6), "PCIe Gen3 x16"),
+    "l4": (_gpu("L4", 121, 30.3, 300, 24, fp8=242),
+           LinkSpec(31.5 * GB, 10e-6), LinkSpec(31.5 * GB, 10e-6), "PCIe Gen4 x16"),
+    "a100-80g": (_gpu("A100-SXM4-80GB", 312, 19.5, 2039, 80),
+                 LinkSpec(300 * GB, 3e-6), LinkSpec(31.5 * GB, 10e-6), "NVLink3 600 GB/s"),
+    "h100": (_gpu("H100-SXM5-80GB", 989.5, 67, 3350, 80, fp8=1979),
+             LinkSpec(450 * GB, 3e-6), LinkSpec(63 * GB, 10e-6), "NVLink4 900 GB/s"),
+    "h800": (_gpu("H800-SXM5-80GB", 989.5, 67, 3350, 80, fp8=1979),
+             LinkSpec(200 * GB, 3e-6), LinkSpec(63 * GB, 10e-6), "NVLink 400 GB/s"),
+    "h200": (_gpu("H200-SXM-141GB", 989.5, 67, 4800, 141, fp8=1979),
+             LinkSpec(450 * GB, 3e-6), LinkSpec(63 * GB, 10e-6), "NVLink4 900 GB/s"),
+}
+
+
+def presets() -> dict[str, Hardware]:
+    out = {}
+    for key, (device, link, host, notes) in _DEVICES.items():
+        for n in (1, 8):
+            name = key if n == 1 else f"{key}x8"
+            out[name] = Hardware(name, device, n, link, host, 2048 * GB if n == 8 else 512 * GB,
+                                 notes)
+    return out
+
+
+def load(name_or_path: str) -> Hardware:
+    """A preset by name, or a JSON file (as `moeflow calibrate` writes)."""
+    table = presets()
+    if name_or_path in table:
+        return table[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise HardwareError(f"{path}: file not found") from None
+        except json.JSONDecodeError as exc:
+            raise HardwareError(f"{path}: not valid JSON ({exc})") from None
+        return Hardware.from_dict(data, str(path))
+    raise HardwareError(f"unknown hardware {name_or_path!r}; presets: "
+                        f"{', '.join(sorted(table))}, or a calibration .json file")

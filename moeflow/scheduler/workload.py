@@ -1,0 +1,220 @@
+"""Workloads for the simulator: when requests arrive, how long they are, and where their
+tokens route.
+
+Arrivals       poisson:rate=R       exponential gaps, R requests/s
+               burst                everyone at time 0
+               trace:PATH           one JSON object per line: {"arrival": s, "prompt": n,
+                                    "output": n} (lengths optional: then drawn)
+Lengths        fixed:N | uniform:A-B | lognormal:MEAN,SIGMA (clipped to >= 1)
+Routing        uniform              each token picks top-k distinct experts uniformly
+               zipf:s=S             expert popularity ~ 1/rank^S (a fresh ranking per layer)
+               recorded:PATH        per-layer expert frequencies recorded from a real run
+               remote               adversarial: tokens only pick experts their home lacks
+
+Everything draws from one seeded random.Random, so a workload replays exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeflow.dataflow.graph import Placement
+
+
+class WorkloadError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SimRequest:
+    arrival: float
+    prompt: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lengths:
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @staticmethod
+    def parse(text: str) -> Lengths:
+        kind, _, arg = text.partition(":")
+        try:
+            if kind == "fixed":
+                return Lengths("fixed", int(arg))
+            if kind == "uniform":
+                lo, hi = arg.split("-")
+                if int(lo) > int(hi):
+                    raise ValueError
+                return Lengths("uniform", int(lo), int(hi))
+            if kind == "lognormal":
+                mean, sigma = arg.split(",")
+                return Lengths("lognormal", float(mean), float(sigma))
+        except ValueError:
+            pass
+        raise WorkloadError(f"bad length distribution {text!r}: expected fixed:N, "
+                            f"uniform:A-B or lognormal:MEAN,SIGMA")
+
+    def draw(self, rng: random.Random) -> int:
+        if self.kind == "fixed":
+            value = self.a
+        elif self.kind == "uniform":
+            value = rng.randint(int(self.a), int(self.b))
+        else:  # lognormal with the given mean of the length
+            sigma = self.b
+            value = rng.lognormvariate(math.log(self.a) - sigma * sigma / 2, sigma)
+        return max(1, int(round(value)))
+
+
+def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
+             seed: int = 0) -> list[SimRequest]:
+    """The requests of a workload, sorted by arrival."""
+    rng = random.Random(seed)
+    kind, _, args = arrivals.partition(":")
+    if kind == "trace":
+        return _trace(Path(args), prompt, output, rng, num_requests)
+    if num_requests < 1:
+        raise WorkloadError("the workload needs at least one request")
+    if kind == "burst":
+        times = [0.0] * num_requests
+    elif kind == "poisson":
+        params = dict(p.split("=", 1) for p in args.split(",") if "=" in p)
+        try:
+            rate = float(params["rate"])
+        except (KeyError, ValueError):
+            raise WorkloadError(f"poisson arrivals need rate=R, got {arrivals!r}") from None
+        if rate <= 0:
+            raise WorkloadError(f"poisson rate must be > 0, got {rate}")
+        t, times = 0.0, []
+        for _ in range(num_requests):
+            t += rng.expovariate(rate)
+            times.append(t)
+    else:
+        raise WorkloadError(f"unknown arrivals {arrivals!r}: expected poisson:rate=R, burst "
+                            f"or trace:PATH")
+    return [SimRequest(t, prompt.draw(rng), output.draw(rng)) for t in times]
+
+
+def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
+           limit: int) -> list[SimRequest]:
+    out = []
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise WorkloadError(f"{path}: file not found") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(SimRequest(float(row["arrival"]), int(row.get("prompt") or prompt.draw(rng)),
+                                  int(row.get("output") or output.draw(rng))))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise WorkloadError(f"{path}:{n}: bad trace line ({exc})") from None
+    out.sort(key=lambda r: r.arrival)
+    return out[:limit] if limit > 0 else out
+
+
+class Routing:
+    """Draws per-expert row counts for a gate over `num_tokens` tokens."""
+
+    def __init__(self, kind: str, num_experts: int, top_k: int, num_layers: int,
+                 seed: int = 0, zipf_s: float = 1.0,
+                 frequencies: dict[int, list[float]] | None = None) -> None:
+        self.kind = kind
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.rng = random.Random(seed)
+        self.weights: dict[int, list[float]] = {}
+        for layer in range(num_layers):
+            if kind == "zipf":
+                ranks = list(range(1, num_experts + 1))
+                self.rng.shuffle(ranks)
+                self.weights[layer] = [r ** -zipf_s for r in ranks]
+            elif kind == "recorded":
+                assert frequencies is not None
+                freq = frequencies.get(layer) or [1.0] * num_experts
+                self.weights[layer] = [max(f, 1e-9) for f in freq]
+            else:
+                self.weights[layer] = [1.0] * num_experts
+
+    @staticmethod
+    def parse(text: str, num_experts: int, top_k: int, num_layers: int,
+              seed: int = 0) -> Routing:
+        kind, _, arg = text.partition(":")
+        if kind in ("uniform", "remote"):
+            return Routing(kind, num_experts, top_k, num_layers, seed)
+        if kind == "zipf":
+            params = dict(p.split("=", 1) for p in arg.split(",") if "=" in p)
+            return Routing("zipf", num_experts, top_k, num_layers, seed,
+                           zipf_s=float(params.get("s", 1.0)))
+        if kind == "recorded":
+            return Routing("recorded", num_experts, top_k, num_layers, seed,
+                           frequencies=load_recording(Path(arg), num_experts))
+        raise WorkloadError(f"unknown routing {text!r}: expected uniform, zipf:s=S, "
+                            f"recorded:PATH or remote")
+
+    def counts(self, layer: int, num_tokens: int, home: str | None = None,
+               placement: Placement | None = None) -> tuple[int, ...]:
+        """Rows per expert when `num_tokens` tokens of `home` each pick top-k experts."""
+        weights = list(self.weights.get(layer, [1.0] * self.num_experts))
+        if self.kind == "remote" and home is not None and placement is not None:
+            local = set(placement.experts_of(home)) if home in placement.devices else set()
+            if len(local) <= self.num_experts - self.top_k:
+                weights = [0.0 if e in local else w for e, w in enumerate(weights)]
+        counts = [0] * self.num_experts
+        if num_tokens <= 64:  # exact: distinct experts per token, weighted without replacement
+            for _ in range(num_tokens):
+                keys = [(self.rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
+                        for e, w in enumerate(weights)]
+                for _, e in sorted(keys, reverse=True)[: self.top_k]:
+                    counts[e] += 1
+            return tuple(counts)
+        return self._approximate(weights, num_tokens)
+
+    def _approximate(self, weights: Sequence[float], num_tokens: int) -> tuple[int, ...]:
+        """Many tokens: each expert's count is near T*k*p (capped at T), drawn from a normal
+        approximation and rounded so the counts sum to exactly T*k."""
+        total = num_tokens * self.top_k
+        wsum = sum(weights)
+        probs = [min(w / wsum, 1.0 / self.top_k) for w in weights]
+        scale = sum(probs)
+        probs = [p / scale for p in probs]
+        raw = [max(0.0, total * p + math.sqrt(total * p * (1 - p)) * self.rng.gauss(0, 1))
+               for p in probs]
+        norm = total / (sum(raw) or 1.0)
+        counts = [min(num_tokens, int(r * norm)) for r in raw]
+        short = total - sum(counts)
+        order = sorted(range(len(counts)), key=lambda e: -probs[e])
+        i = 0
+        while short > 0 and i < 10 * len(order):
+            e = order[i % len(order)]
+            if counts[e] < num_tokens and probs[e] > 0:
+                counts[e] += 1
+                short -= 1
+            i += 1
+        return tuple(counts)
+
+
+def load_recording(path: Path, num_experts: int) -> dict[int, list[float]]:
+    """{"layers": {"0": [count per expert], ...}} as `moeflow generate --record-routing`
+    writes it."""
+    try:
+        data = json.loads(path.read_text())
+        layers = {int(k): [float(x) for x in v] for k, v in data["layers"].items()}
+    except FileNotFoundError:
+        raise WorkloadError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise WorkloadError(f"{path}: not a routing recording ({exc})") from None
+    for layer, counts in layers.items():
+        if len(counts) != num_experts:
+            raise WorkloadError(f"{path}: layer {layer} has {len(counts)} experts, the model "
+                                f"{num_experts}")
+    return layers
