@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from moeflow.models.checkpoint import CheckpointError
 from moeflow.models.families import FAMILIES, ConfigError
 from moeflow.models.tokenizer import TokenizerError
+from moeflow.scheduler.registry import UnknownScheduler
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, ConfigError, TokenizerError, ValueError, KeyError, FileNotFoundError)
+    CheckpointError, ConfigError, TokenizerError, UnknownScheduler, ValueError, KeyError,
+    FileNotFoundError)
 
 
 def _token_ids(text: str) -> list[int]:
