@@ -34,6 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
+	$(BIN)/python benchmarks/calibration.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict moeflow/scheduler moeflow/dataflow

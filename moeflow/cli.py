@@ -4,6 +4,9 @@
     moeflow generate MODEL_DIR (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                      [--devices cpu:0,cpu:1] [--dtype auto] [--json] [--stats]
     moeflow graph MODEL_DIR --out FILE.{dot,html} [--layer N] [--devices ...]
+    moeflow simulate --model NAME|DIR --hardware NAME|FILE --scheduler NAME
+                     --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
+    moeflow calibrate --out cpu.json
 
 Errors in what the user gave (a bad checkpoint, a bad flag value) print one line and exit 2.
 """
@@ -89,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--devices", default="cpu:0")
     graph.add_argument("--prompt-len", type=_positive, default=8,
                        help="tokens in the drawn unit (one sequence per device)")
+    sim = sub.add_parser("simulate", help="simulate serving at any scale with a cost model")
+    sim.add_argument("--model", required=True,
+                     help="a preset (mixtral-8x7b, deepseek-v2, ...) or a checkpoint directory")
+    sim.add_argument("--hardware", required=True,
+                     help="a preset (h100x8, a100-80g, t4, ...) or a `moeflow calibrate` file")
+    sim.add_argument("--scheduler", default="batch-ep")
+    sim.add_argument("--workload", default="poisson:rate=10",
+                     help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
+    sim.add_argument("--num-requests", type=_positive, default=200)
+    sim.add_argument("--prompt-len", default="uniform:128-512",
+                     help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
+    sim.add_argument("--output-len", default="uniform:32-256")
+    sim.add_argument("--routing", default="uniform",
+                     help="uniform, zipf:s=S, recorded:FILE or remote")
+    sim.add_argument("--dtype", default=None, help="default: the model's own")
+    sim.add_argument("--max-batch-tokens", type=_positive, default=8192)
+    sim.add_argument("--max-seqs", type=_positive, default=256)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--trace", help="write the trace: .json (Perfetto) or .html (timeline)")
+    sim.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
+
+    cal = sub.add_parser("calibrate", help="measure this machine's CPU for the simulator")
+    cal.add_argument("--out", required=True, help="hardware description to write (.json)")
+    cal.add_argument("--quick", action="store_true", help="fewer repetitions")
     return parser
 
 
@@ -162,7 +189,58 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"make-tiny": cmd_make_tiny, "generate": cmd_generate, "graph": cmd_graph}
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from moeflow.progress import Progress
+    from moeflow.scheduler import hardware, models
+    from moeflow.scheduler.registry import make_scheduler
+    from moeflow.scheduler.simulator import Simulator
+    from moeflow.scheduler.trace import write as write_trace
+    from moeflow.scheduler.workload import Lengths, Routing, requests
+
+    spec = models.load(args.model)
+    hw = hardware.load(args.hardware)
+    routing = Routing.parse(args.routing, spec.moe.num_experts, spec.moe.top_k,
+                            spec.num_layers, seed=args.seed)
+    reqs = requests(args.workload, args.num_requests, Lengths.parse(args.prompt_len),
+                    Lengths.parse(args.output_len), seed=args.seed)
+    sim = Simulator(spec, hw, make_scheduler(args.scheduler), routing, dtype=args.dtype,
+                    max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs)
+    bar = Progress(len(reqs), "simulating")
+    result = sim.run(reqs, progress=bar.update)
+    title = (f"{spec.name or spec.family} on {hw.name}, {args.scheduler}, {args.workload}, "
+             f"{len(reqs)} requests")
+    print(title)
+    print(result.metrics.table())
+    if args.trace:
+        write_trace(result, args.trace, title=title)
+        print(f"wrote {args.trace} ({len(result.trace)} events)")
+    if args.json_out:
+        from pathlib import Path
+
+        Path(args.json_out).write_text(json.dumps(
+            {"title": title, "metrics": asdict(result.metrics)}, indent=2, default=float))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from moeflow.ops.calibrate import calibrate
+
+    hw = calibrate(quick=args.quick, log=lambda msg: print(msg, file=sys.stderr))
+    from pathlib import Path
+
+    Path(args.out).write_text(hw.to_json() + "\n")
+    d = hw.device
+    print(f"wrote {args.out}: bf16 {d.peak_flops['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 "
+          f"{d.peak_flops['float32'] / 1e9:.0f} GFLOP/s, weights stream at "
+          f"{d.mem_bandwidth / 1e9:.1f} GB/s, {d.launch_overhead * 1e6:.1f} us per op, "
+          f"GEMM half-rate at {d.gemm_half_rows:.0f} rows")
+    return 0
+
+
+COMMANDS = {"make-tiny": cmd_make_tiny, "generate": cmd_generate, "graph": cmd_graph,
+            "simulate": cmd_simulate, "calibrate": cmd_calibrate}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,11 +4,16 @@ For every node, FLOPs and bytes moved come from the ModelSpec's shapes and the n
 counts (for routed experts and their transfers: the gate's per-expert row counts):
 
     duration = kernels * launch_overhead
-             + max(flops / (peak_flops * efficiency(rows)), bytes / mem_bandwidth)
+             + max(flops / (peak_flops * efficiency(rows)) + attention_flops / attention_peak,
+                   bytes / mem_bandwidth)
+             + activation_bytes / activation_bandwidth
     transfer = latency + bytes / link_bandwidth
 
-`efficiency(m) = m / (m + gemm_half_rows)` models how a GEMM with m rows per weight falls
-short of peak. Memory-bound decode is dominated by bytes; prefill by FLOPs.
+The max is the roofline of the node's matmuls (weights stream while tensor units work);
+elementwise passes over activations (gathers, SwiGLU, scaling, the KV cache) are separate
+kernels, so they add. `efficiency(m) = m / (m + gemm_half_rows)` models how a GEMM with m
+rows per weight falls short of peak, except up to `gemv_rows`, where a GEMV kernel is bound
+by bandwidth alone. Memory-bound decode is dominated by weight bytes; prefill by FLOPs.
 
 Pure: plain arithmetic on ModelSpec and Hardware.
 """
@@ -30,10 +35,12 @@ KERNELS = {Embed: 1, Attention: 12, Gate: 6, Expert: 5, Combine: 3, LMHead: 3, T
 
 @dataclass(frozen=True, slots=True)
 class NodeCost:
-    flops: float
-    bytes: float
+    flops: float  # in matmuls against weights
+    bytes: float  # weights (and, for transfers, the payload) moved
     rows: float  # rows sharing each weight in its GEMMs (for efficiency)
     kernels: int
+    activation_bytes: float = 0.0  # elementwise traffic over activations and the KV cache
+    attention_flops: float = 0.0  # in the attention kernel (scores and weighted values)
 
 
 class CostModel:
@@ -52,37 +59,41 @@ class CostModel:
         s, b, d = self.spec, self.b, self.spec.hidden_size
         kernels = KERNELS[type(node)]
         if isinstance(node, Embed):
-            return NodeCost(0, node.num_tokens * d * b * 2, node.num_tokens, kernels)
+            return NodeCost(0, 0, node.num_tokens, kernels, node.num_tokens * d * b * 2)
         if isinstance(node, Attention):
             return self._attention(graph, node)
         if isinstance(node, Gate):
-            e = s.moe.num_experts
-            t = node.num_tokens
-            return NodeCost(2 * t * d * e, (e * d + t * d) * b, t, kernels)
+            e, t = s.moe.num_experts, node.num_tokens
+            return NodeCost(2 * t * d * e, e * d * b, t, kernels, t * (d * b + 3 * e * 4))
         if isinstance(node, Expert):
             if node.kind != "routed":
                 params = s.dense_params() if node.kind == "dense" else s.shared_params()
+                width = params // (3 * d) if d else 0
                 t = node.num_tokens
-                return NodeCost(2 * t * params, params * b + 2 * t * d * b, t, kernels)
+                return NodeCost(2 * t * params, params * b, t, kernels,
+                                t * (2 * d + 6 * width) * b)
             total = sum(rows)
             active = sum(1 for r in rows if r)
             if total == 0:
                 return NodeCost(0, 0, 0, 0)
-            return NodeCost(2 * total * s.expert_params(),
-                            active * s.expert_params() * b + 2 * total * d * b,
-                            total / active, kernels)
+            f = s.moe.intermediate_size
+            # gather rows in, gate/up out and read back, SwiGLU, down out, scaled in place
+            return NodeCost(2 * total * s.expert_params(), active * s.expert_params() * b,
+                            total / active, kernels, total * (4 * d + 6 * f) * b)
         if isinstance(node, Transfer):
             return NodeCost(0, sum(rows) * d * b, 0, kernels if sum(rows) else 0)
         if isinstance(node, Combine):
-            return NodeCost(0, 4 * node.num_tokens * d * b, node.num_tokens, kernels)
+            t = node.num_tokens
+            return NodeCost(0, 0, t, kernels, (s.moe.top_k + 3) * t * d * b)
         if isinstance(node, LMHead):
             r = node.num_rows
             head = s.vocab_size * d
-            return NodeCost(2 * r * head, head * b + r * s.vocab_size * 4, max(r, 1), kernels)
+            return NodeCost(2 * r * head, head * b, max(r, 1), kernels,
+                            r * (2 * d * b + s.vocab_size * 4))
         raise TypeError(f"no cost for {node!r}")
 
     def _attention(self, graph: Graph, node: Attention) -> NodeCost:
-        s, b = self.spec, self.b
+        s, b, d = self.spec, self.b, self.spec.hidden_size
         a = s.attention
         t = node.num_tokens
         proj = s.attention_params()
@@ -90,29 +101,35 @@ class CostModel:
         context = 0
         for i in node.seqs:
             chunk = graph.unit.seqs[i]
-            end = chunk.start + chunk.num_tokens
             pairs += chunk.num_tokens * chunk.start + chunk.num_tokens * (chunk.num_tokens + 1) // 2
-            context += end
+            context += chunk.start + chunk.num_tokens
         head_flops = a.num_heads * (a.head_dim + (a.v_head_dim if a.kind == "mla" else a.head_dim))
-        flops = 2 * t * proj + 2 * pairs * head_flops
-        kv_bytes = context * a.cache_width * b  # read the cache (incl. the new tokens)
-        if a.kind == "mla":  # latent expanded per key: kv_b applied to the cached latents
+        flops = 2 * t * proj
+        if a.kind == "mla":  # latents expanded per key: kv_b applied to the cached latents
             flops += 2 * context * a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
-        return NodeCost(flops, proj * b + kv_bytes + 4 * t * s.hidden_size * b, t,
-                        KERNELS[Attention])
+        kv_bytes = context * a.cache_width * b  # the cache read (incl. the new tokens)
+        # norms, q/k/v, rope, cache write, output projection, residual, post norm
+        act = t * (10 * d + 2 * (a.q_width + 2 * a.kv_width)) * b
+        return NodeCost(flops, proj * b, t, KERNELS[Attention], act + kv_bytes,
+                        2 * pairs * head_flops)
 
     def duration(self, graph: Graph, node: Node, rows: Sequence[int] = ()) -> float:
         c = self.cost(graph, node, rows)
         if isinstance(node, Transfer):
-            link = self.hw.link if node.src != node.dst else None
-            return 0.0 if link is None else link.time(c.bytes)
+            return 0.0 if node.src == node.dst else self.hw.link.time(c.bytes)
         if c.kernels == 0:
             return 0.0
         dev = self.hw.device
-        efficiency = c.rows / (c.rows + dev.gemm_half_rows) if c.rows else 1.0
+        if c.rows <= dev.gemv_rows:
+            efficiency = 1.0
+        else:
+            efficiency = c.rows / (c.rows + dev.gemm_half_rows) if c.rows else 1.0
         compute = c.flops / (self.peak * max(efficiency, 1e-9))
+        if c.attention_flops:
+            compute += c.attention_flops / (dev.attention_flops or self.peak)
         memory = c.bytes / dev.mem_bandwidth
-        return c.kernels * dev.launch_overhead + max(compute, memory)
+        elementwise = c.activation_bytes / (dev.activation_bandwidth or dev.mem_bandwidth)
+        return c.kernels * dev.launch_overhead + max(compute, memory) + elementwise
 
     # -- memory --------------------------------------------------------------------
 

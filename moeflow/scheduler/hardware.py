@@ -34,6 +34,10 @@ class DeviceSpec:
     launch_overhead   seconds per kernel launch (GPU) or per op dispatch (CPU)
     gemm_half_rows    rows sharing a weight at which a GEMM reaches half its peak: the
                       efficiency of a GEMM with m rows is m / (m + gemm_half_rows)
+    gemv_rows         up to this many rows per weight a GEMM is a GEMV kernel that streams
+                      at mem_bandwidth whatever its FLOPs (0: none)
+    activation_bandwidth  bytes/s of elementwise passes over activations (0: mem_bandwidth)
+    attention_flops   FLOP/s of the attention kernel itself (0: peak)
     """
 
     name: str
@@ -43,6 +47,9 @@ class DeviceSpec:
     memory: float
     launch_overhead: float = 4e-6
     gemm_half_rows: float = 32.0
+    gemv_rows: float = 0.0
+    activation_bandwidth: float = 0.0
+    attention_flops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mem_bandwidth <= 0 or self.memory <= 0:

@@ -1,0 +1,21 @@
+"""`moeflow calibrate` measures this CPU into a hardware file the simulator takes."""
+
+from __future__ import annotations
+
+from moeflow.cli import main as cli_main
+from moeflow.scheduler import hardware
+
+
+def test_calibrate_writes_a_usable_hardware_file(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert cli_main(["calibrate", "--quick", "--out", str(out)]) == 0
+    hw = hardware.load(str(out))
+    d = hw.device
+    assert d.kind == "cpu" and hw.num_devices == 1
+    assert d.peak_flops["bfloat16"] > 1e9 and d.peak_flops["float32"] > 1e9
+    assert d.mem_bandwidth > 1e8 and d.activation_bandwidth > 1e8
+    assert 0 < d.launch_overhead < 1e-3 and d.gemm_half_rows > 0
+    assert "GFLOP/s" in capsys.readouterr().out
+    assert cli_main(["simulate", "--model", "olmoe-1b-7b", "--hardware", str(out),
+                     "--workload", "burst", "--num-requests", "1", "--prompt-len", "fixed:8",
+                     "--output-len", "fixed:2"]) == 0

@@ -1,0 +1,179 @@
+"""The simulator, its cost model, presets and workloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from moeflow.cli import main as cli_main
+from moeflow.scheduler import BatchEP, hardware, models
+from moeflow.scheduler.cost import CostModel
+from moeflow.scheduler.hardware import HardwareError
+from moeflow.scheduler.simulator import SimulationError, Simulator, percentile
+from moeflow.scheduler.workload import Lengths, Routing, SimRequest, WorkloadError, requests
+
+PUBLISHED = {  # (total, active) parameters in billions, from the models' own cards
+    "mixtral-8x7b": (46.7, 12.9), "mixtral-8x22b": (141, 39), "dbrx": (132, 36),
+    "deepseek-v2": (236, 21), "qwen3-30b-a3b": (30.5, 3.3), "olmoe-1b-7b": (6.9, 1.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_model_presets_have_their_published_sizes(name):
+    spec = models.load(name)
+    total, active = PUBLISHED[name]
+    assert spec.total_params() / 1e9 == pytest.approx(total, rel=0.03)
+    # active counts here include one embedding row, not the whole embedding table
+    embed = spec.vocab_size * spec.hidden_size / 1e9
+    assert spec.active_params_per_token() / 1e9 == pytest.approx(active, abs=embed + 0.3)
+
+
+def test_hardware_presets_and_files(tmp_path):
+    table = hardware.presets()
+    for name in ("t4", "l4", "a100-80g", "h100", "h800", "h200"):
+        assert table[name].num_devices == 1 and table[f"{name}x8"].num_devices == 8
+    assert table["h800"].link.bandwidth < table["h100"].link.bandwidth  # the export NVLink
+    assert table["t4"].device.flops_for("bfloat16") == 65e12  # runs fp16 tensor cores
+    path = tmp_path / "hw.json"
+    path.write_text(table["h100x8"].to_json())
+    assert hardware.load(str(path)) == table["h100x8"]
+    with pytest.raises(HardwareError, match="unknown hardware 'tpu'"):
+        hardware.load("tpu")
+    with pytest.raises(HardwareError, match="not a hardware description"):
+        (tmp_path / "bad.json").write_text("{}")
+        hardware.load(str(tmp_path / "bad.json"))
+
+
+def sim(model: str, hw, scheduler=None, routing: str = "uniform", **kw) -> Simulator:
+    spec = models.load(model)
+    r = Routing.parse(routing, spec.moe.num_experts, spec.moe.top_k, spec.num_layers, seed=0)
+    return Simulator(spec, hw if not isinstance(hw, str) else hardware.load(hw),
+                     scheduler or BatchEP(), r, **kw)
+
+
+@pytest.mark.parametrize("model", ["qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_batch1_decode_on_h100_is_the_bandwidth_roofline_plus_its_overheads(model):
+    """Without launch overhead, batch-1 decode takes active weight bytes / HBM bandwidth
+    (plus the KV cache and activations, a few percent); with it, that plus one launch per
+    kernel."""
+    h100 = hardware.load("h100")
+    free = dataclasses.replace(h100, device=dataclasses.replace(h100.device, launch_overhead=0))
+    s = sim(model, free)
+    floor = s.cost.decode_step_floor()
+    assert floor == pytest.approx(models.load(model).active_params_per_token() * 2 / 3.35e12)
+    tpot = s.run([SimRequest(0.0, 16, 33)]).timings[0].tpot
+    assert floor <= tpot <= 1.08 * floor
+    real = sim(model, h100)
+    trace = real.run([SimRequest(0.0, 16, 33)])
+    decode_kernels = sum(real.cost.cost(job.plan.graph, n, [1] * len(getattr(n, "experts", ())))
+                         .kernels for job in trace.jobs[-1:] for n in job.plan.graph.nodes)
+    expected = tpot + decode_kernels * h100.device.launch_overhead
+    assert trace.timings[0].tpot == pytest.approx(expected, rel=0.03)
+
+
+def test_a_model_too_big_for_the_hardware_is_refused():
+    with pytest.raises(SimulationError, match="mixtral-8x7b does not fit on h100"):
+        sim("mixtral-8x7b", "h100")
+
+
+def test_runs_are_deterministic_and_finish_every_request():
+    reqs = requests("poisson:rate=50", 12, Lengths.parse("uniform:32-128"),
+                    Lengths.parse("uniform:4-16"), seed=3)
+    a = sim("olmoe-1b-7b", "h100x8").run(reqs)
+    b = sim("olmoe-1b-7b", "h100x8").run(reqs)
+    assert a.metrics == b.metrics and len(a.timings) == 12
+    assert [t.output for t in a.timings] == [r.output for r in reqs]
+    assert all(t.first_token >= t.arrival and t.finish >= t.first_token for t in a.timings)
+    assert not a.memory_violations
+    # every node ran on its own lane, one at a time
+    for spans in a.stream_orders().values():
+        assert len(spans) == len(set(spans))
+
+
+def test_skewed_routing_loads_the_hot_experts_owner_more():
+    reqs = requests("burst", 8, Lengths.parse("fixed:256"), Lengths.parse("fixed:2"))
+    uniform = sim("olmoe-1b-7b", "h100x8").run(reqs).metrics.utilization
+    skewed = sim("olmoe-1b-7b", "h100x8", routing="zipf:s=2.0").run(reqs).metrics.utilization
+    spread = lambda u: max(u.values()) - min(v for k, v in u.items() if "compute" in k)  # noqa: E731
+    assert spread(skewed) > spread(uniform)
+
+
+def test_workloads_and_routing_models():
+    reqs = requests("poisson:rate=100", 2000, Lengths.parse("fixed:8"), Lengths.parse("fixed:4"))
+    gaps = [b.arrival - a.arrival for a, b in zip(reqs, reqs[1:])]
+    assert sum(gaps) / len(gaps) == pytest.approx(0.01, rel=0.1)
+    assert all(r.arrival == 0 for r in requests("burst", 3, Lengths.parse("fixed:1"),
+                                                Lengths.parse("fixed:1")))
+    lengths = [Lengths.parse("uniform:5-9").draw(__import__("random").Random(i)) for i in range(50)]
+    assert min(lengths) >= 5 and max(lengths) <= 9
+    for bad in ("poisson", "poisson:rate=-1", "gamma:rate=1"):
+        with pytest.raises(WorkloadError):
+            requests(bad, 3, Lengths.parse("fixed:1"), Lengths.parse("fixed:1"))
+    with pytest.raises(WorkloadError, match="bad length"):
+        Lengths.parse("uniform:9-5")
+    r = Routing.parse("uniform", 16, 4, 2, seed=0)
+    for tokens in (1, 10, 500):
+        counts = r.counts(0, tokens)
+        assert sum(counts) == 4 * tokens and max(counts) <= tokens
+    from moeflow.dataflow import Placement
+    remote = Routing.parse("remote", 8, 2, 1, seed=0)
+    placement = Placement.sharded(("a", "b"), 8)
+    counts = remote.counts(0, 20, "a", placement)
+    assert sum(counts[:4]) == 0 and sum(counts) == 40  # never the home's own experts
+
+
+def test_recorded_routing(tmp_path):
+    rec = tmp_path / "routing.json"
+    rec.write_text(json.dumps({"layers": {"0": [100, 0, 0, 1], "1": [1, 1, 1, 1]}}))
+    r = Routing.parse(f"recorded:{rec}", 4, 1, 2, seed=0)
+    counts = r.counts(0, 200)
+    assert counts[0] > 150 and counts[1] == counts[2] == 0
+    with pytest.raises(WorkloadError, match="layer 0 has 4 experts, the model 8"):
+        Routing.parse(f"recorded:{rec}", 8, 1, 2)
+
+
+def test_percentile():
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([7], 99) == 7
+
+
+def test_cost_model_prefill_is_compute_bound_and_decode_memory_bound():
+    from moeflow.dataflow import Placement, SeqChunk, Unit, compile
+
+    spec = models.load("mixtral-8x7b")
+    cost = CostModel(spec, hardware.load("h100x8"))
+    placement = Placement.sharded(hardware.load("h100x8").device_names(), 8)
+    for tokens, bound in ((4096, "compute"), (1, "memory")):
+        g = compile(spec, Unit((SeqChunk(0, 0, tokens, "cuda:0"),)), placement)
+        attn = g.nodes[1]
+        c = cost.cost(g, attn)
+        compute = c.flops / cost.peak
+        memory = c.bytes / cost.hw.device.mem_bandwidth
+        assert (compute > memory) == (bound == "compute")
+
+
+def test_simulate_cli_prints_metrics_and_writes_a_perfetto_trace(tmp_path, capsys):
+    trace = tmp_path / "out.json"
+    timeline = tmp_path / "out.html"
+    args = ["simulate", "--model", "olmoe-1b-7b", "--hardware", "a100-80gx8", "--scheduler",
+            "batch-ep", "--workload", "poisson:rate=20", "--num-requests", "4",
+            "--prompt-len", "fixed:64", "--output-len", "fixed:3"]
+    assert cli_main([*args, "--trace", str(trace), "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr()
+    assert "throughput" in out.out and "p99" in out.out and "simulating" in out.err
+    data = json.loads(trace.read_text())
+    events = data["traceEvents"]
+    lanes = {(e["pid"], e["tid"]) for e in events if e["ph"] == "X"}
+    process = {e["pid"]: e["args"]["name"] for e in events
+               if e["ph"] == "M" and e["name"] == "process_name"}
+    thread = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+              if e["ph"] == "M" and e["name"] == "thread_name"}
+    resources = {f"{process[p]}/{thread[(p, t)]}" for p, t in lanes}
+    # one lane per resource: every device's compute and send streams, each its own lane
+    assert len(resources) == len(lanes) == 16
+    assert {"cuda:0/compute", "cuda:7/send"} <= resources
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["num_requests"] == 4
+    assert cli_main([*args, "--trace", str(timeline)]) == 0
+    assert "<svg" in timeline.read_text()
+    assert cli_main(["simulate", "--model", "nope", "--hardware", "h100"]) == 2
