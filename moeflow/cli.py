@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default="batch-ep")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     gen.add_argument("--stats", action="store_true", help="print prefill and decode speed")
+    gen.add_argument("--record-routing", metavar="FILE",
+                     help="write rows per expert per layer (for simulate --routing recorded:FILE)")
 
     graph = sub.add_parser("graph", help="draw the dataflow graph of one forward pass")
     graph.add_argument("model_dir")
@@ -154,7 +156,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    llm = LLM(args.model_dir, devices=args.devices, dtype=args.dtype, scheduler=args.scheduler)
+    llm = LLM(args.model_dir, devices=args.devices, dtype=args.dtype, scheduler=args.scheduler,
+              record_routing=bool(args.record_routing))
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     [out] = llm.generate(prompt, sampling=params)
     if args.json:
@@ -163,6 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(args.prompt + out.text)
     else:
         print(out.text if llm.tokenizer else " ".join(map(str, out.token_ids)))
+    if args.record_routing:
+        from pathlib import Path
+
+        Path(args.record_routing).write_text(json.dumps(llm.routing_recording()) + "\n")
     if args.stats:
         print(f"prefill: {len(out.prompt_token_ids)} tokens in {out.ttft_s * 1e3:.1f} ms "
               f"({out.prefill_tokens_per_s:.0f} tok/s); decode: {len(out.token_ids)} tokens, "

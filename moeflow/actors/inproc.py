@@ -58,10 +58,13 @@ Observer = Callable[[Plan, int, Stream], None]
 class InProcessExecutor:
     """`observer(plan, node_id, stream)`, if given, is called as each node runs."""
 
-    def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None) -> None:
+    def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None,
+                 record_routing: bool = False) -> None:
         self.workers = workers
         self.observer = observer
         self._keys = itertools.count()
+        # layer -> rows routed to each expert, summed over every gate run (if recording)
+        self.routing: dict[int, list[int]] | None = {} if record_routing else None
 
     @property
     def kv_block_size(self) -> int:
@@ -130,9 +133,12 @@ class InProcessExecutor:
                 _collect(out, results[index])
             else:
                 store[node_id] = out
-            execution.finish((index, node_id),
-                             out.counts if isinstance(node, Gate) and isinstance(out, Routing)
-                             else None)
+            counts = out.counts if isinstance(node, Gate) and isinstance(out, Routing) else None
+            if counts is not None and self.routing is not None:
+                total = self.routing.setdefault(node.layer, [0] * len(counts))
+                for e, c in enumerate(counts):
+                    total[e] += c
+            execution.finish((index, node_id), counts)
         return results
 
     def release(self, home: str, seq_id: int) -> None:

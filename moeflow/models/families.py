@@ -50,7 +50,7 @@ class Fields:
             return default
         return value
 
-    def int(self, key: str, default: int | None = None, *, required: bool = False,
+    def integer(self, key: str, default: int | None = None, *, required: bool = False,
             minimum: int | None = None) -> int:
         value = self._get(key, default, required)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -59,10 +59,10 @@ class Fields:
             raise self.error(f"field {key!r} must be >= {minimum}, got {value}")
         return value
 
-    def opt_int(self, key: str) -> int | None:
-        return None if self.data.get(key) is None else self.int(key)
+    def opt_integer(self, key: str) -> int | None:
+        return None if self.data.get(key) is None else self.integer(key)
 
-    def float(self, key: str, default: float | None = None, *, required: bool = False) -> float:
+    def number(self, key: str, default: float | None = None, *, required: bool = False) -> float:
         value = self._get(key, default, required)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(f"field {key!r} must be a number, got {value!r}")
@@ -70,19 +70,19 @@ class Fields:
             raise self.error(f"field {key!r} must be finite, got {value!r}")
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self._get(key, default, False)
         if not isinstance(value, bool):
             raise self.error(f"field {key!r} must be true or false, got {value!r}")
         return value
 
-    def str(self, key: str, default: str) -> str:
+    def text(self, key: str, default: str) -> str:
         value = self._get(key, default, False)
         if not isinstance(value, str):
             raise self.error(f"field {key!r} must be a string, got {value!r}")
         return value
 
-    def int_list(self, key: str) -> list[int]:
+    def integers(self, key: str) -> list[int]:
         value = self._get(key, [], False)
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -111,7 +111,7 @@ def _rope(f: Fields, rotary_dim: int, default_theta: float, interleaved: bool) -
         theta_src, scaling = f.data, f.data.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
         raise f.error(f"field 'rope_scaling' must be an object, got {scaling!r}")
-    theta = Fields(theta_src, f.source).float("rope_theta", default_theta)
+    theta = Fields(theta_src, f.source).number("rope_theta", default_theta)
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind not in ("default", "linear", "yarn"):
         raise f.error(f"rope scaling type {kind!r} is not supported "
@@ -119,26 +119,26 @@ def _rope(f: Fields, rotary_dim: int, default_theta: float, interleaved: bool) -
     s = Fields(scaling, f.source)
     if kind == "default":
         return RopeSpec(theta=theta, rotary_dim=rotary_dim, interleaved=interleaved)
-    factor = s.float("factor", required=True)
+    factor = s.number("factor", required=True)
     if kind == "linear":
         return RopeSpec(theta=theta, rotary_dim=rotary_dim, interleaved=interleaved,
                         scaling="linear", factor=factor)
     return RopeSpec(
         theta=theta, rotary_dim=rotary_dim, interleaved=interleaved, scaling="yarn",
         factor=factor,
-        original_max_position=s.int("original_max_position_embeddings", required=True),
-        beta_fast=s.float("beta_fast", 32.0), beta_slow=s.float("beta_slow", 1.0),
-        mscale=s.float("mscale", 0.0), mscale_all_dim=s.float("mscale_all_dim", 0.0))
+        original_max_position=s.integer("original_max_position_embeddings", required=True),
+        beta_fast=s.number("beta_fast", 32.0), beta_slow=s.number("beta_slow", 1.0),
+        mscale=s.number("mscale", 0.0), mscale_all_dim=s.number("mscale_all_dim", 0.0))
 
 
 def _common(f: Fields) -> dict[str, Any]:
     return dict(
-        vocab_size=f.int("vocab_size", required=True, minimum=1),
-        hidden_size=f.int("hidden_size", required=True, minimum=1),
-        tie_word_embeddings=f.bool("tie_word_embeddings", False),
-        max_position_embeddings=f.int("max_position_embeddings", 4096, minimum=1),
+        vocab_size=f.integer("vocab_size", required=True, minimum=1),
+        hidden_size=f.integer("hidden_size", required=True, minimum=1),
+        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        max_position_embeddings=f.integer("max_position_embeddings", 4096, minimum=1),
         dtype=_dtype(f),
-        bos_token_id=f.opt_int("bos_token_id"),
+        bos_token_id=f.opt_integer("bos_token_id"),
         eos_token_ids=f.token_ids("eos_token_id"),
     )
 
@@ -151,17 +151,17 @@ def _dtype(f: Fields) -> str:
 
 
 def _check_act(f: Fields) -> None:
-    act = f.str("hidden_act", "silu")
+    act = f.text("hidden_act", "silu")
     if act != "silu":
         raise f.error(f"field 'hidden_act' must be 'silu' (SwiGLU experts), got {act!r}")
 
 
 def _gqa(f: Fields, *, qkv_bias: bool = False, o_bias: bool = False,
          qk_norm: str = "none", clip_qkv: float | None = None) -> AttentionSpec:
-    hidden = f.int("hidden_size", required=True, minimum=1)
-    heads = f.int("num_attention_heads", required=True, minimum=1)
-    kv_heads = f.int("num_key_value_heads", heads, minimum=1)
-    head_dim = f.int("head_dim", hidden // heads, minimum=1)
+    hidden = f.integer("hidden_size", required=True, minimum=1)
+    heads = f.integer("num_attention_heads", required=True, minimum=1)
+    kv_heads = f.integer("num_key_value_heads", heads, minimum=1)
+    head_dim = f.integer("head_dim", hidden // heads, minimum=1)
     return AttentionSpec(kind="gqa", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                          qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm,  # type: ignore[arg-type]
                          clip_qkv=clip_qkv)
@@ -220,24 +220,24 @@ class Mixtral(Family):
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
         attn = _gqa(f)
-        window = f.opt_int("sliding_window")
-        layers = f.int("num_hidden_layers", required=True, minimum=1)
+        window = f.opt_integer("sliding_window")
+        layers = f.integer("num_hidden_layers", required=True, minimum=1)
         moe = MoESpec(
-            num_experts=f.int("num_local_experts", f.opt_int("num_experts"), required=True),
-            top_k=f.int("num_experts_per_tok", 2),
-            intermediate_size=f.int("intermediate_size", required=True),
+            num_experts=f.integer("num_local_experts", f.opt_integer("num_experts"), required=True),
+            top_k=f.integer("num_experts_per_tok", 2),
+            intermediate_size=f.integer("intermediate_size", required=True),
             router="topk_softmax")
         return ModelSpec(
             family=self.model_type, attention=attn, moe=moe,
             rope=_rope(f, attn.head_dim, 1e6, interleaved=False),
             layers=tuple(LayerSpec("moe", window) for _ in range(layers)),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-5), **_common(f))
+            rms_norm_eps=f.number("rms_norm_eps", 1e-5), **_common(f))
 
 
 def _sparse_layers(f: Fields, num_experts: int) -> list[str]:
-    layers = f.int("num_hidden_layers", required=True, minimum=1)
-    step = f.int("decoder_sparse_step", 1, minimum=1)
-    dense_only = set(f.int_list("mlp_only_layers"))
+    layers = f.integer("num_hidden_layers", required=True, minimum=1)
+    step = f.integer("decoder_sparse_step", 1, minimum=1)
+    dense_only = set(f.integers("mlp_only_layers"))
     return ["moe" if i not in dense_only and num_experts > 0 and (i + 1) % step == 0
             else "dense" for i in range(layers)]
 
@@ -248,11 +248,11 @@ class Qwen2Moe(Family):
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
-        attn = _gqa(f, qkv_bias=f.bool("qkv_bias", True))
-        num_experts = f.int("num_experts", required=True, minimum=1)
+        attn = _gqa(f, qkv_bias=f.flag("qkv_bias", True))
+        num_experts = f.integer("num_experts", required=True, minimum=1)
         kinds = _sparse_layers(f, num_experts)
-        window = f.opt_int("sliding_window") if f.bool("use_sliding_window", False) else None
-        max_window_layers = f.int("max_window_layers", len(kinds))
+        window = f.opt_integer("sliding_window") if f.flag("use_sliding_window", False) else None
+        max_window_layers = f.integer("max_window_layers", len(kinds))
         layer_types = f.data.get("layer_types") or [
             "sliding_attention" if window and (i + 1) % 2 and i < max_window_layers
             else "full_attention" for i in range(len(kinds))]
@@ -260,18 +260,18 @@ class Qwen2Moe(Family):
             raise f.error(f"field 'layer_types' has {len(layer_types)} entries for "
                           f"{len(kinds)} layers")
         moe = MoESpec(
-            num_experts=num_experts, top_k=f.int("num_experts_per_tok", 4),
-            intermediate_size=f.int("moe_intermediate_size", required=True),
-            norm_topk_prob=f.bool("norm_topk_prob", False),
-            shared_intermediate_size=f.int("shared_expert_intermediate_size", 0, minimum=0),
-            shared_gate=f.int("shared_expert_intermediate_size", 0) > 0)
+            num_experts=num_experts, top_k=f.integer("num_experts_per_tok", 4),
+            intermediate_size=f.integer("moe_intermediate_size", required=True),
+            norm_topk_prob=f.flag("norm_topk_prob", False),
+            shared_intermediate_size=f.integer("shared_expert_intermediate_size", 0, minimum=0),
+            shared_gate=f.integer("shared_expert_intermediate_size", 0) > 0)
         return ModelSpec(
             family=self.model_type, attention=attn, moe=moe,
             rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
             layers=tuple(LayerSpec(k, window if t == "sliding_attention" else None)  # type: ignore[arg-type]
                          for k, t in zip(kinds, layer_types)),
-            dense_intermediate_size=f.int("intermediate_size", 0),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+            dense_intermediate_size=f.integer("intermediate_size", 0),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6), **_common(f))
 
 
 class Qwen3Moe(Family):
@@ -279,21 +279,21 @@ class Qwen3Moe(Family):
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
-        bias = f.bool("attention_bias", False)
+        bias = f.flag("attention_bias", False)
         attn = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head")
-        num_experts = f.int("num_experts", f.opt_int("num_local_experts"), required=True)
+        num_experts = f.integer("num_experts", f.opt_integer("num_local_experts"), required=True)
         kinds = _sparse_layers(f, num_experts)
-        window = f.opt_int("sliding_window") if f.bool("use_sliding_window", False) else None
+        window = f.opt_integer("sliding_window") if f.flag("use_sliding_window", False) else None
         moe = MoESpec(
-            num_experts=num_experts, top_k=f.int("num_experts_per_tok", 8),
-            intermediate_size=f.int("moe_intermediate_size", required=True),
-            norm_topk_prob=f.bool("norm_topk_prob", False))
+            num_experts=num_experts, top_k=f.integer("num_experts_per_tok", 8),
+            intermediate_size=f.integer("moe_intermediate_size", required=True),
+            norm_topk_prob=f.flag("norm_topk_prob", False))
         return ModelSpec(
             family=self.model_type, attention=attn, moe=moe,
             rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
             layers=tuple(LayerSpec(k, window) for k in kinds),  # type: ignore[arg-type]
-            dense_intermediate_size=f.int("intermediate_size", 0),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+            dense_intermediate_size=f.integer("intermediate_size", 0),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6), **_common(f))
 
 
 class Olmoe(Family):
@@ -301,25 +301,25 @@ class Olmoe(Family):
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
-        bias = f.bool("attention_bias", False)
+        bias = f.flag("attention_bias", False)
         clip = f.data.get("clip_qkv")
         attn = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="full",
-                    clip_qkv=None if clip is None else f.float("clip_qkv"))
-        hidden = f.int("hidden_size", required=True)
+                    clip_qkv=None if clip is None else f.number("clip_qkv"))
+        hidden = f.integer("hidden_size", required=True)
         if attn.head_dim * attn.num_heads != hidden:
             raise f.error(f"OLMoE needs head_dim * num_attention_heads == hidden_size, got "
                           f"{attn.head_dim} * {attn.num_heads} != {hidden}")
-        layers = f.int("num_hidden_layers", required=True, minimum=1)
+        layers = f.integer("num_hidden_layers", required=True, minimum=1)
         moe = MoESpec(
-            num_experts=f.int("num_experts", f.opt_int("num_local_experts"), required=True),
-            top_k=f.int("num_experts_per_tok", 8),
-            intermediate_size=f.int("intermediate_size", required=True),
-            norm_topk_prob=f.bool("norm_topk_prob", False))
+            num_experts=f.integer("num_experts", f.opt_integer("num_local_experts"), required=True),
+            top_k=f.integer("num_experts_per_tok", 8),
+            intermediate_size=f.integer("intermediate_size", required=True),
+            norm_topk_prob=f.flag("norm_topk_prob", False))
         return ModelSpec(
             family=self.model_type, attention=attn, moe=moe,
             rope=_rope(f, attn.head_dim, 10000.0, interleaved=False),
             layers=tuple(LayerSpec("moe") for _ in range(layers)),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-5), **_common(f))
+            rms_norm_eps=f.number("rms_norm_eps", 1e-5), **_common(f))
 
 
 class DeepseekV2(Family):
@@ -328,14 +328,14 @@ class DeepseekV2(Family):
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
-        if f.bool("attention_bias", False) or f.bool("mlp_bias", False):
+        if f.flag("attention_bias", False) or f.flag("mlp_bias", False):
             raise f.error("attention_bias / mlp_bias are not supported for deepseek_v2")
-        scoring = f.str("scoring_func", "softmax")
+        scoring = f.text("scoring_func", "softmax")
         if scoring != "softmax":
             raise f.error(f"field 'scoring_func' must be 'softmax' for deepseek_v2, got {scoring!r}")
-        heads = f.int("num_attention_heads", required=True, minimum=1)
-        nope = f.int("qk_nope_head_dim", 128, minimum=0)
-        rope_dim = f.int("qk_rope_head_dim", 64, minimum=2)
+        heads = f.integer("num_attention_heads", required=True, minimum=1)
+        nope = f.integer("qk_nope_head_dim", 128, minimum=0)
+        rope_dim = f.integer("qk_rope_head_dim", 64, minimum=2)
         rope = _rope(f, rope_dim, 10000.0, interleaved=True)
         scale = (nope + rope_dim) ** -0.5
         if rope.scaling == "yarn" and rope.mscale_all_dim:
@@ -343,35 +343,35 @@ class DeepseekV2(Family):
             scale *= m * m
         attn = AttentionSpec(
             kind="mla", num_heads=heads, num_kv_heads=heads, head_dim=nope + rope_dim,
-            q_lora_rank=f.opt_int("q_lora_rank"),
-            kv_lora_rank=f.int("kv_lora_rank", 512, minimum=1),
+            q_lora_rank=f.opt_integer("q_lora_rank"),
+            kv_lora_rank=f.integer("kv_lora_rank", 512, minimum=1),
             qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
-            v_head_dim=f.int("v_head_dim", 128, minimum=1), softmax_scale=scale)
-        method = f.str("topk_method", "greedy")
+            v_head_dim=f.integer("v_head_dim", 128, minimum=1), softmax_scale=scale)
+        method = f.text("topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
             raise f.error(f"field 'topk_method' must be 'greedy' or 'group_limited_greedy', "
                           f"got {method!r}")
-        num_experts = f.int("n_routed_experts", required=True, minimum=1)
-        layers = f.int("num_hidden_layers", required=True, minimum=1)
-        first_dense = f.int("first_k_dense_replace", 0, minimum=0)
-        freq = f.int("moe_layer_freq", 1, minimum=1)
+        num_experts = f.integer("n_routed_experts", required=True, minimum=1)
+        layers = f.integer("num_hidden_layers", required=True, minimum=1)
+        first_dense = f.integer("first_k_dense_replace", 0, minimum=0)
+        freq = f.integer("moe_layer_freq", 1, minimum=1)
         moe = MoESpec(
-            num_experts=num_experts, top_k=f.int("num_experts_per_tok", required=True),
-            intermediate_size=f.int("moe_intermediate_size", required=True),
+            num_experts=num_experts, top_k=f.integer("num_experts_per_tok", required=True),
+            intermediate_size=f.integer("moe_intermediate_size", required=True),
             router="group_limited" if method == "group_limited_greedy" else "softmax_topk",
-            norm_topk_prob=f.bool("norm_topk_prob", False),
-            routed_scaling_factor=f.float("routed_scaling_factor", 1.0),
-            num_groups=f.int("n_group", 1) if method == "group_limited_greedy" else 1,
-            topk_groups=f.int("topk_group", 1) if method == "group_limited_greedy" else 1,
+            norm_topk_prob=f.flag("norm_topk_prob", False),
+            routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
+            num_groups=f.integer("n_group", 1) if method == "group_limited_greedy" else 1,
+            topk_groups=f.integer("topk_group", 1) if method == "group_limited_greedy" else 1,
             router_fp32=True,
-            shared_intermediate_size=(f.int("moe_intermediate_size", required=True)
-                                      * f.int("n_shared_experts", 0, minimum=0)))
+            shared_intermediate_size=(f.integer("moe_intermediate_size", required=True)
+                                      * f.integer("n_shared_experts", 0, minimum=0)))
         kinds = ["moe" if i >= first_dense and i % freq == 0 else "dense" for i in range(layers)]
         return ModelSpec(
             family=self.model_type, attention=attn, moe=moe, rope=rope,
             layers=tuple(LayerSpec(k) for k in kinds),  # type: ignore[arg-type]
-            dense_intermediate_size=f.int("intermediate_size", 0),
-            rms_norm_eps=f.float("rms_norm_eps", 1e-6), **_common(f))
+            dense_intermediate_size=f.integer("intermediate_size", 0),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-6), **_common(f))
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:

@@ -223,7 +223,8 @@ class RequestBook:
             for s in self.running:
                 seq = self.seqs[s]
                 if not seq.in_flight and seq.num_computed % self.block_size == 0:
-                    need[seq.home] = need.get(seq.home, 0) + 1  # type: ignore[index]
+                    assert seq.home is not None  # a running sequence has a home
+                    need[seq.home] = need.get(seq.home, 0) + 1
             free = self.free_kv_blocks()
             if all(n <= free[d] for d, n in need.items()):
                 return

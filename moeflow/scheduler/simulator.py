@@ -351,12 +351,12 @@ class _Run:
         if isinstance(node, Expert) and node.kind == "routed":
             total = [0] * len(node.experts)
             for gate in self.layer_gates[plan_index][node.layer]:
-                counts = self.counts.get((plan_index, gate))
-                if counts is None:
+                drawn = self.counts.get((plan_index, gate))
+                if drawn is None:
                     raise SimulationError(f"{node_label(node)} started before gate {gate} of "
                                           f"its layer ran: the plan breaks precedence")
                 for j, e in enumerate(node.experts):
-                    total[j] += counts[e]
+                    total[j] += drawn[e]
             return total
         return []
 

@@ -60,7 +60,7 @@ class LLM:
     def __init__(self, model: str | Path, devices: str | Sequence[str] = "cpu:0",
                  dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
                  kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64) -> None:
+                 max_seqs: int = 64, record_routing: bool = False) -> None:
         self.model_dir = Path(model)
         self.spec = load_spec(self.model_dir)
         self.tokenizer = Tokenizer.load(self.model_dir)
@@ -69,7 +69,8 @@ class LLM:
         cluster = Cluster.sharded(self.devices, self.spec.moe.num_experts)
         workers = load_workers(self.model_dir, self.spec, cluster.placement, self.dtype,
                                kv_cache_tokens)
-        self.engine = EngineCore(self.spec, InProcessExecutor(workers),
+        self.executor = InProcessExecutor(workers, record_routing=record_routing)
+        self.engine = EngineCore(self.spec, self.executor,
                                  make_scheduler(scheduler), cluster, self.tokenizer,
                                  max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
 
@@ -96,6 +97,14 @@ class LLM:
         while self.engine.has_unfinished():
             self.engine.step()
         return [self._completion(self.engine.pop_finished(r.request_id)) for r in requests]
+
+    def routing_recording(self) -> dict[str, object]:
+        """Rows routed to each expert per layer so far (with `record_routing=True`), in the
+        form `moeflow simulate --routing recorded:FILE` reads."""
+        if self.executor.routing is None:
+            raise ValueError("routing is recorded only with LLM(..., record_routing=True)")
+        return {"model": self.spec.name, "family": self.spec.family,
+                "layers": {str(k): v for k, v in sorted(self.executor.routing.items())}}
 
     def _completion(self, req: Request) -> Completion:
         first = req.first_token_time if req.first_token_time is not None else req.finish_time

@@ -134,6 +134,21 @@ def test_recorded_routing(tmp_path):
         Routing.parse(f"recorded:{rec}", 8, 1, 2)
 
 
+def test_routing_recorded_from_a_real_run_drives_the_simulator(tiny_factory, tmp_path):
+    model = tiny_factory("olmoe")
+    rec = tmp_path / "routing.json"
+    assert cli_main(["generate", str(model), "--prompt-ids", ",".join(map(str, range(3, 40))),
+                     "--max-new-tokens", "4", "--record-routing", str(rec)]) == 0
+    data = json.loads(rec.read_text())
+    spec = models.load(str(model))
+    assert sorted(data["layers"]) == ["0", "1"]
+    # 37 prompt tokens + 3 decoded tokens fed back, top-2 each, in every layer
+    assert all(sum(c) == 40 * spec.moe.top_k for c in data["layers"].values())
+    assert cli_main(["simulate", "--model", str(model), "--hardware", "h100",
+                     "--routing", f"recorded:{rec}", "--num-requests", "2",
+                     "--prompt-len", "fixed:16", "--output-len", "fixed:2"]) == 0
+
+
 def test_percentile():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([7], 99) == 7
 
