@@ -1,25 +1,32 @@
-"""The in-process executor: every virtual device's DeviceWorker in this process, Plans run
-one node at a time through the shared execution semantics.
+"""The in-process transport: every actor's core in this process, messages handed over as
+objects (tensors by reference, nothing encoded). The embedded default, and the reference
+the other executors are checked against.
 
-This is the embedded default and the reference the other executors are checked against.
+Work runs one node at a time: deliver every queued message, then start what each actor's
+idle streams may start and run those nodes in turn, until the jobs asked for are done.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from moeflow.actors.worker import DeviceWorker, Logits, Routing
-from moeflow.dataflow.graph import Gate, LMHead, Placement, Transfer
+from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors
+from moeflow.actors.core import COORDINATOR, ActorCore, Outgoing
+from moeflow.actors.messages import (
+    Abort, NodeFailed, Release, RoutingCounts, RunUnit, UnitPart,
+)
+from moeflow.actors.worker import DeviceWorker
+from moeflow.dataflow.graph import Placement
 from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import WeightLoader
 from moeflow.scheduler.plan import Plan, Stream
-from moeflow.scheduler.semantics import Execution
+from moeflow.scheduler.semantics import SemanticsError
 
 
 def parse_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
@@ -37,34 +44,50 @@ def parse_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def load_worker(model_dir: str | Path, spec: ModelSpec, placement: Placement, device: str,
+                dtype: torch.dtype, kv_tokens: int, loader: WeightLoader | None = None,
+                dense: object | None = None) -> DeviceWorker:
+    """One device's worker: the dense weights (shared if given) and the experts it owns."""
+    loader = loader or WeightLoader(spec, Checkpoint(model_dir), dtype)
+    owned = placement.experts_of(device)
+    experts = {layer: loader.experts(layer, owned) for layer in spec.moe_layers} if owned else {}
+    return DeviceWorker(device, spec, dtype, dense or loader.dense(), experts,  # type: ignore[arg-type]
+                        kv_tokens)
+
+
 def load_workers(model_dir: str | Path, spec: ModelSpec, placement: Placement,
                  dtype: torch.dtype, kv_tokens: int) -> dict[str, DeviceWorker]:
     """One worker per placement device. Virtual devices in one process share the dense
     weights (one copy) and each stacks only the experts it owns."""
     loader = WeightLoader(spec, Checkpoint(model_dir), dtype)
     dense = loader.dense()
-    workers = {}
-    for device in placement.devices:
-        owned = placement.experts_of(device)
-        experts = {layer: loader.experts(layer, owned) for layer in spec.moe_layers} \
-            if owned else {}
-        workers[device] = DeviceWorker(device, spec, dtype, dense, experts, kv_tokens)
-    return workers
+    return {d: load_worker(model_dir, spec, placement, d, dtype, kv_tokens, loader, dense)
+            for d in placement.devices}
 
 
 Observer = Callable[[Plan, int, Stream], None]
 
 
+class DeadlockError(RuntimeError):
+    pass
+
+
 class InProcessExecutor:
-    """`observer(plan, node_id, stream)`, if given, is called as each node runs."""
+    """`observer(plan, node_id, stream)`, if given, is called as each node runs.
+    `want_logits` returns logits with every result (tests); `record_routing` sums the
+    rows routed to each expert per layer."""
 
     def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None,
-                 record_routing: bool = False) -> None:
+                 record_routing: bool = False, want_logits: bool = False) -> None:
         self.workers = workers
+        self.actors = {name: ActorCore(name, w) for name, w in workers.items()}
         self.observer = observer
-        self._keys = itertools.count()
-        # layer -> rows routed to each expert, summed over every gate run (if recording)
+        self.want_logits = want_logits
         self.routing: dict[int, list[int]] | None = {} if record_routing else None
+        self.tracker = JobTracker()
+        self.mail: deque[Outgoing] = deque()
+        self.done: list[JobResult] = []
+        self._ids = itertools.count(1 << 40)  # ids for ad-hoc runs, apart from the engine's
 
     @property
     def kv_block_size(self) -> int:
@@ -78,76 +101,98 @@ class InProcessExecutor:
         """Blocks each serving device could still hand out (for checks)."""
         return {d: w.kv.num_free_blocks for d, w in self.workers.items() if w.dense is not None}
 
-    def run(self, plan: Plan, token_ids: dict[int, list[int]]) -> dict[int, torch.Tensor]:
-        """Run one unit's plan. `token_ids` maps each unit sequence index to its new tokens.
-        Returns logits per unit sequence index ([rows, V], fp32)."""
-        return self.run_many([(plan, token_ids)])[0]
+    # -- jobs ----------------------------------------------------------------------
 
-    def run_many(self, jobs: list[tuple[Plan, dict[int, list[int]]]]
-                 ) -> list[dict[int, torch.Tensor]]:
-        """Run several units' plans together (their nodes interleave on shared streams)."""
-        keys = [next(self._keys) for _ in jobs]
-        begun: list[tuple[Any, DeviceWorker]] = []
+    def submit(self, job: JobSpec) -> None:
+        actors = plan_actors(job.plan)
+        unknown = actors - set(self.actors)
+        if unknown:
+            raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
+        self.tracker.start(job.job_id, actors)
+        msg = RunUnit(job.job_id, job.plan, job.tokens, job.sampling, self.want_logits)
+        for actor in sorted(actors):
+            self.mail.append(Outgoing(actor, msg))
+
+    def poll(self, timeout: float | None = None) -> list[JobResult]:
+        """Run until some submitted job finishes (or none is left); `timeout` is moot here,
+        since nothing runs concurrently."""
+        while not self.done and len(self.tracker):
+            if not self._deliver() and not self._run_ready():
+                raise DeadlockError(f"{len(self.tracker)} job(s) cannot progress")
+        done, self.done = self.done, []
+        return done
+
+    def run_many(self, jobs: list[JobSpec]) -> list[JobResult]:
+        for job in jobs:
+            self.submit(job)
+        results: dict[int, JobResult] = {}
+        while len(results) < len(jobs):
+            for r in self.poll():
+                results[r.job_id] = r
+        return [results[j.job_id] for j in jobs]
+
+    def run(self, plan: Plan, tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """Run one plan with no sampling and return its logits per unit seq index."""
+        want, self.want_logits = self.want_logits, True
         try:
-            for key, (plan, tokens) in zip(keys, jobs):
-                for home in plan.graph.unit.homes(plan.graph.placement.devices):
-                    worker = self.workers[home]
-                    worker.begin(key, plan.graph.unit, tokens)
-                    begun.append((key, worker))
-            results = self._execute(keys, [plan for plan, _ in jobs])
-        except BaseException:
-            for key, worker in begun:
-                worker.abort(key)
-            raise
-        for key, worker in begun:
-            worker.end(key)
-        return results
-
-    def _execute(self, keys: list[Any], plans: list[Plan]) -> list[dict[int, torch.Tensor]]:
-        execution = Execution(plans)
-        values: list[dict[int, Any]] = [{} for _ in plans]
-        uses: list[list[int]] = []
-        for p in plans:
-            count = [0] * len(p.graph.nodes)
-            for edge in p.graph.edges:
-                if edge.kind == "data":
-                    count[edge.src] += 1
-            uses.append(count)
-        results: list[dict[int, torch.Tensor]] = [{} for _ in plans]
-        for index, node_id in execution.run_in_order():
-            plan = plans[index]
-            graph = plan.graph
-            node = graph.nodes[node_id]
-            store = values[index]
-            inputs = [(graph.nodes[p], store[p]) for p in graph.inputs(node_id)]
-            stream = plan.assignment[node_id]
-            if self.observer is not None:
-                self.observer(plan, node_id, stream)
-            worker = self.workers[node.src if isinstance(node, Transfer) else stream.actor]
-            out = worker.run(keys[index], graph, node, inputs)
-            for p in graph.inputs(node_id):  # drop values nobody else will read
-                uses[index][p] -= 1
-                if uses[index][p] == 0:
-                    del store[p]
-            if isinstance(node, LMHead):
-                _collect(out, results[index])
-            else:
-                store[node_id] = out
-            counts = out.counts if isinstance(node, Gate) and isinstance(out, Routing) else None
-            if counts is not None and self.routing is not None:
-                total = self.routing.setdefault(node.layer, [0] * len(counts))
-                for e, c in enumerate(counts):
-                    total[e] += c
-            execution.finish((index, node_id), counts)
-        return results
+            [result] = self.run_many([JobSpec(next(self._ids), plan, tokens)])
+        finally:
+            self.want_logits = want
+        if result.error:
+            raise RuntimeError(result.error)
+        return result.logits
 
     def release(self, home: str, seq_id: int) -> None:
-        self.workers[home].release(seq_id)
+        self.actors[home].handle(Release((seq_id,)))
 
+    def close(self) -> None:
+        pass
 
-def _collect(out: Logits, into: dict[int, torch.Tensor]) -> None:
-    row = 0
-    for seq, n in zip(out.seqs, out.rows_per_seq):
-        if n:  # a prefill chunk that does not reach the prompt's end has no logits
-            into[seq] = out.values[row:row + n]
-        row += n
+    # -- the loop ------------------------------------------------------------------
+
+    def _deliver(self) -> bool:
+        delivered = False
+        while self.mail:
+            out = self.mail.popleft()
+            delivered = True
+            if out.to == COORDINATOR:
+                self._to_coordinator(out)
+            else:
+                self.mail.extend(self.actors[out.to].handle(out.msg))
+        return delivered
+
+    def _to_coordinator(self, out: Outgoing) -> None:
+        msg = out.msg
+        if isinstance(msg, UnitPart):
+            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits)
+            if result is not None:
+                self.done.append(result)
+        elif isinstance(msg, RoutingCounts) and self.routing is not None:
+            total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
+            for e, c in enumerate(msg.counts):
+                total[e] += c
+        elif isinstance(msg, NodeFailed):
+            result = self.tracker.fail(msg.unit_id, f"{msg.actor}: {msg.error}")
+            if result is not None:
+                self.done.append(result)
+                for actor in self.actors.values():
+                    actor.handle(Abort((msg.unit_id,)))
+
+    def _run_ready(self) -> bool:
+        ran = False
+        for actor in self.actors.values():
+            for task in actor.next_tasks():
+                actor.start(task)
+                if self.observer is not None:
+                    plan = actor.by_index[task[0]].msg.plan
+                    self.observer(plan, task[1], plan.assignment[task[1]])
+                try:
+                    value = actor.run(task)
+                except (SemanticsError, DeadlockError):
+                    raise
+                except Exception as exc:  # a failing op fails its unit, not the executor
+                    self.mail.extend(actor.fail(task, exc))
+                else:
+                    self.mail.extend(actor.finish(task, value))
+                ran = True
+        return ran

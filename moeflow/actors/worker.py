@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.actors.kvcache import PagedKVCache
+from moeflow.actors.messages import MessageError, Payload
 from moeflow.dataflow.graph import (
     Attention,
     Combine,
@@ -460,3 +461,35 @@ class DeviceWorker:
         x = rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
         rows_per_weight(x.shape[0])
         return Logits(node.seqs, tuple(rows_per_seq), F.linear(x, self.dense.lm_head).float())
+
+
+def to_payload(value: Any) -> Payload:
+    """A Transfer's value as a message payload (no copy)."""
+    if isinstance(value, Rows):
+        return Payload("rows", {"home": value.home, "start": value.start},
+                       (value.x, value.ends, value.weights))
+    if isinstance(value, Partial):
+        return Payload("partial", {"start": value.start}, (value.y,))
+    if isinstance(value, torch.Tensor):
+        return Payload("tensor", {}, (value,))
+    raise TypeError(f"cannot send a {type(value).__name__}")
+
+
+def from_payload(payload: Payload) -> Any:
+    """The value a Transfer carried, checked."""
+    t, meta = payload.tensors, payload.meta
+    try:
+        if payload.kind == "rows" and len(t) == 3:
+            x, ends, weights = t
+            if (x.dim() != 2 or ends.dtype != torch.int32 or weights.shape != (x.shape[0],)
+                    or (len(ends) and int(ends[-1]) != x.shape[0])):
+                raise MessageError(f"inconsistent rows: x {list(x.shape)}, ends "
+                                   f"{list(ends.shape)}, weights {list(weights.shape)}")
+            return Rows(str(meta["home"]), int(meta["start"]), x, ends, weights)
+        if payload.kind == "partial" and len(t) == 1 and t[0].dim() == 2:
+            return Partial(int(meta["start"]), t[0])
+        if payload.kind == "tensor" and len(t) == 1:
+            return t[0]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MessageError(f"bad {payload.kind} payload: {exc}") from None
+    raise MessageError(f"bad {payload.kind} payload with {len(t)} tensors")

@@ -13,13 +13,18 @@ from a cost model, and the actors run nodes on real streams. All of them call on
 `next_node`, `start` and `finish`, so they cannot disagree on what may run when.
 
 Tasks are named (plan index, node id).
+
+An actor runs the same semantics over whole plans but owns only its own streams: `add(plan,
+owns=...)` leaves other actors' nodes out of every stream, and `finish_external(task)`
+marks one of them done when its data or a notice arrives. A plan is done for such an
+Execution when all the nodes it owns are.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from moeflow.dataflow.graph import Gate
@@ -47,7 +52,8 @@ class _PlanState:
     plan: Plan
     waiting: list[int]  # unfinished predecessors per node
     done: list[bool]
-    streams: list[_StreamState]  # per node
+    streams: list[_StreamState | None]  # per node; None: another actor's node
+    num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
 
@@ -63,12 +69,15 @@ class Execution:
 
     # -- building ------------------------------------------------------------------
 
-    def add(self, plan: Plan) -> int:
-        """Admit a plan; its nodes join their streams after those already there."""
+    def add(self, plan: Plan, owns: Callable[[Stream], bool] | None = None) -> int:
+        """Admit a plan; its nodes join their streams after those already there. With
+        `owns`, only streams it accepts run here; the rest are finished externally."""
         index = len(self.plans)
         graph = plan.graph
         waiting = [len(graph.preds(i)) for i in range(len(graph.nodes))]
         for stream, rule in plan.rules:
+            if owns is not None and not owns(stream):
+                continue
             state = self.streams.get(stream)
             if state is None:
                 state = self.streams[stream] = _StreamState(stream, type(rule))
@@ -78,17 +87,21 @@ class Execution:
             if isinstance(rule, InOrder):
                 state.queue.extend((index, n) for n in rule.order)
             self._touched[stream] = None
-        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes),
-                                     [self.streams[s] for s in plan.assignment]))
+        streams = [self.streams[s] if owns is None or owns(s) else None
+                   for s in plan.assignment]
+        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes), streams,
+                                     sum(1 for s in streams if s is not None)))
         for node_id, n in enumerate(waiting):
-            if n == 0:
+            if n == 0 and streams[node_id] is not None:
                 self._make_ready((index, node_id))
         return index
 
     def _make_ready(self, task: Task) -> None:
-        self._ready.add(task)
         plan_state = self.plans[task[0]]
         state = plan_state.streams[task[1]]
+        if state is None:  # another actor's node: it finishes externally
+            return
+        self._ready.add(task)
         if state.rule_kind is ByPriority:
             heapq.heappush(state.heap, (plan_state.plan.priority[task[1]], task[0], task[1]))
         self._touched[state.stream] = None
@@ -134,11 +147,14 @@ class Execution:
 
     @property
     def done(self) -> bool:
-        return all(p.num_done == len(p.done) for p in self.plans)
+        return all(p.num_done == p.num_owned for p in self.plans)
 
     def plan_done(self, index: int) -> bool:
         p = self.plans[index]
-        return p.num_done == len(p.done)
+        return p.num_done == p.num_owned
+
+    def owns(self, task: Task) -> bool:
+        return self.plans[task[0]].streams[task[1]] is not None
 
     def counts(self, plan_index: int, layer: int) -> tuple[int, ...] | None:
         """Per-expert row counts of `layer` once a Gate of that layer has finished (summed
@@ -152,6 +168,8 @@ class Execution:
 
     def start(self, task: Task) -> None:
         state = self.plans[task[0]].streams[task[1]]
+        if state is None:
+            raise SemanticsError(f"task {task} belongs to another actor")
         if self._next(state) != task:
             raise SemanticsError(f"task {task} on {state.stream} is not the stream's next "
                                  f"(next is {self._next(state)}, busy {state.busy})")
@@ -168,13 +186,25 @@ class Execution:
         plan_index, node_id = task
         p = self.plans[plan_index]
         state = p.streams[node_id]
-        if state.busy != task:
-            raise SemanticsError(f"task {task} finished but {state.stream} is running "
-                                 f"{state.busy}")
+        if state is None or state.busy != task:
+            raise SemanticsError(f"task {task} finished but its stream is not running it")
         state.busy = None
         self._touched[state.stream] = None
-        p.done[node_id] = True
         p.num_done += 1
+        return self._complete(task, counts)
+
+    def finish_external(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
+        """Another actor's node is done (its data or a notice arrived)."""
+        if self.owns(task):
+            raise SemanticsError(f"task {task} runs here; it cannot finish externally")
+        if self.plans[task[0]].done[task[1]]:
+            raise SemanticsError(f"task {task} finished twice")
+        return self._complete(task, counts)
+
+    def _complete(self, task: Task, counts: tuple[int, ...] | None) -> list[Task]:
+        plan_index, node_id = task
+        p = self.plans[plan_index]
+        p.done[node_id] = True
         node = p.plan.graph.nodes[node_id]
         if isinstance(node, Gate) and counts is not None:
             prior = p.counts.get(node.layer)
@@ -209,4 +239,17 @@ class Execution:
                 raise SemanticsError(f"deadlock: nothing can run, {self._pending()} tasks left")
 
     def _pending(self) -> int:
-        return sum(len(p.done) - p.num_done for p in self.plans)
+        return sum(p.num_owned - p.num_done for p in self.plans)
+
+    def forget(self, index: int) -> None:
+        """Drop a plan's remaining nodes from every stream (an aborted unit)."""
+        p = self.plans[index]
+        for state in {id(s): s for s in p.streams if s is not None}.values():
+            if state.busy is not None and state.busy[0] == index:
+                state.busy = None
+            state.queue = deque(t for t in state.queue if t[0] != index)
+            state.heap = [h for h in state.heap if h[1] != index]
+            heapq.heapify(state.heap)
+            self._touched[state.stream] = None
+        self._ready = {t for t in self._ready if t[0] != index}
+        p.num_done = p.num_owned

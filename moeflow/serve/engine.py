@@ -1,13 +1,14 @@
 """EngineCore: requests in, tokens out.
 
     schedule() -> [Job]            units for idle requests, planned, KV reserved
-    run(jobs)  -> [(job, logits)]  the executor's part
-    complete(job, logits)          sample, check stops, free what finished
+    job_spec(job) -> JobSpec       what the executor runs: the plan, new token ids, sampling
+    complete(job, result)          take the sampled tokens, check stops, free what finished
 
 `step()` does the three in order for a synchronous caller (`moeflow.LLM`); an async caller
 (`moeflow.AsyncEngine`) schedules whenever work may start and completes each job as it
 finishes. Counting, admission and memory live in the pure `RequestBook` (shared with the
-simulator); this class adds what needs tokens: the ids themselves, sampling and stops.
+simulator); this class adds what needs tokens: the ids themselves and stops. Sampling
+happens where the logits are, on the actor that serves the request.
 """
 
 from __future__ import annotations
@@ -17,19 +18,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.scheduler.base import Cluster, Scheduler
-from moeflow.scheduler.plan import Plan
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
-from moeflow.serve.sampling import SamplingParams, make_generator, sample
+from moeflow.actors.cluster import JobResult, JobSpec
+from moeflow.serve.sampling import SamplingParams
 
 
 class Executor(Protocol):
-    def run_many(self, jobs: list[tuple[Plan, dict[int, list[int]]]]
-                 ) -> list[dict[int, torch.Tensor]]: ...
+    def run_many(self, jobs: list[JobSpec]) -> list[JobResult]: ...
 
     def release(self, home: str, seq_id: int) -> None: ...
 
@@ -50,7 +49,6 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut the text
-    generator: torch.Generator | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -106,8 +104,7 @@ class EngineCore:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id} is already in use")
         self._next_id = max(self._next_id, request_id + 1)
-        req = Request(request_id, list(prompt_ids), params, self.clock(),
-                      generator=make_generator(params))
+        req = Request(request_id, list(prompt_ids), params, self.clock())
         self.book.add(request_id, len(prompt_ids), params.max_new_tokens, req.arrival)
         self.requests[request_id] = req
         return req
@@ -142,22 +139,30 @@ class EngineCore:
                          "error: the prompt does not fit in the KV cache")
         return jobs
 
-    def tokens_of(self, job: Job) -> dict[int, list[int]]:
-        """Each unit sequence's new token ids."""
-        return {i: self.requests[c.seq_id].all_ids[c.start:c.start + c.num_tokens]
-                for i, c in enumerate(job.unit.seqs)}
+    def job_spec(self, job: Job) -> JobSpec:
+        """The executor's view of a job: each unit sequence's new token ids, and how to
+        sample each request."""
+        tokens = {i: self.requests[c.seq_id].all_ids[c.start:c.start + c.num_tokens]
+                  for i, c in enumerate(job.unit.seqs)}
+        sampling = {c.seq_id: _sampling(self.requests[c.seq_id].params)
+                    for c in job.unit.seqs if c.logits != "none"}
+        return JobSpec(job.job_id, job.plan, tokens, sampling)
 
     def step(self) -> list[TokenEvent]:
         jobs = self.schedule()
         if not jobs:
             return []
-        results = self.executor.run_many([(job.plan, self.tokens_of(job)) for job in jobs])
+        results = self.executor.run_many([self.job_spec(job) for job in jobs])
         events: list[TokenEvent] = []
-        for job, logits in zip(jobs, results):
-            events.extend(self.complete(job, logits))
+        for job, result in zip(jobs, results):
+            events.extend(self.complete(job, result))
         return events
 
-    def complete(self, job: Job, logits: dict[int, torch.Tensor]) -> list[TokenEvent]:
+    def complete(self, job: Job, result: JobResult) -> list[TokenEvent]:
+        for device in result.lost:
+            self.lose(device)
+        if result.error is not None:
+            return self.fail(job, f"error: {result.error}")
         done = self.book.complete(job)
         for home, seq_id in done.released:
             self.executor.release(home, seq_id)
@@ -166,7 +171,7 @@ class EngineCore:
         events = []
         for seq_id in done.sampled:
             req = self.requests[seq_id]
-            token = sample(logits[index[seq_id]][-1], req.params, req.generator)
+            token = result.tokens[index[seq_id]]
             req.output_ids.append(token)
             self.book.add_output(seq_id)
             if req.first_token_time is None:
@@ -189,6 +194,18 @@ class EngineCore:
             if req.finish_time is None:
                 req.finish_reason, req.finish_time = reason, now
                 events.append(TokenEvent(req.request_id, -1, True, reason))
+        return events
+
+    def lose(self, device: str) -> list[TokenEvent]:
+        """`device` lost its state (its actor restarted): fail the requests it served."""
+        events = []
+        for seq in list(self.book):
+            if seq.home == device and seq.status is SeqStatus.RUNNING and not seq.in_flight:
+                req = self.requests[seq.seq_id]
+                self.book.finish(seq.seq_id, "lost")
+                req.finish_reason = f"error: {device} restarted and lost this request's state"
+                req.finish_time = self.clock()
+                events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         return events
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
@@ -227,3 +244,9 @@ class EngineCore:
             return ""
         text = self.tokenizer.decode(req.output_ids)
         return text if req.stop_text_end is None else text[:req.stop_text_end]
+
+
+def _sampling(params: SamplingParams) -> dict[str, object]:
+    """The sampling fields an actor needs to draw a request's tokens."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "seed": params.seed}

@@ -210,13 +210,13 @@ def run_for_real(scheduler: Scheduler, case: Case, prompts: list[list[int]],
     class Recording(InProcessExecutor):
         def run_many(self, jobs):  # type: ignore[no-untyped-def]
             results = super().run_many(jobs)
-            for (plan, _), out in zip(jobs, results):
-                for i, chunk in enumerate(plan.graph.unit.seqs):
-                    if i in out:
-                        logits.setdefault(chunk.seq_id, []).append(out[i][-1].clone())
+            for job, result in zip(jobs, results):
+                for i, chunk in enumerate(job.plan.graph.unit.seqs):
+                    if i in result.logits:
+                        logits.setdefault(chunk.seq_id, []).append(result.logits[i][-1])
             return results
 
-    engine = EngineCore(spec, Recording(workers), scheduler,
+    engine = EngineCore(spec, Recording(workers, want_logits=True), scheduler,
                         Cluster(placement.devices, placement),
                         max_batch_tokens=case.workload.max_batch_tokens,
                         max_seqs=case.workload.max_seqs)

@@ -1,0 +1,245 @@
+"""ActorCore: the synchronous logic of one actor, whatever transport carries its messages.
+
+An actor owns one device's DeviceWorker (its weights, the KV cache of the requests it
+serves) and runs the one execution semantics over every unit's whole plan, starting only
+the nodes on its own streams:
+
+    handle(msg) -> [Outgoing]      RunUnit admits a unit; Data and Done finish another
+                                   actor's node here; Release / Abort free state
+    next_tasks() -> [Task]         what each of its idle streams would start now
+    run(task) -> value             run one node (the shell decides on which thread)
+    finish(task, value) -> [Outgoing]
+        A finished Transfer becomes a Data message to its destination actor; any other
+        node whose successor lives on another actor becomes a Done notice to it. A
+        finished LMHead is sampled for the requests this actor homes. When every node of a
+        unit that runs here is done, a UnitPart (token ids, no tensors unless asked) goes
+        to the coordinator.
+
+Messages for a unit that arrive before its RunUnit (a fast peer) wait until it does.
+Nothing here does I/O or knows about threads: the in-process transport calls it directly,
+the ZeroMQ actor process from its async shell.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeflow.actors.messages import (
+    Abort, Data, Done, Message, NodeFailed, Release, RoutingCounts, RunUnit, UnitPart,
+)
+from moeflow.actors.worker import DeviceWorker, Logits, Routing, from_payload, to_payload
+from moeflow.dataflow.graph import Gate, LMHead, Transfer
+from moeflow.scheduler.plan import Stream
+from moeflow.scheduler.semantics import Execution, Task
+from moeflow.serve.sampling import SamplingParams, make_generator, sample
+
+COORDINATOR = ""  # destination name of messages for the coordinator
+log = logging.getLogger("moeflow.actor")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    to: str  # an actor's name, or COORDINATOR
+    msg: Message
+
+
+@dataclass
+class _Unit:
+    unit_id: int
+    index: int  # the plan's index in the actor's Execution
+    msg: RunUnit
+    values: dict[int, Any] = field(default_factory=dict)
+    uses: list[int] = field(default_factory=list)
+    tokens: dict[int, int] = field(default_factory=dict)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    homed: bool = False
+
+
+class ActorCore:
+    def __init__(self, name: str, worker: DeviceWorker) -> None:
+        self.name = name
+        self.worker = worker
+        self.execution = Execution()
+        self.units: dict[int, _Unit] = {}
+        self.by_index: dict[int, _Unit] = {}
+        self.early: dict[int, list[Message]] = {}  # unit id -> messages before its RunUnit
+        self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
+
+    # -- messages ------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> list[Outgoing]:
+        if isinstance(msg, RunUnit):
+            return self._admit(msg)
+        if isinstance(msg, (Data, Done)):
+            unit = self.units.get(msg.unit_id)
+            if unit is None:
+                self.early.setdefault(msg.unit_id, []).append(msg)
+                return []
+            return self._arrive(unit, msg)
+        if isinstance(msg, Release):
+            for seq_id in msg.seq_ids:
+                self.worker.release(seq_id)
+                self.samplers.pop(seq_id, None)
+            return []
+        if isinstance(msg, Abort):
+            for unit_id in msg.unit_ids:
+                self.abort(unit_id)
+            return []
+        log.warning("%s: ignoring a %s message", self.name, type(msg).__name__)
+        return []
+
+    def owns(self, stream: Stream) -> bool:
+        return stream.actor == self.name
+
+    def _admit(self, msg: RunUnit) -> list[Outgoing]:
+        if msg.unit_id in self.units:
+            log.warning("%s: unit %d admitted twice; ignored", self.name, msg.unit_id)
+            return []
+        plan = msg.plan
+        unit_id = msg.unit_id
+        graph = plan.graph
+        homed = bool(graph.unit.seqs_on(self.name))
+        try:
+            if homed:
+                self.worker.begin(unit_id, graph.unit, msg.tokens)
+        except Exception as exc:
+            return [Outgoing(COORDINATOR, NodeFailed(unit_id, self.name, f"{exc}"))]
+        for seq_id, params in msg.sampling.items():
+            if seq_id not in self.samplers:
+                p = SamplingParams(**params)
+                self.samplers[seq_id] = (p, make_generator(p))
+        index = self.execution.add(plan, owns=self.owns)
+        uses = [0] * len(graph.nodes)
+        for edge in graph.edges:
+            if edge.kind == "data":
+                uses[edge.src] += 1
+        unit = _Unit(unit_id, index, msg, uses=uses, homed=homed)
+        self.units[unit_id] = unit
+        self.by_index[index] = unit
+        out: list[Outgoing] = []
+        for early in self.early.pop(unit_id, []):
+            out.extend(self._arrive(unit, early))
+        out.extend(self._maybe_done(unit))
+        return out
+
+    def _arrive(self, unit: _Unit, msg: Data | Done) -> list[Outgoing]:
+        task = (unit.index, msg.node_id)
+        graph = unit.msg.plan.graph
+        if not 0 <= msg.node_id < len(graph.nodes) or self.execution.owns(task):
+            log.warning("%s: unit %d has no remote node %d; dropped", self.name,
+                        unit.unit_id, msg.node_id)
+            return []
+        if isinstance(msg, Data):
+            unit.values[msg.node_id] = from_payload(msg.payload)
+        try:
+            self.execution.finish_external(task)
+        except Exception as exc:  # a duplicate notice, say: drop it
+            log.warning("%s: %s", self.name, exc)
+        return []
+
+    # -- running nodes -------------------------------------------------------------
+
+    def next_tasks(self) -> list[Task]:
+        return self.execution.startable()
+
+    def start(self, task: Task) -> None:
+        self.execution.start(task)
+
+    def node_inputs(self, task: Task) -> tuple[Any, list[tuple[Any, Any]]]:
+        unit = self.by_index[task[0]]
+        graph = unit.msg.plan.graph
+        node = graph.nodes[task[1]]
+        return node, [(graph.nodes[p], unit.values[p]) for p in graph.inputs(task[1])]
+
+    def run(self, task: Task) -> Any:
+        """Run one started node with real ops; returns its value."""
+        unit = self.by_index[task[0]]
+        node, inputs = self.node_inputs(task)
+        return self.worker.run(unit.unit_id, unit.msg.plan.graph, node, inputs)
+
+    def finish(self, task: Task, value: Any) -> list[Outgoing]:
+        unit = self.by_index.get(task[0])
+        if unit is None or unit.unit_id not in self.units:  # aborted while running
+            return []
+        graph = unit.msg.plan.graph
+        node = graph.nodes[task[1]]
+        out: list[Outgoing] = []
+        for p in graph.inputs(task[1]):
+            unit.uses[p] -= 1
+            if unit.uses[p] == 0:
+                unit.values.pop(p, None)
+        if isinstance(node, Transfer) and node.dst != self.name:
+            out.append(Outgoing(node.dst, Data(unit.unit_id, node.id, to_payload(value))))
+        elif isinstance(node, LMHead):
+            self._sample(unit, value)
+        else:
+            unit.values[node.id] = value
+        counts = value.counts if isinstance(node, Gate) and isinstance(value, Routing) else None
+        if counts is not None:
+            out.append(Outgoing(COORDINATOR, RoutingCounts(unit.unit_id, node.layer, counts)))
+        notified = {node.dst} if isinstance(node, Transfer) else set()
+        for succ in graph.succs(node.id):
+            actor = unit.msg.plan.assignment[succ].actor
+            if actor != self.name and actor not in notified:
+                notified.add(actor)
+                out.append(Outgoing(actor, Done(unit.unit_id, node.id)))
+        self.execution.finish(task, counts)
+        out.extend(self._maybe_done(unit))
+        return out
+
+    def fail(self, task: Task, error: BaseException) -> list[Outgoing]:
+        unit = self.by_index.get(task[0])
+        if unit is None or unit.unit_id not in self.units:
+            return []
+        log.error("%s: unit %d node %d failed: %r", self.name, unit.unit_id, task[1], error)
+        self.abort(unit.unit_id)
+        return [Outgoing(COORDINATOR, NodeFailed(unit.unit_id, self.name,
+                                                 f"{type(error).__name__}: {error}"))]
+
+    def _sample(self, unit: _Unit, logits: Logits) -> None:
+        row = 0
+        for seq, rows in zip(logits.seqs, logits.rows_per_seq):
+            if rows:
+                last = logits.values[row + rows - 1]
+                seq_id = unit.msg.plan.graph.unit.seqs[seq].seq_id
+                sampler = self.samplers.get(seq_id)
+                if sampler is not None:
+                    unit.tokens[seq] = sample(last, sampler[0], sampler[1])
+                if unit.msg.want_logits:
+                    unit.logits[seq] = logits.values[row:row + rows]
+            row += rows
+
+    def _maybe_done(self, unit: _Unit) -> list[Outgoing]:
+        if not self.execution.plan_done(unit.index):
+            return []
+        self._drop(unit)
+        return [Outgoing(COORDINATOR, UnitPart(unit.unit_id, self.name, unit.tokens,
+                                               unit.logits))]
+
+    def abort(self, unit_id: int) -> None:
+        unit = self.units.get(unit_id)
+        self.early.pop(unit_id, None)
+        if unit is None:
+            return
+        self.execution.forget(unit.index)
+        if unit.homed:
+            self.worker.abort(unit_id)
+        self._drop(unit)
+
+    def _drop(self, unit: _Unit) -> None:
+        self.units.pop(unit.unit_id, None)
+        self.by_index.pop(unit.index, None)
+        if unit.homed:
+            self.worker.end(unit.unit_id)
+
+    @property
+    def idle(self) -> bool:
+        return not self.units
+
+    def involved(self, plan_actors: Iterable[str]) -> bool:
+        return self.name in plan_actors

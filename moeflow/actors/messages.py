@@ -1,0 +1,361 @@
+"""Every message the runtime sends, and its wire format.
+
+A message is a frozen dataclass. On ZeroMQ it travels as a multipart message
+
+    [kind (1 byte), msgpack header, tensor frame, tensor frame, ...]
+
+The header holds the message's plain fields; tensors go as raw frames (sent with
+copy=False and received without a copy), described in the header by dtype and shape.
+Pickle is never used: `decode` accepts only the kinds below and checks every field, so a
+malformed or unknown message raises MessageError, which receivers log and drop.
+
+    coordinator -> actor   Peers, RunUnit, Release, Abort, Shutdown
+    actor -> coordinator   Hello, UnitPart, RoutingCounts, Heartbeat, NodeFailed
+    actor -> actor         Data, Done
+
+The in-process transport hands the same objects over without encoding them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+import torch
+
+from moeflow.dataflow import graph as g
+from moeflow.scheduler.plan import ByPriority, InOrder, Plan, Stream
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class MessageError(ValueError):
+    """A message that cannot be decoded: unknown kind, bad header, wrong tensor sizes."""
+
+
+# -- payloads moved by Transfer nodes ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What a Transfer carries: a kind, small plain fields, and tensors."""
+
+    kind: str  # "rows" (dispatch), "partial" (combine), "tensor"
+    meta: dict[str, Any]
+    tensors: tuple[torch.Tensor, ...]
+
+
+# -- messages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    actor: str
+    data_address: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Peers:
+    addresses: dict[str, str]  # actor -> its data socket address
+
+
+@dataclass(frozen=True)
+class RunUnit:
+    """One unit's whole plan, to every actor that runs part of it, in one message."""
+
+    unit_id: int
+    plan: Plan
+    tokens: dict[int, list[int]]  # unit seq index -> new token ids (for its home actor)
+    sampling: dict[int, dict[str, Any]]  # seq id -> SamplingParams fields
+    want_logits: bool = False
+
+
+@dataclass(frozen=True)
+class Data:
+    unit_id: int
+    node_id: int
+    payload: Payload
+
+
+@dataclass(frozen=True)
+class Done:
+    unit_id: int
+    node_id: int
+
+
+@dataclass(frozen=True)
+class UnitPart:
+    """An actor finished its share of a unit: the tokens it sampled (unit seq index ->
+    token id) and, if asked, their logits."""
+
+    unit_id: int
+    actor: str
+    tokens: dict[int, int]
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutingCounts:
+    unit_id: int
+    layer: int
+    counts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    actor: str
+    time: float
+
+
+@dataclass(frozen=True)
+class NodeFailed:
+    unit_id: int
+    actor: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Release:
+    seq_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Abort:
+    unit_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Message = Union[Hello, Peers, RunUnit, Data, Done, UnitPart, RoutingCounts, Heartbeat,
+                NodeFailed, Release, Abort, Shutdown]
+
+KINDS: dict[type, int] = {Hello: 1, Peers: 2, RunUnit: 3, Data: 4, Done: 5, UnitPart: 6,
+                          RoutingCounts: 7, Heartbeat: 8, NodeFailed: 9, Release: 10, Abort: 11,
+                          Shutdown: 12}
+BY_KIND = {v: k for k, v in KINDS.items()}
+
+
+# -- tensors as frames ---------------------------------------------------------------
+
+DTYPES = {str(t).removeprefix("torch."): t for t in (
+    torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
+    torch.int8, torch.bool, torch.float64)}
+
+
+def tensor_frame(t: torch.Tensor) -> tuple[list[Any], memoryview]:
+    """[dtype, shape] and a zero-copy byte view of `t` (made contiguous if needed)."""
+    t = t.detach().contiguous()
+    raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return [str(t.dtype).removeprefix("torch."), list(t.shape)], memoryview(raw.numpy())
+
+
+def frame_tensor(meta: Any, frame: Any) -> torch.Tensor:
+    try:
+        dtype_name, shape = meta
+        dtype = DTYPES[dtype_name]
+        shape = [int(s) for s in shape]
+    except (TypeError, ValueError, KeyError):
+        raise MessageError(f"bad tensor description {meta!r}") from None
+    buffer = frame.buffer if hasattr(frame, "buffer") else frame
+    numel = 1
+    for s in shape:
+        if s < 0:
+            raise MessageError(f"negative dimension in {shape}")
+        numel *= s
+    nbytes = numel * dtype.itemsize
+    if len(buffer) != nbytes:
+        raise MessageError(f"tensor frame of {len(buffer)} bytes for {dtype_name}{shape} "
+                           f"({nbytes} bytes)")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+
+# -- plans as plain data --------------------------------------------------------------
+
+NODE_CODES = {cls: i for i, cls in enumerate(g.NODE_KINDS)}
+EDGE_KINDS = ("data", "war", "control")
+
+
+def plan_to_wire(plan: Plan) -> dict[str, Any]:
+    graph = plan.graph
+    streams = list(dict.fromkeys(plan.assignment))
+    index = {s: i for i, s in enumerate(streams)}
+    edges: list[int] = []
+    for e in graph.edges:
+        edges.extend((e.src, e.dst, EDGE_KINDS.index(e.kind)))
+    rules = []
+    for s, rule in plan.rules:
+        rules.append([index[s], "o", list(rule.order)] if isinstance(rule, InOrder)
+                     else [index[s], "p"])
+    return {
+        "unit": [[c.seq_id, c.start, c.num_tokens, c.home, c.logits] for c in graph.unit.seqs],
+        "placement": [list(graph.placement.devices), list(graph.placement.expert_owners)],
+        "nodes": [[NODE_CODES[type(n)], *[_plain(getattr(n, f.name))
+                                          for f in dataclasses.fields(n)]]
+                  for n in graph.nodes],
+        "edges": edges, "layers": graph.num_layers,
+        "streams": [[s.actor, s.name] for s in streams],
+        "assign": [index[s] for s in plan.assignment], "rules": rules,
+        "priority": [list(k) for k in plan.priority],
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def plan_from_wire(data: Any) -> Plan:
+    try:
+        unit = g.Unit(tuple(g.SeqChunk(int(s), int(st), int(n), str(h), lg)
+                            for s, st, n, h, lg in data["unit"]))
+        devices, owners = data["placement"]
+        placement = g.Placement(tuple(devices), tuple(int(o) for o in owners))
+        nodes = []
+        for row in data["nodes"]:
+            cls = g.NODE_KINDS[row[0]]
+            values = [tuple(v) if isinstance(v, list) else v for v in row[1:]]
+            nodes.append(cls(*values))
+        flat = data["edges"]
+        edges = tuple(g.Edge(flat[i], flat[i + 1], EDGE_KINDS[flat[i + 2]])
+                      for i in range(0, len(flat), 3))
+        graph = g.Graph(unit, placement, tuple(nodes), edges, int(data["layers"]))
+        streams = [Stream(str(a), str(n)) for a, n in data["streams"]]
+        assignment = tuple(streams[i] for i in data["assign"])
+        rules = tuple((streams[r[0]], InOrder(tuple(r[2])) if r[1] == "o" else ByPriority())
+                      for r in data["rules"])
+        priority = tuple(tuple(float(x) for x in k) for k in data["priority"])
+        return Plan(graph, assignment, rules, priority)
+    except MessageError:
+        raise
+    except Exception as exc:  # any malformed structure: refuse it with its reason
+        raise MessageError(f"bad plan: {type(exc).__name__}: {exc}") from None
+
+
+# -- whole messages ------------------------------------------------------------------
+
+
+def encode(msg: Message) -> list[Any]:
+    """-> [kind byte, header, *tensor frames] for send_multipart(copy=False)."""
+    frames: list[Any] = []
+
+    def tensors(ts: Any) -> list[Any]:
+        metas = []
+        for t in ts:
+            meta, frame = tensor_frame(t)
+            metas.append(meta)
+            frames.append(frame)
+        return metas
+
+    kind = KINDS[type(msg)]
+    header: dict[str, Any]
+    if isinstance(msg, RunUnit):
+        header = {"unit_id": msg.unit_id, "plan": plan_to_wire(msg.plan),
+                  "tokens": [[k, v] for k, v in msg.tokens.items()],
+                  "sampling": [[k, v] for k, v in msg.sampling.items()],
+                  "want_logits": msg.want_logits}
+    elif isinstance(msg, Data):
+        p = msg.payload
+        header = {"unit_id": msg.unit_id, "node_id": msg.node_id, "kind": p.kind,
+                  "meta": p.meta, "tensors": tensors(p.tensors)}
+    elif isinstance(msg, UnitPart):
+        keys = list(msg.logits)
+        header = {"unit_id": msg.unit_id, "actor": msg.actor,
+                  "tokens": [[k, v] for k, v in msg.tokens.items()], "logit_keys": keys,
+                  "logits": tensors(msg.logits[k] for k in keys)}
+    else:
+        header = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
+    return [bytes([kind]), msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def decode(parts: list[Any]) -> Message:
+    """The message in a multipart frame list (zmq Frames or bytes)."""
+    if len(parts) < 2:
+        raise MessageError(f"a message needs at least 2 frames, got {len(parts)}")
+    raw_kind = _bytes(parts[0])
+    if len(raw_kind) != 1 or raw_kind[0] not in BY_KIND:
+        raise MessageError(f"unknown message kind {raw_kind[:8]!r}")
+    cls = BY_KIND[raw_kind[0]]
+    try:
+        header = msgpack.unpackb(_bytes(parts[1]), raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise MessageError(f"bad {cls.__name__} header: {exc}") from None
+    if not isinstance(header, dict):
+        raise MessageError(f"bad {cls.__name__} header: not a map")
+    frames = parts[2:]
+    try:
+        return _build(cls, header, frames)
+    except MessageError:
+        raise
+    except Exception as exc:
+        raise MessageError(f"bad {cls.__name__}: {type(exc).__name__}: {exc}") from None
+
+
+def _bytes(part: Any) -> bytes:
+    return part.bytes if hasattr(part, "bytes") else bytes(part)
+
+
+def _tensors(metas: Any, frames: list[Any]) -> list[torch.Tensor]:
+    if not isinstance(metas, list) or len(metas) != len(frames):
+        raise MessageError(f"{len(frames)} tensor frames for "
+                           f"{len(metas) if isinstance(metas, list) else '?'} descriptions")
+    return [frame_tensor(m, f) for m, f in zip(metas, frames)]
+
+
+def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
+    if cls is RunUnit:
+        _no_frames(cls, frames)
+        return RunUnit(int(h["unit_id"]), plan_from_wire(h["plan"]),
+                       {int(k): [int(t) for t in v] for k, v in h["tokens"]},
+                       {int(k): dict(v) for k, v in h["sampling"]}, bool(h["want_logits"]))
+    if cls is Data:
+        if h["kind"] not in ("rows", "partial", "tensor") or not isinstance(h["meta"], dict):
+            raise MessageError(f"bad Data payload kind {h['kind']!r}")
+        return Data(int(h["unit_id"]), int(h["node_id"]),
+                    Payload(h["kind"], h["meta"], tuple(_tensors(h["tensors"], frames))))
+    if cls is UnitPart:
+        logits = _tensors(h["logits"], frames)
+        return UnitPart(int(h["unit_id"]), str(h["actor"]),
+                        {int(k): int(v) for k, v in h["tokens"]},
+                        dict(zip((int(k) for k in h["logit_keys"]), logits)))
+    _no_frames(cls, frames)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if set(h) != set(names):
+        raise MessageError(f"{cls.__name__} has fields {sorted(h)}, expected {names}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in h.items()}
+    if cls is Peers and not all(isinstance(a, str) and isinstance(b, str)
+                                for a, b in values["addresses"].items()):
+        raise MessageError("Peers addresses must map names to addresses")
+    msg = cls(**values)
+    _check_types(msg)
+    return msg  # type: ignore[no-any-return]
+
+
+def _no_frames(cls: type, frames: list[Any]) -> None:
+    if frames:
+        raise MessageError(f"{cls.__name__} carries no tensors, got {len(frames)} frames")
+
+
+_FIELD_TYPES = {"actor": str, "data_address": str, "pid": int, "unit_id": int, "node_id": int,
+                "layer": int, "time": float, "error": str}
+
+
+def _check_types(msg: Any) -> None:
+    for f in dataclasses.fields(msg):
+        want = _FIELD_TYPES.get(f.name)
+        value = getattr(msg, f.name)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
+            raise MessageError(f"{type(msg).__name__}.{f.name} must be {want.__name__}, "
+                               f"got {value!r}")
+    for name in ("seq_ids", "unit_ids", "counts"):
+        if hasattr(msg, name) and not all(isinstance(v, int) for v in getattr(msg, name)):
+            raise MessageError(f"{type(msg).__name__}.{name} must hold integers")
