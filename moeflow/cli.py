@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--devices", default="cpu:0")
     gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     gen.add_argument("--scheduler", default="batch-ep")
+    gen.add_argument("--transport", default="inproc", choices=("inproc", "zmq"),
+                     help="actors in this process, or one process per device over ZeroMQ")
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     gen.add_argument("--stats", action="store_true", help="print prefill and decode speed")
     gen.add_argument("--record-routing", metavar="FILE",
@@ -157,9 +159,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     llm = LLM(args.model_dir, devices=args.devices, dtype=args.dtype, scheduler=args.scheduler,
-              record_routing=bool(args.record_routing))
+              transport=args.transport, record_routing=bool(args.record_routing))
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    [out] = llm.generate(prompt, sampling=params)
+    with llm:
+        [out] = llm.generate(prompt, sampling=params)
     if args.json:
         print(json.dumps({"token_ids": list(out.token_ids), "text": out.text}))
     elif args.prompt is not None:

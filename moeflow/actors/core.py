@@ -145,7 +145,12 @@ class ActorCore:
     # -- running nodes -------------------------------------------------------------
 
     def next_tasks(self) -> list[Task]:
-        return self.execution.startable()
+        """What the idle streams would start now, transfers first: when one thread runs
+        every stream, data a peer waits for should leave before local compute starts."""
+        tasks = self.execution.startable()
+        if len(tasks) > 1:
+            tasks.sort(key=lambda t: self.execution.stream_of(t).name == "compute")
+        return tasks
 
     def start(self, task: Task) -> None:
         self.execution.start(task)

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
 class KVCacheFull(RuntimeError):
     """The device has no room for the tokens asked for."""
 
@@ -27,7 +30,7 @@ class SeqBlocks:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, width: int, dtype: torch.dtype, max_tokens: int,
-                 block_size: int = 16, initial_tokens: int = 1024) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, initial_tokens: int = 1024) -> None:
         if max_tokens < block_size:
             raise ValueError(f"max_tokens={max_tokens} is below one block ({block_size})")
         self.num_layers = num_layers

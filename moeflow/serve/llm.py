@@ -13,16 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
+
+import torch
 
 from moeflow.actors.inproc import InProcessExecutor, load_workers, parse_devices
 from moeflow.models.families import load_spec
+from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.models.weights import torch_dtype
 from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.registry import make_scheduler
 from moeflow.serve.engine import EngineCore, Request
 from moeflow.serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from moeflow.actors.coordinator import ZmqExecutor
 
 Prompt = Union[str, Sequence[int]]
 
@@ -52,27 +58,37 @@ class Completion:
         return len(self.prompt_token_ids) / self.ttft_s if self.ttft_s > 0 else 0.0
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str):  # type: ignore[no-untyped-def]
+def resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
     return torch_dtype(checkpoint_dtype if dtype == "auto" else dtype)
 
 
 class LLM:
     def __init__(self, model: str | Path, devices: str | Sequence[str] = "cpu:0",
                  dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
-                 kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64, record_routing: bool = False) -> None:
+                 transport: str = "inproc", kv_cache_tokens: int = 65536,
+                 max_batch_tokens: int = 2048, max_seqs: int = 64,
+                 record_routing: bool = False) -> None:
         self.model_dir = Path(model)
         self.spec = load_spec(self.model_dir)
         self.tokenizer = Tokenizer.load(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.spec.dtype)
         self.devices = parse_devices(devices)
         cluster = Cluster.sharded(self.devices, self.spec.moe.num_experts)
-        workers = load_workers(self.model_dir, self.spec, cluster.placement, self.dtype,
-                               kv_cache_tokens)
-        self.executor = InProcessExecutor(workers, record_routing=record_routing)
+        self.executor = make_executor(transport, self.model_dir, self.spec, cluster,
+                                      self.dtype, kv_cache_tokens, record_routing)
         self.engine = EngineCore(self.spec, self.executor,
                                  make_scheduler(scheduler), cluster, self.tokenizer,
                                  max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
+
+    def close(self) -> None:
+        """Stop the actor processes, if any (also on `with LLM(...) as llm:` exit)."""
+        self.executor.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -112,6 +128,26 @@ class LLM:
                           self.engine.text_of(req), req.finish_reason,
                           (first or req.arrival) - req.arrival,
                           (req.finish_time or req.arrival) - req.arrival)
+
+
+TRANSPORTS = ("inproc", "zmq")
+
+
+def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,
+                  dtype: torch.dtype, kv_tokens: int, record_routing: bool = False,
+                  want_logits: bool = False) -> InProcessExecutor | ZmqExecutor:
+    """Actors in this process ("inproc", the default) or one process each ("zmq")."""
+    if transport == "inproc":
+        workers = load_workers(model_dir, spec, cluster.placement, dtype, kv_tokens)
+        return InProcessExecutor(workers, record_routing=record_routing,
+                                 want_logits=want_logits)
+    if transport == "zmq":
+        from moeflow.actors.coordinator import ZmqExecutor
+
+        return ZmqExecutor(str(model_dir), cluster.placement,
+                           str(dtype).removeprefix("torch."), kv_tokens,
+                           record_routing=record_routing, want_logits=want_logits)
+    raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

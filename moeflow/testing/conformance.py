@@ -197,34 +197,49 @@ def _workers(case: Case, single: bool):  # type: ignore[no-untyped-def]
     return spec, placement, load_workers(path, spec, placement, torch.float32, kv_tokens=4096)
 
 
+def record_generation(executor: Any, spec: ModelSpec, scheduler: Scheduler, cluster: Cluster,
+                      prompts: list[list[int]], max_new_tokens: int, *,
+                      max_batch_tokens: int = 2048, max_seqs: int = 64
+                      ) -> tuple[dict[int, list[int]], dict[int, list[Any]]]:
+    """Greedy generation through `executor` (built with want_logits=True): each request's
+    tokens, and its logits (last row) at every step."""
+    from moeflow.serve.engine import EngineCore
+    from moeflow.serve.sampling import SamplingParams
+
+    logits: dict[int, list[Any]] = {}
+    run_many = executor.run_many
+
+    def recording(jobs):  # type: ignore[no-untyped-def]
+        results = run_many(jobs)
+        for job, result in zip(jobs, results):
+            for i, chunk in enumerate(job.plan.graph.unit.seqs):
+                if i in result.logits:
+                    logits.setdefault(chunk.seq_id, []).append(result.logits[i][-1])
+        return results
+
+    executor.run_many = recording
+    try:
+        engine = EngineCore(spec, executor, scheduler, cluster, max_batch_tokens=max_batch_tokens,
+                            max_seqs=max_seqs)
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+        requests = [engine.add_request(p, params) for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        del executor.run_many
+    return {r.request_id: list(r.output_ids) for r in requests}, logits
+
+
 def run_for_real(scheduler: Scheduler, case: Case, prompts: list[list[int]],
                  max_new_tokens: int) -> dict[int, list[Any]]:
     """Greedy generation in process; each request's logits, one row per step."""
     from moeflow.actors.inproc import InProcessExecutor
-    from moeflow.serve.engine import EngineCore
-    from moeflow.serve.sampling import SamplingParams
 
     spec, placement, workers = _workers(case, single=isinstance(scheduler, _Reference))
-    logits: dict[int, list[Any]] = {}
-
-    class Recording(InProcessExecutor):
-        def run_many(self, jobs):  # type: ignore[no-untyped-def]
-            results = super().run_many(jobs)
-            for job, result in zip(jobs, results):
-                for i, chunk in enumerate(job.plan.graph.unit.seqs):
-                    if i in result.logits:
-                        logits.setdefault(chunk.seq_id, []).append(result.logits[i][-1])
-            return results
-
-    engine = EngineCore(spec, Recording(workers, want_logits=True), scheduler,
-                        Cluster(placement.devices, placement),
-                        max_batch_tokens=case.workload.max_batch_tokens,
-                        max_seqs=case.workload.max_seqs)
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
-    for p in prompts:
-        engine.add_request(p, params)
-    while engine.has_unfinished():
-        engine.step()
+    _, logits = record_generation(InProcessExecutor(workers, want_logits=True), spec, scheduler,
+                                  Cluster(placement.devices, placement), prompts,
+                                  max_new_tokens, max_batch_tokens=case.workload.max_batch_tokens,
+                                  max_seqs=case.workload.max_seqs)
     return logits
 
 

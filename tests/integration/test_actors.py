@@ -1,0 +1,139 @@
+"""Actor processes over ZeroMQ: the same results as the in-process transport, faults that
+fail cleanly and recover, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from moeflow.actors.coordinator import ZmqExecutor
+from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.models.families import load_spec
+from moeflow.scheduler import BatchEP, Cluster
+from moeflow.serve.llm import LLM
+from moeflow.serve.sampling import SamplingParams
+from moeflow.testing.conformance import record_generation
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+PROMPTS = [[5, 17, 33, 2, 99, 250, 7], [8, 9, 10], [300, 301, 302, 303, 304, 305, 306, 40, 41]]
+STEPS = 8
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it has exited
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("num_actors", [2, 3])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_actor_processes_match_the_in_process_executor(family, num_actors, tiny_factory):
+    path = tiny_factory(family)
+    spec = load_spec(path)
+    devices = tuple(f"cpu:{i}" for i in range(num_actors))
+    cluster = Cluster.sharded(devices, spec.moe.num_experts)
+    inproc = InProcessExecutor(load_workers(path, spec, cluster.placement, torch.float32, 4096),
+                               want_logits=True)
+    ref_tokens, ref_logits = record_generation(inproc, spec, BatchEP(), cluster, PROMPTS, STEPS)
+    with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True) as zmq:
+        pids = list(zmq.pids().values())
+        tokens, logits = record_generation(zmq, spec, BatchEP(), cluster, PROMPTS, STEPS)
+    assert tokens == ref_tokens
+    for request, rows in ref_logits.items():
+        assert len(logits[request]) == len(rows) == STEPS
+        for a, b in zip(logits[request], rows):
+            assert (a - b).abs().max() <= 1e-5
+    assert not any(alive(p) for p in pids)
+
+
+def long_generation(llm, prompt, out):
+    out["completions"] = llm.generate(prompt, sampling=SamplingParams(
+        max_new_tokens=2000, ignore_eos=True))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("victim", ["cpu:1", "cpu:0"])  # an expert owner, then the home
+def test_a_killed_actor_fails_its_request_clearly_and_the_next_one_succeeds(victim, tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    expected = LLM(path, devices="cpu:0,cpu:1").generate([3, 4, 5], max_new_tokens=6)[0]
+    with LLM(path, devices="cpu:0,cpu:1", transport="zmq") as llm:
+        before = llm.executor.pids()
+        out: dict[str, object] = {}
+        worker = threading.Thread(target=long_generation, args=(llm, [1, 2, 3], out))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not any(r.output_ids for r in llm.engine.requests.values()):
+            assert time.monotonic() < deadline, "generation never started"
+            time.sleep(0.01)
+        os.kill(before[victim], signal.SIGKILL)
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the request hung after an actor died"
+        [failed] = out["completions"]  # type: ignore[misc]
+        assert failed.finish_reason.startswith("error") and f"{victim} died" in failed.finish_reason
+        assert 0 < len(failed.token_ids) < 2000
+        [ok] = llm.generate([3, 4, 5], max_new_tokens=6)
+        assert ok.token_ids == expected.token_ids and ok.finish_reason == "length"
+        after = llm.executor.pids()
+        assert after[victim] != before[victim]
+    for pid in [*before.values(), *after.values()]:
+        assert not alive(pid)
+
+
+SCRIPT = """
+import sys
+from moeflow.serve.llm import LLM
+from moeflow.serve.sampling import SamplingParams
+llm = LLM(sys.argv[1], devices="cpu:0,cpu:1", transport="zmq")
+print("ready", flush=True)
+with llm:
+    llm.generate([1, 2, 3], sampling=SamplingParams(max_new_tokens=100000, ignore_eos=True))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_no_actor_process_outlives_its_parent(how, tiny_factory):
+    """Ctrl-C shuts the actors down; a parent killed outright takes them with it."""
+    path = tiny_factory("qwen3_moe")
+    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout.readline().strip() == "ready"
+    time.sleep(1.0)  # generating
+    actors = children_of(parent.pid)
+    assert len(actors) == 2 and all(alive(p) for p in actors)
+    parent.send_signal(signal.SIGINT if how == "sigint" else signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in actors):
+        assert time.monotonic() < deadline, f"actors {actors} outlived their parent"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_cli_generate_over_zmq(tiny_factory, capsys):
+    from moeflow.cli import main
+
+    path = tiny_factory("mixtral")
+    expected = LLM(path, devices="cpu:0,cpu:1").generate([5, 6, 7], max_new_tokens=5)[0]
+    assert main(["generate", str(path), "--prompt-ids", "5,6,7", "--max-new-tokens", "5",
+                 "--devices", "cpu:0,cpu:1", "--transport", "zmq", "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["token_ids"] == list(expected.token_ids)
