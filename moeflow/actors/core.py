@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from moeflow.actors.messages import (
-    Abort, Data, Done, Message, NodeFailed, Release, RoutingCounts, RunUnit, UnitPart,
+    Abort, Data, Done, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
+    UnitPart,
 )
 from moeflow.actors.worker import DeviceWorker, Logits, Routing, from_payload, to_payload
 from moeflow.dataflow.graph import Gate, LMHead, Transfer
@@ -39,6 +40,7 @@ from moeflow.scheduler.semantics import Execution, Task
 from moeflow.serve.sampling import SamplingParams, make_generator, sample
 
 COORDINATOR = ""  # destination name of messages for the coordinator
+EARLY_LIMIT = 4096  # messages held for units not admitted yet; beyond, the oldest are dropped
 log = logging.getLogger("moeflow.actor")
 
 
@@ -78,7 +80,7 @@ class ActorCore:
         if isinstance(msg, (Data, Done)):
             unit = self.units.get(msg.unit_id)
             if unit is None:
-                self.early.setdefault(msg.unit_id, []).append(msg)
+                self._hold(msg)
                 return []
             return self._arrive(unit, msg)
         if isinstance(msg, Release):
@@ -92,6 +94,14 @@ class ActorCore:
             return []
         log.warning("%s: ignoring a %s message", self.name, type(msg).__name__)
         return []
+
+    def _hold(self, msg: Data | Done) -> None:
+        self.early.setdefault(msg.unit_id, []).append(msg)
+        while sum(len(v) for v in self.early.values()) > EARLY_LIMIT:
+            oldest = next(iter(self.early))
+            log.warning("%s: dropping %d messages for unit %d, never admitted", self.name,
+                        len(self.early[oldest]), oldest)
+            del self.early[oldest]
 
     def owns(self, stream: Stream) -> bool:
         return stream.actor == self.name
@@ -123,7 +133,10 @@ class ActorCore:
         self.by_index[index] = unit
         out: list[Outgoing] = []
         for early in self.early.pop(unit_id, []):
-            out.extend(self._arrive(unit, early))
+            try:
+                out.extend(self._arrive(unit, early))
+            except MessageError as exc:
+                log.warning("%s: dropped a message for unit %d: %s", self.name, unit_id, exc)
         out.extend(self._maybe_done(unit))
         return out
 

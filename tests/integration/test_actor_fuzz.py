@@ -1,0 +1,115 @@
+"""Malformed frames reaching an actor's sockets are logged and dropped: the actor process
+survives and a following valid request still succeeds."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moeflow.actors.coordinator import ZmqExecutor
+from moeflow.actors.messages import KINDS, Data, Done, Payload, Release, RunUnit, encode
+from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.models.families import load_spec
+from moeflow.scheduler import BatchEP, Cluster
+from moeflow.testing.conformance import record_generation
+
+VALID = [
+    encode(Data(7, 3, Payload("rows", {"home": "cpu:0", "start": 0},
+                              (torch.ones(2, 4), torch.tensor([2], dtype=torch.int32),
+                               torch.ones(2))))),
+    encode(Data(7, 3, Payload("partial", {"start": 0}, (torch.ones(3, 4),)))),
+    encode(Done(7, 1)),
+    encode(Release((1, 2))),
+]
+
+
+def as_bytes(frames) -> list[bytes]:
+    return [f if isinstance(f, bytes) else bytes(f) for f in frames]
+
+
+@st.composite
+def malformed(draw: st.DrawFn) -> list[bytes]:
+    kind = draw(st.sampled_from(["random", "unknown kind", "truncated header",
+                                 "wrong tensor size", "missing frames", "extra frames",
+                                 "wrong field types", "header not a map", "wrong socket"]))
+    base = as_bytes(draw(st.sampled_from(VALID)))
+    if kind == "random":
+        return draw(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
+    if kind == "unknown kind":
+        return [bytes([draw(st.integers(13, 255))]), *base[1:]]
+    if kind == "truncated header":
+        cut = draw(st.integers(0, max(0, len(base[1]) - 1)))
+        return [base[0], base[1][:cut], *base[2:]]
+    if kind == "wrong tensor size" and len(base) > 2:
+        i = draw(st.integers(2, len(base) - 1))
+        return [*base[:i], base[i] + draw(st.binary(min_size=1, max_size=16)), *base[i + 1:]]
+    if kind == "missing frames" and len(base) > 2:
+        return base[:-1]
+    if kind == "extra frames":
+        return [*base, draw(st.binary(max_size=32))]
+    if kind == "wrong field types":
+        header = msgpack.unpackb(base[1], raw=False)
+        key = draw(st.sampled_from(sorted(header)))
+        header[key] = draw(st.one_of(st.text(max_size=5), st.floats(allow_nan=True),
+                                     st.lists(st.integers(-2**31, 2**31), max_size=3), st.none(),
+                                     st.integers(-2**63, 2**64 - 1)))
+        return [base[0], msgpack.packb(header), *base[2:]]
+    if kind == "header not a map":
+        return [base[0], msgpack.packb(draw(st.lists(st.integers(-2**31, 2**31), max_size=3)))]
+    # a valid message of a kind that does not belong on the data socket
+    return [bytes([KINDS[RunUnit]]), msgpack.packb({"unit_id": 1, "plan": {}})]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_factory):
+    path = tiny_factory("olmoe")
+    spec = load_spec(path)
+    c = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    with ZmqExecutor(str(path), c.placement, "float32", 4096, want_logits=True) as executor:
+        yield path, spec, c, executor
+
+
+@pytest.mark.timeout(300)
+def test_malformed_frames_are_dropped_and_the_actors_keep_serving(cluster):
+    path, spec, c, executor = cluster
+    pids = executor.pids()
+    ctx = zmq.Context.instance()
+    data_sockets = {}
+    for name, actor in executor.actors.items():
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(actor.data_address)
+        data_sockets[name] = sock
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(frames=malformed(), target=st.sampled_from(["cpu:0", "cpu:1"]),
+           via=st.sampled_from(["data", "control"]))
+    def send(frames, target, via):
+        if via == "data":
+            if frames:
+                data_sockets[target].send_multipart(frames)
+        else:
+            executor.router.send_multipart([target.encode(), *frames] if frames
+                                           else [target.encode(), b""])
+        assert all(a.proc.poll() is None for a in executor.actors.values())
+
+    send()
+    time.sleep(0.5)
+    for sock in data_sockets.values():
+        sock.close(linger=0)
+    assert executor.pids() == pids and all(a.proc.poll() is None
+                                           for a in executor.actors.values())
+    executor.poll(timeout=0.5)  # heartbeats and whatever the fuzzing provoked
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    tokens, _ = record_generation(executor, spec, BatchEP(), c, prompts, 6)
+    ref = InProcessExecutor(load_workers(path, spec, c.placement, torch.float32, 4096),
+                            want_logits=True)
+    expected, _ = record_generation(ref, spec, BatchEP(), c, prompts, 6)
+    assert tokens == expected
+    assert executor.pids() == pids
