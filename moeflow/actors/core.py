@@ -33,7 +33,9 @@ from moeflow.actors.messages import (
     Abort, Data, Done, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
     UnitPart,
 )
-from moeflow.actors.worker import DeviceWorker, Logits, Routing, from_payload, to_payload
+from moeflow.actors.worker import (
+    DeviceWorker, Logits, Routing, from_payload, payload_to, to_payload,
+)
 from moeflow.dataflow.graph import Gate, LMHead, Transfer
 from moeflow.scheduler.plan import Stream
 from moeflow.scheduler.semantics import Execution, Task
@@ -148,7 +150,7 @@ class ActorCore:
                         unit.unit_id, msg.node_id)
             return []
         if isinstance(msg, Data):
-            unit.values[msg.node_id] = from_payload(msg.payload)
+            unit.values[msg.node_id] = payload_to(from_payload(msg.payload), self.worker.tdevice)
         try:
             self.execution.finish_external(task)
         except Exception as exc:  # a duplicate notice, say: drop it
@@ -223,7 +225,7 @@ class ActorCore:
         row = 0
         for seq, rows in zip(logits.seqs, logits.rows_per_seq):
             if rows:
-                last = logits.values[row + rows - 1]
+                last = logits.values[row + rows - 1].cpu()
                 seq_id = unit.msg.plan.graph.unit.seqs[seq].seq_id
                 sampler = self.samplers.get(seq_id)
                 if sampler is not None:

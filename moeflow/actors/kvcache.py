@@ -5,7 +5,8 @@ Tokens live in fixed-size blocks of a per-layer pool; each sequence owns a list 
 `max_tokens`; past that, `reserve` raises KVCacheFull and nothing is changed.
 
 Per layer the pool is [slots, W] with W the cached width of one token: K and V of every
-key/value head for GQA, the compressed latent plus rope key for MLA.
+key/value head for GQA, the compressed latent plus rope key for MLA. Pools live on the
+worker's device; slot indices are computed on the CPU and moved once per unit.
 """
 
 from __future__ import annotations
@@ -30,16 +31,18 @@ class SeqBlocks:
 
 class PagedKVCache:
     def __init__(self, num_layers: int, width: int, dtype: torch.dtype, max_tokens: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE, initial_tokens: int = 1024) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, initial_tokens: int = 1024,
+                 device: torch.device | None = None) -> None:
         if max_tokens < block_size:
             raise ValueError(f"max_tokens={max_tokens} is below one block ({block_size})")
         self.num_layers = num_layers
         self.width = width
         self.dtype = dtype
+        self.device = device or torch.device("cpu")
         self.block_size = block_size
         self.max_blocks = max_tokens // block_size
         self.num_blocks = 0
-        self.pools: list[torch.Tensor] = [torch.empty(0, width, dtype=dtype)
+        self.pools: list[torch.Tensor] = [torch.empty(0, width, dtype=dtype, device=self.device)
                                           for _ in range(num_layers)]
         self.free_blocks: list[int] = []
         self.seqs: dict[int, SeqBlocks] = {}
@@ -64,7 +67,7 @@ class PagedKVCache:
             return
         slots = num_blocks * self.block_size
         for layer, pool in enumerate(self.pools):
-            grown = torch.zeros(slots, self.width, dtype=self.dtype)
+            grown = torch.zeros(slots, self.width, dtype=self.dtype, device=self.device)
             grown[: pool.shape[0]] = pool
             self.pools[layer] = grown
         self.free_blocks.extend(range(num_blocks - 1, old - 1, -1))

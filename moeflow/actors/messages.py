@@ -150,8 +150,12 @@ DTYPES = {str(t).removeprefix("torch."): t for t in (
 
 
 def tensor_frame(t: torch.Tensor) -> tuple[list[Any], memoryview]:
-    """[dtype, shape] and a zero-copy byte view of `t` (made contiguous if needed)."""
-    t = t.detach().contiguous()
+    """[dtype, shape] and a zero-copy byte view of `t` (made contiguous if needed). A tensor
+    on an accelerator is staged through host memory first."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
     raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     return [str(t.dtype).removeprefix("torch."), list(t.shape)], memoryview(raw.numpy())
 

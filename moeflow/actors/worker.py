@@ -43,7 +43,7 @@ from moeflow.dataflow.graph import (
     Unit,
 )
 from moeflow.models.spec import ModelSpec
-from moeflow.models.weights import DenseWeights, ExpertStack
+from moeflow.models.weights import DenseWeights, ExpertStack, to_device
 from moeflow.ops.attention import decode_attention, decode_mask, prefill_attention
 from moeflow.ops.backend import rows_per_weight
 from moeflow.ops.experts import grouped_swiglu, swiglu
@@ -123,16 +123,27 @@ class DeviceWorker:
                  dense: DenseWeights | None, experts: dict[int, ExpertStack],
                  kv_tokens: int = 65536) -> None:
         self.device = device
+        self.tdevice = torch_device_of(device)
         self.spec = spec
         self.dtype = dtype
         self.dense = dense
         self.experts = experts
+        if self.tdevice.type != "cpu":
+            if dense is not None:
+                to_device(dense, self.tdevice)
+            for stack in experts.values():
+                to_device(stack, self.tdevice)
         self.rope = RopeTable(spec.rope, min(spec.max_position_embeddings, 4096))
-        self.kv = PagedKVCache(spec.num_layers, spec.attention.cache_width, dtype, kv_tokens)
+        self.kv = PagedKVCache(spec.num_layers, spec.attention.cache_width, dtype, kv_tokens,
+                               device=self.tdevice)
         self._units: dict[Any, _UnitState] = {}
         self._ranks: dict[Placement, tuple[torch.Tensor, dict[int, int]]] = {}
         self._stack_pos: dict[int, dict[int, int]] = {
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
+
+    def _gemm_rows(self, rows: int) -> None:
+        if self.tdevice.type == "cpu":
+            rows_per_weight(rows)
 
     # -- units ---------------------------------------------------------------------
 
@@ -163,11 +174,12 @@ class DeviceWorker:
                 self._unreserve(seq_id, chunk.start)
             raise
         pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
-        cos, sin = self.rope.cos_sin(pos)
+        dev = self.tdevice
+        cos, sin = (t.to(dev) for t in self.rope.cos_sin(pos))
         half = (None, None) if self.spec.rope.interleaved else half_rotation_tables(
             cos, sin, self.dtype)
-        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64), cos, sin, *half,
-                           torch.cat(slots) if slots else pos)
+        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64, device=dev), cos,
+                           sin, *half, (torch.cat(slots) if slots else pos).to(dev))
         for i in homed:
             chunk = unit.seqs[i]
             if chunk.num_tokens == 1 and chunk.start > 0:
@@ -177,10 +189,10 @@ class DeviceWorker:
         if state.decode_seqs:
             seq_ids = [unit.seqs[i].seq_id for i in state.decode_seqs]
             index, lengths = self.kv.gather_index(seq_ids)
-            state.decode_index, state.decode_shape = index.flatten(), tuple(index.shape)
-            state.decode_masks = {w: decode_mask(lengths, w)
+            state.decode_index, state.decode_shape = index.flatten().to(dev), tuple(index.shape)
+            state.decode_masks = {w: decode_mask(lengths.to(dev), w)
                                   for w in {layer.sliding_window for layer in self.spec.layers}}
-            state.decode_rows = torch.tensor([rows[i][0] for i in state.decode_seqs])
+            state.decode_rows = torch.tensor([rows[i][0] for i in state.decode_seqs], device=dev)
             state.all_decode = not state.prefill
         self._units[key] = state
 
@@ -233,7 +245,7 @@ class DeviceWorker:
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
         w = self.dense.layers[node.layer].attn
-        rows_per_weight(hidden.shape[0])
+        self._gemm_rows(hidden.shape[0])
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
             out = self._mla(st, node.layer, x)
@@ -335,8 +347,8 @@ class DeviceWorker:
         if cached is None:
             order = placement.dispatch_order()
             rank = {e: r for r, e in enumerate(order)}
-            cached = (torch.tensor([rank[e] for e in range(len(order))], dtype=torch.int64),
-                      rank)
+            cached = (torch.tensor([rank[e] for e in range(len(order))], dtype=torch.int64,
+                                   device=self.tdevice), rank)
             self._ranks[placement] = cached
         return cached
 
@@ -387,17 +399,18 @@ class DeviceWorker:
         else:  # merge homes' rows so that each expert's rows are contiguous
             x = torch.cat([b.x for b in batches])
             counts = [torch.diff(b.ends, prepend=b.ends.new_zeros(1)) for b in batches]
-            expert_of_row = torch.cat([torch.repeat_interleave(torch.arange(len(c)), c)
-                                       for c in counts])
+            expert_of_row = torch.cat([
+                torch.repeat_interleave(torch.arange(len(c), device=c.device), c) for c in counts])
             perm = torch.argsort(expert_of_row, stable=True)
             x = x[perm]
             weights = torch.cat([b.weights for b in batches])[perm]
             ends = torch.stack(counts).sum(0).cumsum(0, dtype=torch.int32)
-        if total > 2:  # rows per active expert decide the GEMM backend
-            active = int(torch.count_nonzero(torch.diff(ends, prepend=ends.new_zeros(1))))
-            rows_per_weight(-(-total // active))
-        else:
-            rows_per_weight(total)
+        if self.tdevice.type == "cpu":  # rows per active expert decide the GEMM backend
+            if total > 2:
+                active = int(torch.count_nonzero(torch.diff(ends, prepend=ends.new_zeros(1))))
+                rows_per_weight(-(-total // active))
+            else:
+                rows_per_weight(total)
         y = grouped_swiglu(x, ends, gate_up, down)  # [n, D]
         y.mul_(weights.to(y.dtype)[:, None])  # routing weights applied in the model dtype
         if perm is not None:
@@ -415,7 +428,7 @@ class DeviceWorker:
         assert self.dense is not None
         xn = inputs[0][1].xn
         lw = self.dense.layers[node.layer]
-        rows_per_weight(xn.shape[0])
+        self._gemm_rows(xn.shape[0])
         if node.kind == "dense":
             return swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
         out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
@@ -456,11 +469,36 @@ class DeviceWorker:
             keep = st.unit.seqs[i].num_logit_rows
             picks.extend(range(row0 + n - keep, row0 + n))
             rows_per_seq.append(keep)
-        x = hidden[torch.tensor(picks, dtype=torch.int64)] if len(picks) != hidden.shape[0] \
-            else hidden
+        x = (hidden[torch.tensor(picks, dtype=torch.int64, device=hidden.device)]
+             if len(picks) != hidden.shape[0] else hidden)
         x = rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
-        rows_per_weight(x.shape[0])
+        self._gemm_rows(x.shape[0])
         return Logits(node.seqs, tuple(rows_per_seq), F.linear(x, self.dense.lm_head).float())
+
+
+def torch_device_of(name: str) -> torch.device:
+    """'cpu:N' (virtual CPU devices share the CPU) -> cpu; 'cuda:N' -> that GPU."""
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name} needs CUDA, which this machine lacks")
+        return torch.device("cuda", int(index or 0))
+    return torch.device("cpu")
+
+
+def payload_to(value: Any, device: torch.device) -> Any:
+    """A received Transfer value, moved to this worker's device if it is elsewhere."""
+    if isinstance(value, Rows):
+        if value.x.device == device:
+            return value
+        return Rows(value.home, value.start, value.x.to(device, non_blocking=True),
+                    value.ends.to(device, non_blocking=True),
+                    value.weights.to(device, non_blocking=True))
+    if isinstance(value, Partial):
+        return value if value.y.device == device else Partial(value.start, value.y.to(device))
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return value
 
 
 def to_payload(value: Any) -> Payload:

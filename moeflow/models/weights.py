@@ -14,7 +14,7 @@ Every tensor is checked against the ModelSpec's shapes; a mismatch names the fil
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -81,6 +81,19 @@ class ExpertStack:
     experts: tuple[int, ...]
     gate_up: torch.Tensor  # [E, 2F, D]
     down: torch.Tensor  # [E, D, F]
+
+
+def to_device(obj: object, device: torch.device) -> None:
+    """Move every tensor field of a weights dataclass (recursively) to `device`, in place."""
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(obj, f.name, value.to(device))
+        elif isinstance(value, list):
+            for item in value:
+                to_device(item, device)
+        elif hasattr(value, "__dataclass_fields__"):
+            to_device(value, device)
 
 
 class WeightLoader:

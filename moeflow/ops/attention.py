@@ -24,8 +24,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     if start == 0 and (window is None or window >= length):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        qpos = torch.arange(start, start + n)[:, None]
-        kpos = torch.arange(length)[None, :]
+        qpos = torch.arange(start, start + n, device=q.device)[:, None]
+        kpos = torch.arange(length, device=q.device)[None, :]
         mask = kpos <= qpos
         if window is not None:
             mask &= kpos > qpos - window
@@ -51,7 +51,7 @@ def decode_mask(lengths: torch.Tensor, window: int | None) -> torch.Tensor | Non
     longest = int(lengths.max())
     if bool((lengths == longest).all()) and (window is None or window >= longest):
         return None
-    kpos = torch.arange(longest)[None, :]
+    kpos = torch.arange(longest, device=lengths.device)[None, :]
     last = (lengths - 1)[:, None]
     mask = kpos <= last
     if window is not None:

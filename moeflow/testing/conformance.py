@@ -192,7 +192,7 @@ def _workers(case: Case, single: bool):  # type: ignore[no-untyped-def]
     m = case.model
     path = _tiny_checkpoint(m.family, m.layers, m.experts, m.top_k)
     spec = load_spec(path)
-    placement = (Placement(("cuda:0",), (0,) * m.experts) if single
+    placement = (Placement(("cpu:0",), (0,) * m.experts) if single
                  else case.cluster.placement)
     return spec, placement, load_workers(path, spec, placement, torch.float32, kv_tokens=4096)
 

@@ -50,7 +50,7 @@ class SemanticsMachine(RuleBasedStateMachine):
         case = data.draw(model_cases(), label="model")
         spec = case.spec
         n = data.draw(st.integers(1, 3), label="devices")
-        devices = tuple(f"cuda:{i}" for i in range(n))
+        devices = tuple(f"cpu:{i}" for i in range(n))
         homes = data.draw(st.lists(st.sampled_from(devices), min_size=1, max_size=2),
                           label="homes")
         unit = Unit(tuple(SeqChunk(len(self.plans) * 10 + i, 0, 2, h)

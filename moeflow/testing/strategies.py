@@ -61,7 +61,7 @@ class ClusterCase:
 @st.composite
 def cluster_cases(draw: st.DrawFn, num_experts: int, max_devices: int = 4) -> ClusterCase:
     n = draw(st.integers(1, max_devices))
-    devices = tuple(f"cuda:{i}" for i in range(n))
+    devices = tuple(f"cpu:{i}" for i in range(n))
     if draw(st.booleans()):
         owners = Placement.sharded(devices, num_experts).expert_owners
     else:

@@ -58,7 +58,7 @@ def test_a_scheduler_that_breaks_precedence_is_caught_readably():
     assert "does not read Gate" in text and "(no dispatch from" in text
     # the shrunk case is small: one model, two devices (a dispatch needs a remote owner)
     assert "Failing test case" in text
-    assert "ClusterCase(devices=('cuda:0', 'cuda:1')" in text
+    assert "ClusterCase(devices=('cpu:0', 'cpu:1')" in text
     assert "layers=1, experts=2" in text and "prompt=1," in text
 
 
