@@ -147,17 +147,18 @@ BY_KIND = {v: k for k, v in KINDS.items()}
 DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8,
     torch.int8, torch.bool, torch.float64)}
+DTYPE_NAMES = {t: name for name, t in DTYPES.items()}
 
 
 def tensor_frame(t: torch.Tensor) -> tuple[list[Any], memoryview]:
     """[dtype, shape] and a zero-copy byte view of `t` (made contiguous if needed). A tensor
     on an accelerator is staged through host memory first."""
-    t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
-    raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    return [str(t.dtype).removeprefix("torch."), list(t.shape)], memoryview(raw.numpy())
+    if not t.is_contiguous():
+        t = t.contiguous()
+    raw = t.detach().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return [DTYPE_NAMES[t.dtype], list(t.shape)], memoryview(raw.numpy())
 
 
 def frame_tensor(meta: Any, frame: Any) -> torch.Tensor:
@@ -179,7 +180,7 @@ def frame_tensor(meta: Any, frame: Any) -> torch.Tensor:
                            f"({nbytes} bytes)")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+    return torch.frombuffer(buffer, dtype=dtype).view(shape)
 
 
 # -- plans as plain data --------------------------------------------------------------
