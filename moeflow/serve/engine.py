@@ -82,6 +82,7 @@ class EngineCore:
                                 executor.kv_block_size, max_batch_tokens=max_batch_tokens,
                                 max_seqs=max_seqs)
         self.requests: dict[int, Request] = {}
+        self._zombies: set[int] = set()  # popped while their unit was still in flight
         self._next_id = 0
         self.eos_ids = frozenset(spec.eos_token_ids)
 
@@ -117,7 +118,10 @@ class EngineCore:
     def pop_finished(self, request_id: int) -> Request:
         req = self.requests.pop(request_id)
         assert req.finished
-        self.book.pop(request_id)
+        if self.book.seqs[request_id].in_flight:
+            self._zombies.add(request_id)  # the book lets go when its unit completes
+        else:
+            self.book.pop(request_id)
         return req
 
     def has_unfinished(self) -> bool:
@@ -164,8 +168,7 @@ class EngineCore:
         if result.error is not None:
             return self.fail(job, f"error: {result.error}")
         done = self.book.complete(job)
-        for home, seq_id in done.released:
-            self.executor.release(home, seq_id)
+        self._released(done.released)
         index = {c.seq_id: i for i, c in enumerate(job.unit.seqs)}
         now = self.clock()
         events = []
@@ -185,16 +188,22 @@ class EngineCore:
     def fail(self, job: Job, reason: str) -> list[TokenEvent]:
         """`job` could not run: end its requests with `reason`."""
         done = self.book.fail(job, reason)
-        for home, seq_id in done.released:
-            self.executor.release(home, seq_id)
+        self._released(done.released)
         now = self.clock()
         events = []
         for chunk in job.unit.seqs:
-            req = self.requests[chunk.seq_id]
-            if req.finish_time is None:
+            req = self.requests.get(chunk.seq_id)
+            if req is not None and req.finish_time is None:
                 req.finish_reason, req.finish_time = reason, now
                 events.append(TokenEvent(req.request_id, -1, True, reason))
         return events
+
+    def _released(self, released: list[tuple[str, int]]) -> None:
+        for home, seq_id in released:
+            self.executor.release(home, seq_id)
+            if seq_id in self._zombies:
+                self._zombies.discard(seq_id)
+                self.book.pop(seq_id)
 
     def lose(self, device: str) -> list[TokenEvent]:
         """`device` lost its state (its actor restarted): fail the requests it served."""

@@ -10,10 +10,13 @@ as given, with nothing prepended.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -24,7 +27,7 @@ from moeflow.models.tokenizer import Tokenizer
 from moeflow.models.weights import torch_dtype
 from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.registry import make_scheduler
-from moeflow.serve.engine import EngineCore, Request
+from moeflow.serve.engine import EngineCore
 from moeflow.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -62,27 +65,60 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
     return torch_dtype(checkpoint_dtype if dtype == "auto" else dtype)
 
 
+class _LoopThread:
+    """An event loop on a daemon thread, for synchronous callers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="moeflow-llm",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
 class LLM:
+    """The synchronous API: a thin facade over AsyncEngine (which it runs on an event loop
+    thread of its own)."""
+
     def __init__(self, model: str | Path, devices: str | Sequence[str] = "cpu:0",
                  dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
                  transport: str = "inproc", kv_cache_tokens: int = 65536,
                  max_batch_tokens: int = 2048, max_seqs: int = 64,
                  record_routing: bool = False) -> None:
+        from moeflow.serve.async_engine import AsyncEngine, EngineConfig
+
         self.model_dir = Path(model)
-        self.spec = load_spec(self.model_dir)
-        self.tokenizer = Tokenizer.load(self.model_dir)
-        self.dtype = resolve_dtype(dtype, self.spec.dtype)
         self.devices = parse_devices(devices)
-        cluster = Cluster.sharded(self.devices, self.spec.moe.num_experts)
-        self.executor = make_executor(transport, self.model_dir, self.spec, cluster,
-                                      self.dtype, kv_cache_tokens, record_routing)
-        self.engine = EngineCore(self.spec, self.executor,
-                                 make_scheduler(scheduler), cluster, self.tokenizer,
-                                 max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
+        self._loop = _LoopThread()
+        self._async = AsyncEngine(EngineConfig(
+            str(model), scheduler, self.devices, dtype, transport, kv_cache_tokens,
+            max_batch_tokens, max_seqs, max_waiting=1 << 30, record_routing=record_routing))
+        try:
+            self._loop.run(self._async.start())
+        except BaseException:
+            self._loop.stop()
+            raise
+        self.spec = self._async.spec
+        self.tokenizer = self._async.tokenizer
+        self.engine: EngineCore = self._async._thread.core  # type: ignore[union-attr]
+        self.executor = self.engine.executor
+        self.dtype = self._async._thread.dtype  # type: ignore[union-attr]
+        self._closed = False
 
     def close(self) -> None:
-        """Stop the actor processes, if any (also on `with LLM(...) as llm:` exit)."""
-        self.executor.close()
+        """Stop the engine and any actor processes (also on `with LLM(...) as llm:` exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.run(self._async.stop())
+        self._loop.stop()
 
     def __enter__(self) -> LLM:
         return self
@@ -90,17 +126,15 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
     def encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise NoTokenizerError(
-                    f"{self.model_dir} has no tokenizer.json, so text prompts cannot be "
-                    f"encoded; pass token ids instead")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise TypeError(f"a token-id prompt must be a sequence of ints, got {ids[:8]!r}")
-        return ids
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise NoTokenizerError(f"{self.model_dir} has no tokenizer.json, so text prompts "
+                                   f"cannot be encoded; pass token ids instead")
+        return self._async.encode(prompt)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
                  temperature: float = 0.0, *, sampling: SamplingParams | None = None
@@ -108,11 +142,22 @@ class LLM:
         """Generate for one prompt or a list of them; returns one Completion per prompt."""
         params = sampling or SamplingParams(max_new_tokens=max_new_tokens,
                                             temperature=temperature)
-        batch = _as_batch(prompts)
-        requests = [self.engine.add_request(self.encode(p), params) for p in batch]
-        while self.engine.has_unfinished():
-            self.engine.step()
-        return [self._completion(self.engine.pop_finished(r.request_id)) for r in requests]
+        batch = [self.encode(p) for p in _as_batch(prompts)]
+        return list(self._loop.run(self._generate_all(batch, params)))
+
+    async def _generate_all(self, batch: list[list[int]], params: SamplingParams
+                            ) -> list[Completion]:
+        ids = [await self._async.add(p, params) for p in batch]
+        return list(await asyncio.gather(*(self._collect(i, p) for i, p in zip(ids, batch))))
+
+    async def _collect(self, request_id: int, prompt: list[int]) -> Completion:
+        from moeflow.serve.async_engine import FinalEvent
+
+        async for event in self._async.events(request_id):
+            if isinstance(event, FinalEvent):
+                return Completion(request_id, tuple(prompt), event.token_ids, event.text,
+                                  event.finish_reason, event.ttft_s, event.e2e_s)
+        raise RuntimeError(f"request {request_id} ended without a final event")
 
     def routing_recording(self) -> dict[str, object]:
         """Rows routed to each expert per layer so far (with `record_routing=True`), in the
@@ -122,12 +167,20 @@ class LLM:
         return {"model": self.spec.name, "family": self.spec.family,
                 "layers": {str(k): v for k, v in sorted(self.executor.routing.items())}}
 
-    def _completion(self, req: Request) -> Completion:
-        first = req.first_token_time if req.first_token_time is not None else req.finish_time
-        return Completion(req.request_id, tuple(req.prompt_ids), tuple(req.output_ids),
-                          self.engine.text_of(req), req.finish_reason,
-                          (first or req.arrival) - req.arrival,
-                          (req.finish_time or req.arrival) - req.arrival)
+
+def build_engine_core(model: str | Path, devices: str | Sequence[str] = "cpu:0",
+                      dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
+                      transport: str = "inproc", kv_cache_tokens: int = 65536,
+                      max_batch_tokens: int = 2048, max_seqs: int = 64,
+                      record_routing: bool = False, want_logits: bool = False) -> EngineCore:
+    """An EngineCore with its executor, for a caller that drives steps itself."""
+    path = Path(model)
+    spec = load_spec(path)
+    cluster = Cluster.sharded(parse_devices(devices), spec.moe.num_experts)
+    executor = make_executor(transport, path, spec, cluster, resolve_dtype(dtype, spec.dtype),
+                             kv_cache_tokens, record_routing, want_logits)
+    return EngineCore(spec, executor, make_scheduler(scheduler), cluster, Tokenizer.load(path),
+                      max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
 
 
 TRANSPORTS = ("inproc", "zmq")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moeflow.cli import main as cli_main
-from moeflow.serve.llm import LLM
+from moeflow.serve.llm import LLM, build_engine_core
 from moeflow.serve.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 99], [250, 7], [8, 9, 10, 11, 300, 301, 302, 40, 41]]
@@ -33,8 +33,7 @@ def test_batched_generation_equals_one_at_a_time(path):
 def test_small_kv_cache_preempts_and_recomputes_without_changing_tokens(path):
     roomy = LLM(path).generate(PROMPTS * 2, sampling=greedy(20))
     # 3 blocks of 16 tokens: six sequences of up to 29 tokens cannot all stay resident
-    tight = LLM(path, kv_cache_tokens=48, max_batch_tokens=16)
-    engine = tight.engine
+    engine = build_engine_core(path, kv_cache_tokens=48, max_batch_tokens=16)
     reqs = [engine.add_request(p, greedy(20)) for p in PROMPTS * 2]
     while engine.has_unfinished():
         engine.step()
