@@ -6,8 +6,9 @@ the nodes on its own streams:
 
     handle(msg) -> [Outgoing]      RunUnit admits a unit; Data and Done finish another
                                    actor's node here; Release / Abort free state
-    next_tasks() -> [Task]         what each of its idle streams would start now
-    run(task) -> value             run one node (the shell decides on which thread)
+    next_tasks() -> [Group]        what each of its idle streams would start now: a node,
+                                   or nodes coalesced into one kernel
+    run(group) -> [value]          run them (the shell decides on which thread)
     finish(task, value) -> [Outgoing]
         A finished Transfer becomes a Data message to its destination actor; any other
         node whose successor lives on another actor becomes a Done notice to it. A
@@ -38,7 +39,7 @@ from moeflow.actors.worker import (
 )
 from moeflow.dataflow.graph import Gate, LMHead, Transfer
 from moeflow.scheduler.plan import Stream
-from moeflow.scheduler.semantics import Execution, Task
+from moeflow.scheduler.semantics import Execution, Group, Task
 from moeflow.serve.sampling import SamplingParams, make_generator, sample
 
 COORDINATOR = ""  # destination name of messages for the coordinator
@@ -159,16 +160,17 @@ class ActorCore:
 
     # -- running nodes -------------------------------------------------------------
 
-    def next_tasks(self) -> list[Task]:
-        """What the idle streams would start now, transfers first: when one thread runs
-        every stream, data a peer waits for should leave before local compute starts."""
-        tasks = self.execution.startable()
-        if len(tasks) > 1:
-            tasks.sort(key=lambda t: self.execution.stream_of(t).name == "compute")
-        return tasks
+    def next_tasks(self) -> list[Group]:
+        """What the idle streams would start now (a node, or a coalesced group of them),
+        transfers first: when one thread runs every stream, data a peer waits for should
+        leave before local compute starts."""
+        groups = self.execution.startable()
+        if len(groups) > 1:
+            groups.sort(key=lambda g: self.execution.stream_of(g[0]).name == "compute")
+        return groups
 
-    def start(self, task: Task) -> None:
-        self.execution.start(task)
+    def start(self, group: Group) -> None:
+        self.execution.start(group)
 
     def node_inputs(self, task: Task) -> tuple[Any, list[tuple[Any, Any]]]:
         unit = self.by_index[task[0]]
@@ -176,11 +178,14 @@ class ActorCore:
         node = graph.nodes[task[1]]
         return node, [(graph.nodes[p], unit.values[p]) for p in graph.inputs(task[1])]
 
-    def run(self, task: Task) -> Any:
-        """Run one started node with real ops; returns its value."""
-        unit = self.by_index[task[0]]
-        node, inputs = self.node_inputs(task)
-        return self.worker.run(unit.unit_id, unit.msg.plan.graph, node, inputs)
+    def run(self, group: Group) -> list[Any]:
+        """Run a started node, or a coalesced group as one kernel; returns their values."""
+        items = []
+        for task in group:
+            unit = self.by_index[task[0]]
+            node, inputs = self.node_inputs(task)
+            items.append((unit.unit_id, unit.msg.plan.graph, node, inputs))
+        return self.worker.run_group(items)
 
     def finish(self, task: Task, value: Any) -> list[Outgoing]:
         unit = self.by_index.get(task[0])

@@ -181,18 +181,21 @@ class InProcessExecutor:
     def _run_ready(self) -> bool:
         ran = False
         for actor in self.actors.values():
-            for task in actor.next_tasks():
-                actor.start(task)
+            for group in actor.next_tasks():
+                actor.start(group)
                 if self.observer is not None:
-                    plan = actor.by_index[task[0]].msg.plan
-                    self.observer(plan, task[1], plan.assignment[task[1]])
+                    for task in group:
+                        plan = actor.by_index[task[0]].msg.plan
+                        self.observer(plan, task[1], plan.assignment[task[1]])
                 try:
-                    value = actor.run(task)
+                    values = actor.run(group)
                 except (SemanticsError, DeadlockError):
                     raise
-                except Exception as exc:  # a failing op fails its unit, not the executor
-                    self.mail.extend(actor.fail(task, exc))
+                except Exception as exc:  # a failing op fails its units, not the executor
+                    for task in group:
+                        self.mail.extend(actor.fail(task, exc))
                 else:
-                    self.mail.extend(actor.finish(task, value))
+                    for task, value in zip(group, values):
+                        self.mail.extend(actor.finish(task, value))
                 ran = True
         return ran

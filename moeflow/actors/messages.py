@@ -158,7 +158,7 @@ def tensor_frame(t: torch.Tensor) -> tuple[list[Any], memoryview]:
     if not t.is_contiguous():
         t = t.contiguous()
     raw = t.detach().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    return [DTYPE_NAMES[t.dtype], list(t.shape)], memoryview(raw.numpy())
+    return [DTYPE_NAMES[t.dtype], list(t.shape)], memoryview(raw.numpy())  # type: ignore[arg-type]
 
 
 def frame_tensor(meta: Any, frame: Any) -> torch.Tensor:
@@ -186,7 +186,7 @@ def frame_tensor(meta: Any, frame: Any) -> torch.Tensor:
 # -- plans as plain data --------------------------------------------------------------
 
 NODE_CODES = {cls: i for i, cls in enumerate(g.NODE_KINDS)}
-EDGE_KINDS = ("data", "war", "control")
+EDGE_KINDS: tuple[g.EdgeKind, ...] = ("data", "war", "control")
 
 
 def plan_to_wire(plan: Plan) -> dict[str, Any]:
@@ -335,8 +335,9 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
     if set(h) != set(names):
         raise MessageError(f"{cls.__name__} has fields {sorted(h)}, expected {names}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in h.items()}
-    if cls is Peers and not all(isinstance(a, str) and isinstance(b, str)
-                                for a, b in values["addresses"].items()):
+    addresses = values.get("addresses")
+    if cls is Peers and not (isinstance(addresses, dict) and all(
+            isinstance(a, str) and isinstance(b, str) for a, b in addresses.items())):
         raise MessageError("Peers addresses must map names to addresses")
     msg = cls(**values)
     _check_types(msg)

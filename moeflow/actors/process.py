@@ -114,14 +114,16 @@ class CoreThread(threading.Thread):
 
     def _serve(self, poller: zmq.Poller, inbox: zmq.Socket[Any], data: zmq.Socket[Any]) -> bool:
         tasks = self.core.next_tasks()
-        for task in tasks:
-            self.core.start(task)
+        for group in tasks:
+            self.core.start(group)
             try:
-                value = self.core.run(task)
+                values = self.core.run(group)
             except Exception as exc:
-                self._send(self.core.fail(task, exc))
+                for task in group:
+                    self._send(self.core.fail(task, exc))
             else:
-                self._send(self.core.finish(task, value))
+                for task, value in zip(group, values):
+                    self._send(self.core.finish(task, value))
         events = dict(poller.poll(0 if tasks else None))
         if data in events:
             while True:

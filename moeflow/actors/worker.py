@@ -222,44 +222,67 @@ class DeviceWorker:
     # -- nodes ---------------------------------------------------------------------
 
     def run(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
+        return self.run_group([(key, graph, node, inputs)])[0]
+
+    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]]
+                  ) -> list[Any]:
+        """Run nodes coalesced into one kernel (same kind and layer, same weights, from
+        different units): each GEMM reads its weights once for all of them. A single item
+        is the plain case. Returns each item's value."""
+        node = items[0][2]
         if isinstance(node, Expert):
             if node.kind == "routed":
-                return self._routed(graph, node, inputs)
-            return self._dense_mlp(node, inputs)
+                return self._routed([(g, n, inputs) for _, g, n, inputs in items])
+            return self._dense_mlp(node, [inputs[0][1].xn for _, _, _, inputs in items])
+        if isinstance(node, Attention):
+            return self._attention([(self._units[k], n, inputs[0][1])
+                                    for k, _, n, inputs in items])
+        if isinstance(node, Gate):
+            return self._gate(items[0][1], node, [inputs[0][1] for _, _, _, inputs in items])
+        if isinstance(node, LMHead):
+            return self._lm_head([(self._units[k], n, inputs[0][1]) for k, _, n, inputs in items])
+        return [self._single(k, g, n, inputs) for k, g, n, inputs in items]
+
+    def _single(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
         if isinstance(node, Transfer):
             return self._transfer(graph, node, inputs)
-        if isinstance(node, Attention):
-            return self._attention(self._units[key], node, inputs[0][1])
-        if isinstance(node, Gate):
-            return self._gate(graph, node, inputs[0][1])
         if isinstance(node, Combine):
             return self._combine(node, inputs)
         if isinstance(node, Embed):
             assert self.dense is not None
             return F.embedding(self._units[key].token_ids, self.dense.embed)
-        if isinstance(node, LMHead):
-            return self._lm_head(self._units[key], node, inputs[0][1])
         raise TypeError(f"cannot run node {node!r}")
 
-    def _attention(self, st: _UnitState, node: Attention, hidden: torch.Tensor) -> AttnOut:
+    def _attention(self, items: list[tuple[_UnitState, Attention, torch.Tensor]]
+                   ) -> list[AttnOut]:
+        """Projections once over every item's rows; attention itself per item, over its own
+        sequences and KV cache."""
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
-        w = self.dense.layers[node.layer].attn
+        layer = items[0][1].layer
+        w = self.dense.layers[layer].attn
+        hidden = _cat([h for _, _, h in items])  # [T, D]
         self._gemm_rows(hidden.shape[0])
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
-            out = self._mla(st, node.layer, x)
+            q, kv_a = self._mla_project(layer, x)
         else:
-            out = self._gqa(st, node.layer, x)
-        resid = hidden + F.linear(out, w.o, w.o_bias)
-        return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
+            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
+        outs, row = [], 0
+        for st, _, h in items:
+            rows = slice(row, row + h.shape[0])
+            row += h.shape[0]
+            outs.append(self._mla_core(st, layer, q[rows], kv_a[rows]) if a.kind == "mla"
+                        else self._gqa_core(st, layer, qkv[rows]))
+        resid = hidden + F.linear(_cat(outs), w.o, w.o_bias)
+        xn = rms_norm(resid, w.post_norm, spec.rms_norm_eps)
+        return [AttnOut(r, n) for r, n in zip(_split(resid, items), _split(xn, items))]
 
-    def _gqa(self, st: _UnitState, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> attention output [T, H*d]"""
+    def _gqa_core(self, st: _UnitState, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (H + 2K) d] of one unit -> attention output [T, H*d]"""
         a, eps = self.spec.attention, self.spec.rms_norm_eps
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
-        num_tokens, heads, kv_heads, d = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
-        qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
+        num_tokens, heads, kv_heads, d = qkv.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
         if a.qk_norm == "full" or a.clip_qkv is not None:
             q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=-1)
             if a.qk_norm == "full":
@@ -286,18 +309,23 @@ class DeviceWorker:
 
         return self._attend(st, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
 
-    def _mla(self, st: _UnitState, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> attention output [T, H*v] (DeepSeek multi-head latent attention)"""
-        a = self.spec.attention
+    def _mla_project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> q [T, H*(nope+rope)], kv_a [T, kv_lora + rope]"""
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
-        num_tokens = x.shape[0]
         if w.q is not None:
             q = F.linear(x, w.q)
         else:
             q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, MLA_NORM_EPS), w.q_b)  # type: ignore[arg-type]
-        q = q.view(num_tokens, a.num_heads, a.head_dim)
+        return q, F.linear(x, w.kv_a)
+
+    def _mla_core(self, st: _UnitState, layer: int, q: torch.Tensor,
+                  kv_a: torch.Tensor) -> torch.Tensor:
+        """One unit's MLA (DeepSeek multi-head latent attention) -> output [T, H*v]"""
+        a = self.spec.attention
+        w = self.dense.layers[layer].attn  # type: ignore[union-attr]
+        q = q.view(q.shape[0], a.num_heads, a.head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        latent, k_pe = F.linear(x, w.kv_a).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv_a.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, w.kv_a_norm, MLA_NORM_EPS)  # type: ignore[arg-type]
         q_pe = apply_rope(q_pe, st.cos, st.sin, True)
         k_pe = apply_rope(k_pe[:, None, :], st.cos, st.sin, True)[:, 0, :]
@@ -352,19 +380,24 @@ class DeviceWorker:
             self._ranks[placement] = cached
         return cached
 
-    def _gate(self, graph: Graph, node: Gate, attn: AttnOut) -> Routing:
+    def _gate(self, graph: Graph, node: Gate, attns: list[AttnOut]) -> list[Routing]:
+        """Router logits once over every item's rows; routing per item."""
         assert self.dense is not None
         moe = self.spec.moe
-        logits = router_logits(attn.xn, self.dense.layers[node.layer].router, moe)  # type: ignore[arg-type]
-        ids, weights = route(logits, moe)  # [T, A]
+        xns = [a.xn for a in attns]
+        logits = router_logits(_cat(xns), self.dense.layers[node.layer].router, moe)  # type: ignore[arg-type]
         rank, _ = self._ranks_of(graph.placement)
-        row_rank = rank[ids.flatten()]  # [N]
-        order = torch.argsort(row_rank, stable=True)
-        per_rank = torch.bincount(row_rank, minlength=moe.num_experts)
-        ends = torch.cumsum(per_rank, 0, dtype=torch.int32)
-        counts = tuple(per_rank[rank].tolist())
-        return Routing(attn.xn, order // moe.top_k, weights.flatten()[order],
-                       [0, *ends.tolist()], ends, counts)
+        out = []
+        for xn, part in zip(xns, _split(logits, xns)):
+            ids, weights = route(part, moe)  # [T, A]
+            row_rank = rank[ids.flatten()]  # [N]
+            order = torch.argsort(row_rank, stable=True)
+            per_rank = torch.bincount(row_rank, minlength=moe.num_experts)
+            ends = torch.cumsum(per_rank, 0, dtype=torch.int32)
+            counts = tuple(per_rank[rank].tolist())
+            out.append(Routing(xn, order // moe.top_k, weights.flatten()[order],
+                               [0, *ends.tolist()], ends, counts))
+        return out
 
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
         _, rank = self._ranks_of(graph.placement)
@@ -382,13 +415,24 @@ class DeviceWorker:
             return value.parts[node.dst]
         return value
 
-    def _routed(self, graph: Graph, node: Expert, inputs: list[tuple[Node, Any]]) -> ExpertOut:
-        batches = [value if isinstance(value, Rows)
-                   else self._rows(graph, value, src.device, node.experts)
-                   for src, value in inputs]
+    def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]]
+                ) -> list[ExpertOut]:
+        """One grouped GEMM over the rows every item (unit) sends to these experts, from
+        every home; each item gets back its own rows."""
+        node = items[0][1]
+        owners: list[int] = []  # the item of each batch
+        batches: list[Rows] = []
+        for i, (graph, n, inputs) in enumerate(items):
+            for src, value in inputs:
+                batches.append(value if isinstance(value, Rows)
+                               else self._rows(graph, value, src.device, n.experts))
+                owners.append(i)
         total = sum(b.x.shape[0] for b in batches)
+        outs: list[ExpertOut] = [ExpertOut({}) for _ in items]
         if total == 0:  # no token chose these experts: a no-op
-            return ExpertOut({b.home: Partial(b.start, b.x) for b in batches})
+            for i, b in zip(owners, batches):
+                outs[i].parts[b.home] = Partial(b.start, b.x)
+            return outs
         stack = self.experts[node.layer]
         first = self._stack_pos[node.layer][node.experts[0]]
         gate_up = stack.gate_up[first:first + len(node.experts)]
@@ -396,7 +440,7 @@ class DeviceWorker:
         perm = None
         if len(batches) == 1:
             x, ends, weights = batches[0].x, batches[0].ends, batches[0].weights
-        else:  # merge homes' rows so that each expert's rows are contiguous
+        else:  # merge the batches so that each expert's rows are contiguous
             x = torch.cat([b.x for b in batches])
             counts = [torch.diff(b.ends, prepend=b.ends.new_zeros(1)) for b in batches]
             expert_of_row = torch.cat([
@@ -417,24 +461,26 @@ class DeviceWorker:
             unsorted = torch.empty_like(y)
             unsorted[perm] = y
             y = unsorted
-        parts, row = {}, 0
-        for b in batches:
+        row = 0
+        for i, b in zip(owners, batches):
             n = b.x.shape[0]
-            parts[b.home] = Partial(b.start, y[row:row + n])
+            outs[i].parts[b.home] = Partial(b.start, y[row:row + n])
             row += n
-        return ExpertOut(parts)
+        return outs
 
-    def _dense_mlp(self, node: Expert, inputs: list[tuple[Node, Any]]) -> torch.Tensor:
+    def _dense_mlp(self, node: Expert, xns: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A dense MLP or shared expert, once over every item's rows."""
         assert self.dense is not None
-        xn = inputs[0][1].xn
         lw = self.dense.layers[node.layer]
+        xn = _cat(xns)
         self._gemm_rows(xn.shape[0])
         if node.kind == "dense":
-            return swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
-        out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
-        if lw.shared_gate is not None:
-            out = torch.sigmoid(F.linear(xn, lw.shared_gate)) * out
-        return out
+            out = swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
+        else:
+            out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
+            if lw.shared_gate is not None:
+                out = torch.sigmoid(F.linear(xn, lw.shared_gate)) * out
+        return _split(out, xns)
 
     def _combine(self, node: Combine, inputs: list[tuple[Node, Any]]) -> torch.Tensor:
         attn: AttnOut = inputs[0][1]
@@ -460,20 +506,37 @@ class DeviceWorker:
             out += e
         return attn.resid + out
 
-    def _lm_head(self, st: _UnitState, node: LMHead, hidden: torch.Tensor) -> Logits:
+    def _lm_head(self, items: list[tuple[_UnitState, LMHead, torch.Tensor]]) -> list[Logits]:
+        """Final norm and vocabulary projection once over every item's picked rows."""
         assert self.dense is not None
-        picks: list[int] = []
-        rows_per_seq: list[int] = []
-        for i in node.seqs:
-            row0, n = st.rows[i]
-            keep = st.unit.seqs[i].num_logit_rows
-            picks.extend(range(row0 + n - keep, row0 + n))
-            rows_per_seq.append(keep)
-        x = (hidden[torch.tensor(picks, dtype=torch.int64, device=hidden.device)]
-             if len(picks) != hidden.shape[0] else hidden)
-        x = rms_norm(x, self.dense.final_norm, self.spec.rms_norm_eps)
+        picked, shapes = [], []
+        for st, node, hidden in items:
+            picks: list[int] = []
+            rows_per_seq: list[int] = []
+            for i in node.seqs:
+                row0, n = st.rows[i]
+                keep = st.unit.seqs[i].num_logit_rows
+                picks.extend(range(row0 + n - keep, row0 + n))
+                rows_per_seq.append(keep)
+            picked.append(hidden[torch.tensor(picks, dtype=torch.int64, device=hidden.device)]
+                          if len(picks) != hidden.shape[0] else hidden)
+            shapes.append((node.seqs, tuple(rows_per_seq)))
+        x = rms_norm(_cat(picked), self.dense.final_norm, self.spec.rms_norm_eps)
         self._gemm_rows(x.shape[0])
-        return Logits(node.seqs, tuple(rows_per_seq), F.linear(x, self.dense.lm_head).float())
+        logits = F.linear(x, self.dense.lm_head).float()
+        return [Logits(seqs, rows, values)
+                for (seqs, rows), values in zip(shapes, _split(logits, picked))]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _split(t: torch.Tensor, like: list[Any]) -> list[torch.Tensor]:
+    """t split by rows into pieces as long as each of `like` (tensors, or items whose last
+    element is a tensor)."""
+    sizes = [(x[-1] if isinstance(x, tuple) else x).shape[0] for x in like]
+    return list(t.split(sizes)) if len(sizes) > 1 else [t]
 
 
 def torch_device_of(name: str) -> torch.device:

@@ -45,6 +45,17 @@ class _Checker:
         self.spec = spec
         self.nodes = graph.nodes
         self.out: list[str] = []
+        self.index: dict[tuple[type, int | None, str], list[Node]] = {}
+        for n in graph.nodes:
+            if not isinstance(n, Transfer):
+                layer = getattr(n, "layer", None)
+                self.index.setdefault((type(n), None, n.device), []).append(n)
+                if layer is not None:
+                    self.index.setdefault((type(n), layer, n.device), []).append(n)
+        self.routed: dict[int, list[Expert]] = {}
+        for n in graph.nodes:
+            if isinstance(n, Expert) and n.kind == "routed":
+                self.routed.setdefault(n.layer, []).append(n)
 
     def label(self, n: Node) -> str:
         where = f"{n.src}->{n.dst}" if isinstance(n, Transfer) else n.device
@@ -69,9 +80,7 @@ class _Checker:
         return n
 
     def on(self, kind: type, layer: int | None, device: str) -> list[Node]:
-        return [n for n in self.nodes
-                if isinstance(n, kind) and getattr(n, "device", None) == device
-                and (layer is None or getattr(n, "layer", None) == layer)]
+        return self.index.get((kind, layer, device), [])
 
     def run(self) -> list[str]:
         self.devices_and_transfers()
@@ -138,8 +147,7 @@ class _Checker:
         gate = gates[0]
         if last not in self.sources(gate):
             self.out.append(f"{self.label(gate)} does not read {self.label(last)}")
-        experts = [n for n in self.nodes
-                   if isinstance(n, Expert) and n.kind == "routed" and n.layer == layer]
+        experts = self.routed.get(layer, [])
         covered: dict[int, Node] = {}
         for ex in experts:
             for e in ex.experts:

@@ -5,12 +5,13 @@ Pure: nothing here imports asyncio, zmq, torch or a device.
 
 from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
 from moeflow.scheduler.batch_ep import BatchEP
+from moeflow.scheduler.fine_ep import FineEP
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PlanError, Stream, topological_plan
 from moeflow.scheduler.registry import UnknownScheduler, available, make_scheduler, scheduler_class
 from moeflow.scheduler.semantics import Execution, SemanticsError
 
 __all__ = [
-    "BatchEP", "Budget", "ByPriority", "Cluster", "Execution", "InOrder", "Plan", "PlanError",
+    "BatchEP", "Budget", "FineEP", "ByPriority", "Cluster", "Execution", "InOrder", "Plan", "PlanError",
     "RequestView", "Scheduler", "SemanticsError", "Stream", "UnknownScheduler", "available",
     "make_scheduler", "scheduler_class", "topological_plan",
 ]

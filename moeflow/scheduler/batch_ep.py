@@ -38,7 +38,7 @@ class BatchEP(Scheduler):
         for r in running:
             if tokens_left <= 0 or len(chunks) >= budget.max_seqs:
                 break
-            chunk = self._advance(r, r.home, tokens_left, free, budget.kv_block_size)
+            chunk = advance(r, r.home, tokens_left, free, budget.kv_block_size)
             if chunk is not None:
                 chunks.append(chunk)
                 tokens_left -= chunk.num_tokens
@@ -46,7 +46,7 @@ class BatchEP(Scheduler):
             if tokens_left <= 0 or len(chunks) >= budget.max_seqs or not load:
                 break
             home = min(load, key=lambda d: (load[d], -free[d]))
-            chunk = self._advance(r, home, tokens_left, free, budget.kv_block_size)
+            chunk = advance(r, home, tokens_left, free, budget.kv_block_size)
             if chunk is None:
                 break  # first come, first served: do not let later requests overtake
             chunks.append(chunk)
@@ -54,21 +54,21 @@ class BatchEP(Scheduler):
             tokens_left -= chunk.num_tokens
         return [Unit(tuple(chunks))] if chunks else []
 
-    @staticmethod
-    def _advance(r: RequestView, home: str | None, tokens_left: int,
-                 free: dict[str, int], block_size: int) -> SeqChunk | None:
-        """The next chunk of `r` on `home`, as long as its KV fits, charging the blocks it
-        takes to `free`; None if not even one token fits."""
-        if home is None or home not in free:
-            return None
-        room = free[home] * block_size + (-r.num_computed) % block_size
-        n = min(r.num_pending, tokens_left, room)
-        if n <= 0:
-            return None
-        free[home] -= (blocks_for(r.num_computed + n, block_size)
-                       - blocks_for(r.num_computed, block_size))
-        caught_up = r.num_computed + n == r.num_tokens
-        return SeqChunk(r.seq_id, r.num_computed, n, home, "last" if caught_up else "none")
-
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         return topological_plan(compile(model, unit, cluster.placement, Cut(barrier=True)))
+
+
+def advance(r: RequestView, home: str | None, tokens_left: int, free: dict[str, int],
+            block_size: int) -> SeqChunk | None:
+    """The next chunk of `r` on `home`, as long as its KV fits, charging the blocks it
+    takes to `free`; None if not even one token fits."""
+    if home is None or home not in free:
+        return None
+    room = free[home] * block_size + (-r.num_computed) % block_size
+    n = min(r.num_pending, tokens_left, room)
+    if n <= 0:
+        return None
+    free[home] -= (blocks_for(r.num_computed + n, block_size)
+                   - blocks_for(r.num_computed, block_size))
+    caught_up = r.num_computed + n == r.num_tokens
+    return SeqChunk(r.seq_id, r.num_computed, n, home, "last" if caught_up else "none")

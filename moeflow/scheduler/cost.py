@@ -113,8 +113,28 @@ class CostModel:
         return NodeCost(flops, proj * b, t, KERNELS[Attention], act + kv_bytes,
                         2 * pairs * head_flops)
 
+    def group_cost(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> NodeCost:
+        """The cost of nodes coalesced into one kernel: their work adds up, the weights they
+        share are read once. Routed experts merge their rows expert by expert."""
+        first = items[0][1]
+        if isinstance(first, Expert) and first.kind == "routed":
+            merged = [sum(r[j] for _, _, r in items) for j in range(len(first.experts))]
+            return self.cost(items[0][0], first, merged)
+        costs = [self.cost(g, n, r) for g, n, r in items]
+        return NodeCost(sum(c.flops for c in costs), max(c.bytes for c in costs),
+                        sum(c.rows for c in costs), max(c.kernels for c in costs),
+                        sum(c.activation_bytes for c in costs),
+                        sum(c.attention_flops for c in costs))
+
     def duration(self, graph: Graph, node: Node, rows: Sequence[int] = ()) -> float:
-        c = self.cost(graph, node, rows)
+        return self.time_of(node, self.cost(graph, node, rows))
+
+    def group_duration(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> float:
+        if len(items) == 1:
+            return self.duration(*items[0])
+        return self.time_of(items[0][1], self.group_cost(items))
+
+    def time_of(self, node: Node, c: NodeCost) -> float:
         if isinstance(node, Transfer):
             return 0.0 if node.src == node.dst else self.hw.link.time(c.bytes)
         if c.kernels == 0:

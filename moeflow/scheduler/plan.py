@@ -4,7 +4,14 @@ ordering rule.
 A stream runs one node at a time. Its rule says which ready node goes next:
     InOrder(order)   a static issue sequence, as on a CUDA stream: the stream runs exactly
                      these nodes in this order, waiting for the next one to become ready;
-    ByPriority()     among its ready nodes, the one with the smallest `Plan.priority` key.
+    ByPriority()     among its ready nodes, the one with the smallest `Plan.priority` key;
+    ByPriority(coalesce=True)
+                     the same, and every other ready node on the stream with the same
+                     `Plan.merge` key joins it: the group runs as one kernel (weights read
+                     once for all of them) and the stream is busy until all are done.
+    ByPriority(fifo=True)
+                     ties in the key go to the node that became ready first (nodes that
+                     became ready at once: in the order their plans were added).
 
 Plans are plain frozen data with a valid-Python `repr`.
 """
@@ -33,11 +40,13 @@ class InOrder:
 
 @dataclass(frozen=True, slots=True)
 class ByPriority:
-    pass
+    coalesce: bool = False
+    fifo: bool = False
 
 
 Rule = Union[InOrder, ByPriority]
 PriorityKey = tuple[float, ...]
+MergeKey = Union[tuple[Union[str, int, float], ...], None]
 
 
 class PlanError(ValueError):
@@ -51,6 +60,7 @@ class Plan:
     assignment: tuple[Stream, ...]
     rules: tuple[tuple[Stream, Rule], ...]
     priority: tuple[PriorityKey, ...] = ()
+    merge: tuple[MergeKey, ...] = ()  # per node, for coalescing streams (None: never merges)
 
     def __post_init__(self) -> None:
         n = len(self.graph.nodes)
@@ -72,6 +82,9 @@ class Plan:
             if isinstance(rule, ByPriority) and len(self.priority) != n:
                 raise PlanError(f"stream {stream} is ByPriority but the plan has "
                                 f"{len(self.priority)} priority keys for {n} nodes")
+            if isinstance(rule, ByPriority) and rule.coalesce and len(self.merge) != n:
+                raise PlanError(f"stream {stream} coalesces but the plan has "
+                                f"{len(self.merge)} merge keys for {n} nodes")
         for stream in rules:
             if stream not in members:
                 raise PlanError(f"stream {stream} has a rule but no nodes")
@@ -105,5 +118,5 @@ def topological_plan(graph: Graph) -> Plan:
                 tuple((s, InOrder(tuple(o))) for s, o in sorted(orders.items())))
 
 
-__all__ = ["ByPriority", "GraphError", "InOrder", "Plan", "PlanError", "PriorityKey", "Rule",
-           "Stream", "node_stream", "topological_plan"]
+__all__ = ["ByPriority", "GraphError", "InOrder", "MergeKey", "Plan", "PlanError", "PriorityKey",
+           "Rule", "Stream", "node_stream", "topological_plan"]

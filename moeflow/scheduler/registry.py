@@ -8,9 +8,10 @@ from importlib.metadata import entry_points
 
 from moeflow.scheduler.base import Scheduler
 from moeflow.scheduler.batch_ep import BatchEP
+from moeflow.scheduler.fine_ep import FineEP
 
 ENTRY_POINT_GROUP = "moeflow.schedulers"
-BUILTIN: dict[str, type[Scheduler]] = {cls.name: cls for cls in (BatchEP,)}
+BUILTIN: dict[str, type[Scheduler]] = {cls.name: cls for cls in (BatchEP, FineEP)}
 
 
 class UnknownScheduler(LookupError):

@@ -216,8 +216,10 @@ class RequestBook:
                 seq.home = chunk.home
 
     def _preempt_if_full(self) -> None:
-        """Evict the newest idle running sequences while the idle ones' next tokens do not
-        fit (sequences in flight keep their reservations)."""
+        """While the idle running sequences' next tokens do not fit on a device, evict the
+        newest sequence there. If that one is in flight, wait for it to come back instead:
+        evicting an older idle one in its place would let two sequences that take turns
+        in flight evict each other for ever (sequences in flight keep their reservations)."""
         while True:
             need: dict[str, int] = {}
             for s in self.running:
@@ -226,12 +228,18 @@ class RequestBook:
                     assert seq.home is not None  # a running sequence has a home
                     need[seq.home] = need.get(seq.home, 0) + 1
             free = self.free_kv_blocks()
-            if all(n <= free[d] for d, n in need.items()):
-                return
-            victims = [s for s in self.running if not self.seqs[s].in_flight]
+            victims = []
+            for device, n in need.items():
+                if n <= free[device]:
+                    continue
+                newest = next(s for s in reversed(self.running)
+                              if self.seqs[s].home == device)
+                if not self.seqs[newest].in_flight:
+                    victims.append(newest)
             if not victims:
                 return
-            self.preempt(victims[-1])
+            for seq_id in victims:
+                self.preempt(seq_id)
 
     def preempt(self, seq_id: int) -> None:
         """Drop an idle sequence's KV; it waits again and is recomputed later."""

@@ -1,9 +1,11 @@
 """The one execution semantics of moeflow, shared by every executor.
 
-    - each stream runs one node at a time;
+    - each stream runs one node (or one coalesced group) at a time;
     - a node is ready when all its predecessors are done;
     - a stream picks its next node by its rule (InOrder: the next in its sequence, once
-      ready; ByPriority: the ready node with the smallest key);
+      ready; ByPriority: the ready node with the smallest key (on a fifo stream, ties go
+      to the node ready first), joined on a coalescing stream by the other ready nodes
+      with its merge key);
     - a Gate's completion carries the per-expert row counts of its layer.
 
 `Execution` holds this state for any number of Plans at once (units in flight together share
@@ -23,6 +25,7 @@ Execution when all the nodes it owns are.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from moeflow.dataflow.graph import Gate
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PriorityKey, Rule, Stream
 
 Task = tuple[int, int]
+Group = tuple[Task, ...]
 
 
 class SemanticsError(RuntimeError):
@@ -42,9 +46,12 @@ class SemanticsError(RuntimeError):
 class _StreamState:
     stream: Stream
     rule_kind: type
-    busy: Task | None = None
+    coalesce: bool = False
+    fifo: bool = False
+    running: set[Task] = field(default_factory=set)
     queue: deque[Task] = field(default_factory=deque)  # InOrder: issue sequence
-    heap: list[tuple[PriorityKey, int, int]] = field(default_factory=list)  # ByPriority
+    # ByPriority: (key, when it became ready on a fifo stream else 0, plan, node)
+    heap: list[tuple[PriorityKey, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Execution:
         self.streams: dict[Stream, _StreamState] = {}
         self._ready: set[Task] = set()
         self._touched: dict[Stream, None] = {}  # streams whose next node may have changed
+        self._arrivals = itertools.count()  # the order nodes become ready (fifo streams)
         for plan in plans:
             self.add(plan)
 
@@ -79,11 +87,14 @@ class Execution:
             if owns is not None and not owns(stream):
                 continue
             state = self.streams.get(stream)
+            coalesce = isinstance(rule, ByPriority) and rule.coalesce
+            fifo = isinstance(rule, ByPriority) and rule.fifo
             if state is None:
-                state = self.streams[stream] = _StreamState(stream, type(rule))
-            elif state.rule_kind is not type(rule):
-                raise SemanticsError(f"stream {stream} is {state.rule_kind.__name__} in one "
-                                     f"plan and {type(rule).__name__} in another")
+                state = self.streams[stream] = _StreamState(stream, type(rule), coalesce, fifo)
+            elif (state.rule_kind is not type(rule) or state.coalesce != coalesce
+                  or state.fifo != fifo):
+                raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} in one "
+                                     f"plan and {rule!r} in another")
             if isinstance(rule, InOrder):
                 state.queue.extend((index, n) for n in rule.order)
             self._touched[stream] = None
@@ -91,19 +102,23 @@ class Execution:
                    for s in plan.assignment]
         self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes), streams,
                                      sum(1 for s in streams if s is not None)))
+        arrival = next(self._arrivals)
         for node_id, n in enumerate(waiting):
             if n == 0 and streams[node_id] is not None:
-                self._make_ready((index, node_id))
+                self._make_ready((index, node_id), arrival)
         return index
 
-    def _make_ready(self, task: Task) -> None:
+    def _make_ready(self, task: Task, arrival: int) -> None:
+        """`arrival` orders ties on fifo streams: one number per event (an add or a
+        finish), so nodes that became ready at once fall back to (plan, node) order."""
         plan_state = self.plans[task[0]]
         state = plan_state.streams[task[1]]
         if state is None:  # another actor's node: it finishes externally
             return
         self._ready.add(task)
         if state.rule_kind is ByPriority:
-            heapq.heappush(state.heap, (plan_state.plan.priority[task[1]], task[0], task[1]))
+            heapq.heappush(state.heap, (plan_state.plan.priority[task[1]],
+                                        arrival if state.fifo else 0, *task))
         self._touched[state.stream] = None
 
     # -- queries -------------------------------------------------------------------
@@ -120,29 +135,45 @@ class Execution:
         return self._next(self.streams[stream])
 
     def _next(self, state: _StreamState) -> Task | None:
-        if state.busy is not None:
+        if state.running:
             return None
         if state.rule_kind is InOrder:
             if state.queue and state.queue[0] in self._ready:
                 return state.queue[0]
             return None
-        return (state.heap[0][1], state.heap[0][2]) if state.heap else None
+        return (state.heap[0][2], state.heap[0][3]) if state.heap else None
 
     def is_ready(self, task: Task) -> bool:
         return task in self._ready
 
     def idle_streams(self) -> Iterator[Stream]:
-        return (s for s, st in self.streams.items() if st.busy is None)
+        return (s for s, st in self.streams.items() if not st.running)
 
-    def startable(self) -> list[Task]:
-        """Every task some stream would start now (one per stream), checking only streams
+    def next_group(self, stream: Stream) -> Group | None:
+        return self._group(self.streams[stream])
+
+    def _group(self, state: _StreamState) -> Group | None:
+        head = self._next(state)
+        if head is None:
+            return None
+        if not state.coalesce:
+            return (head,)
+        key = self.plans[head[0]].plan.merge[head[1]]
+        if key is None:
+            return (head,)
+        mates = sorted(h for h in state.heap
+                       if (h[2], h[3]) != head and self.plans[h[2]].plan.merge[h[3]] == key)
+        return (head, *((p, n) for _, _, p, n in mates))
+
+    def startable(self) -> list[Group]:
+        """The group every stream would start now (one per stream), checking only streams
         whose state changed since the last call. Start them, or call again later."""
         out = []
         touched, self._touched = self._touched, {}
         for stream in touched:
-            task = self._next(self.streams[stream])
-            if task is not None:
-                out.append(task)
+            group = self._group(self.streams[stream])
+            if group is not None:
+                out.append(group)
         return out
 
     @property
@@ -162,23 +193,32 @@ class Execution:
         return self.plans[plan_index].counts.get(layer)
 
     def busy(self, stream: Stream) -> Task | None:
-        return self.streams[stream].busy
+        """The node a stream is running (the first of its group), or None."""
+        running = self.streams[stream].running
+        return min(running) if running else None
 
     # -- transitions ---------------------------------------------------------------
 
-    def start(self, task: Task) -> None:
-        state = self.plans[task[0]].streams[task[1]]
+    def start(self, task: Task | Group) -> None:
+        """Start a stream's next node, or a group of them: the stream's next node and any
+        of the ready nodes that may join it (see `next_group`)."""
+        group: Group = (task,) if isinstance(task[0], int) else task
+        head = group[0]
+        state = self.plans[head[0]].streams[head[1]]
         if state is None:
-            raise SemanticsError(f"task {task} belongs to another actor")
-        if self._next(state) != task:
-            raise SemanticsError(f"task {task} on {state.stream} is not the stream's next "
-                                 f"(next is {self._next(state)}, busy {state.busy})")
+            raise SemanticsError(f"task {head} belongs to another actor")
+        allowed = self._group(state)
+        if allowed is None or head != allowed[0] or not set(group) <= set(allowed):
+            raise SemanticsError(f"{group} on {state.stream} is not what the stream may start "
+                                 f"now (it may start {allowed}; running {state.running})")
         if state.rule_kind is InOrder:
             state.queue.popleft()
         else:
-            heapq.heappop(state.heap)
-        self._ready.discard(task)
-        state.busy = task
+            members = set(group)
+            state.heap = [h for h in state.heap if (h[2], h[3]) not in members]
+            heapq.heapify(state.heap)
+        self._ready.difference_update(group)
+        state.running = set(group)
 
     def finish(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
         """Mark `task` done; `counts` are its per-expert rows if it is a Gate. Returns the
@@ -186,10 +226,11 @@ class Execution:
         plan_index, node_id = task
         p = self.plans[plan_index]
         state = p.streams[node_id]
-        if state is None or state.busy != task:
+        if state is None or task not in state.running:
             raise SemanticsError(f"task {task} finished but its stream is not running it")
-        state.busy = None
-        self._touched[state.stream] = None
+        state.running.discard(task)
+        if not state.running:
+            self._touched[state.stream] = None
         p.num_done += 1
         return self._complete(task, counts)
 
@@ -211,10 +252,11 @@ class Execution:
             p.counts[node.layer] = (counts if prior is None
                                     else tuple(a + b for a, b in zip(prior, counts)))
         newly: list[Task] = []
+        arrival = next(self._arrivals)
         for succ in p.plan.graph.succs(node_id):
             p.waiting[succ] -= 1
             if p.waiting[succ] == 0:
-                self._make_ready((plan_index, succ))
+                self._make_ready((plan_index, succ), arrival)
                 newly.append((plan_index, succ))
         return newly
 
@@ -233,7 +275,7 @@ class Execution:
                 self.start(task)
                 progressed = True
                 yield task
-                if self.streams[stream].busy == task:
+                if task in self.streams[stream].running:
                     raise SemanticsError(f"task {task} was not finished before the next")
             if not progressed:
                 raise SemanticsError(f"deadlock: nothing can run, {self._pending()} tasks left")
@@ -245,10 +287,9 @@ class Execution:
         """Drop a plan's remaining nodes from every stream (an aborted unit)."""
         p = self.plans[index]
         for state in {id(s): s for s in p.streams if s is not None}.values():
-            if state.busy is not None and state.busy[0] == index:
-                state.busy = None
+            state.running = {t for t in state.running if t[0] != index}
             state.queue = deque(t for t in state.queue if t[0] != index)
-            state.heap = [h for h in state.heap if h[1] != index]
+            state.heap = [h for h in state.heap if h[2] != index]
             heapq.heapify(state.heap)
             self._touched[state.stream] = None
         self._ready = {t for t in self._ready if t[0] != index}

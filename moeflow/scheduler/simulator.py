@@ -48,6 +48,9 @@ class TraceEvent:
     layer: int | None
     start: float
     end: float
+    group: int = 0  # nodes coalesced into one kernel share a group id
+    ready_order: int = 0  # when it became ready and started, in event order (ties in time
+    start_order: int = 0  # are ordered too: a zero-duration node finishes "after" a start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,13 @@ class _Run:
         self.peak = {d: sim.weights[d] for d in sim.placement.devices}
         self.violations: list[str] = []
         self.targets: dict[int, SimRequest] = {}
+        self.order = itertools.count()
+        self.ready_at: dict[Task, int] = {}
+        # livelock guard: units completed since a token was last produced. Every unit
+        # moves some sequence forward, so a healthy run cannot need more than a few times
+        # the workload's tokens between two tokens, even with recomputation
+        self.idle_units = 0
+        self.idle_limit = 4 * sum(r.prompt + r.output for r in self.requests) + 1000
         self.first: dict[int, float] = {}
         self.timings: list[RequestTiming] = []
 
@@ -303,6 +313,9 @@ class _Run:
             index = self.execution.add(job.plan)
             self.jobs.append(job)
             graph = job.plan.graph
+            for node_id in range(len(graph.nodes)):
+                if not graph.preds(node_id):
+                    self.ready_at[(index, node_id)] = next(self.order)
             self.gates[index] = {(n.layer, n.device): n.id for n in graph.nodes
                                  if isinstance(n, Gate)}
             by_layer: dict[int, list[int]] = {}
@@ -317,30 +330,35 @@ class _Run:
 
     def _start_ready(self) -> None:
         while True:
-            tasks = self.execution.startable()
-            if not tasks:
+            groups = self.execution.startable()
+            if not groups:
                 return
-            for task in tasks:
-                stream = self.execution.stream_of(task)
-                self.execution.start(task)
-                duration = self._duration(task)
-                self.durations[task] = duration
-                plan = self.jobs[task[0]].plan
-                node = plan.graph.nodes[task[1]]
-                self.trace.append(TraceEvent(str(stream), node_label(node), type(node).__name__,
-                                             task[0], task[1], getattr(node, "layer", None),
-                                             self.now, self.now + duration))
-                self._allocate(task, node)
-                self.push(self.now + duration, "finish", task)
+            for group in groups:
+                stream = str(self.execution.stream_of(group[0]))
+                self.execution.start(group)
+                duration = self._duration(group)
+                gid = next(self.seq)
+                started = next(self.order)
+                for task in group:
+                    self.durations[task] = duration
+                    node = self.jobs[task[0]].plan.graph.nodes[task[1]]
+                    self.trace.append(TraceEvent(stream, node_label(node), type(node).__name__,
+                                                 task[0], task[1], getattr(node, "layer", None),
+                                                 self.now, self.now + duration, gid,
+                                                 self.ready_at.pop(task, 0), started))
+                    self._allocate(task, node)
+                    self.push(self.now + duration, "finish", task)
 
-    def _duration(self, task: Task) -> float:
-        plan_index, node_id = task
-        graph = self.jobs[plan_index].plan.graph
-        node = graph.nodes[node_id]
-        if isinstance(node, Gate):
-            self.counts[task] = self.sim.routing.counts(node.layer, node.num_tokens, node.device,
-                                                        graph.placement)
-        return self.sim.cost.duration(graph, node, self._rows(plan_index, graph, node))
+    def _duration(self, group: tuple[Task, ...]) -> float:
+        items = []
+        for plan_index, node_id in group:
+            graph = self.jobs[plan_index].plan.graph
+            node = graph.nodes[node_id]
+            if isinstance(node, Gate):
+                self.counts[(plan_index, node_id)] = self.sim.routing.counts(
+                    node.layer, node.num_tokens, node.device, graph.placement)
+            items.append((graph, node, self._rows(plan_index, graph, node)))
+        return self.sim.cost.group_duration(items)
 
     def _rows(self, plan_index: int, graph: Graph, node: Node) -> list[int]:
         """Rows per expert of the node's group (routed Expert and dispatch/combine only)."""
@@ -401,9 +419,11 @@ class _Run:
         graph = self.jobs[plan_index].plan.graph
         node = graph.nodes[node_id]
         try:
-            self.execution.finish(task, self.counts.get(task))
+            newly = self.execution.finish(task, self.counts.get(task))
         except SemanticsError as exc:
             raise SimulationError(str(exc)) from None
+        for t in newly:
+            self.ready_at[t] = next(self.order)
         for src in graph.inputs(node_id):
             self.uses[plan_index][src] -= 1
             if self.uses[plan_index][src] == 0:
@@ -422,6 +442,12 @@ class _Run:
 
     def _complete(self, job: Job) -> None:
         done = self.book.complete(job)
+        self.idle_units = 0 if done.sampled else self.idle_units + 1
+        if self.idle_units > self.idle_limit:
+            raise SimulationError(
+                f"no progress: {self.idle_units} units completed at t={self.now:.6f}s without "
+                f"producing a token (a livelock: e.g. preemption undoing the work it makes "
+                f"room for)")
         for seq_id in done.sampled:
             seq = self.book.add_output(seq_id)
             self.first.setdefault(seq_id, self.now)

@@ -17,9 +17,9 @@ invariants:
     +  for static plans, the simulated and the real in-process per-stream orders agree
     +  the execution semantics themselves (a state machine, see `machine.py`)
 
-Policies may add their own invariants: a scheduler class with a `conformance_checks()`
-classmethod returning functions `check(case, result) -> list[str]` gets them run on every
-simulated case. Failures shrink to a small case whose repr can be pasted into a test.
+Policies have their own invariants too (fine-ep: invariant 6), and a plugin may add some:
+a scheduler class with a `conformance_checks()` classmethod returning functions
+`check(case, result) -> list[str]` gets them run on every simulated case. Failures shrink to a small case whose repr can be pasted into a test.
 """
 
 from __future__ import annotations
@@ -106,9 +106,10 @@ def violations(case: Case, sim: Simulator, result: SimResult) -> list[str]:
                 if end.get((j, p), float("inf")) > start[(j, i)] + 1e-12:
                     out.append(f"invariant 1: unit {j} node {i} started before its "
                                f"predecessor {p} finished")
+    groups = {(ev.job, ev.node): ev.group for ev in result.trace}
     for resource, spans in _by_resource(result).items():
         for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
-            if s1 < e0 - 1e-12:
+            if s1 < e0 - 1e-12 and groups[a] != groups[b]:  # a coalesced group is one kernel
                 out.append(f"invariant 2: {resource} ran {a} and {b} at once "
                            f"({s0:.9f}-{e0:.9f} and {s1:.9f}-{e1:.9f})")
                 break
@@ -118,8 +119,12 @@ def violations(case: Case, sim: Simulator, result: SimResult) -> list[str]:
                    f"requests finished")
     if case.workload.all_at_zero and result.trace:
         makespan = max(ev.end for ev in result.trace) - min(ev.start for ev in result.trace)
-        busiest = max(sum(e - s for s, e, _ in spans) for spans in _by_resource(result).values())
-        total = sum(ev.end - ev.start for ev in result.trace)
+        kernels = {(ev.resource, ev.group): ev.end - ev.start for ev in result.trace}
+        busy: dict[str, float] = {}
+        for (resource, _), d in kernels.items():
+            busy[resource] = busy.get(resource, 0.0) + d
+        busiest = max(busy.values())
+        total = sum(kernels.values())
         if not busiest <= makespan * (1 + 1e-9) + 1e-12:
             out.append(f"invariant 4: busiest resource {busiest} > makespan {makespan}")
         if not makespan <= total * (1 + 1e-9) + 1e-12:
@@ -137,8 +142,25 @@ def _by_resource(result: SimResult) -> dict[str, list[tuple[float, float, tuple[
     return out
 
 
+Check = Callable[[Case, SimResult], list[str]]
+
+
+def policy_checks(scheduler_cls: type[Scheduler]) -> list[Check]:
+    """The invariants specific to a policy: the built-in ones for every policy name in the
+    class's ancestry (a subclass of fine-ep keeps invariant 6), plus whatever the class's
+    own `conformance_checks()` returns."""
+    from moeflow.testing.fine_ep import invariant_6
+
+    builtin: dict[str, list[Check]] = {"fine-ep": [invariant_6]}
+    checks: list[Check] = []
+    for klass in scheduler_cls.__mro__:
+        checks.extend(builtin.get(klass.__dict__.get("name", ""), []))
+    checks.extend(getattr(scheduler_cls, "conformance_checks", lambda: [])())
+    return checks
+
+
 def check_simulated(scheduler_cls: type[Scheduler], case: Case,
-                    extra: list[Callable[[Case, SimResult], list[str]]] = ()) -> None:
+                    extra: list[Check] | None = None) -> None:
     try:
         sim, result = simulate(scheduler_cls, case)
     except SimulationError as exc:
@@ -147,7 +169,7 @@ def check_simulated(scheduler_cls: type[Scheduler], case: Case,
                  "1 (precedence)" if "precedence" in text else "4 (termination)")
         raise ConformanceError(f"invariant {which}: {text}") from None
     found = violations(case, sim, result)
-    for check in extra:
+    for check in extra or []:
         found.extend(check(case, result))
     if found:
         more = f"\n  ... and {len(found) - 6} more" if len(found) > 6 else ""
@@ -299,7 +321,7 @@ def check_scheduler(scheduler_cls: type[Scheduler], *, max_examples: int | None 
     `moeflow.testing.load_profile`) unless given."""
     if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, Scheduler)):
         raise TypeError(f"{scheduler_cls!r} is not a moeflow.scheduler.Scheduler subclass")
-    extra = list(getattr(scheduler_cls, "conformance_checks", lambda: [])())
+    extra = policy_checks(scheduler_cls)
     base = settings()
     sim_settings = settings(base, max_examples=max_examples or base.max_examples,
                             deadline=None, suppress_health_check=[HealthCheck.too_slow,

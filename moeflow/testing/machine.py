@@ -1,7 +1,7 @@
 """A Hypothesis state machine over the execution semantics.
 
 `SemanticsMachine` adds plans (random small graphs, each stream InOrder in a random
-topological order or ByPriority with random keys), then starts and finishes nodes in any
+topological order, or ByPriority with random keys, fifo or not), then starts and finishes nodes in any
 order the semantics allow, and checks `Execution` against an obviously correct model:
 a set of done nodes, and for each stream its rule applied by brute force.
 
@@ -43,6 +43,9 @@ class SemanticsMachine(RuleBasedStateMachine):
         self.done: set[Task] = set()
         self.running: dict[Stream, Task] = {}
         self.issue: dict[Stream, list[Task]] = {}  # InOrder: the remaining sequence
+        self.fifo: set[Stream] = set()
+        self.became_ready: dict[Task, int] = {}  # the event at which each task did
+        self.events = 0
 
     @precondition(lambda self: len(self.plans) < 3)
     @rule(data=st.data())
@@ -63,16 +66,21 @@ class SemanticsMachine(RuleBasedStateMachine):
         kinds = {}
         for s in streams:  # a stream keeps one rule kind across plans
             prior = next((type(r) for p in self.plans for t, r in p.rules if t == s), None)
-            kinds[s] = prior or data.draw(st.sampled_from([InOrder, ByPriority]),
-                                          label=f"rule {s}")
+            if prior is None:
+                prior = data.draw(st.sampled_from([InOrder, ByPriority, "fifo"]),
+                                  label=f"rule {s}")
+                if prior == "fifo":
+                    self.fifo.add(s)
+                    prior = ByPriority
+            kinds[s] = prior
         order = random_topological(graph, data.draw)
         rules = []
         for s in streams:
             if kinds[s] is InOrder:
                 rules.append((s, InOrder(tuple(i for i in order if assignment[i] == s))))
             else:
-                rules.append((s, ByPriority()))
-        keys = tuple((float(data.draw(st.integers(0, 5), label="key")), float(i))
+                rules.append((s, ByPriority(fifo=s in self.fifo)))
+        keys = tuple((float(data.draw(st.integers(0, 2), label="key")),)  # many ties
                      for i in range(len(graph.nodes)))
         plan = Plan(graph, assignment, tuple(rules), keys)
         index = self.execution.add(plan)
@@ -81,6 +89,15 @@ class SemanticsMachine(RuleBasedStateMachine):
             if isinstance(r, InOrder):
                 self.issue.setdefault(s, []).extend((index, i) for i in r.order)
         del existing
+        self._note_ready()
+
+    def _note_ready(self) -> None:
+        """Stamp the tasks that just became ready with this event's number."""
+        self.events += 1
+        for p, plan in enumerate(self.plans):
+            for i in range(len(plan.graph.nodes)):
+                if (p, i) not in self.became_ready and self._ready((p, i)):
+                    self.became_ready[(p, i)] = self.events
 
     def _ready(self, task: Task) -> bool:
         plan = self.plans[task[0]]
@@ -98,12 +115,14 @@ class SemanticsMachine(RuleBasedStateMachine):
         ready = [t for t in candidates if self._ready(t)]
         if not ready:
             return None
-        return min(ready, key=lambda t: (self.plans[t[0]].priority[t[1]], t[0], t[1]))
+        fifo = stream in self.fifo
+        return min(ready, key=lambda t: (self.plans[t[0]].priority[t[1]],
+                                         self.became_ready[t] if fifo else 0, t[0], t[1]))
 
     @rule(data=st.data())
     def start_one(self, data: st.DataObject) -> None:
         startable = [(s, t) for s in self.execution.streams
-                     if (t := self.execution.next_node(s)) is not None]
+                     if (t := self.execution.next_node(s)) is not None]  # heads, started alone
         if not startable:
             return
         stream, task = data.draw(st.sampled_from(startable), label="start")
@@ -121,6 +140,7 @@ class SemanticsMachine(RuleBasedStateMachine):
         self.execution.finish(task)
         assert task not in self.done
         self.done.add(task)
+        self._note_ready()
 
     @invariant()
     def next_nodes_agree_with_the_model(self) -> None:

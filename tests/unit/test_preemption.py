@@ -1,0 +1,53 @@
+"""The request book's preemption: evict the newest sequence on a full device, or wait for
+it if it is in flight; never an older idle one in its place."""
+
+from moeflow.scheduler import Cluster, FineEP, models
+from moeflow.scheduler.requests import RequestBook
+
+BLOCK = 4
+
+
+def book_with_two_decoding() -> tuple[RequestBook, dict[int, object]]:
+    """Sequences 0 (older) and 1 (newer) on cpu:0, each with a full block of 4 tokens
+    computed and one sampled token pending: each needs a new block, and 1 is free."""
+    spec = models.load("olmoe-1b-7b")
+    cluster = Cluster.sharded(("cpu:0",), spec.moe.num_experts)
+    book = RequestBook(FineEP(), spec, cluster, {"cpu:0": 3}, BLOCK, max_batch_tokens=64)
+    for seq_id in (0, 1):
+        book.add(seq_id, BLOCK, 8, 0.0)
+    jobs = {j.unit.seqs[0].seq_id: j for j in book.schedule()}
+    assert sorted(jobs) == [0, 1]
+    return book, jobs
+
+
+def test_an_idle_older_sequence_waits_for_the_newer_one_in_flight():
+    book, jobs = book_with_two_decoding()
+    book.complete(jobs[0])
+    book.add_output(0)
+    [job] = book.schedule()  # 0 takes the free block
+    assert job.unit.seqs[0].seq_id == 0
+    book.complete(jobs[1])
+    book.add_output(1)
+    book.complete(job)
+    book.add_output(0)
+    # 0 computed 5 tokens (room in its block); 1 needs a block and none is free: 1 is the
+    # newest and idle, so it is evicted
+    book.schedule()
+    assert book.seqs[1].num_preemptions == 1 and book.seqs[0].num_preemptions == 0
+
+
+def test_the_newest_in_flight_is_waited_for_not_replaced():
+    book, jobs = book_with_two_decoding()
+    book.complete(jobs[1])
+    book.add_output(1)
+    [job] = book.schedule()  # the newer sequence 1 takes the free block and is in flight
+    assert job.unit.seqs[0].seq_id == 1
+    book.complete(jobs[0])
+    book.add_output(0)
+    # 0 (older, idle) needs a block, none is free, and the newest (1) is in flight: wait
+    assert book.schedule() == []
+    assert book.seqs[0].num_preemptions == 0 and book.seqs[1].num_preemptions == 0
+    book.complete(job)
+    book.add_output(1)
+    book.schedule()  # now 1 is idle: it is the one evicted
+    assert book.seqs[1].num_preemptions == 1 and book.seqs[0].num_preemptions == 0
