@@ -28,6 +28,9 @@ demo: $(STAMP) $(DEMO_MODEL)/config.json
 		--devices cpu:0,cpu:1 --stats
 	$(BIN)/moeflow graph $(DEMO_MODEL) --layer 0 --devices cpu:0,cpu:1 \
 		--out $(OUT)/graph-layer0.html
+	@echo "# serving: moeflow serve with 2 actor processes, a short Poisson load at three rates,"
+	@echo "# fine-ep against batch-ep"
+	$(BIN)/python benchmarks/serving.py --real --quick --model $(DEMO_MODEL)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -35,9 +38,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py
 	$(BIN)/python benchmarks/calibration.py
+	$(BIN)/python benchmarks/actors.py
+	$(BIN)/python benchmarks/serving.py
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict moeflow/scheduler moeflow/dataflow
+	$(BIN)/mypy --strict moeflow/scheduler moeflow/dataflow moeflow/actors/messages.py \
+		moeflow/serve/protocol.py
 
 clean:
 	rm -rf $(VENV) .cache $(OUT) .pytest_cache .hypothesis

@@ -13,6 +13,12 @@ _LAZY = {
     "LLM": "moeflow.serve.llm",
     "Completion": "moeflow.serve.llm",
     "SamplingParams": "moeflow.serve.sampling",
+    "AsyncEngine": "moeflow.serve.async_engine",
+    "TokenEvent": "moeflow.serve.async_engine",
+    "FinalEvent": "moeflow.serve.async_engine",
+    "OverloadedError": "moeflow.serve.async_engine",
+    "Client": "moeflow.serve.client",
+    "AsyncClient": "moeflow.serve.client",
 }
 
 __all__ = sorted(_LAZY)

@@ -7,6 +7,13 @@
     moeflow simulate --model NAME|DIR --hardware NAME|FILE --scheduler NAME
                      --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
     moeflow calibrate --out cpu.json
+    moeflow serve MODEL_DIR --bind tcp://127.0.0.1:5555 [--scheduler batch-ep] [--devices cpu:0]
+                  [--transport inproc|zmq] [--dtype auto] [--max-waiting 64]
+                  [--max-prompt-tokens N] [--max-new-tokens-limit 4096] [--metrics-port N]
+                  [--curve-secret-key FILE --curve-public-keys DIR]
+    moeflow bench --connect tcp://127.0.0.1:5555 --workload poisson:rate=R --num-requests N
+                  [--prompt-len uniform:16-64] [--output-len uniform:8-32] [--seed 0]
+                  [--json out.json] [--timeout 600]
 
 Errors in what the user gave (a bad checkpoint, a bad flag value) print one line and exit 2.
 """
@@ -120,6 +127,43 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure this machine's CPU for the simulator")
     cal.add_argument("--out", required=True, help="hardware description to write (.json)")
     cal.add_argument("--quick", action="store_true", help="fewer repetitions")
+
+    serve = sub.add_parser("serve", help="serve the request protocol (docs/protocol.md) on "
+                                         "ZeroMQ")
+    serve.add_argument("model_dir")
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
+                       help="zmq endpoint; a non-loopback address needs CURVE")
+    serve.add_argument("--scheduler", default="batch-ep")
+    serve.add_argument("--devices", default="cpu:0")
+    serve.add_argument("--transport", default="inproc", choices=("inproc", "zmq"))
+    serve.add_argument("--dtype", default="auto",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+    serve.add_argument("--max-waiting", type=_positive, default=64,
+                       help="requests in progress beyond which new ones get `overloaded`")
+    serve.add_argument("--max-prompt-tokens", type=_positive, default=None,
+                       help="default: the model's max_position_embeddings - 1")
+    serve.add_argument("--max-new-tokens-limit", type=_positive, default=4096)
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve GET /metrics (Prometheus) on 127.0.0.1:PORT (0: any port)")
+    serve.add_argument("--curve-secret-key", metavar="FILE",
+                       help="the server's zmq certificate with its secret key")
+    serve.add_argument("--curve-public-keys", metavar="DIR",
+                       help="directory of the allowed clients' public certificates")
+
+    bench = sub.add_parser("bench", help="drive a `moeflow serve` with a workload and report "
+                                         "latency and throughput")
+    bench.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    bench.add_argument("--workload", default="poisson:rate=10",
+                       help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
+    bench.add_argument("--num-requests", type=_positive, default=100)
+    bench.add_argument("--prompt-len", default="uniform:16-64",
+                       help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
+    bench.add_argument("--output-len", default="uniform:8-32")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", dest="json_out", help="write per-request records and the "
+                                                       "summary here")
+    bench.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds for the whole run; unfinished requests count as errors")
     return parser
 
 
@@ -249,8 +293,67 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvloop
+
+    from moeflow.serve.security import CurveConfig
+    from moeflow.serve.server import RequestServer, ServerConfig
+
+    if (args.curve_secret_key is None) != (args.curve_public_keys is None):
+        raise ValueError("CURVE needs both --curve-secret-key FILE and --curve-public-keys DIR")
+    curve = (CurveConfig(args.curve_secret_key, args.curve_public_keys)
+             if args.curve_secret_key is not None else None)
+    if curve is not None:
+        curve.load()  # a bad key file fails here, before the model loads
+    config = ServerConfig(args.model_dir, bind=args.bind, scheduler=args.scheduler,
+                          devices=args.devices, transport=args.transport, dtype=args.dtype,
+                          max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
+                          max_new_tokens_limit=args.max_new_tokens_limit,
+                          metrics_port=args.metrics_port, curve=curve)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(server: RequestServer) -> None:
+        extra = f", metrics {server.metrics_address}" if server.metrics_address else ""
+        extra += ", CURVE" if curve is not None else ""
+        print(f"serving {args.model_dir} on {server.address} (scheduler {args.scheduler}, "
+              f"devices {args.devices}{extra})", flush=True)
+
+    uvloop.run(RequestServer(config).serve(ready))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moeflow.progress import Progress
+    from moeflow.serve.bench import format_summary, run_bench
+    from moeflow.serve.client import ServerError
+
+    bar = Progress(args.num_requests, "bench")
+    try:
+        result = run_bench(args.connect, args.workload, args.num_requests, args.prompt_len,
+                           args.output_len, args.seed, timeout=args.timeout,
+                           progress=bar.update)
+    except TimeoutError as exc:
+        print(f"moeflow bench: error: {exc} (is `moeflow serve` running there?)",
+              file=sys.stderr)
+        return 1
+    except ServerError as exc:
+        print(f"moeflow bench: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(result["summary"]))
+    if args.json_out:
+        from pathlib import Path
+
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json_out} ({len(result['records'])} requests)")
+    return 0
+
+
 COMMANDS = {"make-tiny": cmd_make_tiny, "generate": cmd_generate, "graph": cmd_graph,
-            "simulate": cmd_simulate, "calibrate": cmd_calibrate}
+            "simulate": cmd_simulate, "calibrate": cmd_calibrate, "serve": cmd_serve,
+            "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -105,13 +105,15 @@ class CostModel:
             context += chunk.start + chunk.num_tokens
         head_flops = a.num_heads * (a.head_dim + (a.v_head_dim if a.kind == "mla" else a.head_dim))
         flops = 2 * t * proj
-        if a.kind == "mla":  # latents expanded per key: kv_b applied to the cached latents
-            flops += 2 * context * a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+        attention = 2 * pairs * head_flops
+        if a.kind == "mla":  # latents expanded per key: kv_b applied to the cached latents,
+            # a GEMM over `context` rows (near peak even when t is one decode token)
+            attention += 2 * context * a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim
+                                                                       + a.v_head_dim)
         kv_bytes = context * a.cache_width * b  # the cache read (incl. the new tokens)
         # norms, q/k/v, rope, cache write, output projection, residual, post norm
         act = t * (10 * d + 2 * (a.q_width + 2 * a.kv_width)) * b
-        return NodeCost(flops, proj * b, t, KERNELS[Attention], act + kv_bytes,
-                        2 * pairs * head_flops)
+        return NodeCost(flops, proj * b, t, KERNELS[Attention], act + kv_bytes, attention)
 
     def group_cost(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> NodeCost:
         """The cost of nodes coalesced into one kernel: their work adds up, the weights they

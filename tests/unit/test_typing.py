@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STRICT = ["moeflow/scheduler", "moeflow/dataflow"]
+STRICT = ["moeflow/scheduler", "moeflow/dataflow", "moeflow/actors/messages.py",
+          "moeflow/serve/protocol.py"]
 
 
-def test_scheduler_and_dataflow_pass_mypy_strict():
+def test_scheduler_dataflow_and_message_schemas_pass_mypy_strict():
     pytest.importorskip("mypy")
     out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
                           "--cache-dir", str(ROOT / ".mypy_cache"), *STRICT],

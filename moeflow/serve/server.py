@@ -1,0 +1,402 @@
+"""RequestServer: the request protocol (moeflow/serve/protocol.py) over a ZeroMQ ROUTER, in
+front of an AsyncEngine.
+
+One asyncio.TaskGroup owns everything that runs: the receive loop, one task per generate
+(admit, stream its events back, send its final), one per health query, and one per
+connection to the optional Prometheus endpoint. The receive loop never waits on the engine,
+so an abort or a health query is read while generations stream. An abort cancels its
+request's task; leaving the engine's event stream aborts the request there and frees its KV
+cache. A bad request gets an error reply and the server goes on.
+
+Shutdown (SIGINT, SIGTERM or stop()): stop reading, end every generation in progress with a
+final whose finish_reason is "abort", stop the engine (its actor processes exit), close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+
+from moeflow.actors.inproc import parse_devices
+from moeflow.serve import protocol as p
+from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, Event, FinalEvent,
+                                        OverloadedError, TokenEvent)
+from moeflow.serve.sampling import SamplingParams
+from moeflow.serve.security import CurveConfig, check_bind, secure
+
+log = logging.getLogger("moeflow.server")
+
+HEALTH_TIMEOUT_S = 5.0  # the engine thread answers between steps
+HTTP_TIMEOUT_S = 5.0
+REPLY_TIMEOUT_S = 1.0  # replies sent by the receive loop itself: it must not stall
+MAX_MESSAGE_BYTES = 8 << 20  # a peer sending more is disconnected by zmq
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything `moeflow serve` takes. Checks itself (addresses, limits); no I/O."""
+
+    model: str
+    bind: str = "tcp://127.0.0.1:5555"
+    scheduler: str = "batch-ep"
+    devices: str = "cpu:0"
+    transport: str = "inproc"
+    dtype: str = "auto"
+    max_waiting: int = 64
+    max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings - 1
+    max_new_tokens_limit: int = p.DEFAULT_MAX_NEW_TOKENS_LIMIT
+    metrics_port: int | None = None
+    curve: CurveConfig | None = None
+    send_timeout_s: float = 30.0  # a client that takes no reply for this long is gone
+
+    def __post_init__(self) -> None:
+        check_bind(self.bind, curve=self.curve is not None)
+        parse_devices(self.devices)
+        if self.transport not in ("inproc", "zmq"):
+            raise ValueError(f"transport must be inproc or zmq, got {self.transport!r}")
+        for name in ("max_waiting", "max_new_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.send_timeout_s <= 0:
+            raise ValueError(f"send_timeout_s must be > 0, got {self.send_timeout_s}")
+
+
+@dataclass(eq=False)
+class _Job:
+    """The server's side of one generate in progress, shared by the receive loop (which may
+    abort it) and the task that serves it."""
+
+    client: bytes
+    envelope: list[bytes]
+    request: p.Generate
+    task: asyncio.Task[None] | None = None
+    admitted: bool = False
+    abort_reason: str | None = None  # "client" (an abort request) or "shutdown"
+
+    @property
+    def key(self) -> tuple[bytes, p.RequestId]:
+        return self.client, self.request.id
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class RequestServer:
+    """Serves one AsyncEngine on one ROUTER socket; `await serve()` runs until stop()."""
+
+    def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine or AsyncEngine.from_pretrained(
+            config.model, scheduler=config.scheduler, devices=config.devices,
+            dtype=config.dtype, transport=config.transport, max_waiting=config.max_waiting)
+        self.limits = p.Limits(config.max_new_tokens_limit)
+        self.address = config.bind  # the bound endpoint once serving (a "*" port resolved)
+        self.metrics_address: str | None = None
+        self.jobs: dict[tuple[bytes, p.RequestId], _Job] = {}
+        self._stopping = asyncio.Event()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (call in the server's event loop)."""
+        self._stopping.set()
+
+    async def serve(self, ready: Callable[[RequestServer], None] | None = None) -> None:
+        """Load the model, bind, serve until stop(); then shut down in order."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        context = zmq.asyncio.Context()
+        auth = http = None
+        try:
+            async with self.engine:
+                self._set_limits()
+                self._socket = socket = context.socket(zmq.ROUTER)
+                socket.linger = 0
+                socket.router_mandatory = 1  # a reply to a client that left raises
+                socket.sndhwm = 100_000
+                socket.maxmsgsize = MAX_MESSAGE_BYTES
+                if self.config.curve is not None:
+                    auth = secure(socket, context, self.config.curve)
+                try:
+                    socket.bind(self.config.bind)
+                except zmq.ZMQError as exc:
+                    raise ValueError(f"cannot bind {self.config.bind}: {exc}") from None
+                self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+                http = await self._start_http()  # before the group: a busy port fails plainly
+                async with asyncio.TaskGroup() as tasks:
+                    self._tasks = tasks
+                    receiver = tasks.create_task(self._receive())
+                    if ready is not None and not self._stopping.is_set():
+                        ready(self)
+                    await self._stopping.wait()
+                    log.info("shutting down: %d requests in progress", len(self.jobs))
+                    receiver.cancel()
+                    if http is not None:
+                        http.close()
+                    for job in list(self.jobs.values()):
+                        job.abort_reason = job.abort_reason or "shutdown"
+                        if job.task is not None:
+                            job.task.cancel()
+        finally:
+            if http is not None:
+                http.close()
+            if self._socket is not None:
+                self._socket.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            context.term()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _set_limits(self) -> None:
+        spec = self.engine.spec
+        most = spec.max_position_embeddings - 1  # the prompt needs room for one token
+        asked = self.config.max_prompt_tokens
+        if asked is not None and asked > most:
+            raise ValueError(f"--max-prompt-tokens {asked} is more than {spec.name or 'the model'}"
+                             f" holds ({most}: max_position_embeddings - 1)")
+        self.limits = p.Limits(self.config.max_new_tokens_limit, asked or most, spec.vocab_size)
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            client, rest = frames[0], frames[1:]
+            envelope: list[bytes] = [b""] if rest and rest[0] == b"" else []
+            try:
+                envelope, body = p.split_frames(rest)
+                request = p.parse_request(p.decode(body), self.limits)
+                await self._dispatch(client, envelope, request)
+            except p.ProtocolError as exc:
+                log.info("client %s: %s: %s", client.hex(), exc.code, exc.message)
+                await self._send(client, envelope, p.ErrorReply.of(exc), REPLY_TIMEOUT_S)
+            except Exception as exc:  # a bug must not take the server down
+                log.exception("client %s: failed to handle a message", client.hex())
+                await self._send(client, envelope, p.ErrorReply(None, p.INTERNAL, str(exc)),
+                                 REPLY_TIMEOUT_S)
+
+    async def _dispatch(self, client: bytes, envelope: list[bytes], request: p.Request) -> None:
+        assert self._tasks is not None
+        if isinstance(request, p.Generate):
+            job = _Job(client, envelope, request)
+            if job.key in self.jobs:
+                raise p.ProtocolError(p.DUPLICATE_ID, f"id {request.id!r} is already in "
+                                                      f"progress", request.id, "id")
+            self.jobs[job.key] = job
+            job.task = self._tasks.create_task(self._generate(job))
+        elif isinstance(request, p.Abort):
+            target = self.jobs.get((client, request.id))
+            if target is None:
+                raise p.ProtocolError(p.NOT_FOUND, f"id {request.id!r} is not in progress",
+                                      request.id, "id")
+            target.abort_reason = "client"
+            if target.admitted and target.task is not None:
+                target.task.cancel()
+            # not admitted yet: its task sees abort_reason once the engine answers
+        elif isinstance(request, p.HealthQuery):
+            self._tasks.create_task(self._health(client, envelope))
+        else:
+            await self._send(client, envelope, p.MetricsReport(self.engine.metrics.snapshot()),
+                             REPLY_TIMEOUT_S)
+
+    # -- one generate --------------------------------------------------------------
+
+    async def _generate(self, job: _Job) -> None:
+        request, started = job.request, time.perf_counter()
+        terminal: p.Final | p.ErrorReply | None
+        try:
+            prompt_ids = self._prompt_ids(request)
+            engine_id = await self.engine.add(prompt_ids,
+                                              SamplingParams(**request.sampling()))
+        except p.ProtocolError as exc:
+            terminal = p.ErrorReply.of(exc)
+        except OverloadedError as exc:
+            terminal = p.ErrorReply(request.id, p.OVERLOADED, f"the server is full: {exc}")
+        except (ValueError, TypeError) as exc:
+            terminal = p.ErrorReply(request.id, p.INVALID_REQUEST, f"prompt: {exc}")
+        except asyncio.CancelledError:  # only shutdown cancels a request being admitted
+            if job.abort_reason is None:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            terminal = p.ErrorReply(request.id, p.INTERNAL, "the server is shutting down")
+        except Exception as exc:
+            log.exception("request %r: admission failed", request.id)
+            terminal = p.ErrorReply(request.id, p.INTERNAL, f"admission failed: {exc}")
+        else:
+            job.admitted = True
+            if job.abort_reason is not None:
+                # aborted while being admitted: the cancellation lands in the stream below,
+                # which then aborts the request and frees its KV like any other abort
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            try:
+                terminal = await self._stream(job, engine_id, len(prompt_ids), started)
+            except _ClientGone:
+                terminal = None
+            except EngineStopped as exc:
+                terminal = p.ErrorReply(request.id, p.INTERNAL, str(exc))
+        await self._finish(job, terminal)
+
+    def _prompt_ids(self, request: p.Generate) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)  # parse_request checked vocabulary and length
+        assert request.prompt is not None
+        if self.engine.tokenizer is None:
+            raise p.ProtocolError(p.INVALID_REQUEST, "prompt: this model has no tokenizer; "
+                                                     "send prompt_ids", request.id, "prompt")
+        ids = self.engine.encode(request.prompt)
+        if not ids:
+            raise p.ProtocolError(p.INVALID_REQUEST, "prompt: the prompt is empty",
+                                  request.id, "prompt")
+        p.check_prompt_length(len(ids), self.limits, request.id)
+        return ids
+
+    async def _stream(self, job: _Job, engine_id: int, num_prompt: int,
+                      started: float) -> p.Final:
+        """Forward the request's events; its final, or an "abort" final when cancelled."""
+        request = job.request
+        token_ids: list[int] = []
+        texts: list[str] = []
+        first: float | None = None
+        final: FinalEvent | None = None
+        try:
+            stream = cast(AsyncGenerator[Event, None], self.engine.events(engine_id))
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        if request.stream and not await self._send(
+                                job.client, job.envelope,
+                                p.Token(request.id, event.index, event.token_id, event.text),
+                                self.config.send_timeout_s):
+                            raise _ClientGone()
+                        first = first or time.perf_counter()
+                        token_ids.append(event.token_id)
+                        texts.append(event.text)
+                    else:
+                        final = event
+                        break
+        except asyncio.CancelledError:
+            if job.abort_reason is None:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        if final is not None:
+            return p.Final(request.id, final.finish_reason, final.token_ids, final.text,
+                           final.prompt_tokens, final.completion_tokens, final.ttft_s,
+                           final.tpot_s, final.e2e_s)
+        if job.abort_reason is None:
+            raise EngineStopped("the engine ended the request without a final event")
+        end = time.perf_counter()
+        n = len(token_ids)
+        ttft = (first or end) - started
+        return p.Final(request.id, "abort", tuple(token_ids), "".join(texts), num_prompt, n,
+                       ttft, (end - (first or end)) / (n - 1) if n > 1 else 0.0, end - started)
+
+    async def _finish(self, job: _Job, terminal: p.Final | p.ErrorReply | None) -> None:
+        # leaving `jobs` before the first await: an abort from now on is not_found
+        self.jobs.pop(job.key, None)
+        who = f"client {job.client.hex()} request {job.request.id!r}"
+        if terminal is None:
+            log.info("%s: the client is gone; aborted", who)
+            return
+        sent = await self._send(job.client, job.envelope, terminal, self.config.send_timeout_s)
+        if job.abort_reason == "client" and sent:
+            await self._send(job.client, job.envelope, p.Aborted(job.request.id),
+                             self.config.send_timeout_s)
+        if isinstance(terminal, p.ErrorReply):
+            log.info("%s: error %s: %s", who, terminal.code, terminal.message)
+        else:
+            log.info("%s: %s, %d prompt + %d generated tokens, ttft %.1f ms, tpot %.1f ms, "
+                     "e2e %.1f ms", who, terminal.finish_reason, terminal.prompt_tokens,
+                     terminal.completion_tokens, terminal.ttft_s * 1e3, terminal.tpot_s * 1e3,
+                     terminal.e2e_s * 1e3)
+
+    # -- health, sending -----------------------------------------------------------
+
+    async def _health(self, client: bytes, envelope: list[bytes]) -> None:
+        status = "ok"
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                waiting, running = await self.engine.call(
+                    lambda core: (len(core.book.waiting), len(core.book.running)))
+        except (TimeoutError, EngineStopped):
+            snapshot = self.engine.metrics.snapshot()
+            status, waiting, running = "unresponsive", snapshot["waiting"], snapshot["running"]
+        spec, config = self.engine.spec, self.config
+        report = p.HealthReport(status, spec.name or config.model, spec.family, spec.vocab_size,
+                                spec.max_position_embeddings, config.scheduler,
+                                parse_devices(config.devices),
+                                config.transport, running, waiting)
+        await self._send(client, envelope, report, config.send_timeout_s)
+
+    async def _send(self, client: bytes, envelope: list[bytes], reply: p.Reply,
+                    timeout: float) -> bool:
+        """Send one reply; False when the client cannot take it (gone, or not reading)."""
+        assert self._socket is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await self._socket.send_multipart([client, *envelope, p.encode(reply.wire())])
+            return True
+        except (zmq.ZMQError, TimeoutError) as exc:
+            log.info("client %s: reply not delivered (%s)", client.hex(), exc or "timed out")
+            return False
+
+    # -- Prometheus ----------------------------------------------------------------
+
+    async def _start_http(self) -> asyncio.Server | None:
+        if self.config.metrics_port is None:
+            return None
+
+        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self._tasks is None:  # not serving yet (nobody knows the port before ready)
+                writer.close()
+            else:
+                self._tasks.create_task(self._http(reader, writer))  # owned by the TaskGroup
+
+        try:
+            server = await asyncio.start_server(accept, "127.0.0.1", self.config.metrics_port)
+        except OSError as exc:
+            raise ValueError(f"cannot serve metrics on 127.0.0.1:{self.config.metrics_port}: "
+                             f"{exc.strerror or exc}") from None
+        port = server.sockets[0].getsockname()[1]
+        self.metrics_address = f"http://127.0.0.1:{port}/metrics"
+        return server
+
+    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """GET /metrics: the engine's metrics in the Prometheus text format."""
+        try:
+            async with asyncio.timeout(HTTP_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + [""]
+                if method == "GET" and path.split("?")[0] == "/metrics":
+                    status, body = "200 OK", self.engine.metrics.prometheus().encode()
+                    kind = "text/plain; version=0.0.4; charset=utf-8"
+                else:
+                    status, body, kind = "404 Not Found", b"not found: try GET /metrics\n", \
+                        "text/plain"
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: "
+                             f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, UnicodeDecodeError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(HTTP_TIMEOUT_S):
+                    await writer.wait_closed()
