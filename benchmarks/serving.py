@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Sequence
 
 from moeflow.dataflow.graph import Unit
 from moeflow.progress import Progress
@@ -46,6 +45,7 @@ SCHEDULERS = ("batch-ep", "fine-ep")
 STATIC = "batch-ep-static"  # simulation only, for context
 LOADS = (("light", 0.3), ("medium", 0.6), ("near saturation", 0.9))
 REAL_CHECKPOINT = Path(".cache/serving-qwen3-moe")
+STARTUP_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,13 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_S)
+        line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("serving"):
             self.proc.kill()
-            raise RuntimeError(f"moeflow serve did not start ({' '.join(cmd)}): {line!r}")
+            self.proc.wait()
+            raise RuntimeError(f"moeflow serve did not start within {STARTUP_S:g} s "
+                               f"({' '.join(cmd)}): {line!r}")
 
     def __enter__(self) -> Server:
         return self
@@ -210,18 +213,18 @@ def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, outp
 def run_real(model: Path, num_requests: int, prompt: str, output: str, devices: str,
              transport: str) -> list[dict[str, Any]]:
     results: dict[tuple[str, str], dict[str, float]] = {}
-    servers = {}
-    bar = Progress(len(SCHEDULERS) * len(LOADS) + 1, "real runs")
+    bar = Progress(len(SCHEDULERS) * (len(LOADS) + 1), "real runs")
     step = 0
     capacity = 0.0
     for sched in SCHEDULERS:  # one server per policy at a time: 2 cores, no sharing
         with Server(model, sched, devices, transport) as server:
-            servers[sched] = server.address
-            if sched == SCHEDULERS[0]:
-                capacity = real_bench(server.address, "burst", num_requests, prompt,
-                                      output)["requests_per_s"]
-                step += 1
-                bar.update(step)
+            # a burst first on every server: it warms each alike, and batch-ep's measures
+            # the capacity the offered loads are fractions of
+            burst = real_bench(server.address, "burst", num_requests, prompt, output)
+            if sched == "batch-ep":
+                capacity = burst["requests_per_s"]
+            step += 1
+            bar.update(step)
             for label, frac in LOADS:
                 results[(label, sched)] = real_bench(
                     server.address, f"poisson:rate={frac * capacity:.6g}", num_requests,

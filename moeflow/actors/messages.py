@@ -199,7 +199,7 @@ def plan_to_wire(plan: Plan) -> dict[str, Any]:
     rules = []
     for s, rule in plan.rules:
         rules.append([index[s], "o", list(rule.order)] if isinstance(rule, InOrder)
-                     else [index[s], "p"])
+                     else [index[s], "p", rule.coalesce, rule.fifo])
     return {
         "unit": [[c.seq_id, c.start, c.num_tokens, c.home, c.logits] for c in graph.unit.seqs],
         "placement": [list(graph.placement.devices), list(graph.placement.expert_owners)],
@@ -210,6 +210,7 @@ def plan_to_wire(plan: Plan) -> dict[str, Any]:
         "streams": [[s.actor, s.name] for s in streams],
         "assign": [index[s] for s in plan.assignment], "rules": rules,
         "priority": [list(k) for k in plan.priority],
+        "merge": [None if k is None else list(k) for k in plan.merge],
     }
 
 
@@ -234,10 +235,12 @@ def plan_from_wire(data: Any) -> Plan:
         graph = g.Graph(unit, placement, tuple(nodes), edges, int(data["layers"]))
         streams = [Stream(str(a), str(n)) for a, n in data["streams"]]
         assignment = tuple(streams[i] for i in data["assign"])
-        rules = tuple((streams[r[0]], InOrder(tuple(r[2])) if r[1] == "o" else ByPriority())
+        rules = tuple((streams[r[0]], InOrder(tuple(r[2])) if r[1] == "o"
+                       else ByPriority(coalesce=bool(r[2]), fifo=bool(r[3])))
                       for r in data["rules"])
         priority = tuple(tuple(float(x) for x in k) for k in data["priority"])
-        return Plan(graph, assignment, rules, priority)
+        merge = tuple(None if k is None else tuple(k) for k in data["merge"])
+        return Plan(graph, assignment, rules, priority, merge)
     except MessageError:
         raise
     except Exception as exc:  # any malformed structure: refuse it with its reason

@@ -11,7 +11,7 @@ from moeflow.scheduler.registry import UnknownScheduler, available, make_schedul
 from moeflow.scheduler.semantics import Execution, SemanticsError
 
 __all__ = [
-    "BatchEP", "Budget", "FineEP", "ByPriority", "Cluster", "Execution", "InOrder", "Plan", "PlanError",
-    "RequestView", "Scheduler", "SemanticsError", "Stream", "UnknownScheduler", "available",
-    "make_scheduler", "scheduler_class", "topological_plan",
+    "BatchEP", "Budget", "ByPriority", "Cluster", "Execution", "FineEP", "InOrder", "Plan",
+    "PlanError", "RequestView", "Scheduler", "SemanticsError", "Stream", "UnknownScheduler",
+    "available", "make_scheduler", "scheduler_class", "topological_plan",
 ]

@@ -6,8 +6,10 @@ engine calls it with plain data and runs what it returns on whichever executor i
 
     form_units(waiting, running, budget) -> [Unit]
         Admission and batching. `running` are idle requests with KV on some device (those
-        in a unit still in flight are not offered); `waiting` have no KV yet. The engine
-        calls this whenever work may start: on arrivals and whenever a unit finishes. Return the units to run now, each a tuple of SeqChunks: which
+        in a unit still in flight are not offered), in the order they were admitted;
+        `waiting` have no KV yet, in arrival order (a preempted request first). The engine
+        calls this whenever work may start: on arrivals and whenever a unit finishes.
+        Return the units to run now, each a tuple of SeqChunks: which
         sequences advance, by how many tokens, and on which home device (where their
         attention runs and their KV cache lives). A running request keeps its home. Stay
         within `budget`: at most `max_tokens` new tokens and `max_seqs` sequences over all

@@ -107,7 +107,8 @@ class CostModel:
         flops = 2 * t * proj
         attention = 2 * pairs * head_flops
         if a.kind == "mla":  # latents expanded per key: kv_b applied to the cached latents,
-            # a GEMM over `context` rows (near peak even when t is one decode token)
+            # a GEMM over `context` rows even when t is one decode token, so it is charged
+            # with the attention kernel's work (at its rate), not at the projections' rows
             attention += 2 * context * a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim
                                                                        + a.v_head_dim)
         kv_bytes = context * a.cache_width * b  # the cache read (incl. the new tokens)
@@ -117,12 +118,15 @@ class CostModel:
 
     def group_cost(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> NodeCost:
         """The cost of nodes coalesced into one kernel: their work adds up, the weights they
-        share are read once. Routed experts merge their rows expert by expert."""
+        share are read once. Routed experts merge their rows expert by expert; transfers
+        sent together add their bytes up."""
         first = items[0][1]
         if isinstance(first, Expert) and first.kind == "routed":
             merged = [sum(r[j] for _, _, r in items) for j in range(len(first.experts))]
             return self.cost(items[0][0], first, merged)
         costs = [self.cost(g, n, r) for g, n, r in items]
+        if isinstance(first, Transfer):  # payloads share nothing: they all cross the link
+            return NodeCost(0.0, sum(c.bytes for c in costs), 0, len(costs))
         return NodeCost(sum(c.flops for c in costs), max(c.bytes for c in costs),
                         sum(c.rows for c in costs), max(c.kernels for c in costs),
                         sum(c.activation_bytes for c in costs),

@@ -16,17 +16,20 @@ not public) and by related work (Lina, AMoE, ExFlow):
 - Delegated-first: on every actor, ready delegated tasks (another input's critical path)
   go before local work. Serving delegated work even while local inputs are blocked also
   rules out cyclic waits.
-- Within each class, the shallowest layer first, then earliest-arrival-first (the node
-  that became ready first; nodes ready at once in admission order, which is arrival order
-  since admission is first come, first served). Shallowest-first lets an input that fell
-  behind catch up, so inputs meet at the same layer and coalesce (below); with arrival
-  order alone they drift apart and each reads the weights on its own.
+- Within each class, decode steps before prefill chunks (a running request's next token
+  before a new request's prompt), then the shallowest layer first, then
+  earliest-arrival-first: the node that became ready first (nodes ready at once in
+  admission order, which is arrival order since admission is first come, first served).
+  Shallowest-first lets an input that fell behind catch up, so inputs meet at the same
+  layer and coalesce (below); with arrival order alone they drift apart and each reads
+  the weights on its own. A one-token chunk counts as a decode step.
 - Coalescing: an actor runs ready nodes that share weights (the same layer's attention,
   router, expert group or LM head) of different inputs in the same phase (prefill or
-  decode) as one kernel, so weights stream once for all of them. Groups form from what
-  is ready when the actor frees up: small at light load, larger under load (but never a
-  whole batch's worth, as a barrier would gather). A prefill never merges with decodes,
-  so a long prompt does not stall running requests.
+  decode) as one kernel, so weights stream once for all of them. Transfers of one layer
+  to the same peer go out together, so the tasks they feed there coalesce too. Groups
+  form from what is ready when the actor frees up: small at light load, larger under
+  load, but never a whole batch's worth as a barrier would gather. A prefill never
+  merges with decodes, so running requests' tokens do not move at a long prompt's pace.
 """
 
 from __future__ import annotations
@@ -46,16 +49,12 @@ from moeflow.scheduler.plan import ByPriority, MergeKey, Plan, node_stream
 class FineEP(Scheduler):
     name = "fine-ep"
 
-    def __init__(self) -> None:
-        self.order: dict[int, int] = {}  # seq -> when it was (last) admitted
-        self._admitted = 0
-
     def form_units(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
                    budget: Budget) -> list[Unit]:
         free = dict(budget.free_kv_blocks)
         tokens_left, seqs_left = budget.max_tokens, budget.max_seqs
         units: list[Unit] = []
-        for r in sorted(running, key=lambda r: self.order.get(r.seq_id, -1)):
+        for r in running:  # in admission order
             if tokens_left <= 0 or seqs_left <= 0:
                 break
             chunk = advance(r, r.home, tokens_left, free, budget.kv_block_size)
@@ -63,8 +62,6 @@ class FineEP(Scheduler):
                 units.append(Unit((chunk,)))
                 tokens_left -= chunk.num_tokens
                 seqs_left -= 1
-                if r.seq_id not in self.order:  # admitted by another scheduler instance
-                    self._admit(r.seq_id)
         for r in waiting:
             if tokens_left <= 0 or seqs_left <= 0 or not free:
                 break
@@ -75,19 +72,15 @@ class FineEP(Scheduler):
             units.append(Unit((chunk,)))
             tokens_left -= chunk.num_tokens
             seqs_left -= 1
-            self._admit(r.seq_id)
         return units
-
-    def _admit(self, seq_id: int) -> None:
-        self.order[seq_id] = self._admitted
-        self._admitted += 1
 
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         graph = compile(model, unit, cluster.placement)
         [chunk] = unit.seqs
-        phase = "prefill" if chunk.num_tokens > 1 else "decode"
+        phase = "prefill" if chunk.num_tokens > 1 else "decode"  # one token: a decode step
         assignment = tuple(node_stream(graph, i) for i in range(len(graph.nodes)))
-        priority = tuple((0.0 if delegated(graph, n) else 1.0, depth(graph, n))
+        late = 0.0 if phase == "decode" else 1.0
+        priority = tuple((0.0 if delegated(graph, n) else 1.0, late, depth(graph, n))
                          for n in graph.nodes)
         merge = tuple(merge_key(n, phase, delegated(graph, n)) for n in graph.nodes)
         rules = tuple((s, ByPriority(coalesce=True, fifo=True)) for s in sorted(set(assignment)))

@@ -11,8 +11,9 @@
 `Execution` holds this state for any number of Plans at once (units in flight together share
 streams: fine-grained EP overlaps inputs on one actor). It knows nothing of time or tensors:
 the in-process executor runs each started node right away, the simulator advances a clock
-from a cost model, and the actors run nodes on real streams. All of them call only
-`next_node`, `start` and `finish`, so they cannot disagree on what may run when.
+from a cost model, and the actors run nodes on real streams. All of them take what may
+start from `startable` (or `next_node`/`next_group`) and report back through `start`,
+`finish` and `finish_external`, so they cannot disagree on what may run when.
 
 Tasks are named (plan index, node id).
 
@@ -193,7 +194,7 @@ class Execution:
         return self.plans[plan_index].counts.get(layer)
 
     def busy(self, stream: Stream) -> Task | None:
-        """The node a stream is running (the first of its group), or None."""
+        """The node a stream is running (the smallest task of its group), or None."""
         running = self.streams[stream].running
         return min(running) if running else None
 
@@ -213,6 +214,8 @@ class Execution:
                                  f"now (it may start {allowed}; running {state.running})")
         if state.rule_kind is InOrder:
             state.queue.popleft()
+        elif len(group) == 1:  # the head is the heap's top
+            heapq.heappop(state.heap)
         else:
             members = set(group)
             state.heap = [h for h in state.heap if (h[2], h[3]) not in members]

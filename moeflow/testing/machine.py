@@ -1,7 +1,8 @@
 """A Hypothesis state machine over the execution semantics.
 
 `SemanticsMachine` adds plans (random small graphs, each stream InOrder in a random
-topological order, or ByPriority with random keys, fifo or not), then starts and finishes nodes in any
+topological order, or ByPriority with random keys, fifo or not, coalescing by random merge
+keys or not), then starts nodes or groups and finishes nodes in any
 order the semantics allow, and checks `Execution` against an obviously correct model:
 a set of done nodes, and for each stream its rule applied by brute force.
 
@@ -41,9 +42,10 @@ class SemanticsMachine(RuleBasedStateMachine):
         self.execution = Execution()
         self.plans: list[Plan] = []
         self.done: set[Task] = set()
-        self.running: dict[Stream, Task] = {}
+        self.running: dict[Stream, set[Task]] = {}  # a node, or a coalesced group
         self.issue: dict[Stream, list[Task]] = {}  # InOrder: the remaining sequence
         self.fifo: set[Stream] = set()
+        self.coalesce: set[Stream] = set()
         self.became_ready: dict[Task, int] = {}  # the event at which each task did
         self.events = 0
 
@@ -67,9 +69,14 @@ class SemanticsMachine(RuleBasedStateMachine):
         for s in streams:  # a stream keeps one rule kind across plans
             prior = next((type(r) for p in self.plans for t, r in p.rules if t == s), None)
             if prior is None:
-                prior = data.draw(st.sampled_from([InOrder, ByPriority, "fifo"]),
+                prior = data.draw(st.sampled_from([InOrder, ByPriority, "fifo", "coalesce"]),
                                   label=f"rule {s}")
-                if prior == "fifo":
+                if prior == "coalesce":
+                    self.coalesce.add(s)
+                    if data.draw(st.booleans(), label=f"fifo {s}"):
+                        self.fifo.add(s)
+                    prior = ByPriority
+                elif prior == "fifo":
                     self.fifo.add(s)
                     prior = ByPriority
             kinds[s] = prior
@@ -79,10 +86,12 @@ class SemanticsMachine(RuleBasedStateMachine):
             if kinds[s] is InOrder:
                 rules.append((s, InOrder(tuple(i for i in order if assignment[i] == s))))
             else:
-                rules.append((s, ByPriority(fifo=s in self.fifo)))
+                rules.append((s, ByPriority(coalesce=s in self.coalesce, fifo=s in self.fifo)))
         keys = tuple((float(data.draw(st.integers(0, 2), label="key")),)  # many ties
                      for i in range(len(graph.nodes)))
-        plan = Plan(graph, assignment, tuple(rules), keys)
+        merge = tuple(None if (k := data.draw(st.integers(-1, 1), label="merge")) < 0
+                      else ("k", k) for _ in graph.nodes)
+        plan = Plan(graph, assignment, tuple(rules), keys, merge)
         index = self.execution.add(plan)
         self.plans.append(plan)
         for s, r in rules:
@@ -101,8 +110,25 @@ class SemanticsMachine(RuleBasedStateMachine):
 
     def _ready(self, task: Task) -> bool:
         plan = self.plans[task[0]]
-        return task not in self.done and task not in self.running.values() and all(
-            (task[0], p) in self.done for p in plan.graph.preds(task[1]))
+        return (task not in self.done and not any(task in g for g in self.running.values())
+                and all((task[0], p) in self.done for p in plan.graph.preds(task[1])))
+
+    def _key(self, stream: Stream, task: Task) -> tuple[object, ...]:
+        fifo = self.became_ready[task] if stream in self.fifo else 0
+        return (self.plans[task[0]].priority[task[1]], fifo, task[0], task[1])
+
+    def _expected_group(self, stream: Stream) -> tuple[Task, ...] | None:
+        head = self._expected_next(stream)
+        if head is None or stream not in self.coalesce:
+            return None if head is None else (head,)
+        key = self.plans[head[0]].merge[head[1]]
+        if key is None:
+            return (head,)
+        mates = [(p, i) for p, plan in enumerate(self.plans)
+                 for i, s in enumerate(plan.assignment)
+                 if s == stream and (p, i) != head and plan.merge[i] == key
+                 and self._ready((p, i))]
+        return (head, *sorted(mates, key=lambda t: self._key(stream, t)))
 
     def _expected_next(self, stream: Stream) -> Task | None:
         if stream in self.running:
@@ -115,20 +141,21 @@ class SemanticsMachine(RuleBasedStateMachine):
         ready = [t for t in candidates if self._ready(t)]
         if not ready:
             return None
-        fifo = stream in self.fifo
-        return min(ready, key=lambda t: (self.plans[t[0]].priority[t[1]],
-                                         self.became_ready[t] if fifo else 0, t[0], t[1]))
+        return min(ready, key=lambda t: self._key(stream, t))
 
     @rule(data=st.data())
     def start_one(self, data: st.DataObject) -> None:
-        startable = [(s, t) for s in self.execution.streams
-                     if (t := self.execution.next_node(s)) is not None]  # heads, started alone
+        startable = [(s, g) for s in self.execution.streams
+                     if (g := self.execution.next_group(s)) is not None]
         if not startable:
             return
-        stream, task = data.draw(st.sampled_from(startable), label="start")
-        assert self._expected_next(stream) == task, (stream, task, self._expected_next(stream))
-        self.execution.start(task)
-        self.running[stream] = task
+        stream, group = data.draw(st.sampled_from(startable), label="start")
+        assert self._expected_group(stream) == group, (stream, group,
+                                                       self._expected_group(stream))
+        if data.draw(st.booleans(), label="head alone"):
+            group = group[:1]  # a coalescing stream may also start its head alone
+        self.execution.start(group)
+        self.running[stream] = set(group)
         if stream in self.issue:
             self.issue[stream].pop(0)
 
@@ -136,7 +163,10 @@ class SemanticsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def finish_one(self, data: st.DataObject) -> None:
         stream = data.draw(st.sampled_from(sorted(self.running)), label="finish")
-        task = self.running.pop(stream)
+        task = data.draw(st.sampled_from(sorted(self.running[stream])), label="task")
+        self.running[stream].discard(task)
+        if not self.running[stream]:  # a group keeps its stream busy until all are done
+            del self.running[stream]
         self.execution.finish(task)
         assert task not in self.done
         self.done.add(task)
@@ -146,11 +176,13 @@ class SemanticsMachine(RuleBasedStateMachine):
     def next_nodes_agree_with_the_model(self) -> None:
         for stream in self.execution.streams:
             assert self.execution.next_node(stream) == self._expected_next(stream), stream
+            assert self.execution.next_group(stream) == self._expected_group(stream), stream
 
     @invariant()
     def one_node_per_stream_and_progress_possible(self) -> None:
-        busy = [self.execution.busy(s) for s in self.execution.streams]
-        assert all(b == self.running.get(s) for s, b in zip(self.execution.streams, busy))
+        for s in self.execution.streams:
+            group = self.running.get(s)
+            assert self.execution.busy(s) == (min(group) if group else None), s
         unfinished = sum(len(p.graph.nodes) for p in self.plans) - len(self.done)
         if unfinished and not self.running:
             # static sequences are topological and priorities pick among ready nodes, so

@@ -114,3 +114,18 @@ def test_the_in_process_executor_runs_coalesced_groups_as_one_kernel(tiny_factor
     assert tokens == generate(InProcessExecutor(load_workers(
         path, spec, cluster.placement, torch.float32, 4096), want_logits=True), spec,
         BatchEP(), cluster)[0]
+
+
+@pytest.mark.parametrize("policy", [FineEP, BatchEP])
+def test_plans_cross_the_wire_whole(policy):
+    """Actor processes get the plan the scheduler made: rules with their coalescing and
+    fifo flags, priorities and merge keys, not a plainer one."""
+    from moeflow.actors.messages import RunUnit, decode, encode
+    from moeflow.dataflow.graph import SeqChunk, Unit
+
+    spec = models.load("olmoe-1b-7b")
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    plan = policy().plan(Unit((SeqChunk(7, 0, 5, "cpu:1"),)), spec, cluster)
+    msg = RunUnit(3, plan, {0: [1, 2, 3, 4, 5]}, {}, True)
+    back = decode([f.bytes if hasattr(f, "bytes") else f for f in encode(msg)])
+    assert back.plan == plan
