@@ -16,13 +16,15 @@ not public) and by related work (Lina, AMoE, ExFlow):
 - Delegated-first: on every actor, ready delegated tasks (another input's critical path)
   go before local work. Serving delegated work even while local inputs are blocked also
   rules out cyclic waits.
-- Within each class, decode steps before prefill chunks (a running request's next token
-  before a new request's prompt), then the shallowest layer first, then
-  earliest-arrival-first: the node that became ready first (nodes ready at once in
-  admission order, which is arrival order since admission is first come, first served).
-  Shallowest-first lets an input that fell behind catch up, so inputs meet at the same
-  layer and coalesce (below); with arrival order alone they drift apart and each reads
-  the weights on its own. A one-token chunk counts as a decode step.
+- Within each class, the shallowest layer first, then earliest-arrival-first: the node
+  that became ready first (nodes ready at once in admission order, which is arrival order
+  since admission is first come, first served). Shallowest-first lets an input that fell
+  behind catch up, so inputs meet at the same layer and coalesce (below); with arrival
+  order alone they drift apart and each reads the weights on its own. It starves no one:
+  an input's next node waits only for nodes above it or ready before it, and those
+  finish. The price: a new prompt's early layers go before running decodes' deeper ones.
+  (Preferring decodes to prefills outright starves a prompt under steady decodes: the
+  conformance suite finds that livelock.) A one-token chunk counts as a decode.
 - Coalescing: an actor runs ready nodes that share weights (the same layer's attention,
   router, expert group or LM head) of different inputs in the same phase (prefill or
   decode) as one kernel, so weights stream once for all of them. Transfers of one layer
@@ -79,8 +81,7 @@ class FineEP(Scheduler):
         [chunk] = unit.seqs
         phase = "prefill" if chunk.num_tokens > 1 else "decode"  # one token: a decode step
         assignment = tuple(node_stream(graph, i) for i in range(len(graph.nodes)))
-        late = 0.0 if phase == "decode" else 1.0
-        priority = tuple((0.0 if delegated(graph, n) else 1.0, late, depth(graph, n))
+        priority = tuple((0.0 if delegated(graph, n) else 1.0, depth(graph, n))
                          for n in graph.nodes)
         merge = tuple(merge_key(n, phase, delegated(graph, n)) for n in graph.nodes)
         rules = tuple((s, ByPriority(coalesce=True, fifo=True)) for s in sorted(set(assignment)))
