@@ -68,12 +68,6 @@ SIM_SETTINGS = (  # long prompts: where a barrier-free policy should help runnin
 )
 
 
-def e2e_row(e2e_s: list[float], output_tokens: int, span_s: float) -> dict[str, float]:
-    return {"throughput_tok_s": output_tokens / span_s if span_s > 0 else 0.0,
-            "p50_e2e_s": percentile(e2e_s, 50), "p99_e2e_s": percentile(e2e_s, 99),
-            "requests": len(e2e_s)}
-
-
 # -- simulation --------------------------------------------------------------------
 
 
@@ -105,9 +99,10 @@ def simulate(setting: SimSetting, scheduler: str, arrivals: str, seed: int = 0
     policy = StaticBatchEP() if scheduler == STATIC else make_scheduler(scheduler)
     result = Simulator(spec, hardware.load(setting.hardware), policy, routing).run(reqs)
     span = max(t.finish for t in result.timings) - min(t.arrival for t in result.timings)
-    row = e2e_row([t.e2e for t in result.timings], sum(r.output for r in reqs), span)
-    row["requests_per_s"] = len(result.timings) / span
-    return row
+    e2e = [t.e2e for t in result.timings]
+    return {"throughput_tok_s": sum(r.output for r in reqs) / span,
+            "p50_e2e_s": percentile(e2e, 50), "p99_e2e_s": percentile(e2e, 99),
+            "requests": len(e2e), "requests_per_s": len(e2e) / span}
 
 
 def run_sim(settings: tuple[SimSetting, ...], workers: int) -> list[dict[str, Any]]:
@@ -196,18 +191,18 @@ def real_checkpoint() -> Path:
 
 def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, output: str
                ) -> dict[str, float]:
+    """One run of `moeflow bench`'s driver; its summary in this benchmark's terms."""
     from moeflow.serve.bench import run_bench
 
     result = run_bench(address, arrivals, num_requests, prompt, output, seed=0)
-    records = [r for r in result["records"] if r["error"] is None]
-    if len(records) != num_requests:
+    summary = result["summary"]
+    if summary["num_errors"]:
         errors = {r["error"] for r in result["records"] if r["error"] is not None}
-        raise RuntimeError(f"{num_requests - len(records)} request(s) failed: {errors}")
-    span = max(r["end_s"] for r in records) - min(r["arrival_s"] for r in records)
-    row = e2e_row([r["e2e_ms"] / 1e3 for r in records],
-                  sum(r["completion_tokens"] for r in records), span)
-    row["requests_per_s"] = len(records) / span
-    return row
+        raise RuntimeError(f"{summary['num_errors']} request(s) failed: {errors}")
+    return {"throughput_tok_s": summary["output_tokens_per_s"],
+            "p50_e2e_s": summary["e2e_ms"]["p50"] / 1e3,
+            "p99_e2e_s": summary["e2e_ms"]["p99"] / 1e3,
+            "requests": summary["num_requests"], "requests_per_s": summary["requests_per_s"]}
 
 
 def run_real(model: Path, num_requests: int, prompt: str, output: str, devices: str,

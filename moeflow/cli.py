@@ -55,6 +55,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int, prompt_len: str,
+                        output_len: str) -> None:
+    """The workload options `simulate` and `bench` share (moeflow.scheduler.workload)."""
+    parser.add_argument("--workload", default="poisson:rate=10",
+                        help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
+    parser.add_argument("--num-requests", type=_positive, default=num_requests)
+    parser.add_argument("--prompt-len", default=prompt_len,
+                        help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
+    parser.add_argument("--output-len", default=output_len)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow", description=(
         "Serve Mixture-of-Experts language models as dataflow graphs."))
@@ -109,12 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hardware", required=True,
                      help="a preset (h100x8, a100-80g, t4, ...) or a `moeflow calibrate` file")
     sim.add_argument("--scheduler", default="batch-ep")
-    sim.add_argument("--workload", default="poisson:rate=10",
-                     help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
-    sim.add_argument("--num-requests", type=_positive, default=200)
-    sim.add_argument("--prompt-len", default="uniform:128-512",
-                     help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
-    sim.add_argument("--output-len", default="uniform:32-256")
+    _workload_arguments(sim, num_requests=200, prompt_len="uniform:128-512",
+                        output_len="uniform:32-256")
     sim.add_argument("--routing", default="uniform",
                      help="uniform, zipf:s=S, recorded:FILE or remote")
     sim.add_argument("--dtype", default=None, help="default: the model's own")
@@ -153,12 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="drive a `moeflow serve` with a workload and report "
                                          "latency and throughput")
     bench.add_argument("--connect", default="tcp://127.0.0.1:5555")
-    bench.add_argument("--workload", default="poisson:rate=10",
-                       help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
-    bench.add_argument("--num-requests", type=_positive, default=100)
-    bench.add_argument("--prompt-len", default="uniform:16-64",
-                       help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
-    bench.add_argument("--output-len", default="uniform:8-32")
+    _workload_arguments(bench, num_requests=100, prompt_len="uniform:16-64",
+                        output_len="uniform:8-32")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_out", help="write per-request records and the "
                                                        "summary here")

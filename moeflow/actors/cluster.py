@@ -18,7 +18,7 @@ actor restarted): the engine fails the requests served there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -84,3 +84,19 @@ class JobTracker:
 
 def plan_actors(plan: Plan) -> set[str]:
     return {s.actor for s in plan.assignment}
+
+
+class _Submits(Protocol):
+    def submit(self, job: JobSpec) -> None: ...
+    def poll(self, timeout: float | None = None) -> list[JobResult]: ...
+
+
+def run_jobs(executor: _Submits, jobs: list[JobSpec]) -> list[JobResult]:
+    """Submit `jobs` and poll until all are done: an executor's `run_many`."""
+    for job in jobs:
+        executor.submit(job)
+    results: dict[int, JobResult] = {}
+    while len(results) < len(jobs):
+        for r in executor.poll():
+            results[r.job_id] = r
+    return [results[j.job_id] for j in jobs]

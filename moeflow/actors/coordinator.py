@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors
+from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, run_jobs
 from moeflow.actors.kvcache import DEFAULT_BLOCK_SIZE
 from moeflow.actors.messages import (
     Abort, Heartbeat, Hello, MessageError, NodeFailed, Peers, Release, RoutingCounts, RunUnit,
@@ -188,13 +188,7 @@ class ZmqExecutor:
         return done
 
     def run_many(self, jobs: list[JobSpec]) -> list[JobResult]:
-        for job in jobs:
-            self.submit(job)
-        results: dict[int, JobResult] = {}
-        while len(results) < len(jobs):
-            for r in self.poll():
-                results[r.job_id] = r
-        return [results[j.job_id] for j in jobs]
+        return run_jobs(self, jobs)
 
     def release(self, home: str, seq_id: int) -> None:
         self._send(home, Release((seq_id,)))

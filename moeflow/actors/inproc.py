@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors
+from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, run_jobs
 from moeflow.actors.core import COORDINATOR, ActorCore, Outgoing
 from moeflow.actors.messages import (
     Abort, NodeFailed, Release, RoutingCounts, RunUnit, UnitPart,
@@ -123,13 +123,7 @@ class InProcessExecutor:
         return done
 
     def run_many(self, jobs: list[JobSpec]) -> list[JobResult]:
-        for job in jobs:
-            self.submit(job)
-        results: dict[int, JobResult] = {}
-        while len(results) < len(jobs):
-            for r in self.poll():
-                results[r.job_id] = r
-        return [results[j.job_id] for j in jobs]
+        return run_jobs(self, jobs)
 
     def run(self, plan: Plan, tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         """Run one plan with no sampling and return its logits per unit seq index."""

@@ -55,8 +55,9 @@ def test_invariant_6_catches_a_policy_that_serves_local_work_first():
 
 
 def test_sequences_that_take_turns_in_flight_do_not_evict_each_other():
-    # one input in flight, the other idle and short of a KV block: evicting the idle one
-    # (then the other, when their turns swap) would undo every step's work for ever
+    # a KV squeeze under fine-ep's one-input units terminates (the eviction rule that keeps
+    # two sequences taking turns in flight from evicting each other for ever is pinned on
+    # the request book itself in tests/unit/test_preemption.py)
     case = Case(ModelCase("mixtral", layers=1, experts=2, top_k=1),
                 ClusterCase(devices=("cpu:0",), expert_owners=(0, 0)),
                 WorkloadCase(requests=(SimRequest(0.0, 26, 8), SimRequest(0.0, 10, 8)),
