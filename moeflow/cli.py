@@ -9,7 +9,8 @@
     moeflow calibrate --out cpu.json
     moeflow serve MODEL_DIR --bind tcp://127.0.0.1:5555 [--scheduler batch-ep] [--devices cpu:0]
                   [--transport inproc|zmq] [--dtype auto] [--max-waiting 64]
-                  [--max-prompt-tokens N] [--max-new-tokens-limit 4096] [--metrics-port N]
+                  [--max-prompt-tokens N] [--max-prompt-bytes N] [--max-new-tokens-limit 4096]
+                  [--metrics-port N]
                   [--curve-secret-key FILE --curve-public-keys DIR]
     moeflow bench --connect tcp://127.0.0.1:5555 --workload poisson:rate=R --num-requests N
                   [--prompt-len uniform:16-64] [--output-len uniform:8-32] [--seed 0]
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests in progress beyond which new ones get `overloaded`")
     serve.add_argument("--max-prompt-tokens", type=_positive, default=None,
                        help="default: the model's max_position_embeddings - 1")
+    serve.add_argument("--max-prompt-bytes", type=_positive, default=None,
+                       help="the longest text prompt in UTF-8 bytes, checked before tokenizing "
+                            "(default: 16 per prompt token, at most 8 MiB)")
     serve.add_argument("--max-new-tokens-limit", type=_positive, default=4096)
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve GET /metrics (Prometheus) on 127.0.0.1:PORT (0: any port)")
@@ -302,7 +306,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from moeflow.serve.security import CurveConfig
-    from moeflow.serve.server import RequestServer, ServerConfig
+    from moeflow.serve.server import EngineFailed, RequestServer, ServerConfig
 
     if (args.curve_secret_key is None) != (args.curve_public_keys is None):
         raise ValueError("CURVE needs both --curve-secret-key FILE and --curve-public-keys DIR")
@@ -313,6 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(args.model_dir, bind=args.bind, scheduler=args.scheduler,
                           devices=args.devices, transport=args.transport, dtype=args.dtype,
                           max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
+                          max_prompt_bytes=args.max_prompt_bytes,
                           max_new_tokens_limit=args.max_new_tokens_limit,
                           metrics_port=args.metrics_port, curve=curve)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -324,7 +329,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving {args.model_dir} on {server.address} (scheduler {args.scheduler}, "
               f"devices {args.devices}{extra})", flush=True)
 
-    uvloop.run(RequestServer(config).serve(ready))
+    try:
+        uvloop.run(RequestServer(config).serve(ready))
+    except EngineFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

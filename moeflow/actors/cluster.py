@@ -6,12 +6,15 @@ An executor ("cluster") runs jobs on its actors, in this process or in others:
     poll(timeout) -> [JobResult]  results of finished jobs (possibly none yet)
     run_many([JobSpec]) -> [JobResult]   both, for a synchronous caller
     release(home, seq_id)         free a finished request's KV cache and sampler
+    drop_plans([plan_id])         cached plans that will not run again
+    watch() -> [device]           check the actors while idle: devices whose state was lost
     kv_capacity_blocks(), kv_block_size
     close()
 
 A JobResult carries the token sampled for each sequence that produced logits (sampling
 happens on the actor that serves the request), the logits themselves only if asked for,
-and an error message if the job failed. `lost` lists devices whose state was lost (an
+an error message if the whole job failed, and per-sequence errors for sequences that
+could not be sampled (those requests fail alone). `lost` lists devices whose state was lost (an
 actor restarted): the engine fails the requests served there.
 """
 
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moeflow.dataflow.graph import Unit
 from moeflow.scheduler.plan import Plan
 
 
@@ -31,6 +35,12 @@ class JobSpec:
     plan: Plan
     tokens: dict[int, list[int]]  # unit seq index -> new token ids
     sampling: dict[int, dict[str, Any]] = field(default_factory=dict)  # seq id -> params
+    unit: Unit | None = None  # what runs, bound to a cached plan; None: the plan's own unit
+    plan_id: int | None = None  # the cached plan's id (it travels once to each actor)
+
+    @property
+    def bound_unit(self) -> Unit:
+        return self.plan.graph.unit if self.unit is None else self.unit
 
 
 @dataclass
@@ -38,8 +48,9 @@ class JobResult:
     job_id: int
     tokens: dict[int, int] = field(default_factory=dict)  # unit seq index -> token
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # the whole job failed
     lost: tuple[str, ...] = ()
+    errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why it failed
 
 
 class JobTracker:
@@ -54,13 +65,15 @@ class JobTracker:
         self.results[job_id] = JobResult(job_id)
 
     def part(self, job_id: int, actor: str, tokens: dict[int, int],
-             logits: dict[int, torch.Tensor]) -> JobResult | None:
+             logits: dict[int, torch.Tensor], errors: dict[int, str] | None = None
+             ) -> JobResult | None:
         """Record an actor's share; the result once every share is in."""
         if job_id not in self.waiting:
             return None
         result = self.results[job_id]
         result.tokens.update(tokens)
         result.logits.update(logits)
+        result.errors.update(errors or {})
         self.waiting[job_id].discard(actor)
         if self.waiting[job_id]:
             return None
@@ -74,6 +87,9 @@ class JobTracker:
         result = self.results.pop(job_id)
         result.error = error
         return result
+
+    def involving_any(self) -> list[int]:
+        return list(self.waiting)
 
     def involving(self, actor: str) -> list[int]:
         return [j for j, actors in self.waiting.items() if actor in actors]

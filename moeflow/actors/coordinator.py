@@ -4,18 +4,35 @@
     executor.run_many(jobs)    # or submit() / poll()
     executor.close()
 
-It binds a ROUTER (loopback by default) and starts one actor process per device (torch
+It binds a ROUTER and starts one actor process per device (torch
 threads split so the total stays within the cores). Each actor says Hello with its data
 address; the coordinator tells everyone their peers. A unit's whole plan goes to each
 actor that runs part of it in one RunUnit message; the actors exchange tensors directly
 and send back only UnitPart (sampled token ids), routing counts and heartbeats.
 
-Faults: a poll checks every actor's process and its last heartbeat. A dead or silent
-actor fails the jobs it was part of (with a clear error, within `heartbeat_timeout` at
-most), the other actors drop those units, and the actor is restarted for later work; its
-KV cache is gone, so results report it in `lost` and the engine fails the requests it
-served. Malformed messages are logged and dropped. `close()` stops every process (asking,
-then terminating, then killing) so none is left behind.
+The plane is closed to other processes (see moeflow.actors.plane): on one host the ROUTER
+and every actor's data socket are ipc:// sockets in a private 0700 directory of this
+launch (TCP for a `host` other machines reach, or with ipc=False); every plane socket speaks
+CURVE with keys made per launch, which the actors read from their stdin; a ZAP handler
+admits only the actors' keys. The ROUTER keeps a name with its first connection (no
+handover), and a message is dropped and counted in `dropped` (by reason) when its claimed
+actor is not the one its routing identity and its key name, when it does not decode, or
+when it belongs to no live job of that actor. The actors count what they drop in
+`actor_dropped` (from their heartbeats).
+
+Faults: a poll checks every actor's process and its heartbeats, which carry the progress
+of the actor's core thread. A dead or silent actor (no heartbeat for `heartbeat_timeout`,
+3 s by default), or a wedged one (its core on one step for `node_timeout`), fails the jobs
+it was part of with a clear error, the other actors drop those units, and the actor is
+restarted for later work; its KV cache is gone, so results report it in `lost` and the
+engine fails the requests it served. A job that none of the actors still owing a share of
+it has worked on for `stall_timeout` (no node finished and none running on any of them: a
+message was lost) fails alone. Busy actors keep a job alive: a long node never looks like
+a stall, and a stall shows once its actors fall idle. `close()` stops every process
+(asking, then terminating, then killing) so none is left behind, and removes the directory.
+
+Chaos: `faults="drop=0.05,delay=0.02,seed=3"` makes every actor drop or delay its outgoing
+data messages (Data and Done to peers), seeded; see moeflow.actors.plane.Faults.
 """
 
 from __future__ import annotations
@@ -26,18 +43,24 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import zmq
 
 from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, run_jobs
 from moeflow.actors.kvcache import DEFAULT_BLOCK_SIZE
 from moeflow.actors.messages import (
-    Abort, Heartbeat, Hello, MessageError, NodeFailed, Peers, Release, RoutingCounts, RunUnit,
-    Shutdown, UnitPart, decode, encode,
+    Abort, DropPlans, Heartbeat, Hello, MessageError, NodeFailed, Peers, Release,
+    RoutingCounts, RunUnit, Shutdown, UnitPart, decode, encode,
 )
-from moeflow.actors.process import ActorConfig
+from moeflow.actors.plane import (
+    Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, make_runtime_dir, remove_runtime_dir,
+    require_curve, serve_curve, user_id,
+)
+from moeflow.actors.process import ActorConfig, launch_message
 from moeflow.dataflow.graph import Placement
+from moeflow.serve.security import is_loopback
 
 log = logging.getLogger("moeflow.coordinator")
 
@@ -50,16 +73,29 @@ class ActorStartError(RuntimeError):
 class _Actor:
     config: ActorConfig
     proc: subprocess.Popen[bytes]
-    data_address: str | None = None
+    data_address: str | None = None  # None until its Hello: starting
+    spawned: float = 0.0
     last_seen: float = 0.0
+    last_busy: float = 0.0  # when its core was last seen working
+    num_done: int = 0  # its core's steps done, as of its last heartbeat
+    running_s: float = 0.0  # how long its core's current step had run, as of then
+    dropped: dict[str, int] = field(default_factory=dict)  # its own counts, by reason
+    plans: set[int] = field(default_factory=set)  # cached plans sent to it (and held there)
 
 
 class ZmqExecutor:
+    """Jobs on actor processes (see the module docstring). `ipc` None: ipc:// sockets when
+    `host` is loopback; `faults`: see moeflow.actors.plane.Faults."""
+
     def __init__(self, model_dir: str, placement: Placement, dtype: str, kv_tokens: int, *,
                  host: str = "127.0.0.1", threads: int | None = None,
-                 start_timeout: float = 300.0, heartbeat_timeout: float = 10.0,
-                 heartbeat_s: float = 0.2, want_logits: bool = False,
-                 record_routing: bool = False) -> None:
+                 start_timeout: float = 300.0, heartbeat_timeout: float = 3.0,
+                 heartbeat_s: float = 0.2, stall_timeout: float = 3.0,
+                 node_timeout: float = 60.0, want_logits: bool = False,
+                 record_routing: bool = False, ipc: bool | None = None,
+                 faults: str = "") -> None:
+        require_curve()
+        Faults.parse(faults)
         self.model_dir = str(model_dir)
         self.placement = placement
         self.dtype = dtype
@@ -68,6 +104,9 @@ class ZmqExecutor:
         self.start_timeout = start_timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_s = heartbeat_s
+        self.stall_timeout = stall_timeout
+        self.node_timeout = node_timeout
+        self.faults = faults
         self.want_logits = want_logits
         self.routing: dict[int, list[int]] | None = {} if record_routing else None
         cores = threads or os.cpu_count() or 1
@@ -75,21 +114,34 @@ class ZmqExecutor:
         self.threads = max(1, cores // n)
         if n > cores:
             log.warning("%d actors on %d cores: each gets 1 torch thread", n, cores)
-        self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        port = self.router.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.keys = KeyPair.make()
+        self.actor_keys = {name: KeyPair.make() for name in placement.devices}
         self.tracker = JobTracker()
+        self.started: dict[int, float] = {}  # job id -> when it was submitted
         self.actors: dict[str, _Actor] = {}
         self.lost: set[str] = set()
         self.done: list[JobResult] = []
+        self.dropped: dict[str, int] = {}  # messages the coordinator dropped, by reason
         self.closed = False
+        use_ipc = is_loopback(f"tcp://{host}:0") if ipc is None else ipc
+        self.runtime_dir = make_runtime_dir() if use_ipc else ""
+        self.ctx = zmq.Context()
+        self.gatekeeper = Gatekeeper(self.ctx, {k.public: n for n, k in self.actor_keys.items()})
+        self.router = self.ctx.socket(zmq.ROUTER)
         try:
+            self.gatekeeper.start()
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.ROUTER_HANDOVER, 0)  # no one takes an actor's name over
+            serve_curve(self.router, self.keys)
+            if self.runtime_dir:
+                self.address = ipc_address(self.runtime_dir, "coordinator")
+                self.router.bind(self.address)
+            else:
+                port = self.router.bind_to_random_port(f"tcp://{host}")
+                self.address = f"tcp://{host}:{port}"
             for name in placement.devices:
                 self.actors[name] = self._spawn(name)
-            self._await_hellos(set(self.actors))
+            self._await_ready(placement.devices)
         except BaseException:
             self.close()
             raise
@@ -99,34 +151,49 @@ class ZmqExecutor:
     def _spawn(self, name: str) -> _Actor:
         config = ActorConfig(name, self.model_dir, self.dtype, self.placement.devices,
                              self.placement.expert_owners, self.kv_tokens, self.threads,
-                             self.address, self.host, self.heartbeat_s)
+                             self.address, self.host, self.heartbeat_s,
+                             runtime_dir=self.runtime_dir, faults=self.faults)
+        keys = PlaneKeys(self.actor_keys[name], self.keys.public,
+                         {n: k.public for n, k in self.actor_keys.items()})
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
-        proc = subprocess.Popen([sys.executable, "-m", "moeflow.actors.process",
-                                 config.to_json()], stdin=subprocess.DEVNULL, env=env)
-        return _Actor(config, proc, last_seen=time.monotonic())
+        proc = subprocess.Popen([sys.executable, "-m", "moeflow.actors.process", name],
+                                stdin=subprocess.PIPE, env=env)
+        assert proc.stdin is not None
+        # a secret key travels only through this pipe, never a command line or environment
+        with contextlib.suppress(BrokenPipeError):  # a child that died shows in liveness
+            proc.stdin.write(launch_message(config, keys))
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+        now = time.monotonic()
+        return _Actor(config, proc, spawned=now, last_seen=now, last_busy=now)
 
-    def _await_hellos(self, names: set[str]) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        waiting = set(names)
-        while waiting:
-            for name in waiting:
-                code = self.actors[name].proc.poll()
-                if code is not None:
+    def _await_ready(self, names: Iterable[str]) -> None:
+        """Wait until the named actors have said Hello; ActorStartError if one cannot start."""
+        names = list(names)
+        while True:
+            for name in names:
+                actor = self.actors[name]
+                code = actor.proc.poll()
+                if actor.data_address is None and code is not None and code > 0:
                     raise ActorStartError(f"actor {name} exited with code {code} while starting")
-            if time.monotonic() > deadline:
-                raise ActorStartError(f"actors {sorted(waiting)} did not start within "
-                                      f"{self.start_timeout:.0f}s")
+            if all(self.actors[n].data_address is not None for n in names):
+                return
             if self.router.poll(100):
-                msg, name = self._receive()
-                if isinstance(msg, Hello) and name in waiting and msg.actor == name:
-                    self.actors[name].data_address = msg.data_address
-                    self.actors[name].last_seen = time.monotonic()
-                    waiting.discard(name)
-                elif msg is not None:
-                    self._dispatch(msg, name)
+                self._drain()
+            self._check_liveness()
+
+    def _drain(self) -> None:
+        while self.router.poll(0):
+            msg, name = self._receive()
+            if msg is not None:
+                self._dispatch(msg, name)
+
+    def _started(self, actor: _Actor, hello: Hello) -> None:
+        actor.data_address = hello.data_address
+        actor.last_busy = time.monotonic()
         peers = Peers({n: a.data_address for n, a in self.actors.items()
                        if a.data_address is not None})
-        for name in self.actors:
+        for name in peers.addresses:
             self._send(name, peers)
 
     def _send(self, name: str, msg: object) -> None:
@@ -134,13 +201,24 @@ class ZmqExecutor:
             self.router.send_multipart([name.encode(), *encode(msg)], copy=False)  # type: ignore[arg-type]
 
     def _receive(self) -> tuple[object | None, str]:
+        """The next message and the actor it came from; None if it was dropped."""
         parts = self.router.recv_multipart(copy=False)
         name = parts[0].bytes.decode(errors="replace")
+        # the ZAP handler named the connection after the actor whose key it holds
+        owner = user_id(parts[1]) if len(parts) > 1 else name
+        if owner != name:
+            self._drop("impostor", f"a message under the name {name!r} from {owner!r}'s key")
+            return None, name
         try:
             return decode(parts[1:]), name
         except MessageError as exc:
-            log.warning("dropped a malformed message from %r: %s", name, exc)
+            self._drop("malformed", f"a malformed message from {name!r}: {exc}")
             return None, name
+
+    def _drop(self, reason: str, what: str) -> None:
+        num = self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if num & (num - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood does not flood the log
+            log.warning("dropped %s (%s #%d)", what, reason, num)
 
     # -- the executor interface ----------------------------------------------------
 
@@ -156,12 +234,34 @@ class ZmqExecutor:
         unknown = actors - set(self.actors)
         if unknown:
             raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
+        self._await_ready(sorted(actors))  # an actor restarting: its Hello comes first
         self.tracker.start(job.job_id, actors)
-        frames = encode(RunUnit(job.job_id, job.plan, job.tokens, job.sampling,
-                                self.want_logits))
+        self.started[job.job_id] = time.monotonic()
+        whole = brief = None  # a cached plan travels once to each actor; then its id
         for name in sorted(actors):
+            actor = self.actors[name]
+            if job.plan_id is not None and job.plan_id in actor.plans:
+                brief = brief or encode(RunUnit(job.job_id, None, job.tokens, job.sampling,
+                                                self.want_logits, job.unit, job.plan_id))
+                frames = brief
+            else:
+                whole = whole or encode(RunUnit(job.job_id, job.plan, job.tokens,
+                                                job.sampling, self.want_logits, job.unit,
+                                                job.plan_id))
+                frames = whole
+                if job.plan_id is not None:
+                    actor.plans.add(job.plan_id)
             with contextlib.suppress(zmq.ZMQError):
                 self.router.send_multipart([name.encode(), *frames], copy=False)
+
+    def drop_plans(self, plan_ids: list[int]) -> None:
+        """Cached plans that will not run again: each actor holding one forgets it."""
+        dropped = set(plan_ids)
+        for name, actor in self.actors.items():
+            held = actor.plans & dropped
+            if held:
+                actor.plans -= held
+                self._send(name, DropPlans(tuple(sorted(held))))
 
     def poll(self, timeout: float | None = None) -> list[JobResult]:
         """Results of finished jobs: wait up to `timeout` seconds (None: until one)."""
@@ -174,11 +274,9 @@ class ZmqExecutor:
                     break
                 wait_ms = max(1, min(wait_ms, int(left * 1000)))
             if self.router.poll(wait_ms):
-                while self.router.poll(0):
-                    msg, name = self._receive()
-                    if msg is not None:
-                        self._dispatch(msg, name)
+                self._drain()
             self._check_liveness()
+            self._check_stalls()
             if deadline is None and not len(self.tracker) and not self.done:
                 break
         done, self.done = self.done, []
@@ -193,16 +291,49 @@ class ZmqExecutor:
     def release(self, home: str, seq_id: int) -> None:
         self._send(home, Release((seq_id,)))
 
+    def watch(self) -> list[str]:
+        """Check the actors while no job is in flight, so that a dead one is restarted
+        before the next request needs it; returns the devices whose state was lost."""
+        while self.router.poll(0):  # heartbeats first, or a quiet actor looks dead
+            msg, name = self._receive()
+            if msg is not None:
+                self._dispatch(msg, name)
+        self._check_liveness()
+        lost, self.lost = sorted(self.lost), set()
+        return lost
+
     # -- inbound -------------------------------------------------------------------
 
     def _dispatch(self, msg: object, name: str) -> None:
+        kind = type(msg).__name__
         actor = self.actors.get(name)
         if actor is None:
-            log.warning("dropped a %s from unknown peer %r", type(msg).__name__, name)
+            self._drop("unknown_peer", f"a {kind} from unknown peer {name!r}")
             return
-        actor.last_seen = time.monotonic()
-        if isinstance(msg, UnitPart):
-            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits)
+        claimed = getattr(msg, "actor", name)
+        if claimed != name:
+            self._drop("impostor", f"a {kind} from {name} claiming to come from {claimed!r}")
+            return
+        now = actor.last_seen = time.monotonic()
+        if isinstance(msg, Hello):
+            if actor.data_address is not None or msg.pid != actor.proc.pid:
+                self._drop("unexpected", f"a Hello from {name} (pid {msg.pid})")
+            else:
+                self._started(actor, msg)
+            return
+        unit_id = getattr(msg, "unit_id", None)
+        if unit_id is not None and name not in self.tracker.waiting.get(unit_id, ()):
+            self._drop("stale", f"a {kind} from {name} for unit {unit_id}, not in flight there")
+            return
+        if isinstance(msg, Heartbeat):
+            if msg.num_done != actor.num_done or msg.running_s > 0:
+                actor.last_busy = now
+            actor.num_done, actor.running_s, actor.dropped = (msg.num_done, msg.running_s,
+                                                              msg.dropped)
+        elif isinstance(msg, UnitPart):
+            actor.last_busy = now
+            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
+                                       msg.errors)
             if result is not None:
                 self.done.append(result)
         elif isinstance(msg, NodeFailed):
@@ -212,8 +343,8 @@ class ZmqExecutor:
                 total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
                 for e, c in enumerate(msg.counts):
                     total[e] += c
-        elif not isinstance(msg, (Heartbeat, Hello)):
-            log.warning("dropped an unexpected %s from %s", type(msg).__name__, name)
+        else:
+            self._drop("unexpected", f"an unexpected {kind} from {name}")
 
     def _fail(self, unit_ids: list[int], error: str) -> None:
         failed = []
@@ -234,10 +365,48 @@ class ZmqExecutor:
             code = actor.proc.poll()
             if code is not None:
                 self._restart(name, f"its process exited with code {code}")
+            elif actor.data_address is None:  # starting: no heartbeats yet
+                if now - actor.spawned > self.start_timeout:
+                    raise ActorStartError(f"actor {name} did not start within "
+                                          f"{self.start_timeout:.0f}s")
             elif now - actor.last_seen > self.heartbeat_timeout:
                 self._restart(name, f"no heartbeat for {now - actor.last_seen:.1f}s")
+            elif actor.running_s > self.node_timeout:
+                self._restart(name, f"its core thread has been on one step for "
+                                    f"{actor.running_s:.0f}s")
+
+    def _check_stalls(self) -> None:
+        """Fail each job that none of the actors still owing a share has worked on for
+        `stall_timeout` (no node finished, none running). An actor not heard from lately
+        is left to the heartbeat check, which names the actor."""
+        now = time.monotonic()
+        fresh = max(1.0, 5 * self.heartbeat_s)
+        stalled: dict[int, float] = {}
+        for job_id, since in list(self.started.items()):
+            owing = self.tracker.waiting.get(job_id)
+            if owing is None:
+                del self.started[job_id]
+                continue
+            actors = [self.actors[n] for n in owing if n in self.actors]
+            if any(now - a.last_seen > fresh for a in actors):
+                continue
+            idle = now - max([since, *(a.last_busy for a in actors)])
+            if idle > self.stall_timeout:
+                stalled[job_id] = idle
+        for job_id, idle in stalled.items():
+            self._fail([job_id], f"no progress for {idle:.1f} s on any of its actors: a "
+                                 f"message was lost?")
+        for job_id in stalled:
+            self.started.pop(job_id, None)
+
+    @property
+    def actor_dropped(self) -> dict[str, dict[str, int]]:
+        """What each actor has dropped, by reason (as of its last heartbeat)."""
+        return {name: dict(a.dropped) for name, a in self.actors.items()}
 
     def _restart(self, name: str, why: str) -> None:
+        """Fail the jobs `name` was part of now, and start its successor; a job that needs
+        it waits for its Hello in `submit`."""
         log.error("actor %s died (%s); restarting it", name, why)
         old = self.actors[name]
         with contextlib.suppress(OSError):
@@ -247,7 +416,6 @@ class ZmqExecutor:
         self._fail(self.tracker.involving(name), f"actor {name} died ({why})")
         self.lost.add(name)
         self.actors[name] = self._spawn(name)
-        self._await_hellos({name})
 
     def pids(self) -> dict[str, int]:
         return {name: a.proc.pid for name, a in self.actors.items()}
@@ -272,7 +440,10 @@ class ZmqExecutor:
                     actor.proc.kill()
                     actor.proc.wait(timeout=5)
         self.router.close(linger=0)
+        self.gatekeeper.stop()
         self.ctx.term()
+        if self.runtime_dir:
+            remove_runtime_dir(self.runtime_dir)
 
     def __enter__(self) -> ZmqExecutor:
         return self

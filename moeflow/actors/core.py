@@ -31,19 +31,22 @@ from typing import Any
 import torch
 
 from moeflow.actors.messages import (
-    Abort, Data, Done, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
+    Abort, Data, Done, DropPlans, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
     UnitPart,
 )
 from moeflow.actors.worker import (
     DeviceWorker, Logits, Routing, from_payload, payload_to, to_payload,
 )
-from moeflow.dataflow.graph import Gate, LMHead, Transfer
-from moeflow.scheduler.plan import Stream
+from moeflow.dataflow.graph import Gate, LMHead, Transfer, Unit
+from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task
 from moeflow.serve.sampling import SamplingParams, make_generator, sample
 
 COORDINATOR = ""  # destination name of messages for the coordinator
-EARLY_LIMIT = 4096  # messages held for units not admitted yet; beyond, the oldest are dropped
+# what a peer can make an actor hold for units not admitted yet, in messages and in bytes;
+# beyond either, the oldest unit's messages are dropped (and counted)
+EARLY_LIMIT = 4096
+EARLY_BYTES = 64 << 20
 log = logging.getLogger("moeflow.actor")
 
 
@@ -58,10 +61,13 @@ class _Unit:
     unit_id: int
     index: int  # the plan's index in the actor's Execution
     msg: RunUnit
+    plan: Plan
+    bound: Unit  # what runs: the plan may be cached from another unit of the same shape
     values: dict[int, Any] = field(default_factory=dict)
     uses: list[int] = field(default_factory=list)
     tokens: dict[int, int] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why
     homed: bool = False
 
 
@@ -73,7 +79,10 @@ class ActorCore:
         self.units: dict[int, _Unit] = {}
         self.by_index: dict[int, _Unit] = {}
         self.early: dict[int, list[Message]] = {}  # unit id -> messages before its RunUnit
+        self.early_bytes: dict[int, int] = {}  # unit id -> bytes of its early messages
+        self.dropped: dict[str, int] = {}  # messages dropped, by reason
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
+        self.plans: dict[int, Plan] = {}  # cached plans, by id, until the coordinator drops them
 
     # -- messages ------------------------------------------------------------------
 
@@ -95,16 +104,32 @@ class ActorCore:
             for unit_id in msg.unit_ids:
                 self.abort(unit_id)
             return []
+        if isinstance(msg, DropPlans):
+            for plan_id in msg.plan_ids:
+                self.plans.pop(plan_id, None)
+            return []
         log.warning("%s: ignoring a %s message", self.name, type(msg).__name__)
         return []
 
     def _hold(self, msg: Data | Done) -> None:
+        for unit_id in [u for u in self.early_bytes if u not in self.early]:
+            del self.early_bytes[unit_id]  # admitted or aborted since
         self.early.setdefault(msg.unit_id, []).append(msg)
-        while sum(len(v) for v in self.early.values()) > EARLY_LIMIT:
+        self.early_bytes[msg.unit_id] = self.early_bytes.get(msg.unit_id, 0) + _size(msg)
+        while self.early and (sum(len(v) for v in self.early.values()) > EARLY_LIMIT
+                              or sum(self.early_bytes.values()) > EARLY_BYTES):
             oldest = next(iter(self.early))
-            log.warning("%s: dropping %d messages for unit %d, never admitted", self.name,
-                        len(self.early[oldest]), oldest)
-            del self.early[oldest]
+            num = self.count_drop("early_overflow", len(self.early[oldest]))
+            if num & (num - 1) == 0:  # the 1st, 2nd, 4th, ...: a flood does not flood the log
+                log.warning("%s: dropped %d messages (%d bytes) for unit %d, never admitted "
+                            "(%d so far)", self.name, len(self.early[oldest]),
+                            self.early_bytes[oldest], oldest, num)
+            del self.early[oldest], self.early_bytes[oldest]
+
+    def count_drop(self, reason: str, num: int = 1) -> int:
+        """Count `num` messages dropped for `reason`; the count so far."""
+        total = self.dropped[reason] = self.dropped.get(reason, 0) + num
+        return total
 
     def owns(self, stream: Stream) -> bool:
         return stream.actor == self.name
@@ -113,25 +138,35 @@ class ActorCore:
         if msg.unit_id in self.units:
             log.warning("%s: unit %d admitted twice; ignored", self.name, msg.unit_id)
             return []
-        plan = msg.plan
         unit_id = msg.unit_id
+        plan = msg.plan
+        if msg.plan_id is not None:
+            if plan is None:
+                plan = self.plans.get(msg.plan_id)
+                if plan is None:
+                    return [Outgoing(COORDINATOR, NodeFailed(
+                        unit_id, self.name, f"unknown plan {msg.plan_id}"))]
+            else:
+                self.plans[msg.plan_id] = plan
+        assert plan is not None  # decode() refuses a RunUnit with neither
         graph = plan.graph
-        homed = bool(graph.unit.seqs_on(self.name))
+        bound = graph.unit if msg.unit is None else msg.unit
+        homed = bool(bound.seqs_on(self.name))
         try:
             if homed:
-                self.worker.begin(unit_id, graph.unit, msg.tokens)
+                self.worker.begin(unit_id, bound, msg.tokens)
         except Exception as exc:
             return [Outgoing(COORDINATOR, NodeFailed(unit_id, self.name, f"{exc}"))]
+        # samplers live where the logits are sampled, the request's home, and are released
+        # there with its KV cache
+        homes = {s.seq_id for s in bound.seqs if s.home == self.name}
         for seq_id, params in msg.sampling.items():
-            if seq_id not in self.samplers:
+            if seq_id in homes and seq_id not in self.samplers:
                 p = SamplingParams(**params)
                 self.samplers[seq_id] = (p, make_generator(p))
         index = self.execution.add(plan, owns=self.owns)
-        uses = [0] * len(graph.nodes)
-        for edge in graph.edges:
-            if edge.kind == "data":
-                uses[edge.src] += 1
-        unit = _Unit(unit_id, index, msg, uses=uses, homed=homed)
+        unit = _Unit(unit_id, index, msg, plan, bound, uses=list(graph.data_uses),
+                     homed=homed)
         self.units[unit_id] = unit
         self.by_index[index] = unit
         out: list[Outgoing] = []
@@ -145,10 +180,11 @@ class ActorCore:
 
     def _arrive(self, unit: _Unit, msg: Data | Done) -> list[Outgoing]:
         task = (unit.index, msg.node_id)
-        graph = unit.msg.plan.graph
+        graph = unit.plan.graph
         if not 0 <= msg.node_id < len(graph.nodes) or self.execution.owns(task):
             log.warning("%s: unit %d has no remote node %d; dropped", self.name,
                         unit.unit_id, msg.node_id)
+            self.count_drop("bad_node")
             return []
         if isinstance(msg, Data):
             unit.values[msg.node_id] = payload_to(from_payload(msg.payload), self.worker.tdevice)
@@ -156,6 +192,7 @@ class ActorCore:
             self.execution.finish_external(task)
         except Exception as exc:  # a duplicate notice, say: drop it
             log.warning("%s: %s", self.name, exc)
+            self.count_drop("duplicate")
         return []
 
     # -- running nodes -------------------------------------------------------------
@@ -174,7 +211,7 @@ class ActorCore:
 
     def node_inputs(self, task: Task) -> tuple[Any, list[tuple[Any, Any]]]:
         unit = self.by_index[task[0]]
-        graph = unit.msg.plan.graph
+        graph = unit.plan.graph
         node = graph.nodes[task[1]]
         return node, [(graph.nodes[p], unit.values[p]) for p in graph.inputs(task[1])]
 
@@ -184,14 +221,22 @@ class ActorCore:
         for task in group:
             unit = self.by_index[task[0]]
             node, inputs = self.node_inputs(task)
-            items.append((unit.unit_id, unit.msg.plan.graph, node, inputs))
+            items.append((unit.unit_id, unit.plan.graph, node, inputs))
         return self.worker.run_group(items)
 
     def finish(self, task: Task, value: Any) -> list[Outgoing]:
+        """Record a node's value and say who needs to know. A failure here fails the
+        node's unit, never the actor."""
         unit = self.by_index.get(task[0])
         if unit is None or unit.unit_id not in self.units:  # aborted while running
             return []
-        graph = unit.msg.plan.graph
+        try:
+            return self._finish(unit, task, value)
+        except Exception as exc:
+            return self.fail(task, exc)
+
+    def _finish(self, unit: _Unit, task: Task, value: Any) -> list[Outgoing]:
+        graph = unit.plan.graph
         node = graph.nodes[task[1]]
         out: list[Outgoing] = []
         for p in graph.inputs(task[1]):
@@ -209,7 +254,7 @@ class ActorCore:
             out.append(Outgoing(COORDINATOR, RoutingCounts(unit.unit_id, node.layer, counts)))
         notified = {node.dst} if isinstance(node, Transfer) else set()
         for succ in graph.succs(node.id):
-            actor = unit.msg.plan.assignment[succ].actor
+            actor = unit.plan.assignment[succ].actor
             if actor != self.name and actor not in notified:
                 notified.add(actor)
                 out.append(Outgoing(actor, Done(unit.unit_id, node.id)))
@@ -231,10 +276,15 @@ class ActorCore:
         for seq, rows in zip(logits.seqs, logits.rows_per_seq):
             if rows:
                 last = logits.values[row + rows - 1].cpu()
-                seq_id = unit.msg.plan.graph.unit.seqs[seq].seq_id
+                seq_id = unit.bound.seqs[seq].seq_id
                 sampler = self.samplers.get(seq_id)
                 if sampler is not None:
-                    unit.tokens[seq] = sample(last, sampler[0], sampler[1])
+                    try:  # one request's sampling failing fails that request alone
+                        unit.tokens[seq] = sample(last, sampler[0], sampler[1])
+                    except Exception as exc:
+                        log.warning("%s: request %d: sampling failed: %r", self.name, seq_id,
+                                    exc)
+                        unit.errors[seq] = f"sampling failed: {type(exc).__name__}: {exc}"
                 if unit.msg.want_logits:
                     unit.logits[seq] = logits.values[row:row + rows]
             row += rows
@@ -244,7 +294,7 @@ class ActorCore:
             return []
         self._drop(unit)
         return [Outgoing(COORDINATOR, UnitPart(unit.unit_id, self.name, unit.tokens,
-                                               unit.logits))]
+                                               unit.logits, unit.errors))]
 
     def abort(self, unit_id: int) -> None:
         unit = self.units.get(unit_id)
@@ -259,6 +309,7 @@ class ActorCore:
     def _drop(self, unit: _Unit) -> None:
         self.units.pop(unit.unit_id, None)
         self.by_index.pop(unit.index, None)
+        self.execution.release(unit.index)
         if unit.homed:
             self.worker.end(unit.unit_id)
 
@@ -268,3 +319,10 @@ class ActorCore:
 
     def involved(self, plan_actors: Iterable[str]) -> bool:
         return self.name in plan_actors
+
+
+def _size(msg: Data | Done) -> int:
+    """Bytes an early message holds (its tensors, and a little for the rest)."""
+    if isinstance(msg, Data):
+        return 256 + sum(t.numel() * t.element_size() for t in msg.payload.tensors)
+    return 64

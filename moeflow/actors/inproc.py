@@ -68,10 +68,6 @@ def load_workers(model_dir: str | Path, spec: ModelSpec, placement: Placement,
 Observer = Callable[[Plan, int, Stream], None]
 
 
-class DeadlockError(RuntimeError):
-    pass
-
-
 class InProcessExecutor:
     """`observer(plan, node_id, stream)`, if given, is called as each node runs.
     `want_logits` returns logits with every result (tests); `record_routing` sums the
@@ -109,7 +105,8 @@ class InProcessExecutor:
         if unknown:
             raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
         self.tracker.start(job.job_id, actors)
-        msg = RunUnit(job.job_id, job.plan, job.tokens, job.sampling, self.want_logits)
+        msg = RunUnit(job.job_id, job.plan, job.tokens, job.sampling, self.want_logits,
+                      job.unit, job.plan_id)
         for actor in sorted(actors):
             self.mail.append(Outgoing(actor, msg))
 
@@ -118,9 +115,19 @@ class InProcessExecutor:
         since nothing runs concurrently."""
         while not self.done and len(self.tracker):
             if not self._deliver() and not self._run_ready():
-                raise DeadlockError(f"{len(self.tracker)} job(s) cannot progress")
+                # nothing can run and nothing is in the mail: a lost message, or a plan
+                # that cannot complete; its jobs fail, the executor goes on
+                self._fail(self.tracker.involving_any(),
+                           "stalled: no node of the job can run (a lost message?)")
         done, self.done = self.done, []
         return done
+
+    def drop_plans(self, plan_ids: list[int]) -> None:
+        """Nothing to drop: every actor here gets each plan as an object, per unit."""
+
+    def watch(self) -> list[str]:
+        """Devices whose state was lost since the last call: never, in one process."""
+        return []
 
     def run_many(self, jobs: list[JobSpec]) -> list[JobResult]:
         return run_jobs(self, jobs)
@@ -158,7 +165,8 @@ class InProcessExecutor:
     def _to_coordinator(self, out: Outgoing) -> None:
         msg = out.msg
         if isinstance(msg, UnitPart):
-            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits)
+            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
+                                       msg.errors)
             if result is not None:
                 self.done.append(result)
         elif isinstance(msg, RoutingCounts) and self.routing is not None:
@@ -166,11 +174,15 @@ class InProcessExecutor:
             for e, c in enumerate(msg.counts):
                 total[e] += c
         elif isinstance(msg, NodeFailed):
-            result = self.tracker.fail(msg.unit_id, f"{msg.actor}: {msg.error}")
+            self._fail([msg.unit_id], f"{msg.actor}: {msg.error}")
+
+    def _fail(self, unit_ids: list[int], error: str) -> None:
+        for unit_id in unit_ids:
+            result = self.tracker.fail(unit_id, error)
             if result is not None:
                 self.done.append(result)
                 for actor in self.actors.values():
-                    actor.handle(Abort((msg.unit_id,)))
+                    actor.handle(Abort((unit_id,)))
 
     def _run_ready(self) -> bool:
         ran = False
@@ -183,7 +195,7 @@ class InProcessExecutor:
                         self.observer(plan, task[1], plan.assignment[task[1]])
                 try:
                     values = actor.run(group)
-                except (SemanticsError, DeadlockError):
+                except SemanticsError:
                     raise
                 except Exception as exc:  # a failing op fails its units, not the executor
                     for task in group:

@@ -133,6 +133,14 @@ class PagedKVCache:
         """index [n] of slots -> [n, W]"""
         return self.pools[layer].index_select(0, index)
 
+    def rollback(self, seq_id: int, start: int) -> None:
+        """Undo a reservation from `start` on: the sequence's KV ends there again (and is
+        freed if it started there)."""
+        if start == 0:
+            self.free(seq_id)
+        elif seq_id in self.seqs:
+            self.seqs[seq_id].length = start
+
     def free(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:

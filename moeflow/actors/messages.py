@@ -9,7 +9,7 @@ copy=False and received without a copy), described in the header by dtype and sh
 Pickle is never used: `decode` accepts only the kinds below and checks every field, so a
 malformed or unknown message raises MessageError, which receivers log and drop.
 
-    coordinator -> actor   Peers, RunUnit, Release, Abort, Shutdown
+    coordinator -> actor   Peers, RunUnit, Release, Abort, Shutdown, DropPlans
     actor -> coordinator   Hello, UnitPart, RoutingCounts, Heartbeat, NodeFailed
     actor -> actor         Data, Done
 
@@ -65,13 +65,19 @@ class Peers:
 
 @dataclass(frozen=True)
 class RunUnit:
-    """One unit's whole plan, to every actor that runs part of it, in one message."""
+    """One unit's whole plan, to every actor that runs part of it, in one message.
+
+    `unit` is what runs: the plan may have been compiled for another unit of the same
+    shape. A cached plan (`plan_id` set) travels once to each actor; later RunUnits of the
+    same shape carry only its id (`plan` None) and the unit bound to it."""
 
     unit_id: int
-    plan: Plan
+    plan: Plan | None
     tokens: dict[int, list[int]]  # unit seq index -> new token ids (for its home actor)
     sampling: dict[int, dict[str, Any]]  # seq id -> SamplingParams fields
     want_logits: bool = False
+    unit: g.Unit | None = None  # None: the plan's own unit
+    plan_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,12 +96,14 @@ class Done:
 @dataclass(frozen=True)
 class UnitPart:
     """An actor finished its share of a unit: the tokens it sampled (unit seq index ->
-    token id) and, if asked, their logits."""
+    token id), if asked, their logits, and the sequences it could not sample (unit seq
+    index -> why): those fail alone."""
 
     unit_id: int
     actor: str
     tokens: dict[int, int]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,15 @@ class RoutingCounts:
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """The actor's shell is alive; and what its core thread is doing: how many steps (a
+    node, or a message handled) it has finished, how long its current step has run (0.0:
+    it waits for work), and the messages it dropped so far, by reason."""
+
     actor: str
     time: float
+    num_done: int = 0
+    running_s: float = 0.0
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,12 +148,19 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class DropPlans:
+    """Cached plans that will not run again: the actor forgets them."""
+
+    plan_ids: tuple[int, ...]
+
+
 Message = Union[Hello, Peers, RunUnit, Data, Done, UnitPart, RoutingCounts, Heartbeat,
-                NodeFailed, Release, Abort, Shutdown]
+                NodeFailed, Release, Abort, Shutdown, DropPlans]
 
 KINDS: dict[type, int] = {Hello: 1, Peers: 2, RunUnit: 3, Data: 4, Done: 5, UnitPart: 6,
                           RoutingCounts: 7, Heartbeat: 8, NodeFailed: 9, Release: 10, Abort: 11,
-                          Shutdown: 12}
+                          Shutdown: 12, DropPlans: 13}
 BY_KIND = {v: k for k, v in KINDS.items()}
 
 
@@ -201,7 +223,7 @@ def plan_to_wire(plan: Plan) -> dict[str, Any]:
         rules.append([index[s], "o", list(rule.order)] if isinstance(rule, InOrder)
                      else [index[s], "p", rule.coalesce, rule.fifo])
     return {
-        "unit": [[c.seq_id, c.start, c.num_tokens, c.home, c.logits] for c in graph.unit.seqs],
+        "unit": unit_to_wire(graph.unit),
         "placement": [list(graph.placement.devices), list(graph.placement.expert_owners)],
         "nodes": [[NODE_CODES[type(n)], *[_plain(getattr(n, f.name))
                                           for f in dataclasses.fields(n)]]
@@ -214,14 +236,28 @@ def plan_to_wire(plan: Plan) -> dict[str, Any]:
     }
 
 
+def unit_to_wire(unit: g.Unit) -> list[list[Any]]:
+    return [[c.seq_id, c.start, c.num_tokens, c.home, c.logits] for c in unit.seqs]
+
+
+def unit_from_wire(data: Any) -> g.Unit:
+    try:
+        seqs = tuple(g.SeqChunk(int(s), int(st), int(n), str(h), lg)
+                     for s, st, n, h, lg in data)
+        if any(c.logits not in ("last", "all", "none") for c in seqs):
+            raise ValueError("logits must be last, all or none")
+        return g.Unit(seqs)
+    except Exception as exc:
+        raise MessageError(f"bad unit: {type(exc).__name__}: {exc}") from None
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
 def plan_from_wire(data: Any) -> Plan:
     try:
-        unit = g.Unit(tuple(g.SeqChunk(int(s), int(st), int(n), str(h), lg)
-                            for s, st, n, h, lg in data["unit"]))
+        unit = unit_from_wire(data["unit"])
         devices, owners = data["placement"]
         placement = g.Placement(tuple(devices), tuple(int(o) for o in owners))
         nodes = []
@@ -265,10 +301,12 @@ def encode(msg: Message) -> list[Any]:
     kind = KINDS[type(msg)]
     header: dict[str, Any]
     if isinstance(msg, RunUnit):
-        header = {"unit_id": msg.unit_id, "plan": plan_to_wire(msg.plan),
+        header = {"unit_id": msg.unit_id,
+                  "plan": None if msg.plan is None else plan_to_wire(msg.plan),
                   "tokens": [[k, v] for k, v in msg.tokens.items()],
                   "sampling": [[k, v] for k, v in msg.sampling.items()],
-                  "want_logits": msg.want_logits}
+                  "want_logits": msg.want_logits, "plan_id": msg.plan_id,
+                  "unit": None if msg.unit is None else unit_to_wire(msg.unit)}
     elif isinstance(msg, Data):
         p = msg.payload
         header = {"unit_id": msg.unit_id, "node_id": msg.node_id, "kind": p.kind,
@@ -277,7 +315,8 @@ def encode(msg: Message) -> list[Any]:
         keys = list(msg.logits)
         header = {"unit_id": msg.unit_id, "actor": msg.actor,
                   "tokens": [[k, v] for k, v in msg.tokens.items()], "logit_keys": keys,
-                  "logits": tensors(msg.logits[k] for k in keys)}
+                  "logits": tensors(msg.logits[k] for k in keys),
+                  "errors": [[k, v] for k, v in msg.errors.items()]}
     else:
         header = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
     return [bytes([kind]), msgpack.packb(header, use_bin_type=True), *frames]
@@ -320,9 +359,14 @@ def _tensors(metas: Any, frames: list[Any]) -> list[torch.Tensor]:
 def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
     if cls is RunUnit:
         _no_frames(cls, frames)
-        return RunUnit(int(h["unit_id"]), plan_from_wire(h["plan"]),
+        plan_id = h["plan_id"]
+        if h["plan"] is None and plan_id is None:
+            raise MessageError("a RunUnit needs a plan or a plan id")
+        return RunUnit(int(h["unit_id"]), None if h["plan"] is None else plan_from_wire(h["plan"]),
                        {int(k): [int(t) for t in v] for k, v in h["tokens"]},
-                       {int(k): dict(v) for k, v in h["sampling"]}, bool(h["want_logits"]))
+                       {int(k): dict(v) for k, v in h["sampling"]}, bool(h["want_logits"]),
+                       None if h["unit"] is None else unit_from_wire(h["unit"]),
+                       None if plan_id is None else int(plan_id))
     if cls is Data:
         if h["kind"] not in ("rows", "partial", "tensor") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")
@@ -332,7 +376,8 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
         logits = _tensors(h["logits"], frames)
         return UnitPart(int(h["unit_id"]), str(h["actor"]),
                         {int(k): int(v) for k, v in h["tokens"]},
-                        dict(zip((int(k) for k in h["logit_keys"]), logits)))
+                        dict(zip((int(k) for k in h["logit_keys"]), logits)),
+                        {int(k): str(v) for k, v in h["errors"]})
     _no_frames(cls, frames)
     names = [f.name for f in dataclasses.fields(cls)]
     if set(h) != set(names):
@@ -353,7 +398,8 @@ def _no_frames(cls: type, frames: list[Any]) -> None:
 
 
 _FIELD_TYPES = {"actor": str, "data_address": str, "pid": int, "unit_id": int, "node_id": int,
-                "layer": int, "time": float, "error": str}
+                "layer": int, "time": float, "error": str, "num_done": int,
+                "running_s": float}
 
 
 def _check_types(msg: Any) -> None:
@@ -365,6 +411,10 @@ def _check_types(msg: Any) -> None:
         if want is not None and (not isinstance(value, want) or isinstance(value, bool)):
             raise MessageError(f"{type(msg).__name__}.{f.name} must be {want.__name__}, "
                                f"got {value!r}")
-    for name in ("seq_ids", "unit_ids", "counts"):
+    for name in ("seq_ids", "unit_ids", "counts", "plan_ids"):
         if hasattr(msg, name) and not all(isinstance(v, int) for v in getattr(msg, name)):
             raise MessageError(f"{type(msg).__name__}.{name} must hold integers")
+    dropped = getattr(msg, "dropped", {})
+    if not (isinstance(dropped, dict) and all(
+            isinstance(k, str) and isinstance(v, int) for k, v in dropped.items())):
+        raise MessageError(f"{type(msg).__name__}.dropped must map reasons to counts")

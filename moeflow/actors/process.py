@@ -1,27 +1,35 @@
 """An actor as its own process: the ActorCore behind a thin async shell over ZeroMQ.
 
-    python -m moeflow.actors.process '<ActorConfig as JSON>'
+    python -m moeflow.actors.process NAME  < launch message on stdin (see `launch_message`)
 
-Sockets (loopback by default, TCP in general):
+The coordinator writes the ActorConfig and the actor's CURVE keys to the child's stdin
+pipe and closes it: no secret is on a command line or in the environment.
+
+Sockets, every one CURVE-encrypted and authenticated (see moeflow.actors.plane); `ipc://`
+in the launch's private directory on one host, TCP across hosts:
     control   DEALER, identity = the actor's name, connected to the coordinator's ROUTER:
               RunUnit / Release / Abort / Peers / Shutdown in; UnitPart / RoutingCounts /
               NodeFailed / Heartbeat / Hello out
-    data      PULL, bound by this actor: Data and Done from peers
+    data      PULL, bound by this actor: Data and Done from peers (only peers' keys pass)
     peers     one PUSH per peer, connected to its data socket
 
-Threads: the shell's event loop (uvloop, structured with asyncio.TaskGroup) owns every
-socket and never computes; one core thread owns the ActorCore and the device worker: it
-loads the weights, runs nodes and encodes outgoing messages, so heartbeats go on while a
-long prefill runs. All torch work stays on that one thread on purpose: torch's CPU kernels
-use OpenMP, whose thread team belongs to the thread that first runs a parallel region, and
-a second team in the same process (here, on 2 cores) halves weight-streaming speed.
-The process exits when told, on SIGINT/SIGTERM, or within a heartbeat of its parent dying,
-so none is left behind.
+Threads: the shell's event loop (uvloop, structured with asyncio.TaskGroup) owns the
+control socket and never computes; one core thread owns the ActorCore and the device
+worker: it loads the weights, runs nodes and encodes outgoing messages, so heartbeats go
+on while a long prefill runs. All torch work stays on that one thread on purpose: torch's
+CPU kernels use OpenMP, whose thread team belongs to the thread that first runs a parallel
+region, and a second team in the same process (here, on 2 cores) halves weight-streaming
+speed. Each heartbeat carries the core thread's progress (steps done, how long the current
+one has run), which the coordinator watches for a wedged core or a stalled job.
+
+The process exits when told, on SIGINT/SIGTERM, within a heartbeat of its parent dying, or
+promptly when its core thread dies; every shutdown step is bounded, so none is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,13 +38,17 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 import zmq
 import zmq.asyncio
 
 from moeflow.actors.messages import (
     KINDS, Data, Done, Heartbeat, Hello, MessageError, Peers, Shutdown, decode, encode,
+)
+from moeflow.actors.plane import (
+    Faults, Gatekeeper, PeerLinks, PlaneKeys, connect_curve, ipc_address, remove_runtime_dir,
+    serve_curve,
 )
 
 log = logging.getLogger("moeflow.actor")
@@ -55,48 +67,77 @@ class ActorConfig:
     host: str = "127.0.0.1"
     heartbeat_s: float = 0.2
     serves: bool = True  # holds dense weights and serves requests
+    runtime_dir: str = ""  # the launch's private directory for ipc sockets; "": TCP on host
+    faults: str = ""  # injected into outgoing data messages: see moeflow.actors.plane.Faults
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
+    def __post_init__(self) -> None:
+        Faults.parse(self.faults)
 
     @staticmethod
-    def from_json(text: str) -> ActorConfig:
-        data = json.loads(text)
-        data["devices"] = tuple(data["devices"])
-        data["expert_owners"] = tuple(data["expert_owners"])
+    def from_plain(data: dict[str, Any]) -> ActorConfig:
+        data = dict(data, devices=tuple(data["devices"]),
+                    expert_owners=tuple(data["expert_owners"]))
         return ActorConfig(**data)
+
+
+def launch_message(config: ActorConfig, keys: PlaneKeys) -> bytes:
+    """What the coordinator writes to a new actor's stdin."""
+    return json.dumps({"config": asdict(config), "keys": keys.to_plain()}).encode()
+
+
+def read_launch(stream: IO[bytes]) -> tuple[ActorConfig, PlaneKeys]:
+    data = json.loads(stream.read())
+    return ActorConfig.from_plain(data["config"]), PlaneKeys.from_plain(data["keys"])
 
 
 class CoreThread(threading.Thread):
     """Builds the ActorCore, then serves the data plane: receives Data/Done from peers on
     its PULL socket and control messages from the shell on an inproc socket, runs ready
     nodes, and sends to peers itself. All torch work of the process is on this thread, and
-    data never waits for a second thread to be scheduled."""
+    data never waits for a second thread to be scheduled.
 
-    def __init__(self, config: ActorConfig, ctx: zmq.Context[Any], control_in: str,
-                 post_control: Any) -> None:
+    Progress, read by the shell from another thread (plain attributes, so no lock):
+    `num_done` counts finished steps (a node group run, a message handled) and
+    `running_since` is when the current step began (monotonic; 0.0 while it waits for
+    work)."""
+
+    def __init__(self, config: ActorConfig, keys: PlaneKeys, ctx: zmq.Context[Any],
+                 control_in: str, post_control: Any) -> None:
         super().__init__(name=f"core-{config.name}", daemon=True)
         self.config = config
+        self.keys = keys
         self.ctx = ctx
         self.control_in = control_in
         self.post_control = post_control  # thread-safe: frames for the coordinator
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.data_address = ""
-        self.peers: dict[str, zmq.Socket[Any]] = {}
+        self.core: Any = None
+        self.num_done = 0
+        self.running_since = time.monotonic()
+        self.dropped: dict[str, int] = {}
+        self.peers = PeerLinks(ctx, config.name, keys, Faults.parse(config.faults), self._count)
 
     def run(self) -> None:
         inbox = self.ctx.socket(zmq.PAIR)
         inbox.connect(self.control_in)
         data = self.ctx.socket(zmq.PULL)
         data.setsockopt(zmq.LINGER, 0)
-        port = data.bind_to_random_port(f"tcp://{self.config.host}")
-        self.data_address = f"tcp://{self.config.host}:{port}"
         try:
+            serve_curve(data, self.keys.own)
+            if self.config.runtime_dir:
+                self.data_address = ipc_address(self.config.runtime_dir,
+                                                f"{self.config.name}-{os.getpid()}.data")
+                data.bind(self.data_address)
+            else:
+                port = data.bind_to_random_port(f"tcp://{self.config.host}")
+                self.data_address = f"tcp://{self.config.host}:{port}"
             self.core = build_core(self.config)
         except BaseException as exc:  # reported by the shell, which then exits
             self.error = exc
             self.ready.set()
+            for sock in (inbox, data):
+                sock.close(linger=0)
             return
         self.ready.set()
         poller = zmq.Poller()
@@ -109,12 +150,14 @@ class CoreThread(threading.Thread):
             log.exception("%s: the core thread failed", self.config.name)
             raise
         finally:
-            for sock in (inbox, data, *self.peers.values()):
+            for sock in (inbox, data):
                 sock.close(linger=0)
+            self.peers.close()
 
     def _serve(self, poller: zmq.Poller, inbox: zmq.Socket[Any], data: zmq.Socket[Any]) -> bool:
         tasks = self.core.next_tasks()
         for group in tasks:
+            self.running_since = time.monotonic()
             self.core.start(group)
             try:
                 values = self.core.run(group)
@@ -124,14 +167,15 @@ class CoreThread(threading.Thread):
             else:
                 for task, value in zip(group, values):
                     self._send(self.core.finish(task, value))
-        events = dict(poller.poll(0 if tasks else None))
-        if data in events:
-            while True:
-                try:
-                    parts = data.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._deliver(parts, data_plane=True)
+            self.num_done += 1
+        self.peers.send_due()
+        if tasks:
+            events = dict(poller.poll(0))
+        else:
+            self.running_since = 0.0
+            events = dict(poller.poll(self.peers.wait_ms()))
+        self.running_since = time.monotonic()
+        # control first: a unit's RunUnit is admitted before the data its peers sent for it
         if inbox in events:
             while True:
                 try:
@@ -141,99 +185,130 @@ class CoreThread(threading.Thread):
                 if not parts[0].bytes:
                     return False  # the shell is stopping
                 self._deliver(parts, data_plane=False)
+        if data in events:
+            while True:
+                try:
+                    parts = data.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._deliver(parts, data_plane=True)
         return True
 
+    def _count(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
     def _deliver(self, parts: list[Any], data_plane: bool) -> None:
+        self.num_done += 1
         try:
             msg = decode(parts)
         except MessageError as exc:
             log.warning("%s: dropped a malformed message: %s", self.config.name, exc)
+            self._count("malformed")
             return
         if data_plane and not isinstance(msg, (Data, Done)):
             log.warning("%s: dropped a %s on the data socket", self.config.name,
                         type(msg).__name__)
+            self._count("wrong_socket")
             return
         if isinstance(msg, Peers):
-            self._connect_peers(msg.addresses)
+            self.peers.connect(msg.addresses)
             return
         try:
             self._send(self.core.handle(msg))
         except Exception as exc:  # a well-formed message that makes no sense here
             log.warning("%s: dropped %s: %r", self.config.name, type(msg).__name__, exc)
-
-    def _connect_peers(self, addresses: dict[str, str]) -> None:
-        for name, address in addresses.items():
-            if name == self.config.name:
-                continue
-            old = self.peers.pop(name, None)
-            if old is not None:
-                old.close(linger=0)
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
-            self.peers[name] = sock
+            self._count("rejected")
 
     def _send(self, outgoing: list[Any]) -> None:
         for out in outgoing:
             frames = encode(out.msg)
             if out.to == "":
                 self.post_control(frames)
-                continue
-            sock = self.peers.get(out.to)
-            if sock is None:
-                log.warning("%s: no connection to %s; %s dropped", self.config.name, out.to,
-                            type(out.msg).__name__)
-                continue
-            sock.send_multipart(frames, copy=False)
+            else:
+                self.peers.send(out.to, frames)
+
+    def dropped_so_far(self) -> dict[str, int]:
+        counts = dict(self.dropped)
+        for reason, num in dict(getattr(self.core, "dropped", {})).items():
+            counts[reason] = counts.get(reason, 0) + num
+        return counts
 
 
 class ActorShell:
     """The async control plane: the coordinator's socket, heartbeats and lifecycle."""
 
-    def __init__(self, config: ActorConfig) -> None:
+    def __init__(self, config: ActorConfig, keys: PlaneKeys) -> None:
         self.config = config
+        self.keys = keys
         self.ctx = zmq.asyncio.Context()
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, config.name.encode())
         self.control.setsockopt(zmq.LINGER, 0)
+        connect_curve(self.control, keys.own, keys.coordinator)
         self.to_core = self.ctx.socket(zmq.PAIR)
+        self.to_core.setsockopt(zmq.LINGER, 0)
         self.to_core_address = f"inproc://core-{config.name}"
         self.to_core.bind(self.to_core_address)
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
         self.stopping = asyncio.Event()
+        self.thread: CoreThread | None = None
+        self.gatekeeper: Gatekeeper | None = None
 
     async def serve(self) -> None:
-        self.control.connect(self.config.coordinator)
+        # only the cluster's actors may connect to this process's data socket
+        gatekeeper = self.gatekeeper = Gatekeeper(
+            self.ctx, {key: name for name, key in self.keys.actors.items()})
+        gatekeeper.start()
         loop = asyncio.get_running_loop()
         sync_ctx: zmq.Context[Any] = zmq.Context.shadow(self.ctx.underlying)
-        thread = CoreThread(self.config, sync_ctx, self.to_core_address,
-                            lambda frames: loop.call_soon_threadsafe(self.outbox.put_nowait,
-                                                                     frames))
-        thread.start()
-        await asyncio.to_thread(thread.ready.wait)
-        if thread.error is not None:
-            raise thread.error
-        await self.control.send_multipart(
-            encode(Hello(self.config.name, thread.data_address, os.getpid())))
+        thread = self.thread = CoreThread(
+            self.config, self.keys, sync_ctx, self.to_core_address,
+            lambda frames: loop.call_soon_threadsafe(self.outbox.put_nowait, frames))
         try:
+            self.control.connect(self.config.coordinator)
+            thread.start()
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._receive())
-                tasks.create_task(self._send_out())
-                tasks.create_task(self._heartbeat())
-                tasks.create_task(self._stop_when_told())
                 tasks.create_task(self._watch(thread))
+                tasks.create_task(self._stop_when_told())
+                tasks.create_task(self._watch_parent())
+                tasks.create_task(self._send_out())
+                while not thread.ready.is_set() or thread.error is not None:
+                    await asyncio.sleep(0.05)  # _watch ends this if the core cannot start
+                self.outbox.put_nowait(
+                    encode(Hello(self.config.name, thread.data_address, os.getpid())))
+                tasks.create_task(self._receive())
+                tasks.create_task(self._heartbeat(thread))
         finally:
-            await self.to_core.send(b"")  # tells the core thread to stop
-            thread.join(timeout=5)
+            if thread.is_alive():
+                with contextlib.suppress(zmq.ZMQError):  # the core may be gone or busy
+                    zmq.Socket.shadow(self.to_core.underlying).send(b"", zmq.NOBLOCK)
+                thread.join(timeout=2)
             for sock in (self.control, self.to_core):
                 sock.close(linger=0)
-            self.ctx.term()
+            gatekeeper.stop()
+            if not thread.is_alive():  # else its sockets are open: term() would wait forever
+                self.ctx.term()
 
     async def _watch(self, thread: CoreThread) -> None:
         """If the core thread dies, so does the process (the coordinator then restarts it)."""
-        await asyncio.to_thread(thread.join)
+        while thread.is_alive():  # polled: a thread blocked in join would outlive the loop
+            await asyncio.sleep(0.05)
+        if thread.error is not None:
+            raise thread.error  # it could not start
         if not self.stopping.is_set():
             raise RuntimeError(f"{self.config.name}: the core thread died")
+
+    async def _watch_parent(self) -> None:
+        """Stop if this process was orphaned (its parent died without shutting it down).
+        PR_SET_PDEATHSIG cannot do this: it fires when the parent's spawning *thread*
+        exits, which a restart from a worker thread does."""
+        parent = os.getppid()
+        while os.getppid() == parent:
+            await asyncio.sleep(self.config.heartbeat_s)
+        log.warning("%s: the parent process is gone; exiting", self.config.name)
+        if self.config.runtime_dir:  # the launch is over: nobody else will remove it
+            remove_runtime_dir(self.config.runtime_dir)
+        self.stopping.set()
 
     async def _stop_when_told(self) -> None:
         await self.stopping.wait()
@@ -255,17 +330,17 @@ class ActorShell:
             frames = await self.outbox.get()
             await self.control.send_multipart(frames, copy=False)
 
-    async def _heartbeat(self) -> None:
-        """Heartbeats to the coordinator; and if this process was orphaned (its parent died
-        without shutting it down), stop. PR_SET_PDEATHSIG cannot do this: it fires when
-        the parent's spawning *thread* exits, which a restart from a worker thread does."""
-        parent = os.getppid()
+    async def _heartbeat(self, thread: CoreThread) -> None:
+        """Heartbeats to the coordinator, with the core thread's progress."""
         while True:
-            if os.getppid() != parent:
-                log.warning("%s: the parent process is gone; exiting", self.config.name)
-                self.stopping.set()
-                return
-            await self.control.send_multipart(encode(Heartbeat(self.config.name, time.time())))
+            since = thread.running_since
+            running_s = time.monotonic() - since if since else 0.0
+            dropped = thread.dropped_so_far()
+            if self.gatekeeper is not None and self.gatekeeper.num_refused:
+                dropped["refused_key"] = self.gatekeeper.num_refused
+            beat = Heartbeat(self.config.name, time.time(), thread.num_done,
+                             max(running_s, 0.0), dropped)
+            await self.control.send_multipart(encode(beat))
             await asyncio.sleep(self.config.heartbeat_s)
 
 
@@ -297,18 +372,28 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=os.environ.get("MOEFLOW_LOG", "WARNING"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ActorConfig.from_json(argv[1])
+    config, keys = read_launch(sys.stdin.buffer)
     # the socket thread must get the GIL back quickly while the core thread runs Python
     # between ops: a message waits up to one switch interval (5 ms by default) per hop
     sys.setswitchinterval(float(os.environ.get("MOEFLOW_SWITCH_INTERVAL", "0.0002")))
     signal.signal(signal.SIGTERM, _interrupt)  # SIGINT already raises KeyboardInterrupt
+    shell = ActorShell(config, keys)
+    code = 0
     try:
         import uvloop
 
-        uvloop.run(ActorShell(config).serve())
+        uvloop.run(shell.serve())
     except* (_Stop, KeyboardInterrupt):
         pass  # told to stop, or interrupted: a clean exit either way
-    return 0
+    except* Exception as group:
+        log.error("%s: stopping: %s", config.name,
+                  "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions))
+        code = 1
+    if shell.thread is not None and shell.thread.is_alive():
+        # a core thread stuck in a node would hold interpreter shutdown: leave at once
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ class DeviceWorker:
         except Exception:
             for seq_id in reserved:  # leave the cache as it was
                 chunk = next(c for c in unit.seqs if c.seq_id == seq_id)
-                self._unreserve(seq_id, chunk.start)
+                self.kv.rollback(seq_id, chunk.start)
             raise
         pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         dev = self.tdevice
@@ -196,12 +196,6 @@ class DeviceWorker:
             state.all_decode = not state.prefill
         self._units[key] = state
 
-    def _unreserve(self, seq_id: int, start: int) -> None:
-        if start == 0:
-            self.kv.free(seq_id)
-        else:
-            self.kv.seqs[seq_id].length = start
-
     def end(self, key: Any) -> None:
         self._units.pop(key, None)
 
@@ -212,8 +206,7 @@ class DeviceWorker:
             return
         for i in state.rows:
             chunk = state.unit.seqs[i]
-            if chunk.seq_id in self.kv.seqs:
-                self._unreserve(chunk.seq_id, chunk.start)
+            self.kv.rollback(chunk.seq_id, chunk.start)
 
     def release(self, seq_id: int) -> None:
         """Free a finished sequence's KV cache."""

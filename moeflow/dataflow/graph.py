@@ -278,6 +278,15 @@ class Graph:
             succs[edge.src].append(edge.dst)
         return tuple(tuple(s) for s in succs)
 
+    @cached_property
+    def data_uses(self) -> tuple[int, ...]:
+        """Per node: how many data edges read its output."""
+        uses = [0] * len(self.nodes)
+        for edge in self.edges:
+            if edge.kind == "data":
+                uses[edge.src] += 1
+        return tuple(uses)
+
     def preds(self, node_id: int) -> tuple[int, ...]:
         return self._preds[node_id]
 

@@ -23,6 +23,12 @@ engine calls it with plain data and runs what it returns on whichever executor i
     on_routing(unit, layer, counts) -> None   (optional)
         Called when a layer's gate counts are known, for decisions that need them.
 
+    plan_key(unit) -> Hashable | None   (optional)
+        Units with equal keys get the same plan: the engine compiles it once and replays
+        it, binding only the unit (sequence ids, starts, token counts) per step. Return
+        None (the default) if your plans depend on more than you can key; `unit_shape`
+        is the key of a plan that depends only on each sequence's home, logits and phase.
+
 Subclass `Scheduler`, give it a `name`, and register it through the `moeflow.schedulers`
 entry-point group, or name it as "module:Class". `moeflow.testing.check_scheduler(cls)`
 runs the invariant suite on it.
@@ -30,7 +36,7 @@ runs the invariant suite on it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -104,3 +110,13 @@ class Scheduler:
 
     def on_routing(self, unit: Unit, layer: int, counts: tuple[int, ...]) -> None:
         return None
+
+    def plan_key(self, unit: Unit) -> Hashable | None:
+        return None
+
+
+def unit_shape(unit: Unit) -> tuple[tuple[str, str, str], ...]:
+    """What a graph's structure depends on, per sequence in order: its home, which logits
+    it wants, and its phase (one new token after a prefix: decode; else prefill)."""
+    return tuple((s.home, s.logits, "decode" if s.num_tokens == 1 and s.start > 0
+                  else "prefill") for s in unit.seqs)

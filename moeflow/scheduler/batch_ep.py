@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from moeflow.dataflow.compiler import Cut, compile
 from moeflow.dataflow.graph import SeqChunk, Unit
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
+from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
 from moeflow.scheduler.plan import Plan, topological_plan
 from moeflow.scheduler.requests import blocks_for
 
@@ -53,6 +53,9 @@ class BatchEP(Scheduler):
             load[home] += 1
             tokens_left -= chunk.num_tokens
         return [Unit(tuple(chunks))] if chunks else []
+
+    def plan_key(self, unit: Unit) -> Hashable:
+        return unit_shape(unit)  # the graph's structure; token counts are bound per step
 
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         return topological_plan(compile(model, unit, cluster.placement, Cut(barrier=True)))

@@ -36,14 +36,14 @@ not public) and by related work (Lina, AMoE, ExFlow):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from moeflow.dataflow.compiler import compile
 from moeflow.dataflow.graph import (
     Attention, Embed, Expert, Gate, Graph, LMHead, Node, Transfer, Unit,
 )
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
+from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
 from moeflow.scheduler.batch_ep import advance
 from moeflow.scheduler.plan import ByPriority, MergeKey, Plan, node_stream
 
@@ -75,6 +75,9 @@ class FineEP(Scheduler):
             tokens_left -= chunk.num_tokens
             seqs_left -= 1
         return units
+
+    def plan_key(self, unit: Unit) -> Hashable:
+        return unit_shape(unit)  # the graph's structure; token counts are bound per step
 
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         graph = compile(model, unit, cluster.placement)

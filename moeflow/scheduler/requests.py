@@ -8,8 +8,9 @@ It holds what every engine needs and nothing about tokens or tensors:
       and later recomputed from its prompt and outputs so far.
 
     schedule()       ask the scheduler for units, check them, reserve their KV, mark their
-                     sequences in flight, and plan them -> [Job]; sequences it preempted
-                     are listed in `evicted` for the executor to free
+                     sequences in flight, and plan them (from `plan_cache` when given) ->
+                     [Job]; sequences it preempted are listed in `evicted` for the
+                     executor to free
     complete(job)    the job's forward pass is done: its sequences' KV now holds the
                      tokens; returns the sequences that produced logits (to sample from)
 
@@ -29,6 +30,7 @@ from moeflow.dataflow.graph import Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
 from moeflow.scheduler.plan import Plan
+from moeflow.scheduler.plan_cache import PlanCache
 
 
 class SchedulingError(RuntimeError):
@@ -76,11 +78,14 @@ class Completed:
 
 @dataclass(frozen=True)
 class Job:
-    """One unit, its plan, and the book's id for it."""
+    """One unit, its plan, and the book's id for it. With a plan cache, the plan may have
+    been compiled for another unit of the same shape (`plan_id` names it): `unit` is what
+    this job runs."""
 
     job_id: int
     unit: Unit
     plan: Plan
+    plan_id: int | None = None
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -90,7 +95,8 @@ def blocks_for(tokens: int, block_size: int) -> int:
 class RequestBook:
     def __init__(self, scheduler: Scheduler, model: ModelSpec, cluster: Cluster,
                  kv_blocks: dict[str, int], kv_block_size: int, *,
-                 max_batch_tokens: int = 2048, max_seqs: int = 64) -> None:
+                 max_batch_tokens: int = 2048, max_seqs: int = 64,
+                 plan_cache: PlanCache | None = None) -> None:
         if kv_block_size < 1:
             raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
         self.scheduler = scheduler
@@ -108,6 +114,7 @@ class RequestBook:
         self._reserved: dict[int, int] = {}  # seq -> KV length its blocks are charged for
         self.evicted: list[tuple[str, int]] = []  # preempted (home, seq): executor frees KV
         self._job_ids = itertools.count()
+        self.plan_cache = plan_cache  # None: every unit planned anew (the simulator)
 
     # -- requests ------------------------------------------------------------------
 
@@ -160,11 +167,15 @@ class RequestBook:
                     f"sequences in flight; the budget is {self.max_batch_tokens} tokens and "
                     f"{self.max_seqs} sequences")
             self._admit(unit)
-            plan = self.scheduler.plan(unit, self.model, self.cluster)
-            if plan.graph.unit != unit:
-                raise SchedulingError(f"scheduler {self.scheduler.name!r} planned a different "
-                                      f"unit than it formed")
-            job = Job(next(self._job_ids), unit, plan)
+            if self.plan_cache is not None:
+                plan_id, plan = self.plan_cache.plan(self.scheduler, unit, self.model,
+                                                     self.cluster)
+            else:
+                plan_id, plan = None, self.scheduler.plan(unit, self.model, self.cluster)
+                if plan.graph.unit != unit:
+                    raise SchedulingError(f"scheduler {self.scheduler.name!r} planned a "
+                                          f"different unit than it formed")
+            job = Job(next(self._job_ids), unit, plan, plan_id)
             self.in_flight[job.job_id] = job
             jobs.append(job)
         return jobs

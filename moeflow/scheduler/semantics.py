@@ -15,7 +15,8 @@ from a cost model, and the actors run nodes on real streams. All of them take wh
 start from `startable` (or `next_node`/`next_group`) and report back through `start`,
 `finish` and `finish_external`, so they cannot disagree on what may run when.
 
-Tasks are named (plan index, node id).
+Tasks are named (plan index, node id). Plan indices are never reused; `release` lets go of
+a finished plan, so the state held grows with the plans in flight, not with time.
 
 An actor runs the same semantics over whole plans but owns only its own streams: `add(plan,
 owns=...)` leaves other actors' nodes out of every stream, and `finish_external(task)`
@@ -68,7 +69,8 @@ class _PlanState:
 
 class Execution:
     def __init__(self, plans: Iterable[Plan] = ()) -> None:
-        self.plans: list[_PlanState] = []
+        self.plans: dict[int, _PlanState] = {}  # plans held: added and not yet released
+        self._indices = itertools.count()
         self.streams: dict[Stream, _StreamState] = {}
         self._ready: set[Task] = set()
         self._touched: dict[Stream, None] = {}  # streams whose next node may have changed
@@ -81,7 +83,7 @@ class Execution:
     def add(self, plan: Plan, owns: Callable[[Stream], bool] | None = None) -> int:
         """Admit a plan; its nodes join their streams after those already there. With
         `owns`, only streams it accepts run here; the rest are finished externally."""
-        index = len(self.plans)
+        index = next(self._indices)
         graph = plan.graph
         waiting = [len(graph.preds(i)) for i in range(len(graph.nodes))]
         for stream, rule in plan.rules:
@@ -101,8 +103,8 @@ class Execution:
             self._touched[stream] = None
         streams = [self.streams[s] if owns is None or owns(s) else None
                    for s in plan.assignment]
-        self.plans.append(_PlanState(plan, waiting, [False] * len(graph.nodes), streams,
-                                     sum(1 for s in streams if s is not None)))
+        self.plans[index] = _PlanState(plan, waiting, [False] * len(graph.nodes), streams,
+                                       sum(1 for s in streams if s is not None))
         arrival = next(self._arrivals)
         for node_id, n in enumerate(waiting):
             if n == 0 and streams[node_id] is not None:
@@ -179,7 +181,7 @@ class Execution:
 
     @property
     def done(self) -> bool:
-        return all(p.num_done == p.num_owned for p in self.plans)
+        return all(p.num_done == p.num_owned for p in self.plans.values())
 
     def plan_done(self, index: int) -> bool:
         p = self.plans[index]
@@ -284,7 +286,7 @@ class Execution:
                 raise SemanticsError(f"deadlock: nothing can run, {self._pending()} tasks left")
 
     def _pending(self) -> int:
-        return sum(p.num_owned - p.num_done for p in self.plans)
+        return sum(p.num_owned - p.num_done for p in self.plans.values())
 
     def forget(self, index: int) -> None:
         """Drop a plan's remaining nodes from every stream (an aborted unit)."""
@@ -297,3 +299,13 @@ class Execution:
             self._touched[state.stream] = None
         self._ready = {t for t in self._ready if t[0] != index}
         p.num_done = p.num_owned
+
+    def release(self, index: int) -> None:
+        """Let go of a finished (or forgotten) plan: a long-running executor holds only the
+        plans in flight. Its index is never reused."""
+        p = self.plans.get(index)
+        if p is None:
+            return
+        if p.num_done != p.num_owned:
+            raise SemanticsError(f"plan {index} is still running; forget it first")
+        del self.plans[index]

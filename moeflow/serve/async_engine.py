@@ -22,19 +22,25 @@ OverloadedError instead of growing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from moeflow.serve.build import build_engine_core, resolve_dtype
 from moeflow.serve.metrics import Metrics
 from moeflow.serve.sampling import SamplingParams
 
 log = logging.getLogger("moeflow.engine")
+MAX_RESTARTS = 3  # engine restarts allowed within RESTART_WINDOW_S before it gives up
+RESTART_WINDOW_S = 60.0
+STOP_TIMEOUT_S = 60.0  # closing the executor stops actor processes: bounded, but not instant
 Prompt = Union[str, Sequence[int]]
 
 
@@ -96,6 +102,7 @@ class EngineConfig:
     max_seqs: int = 64
     max_waiting: int = 1024  # requests admitted but not finished, beyond which: overloaded
     record_routing: bool = False
+    faults: str = ""  # chaos testing: drop/delay actor data messages (moeflow.actors.plane)
 
 
 class _Detokenizer:
@@ -126,17 +133,27 @@ class _Stream:
 
 
 class _EngineThread(threading.Thread):
+    """Owns the EngineCore. Supervised: if a step raises anyway (a bug, an executor that
+    failed), the requests in progress fail with a clear error, the core and its executor
+    are rebuilt, and serving goes on; after MAX_RESTARTS within RESTART_WINDOW_S it gives
+    up, and `fatal` says why."""
+
     def __init__(self, config: EngineConfig, loop: asyncio.AbstractEventLoop,
-                 deliver: Any, metrics: Metrics) -> None:
+                 deliver: Any, metrics: Metrics, on_exit: Any) -> None:
         super().__init__(name="moeflow-engine", daemon=True)
         self.config = config
         self.loop = loop
         self.deliver = deliver  # called in the loop with [(request_id, event)]
         self.metrics = metrics
+        self.on_exit = on_exit  # called in the loop once this thread has stopped
         self.commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self.ready: asyncio.Future[Any] = loop.create_future()
         self.core: Any = None
         self.detok: dict[int, _Detokenizer] = {}
+        self.restarts: list[float] = []  # monotonic times of restarts
+        self.last_error: str | None = None
+        self.fatal: str | None = None
+        self.exited = False  # set in the loop by AsyncEngine once this thread has stopped
 
     # called from the event loop
     def submit(self, command: str, payload: Any = None) -> asyncio.Future[Any]:
@@ -157,21 +174,38 @@ class _EngineThread(threading.Thread):
             else:
                 future.set_result(value)
 
-        self.loop.call_soon_threadsafe(settle)
+        self._in_loop(settle)
+
+    def _in_loop(self, fn: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def run(self) -> None:
         try:
             self._build()
         except BaseException as exc:
             self._resolve(self.ready, error=exc)
+            self._in_loop(self.on_exit)
             return
         self._resolve(self.ready, self.core)
+        try:
+            while not self._serve():
+                pass
+        finally:
+            self._close_core()
+            self._in_loop(self.on_exit)
+
+    def _serve(self) -> bool:
+        """Serve until told to stop (True), or until a failure was handled (False: serve
+        again on a rebuilt core)."""
         in_flight: dict[int, Any] = {}
         try:
             while True:
                 idle = not in_flight and not self.core.has_unfinished()
                 if not self._drain(block=idle):
-                    break
+                    return True
+                if idle:
+                    self._watch()
                 for job in self.core.schedule():
                     in_flight[job.job_id] = job
                     self.core.executor.submit(self.core.job_spec(job))
@@ -182,20 +216,68 @@ class _EngineThread(threading.Thread):
                         self._publish(self.core.complete(job, result))
                 self.metrics.gauge(waiting=len(self.core.book.waiting),
                                    running=len(self.core.book.running))
-        except BaseException:
-            log.exception("the engine thread failed")
-            self._fail_all("error: the engine failed")
-        finally:
-            self.core.executor.close()
+        except Exception as exc:
+            log.exception("the engine failed")
+            return not self._recover(exc)
+
+    def _recover(self, exc: Exception) -> bool:
+        """Fail every request in progress, rebuild the core; False when giving up."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._abandon(f"error: the engine failed ({self.last_error}) and restarted")
+        self._close_core()
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            self.fatal = (f"the engine failed {len(self.restarts)} times within "
+                          f"{RESTART_WINDOW_S:.0f}s; last: {self.last_error}")
+            log.error("%s; giving up", self.fatal)
+            return False
+        try:
+            self._build()
+        except Exception as build_error:
+            self.fatal = f"the engine could not restart: {build_error}"
+            log.exception("the engine could not restart")
+            return False
+        log.warning("the engine restarted (%d within %.0fs)", len(self.restarts),
+                    RESTART_WINDOW_S)
+        return True
+
+    def _abandon(self, reason: str) -> None:
+        """End every admitted request with `reason`, without trusting the core's state."""
+        out = []
+        for rid in list(self.detok):
+            req = None if self.core is None else self.core.requests.get(rid)
+            ids = tuple(req.output_ids) if req is not None else ()
+            prompt = len(req.prompt_ids) if req is not None else 0
+            final = FinalEvent(rid, reason, ids, "", prompt, len(ids), 0.0, 0.0, 0.0)
+            self.metrics.request_finished(final)
+            out.append((rid, final))
+        self.detok.clear()
+        if out:
+            self._in_loop(self.deliver, out)
+
+    def _close_core(self) -> None:
+        if self.core is None:
+            return
+        core, self.core = self.core, None
+        try:
+            core.executor.close()
+        except Exception:
+            log.exception("closing the executor failed")
+
+    def _watch(self) -> None:
+        """Idle: let the executor check its actors, failing what a lost device held."""
+        lost = self.core.executor.watch()
+        for device in lost:
+            self._publish(self.core.lose(device))
+        self._flush_failures()
 
     def _build(self) -> None:
-        from moeflow.serve.llm import build_engine_core, resolve_dtype
-
         c = self.config
         self.core = build_engine_core(c.model, c.devices, c.dtype, c.scheduler,
                                       transport=c.transport, kv_cache_tokens=c.kv_cache_tokens,
                                       max_batch_tokens=c.max_batch_tokens, max_seqs=c.max_seqs,
-                                      record_routing=c.record_routing)
+                                      record_routing=c.record_routing, faults=c.faults)
         self.dtype = resolve_dtype(c.dtype, self.core.spec.dtype)
 
     def _drain(self, block: bool) -> bool:
@@ -243,11 +325,17 @@ class _EngineThread(threading.Thread):
             if req is None:
                 continue
             if ev.token_id >= 0:
-                text = self.detok[ev.request_id].step(req.output_ids)
+                try:
+                    text = self.detok[ev.request_id].step(req.output_ids)
+                except Exception as exc:  # this request's text fails it alone
+                    log.warning("request %d: detokenizing failed: %r", ev.request_id, exc)
+                    self.core.abort(ev.request_id, f"error: detokenizing failed: "
+                                                   f"{type(exc).__name__}: {exc}")
+                    text = ""
                 out.append((ev.request_id, TokenEvent(ev.request_id, len(req.output_ids) - 1,
                                                       ev.token_id, text)))
                 self.metrics.token()
-            if ev.finished:
+            if ev.finished or req.finished:
                 final = self._finalize(ev.request_id)
                 if final is not None:
                     out.append((ev.request_id, final))
@@ -271,8 +359,13 @@ class _EngineThread(threading.Thread):
         first = req.first_token_time or req.finish_time or req.arrival
         end = req.finish_time or first
         n = len(req.output_ids)
+        try:
+            text = self.core.text_of(req)
+        except Exception as exc:  # the request is over: its text alone is lost
+            log.warning("request %d: detokenizing failed: %r", request_id, exc)
+            text = ""
         final = FinalEvent(request_id, req.finish_reason or "abort", tuple(req.output_ids),
-                           self.core.text_of(req), len(req.prompt_ids), n, first - req.arrival,
+                           text, len(req.prompt_ids), n, first - req.arrival,
                            (end - first) / (n - 1) if n > 1 else 0.0, end - req.arrival)
         self.metrics.request_finished(final)
         return final
@@ -285,6 +378,12 @@ class _EngineThread(threading.Thread):
         self._flush_failures()
 
 
+def _settled(future: asyncio.Future[Any]) -> None:
+    """For a command nobody waits on: its outcome (an engine that stopped) is moot."""
+    if not future.cancelled():
+        future.exception()
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -294,6 +393,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.spec: Any = None
         self.tokenizer: Any = None
+        self._stopped = asyncio.Event()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, scheduler: Any = "batch-ep",
@@ -305,7 +405,9 @@ class AsyncEngine:
 
     async def start(self) -> AsyncEngine:
         loop = asyncio.get_running_loop()
-        self._thread = _EngineThread(self.config, loop, self._deliver, self.metrics)
+        self._stopped = asyncio.Event()
+        self._thread = _EngineThread(self.config, loop, self._deliver, self.metrics,
+                                     self._on_exit)
         self._thread.start()
         core = await self._thread.ready
         self.spec, self.tokenizer = core.spec, core.tokenizer
@@ -315,11 +417,50 @@ class AsyncEngine:
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        if thread.is_alive():
-            await thread.submit("stop")
-        await asyncio.to_thread(thread.join, 30)
+        if thread.is_alive() and not thread.exited:
+            with contextlib.suppress(EngineStopped, TimeoutError):
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await thread.submit("stop")
+        await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         for stream in self._streams.values():
             stream.events.put_nowait(EngineStopped("the engine stopped"))
+
+    def _on_exit(self) -> None:
+        """In the loop, once the engine thread has stopped (told to, or given up): nothing
+        waits for it any more."""
+        thread = self._thread
+        if thread is None:
+            return
+        thread.exited = True
+        error = EngineStopped(f"the engine stopped: {thread.fatal}" if thread.fatal
+                              else "the engine stopped")
+        while True:  # commands it will never read
+            try:
+                _, _, future = thread.commands.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None and not future.done():
+                future.set_exception(error)
+        for stream in self._streams.values():
+            stream.events.put_nowait(error)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> str | None:
+        """Wait until the engine thread stops; returns why, if it gave up after failures."""
+        await self._stopped.wait()
+        return None if self._thread is None else self._thread.fatal
+
+    def health(self) -> dict[str, Any]:
+        """"ok" (restarts and the last failure, if any), or "failed" with the reason."""
+        thread = self._thread
+        if thread is None or thread.exited:
+            return {"status": "failed", "restarts": 0 if thread is None else
+                    len(thread.restarts), "last_error": None if thread is None else
+                    thread.fatal or thread.last_error}
+        now = time.monotonic()
+        return {"status": "ok",
+                "restarts": sum(1 for t in thread.restarts if now - t < RESTART_WINDOW_S),
+                "last_error": thread.last_error}
 
     async def __aenter__(self) -> AsyncEngine:
         return await self.start()
@@ -343,11 +484,14 @@ class AsyncEngine:
     async def add(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Admit a request; returns its id. Its events come from `events(id)`."""
         thread = self._running()
+        # tokenizing a long text takes a while: off the event loop, which serves everyone
+        ids = (await asyncio.to_thread(self.encode, prompt) if isinstance(prompt, str)
+               else self.encode(prompt))
+        thread = self._running()
         request_id = next(self._ids)
         self._streams[request_id] = _Stream()
         try:
-            await thread.submit("add", (self.encode(prompt), params or SamplingParams(),
-                                        request_id))
+            await thread.submit("add", (ids, params or SamplingParams(), request_id))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -367,9 +511,9 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self._thread is not None:
+            if not finished and self._thread is not None and not self._thread.exited:
                 # the consumer went away: abort the request and free its KV
-                self._thread.submit("abort", request_id)
+                self._thread.submit("abort", request_id).add_done_callback(_settled)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None
                        ) -> AsyncIterator[Event]:
@@ -379,7 +523,7 @@ class AsyncEngine:
             yield event
 
     async def abort(self, request_id: int) -> None:
-        if self._thread is not None:
+        if self._thread is not None and not self._thread.exited:
             await self._thread.submit("abort", request_id)
 
     async def call(self, fn: Any) -> Any:
@@ -387,7 +531,7 @@ class AsyncEngine:
         return await self._running().submit("call", fn)
 
     def _running(self) -> _EngineThread:
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or self._thread.exited or not self._thread.is_alive():
             raise EngineStopped("the engine is not running (use `async with` or start())")
         return self._thread
 

@@ -22,6 +22,7 @@ from typing import Protocol
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
 from moeflow.actors.cluster import JobResult, JobSpec
 from moeflow.serve.sampling import SamplingParams
@@ -31,6 +32,8 @@ class Executor(Protocol):
     def run_many(self, jobs: list[JobSpec]) -> list[JobResult]: ...
 
     def release(self, home: str, seq_id: int) -> None: ...
+
+    def drop_plans(self, plan_ids: list[int]) -> None: ...
 
     def kv_capacity_blocks(self) -> dict[str, int]: ...
 
@@ -71,16 +74,18 @@ class EngineCore:
     def __init__(self, spec: ModelSpec, executor: Executor, scheduler: Scheduler,
                  cluster: Cluster, tokenizer: Tokenizer | None = None, *,
                  max_batch_tokens: int = 2048, max_seqs: int = 64,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 num_cached_plans: int = DEFAULT_CAPACITY) -> None:
         self.spec = spec
         self.executor = executor
         self.scheduler = scheduler
         self.cluster = cluster
         self.tokenizer = tokenizer
         self.clock = clock
+        self.plans = PlanCache(num_cached_plans)  # compiled once per unit shape
         self.book = RequestBook(scheduler, spec, cluster, executor.kv_capacity_blocks(),
                                 executor.kv_block_size, max_batch_tokens=max_batch_tokens,
-                                max_seqs=max_seqs)
+                                max_seqs=max_seqs, plan_cache=self.plans)
         self.requests: dict[int, Request] = {}
         self._zombies: set[int] = set()  # popped while their unit was still in flight
         self._next_id = 0
@@ -137,6 +142,9 @@ class EngineCore:
         jobs = self.book.schedule()
         while self.book.evicted:
             self.executor.release(*self.book.evicted.pop())
+        dropped = self.plans.take_evicted()
+        if dropped:
+            self.executor.drop_plans(dropped)
         stuck = self.book.unschedulable() if not jobs else None
         if stuck is not None:
             self._finish(self.requests[stuck],
@@ -150,7 +158,7 @@ class EngineCore:
                   for i, c in enumerate(job.unit.seqs)}
         sampling = {c.seq_id: _sampling(self.requests[c.seq_id].params)
                     for c in job.unit.seqs if c.logits != "none"}
-        return JobSpec(job.job_id, job.plan, tokens, sampling)
+        return JobSpec(job.job_id, job.plan, tokens, sampling, job.unit, job.plan_id)
 
     def step(self) -> list[TokenEvent]:
         jobs = self.schedule()
@@ -174,12 +182,20 @@ class EngineCore:
         events = []
         for seq_id in done.sampled:
             req = self.requests[seq_id]
-            token = result.tokens[index[seq_id]]
+            token = result.tokens.get(index[seq_id])
+            if token is None:  # this request alone failed (its sampling, say)
+                why = result.errors.get(index[seq_id], "no token was sampled")
+                self._finish(req, f"error: {why}", now)
+                events.append(TokenEvent(seq_id, -1, True, req.finish_reason))
+                continue
             req.output_ids.append(token)
             self.book.add_output(seq_id)
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = self._stop_reason(req, token)
+            try:
+                reason = self._stop_reason(req, token)
+            except Exception as exc:  # a stop check (decoding, say) fails this request alone
+                reason = f"error: checking stops failed: {type(exc).__name__}: {exc}"
             if reason is not None:
                 self._finish(req, reason, now)
             events.append(TokenEvent(seq_id, token, reason is not None, reason))

@@ -13,25 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-import torch
-
-from moeflow.actors.inproc import InProcessExecutor, load_workers, parse_devices
-from moeflow.models.families import load_spec
-from moeflow.models.spec import ModelSpec
-from moeflow.models.tokenizer import Tokenizer
-from moeflow.models.weights import torch_dtype
-from moeflow.scheduler.base import Cluster, Scheduler
-from moeflow.scheduler.registry import make_scheduler
+from moeflow.actors.inproc import parse_devices
+from moeflow.scheduler.base import Scheduler
+from moeflow.serve.async_engine import AsyncEngine, EngineConfig, FinalEvent
 from moeflow.serve.engine import EngineCore
 from moeflow.serve.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from moeflow.actors.coordinator import ZmqExecutor
 
 Prompt = Union[str, Sequence[int]]
 
@@ -61,10 +53,6 @@ class Completion:
         return len(self.prompt_token_ids) / self.ttft_s if self.ttft_s > 0 else 0.0
 
 
-def resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
-    return torch_dtype(checkpoint_dtype if dtype == "auto" else dtype)
-
-
 class _LoopThread:
     """An event loop on a daemon thread, for synchronous callers."""
 
@@ -74,13 +62,26 @@ class _LoopThread:
                                        daemon=True)
         self.thread.start()
 
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        if not self.thread.is_alive():
+            coro.close()
+            raise RuntimeError("the LLM is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-        self.loop.close()
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+def _shut_down(loop: _LoopThread, engine: Any) -> None:
+    """Stop the engine and the loop thread: on close(), on garbage collection, and at
+    interpreter exit (while the loop thread still runs), whichever comes first."""
+    with contextlib.suppress(Exception):
+        loop.run(engine.stop(), timeout=90)
+    loop.stop()
 
 
 class LLM:
@@ -92,43 +93,34 @@ class LLM:
                  transport: str = "inproc", kv_cache_tokens: int = 65536,
                  max_batch_tokens: int = 2048, max_seqs: int = 64,
                  record_routing: bool = False) -> None:
-        from moeflow.serve.async_engine import AsyncEngine, EngineConfig
-
         self.model_dir = Path(model)
         self.devices = parse_devices(devices)
         self._loop = _LoopThread()
         self._async = AsyncEngine(EngineConfig(
             str(model), scheduler, self.devices, dtype, transport, kv_cache_tokens,
             max_batch_tokens, max_seqs, max_waiting=1 << 30, record_routing=record_routing))
+        self._closer = weakref.finalize(self, _shut_down, self._loop, self._async)
         try:
             self._loop.run(self._async.start())
         except BaseException:
-            self._loop.stop()
+            self._closer()
             raise
         self.spec = self._async.spec
         self.tokenizer = self._async.tokenizer
         self.engine: EngineCore = self._async._thread.core  # type: ignore[union-attr]
         self.executor = self.engine.executor
         self.dtype = self._async._thread.dtype  # type: ignore[union-attr]
-        self._closed = False
 
     def close(self) -> None:
-        """Stop the engine and any actor processes (also on `with LLM(...) as llm:` exit)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.run(self._async.stop())
-        self._loop.stop()
+        """Stop the engine and any actor processes (also on `with LLM(...) as llm:` exit,
+        when the LLM is garbage collected, and at interpreter exit)."""
+        self._closer()
 
     def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str) and self.tokenizer is None:
@@ -151,8 +143,6 @@ class LLM:
         return list(await asyncio.gather(*(self._collect(i, p) for i, p in zip(ids, batch))))
 
     async def _collect(self, request_id: int, prompt: list[int]) -> Completion:
-        from moeflow.serve.async_engine import FinalEvent
-
         async for event in self._async.events(request_id):
             if isinstance(event, FinalEvent):
                 return Completion(request_id, tuple(prompt), event.token_ids, event.text,
@@ -166,41 +156,6 @@ class LLM:
             raise ValueError("routing is recorded only with LLM(..., record_routing=True)")
         return {"model": self.spec.name, "family": self.spec.family,
                 "layers": {str(k): v for k, v in sorted(self.executor.routing.items())}}
-
-
-def build_engine_core(model: str | Path, devices: str | Sequence[str] = "cpu:0",
-                      dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
-                      transport: str = "inproc", kv_cache_tokens: int = 65536,
-                      max_batch_tokens: int = 2048, max_seqs: int = 64,
-                      record_routing: bool = False, want_logits: bool = False) -> EngineCore:
-    """An EngineCore with its executor, for a caller that drives steps itself."""
-    path = Path(model)
-    spec = load_spec(path)
-    cluster = Cluster.sharded(parse_devices(devices), spec.moe.num_experts)
-    executor = make_executor(transport, path, spec, cluster, resolve_dtype(dtype, spec.dtype),
-                             kv_cache_tokens, record_routing, want_logits)
-    return EngineCore(spec, executor, make_scheduler(scheduler), cluster, Tokenizer.load(path),
-                      max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
-
-
-TRANSPORTS = ("inproc", "zmq")
-
-
-def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,
-                  dtype: torch.dtype, kv_tokens: int, record_routing: bool = False,
-                  want_logits: bool = False) -> InProcessExecutor | ZmqExecutor:
-    """Actors in this process ("inproc", the default) or one process each ("zmq")."""
-    if transport == "inproc":
-        workers = load_workers(model_dir, spec, cluster.placement, dtype, kv_tokens)
-        return InProcessExecutor(workers, record_routing=record_routing,
-                                 want_logits=want_logits)
-    if transport == "zmq":
-        from moeflow.actors.coordinator import ZmqExecutor
-
-        return ZmqExecutor(str(model_dir), cluster.placement,
-                           str(dtype).removeprefix("torch."), kv_tokens,
-                           record_routing=record_routing, want_logits=want_logits)
-    raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -7,19 +7,23 @@ REQ-style; the server echoes it on every reply to that request).
     client -> server   generate, abort, health, metrics
     server -> client   token, final, aborted, health, metrics, error
 
-`parse_request` checks a decoded request strictly (unknown fields, wrong types, values out
-of range) and returns a frozen dataclass, or raises ProtocolError carrying the error code
-and a message that names the offending field. Nothing here does I/O.
+`decode` checks the nesting depth of a frame's msgpack before decoding it; `parse_request`
+checks a decoded request strictly (unknown fields, wrong types, values out of range) and
+returns a frozen dataclass. Both raise only ProtocolError, carrying the error code and a
+message that names the offending field, whatever the input. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Union, cast
 
 import msgpack
+
+from moeflow.serve.msgpack_depth import nests_deeper
 
 # request types
 GENERATE = "generate"
@@ -33,10 +37,10 @@ ABORTED = "aborted"
 ERROR = "error"
 
 # error codes
-MALFORMED = "malformed"              # not msgpack, not a map, or bad framing
+MALFORMED = "malformed"              # not msgpack, not a map, nested too deep, bad framing
 UNKNOWN_TYPE = "unknown_type"        # "type" missing or not a request type
 INVALID_REQUEST = "invalid_request"  # unknown field, wrong type, missing field, out of range
-PROMPT_TOO_LONG = "prompt_too_long"  # more prompt tokens than the server takes
+PROMPT_TOO_LONG = "prompt_too_long"  # more prompt tokens (or text bytes) than the server takes
 DUPLICATE_ID = "duplicate_id"        # the id is already in progress for this client
 OVERLOADED = "overloaded"            # the admission queue is full: retry later
 NOT_FOUND = "not_found"              # abort of an id that is not in progress
@@ -48,6 +52,10 @@ DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 4096
 MAX_ID_CHARS = 256
 MAX_SEED = (1 << 64) - 1
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+MAX_DEPTH = 32  # containers nested in containers; a valid request nests 2 deep
 
 RequestId = Union[str, int]
 
@@ -63,18 +71,22 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What this server takes: the largest max_new_tokens, the longest prompt (None: no
-    limit known here), and the vocabulary size (None: ids are not range-checked here)."""
+    """What this server takes: the largest max_new_tokens, the longest prompt in tokens and
+    a text prompt's longest UTF-8 encoding in bytes (None: no limit known here), and the
+    vocabulary size (None: ids are not range-checked here)."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
     max_prompt_tokens: int | None = None
     vocab_size: int | None = None
+    max_prompt_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"the max_new_tokens limit must be >= 1, got {self.max_new_tokens}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"the prompt limit must be >= 1, got {self.max_prompt_tokens}")
+        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
+            raise ValueError(f"the prompt byte limit must be >= 1, got {self.max_prompt_bytes}")
 
 
 # -- requests ------------------------------------------------------------------------
@@ -131,7 +143,9 @@ _FIELDS: dict[str, frozenset[str]] = {
 
 
 def decode(body: bytes) -> dict[str, Any]:
-    """One frame -> the msgpack map it holds; ProtocolError(malformed) otherwise."""
+    """One frame -> the msgpack map it holds; ProtocolError(malformed) otherwise, and before
+    decoding when it nests deeper than MAX_DEPTH."""
+    check_depth(body)
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several kinds for bad bytes
@@ -173,17 +187,18 @@ def parse_request(obj: object, limits: Limits = Limits()) -> Request:
         raise ProtocolError(MALFORMED, f"the message must be a msgpack map, got {_kind(obj)}")
     rid = request_id_of(obj)
     kind = obj.get("type")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:  # a map or an array is unhashable
         expected = ", ".join(sorted(_FIELDS))
-        got = "no type" if "type" not in obj else f"type {kind!r}"
+        got = "no type" if "type" not in obj else f"type {_brief(kind)}"
         raise ProtocolError(UNKNOWN_TYPE, f"unknown request type: {got} (expected one of "
                                           f"{expected})", rid, "type")
     for key in obj:
         if not isinstance(key, str):
-            raise ProtocolError(INVALID_REQUEST, f"field names must be strings, got {key!r}",
-                                rid)
+            raise ProtocolError(INVALID_REQUEST, f"field names must be strings, got "
+                                                 f"{_show(key)}", rid)
         if key not in _FIELDS[kind]:
-            raise ProtocolError(INVALID_REQUEST, f"{key}: unknown field for {kind} (allowed: "
+            name = key if len(key) <= MAX_ID_CHARS else _brief(key)
+            raise ProtocolError(INVALID_REQUEST, f"{name}: unknown field for {kind} (allowed: "
                                                  f"{', '.join(sorted(_FIELDS[kind]))})", rid, key)
     if kind == HEALTH:
         return HealthQuery()
@@ -207,6 +222,10 @@ def _generate(obj: dict[str, Any], rid: RequestId, limits: Limits) -> Generate:
         raise ProtocolError(INVALID_REQUEST, "prompt: give exactly one of prompt (text) and "
                                              "prompt_ids (token ids)", rid, "prompt")
     prompt = check.string("prompt") if has_text else None
+    if prompt is not None:
+        check_prompt_bytes(prompt, limits, rid)
+    if has_ids and isinstance(obj["prompt_ids"], list):
+        check_prompt_length(len(obj["prompt_ids"]), limits, rid)  # before reading each id
     prompt_ids = check.int_list("prompt_ids", allow_empty=False) if has_ids else None
     if prompt_ids is not None:
         if limits.vocab_size is not None:
@@ -215,10 +234,17 @@ def _generate(obj: dict[str, Any], rid: RequestId, limits: Limits) -> Generate:
                 raise ProtocolError(INVALID_REQUEST, f"prompt_ids: {bad[:5]} are outside the "
                                                      f"vocabulary [0, {limits.vocab_size})",
                                     rid, "prompt_ids")
-        check_prompt_length(len(prompt_ids), limits, rid)
     stop = check.str_list("stop")
     if any(not s for s in stop):
         raise ProtocolError(INVALID_REQUEST, "stop: stop strings must be non-empty", rid, "stop")
+    # every step checks every stop: bounded, so one request cannot slow everyone's steps
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ProtocolError(INVALID_REQUEST, f"stop: at most {MAX_STOP_STRINGS} strings of at "
+                                             f"most {MAX_STOP_CHARS} characters", rid, "stop")
+    stop_ids = check.int_list("stop_token_ids", allow_empty=True, low=0)
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise ProtocolError(INVALID_REQUEST, f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} "
+                                             f"ids", rid, "stop_token_ids")
     return Generate(
         rid, prompt, prompt_ids,
         max_new_tokens=check.integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, 1,
@@ -228,7 +254,7 @@ def _generate(obj: dict[str, Any], rid: RequestId, limits: Limits) -> Generate:
         top_k=check.integer("top_k", 0, 0, None),
         seed=check.integer("seed", None, 0, MAX_SEED, nullable=True),
         stop=stop,
-        stop_token_ids=check.int_list("stop_token_ids", allow_empty=True, low=0),
+        stop_token_ids=stop_ids,
         ignore_eos=check.boolean("ignore_eos", False),
         stream=check.boolean("stream", True))
 
@@ -238,6 +264,26 @@ def check_prompt_length(num_tokens: int, limits: Limits, rid: RequestId | None) 
     if limits.max_prompt_tokens is not None and num_tokens > limits.max_prompt_tokens:
         raise ProtocolError(PROMPT_TOO_LONG, f"prompt: {num_tokens} tokens; this server takes "
                                              f"at most {limits.max_prompt_tokens}", rid, "prompt")
+
+
+def check_prompt_bytes(prompt: str, limits: Limits, rid: RequestId | None) -> None:
+    """ProtocolError(prompt_too_long) when a text prompt's UTF-8 encoding is longer than the
+    server takes: checked before tokenizing, whose cost grows with the text."""
+    if limits.max_prompt_bytes is None or len(prompt) <= limits.max_prompt_bytes // 4:
+        return  # a character is at most 4 bytes: no need to encode
+    num_bytes = len(prompt.encode("utf-8", "surrogatepass"))
+    if num_bytes > limits.max_prompt_bytes:
+        raise ProtocolError(PROMPT_TOO_LONG, f"prompt: {num_bytes} bytes of text; this server "
+                                             f"takes at most {limits.max_prompt_bytes}",
+                            rid, "prompt")
+
+
+def check_depth(body: bytes, max_depth: int = MAX_DEPTH) -> None:
+    """ProtocolError(malformed) when the msgpack object at the start of `body` nests
+    containers more than `max_depth` deep (a top-level map is depth 1)."""
+    if nests_deeper(body, max_depth):
+        raise ProtocolError(MALFORMED, f"the message nests containers more than "
+                                       f"{max_depth} deep")
 
 
 class _Checker:
@@ -326,9 +372,32 @@ def _kind(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+class _BriefRepr(reprlib.Repr):
+    """repr bounded in time whatever the value (8 MiB of bytes, deep arrays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 2, 40, 40
+        self.maxlist = self.maxtuple = self.maxdict = 4
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self.repr_str(x, level)  # type: ignore[arg-type]  # slices before repr
+
+    def repr_ExtType(self, x: msgpack.ExtType, level: int) -> str:
+        return f"ExtType({x.code}, {self.repr_bytes(x.data, level)})"
+
+
+_BRIEF = _BriefRepr()
+
+
+def _brief(value: object) -> str:
+    """A value's repr cut to at most 60 characters, for error messages."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _show(value: object) -> str:
-    text = repr(value)
-    return f"{_kind(value)} {text if len(text) <= 40 else text[:37] + '...'}"
+    return f"{_kind(value)} {_brief(value)}"
 
 
 # -- replies -------------------------------------------------------------------------
@@ -381,7 +450,7 @@ class Aborted:
 
 @dataclass(frozen=True, slots=True)
 class HealthReport:
-    status: str  # "ok", or "unresponsive" when the engine did not answer in time
+    status: str  # "ok"; "unresponsive" when the engine did not answer in time; "failed"
     model: str
     family: str
     vocab_size: int
@@ -391,6 +460,8 @@ class HealthReport:
     transport: str
     running: int
     waiting: int
+    restarts: int = 0  # engine restarts after failures, in the last minute
+    last_error: str | None = None  # the last failure of the engine, if any
 
     def wire(self) -> dict[str, Any]:
         return _wire(HEALTH, self)

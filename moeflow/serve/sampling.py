@@ -1,17 +1,30 @@
 """SamplingParams and token sampling.
 
-Greedy when temperature is 0; otherwise temperature, then top-k, then top-p (nucleus), drawn
-from a per-request generator seeded by `seed` so a seeded request is reproducible whatever
-it is batched with.
+Greedy when the temperature is below TEMPERATURE_FLOOR (0 included); otherwise temperature,
+then top-k, then top-p (nucleus), drawn from a per-request generator seeded by `seed` so a
+seeded request is reproducible whatever it is batched with.
+
+Every value the protocol accepts is safe: the arithmetic is fp32 over log-probabilities
+(never `exp` of a scaled logit), the most likely token always survives top-k and top-p, and
+non-finite logits (a model that overflowed) are refused with SamplingError, which fails that
+request alone.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+# below this temperature the distribution is one-hot to fp32 precision for any logit gap
+# that matters (a gap of 1e-3 becomes 100 nats): sample greedily instead of dividing by it
+TEMPERATURE_FLOOR = 1e-5
+
+
+class SamplingError(ValueError):
+    """A request's logits cannot be sampled (they hold NaN or +inf)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +42,8 @@ class SamplingParams:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], "
                              f"got {self.max_new_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -42,7 +55,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < TEMPERATURE_FLOOR
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -58,19 +71,31 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None) -> int:
-    """logits [V] (fp32) -> one token id"""
+    """logits [V] -> one token id. Raises SamplingError for logits holding NaN or +inf."""
+    scores = logits.float()
+    best = int(torch.argmax(scores))  # NaN counts as the largest value here
+    if not math.isfinite(float(scores[best])):  # NaN, +inf, or every logit -inf
+        raise SamplingError("the model produced non-finite logits")
     if params.greedy:
-        return int(torch.argmax(logits))
-    scores = logits / params.temperature
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+        return best
+    truncated = 0 < params.top_k < scores.shape[-1] or params.top_p < 1.0
+    # ranked by the raw scores, so top-k and top-p keep the likeliest tokens even when the
+    # temperature flattens them to equal fp32 values
+    ranked, order = (torch.sort(scores, descending=True, stable=True) if truncated
+                     else (scores, None))  # [V]
+    # shifted so the largest score is 0: dividing by a small temperature gives -inf, never NaN
+    logprobs = torch.log_softmax((ranked - ranked.max()) / params.temperature, dim=-1)  # [V]
+    if params.top_k and params.top_k < logprobs.shape[-1]:
+        logprobs[params.top_k:] = float("-inf")
     if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # keep the smallest prefix whose mass reaches top_p (always the first token)
+        probs = logprobs.exp()
+        # the smallest prefix whose mass reaches top_p; the first token stays whatever top_p
+        # rounds to in fp32
         drop = torch.cumsum(probs, dim=-1) - probs >= params.top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        drop[0] = False
+        logprobs = logprobs.masked_fill(drop, float("-inf"))
+    # Gumbel-max over log-probabilities: exact sampling with no normalisation to overflow
+    uniform = torch.rand(logprobs.shape, generator=generator, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
+    pick = torch.argmax(logprobs + gumbel)
+    return int(pick if order is None else order[pick])

@@ -6,7 +6,9 @@ One asyncio.TaskGroup owns everything that runs: the receive loop, one task per 
 connection to the optional Prometheus endpoint. The receive loop never waits on the engine,
 so an abort or a health query is read while generations stream. An abort cancels its
 request's task; leaving the engine's event stream aborts the request there and frees its KV
-cache. A bad request gets an error reply and the server goes on.
+cache. A bad request gets an error reply and the server goes on. Work that grows with a
+request's size runs in worker threads (decoding a large frame, tokenizing a text prompt),
+so one big request does not stall the other clients' streams.
 
 Shutdown (SIGINT, SIGTERM or stop()): stop reading, end every generation in progress with a
 final whose finish_reason is "abort", stop the engine (its actor processes exit), close.
@@ -39,11 +41,19 @@ HEALTH_TIMEOUT_S = 5.0  # the engine thread answers between steps
 HTTP_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 1.0  # replies sent by the receive loop itself: it must not stall
 MAX_MESSAGE_BYTES = 8 << 20  # a peer sending more is disconnected by zmq
+INLINE_PARSE_BYTES = 64 << 10  # larger frames are decoded and checked in a worker thread
+PROMPT_BYTES_PER_TOKEN = 16  # the default text limit: ~4x the bytes of an average token
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """Everything `moeflow serve` takes. Checks itself (addresses, limits); no I/O."""
+    """Everything `moeflow serve` takes. Checks itself (addresses, limits); no I/O.
+
+    `max_prompt_bytes` bounds a text prompt's UTF-8 bytes before it is tokenized. Its
+    default, PROMPT_BYTES_PER_TOKEN bytes per prompt token allowed (at most
+    MAX_MESSAGE_BYTES, the largest frame), refuses only texts whose tokens would average
+    over 16 bytes; tokenizers average about 4, so such a text is nearly always over the
+    token limit as well, and is refused without tokenizing it."""
 
     model: str
     bind: str = "tcp://127.0.0.1:5555"
@@ -53,6 +63,7 @@ class ServerConfig:
     dtype: str = "auto"
     max_waiting: int = 64
     max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings - 1
+    max_prompt_bytes: int | None = None  # None: 16 per prompt token, at most 8 MiB
     max_new_tokens_limit: int = p.DEFAULT_MAX_NEW_TOKENS_LIMIT
     metrics_port: int | None = None
     curve: CurveConfig | None = None
@@ -66,8 +77,9 @@ class ServerConfig:
         for name in ("max_waiting", "max_new_tokens_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        for name in ("max_prompt_tokens", "max_prompt_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.send_timeout_s <= 0:
@@ -95,6 +107,10 @@ class _ClientGone(Exception):
     pass
 
 
+class EngineFailed(RuntimeError):
+    """The engine gave up; the server stopped (and `moeflow serve` exits non-zero)."""
+
+
 class RequestServer:
     """Serves one AsyncEngine on one ROUTER socket; `await serve()` runs until stop()."""
 
@@ -108,6 +124,7 @@ class RequestServer:
         self.metrics_address: str | None = None
         self.jobs: dict[tuple[bytes, p.RequestId], _Job] = {}
         self._stopping = asyncio.Event()
+        self.failure: str | None = None  # why the engine gave up, if it did
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: asyncio.TaskGroup | None = None
 
@@ -141,11 +158,13 @@ class RequestServer:
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     receiver = tasks.create_task(self._receive())
+                    watcher = tasks.create_task(self._watch_engine())
                     if ready is not None and not self._stopping.is_set():
                         ready(self)
                     await self._stopping.wait()
                     log.info("shutting down: %d requests in progress", len(self.jobs))
                     receiver.cancel()
+                    watcher.cancel()
                     if http is not None:
                         http.close()
                     for job in list(self.jobs.values()):
@@ -162,6 +181,18 @@ class RequestServer:
             context.term()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
+
+    async def _watch_engine(self) -> None:
+        """An engine that gave up (it failed again and again, or could not restart) stops
+        the server, which then exits non-zero: a process supervisor restarts it, instead of
+        a server that stays up answering every request with failure."""
+        why = await self.engine.wait_stopped()
+        if not self._stopping.is_set():
+            self.failure = why or "the engine stopped"
+            log.error("the engine stopped: %s; shutting down", self.failure)
+            self.stop()
 
     def _set_limits(self) -> None:
         spec = self.engine.spec
@@ -170,7 +201,11 @@ class RequestServer:
         if asked is not None and asked > most:
             raise ValueError(f"--max-prompt-tokens {asked} is more than {spec.name or 'the model'}"
                              f" holds ({most}: max_position_embeddings - 1)")
-        self.limits = p.Limits(self.config.max_new_tokens_limit, asked or most, spec.vocab_size)
+        num_tokens = asked or most
+        num_bytes = self.config.max_prompt_bytes or min(num_tokens * PROMPT_BYTES_PER_TOKEN,
+                                                        MAX_MESSAGE_BYTES)
+        self.limits = p.Limits(self.config.max_new_tokens_limit, num_tokens, spec.vocab_size,
+                               num_bytes)
 
     # -- receiving -----------------------------------------------------------------
 
@@ -182,7 +217,10 @@ class RequestServer:
             envelope: list[bytes] = [b""] if rest and rest[0] == b"" else []
             try:
                 envelope, body = p.split_frames(rest)
-                request = p.parse_request(p.decode(body), self.limits)
+                if len(body) > INLINE_PARSE_BYTES:
+                    request = await asyncio.to_thread(self._parse, body)
+                else:
+                    request = self._parse(body)
                 await self._dispatch(client, envelope, request)
             except p.ProtocolError as exc:
                 log.info("client %s: %s: %s", client.hex(), exc.code, exc.message)
@@ -191,6 +229,9 @@ class RequestServer:
                 log.exception("client %s: failed to handle a message", client.hex())
                 await self._send(client, envelope, p.ErrorReply(None, p.INTERNAL, str(exc)),
                                  REPLY_TIMEOUT_S)
+
+    def _parse(self, body: bytes) -> p.Request:
+        return p.parse_request(p.decode(body), self.limits)
 
     async def _dispatch(self, client: bytes, envelope: list[bytes], request: p.Request) -> None:
         assert self._tasks is not None
@@ -222,7 +263,7 @@ class RequestServer:
         request, started = job.request, time.perf_counter()
         terminal: p.Final | p.ErrorReply | None
         try:
-            prompt_ids = self._prompt_ids(request)
+            prompt_ids = await self._prompt_ids(request)
             engine_id = await self.engine.add(prompt_ids,
                                               SamplingParams(**request.sampling()))
         except p.ProtocolError as exc:
@@ -253,14 +294,14 @@ class RequestServer:
                 terminal = p.ErrorReply(request.id, p.INTERNAL, str(exc))
         await self._finish(job, terminal)
 
-    def _prompt_ids(self, request: p.Generate) -> list[int]:
+    async def _prompt_ids(self, request: p.Generate) -> list[int]:
         if request.prompt_ids is not None:
             return list(request.prompt_ids)  # parse_request checked vocabulary and length
-        assert request.prompt is not None
+        assert request.prompt is not None  # and parse_request checked its bytes
         if self.engine.tokenizer is None:
             raise p.ProtocolError(p.INVALID_REQUEST, "prompt: this model has no tokenizer; "
                                                      "send prompt_ids", request.id, "prompt")
-        ids = self.engine.encode(request.prompt)
+        ids = await asyncio.to_thread(self.engine.encode, request.prompt)
         if not ids:
             raise p.ProtocolError(p.INVALID_REQUEST, "prompt: the prompt is empty",
                                   request.id, "prompt")
@@ -337,11 +378,15 @@ class RequestServer:
         except (TimeoutError, EngineStopped):
             snapshot = self.engine.metrics.snapshot()
             status, waiting, running = "unresponsive", snapshot["waiting"], snapshot["running"]
+        engine = self.engine.health()
+        if engine["status"] == "failed":
+            status = "failed"
         spec, config = self.engine.spec, self.config
         report = p.HealthReport(status, spec.name or config.model, spec.family, spec.vocab_size,
                                 spec.max_position_embeddings, config.scheduler,
                                 parse_devices(config.devices),
-                                config.transport, running, waiting)
+                                config.transport, running, waiting, engine["restarts"],
+                                engine["last_error"])
         await self._send(client, envelope, report, config.send_timeout_s)
 
     async def _send(self, client: bytes, envelope: list[bytes], reply: p.Reply,

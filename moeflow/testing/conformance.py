@@ -234,7 +234,7 @@ def record_generation(executor: Any, spec: ModelSpec, scheduler: Scheduler, clus
     def recording(jobs):  # type: ignore[no-untyped-def]
         results = run_many(jobs)
         for job, result in zip(jobs, results):
-            for i, chunk in enumerate(job.plan.graph.unit.seqs):
+            for i, chunk in enumerate(job.bound_unit.seqs):
                 if i in result.logits:
                     logits.setdefault(chunk.seq_id, []).append(result.logits[i][-1])
         return results
@@ -293,7 +293,7 @@ def check_static_orders(scheduler_cls: type[Scheduler], case: Case) -> None:
     job = result.jobs[0]
     if not all(isinstance(rule, InOrder) for _, rule in job.plan.rules):
         return
-    if any(chunk.start for chunk in job.plan.graph.unit.seqs):
+    if any(chunk.start for chunk in job.unit.seqs):
         return
     simulated = {r: [n for j, n in order if j == 0]
                  for r, order in result.stream_orders().items()}
@@ -302,7 +302,7 @@ def check_static_orders(scheduler_cls: type[Scheduler], case: Case) -> None:
     executor = InProcessExecutor(
         workers, observer=lambda plan, node, stream: real.setdefault(str(stream), []).append(node))
     tokens = {i: [3 + (j % 400) for j in range(c.num_tokens)]
-              for i, c in enumerate(job.plan.graph.unit.seqs)}
+              for i, c in enumerate(job.unit.seqs)}
     executor.run(job.plan, tokens)
     for resource, order in real.items():
         if simulated.get(resource) != order:

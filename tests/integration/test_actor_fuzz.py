@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.messages import KINDS, Data, Done, Payload, Release, RunUnit, encode
 from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.actors.plane import connect_curve
 from moeflow.models.families import load_spec
 from moeflow.scheduler import BatchEP, Cluster
 from moeflow.testing.conformance import record_generation
@@ -84,6 +85,9 @@ def test_malformed_frames_are_dropped_and_the_actors_keep_serving(cluster):
     for name, actor in executor.actors.items():
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        # a peer's own keys: the fuzz is of what a cluster member may send, past CURVE
+        other = next(n for n in executor.actors if n != name)
+        connect_curve(sock, executor.actor_keys[other], executor.actor_keys[name].public)
         sock.connect(actor.data_address)
         data_sockets[name] = sock
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moeflow.cli import main as cli_main
-from moeflow.serve.llm import LLM, build_engine_core
+from moeflow.serve.build import build_engine_core
+from moeflow.serve.llm import LLM
 from moeflow.serve.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 99], [250, 7], [8, 9, 10, 11, 300, 301, 302, 40, 41]]

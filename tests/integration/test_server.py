@@ -1,14 +1,13 @@
 """`moeflow serve` end to end: a server in a subprocess on a loopback port, driven by a
-client written here from docs/protocol.md alone (raw pyzmq DEALER + msgpack), then by
-moeflow.Client / AsyncClient and `moeflow bench`. Every server is stopped with SIGTERM in
-teardown and must exit 0 (its engine stopped)."""
+client written from docs/protocol.md alone (serve_harness.RawClient: raw pyzmq DEALER +
+msgpack), then by moeflow.Client / AsyncClient and `moeflow bench`. Every server is stopped
+with SIGTERM in teardown and must exit 0 (its engine stopped)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -23,98 +22,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.auth
-
-STARTUP_S = 120.0
-
-
-class Server:
-    """A `moeflow serve` subprocess; stop() sends SIGTERM and expects a clean exit."""
-
-    def __init__(self, model: Path, log: Path, *args: str, bind: str = "tcp://127.0.0.1:*"):
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moeflow", "serve", str(model), "--bind", bind, *args],
-            stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_S)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line.startswith("serving "):
-            self.kill()
-            raise AssertionError(f"the server did not start: {line!r}\n{log.read_text()}")
-        self.ready_line = line.strip()
-        self.address = line.split(" on ", 1)[1].split(" ", 1)[0]
-        self.metrics_url = (line.split("metrics ", 1)[1].split(",")[0].rstrip(")\n")
-                            if "metrics http" in line else None)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the server ignored SIGTERM\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
-class RawClient:
-    """A client from docs/protocol.md: one DEALER, one msgpack map per frame, replies
-    matched by id."""
-
-    def __init__(self, address: str, **sockopts: Any) -> None:
-        self.socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        # a DEALER blocks on send until a connection is up: never wait on that forever
-        self.socket.setsockopt(zmq.SNDTIMEO, 30_000)
-        for name, value in sockopts.items():
-            setattr(self.socket, name, value)
-        self.socket.connect(address)
-        self.pending: list[dict[str, Any]] = []
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.socket.send(msgpack.packb(message))
-
-    def recv(self, timeout: float = 30.0) -> dict[str, Any]:
-        if not self.socket.poll(int(timeout * 1000)):
-            raise TimeoutError("no reply")
-        return msgpack.unpackb(self.socket.recv_multipart()[-1])
-
-    def next_for(self, request_id: Any, kinds: tuple[str, ...] = (), timeout: float = 30.0
-                 ) -> dict[str, Any]:
-        """The next reply with this id (and one of `kinds`), keeping others for later."""
-        def match(m: dict[str, Any]) -> bool:
-            return m.get("id") == request_id and (not kinds or m["type"] in kinds)
-        for i, m in enumerate(self.pending):
-            if match(m):
-                return self.pending.pop(i)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.recv(max(0.001, deadline - time.monotonic()))
-            if match(m):
-                return m
-            self.pending.append(m)
-
-    def ask(self, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-        """Send a request; its first reply."""
-        self.send(message)
-        if "id" in message:
-            return self.next_for(message["id"], timeout=timeout)
-        return self.next_for(None, (message["type"], "error"), timeout=timeout)
-
-    def generate(self, request_id: Any, **fields: Any) -> list[dict[str, Any]]:
-        """Every reply of one generate, through its final (or error)."""
-        self.send({"type": "generate", "id": request_id, **fields})
-        out = [self.next_for(request_id, ("token", "final", "error"))]
-        while out[-1]["type"] == "token":
-            out.append(self.next_for(request_id, ("token", "final", "error")))
-        return out
-
-    def close(self) -> None:
-        self.socket.close(linger=0)
+from serve_harness import RawClient, Server, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +47,6 @@ def client(server) -> Iterator[RawClient]:
     c = RawClient(server.address)
     yield c
     c.close()
-
-
-def wait_idle(client: RawClient, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        health = client.ask({"type": "health"})
-        if health["running"] == health["waiting"] == 0 or time.monotonic() > deadline:
-            return health
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(180)
@@ -227,13 +126,22 @@ def test_each_bad_request_gets_its_error_and_the_server_goes_on(client):
         ([b"\xc1\x00"], "malformed", None, "msgpack"),
         ([msgpack.packb([1, 2, 3])], "malformed", None, "map"),
         ([b"x", msgpack.packb({"type": "health"})], "malformed", None, "frame"),
+        ([b"\x81\xa4type" + b"\x91" * 5000 + b"\xc0"], "malformed", None, "deep"),
+        ({**gen, "prompt_ids": nested(32)}, "malformed", None, "32 deep"),  # 33 with the map
+        ({**gen, "prompt_ids": nested(31)}, "invalid_request", 1, "prompt_ids"),
         ({"type": "teleport", "id": 2}, "unknown_type", 2, "teleport"),
+        ({"type": {"a": 1}, "id": 2}, "unknown_type", 2, "{'a': 1}"),
+        ({"type": ["generate"]}, "unknown_type", None, "['generate']"),
         ({**gen, "colour": "red"}, "invalid_request", 1, "colour"),
         ({**gen, "max_new_tokens": "5"}, "invalid_request", 1, "max_new_tokens"),
         ({**gen, "top_k": True}, "invalid_request", 1, "top_k"),
         ({"type": "generate", "prompt": "hi"}, "invalid_request", None, "id"),
         ({**gen, "prompt_ids": [1] * 2048}, "prompt_too_long", 1, "2047"),
+        ({**gen, "prompt_ids": [300] * 30000}, "prompt_too_long", 1, "30000"),  # 90 kB frame
         ({"type": "generate", "id": 1, "prompt": "hello " * 3000}, "prompt_too_long", 1, "2047"),
+        # over the default byte limit (16 per prompt token) before tokenizing
+        ({"type": "generate", "id": 1, "prompt": "é" * 16377}, "prompt_too_long", 1,
+         "32754 bytes of text; this server takes at most 32752"),
         ({**gen, "max_new_tokens": 0}, "invalid_request", 1, "max_new_tokens"),
         ({**gen, "max_new_tokens": 4097}, "invalid_request", 1, "max_new_tokens"),
         ({**gen, "prompt_ids": [512]}, "invalid_request", 1, "prompt_ids"),
@@ -452,6 +360,14 @@ def test_bench_against_the_server(server, tmp_path):
                and r["ttft_ms"] is not None for r in result["records"])
     assert result["summary"]["output_tokens"] == sum(r["completion_tokens"]
                                                      for r in result["records"])
+
+
+def nested(depth: int) -> Any:
+    """1 inside `depth` arrays."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def _descendants(pid: int) -> set[int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeflow.actors.kvcache import KVCacheFull, PagedKVCache
-from moeflow.serve.sampling import SamplingParams, make_generator, sample
+from moeflow.serve.sampling import SamplingError, SamplingParams, make_generator, sample
 
 
 def test_cache_grows_reuses_freed_blocks_and_refuses_past_its_budget():
@@ -50,3 +50,28 @@ def test_greedy_and_seeded_sampling():
 def test_sampling_params_validate(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 1e-6, 1e-5, 0.7, 1e30])
+@pytest.mark.parametrize("top_p", [1e-300, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, 3])
+def test_every_accepted_value_samples_a_likely_token(temperature, top_p, top_k):
+    logits = torch.tensor([0.5, 9.0, 3.0, -2.0, 8.9, float("-inf")])
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=(1 << 64) - 1)
+    gen = make_generator(params)
+    picks = {sample(logits, params, gen) for _ in range(20)}
+    assert 5 not in picks  # -inf is never drawn
+    if temperature < 1e-5 or top_p == 1e-300 or top_k == 1:
+        assert picks == {1}  # greedy in effect: the argmax, whatever fp32 rounds to
+    if top_k == 3:
+        assert picks <= {1, 4, 2}
+
+
+@pytest.mark.parametrize("bad", [[1.0, float("nan"), 2.0], [float("nan"), 1.0],
+                                 [1.0, float("inf")], [float("-inf")] * 3])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_non_finite_logits_fail_that_request_with_a_clear_error(bad, temperature):
+    params = SamplingParams(temperature=temperature, seed=1)
+    with pytest.raises(SamplingError, match="non-finite"):
+        sample(torch.tensor(bad), params, make_generator(params))

@@ -3,12 +3,16 @@ names for everything it refuses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from moeflow.serve import protocol as p
 
-LIMITS = p.Limits(max_new_tokens=100, max_prompt_tokens=8, vocab_size=512)
+LIMITS = p.Limits(max_new_tokens=100, max_prompt_tokens=8, vocab_size=512, max_prompt_bytes=64)
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -120,7 +124,9 @@ def test_unknown_fields_on_every_type():
 
 
 @pytest.mark.parametrize("obj", [{}, {"type": "generat"}, {"type": None}, {"type": 1},
-                                 {"type": "token", "id": 3}])
+                                 {"type": "token", "id": 3}, {"type": {"a": 1}, "id": 3},
+                                 {"type": ["generate"]}, {"type": {}}, {"type": b"health"},
+                                 {"type": float("nan")}, {"type": msgpack.ExtType(1, b"x")}])
 def test_unknown_types(obj):
     err = refused(obj)
     assert err.code == p.UNKNOWN_TYPE and "type" in err.message
@@ -135,6 +141,20 @@ def test_prompt_too_long():
     p.check_prompt_length(8, LIMITS, 1)
     with pytest.raises(p.ProtocolError):
         p.check_prompt_length(9, LIMITS, 1)
+    # a long list is refused by its length, before its ids are read
+    assert refused(gen(prompt_ids=["x"] * 9)).code == p.PROMPT_TOO_LONG
+
+
+def test_a_text_prompt_is_bounded_by_bytes_before_tokenizing():
+    assert p.parse_request({"type": "generate", "id": 7, "prompt": "x" * 64}, LIMITS)
+    assert p.parse_request({"type": "generate", "id": 7, "prompt": "é" * 32}, LIMITS)
+    for prompt, num_bytes in (("x" * 65, 65), ("é" * 33, 66), ("\U0001f600" * 17, 68)):
+        err = refused({"type": "generate", "id": 7, "prompt": prompt})
+        assert (err.code, err.field, err.request_id) == (p.PROMPT_TOO_LONG, "prompt", 7)
+        assert err.message == f"prompt: {num_bytes} bytes of text; this server takes at most 64"
+    assert p.parse_request({"type": "generate", "id": 7, "prompt": "x" * 10 ** 6})  # no limit
+    with pytest.raises(ValueError, match="byte limit"):
+        p.Limits(max_prompt_bytes=0)
 
 
 def test_decoding_and_framing():
@@ -153,6 +173,94 @@ def test_decoding_and_framing():
     assert refused([1, 2]).code == p.MALFORMED
 
 
+def nested(depth: int, leaf: Any = None) -> Any:
+    for i in range(depth):
+        leaf = [leaf] if i % 2 else {"k": leaf}
+    return leaf
+
+
+def depth_of(obj: Any) -> int:
+    if isinstance(obj, dict):
+        return 1 + max(map(depth_of, obj.values()), default=0)
+    if isinstance(obj, list):
+        return 1 + max(map(depth_of, obj), default=0)
+    return 0
+
+
+def test_deep_nesting_is_malformed_before_decoding():
+    body = p.encode({"type": "generate", "id": 1, "prompt": nested(p.MAX_DEPTH - 1)})
+    assert refused(p.decode(body)).code == p.INVALID_REQUEST  # exactly the limit: decoded
+    for depth in (p.MAX_DEPTH, 600, 10 ** 5):  # past Python's recursion limit and msgpack's
+        body = (b"\x83\xa4type\xa8generate\xa2id\x01\xa6prompt" + b"\x91" * depth +
+                b"\xc0")
+        with pytest.raises(p.ProtocolError) as info:
+            p.decode(body)
+        assert info.value.code == p.MALFORMED and "deep" in info.value.message
+    # empty containers and one-byte runs count too
+    with pytest.raises(p.ProtocolError):
+        p.check_depth(b"\x91" * 40 + b"\x90")
+    p.check_depth(b"\xdc\x00\x03\x90\x80\x01", max_depth=2)
+    with pytest.raises(p.ProtocolError):
+        p.check_depth(b"\xdc\x00\x03\x90\x80\x01", max_depth=1)
+    for truncated in (b"", b"\x91", b"\xdd\xff\xff", b"\xda\xff\xff\x00", b"\xc1"):
+        p.check_depth(truncated)  # not msgpack: left to decode
+
+
+ints = st.integers(-(1 << 63), (1 << 64) - 1)  # what msgpack carries
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | ints | st.floats()
+    | st.text(max_size=40) | st.binary(max_size=300)
+    | st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=20)),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | ints, inner, max_size=4),
+    max_leaves=30)
+
+
+@given(msgpack_values, st.integers(1, 6))
+def test_the_depth_scan_agrees_with_decoding(value, max_depth):
+    body = p.encode(value)
+    try:
+        p.check_depth(body, max_depth)
+    except p.ProtocolError:
+        assert depth_of(value) > max_depth
+    else:
+        assert depth_of(value) <= max_depth
+
+
+FIELD_NAMES = sorted({"type", "id", "prompt", "prompt_ids", "max_new_tokens", "temperature",
+                      "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                      "stream", "colour"})
+TYPES = st.sampled_from(["generate", "abort", "health", "metrics"]) | msgpack_values
+
+
+@given(st.dictionaries(st.sampled_from(FIELD_NAMES) | msgpack_values.filter(
+    lambda v: not isinstance(v, (list, dict))), msgpack_values, max_size=6), TYPES)
+def test_parse_request_refuses_anything_with_a_protocol_error(obj, kind):
+    obj = {**obj, "type": kind} if kind is not None else obj
+    try:
+        p.parse_request(obj, LIMITS)
+    except p.ProtocolError as exc:
+        assert exc.code in (p.MALFORMED, p.UNKNOWN_TYPE, p.INVALID_REQUEST, p.PROMPT_TOO_LONG)
+        assert len(exc.message) < 400  # values are shown cut short
+
+
+@given(st.binary(max_size=200))
+def test_decode_refuses_any_bytes_with_a_protocol_error(body):
+    try:
+        p.parse_request(p.decode(body), LIMITS)
+    except p.ProtocolError as exc:
+        assert exc.code in (p.MALFORMED, p.UNKNOWN_TYPE, p.INVALID_REQUEST, p.PROMPT_TOO_LONG)
+
+
+def test_error_messages_show_values_cut_short():
+    huge = {"type": "generate", "id": 1, "prompt": b"\x00" * (1 << 20)}
+    assert len(refused(huge).message) < 200
+    assert len(refused({"type": "x" * (1 << 20)}).message) < 200
+    assert len(refused({"type": "health", "k" * (1 << 20): 1}).message) < 400
+    err = refused(gen(stop=list(range(10 ** 5))))
+    assert err.message.startswith("stop: expected a list of strings, got an array [0, 1, 2, 3")
+
+
 def test_replies_on_the_wire():
     final = p.Final("a", "length", (1, 2), "xy", 3, 2, 0.1, 0.05, 0.2).wire()
     assert final == {"type": "final", "id": "a", "finish_reason": "length", "token_ids": [1, 2],
@@ -167,3 +275,13 @@ def test_replies_on_the_wire():
     assert set(p.ERROR_CODES) == {"malformed", "unknown_type", "invalid_request",
                                   "prompt_too_long", "duplicate_id", "overloaded", "not_found",
                                   "internal"}
+
+
+def test_stops_are_bounded():
+    base = {"type": "generate", "id": 1, "prompt_ids": [1]}
+    assert len(p.parse_request({**base, "stop": ["x"] * 16}).stop) == 16
+    for fields, name in (({"stop": ["x"] * 17}, "stop"), ({"stop": ["x" * 257]}, "stop"),
+                         ({"stop_token_ids": [1] * 1025}, "stop_token_ids")):
+        with pytest.raises(p.ProtocolError) as err:
+            p.parse_request({**base, **fields})
+        assert (err.value.code, err.value.field) == (p.INVALID_REQUEST, name)

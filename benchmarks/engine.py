@@ -1,0 +1,166 @@
+"""The graph engine's own cost, measured side by side in one run.
+
+1. Runtime per node with null ops: the engine (EngineCore + the in-process executor, the
+   actor cores and the one semantics) over NullWorkers, which run every node instantly. A
+   step's wall time (scheduling and planning, running, completing) over the nodes it ran
+   is what the runtime costs per node. Batch 1 and
+   16, batch-ep and fine-ep, on `make demo`'s model shape (4 layers, 16 experts, top-4) over
+   two devices. Goal: <= 10 us per node.
+2. Steady-state greedy decode on `make demo`'s checkpoint with real ops: tokens/s at batch 1
+   and 16, and the share of step time spent inside the workers' ops (the rest is the
+   runtime). Goal: >= 80 % in ops.
+
+    python benchmarks/engine.py [--json out.json] [--steps 64]
+
+Medians over the steps measured, after warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.actors.null import NullWorker
+from moeflow.models.families import load_spec
+from moeflow.models.tiny import TinyShape, make_tiny
+from moeflow.scheduler.base import Cluster
+from moeflow.scheduler.registry import make_scheduler
+from moeflow.serve.engine import EngineCore
+from moeflow.serve.sampling import SamplingParams
+
+DEMO = Path(".cache/tiny-qwen3-moe")
+DEMO_SHAPE = TinyShape(layers=4, experts=16, top_k=4, hidden=256, heads=8, kv_heads=2,
+                       head_dim=32, intermediate=256, vocab=2048)
+DEVICES = ("cpu:0", "cpu:1")
+SCHEDULERS = ("batch-ep", "fine-ep")
+BATCHES = (1, 16)
+
+
+def demo_checkpoint() -> Path:
+    if not (DEMO / "config.json").exists():
+        print(f"building {DEMO} ...", file=sys.stderr)
+        make_tiny("qwen3_moe", DEMO, DEMO_SHAPE, dtype="bfloat16", seed=0)
+    return DEMO
+
+
+class _Timed:
+    """Wraps a worker's run_group, summing the seconds spent in it."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker, self.seconds = worker, 0.0
+        self.inner = worker.run_group
+        worker.run_group = self
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return self.inner(items)  # type: ignore[no-any-return]
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
+                 ) -> list[tuple[float, int]]:
+    """(seconds, nodes run) of each steady-state decode step of `batch` requests."""
+    params = SamplingParams(max_new_tokens=steps + warmup + 1, ignore_eos=True)
+    for i in range(batch):
+        core.add_request([3 + i, 4, 5, 6], params)
+    while any(len(r.output_ids) == 0 for r in core.requests.values()):
+        core.step()  # prefill
+    out = []
+    for n in range(steps + warmup):
+        start = time.perf_counter()  # the whole step: schedule and plan, run, complete
+        jobs = core.schedule()
+        if not jobs:
+            break
+        results = core.executor.run_many([core.job_spec(job) for job in jobs])
+        for job, result in zip(jobs, results):
+            core.complete(job, result)
+        elapsed = time.perf_counter() - start
+        if n >= warmup:
+            out.append((elapsed, sum(len(j.plan.graph.nodes) for j in jobs)))
+    for rid in list(core.requests):
+        core.abort(rid)
+        core.pop_finished(rid)
+    return out
+
+
+def engine(spec: Any, scheduler: str, workers: dict[str, Any]) -> EngineCore:
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
+    return EngineCore(spec, InProcessExecutor(workers), make_scheduler(scheduler), cluster)
+
+
+def null_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
+    spec = load_spec(checkpoint)
+    rows = []
+    for scheduler in SCHEDULERS:
+        for batch in BATCHES:
+            workers = {d: NullWorker(d, spec) for d in DEVICES}
+            measured = decode_steps(engine(spec, scheduler, workers), batch, steps)
+            per_node = statistics.median(s / n for s, n in measured)
+            rows.append({"scheduler": scheduler, "batch": batch, "executor": "in-process",
+                         "nodes_per_step": statistics.median(n for _, n in measured),
+                         "us_per_node": per_node * 1e6})
+    return rows
+
+
+def real_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
+    spec = load_spec(checkpoint)
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
+    rows = []
+    for scheduler in SCHEDULERS:
+        for batch in BATCHES:
+            workers = load_workers(checkpoint, spec, cluster.placement, torch.bfloat16, 65536)
+            timers = [_Timed(w) for w in workers.values()]
+            core = engine(spec, scheduler, workers)
+            decode_steps(core, batch, 4)  # warm every shape up
+            for t in timers:
+                t.seconds = 0.0
+            measured = decode_steps(core, batch, steps, warmup=0)
+            wall = sum(s for s, _ in measured)
+            rows.append({"scheduler": scheduler, "batch": batch,
+                         "tok_s": batch * len(measured) / wall,
+                         "ms_per_step": statistics.median(s for s, _ in measured) * 1e3,
+                         "nodes_per_step": statistics.median(n for _, n in measured),
+                         "share_in_ops": sum(t.seconds for t in timers) / wall})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--steps", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    checkpoint = demo_checkpoint()
+    print("null ops ...", file=sys.stderr)
+    nulls = null_ops(checkpoint, args.steps)
+    print("real ops ...", file=sys.stderr)
+    reals = real_ops(checkpoint, args.steps)
+    print(f"\n1. runtime per node, null ops, {'+'.join(DEVICES)} (goal <= 10 us)")
+    print("| scheduler | batch | executor | nodes/step | us/node |")
+    print("|---|---:|---|---:|---:|")
+    for r in nulls:
+        print(f"| {r['scheduler']} | {r['batch']} | {r['executor']} | "
+              f"{r['nodes_per_step']:.0f} | {r['us_per_node']:.1f} |")
+    print(f"\n2. steady-state greedy decode, {checkpoint} (goal >= 80 % of step time in ops)")
+    print("| scheduler | batch | tok/s | ms/step | nodes/step | in ops |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in reals:
+        print(f"| {r['scheduler']} | {r['batch']} | {r['tok_s']:.0f} | {r['ms_per_step']:.2f} |"
+              f" {r['nodes_per_step']:.0f} | {r['share_in_ops']:.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps({"null_ops": nulls, "real_ops": reals}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Soak: `moeflow serve` under Poisson load for minutes, with an actor faulted every 30 s.
+
+    python benchmarks/soak.py [--minutes 10] [--rate 3] [--fault-every 30] [--json out.json]
+                              [--model DIR] [--scheduler fine-ep]
+
+The server runs with two actor processes (`--transport zmq --devices cpu:0,cpu:1`). Every
+`--fault-every` seconds actor cpu:1 is either killed (SIGKILL) or stopped (SIGSTOP, then
+SIGCONT once the server has noticed): cpu:0 and the server itself live through the whole
+run, so their memory can be followed from start to end. Every request is greedy over one
+of a few fixed prompts, so its tokens are checked against the same prompt's answer taken
+before any fault.
+
+Reported: requests sent, completed with the right tokens, completed with wrong tokens
+(must be 0), failed with a clear error, lost (no final and no error within the request
+timeout: must be 0); faults injected; RSS of the server and of cpu:0 at minute 2 and at the
+end, and their growth (goal: < 5 %). Progress goes to stderr once a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving import Server, real_checkpoint  # noqa: E402
+
+PROMPTS = [[5, 17, 33, 2, 99, 4], [250, 7, 8], [8, 9, 10, 11, 300, 301, 302, 40], [61, 62]]
+MAX_NEW_TOKENS = 16
+REQUEST_TIMEOUT_S = 60.0
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out.extend(int(c) for c in text)
+    return out
+
+
+def actor_pids(server_pid: int) -> dict[str, int]:
+    """Actor processes by device name, read from their command lines."""
+    found = {}
+    for pid in children(server_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        parts = cmd.split()
+        if "moeflow.actors.process" in parts and parts[-1] in ("cpu:0", "cpu:1"):
+            found[parts[-1]] = pid
+    return found
+
+
+async def one(client: Any, prompt: list[int], expected: tuple[int, ...] | None,
+              stats: dict[str, int]) -> tuple[int, ...] | None:
+    from moeflow.serve.client import ServerError
+
+    stats["sent"] += 1
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            async for reply in client.generate(prompt_ids=prompt, max_new_tokens=MAX_NEW_TOKENS,
+                                               ignore_eos=True, stream=False):
+                if reply["type"] == "final":
+                    tokens = tuple(reply["token_ids"])
+                    if reply["finish_reason"].startswith("error"):
+                        stats["failed_cleanly"] += 1
+                    elif expected is None or tokens == expected:
+                        stats["completed_correctly"] += 1
+                    else:
+                        stats["wrong_tokens"] += 1
+                    return tokens
+    except ServerError:
+        stats["failed_cleanly"] += 1
+        return None
+    except TimeoutError:
+        stats["lost"] += 1
+        return None
+    stats["lost"] += 1
+    return None
+
+
+async def soak(address: str, server_pid: int, minutes: float, rate: float, fault_every: float,
+               seed: int) -> dict[str, Any]:
+    from moeflow.serve.client import AsyncClient
+
+    rng = random.Random(seed)
+    stats = {"sent": 0, "completed_correctly": 0, "wrong_tokens": 0, "failed_cleanly": 0,
+             "lost": 0, "faults": 0}
+    memory: list[dict[str, Any]] = []
+    client = AsyncClient(address, timeout=REQUEST_TIMEOUT_S)
+    warmup = {"sent": 0, "completed_correctly": 0, "wrong_tokens": 0, "failed_cleanly": 0,
+              "lost": 0}
+    expected = [await one(client, p, None, warmup) for p in PROMPTS]
+    if any(e is None for e in expected):
+        raise RuntimeError(f"the warm-up requests failed: {warmup}")
+    start = time.monotonic()
+    end = start + minutes * 60
+    next_fault = start + fault_every
+    next_sample = start
+    pending: set[asyncio.Task[Any]] = set()
+    async with asyncio.TaskGroup() as tasks:
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if now >= next_sample:
+                actors = actor_pids(server_pid)
+                memory.append({"t_s": now - start, "server_mb": rss_mb(server_pid),
+                               "cpu0_pid": actors.get("cpu:0"),
+                               "cpu0_mb": rss_mb(actors["cpu:0"]) if "cpu:0" in actors
+                               else None})
+                if int(now - start) // 60 != int(next_sample - 10 - start) // 60:
+                    print(f"# {(now - start) / 60:.1f} min: {stats}, server "
+                          f"{memory[-1]['server_mb']:.0f} MB, cpu:0 "
+                          f"{memory[-1]['cpu0_mb'] or 0:.0f} MB", file=sys.stderr)
+                next_sample = now + 10
+            if now >= next_fault:
+                victim = actor_pids(server_pid).get("cpu:1")
+                if victim is not None:
+                    stats["faults"] += 1
+                    if stats["faults"] % 2:
+                        os.kill(victim, signal.SIGKILL)
+                    else:
+                        os.kill(victim, signal.SIGSTOP)
+                        tasks.create_task(_resume_later(victim, 8.0))
+                next_fault = now + fault_every
+            i = rng.randrange(len(PROMPTS))
+            task = tasks.create_task(one(client, PROMPTS[i], expected[i], stats))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            await asyncio.sleep(rng.expovariate(rate))
+    client.close()
+    return {"stats": stats, "memory": memory}
+
+
+async def _resume_later(pid: int, delay: float) -> None:
+    await asyncio.sleep(delay)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # already killed and replaced by the server
+
+
+def growth(memory: list[dict[str, Any]], key: str, from_s: float) -> dict[str, Any]:
+    rows = [m for m in memory if m[key] is not None]
+    if key == "cpu0_mb":  # one process throughout, or the figure means nothing
+        pids = {m["cpu0_pid"] for m in rows}
+        if len(pids) != 1:
+            return {"error": f"cpu:0 was restarted ({len(pids)} processes)"}
+    later = [m for m in rows if m["t_s"] >= from_s] or rows[-1:]
+    first, last = later[0][key], rows[-1][key]
+    return {"at_start_mb": round(first, 1), "at_end_mb": round(last, 1),
+            "peak_mb": round(max(m[key] for m in later), 1),
+            "growth_pct": round(100 * (last - first) / first, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
+    parser.add_argument("--fault-every", type=float, default=30.0)
+    parser.add_argument("--scheduler", default="fine-ep")
+    parser.add_argument("--model", type=Path, help="a checkpoint (default: the serving "
+                                                   "benchmark's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    model = args.model or real_checkpoint()
+    with Server(model, args.scheduler, "cpu:0,cpu:1", "zmq") as server:
+        result = asyncio.run(soak(server.address, server.proc.pid, args.minutes, args.rate,
+                                  args.fault_every, args.seed))
+    from_s = min(120.0, args.minutes * 60 / 5)
+    result["server_memory"] = growth(result["memory"], "server_mb", from_s)
+    result["cpu0_memory"] = growth(result["memory"], "cpu0_mb", from_s)
+    stats = result["stats"]
+    print(f"soak: {args.minutes:g} min at {args.rate:g} req/s, {args.scheduler}, "
+          f"{stats['faults']} faults (actor cpu:1 killed or stopped every "
+          f"{args.fault_every:g} s)")
+    print("| requests | completed correctly | wrong tokens | failed cleanly | lost |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {stats['sent']} | {stats['completed_correctly']} | {stats['wrong_tokens']} | "
+          f"{stats['failed_cleanly']} | {stats['lost']} |")
+    print(f"memory from {from_s:g} s to the end: server {result['server_memory']}, "
+          f"actor cpu:0 {result['cpu0_memory']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    ok = (stats["lost"] == 0 and stats["wrong_tokens"] == 0
+          and all(m.get("growth_pct", 100) < 5 for m in (result["server_memory"],
+                                                         result["cpu0_memory"])))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

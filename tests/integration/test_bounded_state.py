@@ -1,0 +1,89 @@
+"""A server runs for days: what the semantics and the actors hold grows with the units in
+flight, never with the units run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.dataflow import Cut, Placement, SeqChunk, Unit, compile
+from moeflow.models.families import spec_from_config
+from moeflow.models.tiny import TinyShape, tiny_config
+from moeflow.scheduler import Execution, topological_plan
+from moeflow.serve.build import build_engine_core
+from moeflow.serve.sampling import SamplingParams
+
+
+def test_execution_holds_only_the_plans_in_flight():
+    spec = spec_from_config(tiny_config("qwen3_moe"))
+    unit = Unit((SeqChunk(0, 0, 3, "cpu:0"), SeqChunk(1, 0, 2, "cpu:1")))
+    plan = topological_plan(compile(spec, unit, Placement.sharded(("cpu:0", "cpu:1"), 8),
+                                    Cut()))
+    execution = Execution()
+    in_flight: list[int] = []
+    for _ in range(10_000):
+        in_flight.append(execution.add(plan))
+        if len(in_flight) == 4:  # four units in flight at a time, the oldest finishing
+            index = in_flight.pop(0)
+            while not execution.plan_done(index):
+                for group in execution.startable():
+                    execution.start(group)
+                    for task in group:
+                        execution.finish(task)
+            execution.release(index)
+        assert len(execution.plans) <= 4
+    assert sum(len(s.heap) + len(s.queue) for s in execution.streams.values()) \
+        <= 4 * len(plan.graph.nodes)
+
+
+@pytest.mark.parametrize("scheduler", ["batch-ep", "fine-ep"])
+def test_actor_cores_hold_nothing_once_their_requests_end(tiny_factory, scheduler):
+    path = tiny_factory("qwen3_moe", shape=TinyShape(layers=1, experts=4))
+    core = build_engine_core(path, devices="cpu:0,cpu:1", scheduler=scheduler)
+    actors = core.executor.actors.values()
+    num_tokens = 0
+    for round_ in range(40):
+        for i in range(4):
+            core.add_request([3 + i, 9, 27], SamplingParams(max_new_tokens=8,
+                                                            temperature=0.7, seed=round_))
+        while core.has_unfinished():
+            num_tokens += len(core.step())
+        for rid in [r for r, req in core.requests.items() if req.finished]:
+            core.pop_finished(rid)
+        for actor in actors:
+            held = (len(actor.execution.plans), len(actor.units), len(actor.by_index),
+                    len(actor.early), len(actor.samplers))
+            assert held == (0, 0, 0, 0, 0), (actor.name, held)
+            assert not actor.worker.kv.seqs and not actor.worker._units
+    assert num_tokens >= 40 * 8
+    assert not core.requests and not core.book.seqs
+
+
+def test_cached_plans_are_dropped_everywhere_once_evicted(tiny_factory):
+    """A plan cache of 2 over many unit shapes: evicted plans are dropped on the actor
+    processes too, and the tokens equal those of a roomy cache."""
+    from moeflow.scheduler.registry import make_scheduler
+    from moeflow.serve.build import make_executor
+    from moeflow.serve.engine import EngineCore
+
+    path = tiny_factory("qwen3_moe", shape=TinyShape(layers=1, experts=4))
+    reference = build_engine_core(path, devices="cpu:0,cpu:1")
+    spec, cluster = reference.spec, reference.cluster
+    executor = make_executor("zmq", path, spec, cluster, torch.float32, 4096)
+    core = EngineCore(spec, executor, make_scheduler("batch-ep"), cluster, num_cached_plans=2)
+    try:
+        outputs = []
+        for engine in (reference, core):
+            # staggered lengths: the batch shrinks step by step, a new shape each time
+            reqs = [engine.add_request([3 + i, 9, 27], SamplingParams(max_new_tokens=2 + i,
+                                                                      ignore_eos=True))
+                    for i in range(5)]
+            while engine.has_unfinished():
+                engine.step()
+            outputs.append([tuple(r.output_ids) for r in reqs])
+        assert outputs[0] == outputs[1]
+        assert core.plans.num_compiled > 2 and len(core.plans) == 2
+        for actor in executor.actors.values():
+            assert len(actor.plans) <= 2
+    finally:
+        executor.close()

@@ -1,0 +1,217 @@
+"""One request, or one failure inside the engine, never takes the others down.
+
+Per-request boundaries (sampling, stop checks, detokenizing) fail that request alone; a
+failure of the engine thread itself fails the requests in progress, rebuilds the engine and
+goes on, and gives up (reporting why) only after repeated failures; `LLM` and
+`moeflow generate` always exit by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+import moeflow.actors.core as actor_core
+from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, FinalEvent,
+                                        RESTART_WINDOW_S)
+from moeflow.serve.engine import EngineCore
+from moeflow.serve.sampling import SamplingParams
+
+PROMPT = [5, 17, 33, 2, 99]
+# values the protocol accepts that once overflowed the sampler
+EXTREMES = [SamplingParams(max_new_tokens=4, temperature=1e-45, seed=1),
+            SamplingParams(max_new_tokens=4, temperature=5e-324, seed=1),
+            SamplingParams(max_new_tokens=4, temperature=0.8, top_p=1e-300, seed=1),
+            SamplingParams(max_new_tokens=4, temperature=1e30, top_k=1, seed=1),
+            SamplingParams(max_new_tokens=4, temperature=1.0, top_p=1e-300, top_k=3,
+                           seed=(1 << 64) - 1)]
+GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def path(tiny_factory):
+    return tiny_factory("qwen3_moe")
+
+
+async def final_of(engine: AsyncEngine, prompt: Any, params: SamplingParams) -> FinalEvent:
+    async with asyncio.timeout(60):
+        async for event in engine.generate(prompt, params):
+            if isinstance(event, FinalEvent):
+                return event
+    raise AssertionError("no final event")
+
+
+@pytest.mark.parametrize("transport", ["inproc", "zmq"])
+def test_extreme_sampling_values_complete_and_the_next_request_succeeds(path, transport):
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
+                                               transport=transport) as engine:
+            reference = await final_of(engine, PROMPT, GREEDY)
+            for params in EXTREMES:
+                final = await final_of(engine, PROMPT, params)
+                assert final.error is None and final.completion_tokens >= 1, final
+            # tiny temperatures and top_p are greedy in effect: the argmax
+            assert (await final_of(engine, PROMPT, EXTREMES[0])).token_ids == \
+                reference.token_ids[:4]
+            assert (await final_of(engine, PROMPT, GREEDY)).token_ids == reference.token_ids
+            assert engine.health()["status"] == "ok"
+            assert engine.health()["restarts"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_failing_sampler_fails_its_request_alone(path, monkeypatch):
+    real = actor_core.sample
+
+    def sample(logits: Any, params: SamplingParams, generator: Any) -> int:
+        if params.seed == 666:
+            raise FloatingPointError("poisoned")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(actor_core, "sample", sample)
+
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1") as engine:
+            alone = await final_of(engine, PROMPT, GREEDY)
+            poisoned = SamplingParams(max_new_tokens=6, temperature=0.5, seed=666)
+            bad, good = await asyncio.gather(final_of(engine, [7, 8, 9], poisoned),
+                                             final_of(engine, PROMPT, GREEDY))
+            assert bad.error is not None and "sampling failed" in bad.error
+            assert "poisoned" in bad.error
+            assert good.error is None and good.token_ids == alone.token_ids
+            # nothing is left behind on any actor
+            samplers = await engine.call(
+                lambda core: sum(len(a.samplers) for a in core.executor.actors.values()))
+            assert samplers == 0
+            assert engine.health()["restarts"] == 0
+
+    asyncio.run(main())
+
+
+def test_an_engine_failure_fails_the_requests_in_progress_then_the_engine_restarts(
+        path, monkeypatch):
+    real = EngineCore.complete
+    failures = {"left": 1}
+
+    def complete(self: EngineCore, job: Any, result: Any) -> Any:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("a bug in the engine")
+        return real(self, job, result)
+
+    monkeypatch.setattr(EngineCore, "complete", complete)
+
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1") as engine:
+            failed = await final_of(engine, PROMPT, GREEDY)
+            assert failed.error is not None and "a bug in the engine" in failed.error
+            assert "restarted" in failed.error
+            ok = await final_of(engine, PROMPT, GREEDY)
+            assert ok.error is None and ok.completion_tokens == 6
+            health = engine.health()
+            assert health["status"] == "ok" and health["restarts"] == 1
+            assert "a bug in the engine" in health["last_error"]
+
+    asyncio.run(main())
+
+
+def test_an_engine_that_keeps_failing_gives_up_and_says_why(path, monkeypatch):
+    def complete(self: EngineCore, job: Any, result: Any) -> Any:
+        raise RuntimeError("always broken")
+
+    monkeypatch.setattr(EngineCore, "complete", complete)
+
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path) as engine:
+            errors = []
+            for _ in range(10):
+                try:
+                    errors.append((await final_of(engine, PROMPT, GREEDY)).error)
+                except EngineStopped as exc:
+                    errors.append(str(exc))
+                    break
+            assert all(e is not None for e in errors)
+            async with asyncio.timeout(30):
+                why = await engine.wait_stopped()
+            assert why is not None and "always broken" in why
+            assert engine.health()["status"] == "failed"
+            with pytest.raises(EngineStopped, match="always broken|not running"):
+                await final_of(engine, PROMPT, GREEDY)
+
+    assert RESTART_WINDOW_S >= 10  # the ten tries above fall in one window
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["inproc", "zmq"])
+def test_moeflow_generate_with_extreme_values_exits_by_itself(path, transport):
+    for flags in (["--temperature", "1e-45"], ["--temperature", "1", "--top-p", "1e-300"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "moeflow.cli", "generate", str(path), "--prompt-ids",
+             "1,2,3", "--max-new-tokens", "4", "--transport", transport, *flags],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_an_actor_that_dies_while_idle_is_restarted_before_the_next_request(path):
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
+                                               transport="zmq") as engine:
+            first = await final_of(engine, PROMPT, GREEDY)
+            pids = await engine.call(lambda core: core.executor.pids())
+            os.kill(pids["cpu:1"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = await engine.call(lambda core: core.executor.pids())
+                if now["cpu:1"] != pids["cpu:1"]:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the dead actor was not restarted while idle")
+            again = await final_of(engine, PROMPT, GREEDY)
+            assert again.error is None and again.token_ids == first.token_ids
+
+    asyncio.run(main())
+
+
+def test_a_server_whose_engine_gives_up_stops_with_an_error(path, monkeypatch):
+    from moeflow.serve.client import AsyncClient, ServerError
+    from moeflow.serve.server import EngineFailed, RequestServer, ServerConfig
+
+    def complete(self: EngineCore, job: Any, result: Any) -> Any:
+        raise RuntimeError("always broken")
+
+    monkeypatch.setattr(EngineCore, "complete", complete)
+
+    async def main() -> None:
+        server = RequestServer(ServerConfig(str(path), bind="tcp://127.0.0.1:*"))
+        started = asyncio.Event()
+        serving = asyncio.create_task(server.serve(lambda s: started.set()))
+        async with asyncio.timeout(60):
+            await started.wait()
+        client = AsyncClient(server.address, timeout=10)
+        finals = []
+        for _ in range(10):
+            if serving.done():
+                break
+            try:
+                async for reply in client.generate(prompt_ids=PROMPT, max_new_tokens=4):
+                    if reply["type"] == "final":
+                        finals.append(reply["finish_reason"])
+            except ServerError as exc:
+                finals.append(exc.code)
+            except TimeoutError:  # sent as the server stopped: nobody is there to answer
+                assert serving.done()
+        client.close()
+        with pytest.raises(EngineFailed, match="always broken"):
+            async with asyncio.timeout(60):
+                await serving
+        assert finals and all(f.startswith("error") or f == "internal" for f in finals), finals
+
+    asyncio.run(main())
