@@ -138,7 +138,7 @@ def transfer_table(repeats: int) -> dict[str, dict[str, float]]:
 
 def decode_rates(checkpoint: Path, repeats: int) -> dict[str, float]:
     from moeflow.serve.llm import LLM
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     out = {}
     for transport in ("inproc", "zmq"):
@@ -172,7 +172,7 @@ def detection_times(checkpoint: Path, tries: int) -> dict[str, float]:
     """Seconds from a signal to cpu:1 until the request it serves fails (median)."""
     from moeflow.scheduler import BatchEP
     from moeflow.serve.engine import EngineCore
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     spec, cluster, executor = two_actors(checkpoint)
     out = {}
@@ -210,7 +210,7 @@ def prefill_alarm(checkpoint: Path, stall_timeout: float,
     """A long prefill on 2 actors: its time, and whether anything raised an alarm."""
     from moeflow.scheduler import BatchEP
     from moeflow.serve.engine import EngineCore
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     spec, cluster, executor = two_actors(checkpoint, stall_timeout=stall_timeout)
     with executor:  # type: ignore[attr-defined]

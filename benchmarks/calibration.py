@@ -24,10 +24,11 @@ from foundation import (  # noqa: E402
 
 from moeflow.models.families import load_spec  # noqa: E402
 from moeflow.models.tiny import make_tiny  # noqa: E402
-from moeflow.ops.calibrate import calibrate  # noqa: E402
-from moeflow.scheduler import BatchEP, hardware  # noqa: E402
-from moeflow.scheduler.simulator import Simulator  # noqa: E402
-from moeflow.scheduler.workload import Routing, SimRequest  # noqa: E402
+from moeflow.sim.calibrate import calibrate  # noqa: E402
+from moeflow.scheduler import BatchEP  # noqa: E402
+from moeflow.sim import hardware  # noqa: E402
+from moeflow.sim.simulator import Simulator  # noqa: E402
+from moeflow.sim.workload import Routing, SimRequest  # noqa: E402
 
 
 def predict(spec, hw) -> dict[str, float]:  # type: ignore[no-untyped-def]

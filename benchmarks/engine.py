@@ -9,8 +9,13 @@
 2. Steady-state greedy decode on `make demo`'s checkpoint with real ops: tokens/s at batch 1
    and 16, and the share of step time spent inside the workers' ops (the rest is the
    runtime). Goal: >= 80 % in ops.
+3. The simulator: `moeflow simulate` with batch-ep, poisson:rate=20 arrivals and a Chrome
+   trace written as it runs, in a subprocess of its own: simulated seconds (the run's
+   makespan) per wall second of the whole command, and the command's peak RSS. Mixtral
+   8x7B on 8 H100 with 200 requests, DeepSeek-V2 on 8 H200 with 60. Goals: >= 1.0 and
+   >= 0.5 simulated s per wall s, <= 1 GB.
 
-    python benchmarks/engine.py [--json out.json] [--steps 64]
+    python benchmarks/engine.py [--json out.json] [--steps 64] [--only runtime,decode,sim]
 
 Medians over the steps measured, after warm-up steps.
 """
@@ -19,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +42,7 @@ from moeflow.models.tiny import TinyShape, make_tiny
 from moeflow.scheduler.base import Cluster
 from moeflow.scheduler.registry import make_scheduler
 from moeflow.serve.engine import EngineCore
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 DEMO = Path(".cache/tiny-qwen3-moe")
 DEMO_SHAPE = TinyShape(layers=4, experts=16, top_k=4, hidden=256, heads=8, kv_heads=2,
@@ -134,31 +142,95 @@ def real_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+SIMULATIONS = (  # model, hardware, requests, goal in simulated s per wall s
+    ("mixtral-8x7b", "h100x8", 200, 1.0),
+    ("deepseek-v2", "h200x8", 60, 0.5),
+)
+SIM_RSS_GOAL_MB = 1000.0
+SECTIONS = ("runtime", "decode", "sim")
+
+
+def simulator_runs() -> list[dict[str, Any]]:
+    """Each setting of SIMULATIONS as one `moeflow simulate --trace` command, measured from
+    outside: wall time of the command, its peak RSS (wait4 reports the child's own)."""
+    rows = []
+    for model, hardware, num_requests, goal in SIMULATIONS:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace, metrics = Path(tmp) / "out.json", Path(tmp) / "metrics.json"
+            command = [sys.executable, "-m", "moeflow", "simulate", "--model", model,
+                       "--hardware", hardware, "--scheduler", "batch-ep",
+                       "--workload", "poisson:rate=20", "--num-requests", str(num_requests),
+                       "--trace", str(trace), "--json", str(metrics)]
+            start = time.perf_counter()
+            child = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            child.returncode = os.waitstatus_to_exitcode(status)
+            wall = time.perf_counter() - start
+            if child.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} exited with {child.returncode}")
+            makespan = json.loads(metrics.read_text())["metrics"]["makespan"]
+            rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
+            rows.append({"model": model, "hardware": hardware, "requests": num_requests,
+                         "simulated_s": makespan, "wall_s": wall,
+                         "sim_s_per_wall_s": makespan / wall, "goal": goal,
+                         "peak_rss_mb": rss_mb, "trace_mb": trace.stat().st_size / 1e6})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if not only <= set(SECTIONS):
+        parser.error(f"--only takes {', '.join(SECTIONS)}, not {args.only}")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    checkpoint = demo_checkpoint()
-    print("null ops ...", file=sys.stderr)
-    nulls = null_ops(checkpoint, args.steps)
-    print("real ops ...", file=sys.stderr)
-    reals = real_ops(checkpoint, args.steps)
-    print(f"\n1. runtime per node, null ops, {'+'.join(DEVICES)} (goal <= 10 us)")
-    print("| scheduler | batch | executor | nodes/step | us/node |")
-    print("|---|---:|---|---:|---:|")
-    for r in nulls:
-        print(f"| {r['scheduler']} | {r['batch']} | {r['executor']} | "
-              f"{r['nodes_per_step']:.0f} | {r['us_per_node']:.1f} |")
-    print(f"\n2. steady-state greedy decode, {checkpoint} (goal >= 80 % of step time in ops)")
-    print("| scheduler | batch | tok/s | ms/step | nodes/step | in ops |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in reals:
-        print(f"| {r['scheduler']} | {r['batch']} | {r['tok_s']:.0f} | {r['ms_per_step']:.2f} |"
-              f" {r['nodes_per_step']:.0f} | {r['share_in_ops']:.0%} |")
+    nulls: list[dict[str, Any]] = []
+    reals: list[dict[str, Any]] = []
+    sims: list[dict[str, Any]] = []
+    if only & {"runtime", "decode"}:
+        checkpoint = demo_checkpoint()
+    if "runtime" in only:
+        print("null ops ...", file=sys.stderr)
+        nulls = null_ops(checkpoint, args.steps)
+    if "decode" in only:
+        print("real ops ...", file=sys.stderr)
+        reals = real_ops(checkpoint, args.steps)
+    if "sim" in only:
+        print("the simulator ...", file=sys.stderr)
+        sims = simulator_runs()
+    if nulls:
+        print(f"\n1. runtime per node, null ops, {'+'.join(DEVICES)} (goal <= 10 us)")
+        print("| scheduler | batch | executor | nodes/step | us/node |")
+        print("|---|---:|---|---:|---:|")
+        for r in nulls:
+            print(f"| {r['scheduler']} | {r['batch']} | {r['executor']} | "
+                  f"{r['nodes_per_step']:.0f} | {r['us_per_node']:.1f} |")
+    if reals:
+        print(f"\n2. steady-state greedy decode, {checkpoint} (goal >= 80 % of step time in ops)")
+        print("| scheduler | batch | tok/s | ms/step | nodes/step | in ops |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in reals:
+            print(f"| {r['scheduler']} | {r['batch']} | {r['tok_s']:.0f} | "
+                  f"{r['ms_per_step']:.2f} | {r['nodes_per_step']:.0f} | "
+                  f"{r['share_in_ops']:.0%} |")
+    if sims:
+        print(f"\n3. the simulator, batch-ep, poisson:rate=20, --trace out.json "
+              f"(goal: sim-s/wall-s as listed, peak RSS <= {SIM_RSS_GOAL_MB:.0f} MB)")
+        print("| model | hardware | requests | simulated s | wall s | sim-s/wall-s | goal | "
+              "peak RSS MB | trace MB |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in sims:
+            print(f"| {r['model']} | {r['hardware']} | {r['requests']} | "
+                  f"{r['simulated_s']:.2f} | {r['wall_s']:.1f} | {r['sim_s_per_wall_s']:.2f} | "
+                  f">= {r['goal']} | {r['peak_rss_mb']:.0f} | {r['trace_mb']:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"null_ops": nulls, "real_ops": reals}, indent=1))
+        args.json.write_text(json.dumps({"null_ops": nulls, "real_ops": reals,
+                                         "simulator": sims}, indent=1))
     return 0
 
 

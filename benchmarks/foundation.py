@@ -29,7 +29,7 @@ import torch
 from moeflow.models.families import load_spec
 from moeflow.models.tiny import TinyShape, make_tiny
 from moeflow.serve.llm import LLM
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 CHECKPOINT = Path(".cache/bench-qwen3-moe")
 SHAPE = TinyShape(layers=12, experts=64, top_k=8, hidden=1024, heads=16, kv_heads=4,

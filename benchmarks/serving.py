@@ -39,7 +39,7 @@ from moeflow.dataflow.graph import Unit
 from moeflow.progress import Progress
 from moeflow.scheduler import BatchEP
 from moeflow.scheduler.base import Budget, RequestView
-from moeflow.scheduler.simulator import percentile
+from moeflow.sim.simulator import percentile
 
 SCHEDULERS = ("batch-ep", "fine-ep")
 STATIC = "batch-ep-static"  # simulation only, for context
@@ -86,10 +86,10 @@ class StaticBatchEP(BatchEP):
 def simulate(setting: SimSetting, scheduler: str, arrivals: str, seed: int = 0
              ) -> dict[str, float]:
     """One simulated run; the e2e statistics of its requests (seconds)."""
-    from moeflow.scheduler import hardware, models
+    from moeflow.sim import hardware, models
     from moeflow.scheduler.registry import make_scheduler
-    from moeflow.scheduler.simulator import Simulator
-    from moeflow.scheduler.workload import Lengths, Routing, requests
+    from moeflow.sim.simulator import Simulator
+    from moeflow.sim.workload import Lengths, Routing, requests
 
     spec = models.load(setting.model)
     routing = Routing.parse(setting.routing, spec.moe.num_experts, spec.moe.top_k,

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "moeflow.serve.llm",
     "Completion": "moeflow.serve.llm",
-    "SamplingParams": "moeflow.serve.sampling",
+    "SamplingParams": "moeflow.ops.sampling",
+    "EngineConfig": "moeflow.serve.config",
     "AsyncEngine": "moeflow.serve.async_engine",
     "TokenEvent": "moeflow.serve.async_engine",
     "FinalEvent": "moeflow.serve.async_engine",

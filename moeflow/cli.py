@@ -25,11 +25,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from moeflow.models.checkpoint import CheckpointError
 from moeflow.models.families import FAMILIES, ConfigError
 from moeflow.models.tokenizer import TokenizerError
 from moeflow.scheduler.registry import UnknownScheduler
+from moeflow.serve.config import DTYPES, TRANSPORTS
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointError, ConfigError, TokenizerError, UnknownScheduler, ValueError, KeyError,
@@ -58,13 +60,35 @@ def _positive(text: str) -> int:
 
 def _workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int, prompt_len: str,
                         output_len: str) -> None:
-    """The workload options `simulate` and `bench` share (moeflow.scheduler.workload)."""
+    """The workload options `simulate` and `bench` share (moeflow.sim.workload)."""
     parser.add_argument("--workload", default="poisson:rate=10",
                         help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
     parser.add_argument("--num-requests", type=_positive, default=num_requests)
     parser.add_argument("--prompt-len", default=prompt_len,
                         help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
     parser.add_argument("--output-len", default=output_len)
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The EngineConfig options `generate` and `serve` share."""
+    parser.add_argument("--scheduler", default="batch-ep",
+                        help="batch-ep, fine-ep, an installed plugin's name, or module:Class")
+    parser.add_argument("--devices", default="cpu:0", help="e.g. cpu:0,cpu:1")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--transport", default="inproc", choices=TRANSPORTS,
+                        help="actors in this process, or one process per device over ZeroMQ")
+    parser.add_argument("--kv-cache-tokens", type=_positive, default=65536,
+                        help="KV-cache capacity per device, in tokens")
+    parser.add_argument("--max-batch-tokens", type=_positive, default=2048)
+    parser.add_argument("--max-seqs", type=_positive, default=64)
+
+
+def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from moeflow.serve.config import EngineConfig
+
+    return EngineConfig(args.model_dir, args.scheduler, args.devices, args.dtype,
+                        args.transport, args.kv_cache_tokens, args.max_batch_tokens,
+                        args.max_seqs, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--devices", default="cpu:0")
-    gen.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    gen.add_argument("--scheduler", default="batch-ep")
-    gen.add_argument("--transport", default="inproc", choices=("inproc", "zmq"),
-                     help="actors in this process, or one process per device over ZeroMQ")
+    _engine_arguments(gen)
     gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
     gen.add_argument("--stats", action="store_true", help="print prefill and decode speed")
     gen.add_argument("--record-routing", metavar="FILE",
@@ -141,11 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_dir")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
                        help="zmq endpoint; a non-loopback address needs CURVE")
-    serve.add_argument("--scheduler", default="batch-ep")
-    serve.add_argument("--devices", default="cpu:0")
-    serve.add_argument("--transport", default="inproc", choices=("inproc", "zmq"))
-    serve.add_argument("--dtype", default="auto",
-                       choices=("auto", "float32", "bfloat16", "float16"))
+    _engine_arguments(serve)
     serve.add_argument("--max-waiting", type=_positive, default=64,
                        help="requests in progress beyond which new ones get `overloaded`")
     serve.add_argument("--max-prompt-tokens", type=_positive, default=None,
@@ -205,12 +221,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from moeflow.serve.llm import LLM
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    llm = LLM(args.model_dir, devices=args.devices, dtype=args.dtype, scheduler=args.scheduler,
-              transport=args.transport, record_routing=bool(args.record_routing))
+    llm = LLM(_engine_config(args, max_waiting=1 << 30,
+                             record_routing=bool(args.record_routing)))
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     with llm:
         [out] = llm.generate(prompt, sampling=params)
@@ -254,11 +270,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from moeflow.progress import Progress
-    from moeflow.scheduler import hardware, models
+    from moeflow.sim import hardware, models
     from moeflow.scheduler.registry import make_scheduler
-    from moeflow.scheduler.simulator import Simulator
-    from moeflow.scheduler.trace import write as write_trace
-    from moeflow.scheduler.workload import Lengths, Routing, requests
+    from moeflow.sim.simulator import Simulator
+    from moeflow.sim.tracefile import open_trace
+    from moeflow.sim.workload import Lengths, Routing, requests
 
     spec = models.load(args.model)
     hw = hardware.load(args.hardware)
@@ -268,15 +284,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     Lengths.parse(args.output_len), seed=args.seed)
     sim = Simulator(spec, hw, make_scheduler(args.scheduler), routing, dtype=args.dtype,
                     max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs)
-    bar = Progress(len(reqs), "simulating")
-    result = sim.run(reqs, progress=bar.update)
     title = (f"{spec.name or spec.family} on {hw.name}, {args.scheduler}, {args.workload}, "
              f"{len(reqs)} requests")
+    sink = open_trace(args.trace, title) if args.trace else None  # streams as it runs
+    bar = Progress(len(reqs), "simulating")
+    try:
+        result = sim.run(reqs, progress=bar.update, record=False, sink=sink)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     print(title)
     print(result.metrics.table())
-    if args.trace:
-        write_trace(result, args.trace, title=title)
-        print(f"wrote {args.trace} ({len(result.trace)} events)")
+    if sink is not None:
+        sink.close(result)
+        print(f"wrote {args.trace} ({result.num_events} events)")
     if args.json_out:
         from pathlib import Path
 
@@ -286,7 +308,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from moeflow.ops.calibrate import calibrate
+    from moeflow.sim.calibrate import calibrate
 
     hw = calibrate(quick=args.quick, log=lambda msg: print(msg, file=sys.stderr))
     from pathlib import Path
@@ -314,9 +336,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              if args.curve_secret_key is not None else None)
     if curve is not None:
         curve.load()  # a bad key file fails here, before the model loads
-    config = ServerConfig(args.model_dir, bind=args.bind, scheduler=args.scheduler,
-                          devices=args.devices, transport=args.transport, dtype=args.dtype,
-                          max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
+    config = ServerConfig(_engine_config(args, max_waiting=args.max_waiting), bind=args.bind,
+                          max_prompt_tokens=args.max_prompt_tokens,
                           max_prompt_bytes=args.max_prompt_bytes,
                           max_new_tokens_limit=args.max_new_tokens_limit,
                           metrics_port=args.metrics_port, curve=curve)

@@ -55,12 +55,11 @@ from moeflow.actors.messages import (
     RoutingCounts, RunUnit, Shutdown, UnitPart, decode, encode,
 )
 from moeflow.actors.plane import (
-    Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, make_runtime_dir, remove_runtime_dir,
-    require_curve, serve_curve, user_id,
+    Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, is_loopback, make_runtime_dir,
+    remove_runtime_dir, require_curve, serve_curve, user_id,
 )
 from moeflow.actors.process import ActorConfig, launch_message
 from moeflow.dataflow.graph import Placement
-from moeflow.serve.security import is_loopback
 
 log = logging.getLogger("moeflow.coordinator")
 

@@ -40,7 +40,7 @@ from moeflow.actors.worker import (
 from moeflow.dataflow.graph import Gate, LMHead, Transfer, Unit
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task
-from moeflow.serve.sampling import SamplingParams, make_generator, sample
+from moeflow.ops.sampling import SamplingParams, make_generator, sample
 
 COORDINATOR = ""  # destination name of messages for the coordinator
 # what a peer can make an actor hold for units not admitted yet, in messages and in bytes;

@@ -191,7 +191,7 @@ class InProcessExecutor:
                 actor.start(group)
                 if self.observer is not None:
                     for task in group:
-                        plan = actor.by_index[task[0]].msg.plan
+                        plan = actor.by_index[task[0]].plan
                         self.observer(plan, task[1], plan.assignment[task[1]])
                 try:
                     values = actor.run(group)

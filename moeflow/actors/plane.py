@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import ipaddress
 import itertools
 import logging
 import os
@@ -294,3 +295,25 @@ class PeerLinks:
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
+
+
+def is_loopback(address: str) -> bool:
+    """True when only this machine can connect to `address` (a zmq endpoint)."""
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp" or ";" in rest:  # ";" names a source address: not a plain bind
+        return False
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port:
+        return False
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name, a host name
+        return False

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+import operator
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PriorityKey, Rule,
 
 Task = tuple[int, int]
 Group = tuple[Task, ...]
+KEEP_RELEASED = 8  # the arrays of this many released plans are kept for their replay
 
 
 class SemanticsError(RuntimeError):
@@ -65,6 +67,31 @@ class _PlanState:
     num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
+    succs: tuple[tuple[int, ...], ...] = ()  # the graph's, per node
+
+
+@dataclass(eq=False, slots=True)
+class _Shape:
+    """A plan's structure as arrays, built once and shared by every add of the same Plan
+    object (a plan cache replays one object), while some plan that uses it is held."""
+
+    plan: Plan
+    indegree: tuple[int, ...]
+    succs: tuple[tuple[int, ...], ...]
+    rule_index: tuple[int, ...]  # per node: its stream's position in plan.rules
+    users: int = 0
+
+    @staticmethod
+    def of(plan: Plan) -> _Shape:
+        graph = plan.graph
+        indegree = [0] * len(graph.nodes)
+        succs: list[list[int]] = [[] for _ in graph.nodes]
+        for edge in graph.edges:  # one pass, in the order graph.succs lists them
+            indegree[edge.dst] += 1
+            succs[edge.src].append(edge.dst)
+        position = {stream: i for i, (stream, _) in enumerate(plan.rules)}
+        return _Shape(plan, tuple(indegree), tuple(map(tuple, succs)),
+                      tuple(position[s] for s in plan.assignment))
 
 
 class Execution:
@@ -73,7 +100,12 @@ class Execution:
         self._indices = itertools.count()
         self.streams: dict[Stream, _StreamState] = {}
         self._ready: set[Task] = set()
-        self._touched: dict[Stream, None] = {}  # streams whose next node may have changed
+        # streams whose next node may have changed, keyed by their state: its identity hash
+        # is far cheaper than a Stream's, and this is touched at every event
+        self._touched: dict[_StreamState, None] = {}
+        self._shapes: dict[int, _Shape] = {}  # id(plan) -> its arrays, while a plan uses it
+        # and for the last few released: a replayed plan comes back soon after its release
+        self._released: OrderedDict[int, _Shape] = OrderedDict()
         self._arrivals = itertools.count()  # the order nodes become ready (fifo streams)
         for plan in plans:
             self.add(plan)
@@ -84,10 +116,15 @@ class Execution:
         """Admit a plan; its nodes join their streams after those already there. With
         `owns`, only streams it accepts run here; the rest are finished externally."""
         index = next(self._indices)
-        graph = plan.graph
-        waiting = [len(graph.preds(i)) for i in range(len(graph.nodes))]
+        shape = self._shapes.get(id(plan)) or self._released.pop(id(plan), None)
+        if shape is None:
+            shape = _Shape.of(plan)
+        self._shapes[id(plan)] = shape
+        shape.users += 1
+        by_rule: list[_StreamState | None] = []
         for stream, rule in plan.rules:
             if owns is not None and not owns(stream):
+                by_rule.append(None)
                 continue
             state = self.streams.get(stream)
             coalesce = isinstance(rule, ByPriority) and rule.coalesce
@@ -96,15 +133,17 @@ class Execution:
                 state = self.streams[stream] = _StreamState(stream, type(rule), coalesce, fifo)
             elif (state.rule_kind is not type(rule) or state.coalesce != coalesce
                   or state.fifo != fifo):
+                self._let_go(shape)
                 raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} in one "
                                      f"plan and {rule!r} in another")
             if isinstance(rule, InOrder):
-                state.queue.extend((index, n) for n in rule.order)
-            self._touched[stream] = None
-        streams = [self.streams[s] if owns is None or owns(s) else None
-                   for s in plan.assignment]
-        self.plans[index] = _PlanState(plan, waiting, [False] * len(graph.nodes), streams,
-                                       sum(1 for s in streams if s is not None))
+                state.queue.extend(zip(itertools.repeat(index), rule.order))
+            self._touched[state] = None
+            by_rule.append(state)
+        streams = [by_rule[i] for i in shape.rule_index]
+        waiting = list(shape.indegree)
+        self.plans[index] = _PlanState(plan, waiting, [False] * len(waiting), streams,
+                                       len(streams) - streams.count(None), succs=shape.succs)
         arrival = next(self._arrivals)
         for node_id, n in enumerate(waiting):
             if n == 0 and streams[node_id] is not None:
@@ -122,7 +161,7 @@ class Execution:
         if state.rule_kind is ByPriority:
             heapq.heappush(state.heap, (plan_state.plan.priority[task[1]],
                                         arrival if state.fifo else 0, *task))
-        self._touched[state.stream] = None
+        self._touched[state] = None
 
     # -- queries -------------------------------------------------------------------
 
@@ -173,9 +212,32 @@ class Execution:
         whose state changed since the last call. Start them, or call again later."""
         out = []
         touched, self._touched = self._touched, {}
-        for stream in touched:
-            group = self._group(self.streams[stream])
+        for state in touched:
+            group = self._group(state)
             if group is not None:
+                out.append(group)
+        return out
+
+    def start_startable(self) -> list[Group]:
+        """Start every group `startable` would return, and return them: the same as starting
+        each of those, without checking again what was just chosen."""
+        out: list[Group] = []
+        touched, self._touched = self._touched, {}
+        ready = self._ready
+        for state in touched:
+            if state.running:
+                continue
+            if state.rule_kind is InOrder:  # _group and _start for one InOrder node, inlined:
+                queue = state.queue  # the hot path of every executor
+                if queue and queue[0] in ready:
+                    head = queue.popleft()
+                    ready.discard(head)
+                    state.running.add(head)  # it was idle: empty
+                    out.append((head,))
+                continue
+            group = self._group(state)
+            if group is not None:
+                self._start(state, group)
                 out.append(group)
         return out
 
@@ -214,6 +276,9 @@ class Execution:
         if allowed is None or head != allowed[0] or not set(group) <= set(allowed):
             raise SemanticsError(f"{group} on {state.stream} is not what the stream may start "
                                  f"now (it may start {allowed}; running {state.running})")
+        self._start(state, group)
+
+    def _start(self, state: _StreamState, group: Group) -> None:
         if state.rule_kind is InOrder:
             state.queue.popleft()
         elif len(group) == 1:  # the head is the heap's top
@@ -222,7 +287,10 @@ class Execution:
             members = set(group)
             state.heap = [h for h in state.heap if (h[2], h[3]) not in members]
             heapq.heapify(state.heap)
-        self._ready.difference_update(group)
+        if len(group) == 1:
+            self._ready.discard(group[0])
+        else:
+            self._ready.difference_update(group)
         state.running = set(group)
 
     def finish(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
@@ -233,11 +301,12 @@ class Execution:
         state = p.streams[node_id]
         if state is None or task not in state.running:
             raise SemanticsError(f"task {task} finished but its stream is not running it")
-        state.running.discard(task)
-        if not state.running:
-            self._touched[state.stream] = None
+        running = state.running
+        running.discard(task)
+        if not running:
+            self._touched[state] = None
         p.num_done += 1
-        return self._complete(task, counts)
+        return self._complete(task, counts, p)
 
     def finish_external(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
         """Another actor's node is done (its data or a notice arrived)."""
@@ -245,24 +314,34 @@ class Execution:
             raise SemanticsError(f"task {task} runs here; it cannot finish externally")
         if self.plans[task[0]].done[task[1]]:
             raise SemanticsError(f"task {task} finished twice")
-        return self._complete(task, counts)
+        return self._complete(task, counts, self.plans[task[0]])
 
-    def _complete(self, task: Task, counts: tuple[int, ...] | None) -> list[Task]:
+    def _complete(self, task: Task, counts: tuple[int, ...] | None, p: _PlanState
+                  ) -> list[Task]:
         plan_index, node_id = task
-        p = self.plans[plan_index]
         p.done[node_id] = True
-        node = p.plan.graph.nodes[node_id]
-        if isinstance(node, Gate) and counts is not None:
-            prior = p.counts.get(node.layer)
-            p.counts[node.layer] = (counts if prior is None
-                                    else tuple(a + b for a, b in zip(prior, counts)))
+        if counts is not None:
+            node = p.plan.graph.nodes[node_id]
+            if isinstance(node, Gate):
+                prior = p.counts.get(node.layer)
+                p.counts[node.layer] = (counts if prior is None
+                                        else tuple(map(operator.add, prior, counts)))
         newly: list[Task] = []
         arrival = next(self._arrivals)
-        for succ in p.plan.graph.succs(node_id):
-            p.waiting[succ] -= 1
-            if p.waiting[succ] == 0:
-                self._make_ready((plan_index, succ), arrival)
-                newly.append((plan_index, succ))
+        waiting, streams = p.waiting, p.streams
+        for succ in p.succs[node_id]:
+            waiting[succ] -= 1
+            if waiting[succ] == 0:
+                ready = (plan_index, succ)
+                newly.append(ready)
+                state = streams[succ]
+                if state is None:  # another actor's node: it finishes externally
+                    continue
+                self._ready.add(ready)  # as _make_ready does
+                if state.rule_kind is ByPriority:
+                    heapq.heappush(state.heap, (p.plan.priority[succ],
+                                                arrival if state.fifo else 0, plan_index, succ))
+                self._touched[state] = None
         return newly
 
     def run_in_order(self, streams: Iterable[Stream] | None = None) -> Iterator[Task]:
@@ -296,7 +375,7 @@ class Execution:
             state.queue = deque(t for t in state.queue if t[0] != index)
             state.heap = [h for h in state.heap if h[2] != index]
             heapq.heapify(state.heap)
-            self._touched[state.stream] = None
+            self._touched[state] = None
         self._ready = {t for t in self._ready if t[0] != index}
         p.num_done = p.num_owned
 
@@ -309,3 +388,12 @@ class Execution:
         if p.num_done != p.num_owned:
             raise SemanticsError(f"plan {index} is still running; forget it first")
         del self.plans[index]
+        self._let_go(self._shapes[id(p.plan)])
+
+    def _let_go(self, shape: _Shape) -> None:
+        shape.users -= 1
+        if not shape.users:
+            del self._shapes[id(shape.plan)]
+            self._released[id(shape.plan)] = shape
+            if len(self._released) > KEEP_RELEASED:
+                self._released.popitem(last=False)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moeflow.scheduler.simulator import percentile
-from moeflow.scheduler.workload import Lengths, SimRequest, requests
+from moeflow.sim.simulator import percentile
+from moeflow.sim.workload import Lengths, SimRequest, requests
 from moeflow.serve.client import AsyncClient, ServerError
 
 QUANTILES = (50, 90, 99)

@@ -1,6 +1,7 @@
 """Building an EngineCore and its executor from a checkpoint directory.
 
-    build_engine_core(model, devices, dtype, scheduler, transport=...) -> EngineCore
+    build_engine_core(EngineConfig(model, ...)) -> EngineCore
+    build_engine_core(model, devices=..., scheduler=..., ...) -> EngineCore
 
 The executor is the in-process one (every actor in this process, the default) or actor
 processes over ZeroMQ (`transport="zmq"`).
@@ -8,19 +9,19 @@ processes over ZeroMQ (`transport="zmq"`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeflow.actors.inproc import InProcessExecutor, load_workers, parse_devices
+from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.models.families import load_spec
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.models.weights import torch_dtype
-from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.base import Cluster
 from moeflow.scheduler.registry import make_scheduler
+from moeflow.serve.config import TRANSPORTS, EngineConfig
 from moeflow.serve.engine import EngineCore
 
 if TYPE_CHECKING:
@@ -31,25 +32,23 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
     return torch_dtype(checkpoint_dtype if dtype == "auto" else dtype)
 
 
-def build_engine_core(model: str | Path, devices: str | Sequence[str] = "cpu:0",
-                      dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
-                      transport: str = "inproc", kv_cache_tokens: int = 65536,
-                      max_batch_tokens: int = 2048, max_seqs: int = 64,
-                      record_routing: bool = False, want_logits: bool = False,
-                      faults: str = "") -> EngineCore:
-    """An EngineCore with its executor, for a caller that drives steps itself. `faults`
-    (actor processes only) injects faults into the actors' data plane, for chaos tests:
-    see moeflow.actors.plane.Faults."""
-    path = Path(model)
+def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = False,
+                      **options: Any) -> EngineCore:
+    """An EngineCore with its executor, for a caller that drives steps itself: from an
+    EngineConfig, or a checkpoint path and EngineConfig's fields as `options`."""
+    if not isinstance(config, EngineConfig):
+        config = EngineConfig(str(config), **options)
+    elif options:
+        raise TypeError("pass options in the EngineConfig, not beside it")
+    path = Path(config.model)
     spec = load_spec(path)
-    cluster = Cluster.sharded(parse_devices(devices), spec.moe.num_experts)
-    executor = make_executor(transport, path, spec, cluster, resolve_dtype(dtype, spec.dtype),
-                             kv_cache_tokens, record_routing, want_logits, faults)
-    return EngineCore(spec, executor, make_scheduler(scheduler), cluster, Tokenizer.load(path),
-                      max_batch_tokens=max_batch_tokens, max_seqs=max_seqs)
-
-
-TRANSPORTS = ("inproc", "zmq")
+    cluster = Cluster.sharded(config.devices, spec.moe.num_experts)
+    executor = make_executor(config.transport, path, spec, cluster,
+                             resolve_dtype(config.dtype, spec.dtype), config.kv_cache_tokens,
+                             config.record_routing, want_logits, config.faults)
+    return EngineCore(spec, executor, make_scheduler(config.scheduler), cluster,
+                      Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
+                      max_seqs=config.max_seqs)
 
 
 def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,

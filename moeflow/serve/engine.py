@@ -25,7 +25,7 @@ from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
 from moeflow.actors.cluster import JobResult, JobSpec
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 
 class Executor(Protocol):

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from moeflow.actors.inproc import parse_devices
 from moeflow.scheduler.base import Scheduler
-from moeflow.serve.async_engine import AsyncEngine, EngineConfig, FinalEvent
+from moeflow.serve.async_engine import AsyncEngine, FinalEvent
+from moeflow.serve.config import EngineConfig
 from moeflow.serve.engine import EngineCore
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
 
@@ -88,17 +88,18 @@ class LLM:
     """The synchronous API: a thin facade over AsyncEngine (which it runs on an event loop
     thread of its own)."""
 
-    def __init__(self, model: str | Path, devices: str | Sequence[str] = "cpu:0",
-                 dtype: str = "auto", scheduler: str | Scheduler = "batch-ep", *,
-                 transport: str = "inproc", kv_cache_tokens: int = 65536,
-                 max_batch_tokens: int = 2048, max_seqs: int = 64,
-                 record_routing: bool = False) -> None:
-        self.model_dir = Path(model)
-        self.devices = parse_devices(devices)
+    def __init__(self, model: str | Path | EngineConfig, devices: str | Sequence[str] = "cpu:0",
+                 dtype: str = "auto", scheduler: str | Scheduler = "batch-ep",
+                 **options: Any) -> None:
+        """`model`: a checkpoint directory (and EngineConfig's fields beside it), or a whole
+        EngineConfig."""
+        config = model if isinstance(model, EngineConfig) else EngineConfig(
+            str(model), scheduler, devices, dtype, **{"max_waiting": 1 << 30, **options})
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.devices = config.devices
         self._loop = _LoopThread()
-        self._async = AsyncEngine(EngineConfig(
-            str(model), scheduler, self.devices, dtype, transport, kv_cache_tokens,
-            max_batch_tokens, max_seqs, max_waiting=1 << 30, record_routing=record_routing))
+        self._async = AsyncEngine(config)
         self._closer = weakref.finalize(self, _shut_down, self._loop, self._async)
         try:
             self._loop.run(self._async.start())

@@ -8,7 +8,6 @@ every connection whose key is not there.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,31 +15,11 @@ from typing import Any
 import zmq
 import zmq.auth
 
+from moeflow.actors.plane import is_loopback
+
 
 class SecurityError(ValueError):
     """A bind address or a CURVE setting the server refuses."""
-
-
-def is_loopback(address: str) -> bool:
-    """True when only this machine can connect to `address` (a zmq endpoint)."""
-    scheme, sep, rest = address.partition("://")
-    if not sep:
-        return False
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp" or ";" in rest:  # ";" names a source address: not a plain bind
-        return False
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port:
-        return False
-    if host == "localhost":
-        return True
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name, a host name
-        return False
 
 
 def check_bind(address: str, curve: bool) -> None:

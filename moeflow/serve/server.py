@@ -28,11 +28,11 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from moeflow.actors.inproc import parse_devices
+from moeflow.ops.sampling import SamplingParams
 from moeflow.serve import protocol as p
 from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, Event, FinalEvent,
                                         OverloadedError, TokenEvent)
-from moeflow.serve.sampling import SamplingParams
+from moeflow.serve.config import EngineConfig
 from moeflow.serve.security import CurveConfig, check_bind, secure
 
 log = logging.getLogger("moeflow.server")
@@ -55,13 +55,8 @@ class ServerConfig:
     over 16 bytes; tokenizers average about 4, so such a text is nearly always over the
     token limit as well, and is refused without tokenizing it."""
 
-    model: str
+    engine: EngineConfig
     bind: str = "tcp://127.0.0.1:5555"
-    scheduler: str = "batch-ep"
-    devices: str = "cpu:0"
-    transport: str = "inproc"
-    dtype: str = "auto"
-    max_waiting: int = 64
     max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings - 1
     max_prompt_bytes: int | None = None  # None: 16 per prompt token, at most 8 MiB
     max_new_tokens_limit: int = p.DEFAULT_MAX_NEW_TOKENS_LIMIT
@@ -71,12 +66,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_bind(self.bind, curve=self.curve is not None)
-        parse_devices(self.devices)
-        if self.transport not in ("inproc", "zmq"):
-            raise ValueError(f"transport must be inproc or zmq, got {self.transport!r}")
-        for name in ("max_waiting", "max_new_tokens_limit"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens_limit < 1:
+            raise ValueError(f"max_new_tokens_limit must be >= 1, got "
+                             f"{self.max_new_tokens_limit}")
         for name in ("max_prompt_tokens", "max_prompt_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -103,6 +95,11 @@ class _Job:
         return self.client, self.request.id
 
 
+def _scheduler_name(scheduler: Any) -> str:
+    return scheduler if isinstance(scheduler, str) else (getattr(scheduler, "name", "")
+                                                         or type(scheduler).__name__)
+
+
 class _ClientGone(Exception):
     pass
 
@@ -116,9 +113,7 @@ class RequestServer:
 
     def __init__(self, config: ServerConfig, engine: AsyncEngine | None = None) -> None:
         self.config = config
-        self.engine = engine or AsyncEngine.from_pretrained(
-            config.model, scheduler=config.scheduler, devices=config.devices,
-            dtype=config.dtype, transport=config.transport, max_waiting=config.max_waiting)
+        self.engine = engine or AsyncEngine(config.engine)
         self.limits = p.Limits(config.max_new_tokens_limit)
         self.address = config.bind  # the bound endpoint once serving (a "*" port resolved)
         self.metrics_address: str | None = None
@@ -382,10 +377,11 @@ class RequestServer:
         if engine["status"] == "failed":
             status = "failed"
         spec, config = self.engine.spec, self.config
-        report = p.HealthReport(status, spec.name or config.model, spec.family, spec.vocab_size,
-                                spec.max_position_embeddings, config.scheduler,
-                                parse_devices(config.devices),
-                                config.transport, running, waiting, engine["restarts"],
+        report = p.HealthReport(status, spec.name or config.engine.model, spec.family,
+                                spec.vocab_size, spec.max_position_embeddings,
+                                _scheduler_name(config.engine.scheduler),
+                                tuple(config.engine.devices), config.engine.transport, running,
+                                waiting, engine["restarts"],
                                 engine["last_error"])
         await self._send(client, envelope, report, config.send_timeout_s)
 

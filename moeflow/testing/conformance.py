@@ -40,8 +40,8 @@ from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan import InOrder, Plan, topological_plan
 from moeflow.scheduler.requests import Job
-from moeflow.scheduler.simulator import SimResult, SimulationError, Simulator
-from moeflow.scheduler.workload import Routing
+from moeflow.sim.simulator import SimResult, SimulationError, Simulator
+from moeflow.sim.workload import Routing
 from moeflow.testing.machine import SemanticsMachine
 from moeflow.testing.strategies import (
     ClusterCase, ModelCase, WorkloadCase, cluster_cases, model_cases, tight_hardware,
@@ -226,7 +226,7 @@ def record_generation(executor: Any, spec: ModelSpec, scheduler: Scheduler, clus
     """Greedy generation through `executor` (built with want_logits=True): each request's
     tokens, and its logits (last row) at every step."""
     from moeflow.serve.engine import EngineCore
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     logits: dict[int, list[Any]] = {}
     run_many = executor.run_many

@@ -15,10 +15,10 @@ from moeflow.dataflow.graph import Placement
 from moeflow.models.families import spec_from_config
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tiny import TinyShape, tiny_config
-from moeflow.scheduler.cost import CostModel
-from moeflow.scheduler.hardware import GB, DeviceSpec, Hardware, LinkSpec
-from moeflow.scheduler.simulator import activation_bytes
-from moeflow.scheduler.workload import SimRequest
+from moeflow.sim.cost import CostModel
+from moeflow.sim.hardware import GB, DeviceSpec, Hardware, LinkSpec
+from moeflow.sim.simulator import activation_bytes
+from moeflow.sim.workload import SimRequest
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
 

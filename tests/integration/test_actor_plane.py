@@ -37,7 +37,7 @@ from moeflow.actors.process import ActorConfig, launch_message
 from moeflow.models.families import load_spec
 from moeflow.scheduler import BatchEP, Cluster
 from moeflow.serve.engine import EngineCore
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 from moeflow.testing.conformance import record_generation
 
 PROMPTS = [[5, 17, 33, 2, 99, 250, 7], [8, 9, 10]]

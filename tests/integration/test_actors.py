@@ -18,7 +18,7 @@ from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.models.families import load_spec
 from moeflow.scheduler import BatchEP, Cluster
 from moeflow.serve.llm import LLM
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 from moeflow.testing.conformance import record_generation
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
@@ -99,7 +99,7 @@ def test_a_killed_actor_fails_its_request_clearly_and_the_next_one_succeeds(vict
 SCRIPT = """
 import sys
 from moeflow.serve.llm import LLM
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 llm = LLM(sys.argv[1], devices="cpu:0,cpu:1", transport="zmq")
 print("ready", flush=True)
 with llm:

@@ -11,7 +11,7 @@ from moeflow.models.families import spec_from_config
 from moeflow.models.tiny import TinyShape, tiny_config
 from moeflow.scheduler import Execution, topological_plan
 from moeflow.serve.build import build_engine_core
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 
 def test_execution_holds_only_the_plans_in_flight():

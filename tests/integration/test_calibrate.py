@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moeflow.cli import main as cli_main
-from moeflow.scheduler import hardware
+from moeflow.sim import hardware
 
 
 def test_calibrate_writes_a_usable_hardware_file(tmp_path, capsys):

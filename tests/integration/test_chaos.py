@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from moeflow.serve.async_engine import AsyncEngine, FinalEvent, TokenEvent
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 NUM_REQUESTS = 60
 MAX_NEW_TOKENS = 12

@@ -9,7 +9,7 @@ import pytest
 from moeflow.cli import main as cli_main
 from moeflow.serve.build import build_engine_core
 from moeflow.serve.llm import LLM
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 33, 2, 99], [250, 7], [8, 9, 10, 11, 300, 301, 302, 40, 41]]
 

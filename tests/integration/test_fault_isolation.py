@@ -22,7 +22,7 @@ import moeflow.actors.core as actor_core
 from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, FinalEvent,
                                         RESTART_WINDOW_S)
 from moeflow.serve.engine import EngineCore
-from moeflow.serve.sampling import SamplingParams
+from moeflow.ops.sampling import SamplingParams
 
 PROMPT = [5, 17, 33, 2, 99]
 # values the protocol accepts that once overflowed the sampler
@@ -182,6 +182,7 @@ def test_an_actor_that_dies_while_idle_is_restarted_before_the_next_request(path
 
 def test_a_server_whose_engine_gives_up_stops_with_an_error(path, monkeypatch):
     from moeflow.serve.client import AsyncClient, ServerError
+    from moeflow.serve.config import EngineConfig
     from moeflow.serve.server import EngineFailed, RequestServer, ServerConfig
 
     def complete(self: EngineCore, job: Any, result: Any) -> Any:
@@ -190,7 +191,7 @@ def test_a_server_whose_engine_gives_up_stops_with_an_error(path, monkeypatch):
     monkeypatch.setattr(EngineCore, "complete", complete)
 
     async def main() -> None:
-        server = RequestServer(ServerConfig(str(path), bind="tcp://127.0.0.1:*"))
+        server = RequestServer(ServerConfig(EngineConfig(str(path)), bind="tcp://127.0.0.1:*"))
         started = asyncio.Event()
         serving = asyncio.create_task(server.serve(lambda s: started.set()))
         async with asyncio.timeout(60):

@@ -11,9 +11,10 @@ import torch
 from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.models.families import load_spec
-from moeflow.scheduler import BatchEP, Cluster, FineEP, hardware, models
-from moeflow.scheduler.simulator import Simulator
-from moeflow.scheduler.workload import Lengths, Routing, SimRequest, requests
+from moeflow.scheduler import BatchEP, Cluster, FineEP
+from moeflow.sim import hardware, models
+from moeflow.sim.simulator import Simulator
+from moeflow.sim.workload import Lengths, Routing, SimRequest, requests
 from moeflow.testing import ConformanceError, check_scheduler
 from moeflow.testing.conformance import (
     Case, check_simulated, policy_checks, record_generation, simulate,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeflow.actors.kvcache import KVCacheFull, PagedKVCache
-from moeflow.serve.sampling import SamplingError, SamplingParams, make_generator, sample
+from moeflow.ops.sampling import SamplingError, SamplingParams, make_generator, sample
 
 
 def test_cache_grows_reuses_freed_blocks_and_refuses_past_its_budget():

@@ -1,7 +1,8 @@
 """The request book's preemption: evict the newest sequence on a full device, or wait for
 it if it is in flight; never an older idle one in its place."""
 
-from moeflow.scheduler import Cluster, FineEP, models
+from moeflow.scheduler import Cluster, FineEP
+from moeflow.sim import models
 from moeflow.scheduler.requests import RequestBook
 
 BLOCK = 4

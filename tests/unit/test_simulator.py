@@ -8,11 +8,12 @@ import json
 import pytest
 
 from moeflow.cli import main as cli_main
-from moeflow.scheduler import BatchEP, hardware, models
-from moeflow.scheduler.cost import CostModel
-from moeflow.scheduler.hardware import HardwareError
-from moeflow.scheduler.simulator import SimulationError, Simulator, percentile
-from moeflow.scheduler.workload import Lengths, Routing, SimRequest, WorkloadError, requests
+from moeflow.scheduler import BatchEP
+from moeflow.sim import hardware, models
+from moeflow.sim.cost import CostModel
+from moeflow.sim.hardware import HardwareError
+from moeflow.sim.simulator import SimulationError, Simulator, percentile
+from moeflow.sim.workload import Lengths, Routing, SimRequest, WorkloadError, requests
 
 PUBLISHED = {  # (total, active) parameters in billions, from the models' own cards
     "mixtral-8x7b": (46.7, 12.9), "mixtral-8x22b": (141, 39), "dbrx": (132, 36),
@@ -192,3 +193,156 @@ def test_simulate_cli_prints_metrics_and_writes_a_perfetto_trace(tmp_path, capsy
     assert cli_main([*args, "--trace", str(timeline)]) == 0
     assert "<svg" in timeline.read_text()
     assert cli_main(["simulate", "--model", "nope", "--hardware", "h100"]) == 2
+
+
+# -- replayed plans, bounded memory ----------------------------------------------------
+
+
+def mixed_requests(n: int = 10, output: str = "uniform:2-12") -> list[SimRequest]:
+    return requests("poisson:rate=80", n, Lengths.parse("uniform:8-80"), Lengths.parse(output),
+                    seed=5)
+
+
+def recorded(result) -> tuple:
+    return (result.metrics, result.timings, result.trace, result.durations,
+            result.memory_violations, [(j.job_id, j.unit) for j in result.jobs])
+
+
+@pytest.mark.parametrize("scheduler", ["batch-ep", "fine-ep"])
+def test_replayed_plans_give_what_planning_every_unit_anew_gives(scheduler):
+    """Units of one shape replay one plan with their own sizes bound: the run is the one
+    that plans (and compiles) every unit."""
+    from moeflow.scheduler.registry import make_scheduler
+
+    reqs = mixed_requests(6, "uniform:2-6")
+    replayed = sim("deepseek-v2", "h200x8", make_scheduler(scheduler)).run(reqs)
+    fresh = sim("deepseek-v2", "h200x8", make_scheduler(scheduler), plan_cache=0).run(reqs)
+    assert recorded(replayed) == recorded(fresh)
+    plans = {id(j.plan) for j in replayed.jobs}
+    assert len(plans) < len(replayed.jobs) == replayed.num_units  # some plans were replayed
+
+
+def test_a_plan_whose_sizes_do_not_follow_its_unit_is_planned_anew():
+    from moeflow.dataflow import Combine, Graph
+    from moeflow.scheduler import topological_plan
+    from moeflow.sim.replay import PlanTable
+
+    class Padded(BatchEP):
+        """Combines claim one token more than their unit has."""
+
+        def plan(self, unit, model, cluster):
+            g = super().plan(unit, model, cluster).graph
+            nodes = tuple(dataclasses.replace(n, num_tokens=n.num_tokens + 1)
+                          if isinstance(n, Combine) else n for n in g.nodes)
+            return topological_plan(Graph(g.unit, g.placement, nodes, g.edges, g.num_layers))
+
+    reqs = mixed_requests()
+    s = sim("olmoe-1b-7b", "h100x8", Padded())
+    assert not PlanTable.of(Padded().plan(requests_unit(), s.model, s.cluster),
+                            s.placement.devices).rebindable
+    assert recorded(s.run(reqs)) == recorded(
+        sim("olmoe-1b-7b", "h100x8", Padded(), plan_cache=0).run(reqs))
+
+
+def requests_unit():
+    from moeflow.dataflow import SeqChunk, Unit
+
+    return Unit((SeqChunk(0, 0, 5, "cuda:0"), SeqChunk(1, 3, 1, "cuda:1")))
+
+
+def test_unrecorded_runs_keep_nothing_per_event_and_give_the_same_metrics():
+    reqs = mixed_requests()
+    full = sim("olmoe-1b-7b", "h100x8").run(reqs)
+    bare = sim("olmoe-1b-7b", "h100x8").run(reqs, record=False)
+    assert bare.metrics == full.metrics and bare.timings == full.timings
+    assert bare.trace == [] and bare.jobs == [] and bare.durations == {}
+    assert bare.num_events == len(full.trace) and bare.num_units == len(full.jobs)
+
+
+def test_memory_grows_with_requests_not_with_events():
+    """Five times the decode steps, no more memory: plans are released when done and
+    nothing is kept per event (the plan cache fills in the first steps already)."""
+    import gc
+    import tracemalloc
+
+    def peak(output: str) -> tuple[int, int]:
+        s = sim("olmoe-1b-7b", "h100x8")
+        reqs = mixed_requests(4, output)
+        gc.collect()
+        tracemalloc.start()
+        result = s.run(reqs, record=False)
+        _, high = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return high, result.num_events
+
+    short, short_events = peak("fixed:32")
+    long, long_events = peak("fixed:160")
+    assert long_events > 4 * short_events
+    assert long < 1.2 * short
+
+
+def test_coalesced_groups_count_once_in_utilization():
+    from moeflow.scheduler import FineEP
+
+    reqs = requests("burst", 16, Lengths.parse("fixed:32"), Lengths.parse("fixed:4"))
+    result = sim("olmoe-1b-7b", "h100x8", FineEP()).run(reqs)
+    assert any(sum(1 for e in result.trace if e.group == g) > 1
+               for g in {e.group for e in result.trace})  # some kernels are groups
+    assert max(result.metrics.utilization.values()) <= 1.0 + 1e-9
+
+
+def test_routing_draws_as_a_full_sort_of_keys_does():
+    """The exact path picks each token's top-k like a reverse sort of (r^(1/w), expert)
+    over every expert (-1 for weight 0), from the same random numbers."""
+    import random
+
+    from moeflow.dataflow import Placement
+
+    def reference(r: Routing, layer, num_tokens, home, placement):
+        weights = list(r.weights[layer])
+        if r.kind == "remote":
+            local = set(placement.experts_of(home))
+            if len(local) <= r.num_experts - r.top_k:
+                weights = [0.0 if e in local else w for e, w in enumerate(weights)]
+        counts = [0] * r.num_experts
+        for _ in range(num_tokens):
+            keys = [(rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
+                    for e, w in enumerate(weights)]
+            for _, e in sorted(keys, reverse=True)[:r.top_k]:
+                counts[e] += 1
+        return tuple(counts)
+
+    for kind in ("uniform", "zipf:s=1.5", "remote"):
+        for experts, k in ((8, 2), (160, 6), (4, 4), (3, 2)):
+            r = Routing.parse(kind, experts, k, 2, seed=1)
+            placement = Placement.sharded(("a", "b"), experts)
+            rng = random.Random(7)
+            r.rng = random.Random(7)
+            for layer, tokens in ((0, 1), (1, 7), (0, 64)):
+                assert r.counts(layer, tokens, "a", placement) == reference(
+                    r, layer, tokens, "a", placement), (kind, experts, k, tokens)
+
+
+def test_starting_every_startable_group_at_once_is_starting_each():
+    """`Execution.start_startable`, which the simulator drives, starts what `startable`
+    offers, as `start` would."""
+    from moeflow.scheduler import Execution
+    from moeflow.scheduler.registry import make_scheduler
+
+    from moeflow.dataflow import SeqChunk, Unit
+
+    s = sim("olmoe-1b-7b", "h100x8")
+    units = [Unit((SeqChunk(0, 0, 5, "cuda:0"),)), Unit((SeqChunk(1, 3, 1, "cuda:1"),))]
+    for name in ("batch-ep", "fine-ep"):
+        plans = [make_scheduler(name).plan(u, s.model, s.cluster) for u in units]
+        a, b = Execution(plans), Execution(plans)
+        while not a.done:
+            offered = b.startable()
+            for group in offered:
+                b.start(group)
+            started = a.start_startable()
+            assert started == offered
+            for group in started:
+                for task in group:
+                    assert a.finish(task) == b.finish(task)
+        assert b.done

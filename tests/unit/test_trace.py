@@ -1,4 +1,4 @@
-"""`moeflow.scheduler.trace`: Chrome traces and HTML timelines of simulated runs, checked by
+"""`moeflow.sim.trace`: Chrome traces and HTML timelines of simulated runs, checked by
 parsing what they write against the trace they were drawn from."""
 
 from __future__ import annotations
@@ -14,20 +14,24 @@ from typing import Any
 import pytest
 
 from moeflow.dataflow.render import KIND_FILLS
-from moeflow.scheduler import BatchEP, hardware, models, trace
-from moeflow.scheduler.simulator import Metrics, RequestTiming, SimResult, Simulator, TraceEvent
-from moeflow.scheduler.workload import Lengths, Routing, requests
+from moeflow.scheduler import BatchEP
+from moeflow.sim import hardware, models, trace
+from moeflow.sim.simulator import (
+    Metrics, RequestTiming, SimResult, Simulator, TraceEvent, busy_of,
+)
+from moeflow.sim.tracefile import ChromeWriter, TimelineWriter, open_trace
+from moeflow.sim.workload import Lengths, Routing, requests
 
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def simulated() -> SimResult:
+def simulated(**run: Any) -> SimResult:
     spec = models.load("olmoe-1b-7b")
     routing = Routing.parse("uniform", spec.moe.num_experts, spec.moe.top_k, spec.num_layers,
                             seed=0)
     sim = Simulator(spec, hardware.load("h100x8"), BatchEP(), routing)
     return sim.run(requests("poisson:rate=50", 6, Lengths.parse("uniform:16-32"),
-                            Lengths.parse("uniform:2-4"), seed=0))
+                            Lengths.parse("uniform:2-4"), seed=0), **run)
 
 
 def hand_built(resources: list[str], kinds: tuple[str, ...] = ("Attention",),
@@ -39,7 +43,7 @@ def hand_built(resources: list[str], kinds: tuple[str, ...] = ("Attention",),
     end = max(e.end for e in events)
     timings = [RequestTiming(0, 0.0, 1e-3, end, 8, output),
                RequestTiming(1, 2e-3, 4e-3, end / 2, 8, output)]
-    metrics = Metrics.of(timings, events, {}, {}, 0)
+    metrics = Metrics.of(timings, busy_of(events), {}, {}, 0)
     return SimResult(events, timings, metrics, [])
 
 
@@ -149,7 +153,7 @@ def test_chrome_counts_requests_in_flight() -> None:
 
 
 def test_empty_trace_renders_both_formats() -> None:
-    empty = SimResult([], [], Metrics.of([], [], {}, {}, 0), [])
+    empty = SimResult([], [], Metrics.of([], {}, {}, {}, 0), [])
     assert [e for e in trace.to_chrome(empty)["traceEvents"] if e["ph"] == "X"] == []
     page = trace.to_html(empty)
     assert bars(svg_root(page)) == [] and "no events" in page
@@ -269,9 +273,75 @@ def test_write_helpers_make_folders(tmp_path: Path) -> None:
 
 
 def test_trace_imports_nothing_impure() -> None:
-    code = ("import sys, moeflow.scheduler.trace\n"
+    code = ("import sys, moeflow.sim.trace\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('asyncio', 'zmq', 'torch', 'numpy', 'triton'))))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
+
+
+# -- written as the run goes -----------------------------------------------------------
+
+
+def streamed(path: Path, **sink: Any) -> SimResult:
+    writer = open_trace(path, "olmoe")
+    for name, value in sink.items():
+        setattr(writer, name, value)
+    result = simulated(record=False, sink=writer)
+    writer.close(result)
+    return result
+
+
+def by_name(doc: dict[str, Any]) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Events with their lanes by name (a streamed trace numbers lanes as they come), the
+    counter, and each lane's sort index."""
+    named = lanes(doc)
+    meta = [e for e in doc["traceEvents"] if e["ph"] == "M"]
+    process = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
+    order = {process[e["pid"]]: e["args"]["sort_index"] for e in meta
+             if e["name"] == "process_sort_index"}
+    order.update({named[e["pid"], e["tid"]]: e["args"]["sort_index"] for e in meta
+                  if e["name"] == "thread_sort_index"})
+    events = [(e["name"], e["cat"], e["ts"], e["dur"], named[e["pid"], e["tid"]], e["args"])
+              for e in doc["traceEvents"] if e["ph"] == "X"]
+    return events, [(e["ts"], e["args"]) for e in doc["traceEvents"] if e["ph"] == "C"], order
+
+
+def test_a_streamed_chrome_trace_is_the_recorded_one(tmp_path: Path) -> None:
+    result = streamed(tmp_path / "run.json")
+    assert result.trace == [] and result.num_events == len(SIM.trace)
+    assert result.metrics == SIM.metrics
+    got = json.loads((tmp_path / "run.json").read_text())
+    want = trace.to_chrome(SIM, title="olmoe")
+    assert by_name(got) == by_name(want)
+    assert got["metadata"] == want["metadata"] and got["displayTimeUnit"] == "ms"
+    assert not (tmp_path / "run.json.part").exists()
+
+
+def test_a_streamed_chrome_trace_is_complete_only_once_closed(tmp_path: Path) -> None:
+    writer = ChromeWriter(tmp_path / "run.json")
+    writer.add(writer.prepare("cuda:0/compute", 'a "b"', "Gate", 3, None), 0, 0.0, 1e-6)
+    assert not (tmp_path / "run.json").exists()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_streamed_timeline_is_the_recorded_one_and_windowed_alike(tmp_path: Path) -> None:
+    for max_events in (50, 20000):
+        streamed(tmp_path / "run.html", max_events=max_events)
+        page = (tmp_path / "run.html").read_text()
+        assert page == trace.to_html(SIM, title="olmoe", max_events=max_events)
+    writer = TimelineWriter(tmp_path / "small.html", max_events=50)
+    streamed_result = simulated(record=False, sink=writer)
+    assert len(writer.kept) < 60  # what it holds is bounded by the window
+    writer.close(streamed_result)
+
+
+def test_open_trace_picks_the_writer_by_suffix(tmp_path: Path) -> None:
+    assert isinstance(open_trace(tmp_path / "a.json"), ChromeWriter)
+    assert isinstance(open_trace(tmp_path / "a.HTM"), TimelineWriter)
+    with pytest.raises(ValueError, match=r"\.json, \.html, \.htm"):
+        open_trace(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="max_events"):
+        TimelineWriter(tmp_path / "a.html", max_events=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from itertools import compress, repeat, starmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,14 @@ def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
     return out[:limit] if limit > 0 else out
 
 
+@dataclass(frozen=True, slots=True)
+class _Weights:
+    weights: list[float]  # per expert
+    live: list[int]  # experts of positive weight
+    inverse: list[float]  # 1 / weight of each live expert
+    ones: bool  # every weight is 1
+
+
 class Routing:
     """Draws per-expert row counts for a gate over `num_tokens` tokens."""
 
@@ -133,6 +142,7 @@ class Routing:
         self.top_k = top_k
         self.rng = random.Random(seed)
         self.weights: dict[int, list[float]] = {}
+        self._layer_weights: dict[object, _Weights] = {}  # layer (and home) -> as drawn from
         for layer in range(num_layers):
             if kind == "zipf":
                 ranks = list(range(1, num_experts + 1))
@@ -164,20 +174,45 @@ class Routing:
     def counts(self, layer: int, num_tokens: int, home: str | None = None,
                placement: Placement | None = None) -> tuple[int, ...]:
         """Rows per expert when `num_tokens` tokens of `home` each pick top-k experts."""
-        weights = list(self.weights.get(layer, [1.0] * self.num_experts))
-        if self.kind == "remote" and home is not None and placement is not None:
-            local = set(placement.experts_of(home)) if home in placement.devices else set()
-            if len(local) <= self.num_experts - self.top_k:
-                weights = [0.0 if e in local else w for e, w in enumerate(weights)]
+        remote = self.kind == "remote" and home is not None and placement is not None
+        key = (layer, home, placement) if remote else layer
+        drawn = self._layer_weights.get(key)
+        if drawn is None:
+            weights = list(self.weights.get(layer, [1.0] * self.num_experts))
+            if remote and home is not None and placement is not None:
+                local = set(placement.experts_of(home)) if home in placement.devices else set()
+                if len(local) <= self.num_experts - self.top_k:
+                    weights = [0.0 if e in local else w for e, w in enumerate(weights)]
+            live = [e for e, w in enumerate(weights) if w > 0]
+            inverse = [1.0 / weights[e] for e in live]
+            drawn = self._layer_weights[key] = _Weights(
+                weights, live, inverse, all(x == 1.0 for x in inverse))
+        if num_tokens <= 64:
+            return self._exact(drawn, num_tokens)
+        return self._approximate(drawn.weights, num_tokens)
+
+    def _exact(self, w: _Weights, num_tokens: int) -> tuple[int, ...]:
+        """Each token picks top-k distinct experts, weighted without replacement: the k
+        largest keys r^(1/w), r uniform, one per expert of positive weight (ties go to the
+        larger expert id, as in a reverse sort of (key, expert); -1 for the others)."""
         counts = [0] * self.num_experts
-        if num_tokens <= 64:  # exact: distinct experts per token, weighted without replacement
-            for _ in range(num_tokens):
-                keys = [(self.rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
-                        for e, w in enumerate(weights)]
-                for _, e in sorted(keys, reverse=True)[: self.top_k]:
-                    counts[e] += 1
-            return tuple(counts)
-        return self._approximate(weights, num_tokens)
+        live, inverse, ones = w.live, w.inverse, w.ones  # r ** 1.0 is r
+        k, rand = self.top_k, self.rng.random
+        for _ in range(num_tokens):
+            draws = starmap(rand, repeat((), len(live)))
+            keys = list(draws) if ones else list(map(pow, draws, inverse))
+            winners = []
+            if len(live) >= k:
+                kth = sorted(keys)[-k]
+                winners = list(compress(live, map(kth.__le__, keys)))
+            if len(winners) != k:  # a tie at the k-th key, or too few experts to pick from
+                key = dict(zip(live, keys))
+                ranked = sorted(((key.get(e, -1.0), e) for e in range(self.num_experts)),
+                                reverse=True)
+                winners = [e for _, e in ranked[:k]]
+            for e in winners:
+                counts[e] += 1
+        return tuple(counts)
 
     def _approximate(self, weights: Sequence[float], num_tokens: int) -> tuple[int, ...]:
         """Many tokens: each expert's count is near T*k*p (capped at T), drawn from a normal

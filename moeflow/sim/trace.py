@@ -18,6 +18,9 @@ the compute stream comes first, then send, recv and the rest.
                                    Past `max_events` events, only the leading time window that
                                    holds that many is drawn, and the header says so
     write(result, "run.json")      picks the format by suffix
+
+These draw a recorded trace held in memory; `moeflow.sim.tracefile` writes the same two
+while the simulator runs, holding nothing per event.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moeflow.dataflow.render import _CSS, _MONO, KIND_FILLS, _band_tint, _x
-from moeflow.scheduler.simulator import Metrics, SimResult, TraceEvent
+from moeflow.sim.simulator import Metrics, SimResult, TraceEvent
 
 FORMATS = (".json", ".html", ".htm")
 STREAM_ORDER = ("compute", "send", "recv")  # then any other stream, in natural order
@@ -74,10 +77,15 @@ def to_html(result: SimResult, title: str = "", max_events: int = 20000) -> str:
     """A self-contained HTML page: header with metrics and legend, and an SVG timeline."""
     if max_events < 1:
         raise ValueError(f"max_events must be at least 1, not {max_events}")
+    return page(result, _resources(e.resource for e in result.trace),
+                _window(result.trace, max_events), _fills(_key(e) for e in result.trace), title)
+
+
+def page(result: SimResult, resources: list[str], window: _Window, fills: dict[str, str],
+         title: str = "") -> str:
+    """The HTML timeline of `window`, with lanes for `resources` (in lane order) and the
+    legend `fills`, under a header of the run's metrics."""
     heading = title or "moeflow simulated timeline"
-    resources = _resources(e.resource for e in result.trace)
-    window = _window(result.trace, max_events)
-    fills = _fills(result.trace)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>{_x(heading)}</title>\n<style>{_CSS}{_TIMELINE_CSS}</style>\n</head>\n"
             f"<body>\n{_header(result, resources, window, fills, heading)}\n"
@@ -210,16 +218,20 @@ def _window(trace: list[TraceEvent], max_events: int) -> _Window:
 
 
 def _key(e: TraceEvent) -> str:
+    return legend_key(e.kind, e.name)
+
+
+def legend_key(kind: str, name: str) -> str:
     """The legend entry of an event; shared and dense experts are told apart by their name
     ('Expert L3 shared'), as the simulator labels them."""
-    if e.kind == "Expert" and e.name.rsplit(" ", 1)[-1] in ("shared", "dense"):
+    if kind == "Expert" and name.rsplit(" ", 1)[-1] in ("shared", "dense"):
         return "Expert shared/dense"
-    return e.kind
+    return kind
 
 
-def _fills(trace: list[TraceEvent]) -> dict[str, str]:
-    """Legend entry -> fill, for the entries in `trace`: render's kinds first, then others."""
-    used = {_key(e) for e in trace}
+def _fills(keys: Iterable[str]) -> dict[str, str]:
+    """Legend entry -> fill, for the entries used: render's kinds first, then others."""
+    used = set(keys)
     fills = {k: f for k, f in KIND_FILLS.items() if k in used}
     for i, k in enumerate(sorted(used - fills.keys())):
         fills[k] = OTHER_FILLS[i % len(OTHER_FILLS)]

@@ -5,8 +5,8 @@ sparsity; HBM/GDDR bandwidth; NVLink per direction = the data sheet's total / 2)
 `t4 l4 a100-80g h100 h800 h200`, each alone or as an 8-GPU node (`h100x8`). A JSON file
 written by `moeflow calibrate` describes the local CPU the same way.
 
-    moeflow.scheduler.hardware.load("h100x8")
-    moeflow.scheduler.hardware.load("calibration.json")
+    moeflow.sim.hardware.load("h100x8")
+    moeflow.sim.hardware.load("calibration.json")
 """
 
 from __future__ import annotations

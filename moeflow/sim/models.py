@@ -4,8 +4,8 @@ The five families moeflow loads are written as the `config.json` their hub check
 publish, parsed by the same family adapters as a real checkpoint. DBRX, which moeflow does
 not load, is described directly as a ModelSpec.
 
-    moeflow.scheduler.models.load("mixtral-8x7b")       # a preset
-    moeflow.scheduler.models.load("path/to/checkpoint")  # any config.json directory
+    moeflow.sim.models.load("mixtral-8x7b")       # a preset
+    moeflow.sim.models.load("path/to/checkpoint")  # any config.json directory
 """
 
 from __future__ import annotations

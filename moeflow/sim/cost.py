@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moeflow.dataflow.graph import (
-    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer,
+    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
 from moeflow.models.spec import DTYPE_BYTES, ModelSpec
-from moeflow.scheduler.hardware import Hardware
+from moeflow.sim.hardware import Hardware
 
 # Kernels (GPU launches / CPU op dispatches) a node of each kind issues.
 KERNELS = {Embed: 1, Attention: 12, Gate: 6, Expert: 5, Combine: 3, LMHead: 3, Transfer: 1}
@@ -53,15 +53,17 @@ class CostModel:
 
     # -- per node ------------------------------------------------------------------
 
-    def cost(self, graph: Graph, node: Node, rows: Sequence[int] = ()) -> NodeCost:
+    def cost(self, graph: Graph, node: Node, rows: Sequence[int] = (),
+             unit: Unit | None = None) -> NodeCost:
         """FLOPs and bytes of `node`. `rows` are, for a routed Expert or a dispatch/combine
-        Transfer, the rows it handles per expert of its group."""
+        Transfer, the rows it handles per expert of its group. `unit` is the one the node's
+        sizes are bound to when a plan is replayed for another unit than its graph's."""
         s, b, d = self.spec, self.b, self.spec.hidden_size
         kernels = KERNELS[type(node)]
         if isinstance(node, Embed):
             return NodeCost(0, 0, node.num_tokens, kernels, node.num_tokens * d * b * 2)
         if isinstance(node, Attention):
-            return self._attention(graph, node)
+            return self._attention(graph.unit if unit is None else unit, node)
         if isinstance(node, Gate):
             e, t = s.moe.num_experts, node.num_tokens
             return NodeCost(2 * t * d * e, e * d * b, t, kernels, t * (d * b + 3 * e * 4))
@@ -92,7 +94,7 @@ class CostModel:
                             r * (2 * d * b + s.vocab_size * 4))
         raise TypeError(f"no cost for {node!r}")
 
-    def _attention(self, graph: Graph, node: Attention) -> NodeCost:
+    def _attention(self, unit: Unit, node: Attention) -> NodeCost:
         s, b, d = self.spec, self.b, self.spec.hidden_size
         a = s.attention
         t = node.num_tokens
@@ -100,7 +102,7 @@ class CostModel:
         pairs = 0  # (query, key) pairs attended
         context = 0
         for i in node.seqs:
-            chunk = graph.unit.seqs[i]
+            chunk = unit.seqs[i]
             pairs += chunk.num_tokens * chunk.start + chunk.num_tokens * (chunk.num_tokens + 1) // 2
             context += chunk.start + chunk.num_tokens
         head_flops = a.num_heads * (a.head_dim + (a.v_head_dim if a.kind == "mla" else a.head_dim))
@@ -122,9 +124,15 @@ class CostModel:
         sent together add their bytes up."""
         first = items[0][1]
         if isinstance(first, Expert) and first.kind == "routed":
-            merged = [sum(r[j] for _, _, r in items) for j in range(len(first.experts))]
-            return self.cost(items[0][0], first, merged)
-        costs = [self.cost(g, n, r) for g, n, r in items]
+            return self.merge(items[0][0], first, [], [r for _, _, r in items])
+        return self.merge(items[0][0], first, [self.cost(g, n, r) for g, n, r in items], [])
+
+    def merge(self, graph: Graph, first: Node, costs: Sequence[NodeCost],
+              rows: Sequence[Sequence[int]]) -> NodeCost:
+        """`group_cost` from its members' costs, or for routed experts from their rows."""
+        if isinstance(first, Expert) and first.kind == "routed":
+            merged = [sum(r[j] for r in rows) for j in range(len(first.experts))]
+            return self.cost(graph, first, merged)
         if isinstance(first, Transfer):  # payloads share nothing: they all cross the link
             return NodeCost(0.0, sum(c.bytes for c in costs), 0, len(costs))
         return NodeCost(sum(c.flops for c in costs), max(c.bytes for c in costs),

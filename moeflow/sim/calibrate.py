@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.ops.backend import SMALL_GEMM_ROWS
-from moeflow.scheduler.hardware import DeviceSpec, Hardware, LinkSpec
+from moeflow.sim.hardware import DeviceSpec, Hardware, LinkSpec
 
 
 def _best_rate(work: float, fn: Callable[[], object], repeats: int) -> float:
@@ -91,9 +91,9 @@ def per_op_overhead(hw_probe: Hardware, steps: int) -> float:
     from moeflow.dataflow.compiler import compile
     from moeflow.dataflow.graph import SeqChunk, Unit
     from moeflow.models.tiny import TinyShape, make_tiny
-    from moeflow.scheduler.cost import CostModel
+    from moeflow.sim.cost import CostModel
     from moeflow.serve.llm import LLM
-    from moeflow.serve.sampling import SamplingParams
+    from moeflow.ops.sampling import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny("qwen3_moe", tmp, TinyShape(layers=4, experts=8, top_k=2),

@@ -1,0 +1,54 @@
+"""EngineConfig: everything that builds an engine, taken alike by `moeflow.LLM`,
+`moeflow.AsyncEngine`, the request server and the command line.
+
+Frozen and checked on construction (a bad value fails here, with the field's name, before
+any weights load); no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TRANSPORTS = ("inproc", "zmq")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """`scheduler`: a name (`batch-ep`, `fine-ep`, an entry point, `module:Class`) or a
+    Scheduler. `devices`: "cpu:0,cpu:1" or a sequence of names. `transport`: actors in this
+    process ("inproc") or one process per device ("zmq"). `max_waiting`: requests in
+    progress beyond which a new one gets OverloadedError. `faults`: chaos testing only
+    (zmq): drop/delay the actors' data messages, see moeflow.actors.plane.Faults."""
+
+    model: str
+    scheduler: Any = "batch-ep"
+    devices: str | Sequence[str] = "cpu:0"
+    dtype: str = "auto"
+    transport: str = "inproc"
+    kv_cache_tokens: int = 65536
+    max_batch_tokens: int = 2048
+    max_seqs: int = 64
+    max_waiting: int = 1024
+    record_routing: bool = False
+    faults: str = ""
+
+    def __post_init__(self) -> None:
+        from moeflow.actors.inproc import parse_devices  # the command line imports this module
+        from moeflow.actors.plane import Faults  # before it needs torch or zmq
+
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "devices", parse_devices(self.devices))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got "
+                             f"{self.transport!r}")
+        for name in ("kv_cache_tokens", "max_batch_tokens", "max_seqs", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        Faults.parse(self.faults)
+        if self.faults and self.transport != "zmq":
+            raise ValueError("faults are injected into actor processes: use transport='zmq'")

@@ -1,0 +1,289 @@
+"""The engine thread: the one thread that owns an EngineCore, its executor and every piece
+of torch work (loading weights included), driven by commands from an event loop.
+
+It is supervised: if a step raises anyway (a bug, an executor that failed), the requests
+in progress fail with a clear error, the core and its executor are rebuilt, and serving
+goes on; after MAX_RESTARTS within RESTART_WINDOW_S it gives up, and `fatal` says why.
+Per request, detokenizing runs under an error boundary: it fails that request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from moeflow.serve.build import build_engine_core, resolve_dtype
+from moeflow.serve.config import EngineConfig
+from moeflow.serve.events import FinalEvent, OverloadedError, TokenEvent
+from moeflow.serve.metrics import Metrics
+
+log = logging.getLogger("moeflow.engine")
+MAX_RESTARTS = 3  # engine restarts allowed within RESTART_WINDOW_S before it gives up
+RESTART_WINDOW_S = 60.0
+
+
+class _Detokenizer:
+    """Incremental detokenization: each call returns the new text, holding back bytes of a
+    character that is not complete yet."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = 0
+        self.read = 0
+
+    def step(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        prefix_text = self.tokenizer.decode(ids[self.prefix:self.read])
+        new_text = self.tokenizer.decode(ids[self.prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+
+class EngineThread(threading.Thread):
+    """Owns the EngineCore. Supervised: if a step raises anyway (a bug, an executor that
+    failed), the requests in progress fail with a clear error, the core and its executor
+    are rebuilt, and serving goes on; after MAX_RESTARTS within RESTART_WINDOW_S it gives
+    up, and `fatal` says why."""
+
+    def __init__(self, config: EngineConfig, loop: asyncio.AbstractEventLoop,
+                 deliver: Any, metrics: Metrics, on_exit: Any) -> None:
+        super().__init__(name="moeflow-engine", daemon=True)
+        self.config = config
+        self.loop = loop
+        self.deliver = deliver  # called in the loop with [(request_id, event)]
+        self.metrics = metrics
+        self.on_exit = on_exit  # called in the loop once this thread has stopped
+        self.commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self.ready: asyncio.Future[Any] = loop.create_future()
+        self.core: Any = None
+        self.detok: dict[int, _Detokenizer] = {}
+        self.restarts: list[float] = []  # monotonic times of restarts
+        self.last_error: str | None = None
+        self.fatal: str | None = None
+        self.exited = False  # set in the loop by AsyncEngine once this thread has stopped
+
+    # called from the event loop
+    def submit(self, command: str, payload: Any = None) -> asyncio.Future[Any]:
+        future = self.loop.create_future()
+        self.commands.put((command, payload, future))
+        return future
+
+    def _resolve(self, future: asyncio.Future[Any] | None, value: Any = None,
+                 error: BaseException | None = None) -> None:
+        if future is None:
+            return
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+        self._in_loop(settle)
+
+    def _in_loop(self, fn: Any, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def run(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:
+            self._resolve(self.ready, error=exc)
+            self._in_loop(self.on_exit)
+            return
+        self._resolve(self.ready, self.core)
+        try:
+            while not self._serve():
+                pass
+        finally:
+            self._close_core()
+            self._in_loop(self.on_exit)
+
+    def _serve(self) -> bool:
+        """Serve until told to stop (True), or until a failure was handled (False: serve
+        again on a rebuilt core)."""
+        in_flight: dict[int, Any] = {}
+        try:
+            while True:
+                idle = not in_flight and not self.core.has_unfinished()
+                if not self._drain(block=idle):
+                    return True
+                if idle:
+                    self._watch()
+                for job in self.core.schedule():
+                    in_flight[job.job_id] = job
+                    self.core.executor.submit(self.core.job_spec(job))
+                self._flush_failures()
+                if in_flight:
+                    for result in self.core.executor.poll(timeout=0.02):
+                        job = in_flight.pop(result.job_id)
+                        self._publish(self.core.complete(job, result))
+                self.metrics.gauge(waiting=len(self.core.book.waiting),
+                                   running=len(self.core.book.running))
+        except Exception as exc:
+            log.exception("the engine failed")
+            return not self._recover(exc)
+
+    def _recover(self, exc: Exception) -> bool:
+        """Fail every request in progress, rebuild the core; False when giving up."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._abandon(f"error: the engine failed ({self.last_error}) and restarted")
+        self._close_core()
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            self.fatal = (f"the engine failed {len(self.restarts)} times within "
+                          f"{RESTART_WINDOW_S:.0f}s; last: {self.last_error}")
+            log.error("%s; giving up", self.fatal)
+            return False
+        try:
+            self._build()
+        except Exception as build_error:
+            self.fatal = f"the engine could not restart: {build_error}"
+            log.exception("the engine could not restart")
+            return False
+        log.warning("the engine restarted (%d within %.0fs)", len(self.restarts),
+                    RESTART_WINDOW_S)
+        return True
+
+    def _abandon(self, reason: str) -> None:
+        """End every admitted request with `reason`, without trusting the core's state."""
+        out = []
+        for rid in list(self.detok):
+            req = None if self.core is None else self.core.requests.get(rid)
+            ids = tuple(req.output_ids) if req is not None else ()
+            prompt = len(req.prompt_ids) if req is not None else 0
+            final = FinalEvent(rid, reason, ids, "", prompt, len(ids), 0.0, 0.0, 0.0)
+            self.metrics.request_finished(final)
+            out.append((rid, final))
+        self.detok.clear()
+        if out:
+            self._in_loop(self.deliver, out)
+
+    def _close_core(self) -> None:
+        if self.core is None:
+            return
+        core, self.core = self.core, None
+        try:
+            core.executor.close()
+        except Exception:
+            log.exception("closing the executor failed")
+
+    def _watch(self) -> None:
+        """Idle: let the executor check its actors, failing what a lost device held."""
+        lost = self.core.executor.watch()
+        for device in lost:
+            self._publish(self.core.lose(device))
+        self._flush_failures()
+
+    def _build(self) -> None:
+        self.core = build_engine_core(self.config)
+        self.dtype = resolve_dtype(self.config.dtype, self.core.spec.dtype)
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands; False once told to stop."""
+        while True:
+            try:
+                command, payload, future = (self.commands.get(timeout=0.5) if block
+                                            else self.commands.get_nowait())
+            except queue.Empty:
+                return True
+            block = False
+            if command == "stop":
+                self._fail_all("abort")
+                self._resolve(future)
+                return False
+            if command == "add":
+                prompt_ids, params, request_id = payload
+                try:
+                    if self.core.num_unfinished >= self.config.max_waiting:
+                        raise OverloadedError(
+                            f"{self.core.num_unfinished} requests are in progress "
+                            f"(the limit is {self.config.max_waiting})")
+                    req = self.core.add_request(prompt_ids, params, request_id)
+                except Exception as exc:
+                    self._resolve(future, error=exc)
+                    continue
+                self.detok[req.request_id] = _Detokenizer(self.core.tokenizer)
+                self.metrics.request_started(len(prompt_ids))
+                self._resolve(future, req.request_id)
+            elif command == "abort":
+                if payload in self.core.requests:
+                    self.core.abort(payload)
+                    self._finalize(payload)
+                self._resolve(future)
+            elif command == "call":
+                try:
+                    self._resolve(future, payload(self.core))
+                except Exception as exc:
+                    self._resolve(future, error=exc)
+
+    def _publish(self, token_events: list[Any]) -> None:
+        out: list[tuple[int, Any]] = []
+        for ev in token_events:
+            req = self.core.requests.get(ev.request_id)
+            if req is None:
+                continue
+            if ev.token_id >= 0:
+                try:
+                    text = self.detok[ev.request_id].step(req.output_ids)
+                except Exception as exc:  # this request's text fails it alone
+                    log.warning("request %d: detokenizing failed: %r", ev.request_id, exc)
+                    self.core.abort(ev.request_id, f"error: detokenizing failed: "
+                                                   f"{type(exc).__name__}: {exc}")
+                    text = ""
+                out.append((ev.request_id, TokenEvent(ev.request_id, len(req.output_ids) - 1,
+                                                      ev.token_id, text)))
+                self.metrics.token()
+            if ev.finished or req.finished:
+                final = self._finalize(ev.request_id)
+                if final is not None:
+                    out.append((ev.request_id, final))
+        if out:
+            self.loop.call_soon_threadsafe(self.deliver, out)
+
+    def _flush_failures(self) -> None:
+        """Requests finished outside a job (unschedulable, lost): publish their finals."""
+        done = [rid for rid, req in self.core.requests.items()
+                if req.finished and rid in self.detok]
+        out = [(rid, f) for rid in done if (f := self._finalize(rid)) is not None]
+        if out:
+            self.loop.call_soon_threadsafe(self.deliver, out)
+
+    def _finalize(self, request_id: int) -> FinalEvent | None:
+        req = self.core.requests.get(request_id)
+        if req is None or not req.finished:
+            return None
+        self.core.pop_finished(request_id)
+        self.detok.pop(request_id, None)
+        first = req.first_token_time or req.finish_time or req.arrival
+        end = req.finish_time or first
+        n = len(req.output_ids)
+        try:
+            text = self.core.text_of(req)
+        except Exception as exc:  # the request is over: its text alone is lost
+            log.warning("request %d: detokenizing failed: %r", request_id, exc)
+            text = ""
+        final = FinalEvent(request_id, req.finish_reason or "abort", tuple(req.output_ids),
+                           text, len(req.prompt_ids), n, first - req.arrival,
+                           (end - first) / (n - 1) if n > 1 else 0.0, end - req.arrival)
+        self.metrics.request_finished(final)
+        return final
+
+    def _fail_all(self, reason: str) -> None:
+        if self.core is None:
+            return
+        for rid in list(self.core.requests):
+            self.core.abort(rid, reason)
+        self._flush_failures()

@@ -1,0 +1,389 @@
+"""The simulator's event loop: one run of `Simulator.run`.
+
+Events are node finishes and request arrivals, in a heap by time (arrivals first at one
+instant, then finishes in the order they were pushed). At each instant the loop finishes
+what ends then, lets the book form and plan units if a unit completed or a request came,
+and starts what every stream may start now (`Execution.start_startable`). Each unit in
+flight is a `BoundUnit`: its plan's table, its own sizes bound per slot, the rows its gates
+drew, and what its nodes' outputs hold.
+
+Pure: no I/O (a sink may write), no clock of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from moeflow.dataflow.graph import Expert, Node
+from moeflow.scheduler.plan_cache import PlanCache
+from moeflow.scheduler.requests import Job, RequestBook, SchedulingError
+from moeflow.scheduler.semantics import Execution, SemanticsError
+from moeflow.sim.cost import NodeCost
+from moeflow.sim.replay import (
+    GATE, ROUTED, STATIC, BoundUnit, PlanTable, TraceColumns, node_label,
+)
+from moeflow.sim.results import Metrics, RequestTiming, SimResult, SimulationError, TraceEvent
+from moeflow.sim.workload import SimRequest
+
+if TYPE_CHECKING:
+    from moeflow.sim.simulator import Simulator
+
+_ARRIVAL = (-1, -1)  # the task of a request's arrival in the event heap
+TABLES_BEYOND_CACHE = 4  # tables kept for plans the plan cache no longer holds
+
+
+class TraceSink(Protocol):
+    """Receives every node the simulator runs, as it starts it (the writers of
+    `moeflow.sim.tracefile`)."""
+
+    def prepare(self, resource: str, name: str, kind: str, node: int, layer: int | None
+                ) -> Any:
+        """What `add` gets for this node; called once per node of each plan a run meets."""
+
+    def add(self, lane: Any, job: int, start: float, end: float) -> None:
+        """A node of unit `job` (its plan index) runs from `start` to `end`."""
+
+    def close(self, result: SimResult) -> None:
+        """The run is over: finish the output."""
+
+    def abort(self) -> None:
+        """The run failed: drop the output."""
+
+
+class Run:
+    def __init__(self, sim: Simulator, requests: Sequence[SimRequest],
+                 progress: Callable[[int, int], None] | None,
+                 on_plan: Callable[[Job], None] | None, record: bool,
+                 sink: TraceSink | None) -> None:
+        self.sim = sim
+        self.requests = list(requests)
+        self.progress = progress
+        self.on_plan = on_plan
+        self.record = record
+        self.sink = sink
+        self.book = RequestBook(sim.scheduler, sim.model, sim.cluster, sim.kv_blocks,
+                                sim.kv_block_size, max_batch_tokens=sim.max_batch_tokens,
+                                max_seqs=sim.max_seqs,
+                                plan_cache=PlanCache(sim.plan_cache) if sim.plan_cache else None)
+        self.execution = Execution()
+        self.units: dict[int, BoundUnit] = {}  # plans in flight, by plan index
+        self.tables: OrderedDict[int, PlanTable] = OrderedDict()  # id(plan) -> its table
+        self.columns: dict[int, TraceColumns] = {}  # id(plan) -> how its nodes show
+        self.sink_lanes: dict[int, list[Any]] = {}  # id(plan) -> the sink's, per node
+        self.heap: list[tuple[float, int, tuple[int, int]]] = []  # node finishes
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.devices = sim.placement.devices
+        self.activations = [0.0] * len(self.devices)
+        self.peak = [sim.weights[d] for d in self.devices]
+        self.budget = [sim.budget[d] for d in self.devices]
+        self.base = [0.0] * len(self.devices)  # weights + KV, as of the book's last change
+        self.violations: list[str] = []
+        self.busy: dict[str, float] = {}
+        self.routed: dict[tuple[int, int], float] = {}  # (rows, experts hit) -> duration
+        self.moved: dict[tuple[int, int], float] = {}  # (rows, same device) -> duration
+        self.num_events = 0
+        self.num_units = 0
+        # recorded only
+        self.trace: list[TraceEvent] = []
+        self.jobs: list[Job] = []
+        self.durations: dict[tuple[int, int], float] = {}
+        self.order = itertools.count()
+        self.ready_at: dict[tuple[int, int], int] = {}
+        # livelock guard: units completed since a token was last produced. Every unit
+        # moves some sequence forward, so a healthy run cannot need more than a few times
+        # the workload's tokens between two tokens, even with recomputation
+        self.idle_units = 0
+        self.idle_limit = 4 * sum(r.prompt + r.output for r in self.requests) + 1000
+        self.first: dict[int, float] = {}
+        self.timings: list[RequestTiming] = []
+        self._rebase()
+
+    def go(self) -> SimResult:
+        heap, book, execution, units = self.heap, self.book, self.execution, self.units
+        # arrivals go first, in request order, then finishes in the order they were pushed
+        heap.extend((r.arrival, i, _ARRIVAL) for i, r in enumerate(self.requests))
+        heapq.heapify(heap)
+        self.seq = seq = itertools.count(len(heap))
+        pop, push, record, sink = heapq.heappop, heapq.heappush, self.record, self.sink
+        act, base, peak, busy = self.activations, self.base, self.peak, self.busy
+        num_events = 0  # started alone; _start_group counts its own
+        while heap:
+            self.now = now = heap[0][0]
+            changed = False
+            while heap and heap[0][0] == now:  # everything that ends now, then what starts
+                _, i, task = pop(heap)
+                if task is _ARRIVAL:
+                    r = self.requests[i]
+                    book.add(i, r.prompt, r.output, now)
+                    changed = True
+                    continue
+                index, node_id = task
+                u = units[index]
+                table = u.table
+                try:
+                    newly = execution.finish(task, u.counts.get(node_id)
+                                             if table.code[node_id] == GATE else None)
+                except SemanticsError as exc:
+                    raise SimulationError(str(exc)) from None
+                if record:
+                    for t in newly:
+                        self.ready_at[t] = next(self.order)
+                uses, held = u.uses, u.held
+                for src in table.inputs[node_id]:  # outputs no one needs any more
+                    uses[src] -= 1
+                    if uses[src] == 0 and held[src] is not None:
+                        act[table.out_dev[src]] -= held[src]
+                        held[src] = None
+                if uses[node_id] == 0 and held[node_id] is not None:
+                    act[table.out_dev[node_id]] -= held[node_id]
+                    held[node_id] = None
+                u.left -= 1
+                if not u.left:  # the plan is done
+                    self._complete(index)
+                    changed = True
+            if changed:
+                self._schedule()
+                base = self.base
+            for group in execution.start_startable():
+                gid = next(seq)
+                started = next(self.order) if record else 0
+                if len(group) > 1:
+                    self._start_group(group, gid, started)
+                    continue
+                task = group[0]
+                index, node_id = task
+                u = units[index]
+                table = u.table
+                code = table.code[node_id]
+                if code == STATIC:
+                    duration, nbytes = u.static[table.slot[node_id]]
+                elif code == GATE:
+                    u.draw(node_id, self.sim.routing)
+                    duration, nbytes = u.static[table.slot[node_id]]
+                else:
+                    duration, nbytes = self._dynamic(u, node_id)
+                end = now + duration
+                resource = table.resource[node_id]
+                busy[resource] = busy.get(resource, 0.0) + end - now  # as busy_of adds
+                if record:
+                    self._record(task, u, duration, gid, started)
+                if sink is not None:
+                    sink.add(u.lanes[node_id], index, now, end)  # type: ignore[index]
+                dev = table.out_dev[node_id]
+                if dev >= 0:  # its output is held until its last consumer finishes
+                    u.held[node_id] = nbytes
+                    act[dev] += nbytes
+                    total = base[dev] + act[dev]
+                    if total > peak[dev]:
+                        peak[dev] = total
+                    if total > self.budget[dev] and len(self.violations) < 20:
+                        self._violation(dev, total)
+                push(heap, (end, next(seq), task))
+                num_events += 1
+            if not heap and book.has_unfinished():
+                self._stuck()
+        self.num_events += num_events
+        preemptions = sum(s.num_preemptions for s in book)
+        peak_by_device = dict(zip(self.devices, peak))
+        metrics = Metrics.of(self.timings, busy, peak_by_device, self.sim.budget, preemptions)
+        return SimResult(self.trace, sorted(self.timings, key=lambda t: t.seq_id), metrics,
+                         self.jobs, self.durations, self.violations, self.num_events,
+                         self.num_units)
+
+    def _stuck(self) -> None:
+        stuck = self.book.unschedulable()
+        if stuck is not None:
+            raise SimulationError(f"request {stuck} (prompt {self.requests[stuck].prompt} "
+                                  f"tokens) can never be scheduled: it does not fit the KV budget")
+        raise SimulationError(f"deadlock at t={self.now:.6f}s: {len(self.units)} unit(s) cannot "
+                              f"progress and no event is pending")
+
+    def _rebase(self) -> None:
+        """Weights plus KV per device, after the book changed its KV ledger."""
+        kv, per_block = self.book.kv_used, self.sim.kv_bytes_per_block
+        self.base = [self.sim.weights[d] + kv.get(d, 0) * per_block for d in self.devices]
+
+    # -- units ---------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        try:
+            jobs = self.book.schedule()
+        except SchedulingError as exc:
+            raise SimulationError(str(exc)) from None
+        self._rebase()
+        for job in jobs:
+            table = self._table(job.plan)
+            if job.plan.graph.unit != job.unit and not table.rebindable:
+                # sizes this plan's nodes do not derive from its unit: plan this unit anew
+                job = dataclasses.replace(job, plan=self.sim.scheduler.plan(
+                    job.unit, self.sim.model, self.sim.cluster), plan_id=None)
+                table = self._table(job.plan)
+            if self.on_plan is not None:
+                self.on_plan(job)
+            index = self.execution.add(job.plan)
+            u = self.units[index] = BoundUnit.of(job, table, self.sim.cost, self._lanes(table))
+            self.num_units += 1
+            if self.record:
+                u.shown = self._columns(table)
+                self.jobs.append(job)
+                for node_id in table.roots:
+                    self.ready_at[(index, node_id)] = next(self.order)
+        if self.book.plan_cache is not None:
+            self.book.plan_cache.take_evicted()
+
+    def _table(self, plan: Any) -> PlanTable:
+        table = self.tables.get(id(plan))
+        if table is None:
+            table = self.tables[id(plan)] = PlanTable.of(plan, self.devices)
+            if len(self.tables) > self.sim.plan_cache + TABLES_BEYOND_CACHE:
+                _, old = self.tables.popitem(last=False)
+                self.columns.pop(id(old.plan), None)
+                self.sink_lanes.pop(id(old.plan), None)
+        else:
+            self.tables.move_to_end(id(plan))
+        return table
+
+    def _lanes(self, table: PlanTable) -> list[Any] | None:
+        """The sink's per node of the table's plan."""
+        if self.sink is None:
+            return None
+        lanes = self.sink_lanes.get(id(table.plan))
+        if lanes is None:
+            shown = self._columns(table)
+            lanes = self.sink_lanes[id(table.plan)] = list(map(
+                self.sink.prepare, table.resource, shown.name, shown.kind,
+                range(len(shown.name)), shown.layer))
+        return lanes
+
+    def _columns(self, table: PlanTable) -> TraceColumns:
+        columns = self.columns.get(id(table.plan))
+        if columns is None:
+            columns = self.columns[id(table.plan)] = TraceColumns.of(table.plan)
+        return columns
+
+    def _complete(self, index: int) -> None:
+        u = self.units.pop(index)
+        self.execution.release(index)
+        done = self.book.complete(u.job)
+        self.idle_units = 0 if done.sampled else self.idle_units + 1
+        if self.idle_units > self.idle_limit:
+            raise SimulationError(
+                f"no progress: {self.idle_units} units completed at t={self.now:.6f}s without "
+                f"producing a token (a livelock: e.g. preemption undoing the work it makes "
+                f"room for)")
+        for seq_id in done.sampled:
+            seq = self.book.add_output(seq_id)
+            self.first.setdefault(seq_id, self.now)
+            r = self.requests[seq_id]
+            if seq.num_output >= r.output:
+                self.book.finish(seq_id, "length")
+                self.timings.append(RequestTiming(seq_id, r.arrival, self.first.pop(seq_id),
+                                                  self.now, r.prompt, r.output))
+                if self.progress is not None:
+                    self.progress(len(self.timings), len(self.requests))
+        self._rebase()
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def _start_group(self, group: tuple[tuple[int, int], ...], gid: int, started: int) -> None:
+        """Start a coalesced group: one kernel, each member's output held on its own."""
+        duration, sizes = self._group_duration(group)
+        now = self.now
+        end = now + duration
+        resource = self.units[group[0][0]].table.resource[group[0][1]]
+        self.busy[resource] = self.busy.get(resource, 0.0) + end - now  # once per kernel
+        act, base, peak = self.activations, self.base, self.peak
+        for task, nbytes in zip(group, sizes):
+            index, node_id = task
+            u = self.units[index]
+            if self.record:
+                self._record(task, u, duration, gid, started)
+            if self.sink is not None:
+                self.sink.add(u.lanes[node_id], index, now, end)  # type: ignore[index]
+            dev = u.table.out_dev[node_id]
+            if dev >= 0:
+                u.held[node_id] = nbytes
+                act[dev] += nbytes
+                total = base[dev] + act[dev]
+                if total > peak[dev]:
+                    peak[dev] = total
+                if total > self.budget[dev] and len(self.violations) < 20:
+                    self._violation(dev, total)
+            heapq.heappush(self.heap, (end, next(self.seq), task))
+        self.num_events += len(group)
+
+    def _dynamic(self, u: BoundUnit, node_id: int) -> tuple[float, float]:
+        """Duration and output bytes of a routed Expert or a dispatch/combine Transfer run
+        alone: they depend on its rows (cached by their total and experts hit)."""
+        rows = self._rows(u, node_id)
+        total = sum(rows)
+        node = u.nodes[node_id]
+        if u.table.code[node_id] == ROUTED:
+            key = (total, len(rows) - rows.count(0))
+            cache = self.routed
+        else:
+            key = (total, int(node.src == node.dst))  # type: ignore[union-attr]
+            cache = self.moved
+        duration = cache.get(key)
+        if duration is None:
+            duration = cache[key] = self.sim.cost.duration(u.graph, node, rows)
+        return duration, total * self.sim.model.hidden_size * self.sim.cost.b
+
+    def _group_duration(self, group: tuple[tuple[int, int], ...]
+                        ) -> tuple[float, list[float]]:
+        """The duration of a coalesced group, and each member's output bytes."""
+        cost, d = self.sim.cost, self.sim.model.hidden_size * self.sim.cost.b
+        members: list[tuple[Node, NodeCost | None, Sequence[int]]] = []
+        for index, node_id in group:
+            u = self.units[index]
+            code = u.table.code[node_id]
+            if code == GATE:
+                u.draw(node_id, self.sim.routing)
+            if code in (STATIC, GATE):
+                members.append((*u.bound[u.table.slot[node_id]], ()))
+            else:
+                members.append((u.nodes[node_id], None, self._rows(u, node_id)))
+        first, graph = members[0][0], self.units[group[0][0]].graph
+        if isinstance(first, Expert) and first.kind == "routed":
+            c = cost.merge(graph, first, [], [rows for _, _, rows in members])
+        else:
+            c = cost.merge(graph, first, [m if m is not None else cost.cost(graph, node, rows)
+                                          for node, m, rows in members], [])
+        sizes = []
+        for (index, node_id), (_, m, rows) in zip(group, members):
+            u = self.units[index]
+            sizes.append(u.static[u.table.slot[node_id]][1] if m is not None else sum(rows) * d)
+        return cost.time_of(first, c), sizes
+
+    def _rows(self, u: BoundUnit, node_id: int) -> tuple[int, ...]:
+        rows = u.rows(node_id)
+        if rows is None:
+            gate = next(g for g in u.table.gates[node_id] if g not in u.counts)
+            raise SimulationError(f"{node_label(u.nodes[node_id])} started before gate {gate} "
+                                  f"of its layer ran: the plan breaks precedence")
+        return rows
+
+    def _record(self, task: tuple[int, int], u: BoundUnit, duration: float, gid: int,
+                started: int) -> None:
+        c, node_id = u.shown, task[1]
+        assert c is not None  # set when the unit was bound, as the run records
+        self.durations[task] = duration
+        self.trace.append(TraceEvent(u.table.resource[node_id], c.name[node_id],
+                                     c.kind[node_id], task[0], node_id, c.layer[node_id],
+                                     self.now, self.now + duration, gid,
+                                     self.ready_at.pop(task, 0), started))
+
+    def _violation(self, dev: int, total: float) -> None:
+        device = self.devices[dev]
+        weights = self.sim.weights[device]
+        kv = self.book.kv_used.get(device, 0) * self.sim.kv_bytes_per_block
+        self.violations.append(
+            f"t={self.now:.6f}s {device}: {total / 1e9:.3f} GB in use (weights "
+            f"{weights / 1e9:.3f}, KV {kv / 1e9:.3f}, activations "
+            f"{self.activations[dev] / 1e9:.3f}) > budget {self.budget[dev] / 1e9:.3f} GB")

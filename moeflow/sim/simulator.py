@@ -1,0 +1,121 @@
+"""The discrete-event simulator: Plans run through the one execution semantics, with the
+cost model in place of ops.
+
+It drives a RequestBook exactly as the engine does: requests arrive, the scheduler forms and
+plans units whenever work may start, each stream starts its next node by its rule, a
+Gate's completion draws per-expert counts from the routing model, and a finished unit gives
+each of its sequences a token. Memory is tracked at every event on every device: weights by
+placement, KV blocks by the book's ledger, activations while some consumer still needs them.
+
+    sim = Simulator(model, hardware, scheduler, routing)
+    result = sim.run(requests)          # SimResult: trace, per-request timings, metrics
+    print(result.metrics.table())
+    sink = open_trace("run.json")        # moeflow.sim.tracefile: written as it runs
+    result = sim.run(requests, record=False, sink=sink)   # memory bounded by the requests
+    sink.close(result)
+
+Units of one shape replay one plan, as in the engine (`plan_key`, a PlanCache), with each
+unit's sizes bound to it (`moeflow.sim.replay`); costs are computed once per plan slot and
+unit. What the run holds grows with the requests and the plans in flight: every finished
+plan is released, and per-event records are kept only with `record=True` (the default; the
+`trace`, `jobs` and `durations` of the result) or handed to a `sink` as they happen.
+
+Pure: no I/O, no clock of its own, no randomness beyond the seeded routing model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Sequence
+
+from moeflow.dataflow.graph import Placement
+from moeflow.models.spec import ModelSpec
+from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.requests import Job
+from moeflow.sim.cost import CostModel
+from moeflow.sim.events import Run, TraceSink
+from moeflow.sim.hardware import Hardware
+from moeflow.sim.replay import node_label
+from moeflow.sim.results import (
+    Metrics, RequestTiming, SimResult, SimulationError, TraceEvent, busy_of, percentile,
+)
+from moeflow.sim.workload import Routing, SimRequest
+
+PLAN_CACHE = 16  # plans kept for replay (batch-ep repeats the last few shapes)
+GC_THRESHOLD = (50_000, 20, 100)  # while a run goes (the default is 700, 10, 10)
+
+__all__ = ["Metrics", "RequestTiming", "SimResult", "SimulationError", "Simulator", "TraceEvent",
+           "TraceSink", "activation_bytes", "busy_of", "node_label", "percentile"]
+
+
+def activation_bytes(spec: ModelSpec, tokens: int, seqs: int, dtype_bytes: int) -> float:
+    """An upper bound on a device's live activations while `tokens` tokens of `seqs`
+    sequences are in flight: each layer holds at most the attention output and residual,
+    the gate's rows, routed rows in and out, a shared expert's output and the previous
+    layer's output ((6 + 3k) rows of D per token), plus fp32 logits per sequence."""
+    per_token = (6 + 3 * spec.moe.top_k) * spec.hidden_size * dtype_bytes
+    return tokens * per_token + seqs * spec.vocab_size * 4
+
+
+class Simulator:
+    def __init__(self, model: ModelSpec, hardware: Hardware, scheduler: Scheduler,
+                 routing: Routing, *, dtype: str | None = None,
+                 placement: Placement | None = None, homes: Sequence[str] | None = None,
+                 max_batch_tokens: int = 8192, max_seqs: int = 256, kv_block_size: int = 16,
+                 memory_headroom: float = 0.1, plan_cache: int = PLAN_CACHE) -> None:
+        self.model = model
+        self.hw = hardware
+        self.scheduler = scheduler
+        self.routing = routing
+        self.cost = CostModel(model, hardware, dtype)
+        devices = hardware.device_names()
+        self.placement = placement or Placement.sharded(devices, model.moe.num_experts)
+        self.cluster = Cluster(self.placement.devices, self.placement)
+        self.homes = tuple(homes) if homes is not None else self.placement.devices
+        self.weights = self.cost.weight_bytes(self.placement, self.homes)
+        self.budget = {d: hardware.device.memory * (1 - memory_headroom)
+                       for d in self.placement.devices}
+        self.activation_reserve = activation_bytes(model, max_batch_tokens, max_seqs,
+                                                   self.cost.b)
+        per_block = self.cost.kv_bytes_per_token() * kv_block_size
+        kv_blocks = {}
+        for dev in self.homes:
+            room = self.budget[dev] - self.weights[dev] - self.activation_reserve
+            if room < per_block:
+                raise SimulationError(
+                    f"{model.name or model.family} does not fit on {hardware.name}: {dev} holds "
+                    f"{self.weights[dev] / 1e9:.1f} GB of weights of a "
+                    f"{self.budget[dev] / 1e9:.1f} GB budget")
+            kv_blocks[dev] = int(room // per_block)
+        self.kv_block_size = kv_block_size
+        self.kv_bytes_per_block = per_block
+        self.kv_blocks = kv_blocks
+        self.max_batch_tokens = max_batch_tokens
+        self.max_seqs = max_seqs
+        self.plan_cache = plan_cache
+
+    # -- the run -------------------------------------------------------------------
+
+    def run(self, requests: Sequence[SimRequest],
+            progress: Callable[[int, int], None] | None = None,
+            on_plan: Callable[[Job], None] | None = None, *, record: bool = True,
+            sink: TraceSink | None = None) -> SimResult:
+        """Simulate `requests`. `progress(done, total)` is called as requests finish;
+        `on_plan(job)` sees every unit's plan before it runs (checks may raise there).
+        `record` keeps every event in the result (its memory grows with the events run);
+        `sink` sees each as it starts (its `close` is the caller's to call)."""
+        with _sparse_gc():
+            return Run(self, requests, progress, on_plan, record, sink).go()
+
+
+@contextlib.contextmanager
+def _sparse_gc() -> Iterator[None]:
+    """Collect cycles less often while the run allocates: it makes next to none, and each
+    collection scans every node of the plans held (a quarter of the run time otherwise)."""
+    before = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD[0], *GC_THRESHOLD[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
