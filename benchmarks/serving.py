@@ -179,14 +179,15 @@ class Server:
             self.proc.wait()
 
 
-def real_checkpoint() -> Path:
+def real_checkpoint(path: Path = REAL_CHECKPOINT, dtype: str = "bfloat16") -> Path:
+    """The real runs' checkpoint (an 8-layer, 32-expert Qwen3-MoE), built once at `path`."""
     from moeflow.models.tiny import TinyShape, make_tiny
 
-    if not (REAL_CHECKPOINT / "config.json").exists():
+    if not (path / "config.json").exists():
         shape = TinyShape(layers=8, experts=32, top_k=4, hidden=512, heads=8, kv_heads=2,
                           head_dim=64, intermediate=512, vocab=8192)
-        make_tiny("qwen3_moe", REAL_CHECKPOINT, shape, dtype="bfloat16", seed=0)
-    return REAL_CHECKPOINT
+        make_tiny("qwen3_moe", path, shape, dtype=dtype, seed=0)
+    return path
 
 
 def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, output: str

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import Server  # noqa: E402
+from serving import Server, real_checkpoint  # noqa: E402
 
 # the serving benchmark's shape in fp32: bf16 logits depend on how requests are batched, so
 # a greedy token could differ from the answer taken alone without anything having failed
@@ -39,17 +39,7 @@ SOAK_CHECKPOINT = Path(".cache/soak-qwen3-moe")
 
 
 def soak_checkpoint() -> Path:
-    from moeflow.models.tiny import TinyShape, make_tiny
-
-    if not (SOAK_CHECKPOINT / "config.json").exists():
-        shape = TinyShape(layers=8, experts=32, top_k=4, hidden=512, heads=8, kv_heads=2,
-                          head_dim=64, intermediate=512, vocab=8192)
-        make_tiny("qwen3_moe", SOAK_CHECKPOINT, shape, dtype="float32", seed=0)
-    return SOAK_CHECKPOINT
-
-PROMPTS = [[5, 17, 33, 2, 99, 4], [250, 7, 8], [8, 9, 10, 11, 300, 301, 302, 40], [61, 62]]
-MAX_NEW_TOKENS = 16
-REQUEST_TIMEOUT_S = 60.0
+    return real_checkpoint(SOAK_CHECKPOINT, "float32")
 
 
 def rss_mb(pid: int) -> float | None:
