@@ -1,11 +1,11 @@
 """The graph engine's own cost, measured side by side in one run.
 
-1. Runtime per node with null ops: the engine (EngineCore + the in-process executor, the
-   actor cores and the one semantics) over NullWorkers, which run every node instantly. A
-   step's wall time (scheduling and planning, running, completing) over the nodes it ran
-   is what the runtime costs per node. Batch 1 and
-   16, batch-ep and fine-ep, on `make demo`'s model shape (4 layers, 16 experts, top-4) over
-   two devices. Goal: <= 10 us per node.
+1. Runtime per node with null ops: the engine (EngineCore, the executor, the actor cores
+   and the one semantics) over NullWorkers, which run every node instantly. A step's wall
+   time (scheduling and planning, running, completing) over the nodes it ran is what the
+   runtime costs per node. Batch 1 and 16, batch-ep and fine-ep, on `make demo`'s model
+   shape (4 layers, 16 experts, top-4) over two devices, in process and with one actor
+   process per device. Goal: <= 10 us per node in process.
 2. Steady-state greedy decode on `make demo`'s checkpoint with real ops: tokens/s at batch 1
    and 16, and the share of step time spent inside the workers' ops (the rest is the
    runtime). Goal: >= 80 % in ops.
@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.null import NullWorker
 from moeflow.models.families import load_spec
@@ -50,6 +51,7 @@ DEMO_SHAPE = TinyShape(layers=4, experts=16, top_k=4, hidden=256, heads=8, kv_he
 DEVICES = ("cpu:0", "cpu:1")
 SCHEDULERS = ("batch-ep", "fine-ep")
 BATCHES = (1, 16)
+EXECUTORS = ("in-process", "2 processes")
 
 
 def demo_checkpoint() -> Path:
@@ -107,16 +109,28 @@ def engine(spec: Any, scheduler: str, workers: dict[str, Any]) -> EngineCore:
 
 
 def null_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
+    """Both executors over NullWorkers: in this process, and one actor process per device
+    (the zmq transport, with its sockets, codec and CURVE)."""
     spec = load_spec(checkpoint)
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
     rows = []
-    for scheduler in SCHEDULERS:
-        for batch in BATCHES:
-            workers = {d: NullWorker(d, spec) for d in DEVICES}
-            measured = decode_steps(engine(spec, scheduler, workers), batch, steps)
-            per_node = statistics.median(s / n for s, n in measured)
-            rows.append({"scheduler": scheduler, "batch": batch, "executor": "in-process",
-                         "nodes_per_step": statistics.median(n for _, n in measured),
-                         "us_per_node": per_node * 1e6})
+    for executor in EXECUTORS:
+        for scheduler in SCHEDULERS:
+            for batch in BATCHES:
+                if executor == "in-process":
+                    run = InProcessExecutor({d: NullWorker(d, spec) for d in DEVICES})
+                else:
+                    run = ZmqExecutor(str(checkpoint), cluster.placement, "bfloat16", 65536,
+                                      threads=len(DEVICES), null_ops=True)
+                try:
+                    core = EngineCore(spec, run, make_scheduler(scheduler), cluster)
+                    measured = decode_steps(core, batch, steps)
+                finally:
+                    run.close()
+                per_node = statistics.median(s / n for s, n in measured)
+                rows.append({"scheduler": scheduler, "batch": batch, "executor": executor,
+                             "nodes_per_step": statistics.median(n for _, n in measured),
+                             "us_per_node": per_node * 1e6})
     return rows
 
 
@@ -204,7 +218,7 @@ def main() -> int:
         print("the simulator ...", file=sys.stderr)
         sims = simulator_runs()
     if nulls:
-        print(f"\n1. runtime per node, null ops, {'+'.join(DEVICES)} (goal <= 10 us)")
+        print(f"\n1. runtime per node, null ops, {'+'.join(DEVICES)} (goal <= 10 us in process)")
         print("| scheduler | batch | executor | nodes/step | us/node |")
         print("|---|---:|---|---:|---:|")
         for r in nulls:

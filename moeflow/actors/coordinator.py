@@ -92,7 +92,7 @@ class ZmqExecutor:
                  heartbeat_s: float = 0.2, stall_timeout: float = 3.0,
                  node_timeout: float = 60.0, want_logits: bool = False,
                  record_routing: bool = False, ipc: bool | None = None,
-                 faults: str = "") -> None:
+                 faults: str = "", null_ops: bool = False) -> None:
         require_curve()
         Faults.parse(faults)
         self.model_dir = str(model_dir)
@@ -106,6 +106,7 @@ class ZmqExecutor:
         self.stall_timeout = stall_timeout
         self.node_timeout = node_timeout
         self.faults = faults
+        self.null_ops = null_ops  # NullWorkers: for measuring the runtime alone
         self.want_logits = want_logits
         self.routing: dict[int, list[int]] | None = {} if record_routing else None
         cores = threads or os.cpu_count() or 1
@@ -151,7 +152,8 @@ class ZmqExecutor:
         config = ActorConfig(name, self.model_dir, self.dtype, self.placement.devices,
                              self.placement.expert_owners, self.kv_tokens, self.threads,
                              self.address, self.host, self.heartbeat_s,
-                             runtime_dir=self.runtime_dir, faults=self.faults)
+                             runtime_dir=self.runtime_dir, faults=self.faults,
+                             null_ops=self.null_ops)
         keys = PlaneKeys(self.actor_keys[name], self.keys.public,
                          {n: k.public for n, k in self.actor_keys.items()})
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))

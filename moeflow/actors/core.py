@@ -6,15 +6,18 @@ the nodes on its own streams:
 
     handle(msg) -> [Outgoing]      RunUnit admits a unit; Data and Done finish another
                                    actor's node here; Release / Abort free state
-    next_tasks() -> [Group]        what each of its idle streams would start now: a node,
-                                   or nodes coalesced into one kernel
-    run(group) -> [value]          run them (the shell decides on which thread)
+    start_tasks() -> [Group]       start what each of its idle streams may start now: a
+                                   node, or nodes coalesced into one kernel
+    run(group) -> [value]          run one (the shell decides on which thread)
     finish(task, value) -> [Outgoing]
         A finished Transfer becomes a Data message to its destination actor; any other
         node whose successor lives on another actor becomes a Done notice to it. A
         finished LMHead is sampled for the requests this actor homes. When every node of a
         unit that runs here is done, a UnitPart (token ids, no tensors unless asked) goes
         to the coordinator.
+
+What a node means here (its inputs, whom its completion concerns) is worked out once per
+plan, in a `Program`: a cached plan replays it for every unit of its shape.
 
 Messages for a unit that arrive before its RunUnit (a fast peer) wait until it does.
 Nothing here does I/O or knows about threads: the in-process transport calls it directly,
@@ -37,10 +40,12 @@ from moeflow.actors.messages import (
 from moeflow.actors.worker import (
     DeviceWorker, Logits, Routing, from_payload, payload_to, to_payload,
 )
-from moeflow.dataflow.graph import Gate, LMHead, Transfer, Unit
+from moeflow.dataflow.graph import Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task
-from moeflow.ops.sampling import SamplingParams, make_generator, sample
+from moeflow.ops.sampling import (
+    SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
+)
 
 COORDINATOR = ""  # destination name of messages for the coordinator
 # what a peer can make an actor hold for units not admitted yet, in messages and in bytes;
@@ -56,12 +61,55 @@ class Outgoing:
     msg: Message
 
 
+# what finishing a node does with its value
+KEEP, SEND, SAMPLE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One node of a plan as this actor runs it."""
+
+    node: Node
+    inputs: tuple[int, ...]  # nodes whose values it reads, in edge order
+    input_nodes: tuple[Node, ...]
+    effect: int  # KEEP its value for local successors, SEND it (a Transfer out), or SAMPLE
+    notify: tuple[str, ...]  # other actors waiting on it with no data: told by Done
+    gate: bool
+
+
+class Program:
+    """A plan compiled for one actor, once: a Step per node it runs (None for the others')."""
+
+    def __init__(self, plan: Plan, actor: str) -> None:
+        graph = plan.graph
+        steps: list[Step | None] = []
+        for node in graph.nodes:
+            if plan.assignment[node.id].actor != actor:
+                steps.append(None)
+                continue
+            inputs = graph.inputs(node.id)
+            sends = isinstance(node, Transfer) and node.dst != actor
+            effect = SEND if sends else SAMPLE if isinstance(node, LMHead) else KEEP
+            told = {node.dst} if isinstance(node, Transfer) else set()
+            notify = []
+            for succ in graph.succs(node.id):
+                other = plan.assignment[succ].actor
+                if other != actor and other not in told:
+                    told.add(other)
+                    notify.append(other)
+            steps.append(Step(node, inputs, tuple(graph.nodes[p] for p in inputs), effect,
+                              tuple(notify), isinstance(node, Gate)))
+        self.plan = plan
+        self.steps = tuple(steps)
+
+
 @dataclass
 class _Unit:
     unit_id: int
     index: int  # the plan's index in the actor's Execution
     msg: RunUnit
     plan: Plan
+    program: Program
     bound: Unit  # what runs: the plan may be cached from another unit of the same shape
     values: dict[int, Any] = field(default_factory=dict)
     uses: list[int] = field(default_factory=list)
@@ -82,7 +130,8 @@ class ActorCore:
         self.early_bytes: dict[int, int] = {}  # unit id -> bytes of its early messages
         self.dropped: dict[str, int] = {}  # messages dropped, by reason
         self.samplers: dict[int, tuple[SamplingParams, torch.Generator | None]] = {}
-        self.plans: dict[int, Plan] = {}  # cached plans, by id, until the coordinator drops them
+        # cached plans, by id, until the coordinator drops them
+        self.plans: dict[int, Program] = {}
 
     # -- messages ------------------------------------------------------------------
 
@@ -139,16 +188,15 @@ class ActorCore:
             log.warning("%s: unit %d admitted twice; ignored", self.name, msg.unit_id)
             return []
         unit_id = msg.unit_id
-        plan = msg.plan
-        if msg.plan_id is not None:
-            if plan is None:
-                plan = self.plans.get(msg.plan_id)
-                if plan is None:
-                    return [Outgoing(COORDINATOR, NodeFailed(
-                        unit_id, self.name, f"unknown plan {msg.plan_id}"))]
-            else:
-                self.plans[msg.plan_id] = plan
-        assert plan is not None  # decode() refuses a RunUnit with neither
+        program = None if msg.plan_id is None else self.plans.get(msg.plan_id)
+        if program is None or (msg.plan is not None and program.plan is not msg.plan):
+            if msg.plan is None:
+                return [Outgoing(COORDINATOR, NodeFailed(
+                    unit_id, self.name, f"unknown plan {msg.plan_id}"))]
+            program = Program(msg.plan, self.name)
+            if msg.plan_id is not None:
+                self.plans[msg.plan_id] = program
+        plan = program.plan
         graph = plan.graph
         bound = graph.unit if msg.unit is None else msg.unit
         homed = bool(bound.seqs_on(self.name))
@@ -165,7 +213,7 @@ class ActorCore:
                 p = SamplingParams(**params)
                 self.samplers[seq_id] = (p, make_generator(p))
         index = self.execution.add(plan, owns=self.owns)
-        unit = _Unit(unit_id, index, msg, plan, bound, uses=list(graph.data_uses),
+        unit = _Unit(unit_id, index, msg, plan, program, bound, uses=list(graph.data_uses),
                      homed=homed)
         self.units[unit_id] = unit
         self.by_index[index] = unit
@@ -197,23 +245,21 @@ class ActorCore:
 
     # -- running nodes -------------------------------------------------------------
 
-    def next_tasks(self) -> list[Group]:
-        """What the idle streams would start now (a node, or a coalesced group of them),
-        transfers first: when one thread runs every stream, data a peer waits for should
-        leave before local compute starts."""
-        groups = self.execution.startable()
+    def start_tasks(self) -> list[Group]:
+        """Start what every idle stream may start now (a node, or a coalesced group of
+        them) and return those groups, transfers first: when one thread runs every stream,
+        data a peer waits for should leave before local compute starts. Run and finish each."""
+        groups = self.execution.start_startable()
         if len(groups) > 1:
             groups.sort(key=lambda g: self.execution.stream_of(g[0]).name == "compute")
         return groups
 
-    def start(self, group: Group) -> None:
-        self.execution.start(group)
-
     def node_inputs(self, task: Task) -> tuple[Any, list[tuple[Any, Any]]]:
         unit = self.by_index[task[0]]
-        graph = unit.plan.graph
-        node = graph.nodes[task[1]]
-        return node, [(graph.nodes[p], unit.values[p]) for p in graph.inputs(task[1])]
+        step = unit.program.steps[task[1]]
+        assert step is not None, f"task {task} runs on another actor"
+        values = unit.values
+        return step.node, [(n, values[p]) for n, p in zip(step.input_nodes, step.inputs)]
 
     def run(self, group: Group) -> list[Any]:
         """Run a started node, or a coalesced group as one kernel; returns their values."""
@@ -236,28 +282,28 @@ class ActorCore:
             return self.fail(task, exc)
 
     def _finish(self, unit: _Unit, task: Task, value: Any) -> list[Outgoing]:
-        graph = unit.plan.graph
-        node = graph.nodes[task[1]]
+        step = unit.program.steps[task[1]]
+        assert step is not None, f"task {task} runs on another actor"
+        node = step.node
         out: list[Outgoing] = []
-        for p in graph.inputs(task[1]):
-            unit.uses[p] -= 1
-            if unit.uses[p] == 0:
-                unit.values.pop(p, None)
-        if isinstance(node, Transfer) and node.dst != self.name:
-            out.append(Outgoing(node.dst, Data(unit.unit_id, node.id, to_payload(value))))
-        elif isinstance(node, LMHead):
-            self._sample(unit, value)
+        uses, values = unit.uses, unit.values
+        for p in step.inputs:
+            uses[p] -= 1
+            if uses[p] == 0:
+                values.pop(p, None)
+        if step.effect == KEEP:
+            values[task[1]] = value
+        elif step.effect == SEND:
+            out.append(Outgoing(node.dst, Data(unit.unit_id, task[1],  # type: ignore[attr-defined]
+                                               to_payload(value))))
         else:
-            unit.values[node.id] = value
-        counts = value.counts if isinstance(node, Gate) and isinstance(value, Routing) else None
+            self._sample(unit, value)
+        counts = value.counts if step.gate and isinstance(value, Routing) else None
         if counts is not None:
-            out.append(Outgoing(COORDINATOR, RoutingCounts(unit.unit_id, node.layer, counts)))
-        notified = {node.dst} if isinstance(node, Transfer) else set()
-        for succ in graph.succs(node.id):
-            actor = unit.plan.assignment[succ].actor
-            if actor != self.name and actor not in notified:
-                notified.add(actor)
-                out.append(Outgoing(actor, Done(unit.unit_id, node.id)))
+            out.append(Outgoing(COORDINATOR, RoutingCounts(unit.unit_id, node.layer,  # type: ignore[attr-defined]
+                                                           counts)))
+        for actor in step.notify:
+            out.append(Outgoing(actor, Done(unit.unit_id, task[1])))
         self.execution.finish(task, counts)
         out.extend(self._maybe_done(unit))
         return out
@@ -272,22 +318,36 @@ class ActorCore:
                                                  f"{type(error).__name__}: {error}"))]
 
     def _sample(self, unit: _Unit, logits: Logits) -> None:
+        """A token for each sequence sampled here, from its last logit row: the greedy ones
+        in one batch."""
+        picks: list[tuple[int, int, SamplingParams, torch.Generator | None]] = []
         row = 0
         for seq, rows in zip(logits.seqs, logits.rows_per_seq):
             if rows:
-                last = logits.values[row + rows - 1].cpu()
-                seq_id = unit.bound.seqs[seq].seq_id
-                sampler = self.samplers.get(seq_id)
+                sampler = self.samplers.get(unit.bound.seqs[seq].seq_id)
                 if sampler is not None:
-                    try:  # one request's sampling failing fails that request alone
-                        unit.tokens[seq] = sample(last, sampler[0], sampler[1])
-                    except Exception as exc:
-                        log.warning("%s: request %d: sampling failed: %r", self.name, seq_id,
-                                    exc)
-                        unit.errors[seq] = f"sampling failed: {type(exc).__name__}: {exc}"
+                    picks.append((seq, row + rows - 1, *sampler))
                 if unit.msg.want_logits:
                     unit.logits[seq] = logits.values[row:row + rows]
             row += rows
+        if not picks:
+            return
+        last = logits.values[[row for _, row, _, _ in picks]].cpu()  # [S, V]
+        greedy = [i for i, (_, _, params, _) in enumerate(picks) if params.greedy]
+        tokens: dict[int, int | None] = {}
+        if greedy:
+            tokens = dict(zip(greedy, greedy_tokens(
+                last if len(greedy) == len(picks) else last[greedy])))
+        for i, (seq, _, params, generator) in enumerate(picks):
+            try:  # one request's sampling failing fails that request alone
+                token = tokens[i] if i in tokens else sample(last[i], params, generator)
+                if token is None:
+                    raise SamplingError("the model produced non-finite logits")
+                unit.tokens[seq] = token
+            except Exception as exc:
+                log.warning("%s: request %d: sampling failed: %r", self.name,
+                            unit.bound.seqs[seq].seq_id, exc)
+                unit.errors[seq] = f"sampling failed: {type(exc).__name__}: {exc}"
 
     def _maybe_done(self, unit: _Unit) -> list[Outgoing]:
         if not self.execution.plan_done(unit.index):

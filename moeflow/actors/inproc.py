@@ -187,8 +187,7 @@ class InProcessExecutor:
     def _run_ready(self) -> bool:
         ran = False
         for actor in self.actors.values():
-            for group in actor.next_tasks():
-                actor.start(group)
+            for group in actor.start_tasks():
                 if self.observer is not None:
                     for task in group:
                         plan = actor.by_index[task[0]].plan

@@ -17,6 +17,7 @@ import torch
 
 
 DEFAULT_BLOCK_SIZE = 16
+SMALL_RANGE = 64  # slots computed in Python below this many positions, with torch above
 
 
 class KVCacheFull(RuntimeError):
@@ -109,9 +110,12 @@ class PagedKVCache:
 
     def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
         """Slot indices of positions start..end-1 of `seq_id` [end-start]."""
-        blocks = torch.tensor(self.seqs[seq_id].blocks, dtype=torch.int64)
+        blocks, size = self.seqs[seq_id].blocks, self.block_size
+        if end - start <= SMALL_RANGE:  # a decode step's few slots: no tensor arithmetic
+            return torch.tensor([blocks[p // size] * size + p % size for p in range(start, end)],
+                                dtype=torch.int64)
         pos = torch.arange(start, end)
-        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+        return torch.tensor(blocks, dtype=torch.int64)[pos // size] * size + pos % size
 
     def gather_index(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """For a batch of sequences: slot indices [B, Lmax] (padding points at slot 0) and

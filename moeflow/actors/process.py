@@ -69,6 +69,7 @@ class ActorConfig:
     serves: bool = True  # holds dense weights and serves requests
     runtime_dir: str = ""  # the launch's private directory for ipc sockets; "": TCP on host
     faults: str = ""  # injected into outgoing data messages: see moeflow.actors.plane.Faults
+    null_ops: bool = False  # a NullWorker: every node instant, only the runtime's cost left
 
     def __post_init__(self) -> None:
         Faults.parse(self.faults)
@@ -155,10 +156,9 @@ class CoreThread(threading.Thread):
             self.peers.close()
 
     def _serve(self, poller: zmq.Poller, inbox: zmq.Socket[Any], data: zmq.Socket[Any]) -> bool:
-        tasks = self.core.next_tasks()
+        tasks = self.core.start_tasks()
         for group in tasks:
             self.running_since = time.monotonic()
-            self.core.start(group)
             try:
                 values = self.core.run(group)
             except Exception as exc:
@@ -360,6 +360,11 @@ def build_core(config: ActorConfig) -> Any:
     torch.set_num_threads(config.threads)
     spec = load_spec(config.model_dir)
     placement = Placement(config.devices, config.expert_owners)
+    if config.null_ops:
+        from moeflow.actors.null import NullWorker
+
+        return ActorCore(config.name, NullWorker(config.name, spec, config.kv_tokens,  # type: ignore[arg-type]
+                                                 config.serves))
     worker = load_worker(config.model_dir, spec, placement, config.name,
                          torch_dtype(config.dtype), config.kv_tokens)
     return ActorCore(config.name, worker)

@@ -69,6 +69,14 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
+    """logits [R, V] -> each row's argmax, in two ops for the whole batch; None for a row
+    that `sample` would refuse (NaN, +inf, or every logit -inf)."""
+    best, ids = logits.float().max(dim=-1)  # [R]; a NaN is the max of its row
+    return [i if ok else None
+            for i, ok in zip(ids.tolist(), torch.isfinite(best).tolist())]
+
+
 def sample(logits: torch.Tensor, params: SamplingParams,
            generator: torch.Generator | None) -> int:
     """logits [V] -> one token id. Raises SamplingError for logits holding NaN or +inf."""
