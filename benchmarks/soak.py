@@ -1,9 +1,10 @@
 """Soak: `moeflow serve` under Poisson load for minutes, with an actor faulted every 30 s.
 
     python benchmarks/soak.py [--minutes 10] [--rate 3] [--fault-every 30] [--json out.json]
-                              [--model DIR] [--scheduler fine-ep]
+                              [--model DIR] [--scheduler fine-ep] [--transport zmq]
 
-The server runs with two actor processes (`--transport zmq --devices cpu:0,cpu:1`). Every
+The server runs with two actor processes (`--transport zmq --devices cpu:0,cpu:1`), or
+with both actors inside it (`--transport inproc`: no faults, the server's memory alone). Every
 `--fault-every` seconds actor cpu:1 is either killed (SIGKILL) or stopped (SIGSTOP, then
 SIGCONT once the server has noticed): cpu:0 and the server itself live through the whole
 run, so their memory can be followed from start to end. Every request is greedy over one
@@ -36,6 +37,11 @@ from serving import Server, real_checkpoint  # noqa: E402
 # the serving benchmark's shape in fp32: bf16 logits depend on how requests are batched, so
 # a greedy token could differ from the answer taken alone without anything having failed
 SOAK_CHECKPOINT = Path(".cache/soak-qwen3-moe")
+
+
+PROMPTS = [[5, 17, 33, 2, 99, 4], [250, 7, 8], [8, 9, 10, 11, 300, 301, 302, 40], [61, 62]]
+MAX_NEW_TOKENS = 16
+REQUEST_TIMEOUT_S = 60.0
 
 
 def soak_checkpoint() -> Path:
@@ -104,6 +110,7 @@ async def one(client: Any, prompt: list[int], expected: tuple[int, ...] | None,
 
 async def soak(address: str, server_pid: int, minutes: float, rate: float, fault_every: float,
                seed: int) -> dict[str, Any]:
+    """`fault_every` 0: no faults."""
     from moeflow.serve.client import AsyncClient
 
     rng = random.Random(seed)
@@ -118,7 +125,7 @@ async def soak(address: str, server_pid: int, minutes: float, rate: float, fault
         raise RuntimeError(f"the warm-up requests failed: {warmup}")
     start = time.monotonic()
     end = start + minutes * 60
-    next_fault = start + fault_every
+    next_fault = start + fault_every if fault_every else float("inf")
     next_sample = start
     pending: set[asyncio.Task[Any]] = set()
     async with asyncio.TaskGroup() as tasks:
@@ -131,9 +138,10 @@ async def soak(address: str, server_pid: int, minutes: float, rate: float, fault
                                "cpu0_mb": rss_mb(actors["cpu:0"]) if "cpu:0" in actors
                                else None})
                 if int(now - start) // 60 != int(next_sample - 10 - start) // 60:
+                    actor = memory[-1]["cpu0_mb"]
                     print(f"# {(now - start) / 60:.1f} min: {stats}, server "
-                          f"{memory[-1]['server_mb']:.0f} MB, cpu:0 "
-                          f"{memory[-1]['cpu0_mb'] or 0:.0f} MB", file=sys.stderr)
+                          f"{memory[-1]['server_mb']:.0f} MB"
+                          + (f", cpu:0 {actor:.0f} MB" if actor else ""), file=sys.stderr)
                 next_sample = now + 10
             if now >= next_fault:
                 victim = actor_pids(server_pid).get("cpu:1")
@@ -181,33 +189,37 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=3.0, help="requests per second")
     parser.add_argument("--fault-every", type=float, default=30.0)
     parser.add_argument("--scheduler", default="fine-ep")
+    parser.add_argument("--transport", default="zmq", choices=("zmq", "inproc"))
     parser.add_argument("--model", type=Path, help="a checkpoint (default: the serving "
                                                    "benchmark's shape in fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = args.model or soak_checkpoint()
-    with Server(model, args.scheduler, "cpu:0,cpu:1", "zmq") as server:
+    fault_every = args.fault_every if args.transport == "zmq" else 0.0  # no actor to fault
+    with Server(model, args.scheduler, "cpu:0,cpu:1", args.transport) as server:
         result = asyncio.run(soak(server.address, server.proc.pid, args.minutes, args.rate,
-                                  args.fault_every, args.seed))
+                                  fault_every, args.seed))
     from_s = min(120.0, args.minutes * 60 / 5)
-    result["server_memory"] = growth(result["memory"], "server_mb", from_s)
-    result["cpu0_memory"] = growth(result["memory"], "cpu0_mb", from_s)
+    memories = {"server": growth(result["memory"], "server_mb", from_s)}
+    if args.transport == "zmq":
+        memories["actor cpu:0"] = growth(result["memory"], "cpu0_mb", from_s)
+    result["memory_growth"] = memories
     stats = result["stats"]
+    faults = (f"{stats['faults']} faults (actor cpu:1 killed or stopped every "
+              f"{args.fault_every:g} s)" if fault_every else "no faults")
     print(f"soak: {args.minutes:g} min at {args.rate:g} req/s, {args.scheduler}, "
-          f"{stats['faults']} faults (actor cpu:1 killed or stopped every "
-          f"{args.fault_every:g} s)")
+          f"{args.transport}, {faults}")
     print("| requests | completed correctly | wrong tokens | failed cleanly | lost |")
     print("|---:|---:|---:|---:|---:|")
     print(f"| {stats['sent']} | {stats['completed_correctly']} | {stats['wrong_tokens']} | "
           f"{stats['failed_cleanly']} | {stats['lost']} |")
-    print(f"memory from {from_s:g} s to the end: server {result['server_memory']}, "
-          f"actor cpu:0 {result['cpu0_memory']}")
+    print(f"memory from {from_s:g} s to the end: "
+          + ", ".join(f"{name} {m}" for name, m in memories.items()))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     ok = (stats["lost"] == 0 and stats["wrong_tokens"] == 0
-          and all(m.get("growth_pct", 100) < 5 for m in (result["server_memory"],
-                                                         result["cpu0_memory"])))
+          and all(m.get("growth_pct", 100) < 5 for m in memories.values()))
     return 0 if ok else 1
 
 
