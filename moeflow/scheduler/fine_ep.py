@@ -30,7 +30,9 @@ not public) and by related work (Lina, AMoE, ExFlow):
   decode) as one kernel, so weights stream once for all of them. Transfers of one layer
   to the same peer go out together, so the tasks they feed there coalesce too. Groups
   form from what is ready when the actor frees up: small at light load, larger under
-  load, but never a whole batch's worth as a barrier would gather. A prefill never
+  load, but never a whole batch's worth as a barrier would gather. Embedding gathers and
+  combines share no weights, but one op over a group costs little more than one over one
+  input, so they coalesce by layer too. A prefill never
   merges with decodes, so running requests' tokens do not move at a long prompt's pace.
 """
 
@@ -40,7 +42,7 @@ from collections.abc import Hashable, Sequence
 
 from moeflow.dataflow.compiler import compile
 from moeflow.dataflow.graph import (
-    Attention, Embed, Expert, Gate, Graph, LMHead, Node, Transfer, Unit,
+    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Transfer, Unit,
 )
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
@@ -135,4 +137,8 @@ def merge_key(node: Node, phase: str, is_delegated: bool) -> MergeKey:
     if isinstance(node, Transfer):  # sent together, they reach the peer together and the
         # tasks they feed there coalesce too
         return ("transfer", node.src, node.dst, node.layer, node.payload, phase, role)
-    return None  # embedding gathers and combines share no weights
+    if isinstance(node, Embed):  # no weights shared, but one gather for all beats many
+        return ("embed", phase)
+    if isinstance(node, Combine):
+        return ("combine", node.layer, phase)
+    return None
