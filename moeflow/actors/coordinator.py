@@ -45,6 +45,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -52,7 +53,7 @@ from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, 
 from moeflow.actors.kvcache import DEFAULT_BLOCK_SIZE
 from moeflow.actors.messages import (
     Abort, DropPlans, Heartbeat, Hello, MessageError, NodeFailed, Peers, Release,
-    RoutingCounts, RunUnit, Shutdown, UnitPart, decode, encode,
+    RoutingCounts, RunUnit, Shutdown, UnitPart, decode_all, encode, pack,
 )
 from moeflow.actors.plane import (
     Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, is_loopback, make_runtime_dir,
@@ -122,6 +123,7 @@ class ZmqExecutor:
         self.lost: set[str] = set()
         self.done: list[JobResult] = []
         self.dropped: dict[str, int] = {}  # messages the coordinator dropped, by reason
+        self.outbox: dict[str, list[list[Any]]] = {}  # RunUnits submitted, not yet sent
         self.closed = False
         use_ipc = is_loopback(f"tcp://{host}:0") if ipc is None else ipc
         self.runtime_dir = make_runtime_dir() if use_ipc else ""
@@ -185,8 +187,8 @@ class ZmqExecutor:
 
     def _drain(self) -> None:
         while self.router.poll(0):
-            msg, name = self._receive()
-            if msg is not None:
+            msgs, name = self._receive()
+            for msg in msgs:
                 self._dispatch(msg, name)
 
     def _started(self, actor: _Actor, hello: Hello) -> None:
@@ -198,23 +200,25 @@ class ZmqExecutor:
             self._send(name, peers)
 
     def _send(self, name: str, msg: object) -> None:
+        self._flush()  # after the RunUnits submitted before it, in order
         with contextlib.suppress(zmq.ZMQError):  # an unreachable actor is caught by liveness
             self.router.send_multipart([name.encode(), *encode(msg)], copy=False)  # type: ignore[arg-type]
 
-    def _receive(self) -> tuple[object | None, str]:
-        """The next message and the actor it came from; None if it was dropped."""
+    def _receive(self) -> tuple[list[Any], str]:
+        """The next messages (one, or a batch's) and the actor they came from; none if
+        they were dropped."""
         parts = self.router.recv_multipart(copy=False)
         name = parts[0].bytes.decode(errors="replace")
         # the ZAP handler named the connection after the actor whose key it holds
         owner = user_id(parts[1]) if len(parts) > 1 else name
         if owner != name:
             self._drop("impostor", f"a message under the name {name!r} from {owner!r}'s key")
-            return None, name
+            return [], name
         try:
-            return decode(parts[1:]), name
+            return decode_all(parts[1:]), name  # type: ignore[return-value]
         except MessageError as exc:
             self._drop("malformed", f"a malformed message from {name!r}: {exc}")
-            return None, name
+            return [], name
 
     def _drop(self, reason: str, what: str) -> None:
         num = self.dropped[reason] = self.dropped.get(reason, 0) + 1
@@ -252,8 +256,14 @@ class ZmqExecutor:
                 frames = whole
                 if job.plan_id is not None:
                     actor.plans.add(job.plan_id)
-            with contextlib.suppress(zmq.ZMQError):
-                self.router.send_multipart([name.encode(), *frames], copy=False)
+            self.outbox.setdefault(name, []).append(frames)
+
+    def _flush(self) -> None:
+        """Send the RunUnits submitted since the last flush, a batch per actor."""
+        outbox, self.outbox = self.outbox, {}
+        for name, encoded in outbox.items():
+            with contextlib.suppress(zmq.ZMQError):  # an unreachable actor: liveness sees it
+                self.router.send_multipart([name.encode(), *pack(encoded)], copy=False)
 
     def drop_plans(self, plan_ids: list[int]) -> None:
         """Cached plans that will not run again: each actor holding one forgets it."""
@@ -266,6 +276,7 @@ class ZmqExecutor:
 
     def poll(self, timeout: float | None = None) -> list[JobResult]:
         """Results of finished jobs: wait up to `timeout` seconds (None: until one)."""
+        self._flush()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
             wait_ms = 50
@@ -296,8 +307,8 @@ class ZmqExecutor:
         """Check the actors while no job is in flight, so that a dead one is restarted
         before the next request needs it; returns the devices whose state was lost."""
         while self.router.poll(0):  # heartbeats first, or a quiet actor looks dead
-            msg, name = self._receive()
-            if msg is not None:
+            msgs, name = self._receive()
+            for msg in msgs:
                 self._dispatch(msg, name)
         self._check_liveness()
         lost, self.lost = sorted(self.lost), set()

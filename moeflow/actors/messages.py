@@ -13,7 +13,13 @@ malformed or unknown message raises MessageError, which receivers log and drop.
     actor -> coordinator   Hello, UnitPart, RoutingCounts, Heartbeat, NodeFailed
     actor -> actor         Data, Done
 
-The in-process transport hands the same objects over without encoding them.
+Several messages for one destination may travel as one batch (`pack`), which costs one
+send, one wakeup and one CURVE box instead of one each:
+
+    [BATCH, msgpack [[kind, number of frames], ...], header, frames..., header, frames...]
+
+`decode_all` reads either form. The in-process transport hands the same objects over
+without encoding them.
 """
 
 from __future__ import annotations
@@ -162,6 +168,8 @@ KINDS: dict[type, int] = {Hello: 1, Peers: 2, RunUnit: 3, Data: 4, Done: 5, Unit
                           RoutingCounts: 7, Heartbeat: 8, NodeFailed: 9, Release: 10, Abort: 11,
                           Shutdown: 12, DropPlans: 13}
 BY_KIND = {v: k for k, v in KINDS.items()}
+BATCH = 0x80  # the kind byte of a batch of messages: no Message has it
+MAX_BATCH = 65536  # messages in one batch
 
 
 # -- tensors as frames ---------------------------------------------------------------
@@ -320,6 +328,39 @@ def encode(msg: Message) -> list[Any]:
     else:
         header = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
     return [bytes([kind]), msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def pack(encoded: list[list[Any]]) -> list[Any]:
+    """Encoded messages (each from `encode`) for one destination as one multipart."""
+    if len(encoded) == 1:
+        return encoded[0]
+    index = [[_bytes(frames[0])[0], len(frames) - 1] for frames in encoded]
+    out: list[Any] = [bytes([BATCH]), msgpack.packb(index)]
+    for frames in encoded:
+        out.extend(frames[1:])
+    return out
+
+
+def decode_all(parts: list[Any]) -> list[Message]:
+    """The messages in a multipart frame list: one, or a batch's (see `pack`)."""
+    if not parts or _bytes(parts[0]) != bytes([BATCH]):
+        return [decode(parts)]
+    try:
+        index = msgpack.unpackb(_bytes(parts[1]), raw=False) if len(parts) > 1 else None
+    except Exception as exc:
+        raise MessageError(f"bad batch index: {exc}") from None
+    if not (isinstance(index, list) and 0 < len(index) <= MAX_BATCH and all(
+            isinstance(e, list) and len(e) == 2 and all(type(v) is int for v in e)
+            and e[0] in BY_KIND and e[1] >= 1 for e in index)):
+        raise MessageError("bad batch index: a list of [message kind, number of frames]")
+    if sum(n for _, n in index) != len(parts) - 2:
+        raise MessageError(f"a batch of {sum(n for _, n in index)} frames came with "
+                           f"{len(parts) - 2}")
+    out, at = [], 2
+    for kind, num_frames in index:
+        out.append(decode([bytes([kind]), *parts[at:at + num_frames]]))
+        at += num_frames
+    return out
 
 
 def decode(parts: list[Any]) -> Message:

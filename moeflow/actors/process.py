@@ -44,7 +44,8 @@ import zmq
 import zmq.asyncio
 
 from moeflow.actors.messages import (
-    KINDS, Data, Done, Heartbeat, Hello, MessageError, Peers, Shutdown, decode, encode,
+    KINDS, Data, Done, Heartbeat, Hello, MessageError, Peers, Shutdown, decode_all, encode,
+    pack,
 )
 from moeflow.actors.plane import (
     Faults, Gatekeeper, PeerLinks, PlaneKeys, connect_curve, ipc_address, remove_runtime_dir,
@@ -159,14 +160,16 @@ class CoreThread(threading.Thread):
         tasks = self.core.start_tasks()
         for group in tasks:
             self.running_since = time.monotonic()
+            out = []  # what a group sends goes out together, a batch per destination
             try:
                 values = self.core.run(group)
             except Exception as exc:
                 for task in group:
-                    self._send(self.core.fail(task, exc))
+                    out.extend(self.core.fail(task, exc))
             else:
                 for task, value in zip(group, values):
-                    self._send(self.core.finish(task, value))
+                    out.extend(self.core.finish(task, value))
+            self._send(out)
             self.num_done += 1
         self.peers.send_due()
         if tasks:
@@ -200,11 +203,15 @@ class CoreThread(threading.Thread):
     def _deliver(self, parts: list[Any], data_plane: bool) -> None:
         self.num_done += 1
         try:
-            msg = decode(parts)
+            msgs = decode_all(parts)
         except MessageError as exc:
             log.warning("%s: dropped a malformed message: %s", self.config.name, exc)
             self._count("malformed")
             return
+        for msg in msgs:
+            self._deliver_one(msg, data_plane)
+
+    def _deliver_one(self, msg: Any, data_plane: bool) -> None:
         if data_plane and not isinstance(msg, (Data, Done)):
             log.warning("%s: dropped a %s on the data socket", self.config.name,
                         type(msg).__name__)
@@ -220,12 +227,15 @@ class CoreThread(threading.Thread):
             self._count("rejected")
 
     def _send(self, outgoing: list[Any]) -> None:
+        """Each destination's messages, in order, as one batch."""
+        by_destination: dict[str, list[list[Any]]] = {}
         for out in outgoing:
-            frames = encode(out.msg)
-            if out.to == "":
-                self.post_control(frames)
+            by_destination.setdefault(out.to, []).append(encode(out.msg))
+        for to, encoded in by_destination.items():
+            if to == "":
+                self.post_control(pack(encoded))
             else:
-                self.peers.send(out.to, frames)
+                self.peers.send(to, pack(encoded))
 
     def dropped_so_far(self) -> dict[str, int]:
         counts = dict(self.dropped)

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeflow.actors.coordinator import ZmqExecutor
-from moeflow.actors.messages import KINDS, Data, Done, Payload, Release, RunUnit, encode
+from moeflow.actors.messages import (
+    BATCH, KINDS, Data, Done, MessageError, Payload, Release, RunUnit, decode_all, encode, pack,
+)
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.plane import connect_curve
 from moeflow.models.families import load_spec
@@ -38,7 +40,8 @@ def as_bytes(frames) -> list[bytes]:
 def malformed(draw: st.DrawFn) -> list[bytes]:
     kind = draw(st.sampled_from(["random", "unknown kind", "truncated header",
                                  "wrong tensor size", "missing frames", "extra frames",
-                                 "wrong field types", "header not a map", "wrong socket"]))
+                                 "wrong field types", "header not a map", "wrong socket",
+                                 "bad batch"]))
     base = as_bytes(draw(st.sampled_from(VALID)))
     if kind == "random":
         return draw(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
@@ -63,8 +66,26 @@ def malformed(draw: st.DrawFn) -> list[bytes]:
         return [base[0], msgpack.packb(header), *base[2:]]
     if kind == "header not a map":
         return [base[0], msgpack.packb(draw(st.lists(st.integers(-2**31, 2**31), max_size=3)))]
+    if kind == "bad batch":  # a batch whose index does not match its frames
+        batch = as_bytes(pack([VALID[0], VALID[2]]))
+        index = msgpack.unpackb(batch[1])
+        index[draw(st.integers(0, 1))][1] += draw(st.sampled_from([-1, 1, 2**40]))
+        return [batch[0], msgpack.packb(index), *batch[2:]]
     # a valid message of a kind that does not belong on the data socket
     return [bytes([KINDS[RunUnit]]), msgpack.packb({"unit_id": 1, "plan": {}})]
+
+
+def test_a_batch_carries_its_messages_in_order_and_refuses_a_bad_index():
+    batch = as_bytes(pack(VALID))
+    assert batch[0] == bytes([BATCH]) and len(batch) == 2 + sum(len(v) - 1 for v in VALID)
+    msgs = decode_all(batch)
+    assert [type(m) for m in msgs] == [Data, Data, Done, Release]
+    assert torch.equal(msgs[1].payload.tensors[0], torch.ones(3, 4))
+    assert msgs[2] == Done(7, 1) and msgs[3] == Release((1, 2))
+    assert pack([VALID[2]]) is VALID[2]  # one message travels as itself
+    for index in ([], [[KINDS[Done], 1]] * 5, [[BATCH, 1]], [[KINDS[Done], 0]], {"a": 1}):
+        with pytest.raises(MessageError):
+            decode_all([bytes([BATCH]), msgpack.packb(index), *batch[2:3]])
 
 
 @pytest.fixture(scope="module")

@@ -370,7 +370,7 @@ class Core:
     dropped = {}
     broken = False
 
-    def next_tasks(self):
+    def start_tasks(self):
         if self.broken:
             raise RuntimeError("the core broke")
         return []
