@@ -11,6 +11,11 @@ An executor ("cluster") runs jobs on its actors, in this process or in others:
     kv_capacity_blocks(), kv_block_size
     close()
 
+Both executors keep their jobs in a `CoordinatorCore`: what each actor is sent for a job
+(a cached plan once per actor, then its id), what the actors' replies mean, and which jobs
+are done. The executors only carry its messages: by call in this process, over ZeroMQ to
+actor processes.
+
 A JobResult carries the token sampled for each sequence that produced logits (sampling
 happens on the actor that serves the request), the logits themselves only if asked for,
 an error message if the whole job failed, and per-sequence errors for sequences that
@@ -20,11 +25,13 @@ actor restarted): the engine fails the requests served there.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from moeflow.actors.messages import Message, NodeFailed, RoutingCounts, RunUnit, UnitPart
 from moeflow.dataflow.graph import Unit
 from moeflow.scheduler.plan import Plan
 
@@ -102,6 +109,33 @@ def plan_actors(plan: Plan) -> set[str]:
     return {s.actor for s in plan.assignment}
 
 
+class Executor(Protocol):
+    """What the engine runs jobs on (see the module docstring): `InProcessExecutor` and
+    `ZmqExecutor` implement it."""
+
+    def submit(self, job: JobSpec) -> None: ...
+
+    def poll(self, timeout: float | None = None) -> list[JobResult]: ...
+
+    def run_many(self, jobs: list[JobSpec]) -> list[JobResult]: ...
+
+    def release(self, home: str, seq_id: int) -> None: ...
+
+    def drop_plans(self, plan_ids: list[int]) -> None: ...
+
+    def watch(self) -> list[str]: ...
+
+    def kv_capacity_blocks(self) -> dict[str, int]: ...
+
+    @property
+    def kv_block_size(self) -> int: ...
+
+    @property
+    def routing(self) -> dict[int, list[int]] | None: ...
+
+    def close(self) -> None: ...
+
+
 class _Submits(Protocol):
     def submit(self, job: JobSpec) -> None: ...
     def poll(self, timeout: float | None = None) -> list[JobResult]: ...
@@ -116,3 +150,93 @@ def run_jobs(executor: _Submits, jobs: list[JobSpec]) -> list[JobResult]:
         for r in executor.poll():
             results[r.job_id] = r
     return [results[j.job_id] for j in jobs]
+
+
+class CoordinatorCore:
+    """The coordinator's logic, whatever carries its messages (see the module docstring).
+    `want_logits` asks every actor for logits; `record_routing` sums the rows routed to
+    each expert per layer into `routing`."""
+
+    def __init__(self, actors: Iterable[str], want_logits: bool = False,
+                 record_routing: bool = False) -> None:
+        self.want_logits = want_logits
+        self.routing: dict[int, list[int]] | None = {} if record_routing else None
+        self.tracker = JobTracker()
+        self.done: list[JobResult] = []
+        self.plans: dict[str, set[int]] = {a: set() for a in actors}  # cached plans each holds
+
+    def submit(self, job: JobSpec) -> list[tuple[str, RunUnit]]:
+        """Start tracking `job`; the RunUnit each of its actors is to get. The plan itself
+        goes to an actor that does not hold it yet; one that does gets its id."""
+        actors = plan_actors(job.plan)
+        unknown = actors - set(self.plans)
+        if unknown:
+            raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
+        self.tracker.start(job.job_id, actors)
+        whole = brief = None
+        out = []
+        for name in sorted(actors):
+            held = self.plans[name]
+            if job.plan_id is not None and job.plan_id in held:
+                brief = brief or RunUnit(job.job_id, None, job.tokens, job.sampling,
+                                         self.want_logits, job.unit, job.plan_id)
+                out.append((name, brief))
+            else:
+                whole = whole or RunUnit(job.job_id, job.plan, job.tokens, job.sampling,
+                                         self.want_logits, job.unit, job.plan_id)
+                out.append((name, whole))
+                if job.plan_id is not None:
+                    held.add(job.plan_id)
+        return out
+
+    def expects(self, actor: str, unit_id: int) -> bool:
+        """Whether `actor` still owes a share of job `unit_id`."""
+        return actor in self.tracker.waiting.get(unit_id, ())
+
+    def reply(self, msg: Message) -> list[int]:
+        """An actor's UnitPart, RoutingCounts or NodeFailed taken in; the jobs that failed
+        because of it (their actors are to abort them)."""
+        if isinstance(msg, UnitPart):
+            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
+                                       msg.errors)
+            if result is not None:
+                self.done.append(result)
+        elif isinstance(msg, RoutingCounts):
+            if self.routing is not None:
+                total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
+                for e, c in enumerate(msg.counts):
+                    total[e] += c
+        elif isinstance(msg, NodeFailed):
+            return self.fail([msg.unit_id], f"{msg.actor}: {msg.error}")
+        else:
+            raise TypeError(f"a {type(msg).__name__} is not a reply")
+        return []
+
+    def fail(self, unit_ids: Iterable[int], error: str) -> list[int]:
+        """Fail the jobs still in flight among `unit_ids`; those failed now."""
+        failed = []
+        for unit_id in unit_ids:
+            result = self.tracker.fail(unit_id, error)
+            if result is not None:
+                self.done.append(result)
+                failed.append(unit_id)
+        return failed
+
+    def restarted(self, actor: str) -> None:
+        """`actor` lost its state: it holds no cached plan any more."""
+        self.plans[actor] = set()
+
+    def drop_plans(self, plan_ids: Iterable[int]) -> dict[str, tuple[int, ...]]:
+        """Cached plans that will not run again: which each actor holding some should drop."""
+        dropped = set(plan_ids)
+        out = {}
+        for name, held in self.plans.items():
+            gone = held & dropped
+            if gone:
+                held -= gone
+                out[name] = tuple(sorted(gone))
+        return out
+
+    def take_done(self) -> list[JobResult]:
+        done, self.done = self.done, []
+        return done

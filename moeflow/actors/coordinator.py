@@ -49,11 +49,13 @@ from typing import Any
 
 import zmq
 
-from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, run_jobs
+from moeflow.actors.cluster import (
+    CoordinatorCore, JobResult, JobSpec, JobTracker, plan_actors, run_jobs,
+)
 from moeflow.actors.kvcache import DEFAULT_BLOCK_SIZE
 from moeflow.actors.messages import (
     Abort, DropPlans, Heartbeat, Hello, MessageError, NodeFailed, Peers, Release,
-    RoutingCounts, RunUnit, Shutdown, UnitPart, decode_all, encode, pack,
+    RoutingCounts, Shutdown, UnitPart, decode_all, encode, pack,
 )
 from moeflow.actors.plane import (
     Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, is_loopback, make_runtime_dir,
@@ -80,7 +82,6 @@ class _Actor:
     num_done: int = 0  # its core's steps done, as of its last heartbeat
     running_s: float = 0.0  # how long its core's current step had run, as of then
     dropped: dict[str, int] = field(default_factory=dict)  # its own counts, by reason
-    plans: set[int] = field(default_factory=set)  # cached plans sent to it (and held there)
 
 
 class ZmqExecutor:
@@ -108,8 +109,6 @@ class ZmqExecutor:
         self.node_timeout = node_timeout
         self.faults = faults
         self.null_ops = null_ops  # NullWorkers: for measuring the runtime alone
-        self.want_logits = want_logits
-        self.routing: dict[int, list[int]] | None = {} if record_routing else None
         cores = threads or os.cpu_count() or 1
         n = len(placement.devices)
         self.threads = max(1, cores // n)
@@ -117,11 +116,10 @@ class ZmqExecutor:
             log.warning("%d actors on %d cores: each gets 1 torch thread", n, cores)
         self.keys = KeyPair.make()
         self.actor_keys = {name: KeyPair.make() for name in placement.devices}
-        self.tracker = JobTracker()
+        self.coordinator = CoordinatorCore(placement.devices, want_logits, record_routing)
         self.started: dict[int, float] = {}  # job id -> when it was submitted
         self.actors: dict[str, _Actor] = {}
         self.lost: set[str] = set()
-        self.done: list[JobResult] = []
         self.dropped: dict[str, int] = {}  # messages the coordinator dropped, by reason
         self.outbox: dict[str, list[list[Any]]] = {}  # RunUnits submitted, not yet sent
         self.closed = False
@@ -234,28 +232,24 @@ class ZmqExecutor:
     def kv_capacity_blocks(self) -> dict[str, int]:
         return {d: self.kv_tokens // DEFAULT_BLOCK_SIZE for d in self.placement.devices}
 
+    @property
+    def routing(self) -> dict[int, list[int]] | None:
+        return self.coordinator.routing
+
+    @property
+    def tracker(self) -> JobTracker:
+        return self.coordinator.tracker
+
     def submit(self, job: JobSpec) -> None:
-        actors = plan_actors(job.plan)
-        unknown = actors - set(self.actors)
-        if unknown:
-            raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
-        self._await_ready(sorted(actors))  # an actor restarting: its Hello comes first
-        self.tracker.start(job.job_id, actors)
+        actors = sorted(plan_actors(job.plan) & set(self.actors))
+        self._await_ready(actors)  # an actor restarting: its Hello comes first
+        sends = self.coordinator.submit(job)
         self.started[job.job_id] = time.monotonic()
-        whole = brief = None  # a cached plan travels once to each actor; then its id
-        for name in sorted(actors):
-            actor = self.actors[name]
-            if job.plan_id is not None and job.plan_id in actor.plans:
-                brief = brief or encode(RunUnit(job.job_id, None, job.tokens, job.sampling,
-                                                self.want_logits, job.unit, job.plan_id))
-                frames = brief
-            else:
-                whole = whole or encode(RunUnit(job.job_id, job.plan, job.tokens,
-                                                job.sampling, self.want_logits, job.unit,
-                                                job.plan_id))
-                frames = whole
-                if job.plan_id is not None:
-                    actor.plans.add(job.plan_id)
+        encoded: dict[int, list[Any]] = {}  # one encoding of each distinct message
+        for name, msg in sends:
+            frames = encoded.get(id(msg))
+            if frames is None:
+                frames = encoded[id(msg)] = encode(msg)
             self.outbox.setdefault(name, []).append(frames)
 
     def _flush(self) -> None:
@@ -267,18 +261,14 @@ class ZmqExecutor:
 
     def drop_plans(self, plan_ids: list[int]) -> None:
         """Cached plans that will not run again: each actor holding one forgets it."""
-        dropped = set(plan_ids)
-        for name, actor in self.actors.items():
-            held = actor.plans & dropped
-            if held:
-                actor.plans -= held
-                self._send(name, DropPlans(tuple(sorted(held))))
+        for name, held in self.coordinator.drop_plans(plan_ids).items():
+            self._send(name, DropPlans(held))
 
     def poll(self, timeout: float | None = None) -> list[JobResult]:
         """Results of finished jobs: wait up to `timeout` seconds (None: until one)."""
         self._flush()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
+        while not self.coordinator.done:
             wait_ms = 50
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -289,9 +279,9 @@ class ZmqExecutor:
                 self._drain()
             self._check_liveness()
             self._check_stalls()
-            if deadline is None and not len(self.tracker) and not self.done:
+            if deadline is None and not len(self.tracker) and not self.coordinator.done:
                 break
-        done, self.done = self.done, []
+        done = self.coordinator.take_done()
         if done and self.lost:
             done[0].lost = tuple(sorted(self.lost))
             self.lost.clear()
@@ -334,7 +324,7 @@ class ZmqExecutor:
                 self._started(actor, msg)
             return
         unit_id = getattr(msg, "unit_id", None)
-        if unit_id is not None and name not in self.tracker.waiting.get(unit_id, ()):
+        if unit_id is not None and not self.coordinator.expects(name, unit_id):
             self._drop("stale", f"a {kind} from {name} for unit {unit_id}, not in flight there")
             return
         if isinstance(msg, Heartbeat):
@@ -342,29 +332,17 @@ class ZmqExecutor:
                 actor.last_busy = now
             actor.num_done, actor.running_s, actor.dropped = (msg.num_done, msg.running_s,
                                                               msg.dropped)
-        elif isinstance(msg, UnitPart):
-            actor.last_busy = now
-            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
-                                       msg.errors)
-            if result is not None:
-                self.done.append(result)
-        elif isinstance(msg, NodeFailed):
-            self._fail([msg.unit_id], f"{msg.actor}: {msg.error}")
-        elif isinstance(msg, RoutingCounts):
-            if self.routing is not None:
-                total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
-                for e, c in enumerate(msg.counts):
-                    total[e] += c
+        elif isinstance(msg, (UnitPart, NodeFailed, RoutingCounts)):
+            if isinstance(msg, UnitPart):
+                actor.last_busy = now
+            self._abort(self.coordinator.reply(msg))
         else:
             self._drop("unexpected", f"an unexpected {kind} from {name}")
 
     def _fail(self, unit_ids: list[int], error: str) -> None:
-        failed = []
-        for unit_id in unit_ids:
-            result = self.tracker.fail(unit_id, error)
-            if result is not None:
-                self.done.append(result)
-                failed.append(unit_id)
+        self._abort(self.coordinator.fail(unit_ids, error))
+
+    def _abort(self, failed: list[int]) -> None:
         if failed:
             for name in self.actors:
                 self._send(name, Abort(tuple(failed)))
@@ -427,6 +405,7 @@ class ZmqExecutor:
             old.proc.wait(timeout=5)
         self._fail(self.tracker.involving(name), f"actor {name} died ({why})")
         self.lost.add(name)
+        self.coordinator.restarted(name)
         self.actors[name] = self._spawn(name)
 
     def pids(self) -> dict[str, int]:

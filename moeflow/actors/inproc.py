@@ -15,11 +15,9 @@ from pathlib import Path
 
 import torch
 
-from moeflow.actors.cluster import JobResult, JobSpec, JobTracker, plan_actors, run_jobs
+from moeflow.actors.cluster import CoordinatorCore, JobResult, JobSpec, run_jobs
 from moeflow.actors.core import COORDINATOR, ActorCore, Outgoing
-from moeflow.actors.messages import (
-    Abort, NodeFailed, Release, RoutingCounts, RunUnit, UnitPart,
-)
+from moeflow.actors.messages import Abort, DropPlans, Release
 from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import Placement
 from moeflow.models.checkpoint import Checkpoint
@@ -78,11 +76,8 @@ class InProcessExecutor:
         self.workers = workers
         self.actors = {name: ActorCore(name, w) for name, w in workers.items()}
         self.observer = observer
-        self.want_logits = want_logits
-        self.routing: dict[int, list[int]] | None = {} if record_routing else None
-        self.tracker = JobTracker()
+        self.coordinator = CoordinatorCore(workers, want_logits, record_routing)
         self.mail: deque[Outgoing] = deque()
-        self.done: list[JobResult] = []
         self._ids = itertools.count(1 << 40)  # ids for ad-hoc runs, apart from the engine's
 
     @property
@@ -99,31 +94,38 @@ class InProcessExecutor:
 
     # -- jobs ----------------------------------------------------------------------
 
+    @property
+    def routing(self) -> dict[int, list[int]] | None:
+        return self.coordinator.routing
+
+    @property
+    def want_logits(self) -> bool:
+        return self.coordinator.want_logits
+
+    @want_logits.setter
+    def want_logits(self, value: bool) -> None:
+        self.coordinator.want_logits = value
+
     def submit(self, job: JobSpec) -> None:
-        actors = plan_actors(job.plan)
-        unknown = actors - set(self.actors)
-        if unknown:
-            raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
-        self.tracker.start(job.job_id, actors)
-        msg = RunUnit(job.job_id, job.plan, job.tokens, job.sampling, self.want_logits,
-                      job.unit, job.plan_id)
-        for actor in sorted(actors):
+        for actor, msg in self.coordinator.submit(job):
             self.mail.append(Outgoing(actor, msg))
 
     def poll(self, timeout: float | None = None) -> list[JobResult]:
         """Run until some submitted job finishes (or none is left); `timeout` is moot here,
         since nothing runs concurrently."""
-        while not self.done and len(self.tracker):
+        tracker = self.coordinator.tracker
+        while not self.coordinator.done and len(tracker):
             if not self._deliver() and not self._run_ready():
                 # nothing can run and nothing is in the mail: a lost message, or a plan
                 # that cannot complete; its jobs fail, the executor goes on
-                self._fail(self.tracker.involving_any(),
+                self._fail(tracker.involving_any(),
                            "stalled: no node of the job can run (a lost message?)")
-        done, self.done = self.done, []
-        return done
+        return self.coordinator.take_done()
 
     def drop_plans(self, plan_ids: list[int]) -> None:
-        """Nothing to drop: every actor here gets each plan as an object, per unit."""
+        """Cached plans that will not run again: each actor holding one forgets it."""
+        for actor, held in self.coordinator.drop_plans(plan_ids).items():
+            self.actors[actor].handle(DropPlans(held))
 
     def watch(self) -> list[str]:
         """Devices whose state was lost since the last call: never, in one process."""
@@ -163,26 +165,15 @@ class InProcessExecutor:
         return delivered
 
     def _to_coordinator(self, out: Outgoing) -> None:
-        msg = out.msg
-        if isinstance(msg, UnitPart):
-            result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
-                                       msg.errors)
-            if result is not None:
-                self.done.append(result)
-        elif isinstance(msg, RoutingCounts) and self.routing is not None:
-            total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
-            for e, c in enumerate(msg.counts):
-                total[e] += c
-        elif isinstance(msg, NodeFailed):
-            self._fail([msg.unit_id], f"{msg.actor}: {msg.error}")
+        self._abort(self.coordinator.reply(out.msg))
 
     def _fail(self, unit_ids: list[int], error: str) -> None:
-        for unit_id in unit_ids:
-            result = self.tracker.fail(unit_id, error)
-            if result is not None:
-                self.done.append(result)
-                for actor in self.actors.values():
-                    actor.handle(Abort((unit_id,)))
+        self._abort(self.coordinator.fail(unit_ids, error))
+
+    def _abort(self, failed: list[int]) -> None:
+        if failed:
+            for actor in self.actors.values():
+                actor.handle(Abort(tuple(failed)))
 
     def _run_ready(self) -> bool:
         ran = False

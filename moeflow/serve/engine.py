@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 from moeflow.models.spec import ModelSpec
@@ -24,21 +23,8 @@ from moeflow.models.tokenizer import Tokenizer
 from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
-from moeflow.actors.cluster import JobResult, JobSpec
+from moeflow.actors.cluster import Executor, JobResult, JobSpec
 from moeflow.ops.sampling import SamplingParams
-
-
-class Executor(Protocol):
-    def run_many(self, jobs: list[JobSpec]) -> list[JobResult]: ...
-
-    def release(self, home: str, seq_id: int) -> None: ...
-
-    def drop_plans(self, plan_ids: list[int]) -> None: ...
-
-    def kv_capacity_blocks(self) -> dict[str, int]: ...
-
-    @property
-    def kv_block_size(self) -> int: ...
 
 
 @dataclass

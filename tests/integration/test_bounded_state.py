@@ -71,9 +71,11 @@ def test_cached_plans_are_dropped_everywhere_once_evicted(tiny_factory):
     spec, cluster = reference.spec, reference.cluster
     executor = make_executor("zmq", path, spec, cluster, torch.float32, 4096)
     core = EngineCore(spec, executor, make_scheduler("batch-ep"), cluster, num_cached_plans=2)
+    inproc = EngineCore(spec, make_executor("inproc", path, spec, cluster, torch.float32, 4096),
+                        make_scheduler("batch-ep"), cluster, num_cached_plans=2)
     try:
         outputs = []
-        for engine in (reference, core):
+        for engine in (reference, core, inproc):
             # staggered lengths: the batch shrinks step by step, a new shape each time
             reqs = [engine.add_request([3 + i, 9, 27], SamplingParams(max_new_tokens=2 + i,
                                                                       ignore_eos=True))
@@ -81,9 +83,11 @@ def test_cached_plans_are_dropped_everywhere_once_evicted(tiny_factory):
             while engine.has_unfinished():
                 engine.step()
             outputs.append([tuple(r.output_ids) for r in reqs])
-        assert outputs[0] == outputs[1]
+        assert outputs[0] == outputs[1] == outputs[2]
         assert core.plans.num_compiled > 2 and len(core.plans) == 2
-        for actor in executor.actors.values():
+        for held in executor.coordinator.plans.values():
+            assert len(held) <= 2
+        for actor in inproc.executor.actors.values():  # the actor cores' own caches
             assert len(actor.plans) <= 2
     finally:
         executor.close()
