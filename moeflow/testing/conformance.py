@@ -17,9 +17,9 @@ invariants:
     +  for static plans, the simulated and the real in-process per-stream orders agree
     +  the execution semantics themselves (a state machine, see `machine.py`)
 
-Policies have their own invariants too (fine-ep: invariant 6), and a plugin may add some:
-a scheduler class with a `conformance_checks()` classmethod returning functions
-`check(case, result) -> list[str]` gets them run on every simulated case. Failures shrink to a small case whose repr can be pasted into a test.
+Policies have their own invariants too (fine-ep: invariant 6, eps: invariant 7), and a
+plugin may add some: a scheduler class with a `conformance_checks()` classmethod returning
+functions `check(case, result) -> list[str]` gets them run on every simulated case. Failures shrink to a small case whose repr can be pasted into a test.
 """
 
 from __future__ import annotations
@@ -149,9 +149,10 @@ def policy_checks(scheduler_cls: type[Scheduler]) -> list[Check]:
     """The invariants specific to a policy: the built-in ones for every policy name in the
     class's ancestry (a subclass of fine-ep keeps invariant 6), plus whatever the class's
     own `conformance_checks()` returns."""
+    from moeflow.testing.eps import invariant_7
     from moeflow.testing.fine_ep import invariant_6
 
-    builtin: dict[str, list[Check]] = {"fine-ep": [invariant_6]}
+    builtin: dict[str, list[Check]] = {"fine-ep": [invariant_6], "eps": [invariant_7]}
     checks: list[Check] = []
     for klass in scheduler_cls.__mro__:
         checks.extend(builtin.get(klass.__dict__.get("name", ""), []))

@@ -1,0 +1,89 @@
+"""eps: passes the conformance suite with invariant 7 (adversarial routing included), with
+PN chosen by the enabling rule and with PN forced above 1, and gives batch-ep's logits and
+greedy tokens with PN = 2 and 4, in process for every family and across actor processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflow.actors.coordinator import ZmqExecutor
+from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.dataflow.graph import SeqChunk, Unit
+from moeflow.models.families import load_spec
+from moeflow.scheduler import EPS, AnalyticCosts, BatchEP, Cluster
+from moeflow.testing import check_scheduler
+from moeflow.testing.conformance import record_generation
+from moeflow.testing.eps import num_stages
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+PROMPTS = [[5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301], [8, 9, 10],
+           [300, 301, 302, 303, 304, 305, 306, 40, 41], [77, 78]]
+ATOL = 1e-4  # as the transformers oracle
+
+
+class TwoStages(EPS):
+    name = "eps-2"
+
+    def __init__(self) -> None:
+        super().__init__(stages=2)
+
+
+class CheapStages(EPS):
+    """Costs under which the rule turns pipelining on at a handful of rows: the suite's
+    tiny units then cross the threshold both ways."""
+
+    name = "eps-cheap-stages"
+
+    def __init__(self) -> None:
+        super().__init__(costs=AnalyticCosts(64, 32, 4, link_bandwidth=1e9, link_latency=2e-7,
+                                             gemm_flops=1e10, gemm_half_rows=1, launch_s=1e-8,
+                                             stage_overhead_s=1e-7))
+
+
+@pytest.mark.parametrize("policy", [EPS, TwoStages, CheapStages])
+def test_eps_passes_the_whole_suite_with_invariant_7(policy):
+    check_scheduler(policy, max_examples=30, real_examples=3)
+
+
+def generate(executor, spec, scheduler, cluster):
+    return record_generation(executor, spec, scheduler, cluster, PROMPTS, 6)
+
+
+def assert_same(run, reference):
+    (tokens, logits), (ref_tokens, ref_logits) = run, reference
+    assert tokens == ref_tokens
+    for request, rows in ref_logits.items():
+        assert len(logits[request]) == len(rows)
+        for a, b in zip(logits[request], rows):
+            assert (a - b).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eps_matches_batch_ep_in_process(family, tiny_factory):
+    path = tiny_factory(family)  # 8 experts: 4 per actor, so PN = 2 and 4 both split
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+
+    def inproc():
+        return InProcessExecutor(load_workers(path, spec, cluster.placement, torch.float32,
+                                              4096), want_logits=True)
+
+    reference = generate(inproc(), spec, BatchEP(), cluster)
+    unit = Unit((SeqChunk(0, 0, 4, "cpu:0"), SeqChunk(1, 0, 4, "cpu:1")))
+    for stages in (2, 4):
+        eps = EPS(stages=stages)
+        assert num_stages(eps.plan(unit, spec, cluster).graph) == stages
+        assert_same(generate(inproc(), spec, eps, cluster), reference)
+
+
+@pytest.mark.timeout(300)
+def test_eps_matches_batch_ep_across_actor_processes(tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    reference = generate(InProcessExecutor(load_workers(
+        path, spec, cluster.placement, torch.float32, 4096), want_logits=True), spec,
+        BatchEP(), cluster)
+    with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True) as zmq:
+        assert_same(generate(zmq, spec, EPS(stages=2), cluster), reference)

@@ -1,0 +1,320 @@
+"""eps: how PN is chosen, the pipelined plan's shape and issue order, and invariant 7
+catching broken variants in the simulator (the whole suite, with real runs, is in
+tests/integration/test_eps.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moeflow.dataflow.graph import Edge, Expert, Graph, SeqChunk, Transfer, Unit
+from moeflow.models.families import spec_from_config
+from moeflow.models.tiny import TinyShape, tiny_config
+from moeflow.scheduler import EPS, AnalyticCosts, Cluster, InOrder, make_scheduler
+from moeflow.scheduler.eps import LayerLoad, token_bucket
+from moeflow.sim import models
+from moeflow.sim.simulator import Simulator
+from moeflow.sim.workload import Routing, SimRequest
+from moeflow.testing import ConformanceError
+from moeflow.testing.conformance import Case, check_simulated, policy_checks, simulate
+from moeflow.testing.eps import invariant_7, num_stages, plan_problems
+from moeflow.testing.strategies import ClusterCase, ModelCase, WorkloadCase, tight_hardware
+
+# `make demo`'s checkpoint: Qwen3-MoE, 16 experts (top-4) of width 256 on two CPU actors
+DEMO = spec_from_config(tiny_config("qwen3_moe", TinyShape(
+    layers=4, experts=16, top_k=4, hidden=256, heads=8, kv_heads=2, head_dim=32,
+    intermediate=256, vocab=2048), dtype="bfloat16"), "demo")
+
+
+def prefill(num_tokens: int, devices: tuple[str, ...]) -> Unit:
+    """`num_tokens` prompt tokens spread evenly over `devices`, one sequence each."""
+    n = len(devices)
+    return Unit(tuple(SeqChunk(i, 0, num_tokens // n, d) for i, d in enumerate(devices)))
+
+
+def h800(spec, stage_overhead_s=30e-6):
+    """H800-like figures (989 TFLOP/s bf16, 200 GB/s NVLink, ~20 µs an all-to-all)."""
+    return AnalyticCosts(spec.hidden_size, spec.moe.intermediate_size, 2, link_bandwidth=200e9,
+                         link_latency=20e-6, gemm_flops=989e12, gemm_half_rows=32,
+                         launch_s=4e-6, stage_overhead_s=stage_overhead_s)
+
+
+# -- choosing PN ------------------------------------------------------------------------
+
+
+def test_eps_is_registered():
+    assert isinstance(make_scheduler("eps"), EPS)
+
+
+def test_token_buckets_are_powers_of_two_and_their_halves_between():
+    assert [token_bucket(n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 4095, 4096)] == \
+        [1, 2, 3, 4, 4, 6, 6, 8, 8, 12, 3072, 4096]
+
+
+def test_decode_runs_unpipelined_and_a_long_prefill_pipelines_on_the_demo_shape():
+    devices = ("cpu:0", "cpu:1")
+    cluster = Cluster.sharded(devices, DEMO.moe.num_experts)
+    eps = EPS()
+    assert eps.chosen_stages(prefill(8, devices), DEMO, cluster) == 1
+    choice = eps.choice(prefill(4096, devices), DEMO, cluster)
+    assert choice.stages in (2, 4, 8) and choice.reason == "pipelined"
+    assert choice.comm_ratio <= 1.32 and choice.gemm_ratio <= 1.03
+
+
+def test_paper_scale_choices_with_h800_like_costs():
+    # DeepSeek-V2 on 8 GPUs (20 experts each): the paper ran PN = 5; Mixtral with 2 experts
+    # per GPU: 2. Below the threshold (a few hundred tokens per GPU): 1.
+    ds = models.load("deepseek-v2")
+    cluster = Cluster.sharded([f"cuda:{i}" for i in range(8)], ds.moe.num_experts)
+    eps = EPS(costs=h800(ds))
+    assert eps.chosen_stages(prefill(8 * 4096, cluster.devices), ds, cluster) == 5
+    low = eps.choice(prefill(8 * 256, cluster.devices), ds, cluster)
+    assert (low.stages, low.reason) == (1, "below the enabling threshold")
+    mixtral = models.load("mixtral-8x7b")
+    cluster = Cluster.sharded([f"cuda:{i}" for i in range(4)], mixtral.moe.num_experts)
+    eps = EPS(costs=h800(mixtral))
+    assert eps.chosen_stages(prefill(4 * 4096, cluster.devices), mixtral, cluster) == 2
+    # one expert per GPU leaves nothing to split
+    cluster = Cluster.sharded([f"cuda:{i}" for i in range(8)], mixtral.moe.num_experts)
+    assert eps.chosen_stages(prefill(8 * 4096, cluster.devices), mixtral, cluster) == 1
+
+
+def test_pn_is_the_divisor_nearest_sqrt_c_over_k_that_passes_the_rule():
+    spec = models.load("deepseek-v2")
+    cluster = Cluster.sharded([f"cuda:{i}" for i in range(8)], spec.moe.num_experts)
+    unit = prefill(8 * 4096, cluster.devices)
+    for k in (1e-6, 5e-6, 30e-6, 100e-6, 1e-3):
+        eps = EPS(costs=h800(spec, k))
+        choice = eps.choice(unit, spec, cluster)
+        load = eps.load(unit, spec, cluster)
+        assert choice.stages in load.divisors()
+        c = min(choice.comm_s, choice.gemm_s)
+        passing = [n for n in load.divisors() if n == 1 or eps.enabled(load, eps.costs, n)]
+        best = min(load.divisors(), key=lambda n: (c / n + k * n, n))
+        assert choice.stages == max(n for n in passing if n <= best)
+
+
+def test_fixed_stages_round_down_to_a_divisor_of_every_owners_experts():
+    spec = ModelCase("mixtral", 1, 8, 2).spec
+    even = Cluster.sharded(("cpu:0", "cpu:1"), 8)  # 4 experts each
+    unit = prefill(4, even.devices)
+    assert [EPS(stages=s).chosen_stages(unit, spec, even) for s in (1, 2, 3, 4, 9)] == \
+        [1, 2, 2, 4, 4]
+    uneven = Cluster(("cpu:0", "cpu:1"), ClusterCase(("cpu:0", "cpu:1"),
+                                                     (0, 0, 0, 0, 0, 0, 1, 1)).placement)
+    assert EPS(stages=4).chosen_stages(unit, spec, uneven) == 2  # 6 and 2 experts
+    with pytest.raises(ValueError):
+        EPS(stages=0)
+
+
+def test_one_plan_per_shape_and_bucket_and_pn_constant_within_a_bucket():
+    devices = ("cpu:0", "cpu:1")
+    cluster = Cluster.sharded(devices, DEMO.moe.num_experts)
+    eps = EPS()
+    for n in range(1, 3000, 7):
+        unit = Unit((SeqChunk(0, 0, n, "cpu:0"),))
+        bucket = Unit((SeqChunk(0, 0, token_bucket(n), "cpu:0"),))
+        assert eps.plan_key(unit) == eps.plan_key(bucket)
+        assert eps.chosen_stages(unit, DEMO, cluster) == eps.chosen_stages(bucket, DEMO, cluster)
+    assert eps.plan_key(Unit((SeqChunk(0, 0, 100, "cpu:0"),))) != \
+        eps.plan_key(Unit((SeqChunk(0, 0, 200, "cpu:0"),)))
+    assert EPS(stages=2).plan_key(Unit((SeqChunk(0, 0, 100, "cpu:0"),))) == \
+        EPS(stages=2).plan_key(Unit((SeqChunk(0, 0, 200, "cpu:0"),)))
+
+
+def test_nothing_to_overlap_on_one_device():
+    spec = ModelCase("olmoe", 1, 8, 2).spec
+    cluster = Cluster.sharded(("cpu:0",), 8)
+    choice = EPS().choice(prefill(4096, cluster.devices), spec, cluster)
+    assert (choice.stages, choice.reason) == (1, "nothing to overlap")
+
+
+def test_analytic_costs_gemm_efficiency_falls_for_few_rows():
+    costs = AnalyticCosts(1024, 512)
+    assert costs.comm_s(0) == costs.gemm_s(0, 4) == 0.0
+    per_row = [costs.gemm_s(rows, 4) / rows for rows in (4, 64, 1024, 16384)]
+    assert per_row == sorted(per_row, reverse=True)
+    # splitting rows and experts alike costs only the launches
+    load = LayerLoad(((4096.0, 2048.0, 8),))
+    assert load.ratios(costs, 2)[1] == pytest.approx(
+        (2 * costs.gemm_s(2048, 4)) / costs.gemm_s(4096, 8))
+    with pytest.raises(ValueError):
+        AnalyticCosts(0, 512)
+
+
+# -- the plan ---------------------------------------------------------------------------
+
+
+def kinds_in_order(plan, stream):
+    out = []
+    for i in plan.rule(stream).order:
+        n = plan.graph.nodes[i]
+        if isinstance(n, Transfer):
+            out.append(f"{n.payload[0]}{n.stage}")
+        elif isinstance(n, Expert) and n.kind == "routed":
+            out.append(f"g{n.stage}")
+    return out
+
+
+def test_the_plan_pipelines_dispatch_gemm_combine_in_static_orders():
+    spec = ModelCase("qwen2_moe", 1, 8, 2).spec
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), 8)
+    plan = EPS(stages=4).plan(prefill(16, cluster.devices), spec, cluster)
+    assert all(isinstance(rule, InOrder) for _, rule in plan.rules)
+    assert num_stages(plan.graph) == 4 and plan_problems(plan) == []
+    [send] = [s for s in plan.streams() if s.actor == "cpu:0" and s.name == "send"]
+    [compute] = [s for s in plan.streams() if s.actor == "cpu:0" and s.name == "compute"]
+    # dispatch(p+1) before combine(p): the next dispatch overlaps this stage's GEMM
+    assert kinds_in_order(plan, send) == ["d0", "d1", "c0", "d2", "c1", "d3", "c2", "c3"]
+    assert kinds_in_order(plan, compute) == ["g0", "g1", "g2", "g3"]
+    # the barrier: layer l+1 waits for every device's layer l
+    assert EPS(stages=1).plan(prefill(16, cluster.devices), spec, cluster).graph.edges == \
+        make_scheduler("batch-ep").plan(prefill(16, cluster.devices), spec, cluster).graph.edges
+
+
+# -- invariant 7 catches broken variants ------------------------------------------------
+
+CASE = Case(ModelCase("qwen3_moe", layers=2, experts=8, top_k=2),
+            ClusterCase(devices=("cpu:0", "cpu:1"), expert_owners=(0, 0, 0, 0, 1, 1, 1, 1)),
+            WorkloadCase(requests=(SimRequest(0.0, 20, 3), SimRequest(0.0, 9, 2)),
+                         max_batch_tokens=32, max_seqs=4, kv_blocks=4, routing="remote",
+                         seed=0))
+
+
+class Two(EPS):
+    name = "eps-two"
+
+    def __init__(self) -> None:
+        super().__init__(stages=2)
+
+
+def rebuilt(plan, nodes=None, edges=None):
+    g = plan.graph
+    graph = Graph(g.unit, g.placement, tuple(nodes or g.nodes), tuple(edges or g.edges),
+                  g.num_layers)
+    return dataclasses.replace(plan, graph=graph)
+
+
+class OverlappingGroups(Two):
+    """Broken: each owner's first group also computes the first expert of its second."""
+
+    def plan(self, unit, model, cluster):
+        plan = super().plan(unit, model, cluster)
+        nodes = list(plan.graph.nodes)
+        for n in plan.graph.nodes:
+            if isinstance(n, Expert) and n.kind == "routed" and n.stage == 1:
+                first = next(m for m in nodes if isinstance(m, Expert) and m.kind == "routed"
+                             and m.layer == n.layer and m.device == n.device and m.stage == 0)
+                nodes[first.id] = dataclasses.replace(first, experts=first.experts
+                                                      + n.experts[:1])
+        return rebuilt(plan, nodes=nodes)
+
+
+class CombinesBeforeItsGemm(Two):
+    """Broken: a combine goes back as soon as its rows have arrived at the owner (it reads
+    their dispatch instead of the GEMM), before the GEMM has run."""
+
+    def plan(self, unit, model, cluster):
+        plan = super().plan(unit, model, cluster)
+        g = plan.graph
+        dispatch = {(n.layer, n.src, n.dst, n.stage): n.id for n in g.nodes
+                    if isinstance(n, Transfer) and n.payload == "dispatch"}
+
+        def rewired(e):
+            c = g.nodes[e.dst]
+            if isinstance(c, Transfer) and c.payload == "combine":
+                return Edge(dispatch[(c.layer, c.dst, c.src, c.stage)], e.dst)
+            return e
+
+        return rebuilt(plan, edges=[rewired(e) for e in g.edges])
+
+
+class NoOverlap(Two):
+    """Broken: each sender issues combine(p) before dispatch(p+1): the stages serialise and
+    nothing overlaps (still correct, and deadlock-free)."""
+
+    def plan(self, unit, model, cluster):
+        plan = super().plan(unit, model, cluster)
+        g = plan.graph
+
+        def key(i):
+            n = g.nodes[i]
+            stage = n.stage if isinstance(n, Transfer) else 0
+            return (getattr(n, "layer", -1), stage, isinstance(n, Transfer) and
+                    n.payload == "combine")
+
+        rules = tuple((s, InOrder(tuple(sorted(r.order, key=key))) if s.name == "send" else r)
+                      for s, r in plan.rules)
+        return dataclasses.replace(plan, rules=rules)
+
+
+class IgnoresThreshold(EPS):
+    """Broken: pipelines whatever the enabling rule says (under costs where splitting is
+    cheap to schedule, k ≈ 0, but each message costs a millisecond)."""
+
+    name = "eps-ignores-threshold"
+
+    def __init__(self) -> None:
+        super().__init__(costs=AnalyticCosts(64, 32, link_latency=1e-3, stage_overhead_s=1e-9))
+
+    def enabled(self, load, costs, stages):
+        return True
+
+
+def run_unchecked(cls, case):
+    """The simulated run of `simulate`, without its check that each graph is well formed
+    (so that invariant 7 itself must see what is wrong)."""
+    spec, placement, w = case.model.spec, case.cluster.placement, case.workload
+    hw = tight_hardware(spec, placement, w.kv_blocks, w.max_batch_tokens, w.max_seqs)
+    routing = Routing.parse(w.routing, spec.moe.num_experts, spec.moe.top_k, spec.num_layers,
+                            seed=w.seed)
+    sim = Simulator(spec, hw, cls(), routing, placement=placement,
+                    max_batch_tokens=w.max_batch_tokens, max_seqs=w.max_seqs)
+    return sim.run(w.requests)
+
+
+@pytest.mark.parametrize("cls", [EPS, Two])
+def test_eps_keeps_invariant_7_on_the_fixed_case(cls):
+    check_simulated(cls, CASE, policy_checks(cls))
+    _, result = simulate(cls, CASE)
+    assert {num_stages(job.plan.graph) for job in result.jobs} == ({2} if cls is Two else {1})
+
+
+def test_invariant_7_catches_overlapping_groups():
+    found = invariant_7(CASE, run_unchecked(OverlappingGroups, CASE))
+    assert any("groups overlap: experts [2, 6]" in f for f in found), found
+    with pytest.raises(ConformanceError):  # the suite stops it earlier still (invariant 1)
+        check_simulated(OverlappingGroups, CASE, policy_checks(OverlappingGroups))
+
+
+def test_invariant_7_catches_a_combine_before_its_gemm():
+    found = invariant_7(CASE, run_unchecked(CombinesBeforeItsGemm, CASE))
+    assert any("combine(0)" in f and "before its GEMM ended" in f for f in found), found
+
+
+def test_invariant_7_catches_a_plan_that_does_not_overlap_the_next_dispatch():
+    with pytest.raises(ConformanceError, match=r"invariant 7: unit 0: cpu:\d/send issues "
+                                               r"combine\(0\) of layer 0 before dispatch\(1\)"):
+        check_simulated(NoOverlap, CASE, policy_checks(NoOverlap))
+
+
+def test_invariant_7_catches_pipelining_below_the_threshold():
+    with pytest.raises(ConformanceError, match=r"invariant 7: unit 0 runs PN=\d below the "
+                                               r"enabling threshold"):
+        check_simulated(IgnoresThreshold, CASE, policy_checks(IgnoresThreshold))
+
+
+def test_a_paper_scale_prefill_pipelines_in_the_simulator():
+    from moeflow.sim import hardware
+
+    spec = models.load("olmoe-1b-7b")  # 64 experts: 8 per GPU on 8 GPUs
+    hw = hardware.load("h100x8")
+    eps = EPS(costs=h800(spec))
+    routing = Routing.parse("uniform", spec.moe.num_experts, spec.moe.top_k, spec.num_layers)
+    result = Simulator(spec, hw, eps, routing, max_batch_tokens=32768).run(
+        [SimRequest(0.0, 4096, 2) for _ in range(8)])
+    assert len(result.timings) == 8
+    assert num_stages(result.jobs[0].plan.graph) > 1  # the prefill
+    assert num_stages(result.jobs[-1].plan.graph) == 1  # the decode
+    assert invariant_7(None, result) == []
