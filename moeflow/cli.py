@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--trace", help="write the trace: .json (Perfetto) or .html (timeline)")
     sim.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
 
+    plan = sub.add_parser("plan", help="search the CGOPipe policy for a GPU too small for the "
+                                       "weights (MoE-Lightning's HRM)")
+    plan.add_argument("--model", default="mixtral-8x7b", help="a model preset")
+    plan.add_argument("--hardware", default="t4", help="a GPU with its host: t4 or l4")
+    plan.add_argument("--cpu-cores", type=_positive, default=None,
+                      help="host cores (default: the preset's)")
+    plan.add_argument("--cpu-memory", default=None,
+                      help="host memory, e.g. 192GB or 180GiB (default: the preset's)")
+    plan.add_argument("--prompt", type=_positive, default=None,
+                      help="mean prompt tokens (default: MTBench's 77)")
+    plan.add_argument("--gen", type=_positive, default=128, help="tokens generated per request")
+
     cal = sub.add_parser("calibrate", help="measure this machine's CPU for the simulator")
     cal.add_argument("--out", required=True, help="hardware description to write (.json)")
     cal.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -384,9 +396,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moeflow.sim.hrm import MTBENCH_PROMPT
+    from moeflow.sim.hrm_search import plan_report
+
+    print(plan_report(args.model, args.hardware, args.cpu_cores, args.cpu_memory,
+                      args.prompt or MTBENCH_PROMPT, args.gen))
+    return 0
+
+
 COMMANDS = {"make-tiny": cmd_make_tiny, "generate": cmd_generate, "graph": cmd_graph,
-            "simulate": cmd_simulate, "calibrate": cmd_calibrate, "serve": cmd_serve,
-            "bench": cmd_bench}
+            "simulate": cmd_simulate, "plan": cmd_plan, "calibrate": cmd_calibrate,
+            "serve": cmd_serve, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

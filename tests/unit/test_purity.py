@@ -12,7 +12,7 @@ import pytest
 IMPURE = ("asyncio", "zmq", "torch", "triton", "uvloop", "numpy", "moeflow.actors",
           "moeflow.serve", "moeflow.ops")
 SIM = ("moeflow.sim.cost", "moeflow.sim.hardware", "moeflow.sim.models", "moeflow.sim.workload",
-       "moeflow.sim.simulator", "moeflow.sim.trace")
+       "moeflow.sim.simulator", "moeflow.sim.trace", "moeflow.sim.hrm", "moeflow.sim.hrm_search")
 BELOW_SERVE = ("moeflow.models", "moeflow.dataflow", "moeflow.scheduler", *SIM, "moeflow.ops",
                "moeflow.actors.core", "moeflow.actors.inproc", "moeflow.actors.coordinator",
                "moeflow.actors.process", "moeflow.actors.null", "moeflow.actors.worker",

@@ -1,0 +1,301 @@
+"""HRM's policy search (a MILP per placement, see `hrm.py` for the model) and the report
+`moeflow plan` prints.
+
+    from moeflow.sim.hrm_search import plan_report
+    print(plan_report("mixtral-8x7b", "t4", gen=128))
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from moeflow.models.spec import ModelSpec
+from moeflow.sim.hrm import (
+    CPU_FRACTION, Estimate, GIB, GPU_FRACTION, HRMError, MTBENCH_PROMPT, PLACEMENTS,
+    PRESETS, Policy, System, TERA, Workload, check_fits, estimate, _memory, _require, _terms,
+)
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    estimate: Estimate  # of the best policy
+    num_solves: int  # MILPs solved
+    placements: tuple[tuple[bool, bool, float], ...]  # (A_g, F_g, best tok/s) of each
+
+    @property
+    def policy(self) -> Policy:
+        return self.estimate.policy
+
+    @property
+    def throughput(self) -> float:
+        return self.estimate.throughput
+
+
+def search(model: ModelSpec, system: System, workload: Workload, *,
+           placements: tuple[tuple[bool, bool], ...] = PLACEMENTS,
+           micro_batch_size: int | None = None, num_micro_batches: int | None = None,
+           min_micro_batches: int = 1, gpu_fraction: float = GPU_FRACTION,
+           cpu_fraction: float = CPU_FRACTION) -> SearchResult:
+    """The fitting policy of highest HRM throughput. For each placement (A_g, F_g), a MILP
+    over μ, n_ub (integers), r_w, r_c (continuous) minimises T / N by Dinkelbach's method;
+    the integers found are then fixed and the rest solved again as an exact LP.
+    `micro_batch_size` and `num_micro_batches` pin those integers (the artifact's --gbs
+    and --num-gb)."""
+    _require(min_micro_batches >= 1, f"min_micro_batches must be >= 1, got {min_micro_batches}")
+    budgets = (gpu_fraction * system.gpu.memory, cpu_fraction * system.cpu.memory)
+    best: Estimate | None = None
+    tried, solves = [], 0
+    for ag, fg in placements:
+        policy, n = _solve(model, system, workload, ag, fg, micro_batch_size,
+                           num_micro_batches, min_micro_batches, *budgets)
+        solves += n
+        if policy is not None and (micro_batch_size is None or num_micro_batches is None):
+            policy, n = _solve(model, system, workload, ag, fg, policy.micro_batch_size,
+                               policy.num_micro_batches, 1, *budgets)
+            solves += n
+        if policy is None:
+            continue
+        est = check_fits(estimate(model, system, workload, policy, gpu_fraction, cpu_fraction))
+        tried.append((ag, fg, est.throughput))
+        if best is None or est.throughput > best.throughput:
+            best = est
+    if best is None:
+        raise HRMError(_no_fit(model, system, workload, *budgets))
+    return SearchResult(best, solves, tuple(tried))
+
+
+def _no_fit(model: ModelSpec, system: System, workload: Workload, gpu_budget: float,
+            cpu_budget: float) -> str:
+    """Why nothing fits: what the GPU needs at least (one request, no FFN weights), and the
+    host at least with as many FFN weights on the GPU as the rest of its room allows."""
+    t = _terms(model, workload, False, True)
+    need_gpu = _memory(t, Policy(1, 1))[0]
+    per_rw = t.ffn_total - 2 * t.ffn_weight_bytes
+    rw = min(1.0, max(0.0, (gpu_budget - need_gpu) / per_rw)) if per_rw > 0 else 0.0
+    need_cpu = _memory(t, Policy(1, 1, weights_gpu=rw))[1]
+    return (f"no policy fits {model.name or model.family} ({t.ffn_total / GIB:.1f} GiB of FFN "
+            f"weights) on {system.name}, prompt {workload.prompt_len} + gen {workload.gen_len}: "
+            f"the GPU needs >= {need_gpu / GIB:.2f} GiB (one request, FFN weights on the host) "
+            f"of {gpu_budget / GIB:.2f} GiB allowed; the host needs >= {need_cpu / GIB:.2f} "
+            f"GiB (r_w = {rw:.3f} of them on the GPU) of {cpu_budget / GIB:.2f} GiB allowed")
+
+
+def _solve(model: ModelSpec, system: System, workload: Workload, ag: bool, fg: bool,
+           mu_pin: int | None, nub_pin: int | None, min_ub: int, gpu_budget: float,
+           cpu_budget: float) -> tuple[Policy | None, int]:
+    """The best policy of one placement, or None; and the MILPs solved.
+
+    Variables: μ (integer); n_ub's bits z_b (binary) and w_b = μ z_b (integer, linked by
+    w_b <= μ_max z_b, w_b <= μ, w_b >= μ - μ_max (1 - z_b)), so N = Σ 2^b w_b is linear;
+    r_w; cg = r_c N; phase times tp, ta, tf and T in ms. Memory rows in GiB. The FFN's
+    min(E, k rows) is linear on either side of k rows = E: both sides are solved."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    t = _terms(model, workload, ag, fg)
+    gpu, cpu = system.gpu, system.cpu
+    w2 = 2 * t.ffn_weight_bytes
+    # bounds: μ from the GPU rows at r_w = 0 and N = μ; N from the host, and the GPU
+    mu_max = int((gpu_budget - t.gpu_const - w2 + max(0.0, w2 - t.ffn_total)) // (
+        t.inter_mu + max(ag * t.kv_buf_mu + t.decode_act_tok, t.prefill_act_mu + t.prompt_tok)))
+    n_max = int(min(cpu_budget / (t.prompt_tok + (not ag) * t.kv_tok),
+                    gpu_budget / t.decode_act_tok))
+    mu_lo, mu_max = mu_pin or 1, min(mu_max, mu_pin or mu_max)
+    if mu_max < mu_lo or n_max < 1:
+        return None, 0
+    bits = (nub_pin or n_max).bit_length()
+    names = ["mu", "rw", "cg", "tp", "ta", "tf", "T", *(f"z{b}" for b in range(bits)),
+             *(f"w{b}" for b in range(bits))]
+    ix = {name: i for i, name in enumerate(names)}
+    inf, ms = float("inf"), 1e3
+    rows: list[tuple[dict[str, float], float, float]] = []
+
+    def nub(c: float) -> dict[str, float]:
+        return {f"z{b}": c * 2 ** b for b in range(bits)}
+
+    def num(c: float) -> dict[str, float]:
+        return {f"w{b}": c * 2 ** b for b in range(bits)}
+
+    def row(lb: float, ub: float, *parts: dict[str, float]) -> None:
+        rows.append((_merge(parts), lb, ub))
+
+    for b in range(bits):
+        row(-inf, 0, {f"w{b}": 1, f"z{b}": -mu_max})
+        row(-inf, 0, {f"w{b}": 1, "mu": -1})
+        row(-mu_max, inf, {f"w{b}": 1, "mu": -1, f"z{b}": -mu_max})
+    if nub_pin is None:
+        row(min_ub, inf, nub(1))
+    row(-inf, 0, {"cg": 1}, num(-1))
+    row(0, inf, {"tp": 1}, num(-ms * t.proj_flops_tok / gpu.peak_flops))
+    row(0, inf, {"tp": 1}, nub(-ms * t.proj_bytes_ub / gpu.mem_bandwidth))
+    dev = gpu if ag else cpu
+    row(0, inf, {"ta": 1}, num(-ms * t.attn_flops_tok / dev.peak_flops))
+    row(0, inf, {"ta": 1}, num(-ms * t.attn_bytes_tok / dev.mem_bandwidth))
+    dev = gpu if fg else cpu
+    row(0, inf, {"tf": 1}, num(-ms * t.ffn_flops_tok / dev.peak_flops))
+    per_ms = ms / system.link_bandwidth
+    w_ms, kv_ms = per_ms * t.ffn_weight_bytes * fg, per_ms * t.link_kv_tok * ag
+    row(w_ms, inf, {"T": 1, "rw": w_ms, "cg": kv_ms}, num(-kv_ms - per_ms * t.link_act_tok))
+    row(0, inf, {"T": 1, "tp": -1, "ta": -float(ag), "tf": -float(fg)})
+    row(0, inf, {"T": 1, "ta": -float(not ag), "tf": -float(not fg)})
+    room = (gpu_budget - t.gpu_const - w2) / GIB
+    rw_gib = (t.ffn_total - w2) / GIB
+    row(-inf, room, {"rw": rw_gib, "mu": (t.inter_mu + ag * t.kv_buf_mu) / GIB,
+                     "cg": t.kv_tok / GIB}, num(t.decode_act_tok / GIB))
+    row(-inf, room, {"rw": rw_gib, "mu": (t.inter_mu + t.prefill_act_mu) / GIB,
+                     "cg": t.kv_prompt_tok / GIB}, num(t.prompt_tok / GIB))
+    row(-inf, (cpu_budget - t.ffn_total - w2) / GIB, {"rw": -(t.ffn_total + w2) / GIB,
+                                                      "cg": -t.kv_tok / GIB},
+        num((t.kv_tok + t.prompt_tok) / GIB))
+
+    lower, upper = np.zeros(len(names)), np.full(len(names), inf)
+    integrality = np.zeros(len(names))
+    lower[ix["mu"]], upper[ix["mu"]], integrality[ix["mu"]] = mu_lo, mu_max, 1
+    upper[ix["rw"]], upper[ix["cg"]] = float(fg), (inf if ag else 0.0)
+    for b in range(bits):
+        # w_b is an integer too: else HiGHS's integrality tolerance on z_b (1e-6) would let
+        # w_b drift by μ_max 1e-6, times 2^b in N
+        integrality[[ix[f"z{b}"], ix[f"w{b}"]]] = 1
+        upper[ix[f"z{b}"]], upper[ix[f"w{b}"]] = 1.0, mu_max
+        if nub_pin is not None:  # bits fixed: an LP over r_w, r_c and the times
+            lower[ix[f"z{b}"]] = upper[ix[f"z{b}"]] = (nub_pin >> b) & 1
+    n_weights = np.zeros(len(names))
+    for k, v in num(1).items():
+        n_weights[ix[k]] = v
+
+    # FFN bytes: fixed + e min(E, k rows), per micro-batch on the GPU (rows = μ), once on
+    # the CPU (rows = N); linear on either side of k rows = E, each side a regime:
+    # (μ from, μ to, the FFN row's lower bound and expression, N's range or None)
+    e_ms = ms * t.expert_bytes / dev.mem_bandwidth
+    f_ms = ms * t.ffn_fixed_bytes / dev.mem_bandwidth
+    few, many = t.num_experts // t.top_k, -(-t.num_experts // t.top_k)
+    regimes: list[tuple[int, int, float, dict[str, float], tuple[float, float] | None]]
+    if fg:
+        regimes = [(mu_lo, min(mu_max, few), 0.0, _merge([nub(-f_ms), num(-e_ms * t.top_k)]),
+                    None),
+                   (max(mu_lo, many), mu_max, 0.0, nub(-f_ms - e_ms * t.num_experts), None)]
+    else:
+        regimes = [(mu_lo, mu_max, f_ms, num(-e_ms * t.top_k), (-inf, few)),
+                   (mu_lo, mu_max, f_ms + e_ms * t.num_experts, {}, (many, inf))]
+    best, best_ratio, solves = None, inf, 0
+    for lo, hi, ffn_lb, ffn, n_range in regimes:
+        if lo > hi:
+            continue
+        extra = [*rows, (_merge([{"tf": 1.0}, ffn]), ffn_lb, inf)]
+        if n_range is not None:
+            extra.append((num(1), *n_range))
+        a = np.zeros((len(extra), len(names)))
+        lbs, ubs = np.zeros(len(extra)), np.zeros(len(extra))
+        for i, (coefs, lb, ub) in enumerate(extra):
+            scale = max(abs(v) for v in coefs.values())  # unit rows: HiGHS's absolute
+            for k, v in coefs.items():  # tolerances then weigh every row alike
+                a[i, ix[k]] = v / scale
+            lbs[i], ubs[i] = lb / scale, ub / scale
+        lower[ix["mu"]], upper[ix["mu"]] = lo, hi
+        x, n = _dinkelbach(milp, Bounds(lower.copy(), upper.copy()),
+                           LinearConstraint(a, lbs, ubs), integrality, n_weights, ix["T"])
+        solves += n
+        if x is not None and x[ix["T"]] / (n_weights @ x) < best_ratio:
+            best, best_ratio = x, x[ix["T"]] / (n_weights @ x)
+    if best is None:
+        return None, solves
+    mu = int(round(best[ix["mu"]]))
+    n_ub = sum(2 ** b * int(round(best[ix[f"z{b}"]])) for b in range(bits))
+    rw = min(1.0, max(0.0, float(best[ix["rw"]]))) if fg else 0.0
+    rc = min(1.0, max(0.0, float(best[ix["cg"]]) / (mu * n_ub))) if ag else 0.0
+    return Policy(mu * n_ub, mu, ag, fg, rw, rc), solves
+
+
+def _merge(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """The sum of linear expressions {variable: coefficient}."""
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _dinkelbach(milp: Any, bounds: Any, constraints: Any, integrality: Any, n_weights: Any,
+                t_index: int) -> tuple[Any, int]:
+    """argmin T / N: minimise T - λN, set λ to the best T / N so far, until no point beats
+    λ (the minimum is then 0). λ falls strictly each round; it takes a handful."""
+    lam, best, best_ratio, solves = 0.0, None, float("inf"), 0
+    for _ in range(60):
+        c = -lam * n_weights
+        c[t_index] += 1.0
+        res = milp(c, integrality=integrality, bounds=bounds, constraints=constraints,
+                   options={"mip_rel_gap": 1e-9, "time_limit": 30})
+        solves += 1
+        if res.x is None:
+            break
+        n_val, t_val = float(n_weights @ res.x), float(res.x[t_index])
+        if t_val / n_val < best_ratio:
+            best, best_ratio = res.x, t_val / n_val
+        if lam > 0 and t_val - lam * n_val >= -1e-9 * t_val:
+            break
+        lam = best_ratio
+    return best, solves
+
+
+# -- `moeflow plan` ---------------------------------------------------------------------
+
+_UNITS = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 1024.0, "mib": float(1 << 20), "gib": GIB, "tib": float(1 << 40)}
+
+
+def parse_bytes(text: str | float) -> float:
+    """'192GB' (1e9 B each) or '180GiB' (2^30 B each) to bytes; a number is bytes."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise HRMError(f"not a memory size: {text!r}; write e.g. 192GB or 180GiB")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def load_system(name: str) -> System:
+    if name not in PRESETS:
+        raise HRMError(f"no HRM preset for {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def format_estimate(est: Estimate, model: ModelSpec, system: System, workload: Workload) -> str:
+    p, gpu, cpu = est.policy, system.gpu, system.cpu
+    where = {True: "GPU", False: "CPU"}
+    lines = [
+        f"HRM plan: {model.name or model.family} on {gpu.name} ({gpu.memory / GIB:.0f} GiB) "
+        f"+ host ({cpu.num_cores} cores, {cpu.peak_flops / TERA:.2f} TFLOP/s, "
+        f"{cpu.mem_bandwidth / GIB:.0f} GiB/s, {cpu.memory / GIB:.0f} GiB), "
+        f"CPU->GPU {system.link_bandwidth / GIB:.0f} GiB/s",
+        f"workload: prompt {workload.prompt_len} tokens, gen {workload.gen_len}",
+        f"policy: N={p.batch_size} μ={p.micro_batch_size} n_ub={p.num_micro_batches} "
+        f"attention on {where[p.attention_on_gpu]}, FFN on {where[p.ffn_on_gpu]}, "
+        f"r_w={p.weights_gpu:.3f} r_c={p.cache_gpu:.3f}",
+        f"predicted decode throughput: {est.throughput:.1f} tok/s; T = "
+        f"{est.layer_time * 1e3:.2f} ms per layer, bound by {est.bound} (link "
+        f"{est.link_time * 1e3:.2f}, CPU {est.cpu_time * 1e3:.2f}, "
+        f"GPU {est.gpu_time * 1e3:.2f} ms)",
+        f"memory: GPU {est.gpu_bytes / GIB:.2f} of {est.gpu_budget / GIB:.2f} GiB allowed, "
+        f"host {est.cpu_bytes / GIB:.2f} of {est.cpu_budget / GIB:.2f} GiB",
+        f"{'phase':30} {'on':4} {'ms':>8} {'TFLOP/s':>8}  binding roof",
+    ]
+    lines += [f"{ph.name:30} {ph.device.upper():4} {ph.time * 1e3:8.2f} "
+              f"{ph.attainable_flops / TERA:8.3f}  {ph.roof}" for ph in est.phases]
+    return "\n".join(lines)
+
+
+def plan_report(model_name: str, hardware_name: str, cpu_cores: int | None = None,
+                cpu_memory: str | float | None = None, prompt: int = MTBENCH_PROMPT,
+                gen: int = 128, **search_args: Any) -> str:
+    """What `moeflow plan --model M --hardware H [--cpu-cores N --cpu-memory 192GB]`
+    prints: the searched policy, its predicted tok/s and each phase's binding roof."""
+    from moeflow.sim import models
+
+    model = models.load(model_name)
+    system = load_system(hardware_name).with_host(
+        cpu_cores, None if cpu_memory is None else parse_bytes(cpu_memory))
+    workload = Workload(prompt, gen)
+    result = search(model, system, workload, **search_args)
+    return format_estimate(result.estimate, model, system, workload)
