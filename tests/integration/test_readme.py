@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,57 @@ def test_the_command_line_examples_run(tmp_path):
                              stdin=subprocess.DEVNULL)
         assert run.returncode == 0, (line, run.stderr[-3000:])
     assert (tmp_path / "graph.html").stat().st_size > 0
+
+
+def sh_lines(block: str) -> list[str]:
+    """A shell block's commands: continuation lines joined, comments dropped."""
+    return [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()
+            if line.split("#")[0].strip()]
+
+
+def moeflow(command: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    argv = shlex.split(command)
+    assert argv[0] == "moeflow"
+    return subprocess.run([sys.executable, "-m", "moeflow.cli", *argv[1:]], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def test_the_actor_simulate_and_plan_examples_run(path, tmp_path):
+    examples = [line for b in blocks("sh") for line in sh_lines(b)
+                if line.startswith(("moeflow generate /tmp/tiny --prompt \"Once upon a time\" "
+                                    "--devices", "moeflow simulate", "moeflow plan"))]
+    assert len(examples) == 3
+    for line in examples:
+        command = line.replace("/tmp/tiny", str(path)).replace("out.json",
+                                                               str(tmp_path / "out.json"))
+        run = moeflow(command, timeout=600)
+        assert run.returncode == 0, (line, run.stderr[-3000:])
+        assert run.stdout.strip()
+    assert (tmp_path / "out.json").stat().st_size > 0
+
+
+def test_the_serve_and_bench_example_runs(path, tmp_path):
+    [block] = [b for b in blocks("sh") if "moeflow serve" in b]
+    serve, bench = sh_lines(block)
+    port = _free_port()
+    serve = serve.replace("/tmp/tiny", str(path)).replace("5555", str(port))
+    bench = bench.replace("5555", str(port)).replace("bench.json", str(tmp_path / "bench.json"))
+    serve = serve.replace("--metrics-port 9100", f"--metrics-port {_free_port()}")
+    argv = shlex.split(serve)
+    server = subprocess.Popen([sys.executable, "-m", "moeflow.cli", *argv[1:]],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("serving")
+        run = moeflow(bench, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert (tmp_path / "bench.json").stat().st_size > 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
