@@ -22,6 +22,11 @@ An actor runs the same semantics over whole plans but owns only its own streams:
 owns=...)` leaves other actors' nodes out of every stream, and `finish_external(task)`
 marks one of them done when its data or a notice arrives. A plan is done for such an
 Execution when all the nodes it owns are.
+
+The state is integer arrays over the plan's compact form (`_Shape`, built once per Plan
+object and shared by every add of it): per node, its unfinished predecessors (-1 once done),
+and per stream, its InOrder sequence as runs of one plan's order each, or its ByPriority
+heap of ready nodes. Adding a plan copies two arrays; it makes no object per node.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PriorityKey, Rule,
 Task = tuple[int, int]
 Group = tuple[Task, ...]
 KEEP_RELEASED = 8  # the arrays of this many released plans are kept for their replay
+DONE = -1  # `waiting` of a finished node
+_FIELDS = operator.attrgetter("actor", "name")  # a Stream's
 
 
 class SemanticsError(RuntimeError):
@@ -46,28 +53,41 @@ class SemanticsError(RuntimeError):
     turn, or started two on one stream."""
 
 
-@dataclass(eq=False)
+def _not_running(task: Task) -> SemanticsError:
+    return SemanticsError(f"task {task} finished but its stream is not running it")
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """One plan's part of an InOrder stream's sequence: `order[pos:]` is still to start."""
+
+    index: int
+    order: tuple[int, ...]
+    waiting: list[int]  # the plan's, by node: its head may start when it reaches 0
+    pos: int = 0
+
+
+@dataclass(eq=False, slots=True)
 class _StreamState:
     stream: Stream
     rule_kind: type
     coalesce: bool = False
     fifo: bool = False
     running: set[Task] = field(default_factory=set)
-    queue: deque[Task] = field(default_factory=deque)  # InOrder: issue sequence
+    queue: deque[_Run] = field(default_factory=deque)  # InOrder: issue sequence
     # ByPriority: (key, when it became ready on a fifo stream else 0, plan, node)
     heap: list[tuple[PriorityKey, int, int, int]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class _PlanState:
     plan: Plan
-    waiting: list[int]  # unfinished predecessors per node
-    done: list[bool]
+    waiting: list[int]  # unfinished predecessors per node; DONE once it finished
     streams: list[_StreamState | None]  # per node; None: another actor's node
+    succs: tuple[tuple[int, ...], ...]  # the graph's, per node
     num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
-    succs: tuple[tuple[int, ...], ...] = ()  # the graph's, per node
 
 
 @dataclass(eq=False, slots=True)
@@ -79,6 +99,7 @@ class _Shape:
     indegree: tuple[int, ...]
     succs: tuple[tuple[int, ...], ...]
     rule_index: tuple[int, ...]  # per node: its stream's position in plan.rules
+    roots: tuple[int, ...]  # nodes without predecessors
     users: int = 0
 
     @staticmethod
@@ -89,9 +110,12 @@ class _Shape:
         for edge in graph.edges:  # one pass, in the order graph.succs lists them
             indegree[edge.dst] += 1
             succs[edge.src].append(edge.dst)
-        position = {stream: i for i, (stream, _) in enumerate(plan.rules)}
+        # streams by their fields: equal streams have equal fields, and a tuple of two
+        # strings hashes in C where a Stream's dataclass hash runs Python
+        position = {(stream.actor, stream.name): i for i, (stream, _) in enumerate(plan.rules)}
         return _Shape(plan, tuple(indegree), tuple(map(tuple, succs)),
-                      tuple(position[s] for s in plan.assignment))
+                      tuple(map(position.__getitem__, map(_FIELDS, plan.assignment))),
+                      tuple(itertools.compress(itertools.count(), map(operator.not_, indegree))))
 
 
 class Execution:
@@ -99,14 +123,16 @@ class Execution:
         self.plans: dict[int, _PlanState] = {}  # plans held: added and not yet released
         self._indices = itertools.count()
         self.streams: dict[Stream, _StreamState] = {}
-        self._ready: set[Task] = set()
         # streams whose next node may have changed, keyed by their state: its identity hash
         # is far cheaper than a Stream's, and this is touched at every event
         self._touched: dict[_StreamState, None] = {}
+        self._spare: dict[_StreamState, None] | None = {}  # the next _touched, empty
         self._shapes: dict[int, _Shape] = {}  # id(plan) -> its arrays, while a plan uses it
         # and for the last few released: a replayed plan comes back soon after its release
         self._released: OrderedDict[int, _Shape] = OrderedDict()
-        self._arrivals = itertools.count()  # the order nodes become ready (fifo streams)
+        # the order nodes become ready, for fifo streams: one number per event (an add or a
+        # finish) that readies some node of one, so nodes ready at once tie
+        self._arrivals = itertools.count()
         for plan in plans:
             self.add(plan)
 
@@ -115,53 +141,52 @@ class Execution:
     def add(self, plan: Plan, owns: Callable[[Stream], bool] | None = None) -> int:
         """Admit a plan; its nodes join their streams after those already there. With
         `owns`, only streams it accepts run here; the rest are finished externally."""
+        kinds: list[tuple[Stream, Rule, bool, bool] | None] = []
+        for stream, rule in plan.rules:  # check every rule before changing anything
+            if owns is not None and not owns(stream):
+                kinds.append(None)
+                continue
+            coalesce = fifo = False
+            if type(rule) is ByPriority:
+                coalesce, fifo = rule.coalesce, rule.fifo
+            state = self.streams.get(stream)
+            if state is not None and (state.rule_kind is not type(rule)
+                                      or state.coalesce != coalesce or state.fifo != fifo):
+                raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} in one "
+                                     f"plan and {rule!r} in another")
+            kinds.append((stream, rule, coalesce, fifo))
         index = next(self._indices)
         shape = self._shapes.get(id(plan)) or self._released.pop(id(plan), None)
         if shape is None:
             shape = _Shape.of(plan)
         self._shapes[id(plan)] = shape
         shape.users += 1
+        waiting = list(shape.indegree)
         by_rule: list[_StreamState | None] = []
-        for stream, rule in plan.rules:
-            if owns is not None and not owns(stream):
+        for kind in kinds:
+            if kind is None:
                 by_rule.append(None)
                 continue
+            stream, rule, coalesce, fifo = kind
             state = self.streams.get(stream)
-            coalesce = isinstance(rule, ByPriority) and rule.coalesce
-            fifo = isinstance(rule, ByPriority) and rule.fifo
             if state is None:
                 state = self.streams[stream] = _StreamState(stream, type(rule), coalesce, fifo)
-            elif (state.rule_kind is not type(rule) or state.coalesce != coalesce
-                  or state.fifo != fifo):
-                self._let_go(shape)
-                raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} in one "
-                                     f"plan and {rule!r} in another")
-            if isinstance(rule, InOrder):
-                state.queue.extend(zip(itertools.repeat(index), rule.order))
+            if type(rule) is InOrder:
+                state.queue.append(_Run(index, rule.order, waiting))
             self._touched[state] = None
             by_rule.append(state)
-        streams = [by_rule[i] for i in shape.rule_index]
-        waiting = list(shape.indegree)
-        self.plans[index] = _PlanState(plan, waiting, [False] * len(waiting), streams,
-                                       len(streams) - streams.count(None), succs=shape.succs)
-        arrival = next(self._arrivals)
-        for node_id, n in enumerate(waiting):
-            if n == 0 and streams[node_id] is not None:
-                self._make_ready((index, node_id), arrival)
+        streams = list(map(by_rule.__getitem__, shape.rule_index))
+        p = self.plans[index] = _PlanState(plan, waiting, streams, shape.succs,
+                                           len(streams) - streams.count(None))
+        arrival = -1
+        for node_id in shape.roots:
+            state = streams[node_id]
+            if state is not None and state.rule_kind is ByPriority:
+                if arrival < 0:
+                    arrival = next(self._arrivals)
+                heapq.heappush(state.heap, (p.plan.priority[node_id],
+                                            arrival if state.fifo else 0, index, node_id))
         return index
-
-    def _make_ready(self, task: Task, arrival: int) -> None:
-        """`arrival` orders ties on fifo streams: one number per event (an add or a
-        finish), so nodes that became ready at once fall back to (plan, node) order."""
-        plan_state = self.plans[task[0]]
-        state = plan_state.streams[task[1]]
-        if state is None:  # another actor's node: it finishes externally
-            return
-        self._ready.add(task)
-        if state.rule_kind is ByPriority:
-            heapq.heappush(state.heap, (plan_state.plan.priority[task[1]],
-                                        arrival if state.fifo else 0, *task))
-        self._touched[state] = None
 
     # -- queries -------------------------------------------------------------------
 
@@ -176,17 +201,26 @@ class Execution:
         """The task `stream` would start now, or None (busy, or nothing it may run)."""
         return self._next(self.streams[stream])
 
-    def _next(self, state: _StreamState) -> Task | None:
+    @staticmethod
+    def _next(state: _StreamState) -> Task | None:
         if state.running:
             return None
         if state.rule_kind is InOrder:
-            if state.queue and state.queue[0] in self._ready:
-                return state.queue[0]
+            if state.queue:
+                run = state.queue[0]
+                node_id = run.order[run.pos]
+                if run.waiting[node_id] == 0:
+                    return (run.index, node_id)
             return None
         return (state.heap[0][2], state.heap[0][3]) if state.heap else None
 
     def is_ready(self, task: Task) -> bool:
-        return task in self._ready
+        """All of `task`'s predecessors are done and it has not started (it runs here)."""
+        p = self.plans.get(task[0])
+        if p is None or p.waiting[task[1]] != 0:
+            return False
+        state = p.streams[task[1]]
+        return state is not None and task not in state.running
 
     def idle_streams(self) -> Iterator[Stream]:
         return (s for s, st in self.streams.items() if not st.running)
@@ -222,23 +256,34 @@ class Execution:
         """Start every group `startable` would return, and return them: the same as starting
         each of those, without checking again what was just chosen."""
         out: list[Group] = []
-        touched, self._touched = self._touched, {}
-        ready = self._ready
+        spare = self._spare
+        touched, self._touched = self._touched, {} if spare is None else spare
+        self._spare = None  # until touched is cleared (an error leaves it to the collector)
         for state in touched:
             if state.running:
                 continue
             if state.rule_kind is InOrder:  # _group and _start for one InOrder node, inlined:
                 queue = state.queue  # the hot path of every executor
-                if queue and queue[0] in ready:
-                    head = queue.popleft()
-                    ready.discard(head)
-                    state.running.add(head)  # it was idle: empty
-                    out.append((head,))
+                if queue:
+                    run = queue[0]
+                    pos = run.pos
+                    order = run.order
+                    node_id = order[pos]
+                    if run.waiting[node_id] == 0:
+                        head = (run.index, node_id)
+                        pos += 1
+                        if pos == len(order):
+                            queue.popleft()
+                        run.pos = pos
+                        state.running.add(head)  # it was idle: empty
+                        out.append((head,))
                 continue
             group = self._group(state)
             if group is not None:
                 self._start(state, group)
                 out.append(group)
+        touched.clear()
+        self._spare = touched
         return out
 
     @property
@@ -278,31 +323,33 @@ class Execution:
                                  f"now (it may start {allowed}; running {state.running})")
         self._start(state, group)
 
-    def _start(self, state: _StreamState, group: Group) -> None:
+    @staticmethod
+    def _start(state: _StreamState, group: Group) -> None:
         if state.rule_kind is InOrder:
-            state.queue.popleft()
+            run = state.queue[0]
+            run.pos += 1
+            if run.pos == len(run.order):
+                state.queue.popleft()
         elif len(group) == 1:  # the head is the heap's top
             heapq.heappop(state.heap)
         else:
             members = set(group)
             state.heap = [h for h in state.heap if (h[2], h[3]) not in members]
             heapq.heapify(state.heap)
-        if len(group) == 1:
-            self._ready.discard(group[0])
-        else:
-            self._ready.difference_update(group)
         state.running = set(group)
 
     def finish(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
         """Mark `task` done; `counts` are its per-expert rows if it is a Gate. Returns the
         tasks that became ready."""
-        plan_index, node_id = task
-        p = self.plans[plan_index]
-        state = p.streams[node_id]
-        if state is None or task not in state.running:
-            raise SemanticsError(f"task {task} finished but its stream is not running it")
+        p = self.plans[task[0]]
+        state = p.streams[task[1]]
+        if state is None:  # another actor's node
+            raise _not_running(task)
         running = state.running
-        running.discard(task)
+        try:
+            running.remove(task)
+        except KeyError:
+            raise _not_running(task) from None
         if not running:
             self._touched[state] = None
         p.num_done += 1
@@ -312,14 +359,16 @@ class Execution:
         """Another actor's node is done (its data or a notice arrived)."""
         if self.owns(task):
             raise SemanticsError(f"task {task} runs here; it cannot finish externally")
-        if self.plans[task[0]].done[task[1]]:
-            raise SemanticsError(f"task {task} finished twice")
-        return self._complete(task, counts, self.plans[task[0]])
+        p = self.plans[task[0]]
+        if p.waiting[task[1]] == DONE:
+            raise SemanticsError(f"task {task} finished twice (or its plan was forgotten)")
+        return self._complete(task, counts, p)
 
     def _complete(self, task: Task, counts: tuple[int, ...] | None, p: _PlanState
                   ) -> list[Task]:
         plan_index, node_id = task
-        p.done[node_id] = True
+        waiting, streams = p.waiting, p.streams
+        waiting[node_id] = DONE
         if counts is not None:
             node = p.plan.graph.nodes[node_id]
             if isinstance(node, Gate):
@@ -327,21 +376,22 @@ class Execution:
                 p.counts[node.layer] = (counts if prior is None
                                         else tuple(map(operator.add, prior, counts)))
         newly: list[Task] = []
-        arrival = next(self._arrivals)
-        waiting, streams = p.waiting, p.streams
+        touched = self._touched
+        arrival = -1
         for succ in p.succs[node_id]:
-            waiting[succ] -= 1
-            if waiting[succ] == 0:
-                ready = (plan_index, succ)
-                newly.append(ready)
+            left = waiting[succ] - 1
+            waiting[succ] = left
+            if not left:
+                newly.append((plan_index, succ))
                 state = streams[succ]
                 if state is None:  # another actor's node: it finishes externally
                     continue
-                self._ready.add(ready)  # as _make_ready does
                 if state.rule_kind is ByPriority:
+                    if arrival < 0:
+                        arrival = next(self._arrivals)
                     heapq.heappush(state.heap, (p.plan.priority[succ],
                                                 arrival if state.fifo else 0, plan_index, succ))
-                self._touched[state] = None
+                touched[state] = None
         return newly
 
     def run_in_order(self, streams: Iterable[Stream] | None = None) -> Iterator[Task]:
@@ -372,11 +422,11 @@ class Execution:
         p = self.plans[index]
         for state in {id(s): s for s in p.streams if s is not None}.values():
             state.running = {t for t in state.running if t[0] != index}
-            state.queue = deque(t for t in state.queue if t[0] != index)
+            state.queue = deque(r for r in state.queue if r.index != index)
             state.heap = [h for h in state.heap if h[2] != index]
             heapq.heapify(state.heap)
             self._touched[state] = None
-        self._ready = {t for t in self._ready if t[0] != index}
+        p.waiting[:] = [DONE] * len(p.waiting)  # nothing of it is ready, or becomes so
         p.num_done = p.num_owned
 
     def release(self, index: int) -> None:

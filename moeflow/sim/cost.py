@@ -186,3 +186,31 @@ class CostModel:
     def decode_step_floor(self) -> float:
         """Batch-1 decode time if every active weight streams once at full bandwidth."""
         return self.spec.active_params_per_token() * self.b / self.hw.device.mem_bandwidth
+
+
+class RowCosts:
+    """Durations of the nodes whose cost depends on a gate's draw, computed once per value
+    of what they depend on: a routed Expert's by its rows and the experts they hit, a
+    dispatch or combine Transfer's by its rows and whether it stays on its device."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+        self.row_bytes = cost.spec.hidden_size * cost.b  # of a row of the hidden state
+        self._routed: dict[tuple[int, int], float] = {}  # (rows, experts hit) -> seconds
+        # transfers' seconds by rows, [0] between devices and [1] within one: read these
+        # first, `moved` fills them
+        self.moved_seconds: tuple[dict[int, float], dict[int, float]] = ({}, {})
+
+    def routed(self, graph: Graph, node: Expert, rows: Sequence[int]) -> float:
+        key = (sum(rows), len(rows) - rows.count(0))
+        duration = self._routed.get(key)
+        if duration is None:
+            duration = self._routed[key] = self.cost.duration(graph, node, rows)
+        return duration
+
+    def moved(self, graph: Graph, node: Transfer, num_rows: int) -> float:
+        cache = self.moved_seconds[node.src == node.dst]
+        duration = cache.get(num_rows)
+        if duration is None:
+            duration = cache[num_rows] = self.cost.duration(graph, node, (num_rows,))
+        return duration

@@ -4,8 +4,11 @@ Events are node finishes and request arrivals, in a heap by time (arrivals first
 instant, then finishes in the order they were pushed). At each instant the loop finishes
 what ends then, lets the book form and plan units if a unit completed or a request came,
 and starts what every stream may start now (`Execution.start_startable`). Each unit in
-flight is a `BoundUnit`: its plan's table, its own sizes bound per slot, the rows its gates
-drew, and what its nodes' outputs hold.
+flight is a `BoundUnit`: its plan's table, each node's duration and output bytes (bound
+from the unit's sizes, or sized when a gate draws), and what its nodes' outputs hold.
+
+What happens per event is a few list reads: every per-node figure is an array of the plan
+(`PlanTable`) or of the unit, and each stream's busy time is a slot of a list.
 
 Pure: no I/O (a sink may write), no clock of its own.
 """
@@ -23,9 +26,9 @@ from moeflow.dataflow.graph import Expert, Node
 from moeflow.scheduler.plan_cache import PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, SchedulingError
 from moeflow.scheduler.semantics import Execution, SemanticsError
-from moeflow.sim.cost import NodeCost
+from moeflow.sim.cost import NodeCost, RowCosts
 from moeflow.sim.replay import (
-    GATE, ROUTED, STATIC, BoundUnit, PlanTable, TraceColumns, node_label,
+    GATE, STATIC, BoundUnit, PlanTable, TraceColumns, node_label,
 )
 from moeflow.sim.results import Metrics, RequestTiming, SimResult, SimulationError, TraceEvent
 from moeflow.sim.workload import SimRequest
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 _ARRIVAL = (-1, -1)  # the task of a request's arrival in the event heap
 TABLES_BEYOND_CACHE = 4  # tables kept for plans the plan cache no longer holds
+Entry = tuple[float, int, tuple[int, int], Any]  # (time, order, task, its BoundUnit or None)
 
 
 class TraceSink(Protocol):
@@ -71,11 +75,12 @@ class Run:
                                 max_seqs=sim.max_seqs,
                                 plan_cache=PlanCache(sim.plan_cache) if sim.plan_cache else None)
         self.execution = Execution()
+        self.costs = RowCosts(sim.cost)
         self.units: dict[int, BoundUnit] = {}  # plans in flight, by plan index
         self.tables: OrderedDict[int, PlanTable] = OrderedDict()  # id(plan) -> its table
         self.columns: dict[int, TraceColumns] = {}  # id(plan) -> how its nodes show
         self.sink_lanes: dict[int, list[Any]] = {}  # id(plan) -> the sink's, per node
-        self.heap: list[tuple[float, int, tuple[int, int]]] = []  # node finishes
+        self.heap: list[Entry] = []  # node finishes and arrivals
         self.seq = itertools.count()
         self.now = 0.0
         self.devices = sim.placement.devices
@@ -84,9 +89,9 @@ class Run:
         self.budget = [sim.budget[d] for d in self.devices]
         self.base = [0.0] * len(self.devices)  # weights + KV, as of the book's last change
         self.violations: list[str] = []
-        self.busy: dict[str, float] = {}
-        self.routed: dict[tuple[int, int], float] = {}  # (rows, experts hit) -> duration
-        self.moved: dict[tuple[int, int], float] = {}  # (rows, same device) -> duration
+        self.resources: dict[str, int] = {}  # "actor/stream" -> its number, as tables meet it
+        self.busy: list[float] = []  # seconds, by stream number
+        self.ran: list[bool] = []  # by stream number: some plan added has nodes on it
         self.num_events = 0
         self.num_units = 0
         # recorded only
@@ -105,96 +110,91 @@ class Run:
         self._rebase()
 
     def go(self) -> SimResult:
+        self._loop()
+        preemptions = sum(s.num_preemptions for s in self.book)
+        peak_by_device = dict(zip(self.devices, self.peak))
+        busy = {r: self.busy[i] for r, i in self.resources.items() if self.ran[i]}
+        metrics = Metrics.of(self.timings, busy, peak_by_device, self.sim.budget, preemptions)
+        return SimResult(self.trace, sorted(self.timings, key=lambda t: t.seq_id), metrics,
+                         self.jobs, self.durations, self.violations, self.num_events,
+                         self.num_units)
+
+    def _loop(self) -> None:
         heap, book, execution, units = self.heap, self.book, self.execution, self.units
         # arrivals go first, in request order, then finishes in the order they were pushed
-        heap.extend((r.arrival, i, _ARRIVAL) for i, r in enumerate(self.requests))
+        heap.extend((r.arrival, i, _ARRIVAL, None) for i, r in enumerate(self.requests))
         heapq.heapify(heap)
         self.seq = seq = itertools.count(len(heap))
         pop, push, record, sink = heapq.heappop, heapq.heappush, self.record, self.sink
+        finish, start_startable = execution.finish, execution.start_startable
         act, base, peak, busy = self.activations, self.base, self.peak, self.busy
+        budget = self.budget
         num_events = 0  # started alone; _start_group counts its own
         while heap:
             self.now = now = heap[0][0]
             changed = False
             while heap and heap[0][0] == now:  # everything that ends now, then what starts
-                _, i, task = pop(heap)
-                if task is _ARRIVAL:
+                _, i, task, u = pop(heap)
+                if u is None:  # an arrival
                     r = self.requests[i]
                     book.add(i, r.prompt, r.output, now)
                     changed = True
                     continue
-                index, node_id = task
-                u = units[index]
-                table = u.table
+                node_id = task[1]
                 try:
-                    newly = execution.finish(task, u.counts.get(node_id)
-                                             if table.code[node_id] == GATE else None)
+                    newly = finish(task, u.counts.get(node_id))  # a gate's rows, if it is one
                 except SemanticsError as exc:
                     raise SimulationError(str(exc)) from None
                 if record:
                     for t in newly:
                         self.ready_at[t] = next(self.order)
-                uses, held = u.uses, u.held
+                uses, held, table = u.uses, u.held, u.table
                 for src in table.inputs[node_id]:  # outputs no one needs any more
-                    uses[src] -= 1
-                    if uses[src] == 0 and held[src] is not None:
+                    left = uses[src] - 1
+                    uses[src] = left
+                    if not left and held[src] is not None:
                         act[table.out_dev[src]] -= held[src]
                         held[src] = None
-                if uses[node_id] == 0 and held[node_id] is not None:
+                if not uses[node_id] and held[node_id] is not None:
                     act[table.out_dev[node_id]] -= held[node_id]
                     held[node_id] = None
                 u.left -= 1
                 if not u.left:  # the plan is done
-                    self._complete(index)
+                    self._complete(task[0])
                     changed = True
             if changed:
                 self._schedule()
                 base = self.base
-            for group in execution.start_startable():
-                gid = next(seq)
-                started = next(self.order) if record else 0
-                if len(group) > 1:
-                    self._start_group(group, gid, started)
+            for group in start_startable():
+                if len(group) > 1 or record:
+                    self._start_group(group)
                     continue
                 task = group[0]
-                index, node_id = task
-                u = units[index]
-                table = u.table
-                code = table.code[node_id]
-                if code == STATIC:
-                    duration, nbytes = u.static[table.slot[node_id]]
-                elif code == GATE:
-                    u.draw(node_id, self.sim.routing)
-                    duration, nbytes = u.static[table.slot[node_id]]
-                else:
-                    duration, nbytes = self._dynamic(u, node_id)
+                node_id = task[1]
+                u = units[task[0]]
+                duration = u.dur[node_id]
+                if duration is None:  # a gate draws its rows as it starts
+                    duration = self._late(u, node_id)
                 end = now + duration
-                resource = table.resource[node_id]
-                busy[resource] = busy.get(resource, 0.0) + end - now  # as busy_of adds
-                if record:
-                    self._record(task, u, duration, gid, started)
+                table = u.table
+                rid = table.rid[node_id]
+                busy[rid] = busy[rid] + end - now  # as busy_of adds
                 if sink is not None:
-                    sink.add(u.lanes[node_id], index, now, end)  # type: ignore[index]
+                    sink.add(u.lanes[node_id], task[0], now, end)  # type: ignore[index]
                 dev = table.out_dev[node_id]
                 if dev >= 0:  # its output is held until its last consumer finishes
-                    u.held[node_id] = nbytes
+                    nbytes = u.held[node_id] = u.nbytes[node_id]
                     act[dev] += nbytes
                     total = base[dev] + act[dev]
                     if total > peak[dev]:
                         peak[dev] = total
-                    if total > self.budget[dev] and len(self.violations) < 20:
+                    if total > budget[dev] and len(self.violations) < 20:
                         self._violation(dev, total)
-                push(heap, (end, next(seq), task))
+                push(heap, (end, next(seq), task, u))
                 num_events += 1
             if not heap and book.has_unfinished():
                 self._stuck()
         self.num_events += num_events
-        preemptions = sum(s.num_preemptions for s in book)
-        peak_by_device = dict(zip(self.devices, peak))
-        metrics = Metrics.of(self.timings, busy, peak_by_device, self.sim.budget, preemptions)
-        return SimResult(self.trace, sorted(self.timings, key=lambda t: t.seq_id), metrics,
-                         self.jobs, self.durations, self.violations, self.num_events,
-                         self.num_units)
 
     def _stuck(self) -> None:
         stuck = self.book.unschedulable()
@@ -227,7 +227,9 @@ class Run:
             if self.on_plan is not None:
                 self.on_plan(job)
             index = self.execution.add(job.plan)
-            u = self.units[index] = BoundUnit.of(job, table, self.sim.cost, self._lanes(table))
+            u = self.units[index] = BoundUnit.of(job, table, self.costs, self._lanes(table))
+            for rid in table.stream_ids:
+                self.ran[rid] = True
             self.num_units += 1
             if self.record:
                 u.shown = self._columns(table)
@@ -240,7 +242,10 @@ class Run:
     def _table(self, plan: Any) -> PlanTable:
         table = self.tables.get(id(plan))
         if table is None:
-            table = self.tables[id(plan)] = PlanTable.of(plan, self.devices)
+            table = self.tables[id(plan)] = PlanTable.of(plan, self.devices, self.resources)
+            grown = len(self.resources) - len(self.busy)
+            self.busy += [0.0] * grown
+            self.ran += [False] * grown
             if len(self.tables) > self.sim.plan_cache + TABLES_BEYOND_CACHE:
                 _, old = self.tables.popitem(last=False)
                 self.columns.pop(id(old.plan), None)
@@ -291,13 +296,25 @@ class Run:
 
     # -- nodes ---------------------------------------------------------------------
 
-    def _start_group(self, group: tuple[tuple[int, int], ...], gid: int, started: int) -> None:
-        """Start a coalesced group: one kernel, each member's output held on its own."""
-        duration, sizes = self._group_duration(group)
+    def _start_group(self, group: tuple[tuple[int, int], ...]) -> None:
+        """Start a coalesced group (one kernel, each member's output held on its own), or
+        any group while the run records."""
+        gid = next(self.seq)
+        started = next(self.order) if self.record else 0
+        if len(group) == 1:
+            index, node_id = group[0]
+            u = self.units[index]
+            duration = u.dur[node_id]
+            if duration is None:
+                duration = self._late(u, node_id)
+            sizes = [u.nbytes[node_id]]
+        else:
+            duration, sizes = self._group_duration(group)
         now = self.now
         end = now + duration
-        resource = self.units[group[0][0]].table.resource[group[0][1]]
-        self.busy[resource] = self.busy.get(resource, 0.0) + end - now  # once per kernel
+        table = self.units[group[0][0]].table
+        rid = table.rid[group[0][1]]
+        self.busy[rid] = self.busy[rid] + end - now  # once per kernel
         act, base, peak = self.activations, self.base, self.peak
         for task, nbytes in zip(group, sizes):
             index, node_id = task
@@ -315,30 +332,21 @@ class Run:
                     peak[dev] = total
                 if total > self.budget[dev] and len(self.violations) < 20:
                     self._violation(dev, total)
-            heapq.heappush(self.heap, (end, next(self.seq), task))
+            heapq.heappush(self.heap, (end, next(self.seq), task, u))
         self.num_events += len(group)
 
-    def _dynamic(self, u: BoundUnit, node_id: int) -> tuple[float, float]:
-        """Duration and output bytes of a routed Expert or a dispatch/combine Transfer run
-        alone: they depend on its rows (cached by their total and experts hit)."""
-        rows = self._rows(u, node_id)
-        total = sum(rows)
-        node = u.nodes[node_id]
-        if u.table.code[node_id] == ROUTED:
-            key = (total, len(rows) - rows.count(0))
-            cache = self.routed
-        else:
-            key = (total, int(node.src == node.dst))  # type: ignore[union-attr]
-            cache = self.moved
-        duration = cache.get(key)
-        if duration is None:
-            duration = cache[key] = self.sim.cost.duration(u.graph, node, rows)
-        return duration, total * self.sim.model.hidden_size * self.sim.cost.b
+    def _late(self, u: BoundUnit, node_id: int) -> float:
+        """The duration of a node its unit could not size when bound: a gate draws its rows
+        as it starts; a node sized by a gate that has not drawn breaks precedence."""
+        if u.table.code[node_id] == GATE:
+            return u.draw(node_id, self.sim.routing)
+        self._rows(u, node_id)  # raises: its gate has not drawn
+        raise AssertionError(f"node {node_id} was not sized when its gate drew")
 
     def _group_duration(self, group: tuple[tuple[int, int], ...]
                         ) -> tuple[float, list[float]]:
         """The duration of a coalesced group, and each member's output bytes."""
-        cost, d = self.sim.cost, self.sim.model.hidden_size * self.sim.cost.b
+        cost = self.sim.cost
         members: list[tuple[Node, NodeCost | None, Sequence[int]]] = []
         for index, node_id in group:
             u = self.units[index]
@@ -358,7 +366,8 @@ class Run:
         sizes = []
         for (index, node_id), (_, m, rows) in zip(group, members):
             u = self.units[index]
-            sizes.append(u.static[u.table.slot[node_id]][1] if m is not None else sum(rows) * d)
+            sizes.append(u.static[u.table.slot[node_id]][1] if m is not None
+                         else sum(rows) * self.costs.row_bytes)
         return cost.time_of(first, c), sizes
 
     def _rows(self, u: BoundUnit, node_id: int) -> tuple[int, ...]:

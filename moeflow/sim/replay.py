@@ -6,12 +6,16 @@ PlanCache); only the unit (which sequences, how many tokens and how much context
 from step to step. A graph's nodes carry the sizes of the unit it was compiled for, so the
 simulator never costs them as they are: `bind(node, unit, seqs)` is the node as compiled
 for `unit`, and a plan is replayed for another unit only if binding its own unit gives back
-its own nodes (`PlanTable.rebindable`), which holds for everything `compile` builds.
+its own nodes (`PlanTable.rebindable`), which holds for everything `compile` builds. A node
+that serves every sequence of its home is bound to the sequences the unit homes there, so a
+plan is replayed right for a unit of another shape but the same structure, should a
+scheduler's key share plans that widely.
 
     table = PlanTable.of(plan, devices)
     table.code[n], table.slot[n], table.inputs[n], ...      per node, by node id
     bind(node, unit, seqs)                                   the node's sizes for `unit`
-    unit = BoundUnit.of(job, table, cost)                    a plan in flight for job.unit
+    unit = BoundUnit.of(job, table, RowCosts(cost))          a plan in flight for job.unit
+    unit.dur[n], unit.nbytes[n]                              per node, once known
 
 Pure: plain data.
 """
@@ -19,7 +23,9 @@ Pure: plain data.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Hashable, Sequence
+from operator import attrgetter
 from typing import Any
 
 from moeflow.dataflow.graph import (
@@ -28,7 +34,7 @@ from moeflow.dataflow.graph import (
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.plan import Plan
 from moeflow.scheduler.requests import Job
-from moeflow.sim.cost import CostModel, NodeCost
+from moeflow.sim.cost import NodeCost, RowCosts
 from moeflow.sim.workload import Routing
 
 # What a node's cost and output depend on, besides its plan:
@@ -39,16 +45,18 @@ MOVED = 3  # a dispatch or combine transfer: the rows of its home's gate for its
 
 
 def bind(node: Node, unit: Unit, seqs: tuple[int, ...]) -> Node:
-    """`node` with the sizes `compile` gives it for `unit`, where it serves the sequences
-    `seqs` of the unit (by index): tokens, context and logit rows."""
+    """`node` with the sequences and sizes `compile` gives it for `unit`, where it serves the
+    sequences `seqs` of the unit (by index): tokens, context and logit rows."""
     if isinstance(node, LMHead):
-        return dataclasses.replace(node, num_rows=sum(unit.seqs[i].num_logit_rows for i in seqs))
+        return dataclasses.replace(node, seqs=seqs, num_rows=sum(
+            unit.seqs[i].num_logit_rows for i in seqs))
     tokens = sum(unit.seqs[i].num_tokens for i in seqs)
     if isinstance(node, Attention):
         context = sum(unit.seqs[i].start + unit.seqs[i].num_tokens for i in seqs)
-        return dataclasses.replace(node, num_tokens=tokens, num_context=context)
-    if isinstance(node, (Embed, Gate, Combine)) or (isinstance(node, Expert)
-                                                    and node.kind != "routed"):
+        return dataclasses.replace(node, seqs=seqs, num_tokens=tokens, num_context=context)
+    if isinstance(node, (Embed, Gate, Combine)):
+        return dataclasses.replace(node, seqs=seqs, num_tokens=tokens)
+    if isinstance(node, Expert) and node.kind != "routed":
         return dataclasses.replace(node, num_tokens=tokens)
     return node
 
@@ -69,20 +77,13 @@ def output_bytes(spec: ModelSpec, dtype_bytes: int, node: Node) -> float:
     return 0.0
 
 
-def _sizes(node: Node) -> tuple[int, int, int]:
-    return (getattr(node, "num_tokens", 0), getattr(node, "num_context", 0),
-            getattr(node, "num_rows", 0))
-
-
-def _cost_key(node: Node) -> Hashable:
-    """What a static node's cost depends on besides its sizes."""
-    if isinstance(node, Attention):
-        return "Attention", node.part
-    if isinstance(node, Expert):
-        return "Expert", node.kind
-    if isinstance(node, Transfer):
-        return "Transfer", node.src == node.dst, node.dst
-    return type(node).__name__
+# a static node's sizes, those `bind` sets, by its kind
+_SIZES: dict[type, Any] = {
+    Embed: attrgetter("num_tokens"), Attention: attrgetter("num_tokens", "num_context"),
+    Gate: attrgetter("num_tokens"), Expert: attrgetter("num_tokens"),
+    Combine: attrgetter("num_tokens"), LMHead: attrgetter("num_rows"),
+    Transfer: lambda node: (),
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -92,18 +93,31 @@ class PlanTable:
     plan: Plan
     code: tuple[int, ...]  # STATIC, GATE, ROUTED or MOVED
     slot: tuple[int, ...]  # STATIC and GATE: index in `slots`; else -1
-    slots: tuple[tuple[Node, tuple[int, ...]], ...]  # a node of each cost, and its sequences
+    # a node of each cost, its sequences, and its home if they are all its home's (then a
+    # unit of another shape binds its own sequences there)
+    slots: tuple[tuple[Node, tuple[int, ...], str | None], ...]
     out_dev: tuple[int, ...]  # the device (index) its output lives on; -1: not tracked
     resource: tuple[str, ...]  # its stream, "actor/stream"
+    rid: tuple[int, ...]  # its stream's number in the `resources` given to `of`
+    stream_ids: tuple[int, ...]  # the numbers of the streams the plan uses
     inputs: tuple[tuple[int, ...], ...]  # data inputs
     uses: tuple[int, ...]  # data edges reading its output
     roots: tuple[int, ...]  # nodes without predecessors
     gates: tuple[tuple[int, ...], ...]  # ROUTED: the gates of its layer; MOVED: its home's
     span: tuple[tuple[int, int] | None, ...]  # ROUTED, MOVED: its experts as a range, if so
+    gate_nodes: tuple[int, ...]  # every GATE
+    # gate -> the MOVED nodes its draw sizes, by the experts they move rows of (a dispatch
+    # and its combine move the same): (their slice of the gate's counts if a range, whether
+    # they stay on one device, one of them, all of them)
+    moved_of: dict[int, tuple[tuple[slice | None, bool, Transfer, tuple[int, ...]], ...]]
+    routed_of: dict[int, tuple[int, ...]]  # layer -> its ROUTED nodes
     rebindable: bool  # binding the graph's own unit gives back every node
 
     @staticmethod
-    def of(plan: Plan, devices: Sequence[str]) -> PlanTable:
+    def of(plan: Plan, devices: Sequence[str], resources: dict[str, int] | None = None
+           ) -> PlanTable:
+        """`resources` numbers streams across the plans of a run ("actor/stream" -> its
+        number); streams it lacks are added."""
         graph = plan.graph
         unit, nodes = graph.unit, graph.nodes
         device_index = {d: i for i, d in enumerate(devices)}
@@ -115,59 +129,91 @@ class PlanTable:
                 layer_gates.setdefault(node.layer, []).append(node.id)
         layer_gate_tuples = {layer: tuple(g) for layer, g in layer_gates.items()}
         slot_of: dict[tuple[Hashable, int], int] = {}  # (cost key, id(seqs)) -> slot
-        slots: list[tuple[Node, tuple[int, ...]]] = []
-        spans: dict[tuple[int, ...], tuple[int, int] | None] = {}
+        slots: list[tuple[Node, tuple[int, ...], str | None]] = []
+        first_sizes: list[Any] = []  # per slot: its first node's sizes
+        spans: dict[int, tuple[int, int] | None] = {}  # id(experts) -> its range
         home_seqs: dict[str, tuple[int, ...]] = {}
-        code, slot, out_dev, gates, span = [], [], [], [], []
+        moved_of: dict[int, dict[tuple[int, bool], list[Any]]] = {}  # by id(experts), same
+        routed_of: dict[int, list[int]] = {}
+        n = len(nodes)
+        code, slot, out_dev = [STATIC] * n, [-1] * n, [-1] * n
+        gates: list[tuple[int, ...]] = [()] * n
+        span: list[tuple[int, int] | None] = [None] * n
         rebindable = True
-        for node in nodes:
+        for i, node in enumerate(nodes):
             kind = type(node)
+            experts: tuple[int, ...] = getattr(node, "experts", ())
+            if experts:  # by identity: the nodes of one expert group share their tuple
+                bounds = spans.get(id(experts), False)
+                if bounds is False:
+                    bounds = spans[id(experts)] = (
+                        (experts[0], experts[-1] + 1)
+                        if experts == tuple(range(experts[0], experts[-1] + 1)) else None)
+                span[i] = bounds  # type: ignore[assignment]
             if kind is Transfer:
-                out_dev.append(device_index.get(node.dst, -1))  # type: ignore[union-attr]
+                out_dev[i] = device_index.get(node.dst, -1)  # type: ignore[union-attr]
+                if node.payload in ("dispatch", "combine"):  # type: ignore[union-attr]
+                    home = node.src if node.payload == "dispatch" else node.dst  # type: ignore
+                    code[i] = MOVED
+                    gate = gate_at[(node.layer, home)]  # type: ignore[union-attr]
+                    gates[i] = (gate,)
+                    by_rows = moved_of.get(gate)
+                    if by_rows is None:
+                        by_rows = moved_of[gate] = {}
+                    same = node.src == node.dst  # type: ignore[union-attr]
+                    group = by_rows.get((id(experts), same))
+                    if group is None:
+                        bounds = span[i]
+                        group = by_rows[(id(experts), same)] = [
+                            slice(*bounds) if bounds else None, same, node, []]
+                    group[-1].append(i)
+                    continue
+                cost_key: Hashable = (kind, node.src == node.dst, node.dst)  # type: ignore
+                seqs: tuple[int, ...] = ()
             else:
-                out_dev.append(device_index.get(node.device, -1))
-            experts = getattr(node, "experts", ())
-            if experts:
-                if experts not in spans:
-                    spans[experts] = ((experts[0], experts[-1] + 1)
-                                      if experts == tuple(range(experts[0], experts[-1] + 1))
-                                      else None)
-                span.append(spans[experts])
-            else:
-                span.append(None)
-            if kind is Expert and node.kind == "routed":  # type: ignore[union-attr]
-                code.append(ROUTED)
-                slot.append(-1)
-                gates.append(layer_gate_tuples.get(node.layer, ()))  # type: ignore[union-attr]
-                continue
-            if kind is Transfer and node.payload in ("dispatch", "combine"):  # type: ignore
-                home = node.src if node.payload == "dispatch" else node.dst  # type: ignore
-                code.append(MOVED)
-                slot.append(-1)
-                gates.append((gate_at[(node.layer, home)],))  # type: ignore[union-attr]
-                continue
-            seqs = getattr(node, "seqs", None)
-            if seqs is None:
-                if kind is Transfer:
-                    seqs = ()
-                else:
-                    seqs = home_seqs.get(node.device)
+                device = node.device
+                out_dev[i] = device_index.get(device, -1)
+                if kind is Expert:
+                    if node.kind == "routed":  # type: ignore[union-attr]
+                        code[i] = ROUTED
+                        gates[i] = layer_gate_tuples.get(node.layer, ())  # type: ignore
+                        routed = routed_of.get(node.layer)  # type: ignore[union-attr]
+                        if routed is None:
+                            routed = routed_of[node.layer] = []  # type: ignore[union-attr]
+                        routed.append(i)
+                        continue
+                    cost_key = (kind, node.kind)  # type: ignore[union-attr]
+                    seqs = home_seqs.get(device)  # type: ignore[assignment]
                     if seqs is None:
-                        seqs = home_seqs[node.device] = unit.seqs_on(node.device)
-            key = (_cost_key(node), id(seqs))
-            index = slot_of.get(key)
+                        seqs = home_seqs[device] = unit.seqs_on(device)
+                else:
+                    cost_key = (kind, node.part) if kind is Attention else kind  # type: ignore
+                    seqs = node.seqs  # type: ignore[union-attr]
+                if kind is Gate:
+                    code[i] = GATE
+            index = slot_of.get((cost_key, id(seqs)))
             if index is None:
-                index = slot_of[key] = len(slots)
-                slots.append((node, seqs))
+                index = slot_of[(cost_key, id(seqs))] = len(slots)
+                home = None
+                if kind is not Transfer:
+                    home = node.device
+                    everyone = home_seqs.get(home)
+                    if everyone is None:
+                        everyone = home_seqs[home] = unit.seqs_on(home)
+                    if seqs != everyone:
+                        home = None
+                slots.append((node, seqs, home))
+                first_sizes.append(_SIZES[kind](node))
                 rebindable = rebindable and bind(node, unit, seqs) == node
             elif rebindable:  # a node of one slot has the sizes of the slot's first
-                rebindable = _sizes(node) == _sizes(slots[index][0])
-            code.append(GATE if kind is Gate else STATIC)
-            slot.append(index)
-            gates.append(())
+                rebindable = _SIZES[kind](node) == first_sizes[index]
+            slot[i] = index
         names: dict[str, str] = {}
         resource = tuple(names.setdefault(r, r)
                          for r in [f"{s.actor}/{s.name}" for s in plan.assignment])
+        numbers = {} if resources is None else resources
+        for r in names:
+            numbers.setdefault(r, len(numbers))
         inputs: list[list[int]] = [[] for _ in nodes]
         uses = [0] * len(nodes)
         has_pred = [False] * len(nodes)
@@ -177,52 +223,111 @@ class PlanTable:
                 inputs[edge.dst].append(edge.src)
                 uses[edge.src] += 1
         return PlanTable(plan, tuple(code), tuple(slot), tuple(slots), tuple(out_dev),
-                         resource, tuple(map(tuple, inputs)), tuple(uses),
+                         resource, tuple(map(numbers.__getitem__, resource)),
+                         tuple(map(numbers.__getitem__, names)),
+                         tuple(map(tuple, inputs)), tuple(uses),
                          tuple(i for i, p in enumerate(has_pred) if not p), tuple(gates),
-                         tuple(span), rebindable)
+                         tuple(span), tuple(itertools.chain(*layer_gate_tuples.values())),
+                         {g: tuple((rows, same, node, tuple(ids)) for rows, same, node, ids
+                                   in by_rows.values()) for g, by_rows in moved_of.items()},
+                         {layer: tuple(r) for layer, r in routed_of.items()}, rebindable)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
 class BoundUnit:
-    """A plan in flight for one unit: its table, the unit's sizes bound per slot, the rows
-    its gates drew, and what its nodes' outputs hold while consumers still need them."""
+    """A plan in flight for one unit: its table, the unit's sizes bound per slot, each
+    node's duration and output bytes once they are known, the rows its gates drew, and what
+    its nodes' outputs hold while consumers still need them."""
 
     job: Job
     table: PlanTable
     graph: Graph
     nodes: tuple[Node, ...]
+    costs: RowCosts
+    dur: list[float | None]  # per node: seconds (None: a gate, or rows not drawn yet)
+    nbytes: list[float]  # per node: output bytes (dynamic nodes: once their rows are drawn)
     static: list[tuple[float, float]]  # per slot: duration, output bytes
     bound: list[tuple[Node, NodeCost]]  # per slot: its node with this unit's sizes, cost
     uses: list[int]  # data uses left per node
     held: list[Any]  # output bytes held per node (None: nothing)
     counts: dict[int, tuple[int, ...]]  # gate node -> rows per expert
+    gates_left: dict[int, int]  # layer -> its gates not yet drawn
     lanes: list[Any] | None  # a trace sink's, per node
     left: int  # nodes not yet finished
     layer_rows: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     shown: TraceColumns | None = None  # how its nodes show in a recorded trace
 
     @staticmethod
-    def of(job: Job, table: PlanTable, cost: CostModel, lanes: list[Any] | None = None
+    def of(job: Job, table: PlanTable, costs: RowCosts, lanes: list[Any] | None = None
            ) -> BoundUnit:
         """`job`'s unit bound to `table`: every slot costed once with the unit's sizes."""
+        cost = costs.cost
         graph, unit = job.plan.graph, job.unit
         replayed = graph.unit != unit
         static, bound = [], []
-        for node, seqs in table.slots:
-            node = bind(node, unit, seqs) if replayed else node
+        homed: dict[str, tuple[int, ...]] = {}
+        for node, seqs, home in table.slots:
+            if replayed:
+                if home is not None:
+                    seqs = homed.get(home)  # type: ignore[assignment]
+                    if seqs is None:
+                        seqs = homed[home] = unit.seqs_on(home)
+                node = bind(node, unit, seqs)
             c = cost.cost(graph, node, (), unit)
             static.append((cost.time_of(node, c), output_bytes(cost.spec, cost.b, node)))
             bound.append((node, c))
+        durations: list[float | None] = [d for d, _ in static]
+        sizes = [b for _, b in static]
+        durations.append(None)  # slot -1: not known before a gate draws
+        sizes.append(0.0)
         n = len(graph.nodes)
-        return BoundUnit(job, table, graph, graph.nodes, static, bound, list(table.uses),
-                         [None] * n, {}, lanes, n)
+        gates_left = {layer: len(table.gates[routed[0]])
+                      for layer, routed in table.routed_of.items()}
+        u = BoundUnit(job, table, graph, graph.nodes, costs,
+                      list(map(durations.__getitem__, table.slot)),
+                      list(map(sizes.__getitem__, table.slot)), static, bound,
+                      list(table.uses), [None] * n, {}, gates_left, lanes, n)
+        for gate in table.gate_nodes:
+            u.dur[gate] = None  # a gate draws its rows when it starts
+        for layer, left in gates_left.items():
+            if not left:  # a layer without gates routes no rows
+                u._route(layer)
+        return u
 
-    def draw(self, node_id: int, routing: Routing) -> None:
-        """A gate starts: draw its per-expert rows."""
+    def draw(self, node_id: int, routing: Routing) -> float:
+        """A gate starts: draw its per-expert rows, size the nodes they decide, and return
+        its duration."""
         gate = self.bound[self.table.slot[node_id]][0]
         node = self.nodes[node_id]
-        self.counts[node_id] = routing.counts(
+        counts = self.counts[node_id] = routing.counts(
             node.layer, gate.num_tokens, node.device, self.graph.placement)  # type: ignore
+        dur, nbytes, graph, costs = self.dur, self.nbytes, self.graph, self.costs
+        moved_time, known, row_bytes = costs.moved, costs.moved_seconds, costs.row_bytes
+        for rows, same, first, moved in self.table.moved_of.get(node_id, ()):
+            num_rows = (sum(counts[rows]) if rows is not None else
+                        sum(counts[e] for e in first.experts))
+            seconds = known[same].get(num_rows)
+            if seconds is None:
+                seconds = moved_time(graph, first, num_rows)
+            size = num_rows * row_bytes
+            for m in moved:
+                dur[m] = seconds
+                nbytes[m] = size
+        layer = node.layer  # type: ignore[union-attr]
+        left = self.gates_left.get(layer)
+        if left is not None:
+            self.gates_left[layer] = left - 1
+            if left == 1:  # the layer's last gate: its experts' rows are known
+                self._route(layer)
+        return self.static[self.table.slot[node_id]][0]
+
+    def _route(self, layer: int) -> None:
+        dur, nbytes, costs = self.dur, self.nbytes, self.costs
+        for routed in self.table.routed_of[layer]:
+            rows = self.rows(routed)
+            assert rows is not None  # every gate of the layer drew
+            dur[routed] = costs.routed(self.graph, self.nodes[routed], rows)  # type: ignore
+            nbytes[routed] = sum(rows) * costs.row_bytes
 
     def rows(self, node_id: int) -> tuple[int, ...] | None:
         """Rows per expert of a routed Expert or a dispatch/combine Transfer; None if a

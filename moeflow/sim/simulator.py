@@ -43,7 +43,10 @@ from moeflow.sim.results import (
 from moeflow.sim.workload import Routing, SimRequest
 
 PLAN_CACHE = 16  # plans kept for replay (batch-ep repeats the last few shapes)
-GC_THRESHOLD = (50_000, 20, 100)  # while a run goes (the default is 700, 10, 10)
+# while a run goes (the default is 700, 10, 10): a plan compiled every few steps leaves tens
+# of thousands of young objects that live as long as it is cached, and every young
+# collection scans them (a tenth of a DeepSeek-V2 run at 50_000, nothing at 1_000_000)
+GC_THRESHOLD = (1_000_000, 50, 100)
 
 __all__ = ["Metrics", "RequestTiming", "SimResult", "SimulationError", "Simulator", "TraceEvent",
            "TraceSink", "activation_bytes", "busy_of", "node_label", "percentile"]

@@ -32,6 +32,7 @@ from moeflow.sim.trace import (
 )
 
 BUFFER = 1 << 20  # bytes written at a time
+DURATIONS_KEPT = 1 << 16  # formatted durations kept for reuse
 
 
 class ChromeWriter:
@@ -45,9 +46,11 @@ class ChromeWriter:
         self.write: Callable[[str], Any] = self.file.write
         self.lanes: dict[str, tuple[int, int]] = {}  # resource -> (pid, tid)
         self.pids: dict[str, int] = {}  # actor -> pid
-        self.num_events = 0
         self.quoted: dict[Any, str] = {}  # names, kinds and layers as JSON
         self.prepared: dict[tuple[Any, ...], tuple[str, str, str]] = {}  # plans share nodes
+        self.start = -1.0  # the last event's start, and its "ts"
+        self.ts = ""
+        self.durs: dict[float, str] = {}  # seconds -> "dur"
 
     def prepare(self, resource: str, name: str, kind: str, node: int, layer: int | None
                 ) -> tuple[str, str, str]:
@@ -75,8 +78,18 @@ class ChromeWriter:
                 f',"node":{node},"layer":{quoted[layer]}}}}},\n')
 
     def add(self, lane: tuple[str, str, str], job: int, start: float, end: float) -> None:
-        self.write(f'{lane[0]}{start * US!r},"dur":{(end - start) * US!r}{lane[1]}{job}{lane[2]}')
-        self.num_events += 1
+        # Times to the nanosecond, as `to_chrome` rounds them (NS_DIGITS). Formatting a float
+        # is most of the cost, so each is formatted once: nodes start together in runs, and
+        # a run has few distinct durations
+        if start != self.start:
+            self.start = start
+            self.ts = f"{start * US:.3f}"
+        dur = self.durs.get(end - start)
+        if dur is None:
+            if len(self.durs) >= DURATIONS_KEPT:
+                self.durs.clear()
+            dur = self.durs[end - start] = f"{(end - start) * US:.3f}"
+        self.write(f'{lane[0]}{self.ts},"dur":{dur}{lane[1]}{job}{lane[2]}')
 
     def close(self, result: SimResult) -> None:
         """Append lanes, counter and metrics; the file at `path` is complete."""

@@ -20,6 +20,7 @@ import json
 import math
 import random
 from itertools import compress, repeat, starmap
+from operator import lt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,7 @@ class _Weights:
     live: list[int]  # experts of positive weight
     inverse: list[float]  # 1 / weight of each live expert
     ones: bool  # every weight is 1
+    cut: float | None  # ones, many live experts: a key the top-k keys almost surely exceed
 
 
 class Routing:
@@ -185,8 +187,12 @@ class Routing:
                     weights = [0.0 if e in local else w for e, w in enumerate(weights)]
             live = [e for e, w in enumerate(weights) if w > 0]
             inverse = [1.0 / weights[e] for e in live]
-            drawn = self._layer_weights[key] = _Weights(
-                weights, live, inverse, all(x == 1.0 for x in inverse))
+            ones = all(x == 1.0 for x in inverse)
+            # m = 3k + 4 of n uniform keys lie above 1 - m/n on average: the top k lie there
+            # but about once in 10^5 tokens or less, and then `_winners` sorts every key
+            margin = 3 * self.top_k + 4
+            cut = 1.0 - margin / len(live) if ones and len(live) >= 4 * margin else None
+            drawn = self._layer_weights[key] = _Weights(weights, live, inverse, ones, cut)
         if num_tokens <= 64:
             return self._exact(drawn, num_tokens)
         return self._approximate(drawn.weights, num_tokens)
@@ -201,10 +207,7 @@ class Routing:
         for _ in range(num_tokens):
             draws = starmap(rand, repeat((), len(live)))
             keys = list(draws) if ones else list(map(pow, draws, inverse))
-            winners = []
-            if len(live) >= k:
-                kth = sorted(keys)[-k]
-                winners = list(compress(live, map(kth.__le__, keys)))
+            winners = _winners(keys, live, k, w.cut) if len(live) >= k else []
             if len(winners) != k:  # a tie at the k-th key, or too few experts to pick from
                 key = dict(zip(live, keys))
                 ranked = sorted(((key.get(e, -1.0), e) for e in range(self.num_experts)),
@@ -236,6 +239,19 @@ class Routing:
                 short -= 1
             i += 1
         return tuple(counts)
+
+
+def _winners(keys: list[float], live: list[int], k: int, cut: float | None) -> list[int]:
+    """The experts (of `live`, in order) whose key is at least the k-th largest of `keys`:
+    k of them, unless keys tie there. With a `cut` that at least k keys exceed, only those
+    are sorted (the k-th largest is one of them)."""
+    if cut is not None:
+        above = list(compress(range(len(keys)), map(lt, repeat(cut), keys)))
+        if len(above) >= k:
+            kth = sorted([keys[i] for i in above])[-k]
+            return [live[i] for i in above if keys[i] >= kth]
+    kth = sorted(keys)[-k]
+    return list(compress(live, map(kth.__le__, keys)))
 
 
 def load_recording(path: Path, num_experts: int) -> dict[int, list[float]]:

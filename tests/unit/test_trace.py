@@ -100,7 +100,9 @@ def test_chrome_has_a_complete_event_per_trace_event_with_times_in_microseconds(
     named = lanes(doc)
     for e, ev in zip(complete, SIM.trace):
         assert {"ts", "dur", "pid", "tid", "name", "cat", "args"} <= e.keys()
-        assert e["ts"] == ev.start * 1e6 and e["dur"] == (ev.end - ev.start) * 1e6
+        # to the nanosecond
+        assert e["ts"] == round(ev.start * 1e6, 3)
+        assert e["dur"] == round((ev.end - ev.start) * 1e6, 3)
         assert (e["name"], e["cat"]) == (ev.name, ev.kind)
         assert e["args"] == {"job": ev.job, "node": ev.node, "layer": ev.layer}
         assert named[e["pid"], e["tid"]] == ev.resource
