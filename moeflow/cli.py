@@ -6,6 +6,7 @@
     moeflow graph MODEL_DIR --out FILE.{dot,html} [--layer N] [--devices ...]
     moeflow simulate --model NAME|DIR --hardware NAME|FILE --scheduler NAME
                      --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
+                     [--dtype fp8]      (hardware: a preset, any node size: h800x4)
     moeflow calibrate --out cpu.json
     moeflow serve MODEL_DIR --bind tcp://127.0.0.1:5555 [--scheduler batch-ep] [--devices cpu:0]
                   [--transport inproc|zmq] [--dtype auto] [--max-waiting 64]
@@ -139,13 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", required=True,
                      help="a preset (mixtral-8x7b, deepseek-v2, ...) or a checkpoint directory")
     sim.add_argument("--hardware", required=True,
-                     help="a preset (h100x8, a100-80g, t4, ...) or a `moeflow calibrate` file")
+                     help="a preset (h100x8, h800x4: any xN, a100-80g, t4, ...) or a "
+                          "`moeflow calibrate` file")
     sim.add_argument("--scheduler", default="batch-ep")
     _workload_arguments(sim, num_requests=200, prompt_len="uniform:128-512",
                         output_len="uniform:32-256")
     sim.add_argument("--routing", default="uniform",
                      help="uniform, zipf:s=S, recorded:FILE or remote")
-    sim.add_argument("--dtype", default=None, help="default: the model's own")
+    sim.add_argument("--dtype", default=None,
+                     help="bfloat16, float16, float32, or fp8 (fp8 weights and GEMMs, bf16 "
+                          "activations; needs fp8 hardware: h100, h800, h200, l4); default: "
+                          "the model's own")
     sim.add_argument("--max-batch-tokens", type=_positive, default=8192)
     sim.add_argument("--max-seqs", type=_positive, default=256)
     sim.add_argument("--seed", type=int, default=0)
@@ -284,7 +289,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from moeflow.progress import Progress
     from moeflow.sim import hardware, models
     from moeflow.scheduler.registry import make_scheduler
-    from moeflow.sim.simulator import Simulator
+    from moeflow.sim.eps_costs import with_hardware_costs
+    from moeflow.sim.simulator import SimulationError, Simulator
     from moeflow.sim.tracefile import open_trace
     from moeflow.sim.workload import Lengths, Routing, requests
 
@@ -294,8 +300,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                             spec.num_layers, seed=args.seed)
     reqs = requests(args.workload, args.num_requests, Lengths.parse(args.prompt_len),
                     Lengths.parse(args.output_len), seed=args.seed)
-    sim = Simulator(spec, hw, make_scheduler(args.scheduler), routing, dtype=args.dtype,
-                    max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs)
+    # eps chooses PN with the cost model's own figures for this hardware and dtype
+    scheduler = with_hardware_costs(make_scheduler(args.scheduler), spec, hw, args.dtype)
+    try:
+        sim = Simulator(spec, hw, scheduler, routing, dtype=args.dtype,
+                        max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs)
+    except SimulationError as exc:  # the model does not fit: the user's choice of sizes
+        raise ValueError(str(exc)) from None
     title = (f"{spec.name or spec.family} on {hw.name}, {args.scheduler}, {args.workload}, "
              f"{len(reqs)} requests")
     sink = open_trace(args.trace, title) if args.trace else None  # streams as it runs

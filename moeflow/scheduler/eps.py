@@ -36,15 +36,21 @@ What moeflow does (`EPS(stages=None, costs=None, eps0=0.32, eps1=0.03)`):
   divisors around PN*), then the largest divisor at most that which passes the enabling
   rule, else 1. A fixed `stages` overrides the rule (rounded down to such a divisor).
 - Costs come from a `StageCosts` (comm_s, gemm_s, stage_overhead_s); without one, the
-  analytic model `AnalyticCosts.defaults(model)` with figures of the local CPU actors. The
-  simulator can pass costs from its hardware presets.
+  analytic model `AnalyticCosts.defaults(model)` with figures of the local CPU actors.
+  `moeflow.sim.eps_costs.RooflineStageCosts` reads them off the simulator's cost model for
+  a hardware preset and dtype; `moeflow simulate --scheduler eps` uses it.
 - Plans are shared per (unit shape, token bucket): PN is chosen at the bucket's lower
   bound (the largest 2^j or 1.5·2^j at most the unit's tokens), so one plan serves every
   unit in the bucket, and pipelining never starts below the threshold (both ratios only
   fall as m grows).
 
-Not modelled yet: the SM partition (the paper capped the GEMM at 116 of 132 SMs, leaving 16
-for communication; the simulator's job), and the kernel choice (GroupGemm below ~2048
+- The SM partition (the paper capped the GEMM at 116 of 132 SMs, leaving 16 for
+  communication) is the simulator's to charge (`moeflow.sim.cost.GEMM_SM_SHARE`); a
+  StageCosts that states it (`pipelined_gemm_share`, as `moeflow.sim.eps_costs`'s does)
+  makes the policy keep PN = 1 where the slower GEMM costs more than the overlap saves:
+  max(T_comm, T_comp') + C'/N + kN >= T_comm + T_comp + k (`EPS.pays`).
+
+Not modelled yet: the kernel choice (GroupGemm below ~2048
 tokens, DenseGemm above ~4096, with a hysteresis band; it needs the gate's counts, so it
 will come through `on_routing`).
 """
@@ -70,7 +76,10 @@ EPS1 = 0.03  # GEMM split tolerance of the paper
 
 
 class StageCosts(Protocol):
-    """What the enabling rule and PN* need to know about a layer's costs."""
+    """What the enabling rule and PN* need to know about a layer's costs.
+
+    Optional: `pipelined_gemm_share`, the fraction of the GEMM's unpipelined throughput it
+    keeps while communication runs beside it (the SM partition; 1.0 when absent)."""
 
     @property
     def stage_overhead_s(self) -> float:
@@ -193,7 +202,8 @@ class StageChoice:
     comm_ratio: float  # N·S(m/N)/S(m) at N = stages
     gemm_ratio: float  # N·G(m/N, E/N)/G(m, E)
     reason: str  # "fixed", "pipelined", "below the enabling threshold", "PN* rounds to 1",
-    # "nothing to overlap" (no rows cross a link), "the experts of some owner do not split"
+    # "nothing to overlap" (no rows cross a link), "the experts of some owner do not split",
+    # "the SM partition costs more than the overlap saves"
 
 
 def token_bucket(num_tokens: int) -> int:
@@ -271,8 +281,22 @@ class EPS(BatchEP):
             return chose(1, "PN* rounds to 1")
         for n in sorted((d for d in divisors if 1 < d <= best), reverse=True):
             if self.enabled(load, costs, n):
+                if not self.pays(comm, gemm, costs, n):
+                    return chose(1, "the SM partition costs more than the overlap saves")
                 return chose(n, "pipelined")
         return chose(1, "below the enabling threshold")
+
+    @staticmethod
+    def pays(comm: float, gemm: float, costs: StageCosts, stages: int) -> bool:
+        """Whether the pipelined layer, max(T_comm, T_comp') + C'/N + kN with T_comp' the
+        GEMM slowed by the SM partition and C' = min(T_comm, T_comp'), beats the unpipelined
+        T_comm + T_comp + k. Without a partition (share 1) this is what choosing N over 1
+        by C/N + kN already says."""
+        share = float(getattr(costs, "pipelined_gemm_share", 1.0))
+        slowed = gemm / share
+        k = costs.stage_overhead_s
+        pipelined = max(comm, slowed) + min(comm, slowed) / stages + k * stages
+        return pipelined < comm + gemm + k
 
     @classmethod
     def conformance_checks(cls) -> list[Callable[[Any, Any], list[str]]]:

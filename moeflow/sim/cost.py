@@ -15,6 +15,21 @@ kernels, so they add. `efficiency(m) = m / (m + gemm_half_rows)` models how a GE
 rows per weight falls short of peak, except up to `gemv_rows`, where a GEMV kernel is bound
 by bandwidth alone. Memory-bound decode is dominated by weight bytes; prefill by FLOPs.
 
+dtype: `bfloat16`/`float16`/`float32` use that type throughout. `fp8` (or `float8`) is
+W8A16-style serving: weights are stored and streamed in one byte and their GEMMs run at the
+device's fp8 FLOP/s; activations, their transfers, the KV cache and the attention kernel
+stay in bfloat16. A device without fp8 FLOP/s refuses it.
+
+The SM partition of EPS-MoE: when a plan pipelines its experts (a routed Expert node holds
+fewer experts than its owner has: PN > 1) on a GPU, communication kernels run beside the
+expert GEMM and take SMs from it. The paper (arXiv 2410.12247, H800) capped the GEMM at
+116 of the 132 SMs and left 16 for communication, so such a GEMM gets `GEMM_SM_SHARE` =
+116/132 of the device's FLOP/s. Not modelled: what the 16 SMs do to the transfers (they
+stay link-bound), HBM contention between the two, other kernels (attention, shared
+experts) that also run while communication does, wave quantization (the share is taken
+as linear), and a memory-bound GEMM (the share scales FLOP/s, not bandwidth). GPUs other
+than H800/H100/H200 take the same fraction. Unpipelined plans (batch-ep) keep every SM.
+
 Pure: plain arithmetic on ModelSpec and Hardware.
 """
 
@@ -31,6 +46,14 @@ from moeflow.sim.hardware import Hardware
 
 # Kernels (GPU launches / CPU op dispatches) a node of each kind issues.
 KERNELS = {Embed: 1, Attention: 12, Gate: 6, Expert: 5, Combine: 3, LMHead: 3, Transfer: 1}
+# EPS-MoE (arXiv 2410.12247) on H800: the expert GEMM on 116 of 132 SMs while pipelining
+GEMM_SMS, DEVICE_SMS = 116, 132
+GEMM_SM_SHARE = GEMM_SMS / DEVICE_SMS
+FP8 = ("fp8", "float8")  # accepted names; hardware presets key its FLOP/s "float8"
+
+
+class DtypeError(ValueError):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +64,7 @@ class NodeCost:
     kernels: int
     activation_bytes: float = 0.0  # elementwise traffic over activations and the KV cache
     attention_flops: float = 0.0  # in the attention kernel (scores and weighted values)
+    sm_share: float = 1.0  # of the device's FLOP/s its GEMMs get (EPS's SM partition)
 
 
 class CostModel:
@@ -48,8 +72,26 @@ class CostModel:
         self.spec = spec
         self.hw = hardware
         self.dtype = dtype or spec.dtype
-        self.b = DTYPE_BYTES[self.dtype]
-        self.peak = hardware.device.flops_for(self.dtype)
+        dev = hardware.device
+        if self.dtype in FP8:
+            if "float8" not in dev.peak_flops:
+                raise DtypeError(f"--dtype {self.dtype}: {dev.name} has no fp8 tensor cores "
+                                 f"(fp8 runs on h100, h800, h200 and l4); use bfloat16")
+            self.dtype = "float8"
+            self.wb = 1  # bytes per weight
+            self.b = DTYPE_BYTES["bfloat16"]  # bytes per activation element
+            self.peak = dev.peak_flops["float8"]
+            self.attention_peak = dev.attention_flops or dev.flops_for("bfloat16")
+        elif self.dtype in DTYPE_BYTES:
+            self.wb = self.b = DTYPE_BYTES[self.dtype]
+            self.peak = dev.flops_for(self.dtype)
+            self.attention_peak = dev.attention_flops or self.peak
+        else:
+            raise DtypeError(f"unknown dtype {self.dtype!r}; expected one of "
+                             f"{', '.join([*sorted(DTYPE_BYTES), 'fp8'])}")
+        self.sm_share = GEMM_SM_SHARE if dev.kind == "gpu" else 1.0
+        self._placement: Placement | None = None
+        self._owned: dict[str, int] = {}  # device -> experts it owns under `_placement`
 
     # -- per node ------------------------------------------------------------------
 
@@ -58,7 +100,7 @@ class CostModel:
         """FLOPs and bytes of `node`. `rows` are, for a routed Expert or a dispatch/combine
         Transfer, the rows it handles per expert of its group. `unit` is the one the node's
         sizes are bound to when a plan is replayed for another unit than its graph's."""
-        s, b, d = self.spec, self.b, self.spec.hidden_size
+        s, b, wb, d = self.spec, self.b, self.wb, self.spec.hidden_size
         kernels = KERNELS[type(node)]
         if isinstance(node, Embed):
             return NodeCost(0, 0, node.num_tokens, kernels, node.num_tokens * d * b * 2)
@@ -66,22 +108,16 @@ class CostModel:
             return self._attention(graph.unit if unit is None else unit, node)
         if isinstance(node, Gate):
             e, t = s.moe.num_experts, node.num_tokens
-            return NodeCost(2 * t * d * e, e * d * b, t, kernels, t * (d * b + 3 * e * 4))
+            return NodeCost(2 * t * d * e, e * d * wb, t, kernels, t * (d * b + 3 * e * 4))
         if isinstance(node, Expert):
             if node.kind != "routed":
                 params = s.dense_params() if node.kind == "dense" else s.shared_params()
                 width = params // (3 * d) if d else 0
                 t = node.num_tokens
-                return NodeCost(2 * t * params, params * b, t, kernels,
+                return NodeCost(2 * t * params, params * wb, t, kernels,
                                 t * (2 * d + 6 * width) * b)
-            total = sum(rows)
-            active = sum(1 for r in rows if r)
-            if total == 0:
-                return NodeCost(0, 0, 0, 0)
-            f = s.moe.intermediate_size
-            # gather rows in, gate/up out and read back, SwiGLU, down out, scaled in place
-            return NodeCost(2 * total * s.expert_params(), active * s.expert_params() * b,
-                            total / active, kernels, total * (4 * d + 6 * f) * b)
+            return self.routed_cost(sum(rows), sum(1 for r in rows if r),
+                                    self.pipelined(graph, node))
         if isinstance(node, Transfer):
             return NodeCost(0, sum(rows) * d * b, 0, kernels if sum(rows) else 0)
         if isinstance(node, Combine):
@@ -90,9 +126,31 @@ class CostModel:
         if isinstance(node, LMHead):
             r = node.num_rows
             head = s.vocab_size * d
-            return NodeCost(2 * r * head, head * b, max(r, 1), kernels,
+            return NodeCost(2 * r * head, head * wb, max(r, 1), kernels,
                             r * (2 * d * b + s.vocab_size * 4))
         raise TypeError(f"no cost for {node!r}")
+
+    def routed_cost(self, total: float, active: int, pipelined: bool = False) -> NodeCost:
+        """A routed Expert node's cost: `total` rows over `active` experts hit, its GEMMs on
+        `GEMM_SM_SHARE` of a GPU when its plan pipelines."""
+        if total == 0 or active == 0:
+            return NodeCost(0, 0, 0, 0)
+        s, d = self.spec, self.spec.hidden_size
+        f = s.moe.intermediate_size
+        # gather rows in, gate/up out and read back, SwiGLU, down out, scaled in place
+        return NodeCost(2 * total * s.expert_params(), active * s.expert_params() * self.wb,
+                        total / active, KERNELS[Expert], total * (4 * d + 6 * f) * self.b,
+                        sm_share=self.sm_share if pipelined else 1.0)
+
+    def pipelined(self, graph: Graph, node: Expert) -> bool:
+        """Whether `node` is one of several expert groups of its owner (EPS's PN > 1)."""
+        placement = graph.placement
+        if placement is not self._placement:
+            self._placement, self._owned = placement, {}
+        owned = self._owned.get(node.device)
+        if owned is None:
+            owned = self._owned[node.device] = len(placement.experts_of(node.device))
+        return len(node.experts) < owned
 
     def _attention(self, unit: Unit, node: Attention) -> NodeCost:
         s, b, d = self.spec, self.b, self.spec.hidden_size
@@ -116,7 +174,7 @@ class CostModel:
         kv_bytes = context * a.cache_width * b  # the cache read (incl. the new tokens)
         # norms, q/k/v, rope, cache write, output projection, residual, post norm
         act = t * (10 * d + 2 * (a.q_width + 2 * a.kv_width)) * b
-        return NodeCost(flops, proj * b, t, KERNELS[Attention], act + kv_bytes, attention)
+        return NodeCost(flops, proj * self.wb, t, KERNELS[Attention], act + kv_bytes, attention)
 
     def group_cost(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> NodeCost:
         """The cost of nodes coalesced into one kernel: their work adds up, the weights they
@@ -158,9 +216,9 @@ class CostModel:
             efficiency = 1.0
         else:
             efficiency = c.rows / (c.rows + dev.gemm_half_rows) if c.rows else 1.0
-        compute = c.flops / (self.peak * max(efficiency, 1e-9))
+        compute = c.flops / (self.peak * c.sm_share * max(efficiency, 1e-9))
         if c.attention_flops:
-            compute += c.attention_flops / (dev.attention_flops or self.peak)
+            compute += c.attention_flops / self.attention_peak
         memory = c.bytes / dev.mem_bandwidth
         elementwise = c.activation_bytes / (dev.activation_bandwidth or dev.mem_bandwidth)
         return c.kernels * dev.launch_overhead + max(compute, memory) + elementwise
@@ -174,8 +232,8 @@ class CostModel:
         dense = s.total_params() - len(s.moe_layers) * s.moe.num_experts * s.expert_params()
         out = {dev: 0.0 for dev in placement.devices}
         for dev in homes:
-            out[dev] = out.get(dev, 0.0) + dense * self.b
-        per_expert = len(s.moe_layers) * s.expert_params() * self.b
+            out[dev] = out.get(dev, 0.0) + dense * self.wb
+        per_expert = len(s.moe_layers) * s.expert_params() * self.wb
         for owner in placement.expert_owners:
             out[placement.devices[owner]] += per_expert
         return out
@@ -185,7 +243,7 @@ class CostModel:
 
     def decode_step_floor(self) -> float:
         """Batch-1 decode time if every active weight streams once at full bandwidth."""
-        return self.spec.active_params_per_token() * self.b / self.hw.device.mem_bandwidth
+        return self.spec.active_params_per_token() * self.wb / self.hw.device.mem_bandwidth
 
 
 class RowCosts:
@@ -196,13 +254,13 @@ class RowCosts:
     def __init__(self, cost: CostModel) -> None:
         self.cost = cost
         self.row_bytes = cost.spec.hidden_size * cost.b  # of a row of the hidden state
-        self._routed: dict[tuple[int, int], float] = {}  # (rows, experts hit) -> seconds
+        self._routed: dict[tuple[int, int, bool], float] = {}  # (rows, hit, pipelined) -> s
         # transfers' seconds by rows, [0] between devices and [1] within one: read these
         # first, `moved` fills them
         self.moved_seconds: tuple[dict[int, float], dict[int, float]] = ({}, {})
 
     def routed(self, graph: Graph, node: Expert, rows: Sequence[int]) -> float:
-        key = (sum(rows), len(rows) - rows.count(0))
+        key = (sum(rows), len(rows) - rows.count(0), self.cost.pipelined(graph, node))
         duration = self._routed.get(key)
         if duration is None:
             duration = self._routed[key] = self.cost.duration(graph, node, rows)

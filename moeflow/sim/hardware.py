@@ -2,8 +2,9 @@
 
 Presets carry figures from the vendors' data sheets (dense tensor-core FLOP/s, no
 sparsity; HBM/GDDR bandwidth; NVLink per direction = the data sheet's total / 2). Names:
-`t4 l4 a100-80g h100 h800 h200`, each alone or as an 8-GPU node (`h100x8`). A JSON file
-written by `moeflow calibrate` describes the local CPU the same way.
+`t4 l4 a100-80g h100 h800 h200`, each alone or as a node of N GPUs (`h100x8`, `h800x4`:
+any N >= 1, all on one switch at the preset's per-GPU link). A JSON file written by
+`moeflow calibrate` describes the local CPU the same way.
 
     moeflow.sim.hardware.load("h100x8")
     moeflow.sim.hardware.load("calibration.json")
@@ -12,6 +13,7 @@ written by `moeflow calibrate` describes the local CPU the same way.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -138,21 +140,36 @@ _DEVICES = {
 }
 
 
+def node(key: str, num_devices: int) -> Hardware:
+    """`num_devices` GPUs of preset `key` in one node (host memory: 256 GB per GPU, at
+    least 512 GB)."""
+    if key not in _DEVICES:
+        raise HardwareError(f"unknown device {key!r}; known: {', '.join(sorted(_DEVICES))}")
+    if num_devices < 1:
+        raise HardwareError(f"{key}x{num_devices}: a node needs at least one device")
+    device, link, host, notes = _DEVICES[key]
+    name = key if num_devices == 1 else f"{key}x{num_devices}"
+    return Hardware(name, device, num_devices, link, host,
+                    max(512 * GB, 256 * GB * num_devices), notes)
+
+
 def presets() -> dict[str, Hardware]:
-    out = {}
-    for key, (device, link, host, notes) in _DEVICES.items():
-        for n in (1, 8):
-            name = key if n == 1 else f"{key}x8"
-            out[name] = Hardware(name, device, n, link, host, 2048 * GB if n == 8 else 512 * GB,
-                                 notes)
-    return out
+    """The listed presets: each device alone and as an 8-GPU node (`load` takes any xN)."""
+    return {h.name: h for key in _DEVICES for h in (node(key, 1), node(key, 8))}
+
+
+_NODE = re.compile(r"([a-z0-9-]+?)x([0-9]+)")
 
 
 def load(name_or_path: str) -> Hardware:
-    """A preset by name, or a JSON file (as `moeflow calibrate` writes)."""
+    """A preset by name (`h800`, `h800x4`, any xN), or a JSON file (as `moeflow calibrate`
+    writes)."""
+    if name_or_path in _DEVICES:
+        return node(name_or_path, 1)
+    match = _NODE.fullmatch(name_or_path)
+    if match and match.group(1) in _DEVICES:
+        return node(match.group(1), int(match.group(2)))
     table = presets()
-    if name_or_path in table:
-        return table[name_or_path]
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         try:

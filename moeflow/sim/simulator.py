@@ -89,7 +89,9 @@ class Simulator:
                 raise SimulationError(
                     f"{model.name or model.family} does not fit on {hardware.name}: {dev} holds "
                     f"{self.weights[dev] / 1e9:.1f} GB of weights of a "
-                    f"{self.budget[dev] / 1e9:.1f} GB budget")
+                    f"{self.budget[dev] / 1e9:.1f} GB budget"
+                    + (" (fp8 weights would take half: --dtype fp8)" if self.cost.wb > 1
+                       and "float8" in hardware.device.peak_flops else ""))
             kv_blocks[dev] = int(room // per_block)
         self.kv_block_size = kv_block_size
         self.kv_bytes_per_block = per_block

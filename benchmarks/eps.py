@@ -1,0 +1,169 @@
+"""EPS-MoE prefill throughput against batch-ep, simulated side by side in one run.
+
+Each setting runs the same prefill-heavy workload through the simulator (`moeflow.sim`, the
+roofline cost model with the hardware preset's figures) under `batch-ep` (no pipelining)
+and under `eps` with PN chosen from `RooflineStageCosts` of that model, hardware and dtype
+(as `moeflow simulate --scheduler eps` does). The workload: a burst of 4096-token prompts,
+1 output token each, prefilled in steps of `max_batch_tokens` tokens (4096 per GPU);
+routing uniform. Prefill throughput = prompt tokens / makespan.
+
+    DeepSeek-V2   h800x8  fp8        paper +21.8 % (100K -> 121.8K tok/s); our goal >= +25 %
+    Mixtral-8x7B  h800x4  bfloat16   paper +32.2 %
+    DBRX          h800x4  fp8        paper +52.4 % (bf16 does not fit 4×80 GB)
+    PN sweep on DeepSeek-V2 (eps with `stages` fixed): 1, 2, 5, 20 where they divide the
+    20 experts of each owner (all do on 8 GPUs; a PN that does not divide is skipped and
+    said so)
+
+Besides the PN eps chooses, each setting also runs eps at the paper's PN (fixed).
+
+Requests: 64 prompts per setting (16 with --quick), so every run holds 8 (2) full steps
+on 8 GPUs, 16 (4) on 4; the whole run takes about 15 s on a 2-core machine (about 5 s
+--quick), well under the 3 minutes allowed.
+The simulation is deterministic: one run per setting is its median.
+
+    python benchmarks/eps.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from moeflow.dataflow.graph import SeqChunk, Unit
+from moeflow.scheduler.base import Scheduler
+from moeflow.scheduler.batch_ep import BatchEP
+from moeflow.scheduler.eps import EPS
+from moeflow.sim import hardware, models
+from moeflow.sim.eps_costs import RooflineStageCosts
+from moeflow.sim.simulator import Simulator
+from moeflow.sim.workload import Routing, SimRequest
+
+PROMPT = 4096
+TOKENS_PER_GPU = 4096
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    hardware: str
+    dtype: str | None
+    paper_gain: float | None  # the paper's prefill throughput gain, eps over no pipelining
+    paper_pn: int  # the PN the paper used
+    note: str = ""
+
+
+SETTINGS = (
+    Setting("deepseek-v2", "h800x8", "fp8", 0.218, 5,
+            "paper 100K -> 121.8K tok/s; goal >= +25 %"),
+    Setting("mixtral-8x7b", "h800x4", None, 0.322, 2),
+    # 132B parameters: 66 GB of bf16 experts per GPU leave no room on 4×80 GB
+    Setting("dbrx", "h800x4", "fp8", 0.524, 2, "fp8: bf16 does not fit 4×80 GB"),
+)
+SWEEP = (1, 2, 5, 20)
+
+
+def prefill_throughput(setting: Setting, scheduler: Scheduler, num_requests: int
+                       ) -> float:
+    spec = models.load(setting.model)
+    hw = hardware.load(setting.hardware)
+    routing = Routing.parse("uniform", spec.moe.num_experts, spec.moe.top_k, spec.num_layers,
+                            seed=0)
+    reqs = [SimRequest(0.0, PROMPT, 1) for _ in range(num_requests)]
+    sim = Simulator(spec, hw, scheduler, routing, dtype=setting.dtype,
+                    max_batch_tokens=TOKENS_PER_GPU * hw.num_devices, max_seqs=256)
+    result = sim.run(reqs, record=False)
+    return num_requests * PROMPT / result.metrics.makespan
+
+
+def choice_of(setting: Setting, eps: EPS) -> Any:
+    """The StageChoice eps makes for one full prefill step of this setting."""
+    spec = models.load(setting.model)
+    hw = hardware.load(setting.hardware)
+    devices = hw.device_names()
+    from moeflow.scheduler.base import Cluster
+
+    cluster = Cluster.sharded(devices, spec.moe.num_experts)
+    unit = Unit(tuple(SeqChunk(i, 0, TOKENS_PER_GPU, d) for i, d in enumerate(devices)))
+    return eps.choice(unit, spec, cluster)
+
+
+def run(quick: bool) -> dict[str, Any]:
+    num_requests = 16 if quick else 64
+    rows: list[dict[str, Any]] = []
+    for s in SETTINGS:
+        costs = RooflineStageCosts.of(models.load(s.model), hardware.load(s.hardware), s.dtype)
+        eps = EPS(costs=costs)
+        base = prefill_throughput(s, BatchEP(), num_requests)
+        ours = prefill_throughput(s, eps, num_requests)
+        choice = choice_of(s, eps)
+        at_paper_pn = prefill_throughput(s, EPS(stages=s.paper_pn), num_requests)
+        rows.append({"setting": f"{s.model} {s.hardware} {s.dtype or 'bf16'}",
+                     "batch_ep_tok_s": base, "eps_tok_s": ours, "gain": ours / base - 1,
+                     "paper_gain": s.paper_gain, "pn": choice.stages, "reason": choice.reason,
+                     "paper_pn": s.paper_pn, "gain_at_paper_pn": at_paper_pn / base - 1,
+                     "pn_target": choice.target, "comm_s": choice.comm_s,
+                     "gemm_s": choice.gemm_s, "k_s": costs.stage_overhead_s, "note": s.note})
+    sweep: list[dict[str, Any]] = []
+    ds = SETTINGS[0]
+    spec = models.load(ds.model)
+    per_owner = spec.moe.num_experts // hardware.load(ds.hardware).num_devices
+    base = None
+    for pn in SWEEP:
+        if per_owner % pn:
+            sweep.append({"pn": pn, "skipped": f"does not divide {per_owner} experts/owner"})
+            continue
+        tput = prefill_throughput(ds, EPS(stages=pn), num_requests)
+        base = base if base is not None else rows[0]["batch_ep_tok_s"]
+        sweep.append({"pn": pn, "eps_tok_s": tput, "gain": tput / base - 1})
+    return {"num_requests": num_requests, "prompt_tokens": PROMPT,
+            "tokens_per_gpu_per_step": TOKENS_PER_GPU, "settings": rows, "sweep": sweep}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"prefill: {result['num_requests']} prompts of {result['prompt_tokens']} tokens, "
+             f"1 output token, {result['tokens_per_gpu_per_step']} tokens/GPU per step "
+             f"(simulated)",
+             f"{'setting':28} {'batch-ep tok/s':>14} {'eps tok/s':>12} {'ours':>8} "
+             f"{'paper':>8}  PN  {'at paper PN':>14}  (PN*, reason)"]
+    for r in result["settings"]:
+        paper = f"{r['paper_gain']:+.1%}" if r["paper_gain"] is not None else "-"
+        lines.append(f"{r['setting']:28} {r['batch_ep_tok_s']:>14,.0f} {r['eps_tok_s']:>12,.0f} "
+                     f"{r['gain']:>+8.1%} {paper:>8}  {r['pn']:>2}  "
+                     f"{r['gain_at_paper_pn']:>+8.1%} (PN {r['paper_pn']})  ({r['pn_target']:.2f}, "
+                     f"{r['reason']}; T_comm {r['comm_s'] * 1e6:.0f} us, T_comp "
+                     f"{r['gemm_s'] * 1e6:.0f} us, k {r['k_s'] * 1e6:.0f} us)")
+    lines.append(f"PN sweep, {result['settings'][0]['setting']} (eps with PN fixed, against "
+                 f"batch-ep; the paper chose PN = 5):")
+    for r in result["sweep"]:
+        if "skipped" in r:
+            lines.append(f"  PN {r['pn']:>2}: skipped ({r['skipped']})")
+        else:
+            lines.append(f"  PN {r['pn']:>2}: {r['eps_tok_s']:>12,.0f} tok/s  {r['gain']:+.1%}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 prompts per setting, not 64")
+    parser.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    start = time.perf_counter()
+    result = run(args.quick)
+    result["wall_s"] = time.perf_counter() - start
+    print(table(result))
+    print(f"({result['wall_s']:.1f} s wall)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
