@@ -7,6 +7,9 @@ Tokens live in fixed-size blocks of a per-layer pool; each sequence owns a list 
 Per layer the pool is [slots, W] with W the cached width of one token: K and V of every
 key/value head for GQA, the compressed latent plus rope key for MLA. Pools live on the
 worker's device; slot indices are computed on the CPU and moved once per unit.
+
+A decode step reads whole blocks: `block_table` lays a batch's block tables out padded,
+and `read_blocks` gathers them, with no per-token index to build.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.ops.backend import index_tensor
 
 DEFAULT_BLOCK_SIZE = 16
-SMALL_RANGE = 64  # slots computed in Python below this many positions, with torch above
 
 
 class KVCacheFull(RuntimeError):
@@ -45,6 +48,7 @@ class PagedKVCache:
         self.num_blocks = 0
         self.pools: list[torch.Tensor] = [torch.empty(0, width, dtype=dtype, device=self.device)
                                           for _ in range(num_layers)]
+        self.blocked: list[torch.Tensor] = []  # the pools as [blocks, block_size, W]
         self.free_blocks: list[int] = []
         self.seqs: dict[int, SeqBlocks] = {}
         self._grow(min(self.max_blocks, max(1, initial_tokens // block_size)))
@@ -71,6 +75,7 @@ class PagedKVCache:
             grown = torch.zeros(slots, self.width, dtype=self.dtype, device=self.device)
             grown[: pool.shape[0]] = pool
             self.pools[layer] = grown
+        self.blocked = [p.view(-1, self.block_size, self.width) for p in self.pools]
         self.free_blocks.extend(range(num_blocks - 1, old - 1, -1))
         self.num_blocks = num_blocks
 
@@ -85,6 +90,10 @@ class PagedKVCache:
     def reserve(self, seq_id: int, start: int, num_tokens: int) -> torch.Tensor:
         """Room for positions start..start+num_tokens-1 of `seq_id` (which must hold exactly
         `start` tokens). Returns their slot indices [num_tokens]."""
+        return index_tensor(self.reserve_slots(seq_id, start, num_tokens))
+
+    def reserve_slots(self, seq_id: int, start: int, num_tokens: int) -> list[int]:
+        """`reserve`, with the slot indices as Python ints."""
         seq = self.seqs.get(seq_id)
         if seq is None:
             if start != 0:
@@ -106,36 +115,30 @@ class PagedKVCache:
             seq.blocks.append(self.free_blocks.pop())
         seq.length = length
         self.seqs[seq_id] = seq
-        return self.slots(seq_id, start, length)
+        return self.slot_list(seq_id, start, length)
 
-    def slots(self, seq_id: int, start: int, end: int) -> torch.Tensor:
-        """Slot indices of positions start..end-1 of `seq_id` [end-start]."""
+    def slot_list(self, seq_id: int, start: int, end: int) -> list[int]:
+        """Slot indices of positions start..end-1 of `seq_id` (a unit's new tokens)."""
         blocks, size = self.seqs[seq_id].blocks, self.block_size
-        if end - start <= SMALL_RANGE:  # a decode step's few slots: no tensor arithmetic
-            return torch.tensor([blocks[p // size] * size + p % size for p in range(start, end)],
-                                dtype=torch.int64)
-        pos = torch.arange(start, end)
-        return torch.tensor(blocks, dtype=torch.int64)[pos // size] * size + pos % size
+        return [blocks[p // size] * size + p % size for p in range(start, end)]
 
-    def gather_index(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a batch of sequences: slot indices [B, Lmax] (padding points at slot 0) and
-        lengths [B]."""
-        lengths = [self.seqs[s].length for s in seq_ids]
-        width = -(-max(lengths) // self.block_size)
-        table = torch.zeros(len(seq_ids), width, dtype=torch.int64)
-        for row, s in enumerate(seq_ids):
-            blocks = self.seqs[s].blocks
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        index = (table[:, :, None] * self.block_size + torch.arange(self.block_size)).flatten(1)
-        return index[:, : max(lengths)], torch.tensor(lengths, dtype=torch.int64)
+    def block_table(self, seq_ids: list[int]) -> tuple[list[int], int]:
+        """The block tables of a batch of sequences, each padded (with block 0) to the
+        longest: [B * width] block ids, and that width."""
+        tables = [self.seqs[s].blocks for s in seq_ids]
+        width = max(len(t) for t in tables)
+        return [b for t in tables for b in (*t, *[0] * (width - len(t)))], width
 
     def write(self, layer: int, slots: torch.Tensor, values: torch.Tensor) -> None:
         """values [n, W] into slots [n] of `layer`."""
-        self.pools[layer].index_copy_(0, slots, values.to(self.dtype))
+        if values.dtype != self.dtype:
+            values = values.to(self.dtype)
+        self.pools[layer].index_copy_(0, slots, values)
 
-    def read(self, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """index [n] of slots -> [n, W]"""
-        return self.pools[layer].index_select(0, index)
+    def read_blocks(self, layer: int, blocks: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """blocks [B * n] of block ids (from `block_table`) -> their slots [B, n * block, W],
+        position p of sequence b at [b, p]"""
+        return self.blocked[layer].index_select(0, blocks).view(num_seqs, -1, self.width)
 
     def rollback(self, seq_id: int, start: int) -> None:
         """Undo a reservation from `start` on: the sequence's KV ends there again (and is

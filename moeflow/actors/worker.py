@@ -3,7 +3,10 @@
 A worker holds the dense weights (if it serves requests), the routed experts it owns, and
 the KV cache of the sequences homed on it. `run(key, node, inputs)` executes one graph node
 with real ops; `key` names the unit in flight (several may be in flight at once), whose
-per-unit state `begin` prepared.
+per-unit state `begin` prepared: its tokens, cache slots, RoPE tables and KV block tables,
+so that a decode step's nodes do little more than their GEMMs. Nodes coalesced from several
+units run as one: units that only decode share one attention batch, merged once for every
+layer, and one routing sort.
 
 Values flowing along data edges:
     Embed, Combine          hidden [T, D]
@@ -22,6 +25,7 @@ d head dim, V vocab, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -45,10 +49,14 @@ from moeflow.dataflow.graph import (
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import DenseWeights, ExpertStack, to_device
 from moeflow.ops.attention import decode_attention, decode_mask, prefill_attention
-from moeflow.ops.backend import rows_per_weight
-from moeflow.ops.experts import grouped_swiglu, swiglu
+from moeflow.ops.backend import (
+    SERIAL_ROWS, OneThread, batched_gemms, index_tensor, rows_per_weight,
+)
+from moeflow.ops.experts import (
+    ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
+)
 from moeflow.ops.norm import rms_norm
-from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope, half_rotation_tables
+from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
 from moeflow.ops.router import route, router_logits
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
@@ -100,22 +108,41 @@ class Logits:
 
 
 @dataclass
+class _Decode:
+    """The sequences of a batch that decode one new token each. Their KV cache is read as
+    whole blocks, cut to the longest sequence."""
+
+    seq_ids: list[int]
+    lengths: list[int]  # [B] keys each sequence sees, its new token's included
+    rows: torch.Tensor | None  # [B] their rows among the batch's tokens; None: all, in order
+    blocks: torch.Tensor  # [B * W] block ids, each sequence's table padded to W blocks
+    masks: dict[int | None, torch.Tensor | None]  # per sliding window: decode_mask
+
+
+@dataclass
+class _Batch:
+    """What attention needs for a set of new tokens: one unit's homed here, or a coalesced
+    group of units that only decode (merged once, used by every layer)."""
+
+    slots: torch.Tensor  # [T] cache slots of the new tokens
+    cos: torch.Tensor | None  # [T, R/2] fp32, for interleaved rope (MLA)
+    sin: torch.Tensor | None
+    half_cos: torch.Tensor | None  # [T, 1, R] in the model dtype, for half rotation
+    half_sin: torch.Tensor | None
+    decode: _Decode | None
+    prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # row0, n, start, seq
+
+    @property
+    def all_decode(self) -> bool:
+        return not self.prefill and self.decode is not None and self.decode.rows is None
+
+
+@dataclass
 class _UnitState:
     unit: Unit
     rows: dict[int, tuple[int, int]]  # seq index -> (first row, num rows) among rows homed here
     token_ids: torch.Tensor  # [T]
-    cos: torch.Tensor  # [T, R/2] fp32
-    sin: torch.Tensor
-    half_cos: torch.Tensor | None  # [T, 1, R] in the model dtype, for half rotation
-    half_sin: torch.Tensor | None
-    slots: torch.Tensor  # [T] cache slots of the new tokens
-    decode_seqs: list[int] = field(default_factory=list)  # seq indices with 1 new token
-    decode_rows: torch.Tensor | None = None
-    decode_index: torch.Tensor | None = None  # [B * Lmax] cache slots
-    decode_shape: tuple[int, int] = (0, 0)  # (B, Lmax)
-    decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
-    all_decode: bool = False
-    prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # row0, n, start, seq
+    batch: _Batch
 
 
 class DeviceWorker:
@@ -136,14 +163,17 @@ class DeviceWorker:
         self.rope = RopeTable(spec.rope, min(spec.max_position_embeddings, 4096))
         self.kv = PagedKVCache(spec.num_layers, spec.attention.cache_width, dtype, kv_tokens,
                                device=self.tdevice)
+        self._windows = {layer.sliding_window for layer in spec.layers}
         self._units: dict[Any, _UnitState] = {}
-        self._ranks: dict[Placement, tuple[torch.Tensor, dict[int, int]]] = {}
+        self._groups: dict[tuple[Any, ...], _Batch] = {}  # merged decode batches, by unit keys
+        self._ranks: dict[Placement, tuple[torch.Tensor, dict[int, int], bool]] = {}
         self._stack_pos: dict[int, dict[int, int]] = {
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
+        self._expert_groups: dict[tuple[int, tuple[int, ...]], ExpertGroup] = {}
 
-    def _gemm_rows(self, rows: int) -> None:
+    def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
         if self.tdevice.type == "cpu":
-            rows_per_weight(rows)
+            rows_per_weight(rows, None if weight is None else weight.numel())
 
     # -- units ---------------------------------------------------------------------
 
@@ -151,10 +181,35 @@ class DeviceWorker:
         """Prepare to run `unit` here: reserve KV for the sequences homed on this device
         and lay out their tokens. `token_ids` maps seq index -> its new token ids."""
         homed = unit.seqs_on(self.device)
+        rows, ids, positions, slots = self._reserve(unit, homed, token_ids)
+        num = len(ids)
+        flat = index_tensor(ids + positions + slots)  # the three as one tensor [3T]
+        decoding, prefill = [], []  # seq indices; (row0, n, start, seq_id)
+        for i in homed:
+            chunk = unit.seqs[i]
+            if chunk.num_tokens == 1 and chunk.start > 0:
+                decoding.append(i)
+            else:
+                prefill.append((rows[i][0], chunk.num_tokens, chunk.start, chunk.seq_id))
+        decode = None
+        if decoding:
+            at = None if not prefill else index_tensor([rows[i][0] for i in decoding])
+            decode = self._decode([unit.seqs[i].seq_id for i in decoding],
+                                  [unit.seqs[i].start + 1 for i in decoding], at)
+        cos, sin, half_cos, half_sin = self._rope_tables(flat[num:2 * num],
+                                                         max(positions, default=-1) + 1)
+        flat = self._on_device(flat)
+        self._units[key] = _UnitState(unit, rows, flat[:num], _Batch(
+            flat[2 * num:], cos, sin, half_cos, half_sin, decode, prefill))
+
+    def _reserve(self, unit: Unit, homed: tuple[int, ...], token_ids: dict[int, list[int]]
+                 ) -> tuple[dict[int, tuple[int, int]], list[int], list[int], list[int]]:
+        """KV room for the homed sequences' new tokens: their rows, token ids, positions
+        and cache slots. Nothing is reserved if any of them cannot be."""
         rows: dict[int, tuple[int, int]] = {}
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         reserved: list[int] = []
         try:
             for i in homed:
@@ -165,48 +220,85 @@ class DeviceWorker:
                                      f"{chunk.num_tokens} new tokens")
                 rows[i] = (len(ids), chunk.num_tokens)
                 ids.extend(tokens)
-                positions.append(torch.arange(chunk.start, chunk.start + chunk.num_tokens))
-                slots.append(self.kv.reserve(chunk.seq_id, chunk.start, chunk.num_tokens))
+                positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
+                slots.extend(self.kv.reserve_slots(chunk.seq_id, chunk.start,
+                                                   chunk.num_tokens))
                 reserved.append(chunk.seq_id)
         except Exception:
             for seq_id in reserved:  # leave the cache as it was
                 chunk = next(c for c in unit.seqs if c.seq_id == seq_id)
                 self.kv.rollback(seq_id, chunk.start)
             raise
-        pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
-        dev = self.tdevice
-        cos, sin = (t.to(dev) for t in self.rope.cos_sin(pos))
-        half = (None, None) if self.spec.rope.interleaved else half_rotation_tables(
-            cos, sin, self.dtype)
-        state = _UnitState(unit, rows, torch.tensor(ids, dtype=torch.int64, device=dev), cos,
-                           sin, *half, (torch.cat(slots) if slots else pos).to(dev))
-        for i in homed:
-            chunk = unit.seqs[i]
-            if chunk.num_tokens == 1 and chunk.start > 0:
-                state.decode_seqs.append(i)
-            else:
-                state.prefill.append((rows[i][0], chunk.num_tokens, chunk.start, chunk.seq_id))
-        if state.decode_seqs:
-            seq_ids = [unit.seqs[i].seq_id for i in state.decode_seqs]
-            index, lengths = self.kv.gather_index(seq_ids)
-            state.decode_index, state.decode_shape = index.flatten().to(dev), tuple(index.shape)
-            state.decode_masks = {w: decode_mask(lengths.to(dev), w)
-                                  for w in {layer.sliding_window for layer in self.spec.layers}}
-            state.decode_rows = torch.tensor([rows[i][0] for i in state.decode_seqs], device=dev)
-            state.all_decode = not state.prefill
-        self._units[key] = state
+        return rows, ids, positions, slots
+
+    def _rope_tables(self, positions: torch.Tensor, end: int
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+                                torch.Tensor | None]:
+        """positions [T] (CPU, all below `end`) -> cos, sin [T, R/2] (interleaved rope and
+        MLA) or half_cos, half_sin [T, 1, R] (half rotation), the other two None"""
+        if self.spec.rope.interleaved or self.spec.attention.kind == "mla":
+            cos, sin = self.rope.cos_sin(positions, end)
+            return self._on_device(cos), self._on_device(sin), None, None
+        half_cos, half_sin = self.rope.half_tables(positions, self.dtype, end)
+        return None, None, self._on_device(half_cos), self._on_device(half_sin)
+
+    def _decode(self, seq_ids: list[int], lengths: list[int], rows: torch.Tensor | None
+                ) -> _Decode:
+        blocks, _ = self.kv.block_table(seq_ids)
+        if min(lengths) == max(lengths) and all(w is None or w >= lengths[0]
+                                                for w in self._windows):
+            masks = dict.fromkeys(self._windows)  # nothing is hidden from any sequence
+        else:
+            lengths_t = self._on_device(index_tensor(lengths))
+            masks = {w: decode_mask(lengths_t, w) for w in self._windows}
+        return _Decode(seq_ids, lengths, None if rows is None else self._on_device(rows),
+                       self._on_device(index_tensor(blocks)), masks)
+
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.tdevice.type == "cpu" else t.to(self.tdevice)
+
+    def _group_batch(self, keys: list[Any]) -> _Batch | None:
+        """The batch of a group of units: a unit's own, or, when several units all only
+        decode, their merged batch (made once, for every layer); None otherwise."""
+        if len(keys) == 1:
+            return self._units[keys[0]].batch
+        group = tuple(keys)
+        merged = self._groups.get(group)
+        if merged is None:
+            batches = [self._units[k].batch for k in keys]
+            if not all(b.all_decode for b in batches):
+                return None
+            merged = self._groups[group] = self._merge(batches)
+        return merged
+
+    def _merge(self, batches: list[_Batch]) -> _Batch:
+        def cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
+
+        decodes = [b.decode for b in batches if b.decode is not None]
+        return _Batch(torch.cat([b.slots for b in batches]), cat([b.cos for b in batches]),
+                      cat([b.sin for b in batches]), cat([b.half_cos for b in batches]),
+                      cat([b.half_sin for b in batches]),
+                      self._decode([s for d in decodes for s in d.seq_ids],
+                                   [n for d in decodes for n in d.lengths], None))
 
     def end(self, key: Any) -> None:
         self._units.pop(key, None)
+        self._forget_groups(key)
 
     def abort(self, key: Any) -> None:
         """Forget a unit that will not finish, rolling its sequences' KV back."""
         state = self._units.pop(key, None)
+        self._forget_groups(key)
         if state is None:
             return
         for i in state.rows:
             chunk = state.unit.seqs[i]
             self.kv.rollback(chunk.seq_id, chunk.start)
+
+    def _forget_groups(self, key: Any) -> None:
+        if self._groups:
+            self._groups = {g: b for g, b in self._groups.items() if key not in g}
 
     def release(self, seq_id: int) -> None:
         """Free a finished sequence's KV cache."""
@@ -228,13 +320,16 @@ class DeviceWorker:
                 return self._routed([(g, n, inputs) for _, g, n, inputs in items])
             return self._dense_mlp(node, [inputs[0][1].xn for _, _, _, inputs in items])
         if isinstance(node, Attention):
-            return self._attention([(self._units[k], n, inputs[0][1])
-                                    for k, _, n, inputs in items])
-        if isinstance(node, Gate):
-            return self._gate(items[0][1], node, [inputs[0][1] for _, _, _, inputs in items])
+            return self._attention(node.layer, [k for k, _, _, _ in items],
+                                   [inputs[0][1] for _, _, _, inputs in items])
         if isinstance(node, LMHead):
             return self._lm_head([(self._units[k], n, inputs[0][1]) for k, _, n, inputs in items])
-        return [self._single(k, g, n, inputs) for k, g, n, inputs in items]
+        # the rest are small ops over few rows when decoding: on one thread
+        rows = sum(_rows_of(n, inputs) for _, _, n, inputs in items)
+        with OneThread(self.tdevice.type == "cpu" and rows <= SERIAL_ROWS):
+            if isinstance(node, Gate):
+                return self._gate(items[0][1], node, [inputs[0][1] for _, _, _, inputs in items])
+            return [self._single(k, g, n, inputs) for k, g, n, inputs in items]
 
     def _single(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
         if isinstance(node, Transfer):
@@ -246,33 +341,34 @@ class DeviceWorker:
             return F.embedding(self._units[key].token_ids, self.dense.embed)
         raise TypeError(f"cannot run node {node!r}")
 
-    def _attention(self, items: list[tuple[_UnitState, Attention, torch.Tensor]]
+    def _attention(self, layer: int, keys: list[Any], hiddens: list[torch.Tensor]
                    ) -> list[AttnOut]:
-        """Projections once over every item's rows; attention itself per item, over its own
-        sequences and KV cache."""
+        """Projections once over every unit's rows; attention once over them too when they
+        all only decode (a merged batch), else per unit, over its own sequences."""
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
-        layer = items[0][1].layer
         w = self.dense.layers[layer].attn
-        hidden = _cat([h for _, _, h in items])  # [T, D]
+        hidden = _cat(hiddens)  # [T, D]
         self._gemm_rows(hidden.shape[0])
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
             q, kv_a = self._mla_project(layer, x)
         else:
             qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
-        outs, row = [], 0
-        for st, _, h in items:
-            rows = slice(row, row + h.shape[0])
-            row += h.shape[0]
-            outs.append(self._mla_core(st, layer, q[rows], kv_a[rows]) if a.kind == "mla"
-                        else self._gqa_core(st, layer, qkv[rows]))
+        merged = self._group_batch(keys)
+        if merged is not None:
+            parts = [(merged, slice(None))]
+        else:
+            parts = [(self._units[k].batch, rows) for k, rows in zip(keys, _row_slices(hiddens))]
+        outs = [self._mla_core(b, layer, q[rows], kv_a[rows]) if a.kind == "mla"
+                else self._gqa_core(b, layer, qkv[rows]) for b, rows in parts]
+        self._gemm_rows(hidden.shape[0])  # again: decode attention may have changed it
         resid = hidden + F.linear(_cat(outs), w.o, w.o_bias)
         xn = rms_norm(resid, w.post_norm, spec.rms_norm_eps)
-        return [AttnOut(r, n) for r, n in zip(_split(resid, items), _split(xn, items))]
+        return [AttnOut(r, n) for r, n in zip(_split(resid, hiddens), _split(xn, hiddens))]
 
-    def _gqa_core(self, st: _UnitState, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv [T, (H + 2K) d] of one unit -> attention output [T, H*d]"""
+    def _gqa_core(self, b: _Batch, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (H + 2K) d] of one batch -> attention output [T, H*d]"""
         a, eps = self.spec.attention, self.spec.rms_norm_eps
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
         num_tokens, heads, kv_heads, d = qkv.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
@@ -285,22 +381,23 @@ class DeviceWorker:
             qk = torch.cat((q, k), dim=-1).view(num_tokens, heads + kv_heads, d)
             v = v.reshape(num_tokens, kv_heads, d)
         else:
-            qk = qkv[:, : a.q_width + a.kv_width].view(num_tokens, heads + kv_heads, d)
-            v = qkv[:, a.q_width + a.kv_width:].view(num_tokens, kv_heads, d)
+            heads_of = qkv.view(num_tokens, heads + 2 * kv_heads, d)
+            qk, v = heads_of[:, :heads + kv_heads], heads_of[:, heads + kv_heads:]
             if a.qk_norm == "head":
                 qk = rms_norm(qk, w.qk_norm_heads, eps)  # type: ignore[arg-type]
-        if st.half_cos is not None:
-            qk = apply_half_rotation(qk, st.half_cos, st.half_sin)  # type: ignore[arg-type]
+        if b.half_cos is not None:
+            qk = apply_half_rotation(qk, b.half_cos, b.half_sin)  # type: ignore[arg-type]
         else:
-            qk = apply_rope(qk, st.cos, st.sin, interleaved=True)
+            qk = apply_rope(qk, b.cos, b.sin, interleaved=True)  # type: ignore[arg-type]
         q, k = qk[:, :heads], qk[:, heads:]
-        self.kv.write(layer, st.slots, torch.cat((k.flatten(1), v.flatten(1)), dim=1))
+        self.kv.write(layer, b.slots, torch.cat((k, v), dim=1).flatten(1))  # [T, 2K d]
 
         def split_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return (kv[..., : a.kv_width].unflatten(-1, (kv_heads, d)),
-                    kv[..., a.kv_width:].unflatten(-1, (kv_heads, d)))
+            # kv [..., 2K d] -> K, V [..., K, d]
+            k, v = kv.unflatten(-1, (2, kv_heads, d)).unbind(-3)
+            return k, v
 
-        return self._attend(st, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
+        return self._attend(b, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
 
     def _mla_project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H*(nope+rope)], kv_a [T, kv_lora + rope]"""
@@ -311,20 +408,20 @@ class DeviceWorker:
             q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, MLA_NORM_EPS), w.q_b)  # type: ignore[arg-type]
         return q, F.linear(x, w.kv_a)
 
-    def _mla_core(self, st: _UnitState, layer: int, q: torch.Tensor,
+    def _mla_core(self, b: _Batch, layer: int, q: torch.Tensor,
                   kv_a: torch.Tensor) -> torch.Tensor:
-        """One unit's MLA (DeepSeek multi-head latent attention) -> output [T, H*v]"""
+        """One batch's MLA (DeepSeek multi-head latent attention) -> output [T, H*v]"""
         a = self.spec.attention
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
         q = q.view(q.shape[0], a.num_heads, a.head_dim)
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, w.kv_a_norm, MLA_NORM_EPS)  # type: ignore[arg-type]
-        q_pe = apply_rope(q_pe, st.cos, st.sin, True)
-        k_pe = apply_rope(k_pe[:, None, :], st.cos, st.sin, True)[:, 0, :]
+        q_pe = apply_rope(q_pe, b.cos, b.sin, True)  # type: ignore[arg-type]
+        k_pe = apply_rope(k_pe[:, None, :], b.cos, b.sin, True)[:, 0, :]  # type: ignore[arg-type]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, nope + rope]
         cached = torch.cat((latent, k_pe), dim=-1)  # [T, kv_lora + rope]
-        self.kv.write(layer, st.slots, cached)
+        self.kv.write(layer, b.slots, cached)
 
         def expand(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # c [..., L, kv_lora + rope] -> K [..., L, H, nope + rope], V [..., L, H, v]
@@ -334,71 +431,101 @@ class DeviceWorker:
             pe = pe.unsqueeze(-2).expand(*k_nope.shape[:-1], a.qk_rope_head_dim)
             return torch.cat((k_nope, pe), dim=-1), v
 
-        fresh = expand(cached)
-        return self._attend(st, layer, query, fresh, expand, a.softmax_scale).flatten(1)
+        fresh = expand(cached) if b.prefill else None  # decoding reads them from the cache
+        return self._attend(b, layer, query, fresh, expand, a.softmax_scale).flatten(1)
 
-    def _attend(self, st: _UnitState, layer: int, q: torch.Tensor,
-                fresh: tuple[torch.Tensor, torch.Tensor], unpack: Any,
+    def _attend(self, b: _Batch, layer: int, q: torch.Tensor,
+                fresh: tuple[torch.Tensor, torch.Tensor] | None, unpack: Any,
                 scale: float) -> torch.Tensor:
-        """q [T, H, d] against each sequence's cached keys; `fresh` are this unit's own
-        keys/values [T, K, *] (used directly by sequences that start at position 0)."""
+        """q [T, H, d] against each sequence's cached keys; `fresh` are this batch's own
+        keys/values [T, K, *] (used directly by sequences that start at position 0; only
+        needed if some do)."""
         window = self.spec.layers[layer].sliding_window
-        if st.decode_seqs:
-            batch, length = st.decode_shape
-            cached = self.kv.read(layer, st.decode_index).view(batch, length, -1)
-            k, v = unpack(cached)
-            mask = st.decode_masks[window]
-            if st.all_decode:
+        d = b.decode
+        out = None
+        if d is not None:
+            longest = max(d.lengths)
+            with OneThread(self.tdevice.type == "cpu" and d.blocks.numel() <= SERIAL_ROWS):
+                cached = self.kv.read_blocks(layer, d.blocks, len(d.lengths))  # [B, W*block, *]
+            k, v = unpack(cached if cached.shape[1] == longest else cached[:, :longest])
+            mask = d.masks[window]
+            if self.tdevice.type == "cpu":
+                batched_gemms()  # the matmul kernel's, and MLA's expansion of the cache
+            if d.rows is None:  # every token decodes
                 return decode_attention(q, k, v, mask, scale)
-            out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
-            out[st.decode_rows] = decode_attention(q[st.decode_rows], k, v, mask, scale)
-        else:
-            out = q.new_empty(q.shape[0], q.shape[1], fresh[1].shape[-1])
-        for row0, n, start, seq_id in st.prefill:
+            out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+            out[d.rows] = decode_attention(q.index_select(0, d.rows), k, v, mask, scale)
+        for row0, n, start, seq_id in b.prefill:
             if start == 0:
+                assert fresh is not None
                 k, v = fresh[0][row0:row0 + n], fresh[1][row0:row0 + n]
-            else:
-                k, v = unpack(self.kv.read(layer, self.kv.slots(seq_id, 0, start + n)))
+            else:  # the cache holds the earlier keys and now these
+                blocks, _ = self.kv.block_table([seq_id])
+                cached = self.kv.read_blocks(layer, self._on_device(index_tensor(blocks)), 1)
+                k, v = unpack(cached[0, :start + n])
+            if out is None:
+                out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
             out[row0:row0 + n] = prefill_attention(q[row0:row0 + n], k, v, start, scale,
                                                    window)
+        assert out is not None
         return out
 
-    def _ranks_of(self, placement: Placement) -> tuple[torch.Tensor, dict[int, int]]:
+    def _ranks_of(self, placement: Placement) -> tuple[torch.Tensor, dict[int, int], bool]:
+        """Each expert's rank in the dispatch order [E], the same as a dict, and whether
+        that order is the identity."""
         cached = self._ranks.get(placement)
         if cached is None:
             order = placement.dispatch_order()
             rank = {e: r for r, e in enumerate(order)}
-            cached = (torch.tensor([rank[e] for e in range(len(order))], dtype=torch.int64,
-                                   device=self.tdevice), rank)
+            cached = (self._on_device(index_tensor([rank[e] for e in range(len(order))])),
+                      rank, order == tuple(range(len(order))))
             self._ranks[placement] = cached
         return cached
 
     def _gate(self, graph: Graph, node: Gate, attns: list[AttnOut]) -> list[Routing]:
-        """Router logits once over every item's rows; routing per item."""
+        """Router logits, top-k and the dispatch order once over every item's rows."""
         assert self.dense is not None
         moe = self.spec.moe
-        xns = [a.xn for a in attns]
-        logits = router_logits(_cat(xns), self.dense.layers[node.layer].router, moe)  # type: ignore[arg-type]
-        rank, _ = self._ranks_of(graph.placement)
+        xn, router = _cat([a.xn for a in attns]), self.dense.layers[node.layer].router
+        self._gemm_rows(xn.shape[0], router)
+        logits = router_logits(xn, router, moe)  # type: ignore[arg-type]
+        ids, weights = route(logits, moe)  # [T, A]
+        return self._dispatch(graph.placement, [a.xn for a in attns], ids, weights)
+
+    def _dispatch(self, placement: Placement, xns: list[torch.Tensor], ids: torch.Tensor,
+                  weights: torch.Tensor) -> list[Routing]:
+        """ids, weights [T, A] of every item's tokens -> each item's Routing: one stable sort
+        by (item, dispatch rank) orders each item's rows as routing it alone would."""
+        num_experts, top_k = self.spec.moe.num_experts, self.spec.moe.top_k
+        rank, rank_of, identity = self._ranks_of(placement)
+        row_rank = ids.view(-1) if identity else rank.index_select(0, ids.view(-1))  # [N]
+        sizes = [x.shape[0] for x in xns]
+        num_items = len(xns)
+        if num_items > 1:  # item i's rows rank after item i-1's
+            row_rank = row_rank + self._on_device(index_tensor(
+                [i * num_experts for i, n in enumerate(sizes) for _ in range(n * top_k)]))
+        order = torch.argsort(row_rank, stable=True)  # [N]
+        per_rank = torch.bincount(row_rank, minlength=num_items * num_experts)
+        ends = torch.cumsum(per_rank.view(num_items, num_experts), 1, dtype=torch.int32)
+        counts = per_rank.tolist()
+        row_sizes = [n * top_k for n in sizes]
+        tokens = _split(order // top_k, row_sizes)  # each item's [N_i], tokens of every item
+        row_weights = _split(weights.view(-1).index_select(0, order), row_sizes)
         out = []
-        for xn, part in zip(xns, _split(logits, xns)):
-            ids, weights = route(part, moe)  # [T, A]
-            row_rank = rank[ids.flatten()]  # [N]
-            order = torch.argsort(row_rank, stable=True)
-            per_rank = torch.bincount(row_rank, minlength=moe.num_experts)
-            ends = torch.cumsum(per_rank, 0, dtype=torch.int32)
-            counts = tuple(per_rank[rank].tolist())
-            out.append(Routing(xn, order // moe.top_k, weights.flatten()[order],
-                               [0, *ends.tolist()], ends, counts))
+        for i, (xn, first) in enumerate(zip(xns, accumulate([0, *sizes]))):
+            mine = counts[i * num_experts:(i + 1) * num_experts]  # by rank
+            by_expert = mine if identity else [mine[rank_of[e]] for e in range(num_experts)]
+            out.append(Routing(xn, tokens[i] - first if first else tokens[i], row_weights[i],
+                               [0, *accumulate(mine)], ends[i], tuple(by_expert)))
         return out
 
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
-        _, rank = self._ranks_of(graph.placement)
+        _, rank, _ = self._ranks_of(graph.placement)
         r0, r1 = rank[group[0]], rank[group[-1]] + 1
         start, end = routing.offsets[r0], routing.offsets[r1]
         ends = routing.ends[r0:r1] - start if start else routing.ends[r0:r1]
-        return Rows(home, start, routing.xn[routing.token_of_row[start:end]], ends,
-                    routing.weight_of_row[start:end])
+        x = routing.xn.index_select(0, routing.token_of_row[start:end])  # [n, D]
+        return Rows(home, start, x, ends, routing.weight_of_row[start:end])
 
     def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:
         value = inputs[0][1]
@@ -410,8 +537,8 @@ class DeviceWorker:
 
     def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]]
                 ) -> list[ExpertOut]:
-        """One grouped GEMM over the rows every item (unit) sends to these experts, from
-        every home; each item gets back its own rows."""
+        """The rows every item (unit) sends to these experts, from every home, through the
+        experts at once; each item gets back its own rows."""
         node = items[0][1]
         owners: list[int] = []  # the item of each batch
         batches: list[Rows] = []
@@ -420,46 +547,32 @@ class DeviceWorker:
                 batches.append(value if isinstance(value, Rows)
                                else self._rows(graph, value, src.device, n.experts))
                 owners.append(i)
-        total = sum(b.x.shape[0] for b in batches)
+        sizes = [b.x.shape[0] for b in batches]
         outs: list[ExpertOut] = [ExpertOut({}) for _ in items]
-        if total == 0:  # no token chose these experts: a no-op
+        if sum(sizes) == 0:  # no token chose these experts: a no-op
             for i, b in zip(owners, batches):
                 outs[i].parts[b.home] = Partial(b.start, b.x)
             return outs
-        stack = self.experts[node.layer]
-        first = self._stack_pos[node.layer][node.experts[0]]
-        gate_up = stack.gate_up[first:first + len(node.experts)]
-        down = stack.down[first:first + len(node.experts)]
-        perm = None
-        if len(batches) == 1:
-            x, ends, weights = batches[0].x, batches[0].ends, batches[0].weights
-        else:  # merge the batches so that each expert's rows are contiguous
-            x = torch.cat([b.x for b in batches])
-            counts = [torch.diff(b.ends, prepend=b.ends.new_zeros(1)) for b in batches]
-            expert_of_row = torch.cat([
-                torch.repeat_interleave(torch.arange(len(c), device=c.device), c) for c in counts])
-            perm = torch.argsort(expert_of_row, stable=True)
-            x = x[perm]
-            weights = torch.cat([b.weights for b in batches])[perm]
-            ends = torch.stack(counts).sum(0).cumsum(0, dtype=torch.int32)
-        if self.tdevice.type == "cpu":  # rows per active expert decide the GEMM backend
-            if total > 2:
-                active = int(torch.count_nonzero(torch.diff(ends, prepend=ends.new_zeros(1))))
-                rows_per_weight(-(-total // active))
-            else:
-                rows_per_weight(total)
-        y = grouped_swiglu(x, ends, gate_up, down)  # [n, D]
-        y.mul_(weights.to(y.dtype)[:, None])  # routing weights applied in the model dtype
-        if perm is not None:
-            unsorted = torch.empty_like(y)
-            unsorted[perm] = y
-            y = unsorted
-        row = 0
-        for i, b in zip(owners, batches):
-            n = b.x.shape[0]
-            outs[i].parts[b.home] = Partial(b.start, y[row:row + n])
-            row += n
+        group = self._expert_group(node.layer, node.experts)
+        xs = [b.x for b in batches]
+        if self.tdevice.type == "cpu":
+            y = swiglu_batches_cpu(xs, [_counts(b.ends) for b in batches], group)
+        else:
+            y = swiglu_batches_grouped(xs, [b.ends for b in batches], group)
+        y.mul_(_cat([b.weights for b in batches]).to(y.dtype)[:, None])  # in the model dtype
+        for i, b, part in zip(owners, batches, _split(y, sizes)):
+            outs[i].parts[b.home] = Partial(b.start, part)
         return outs
+
+    def _expert_group(self, layer: int, experts: tuple[int, ...]) -> ExpertGroup:
+        group = self._expert_groups.get((layer, experts))
+        if group is None:
+            stack = self.experts[layer]
+            first = self._stack_pos[layer][experts[0]]
+            rows = slice(first, first + len(experts))
+            group = self._expert_groups[(layer, experts)] = ExpertGroup.of(
+                stack.gate_up[rows], stack.down[rows])
+        return group
 
     def _dense_mlp(self, node: Expert, xns: list[torch.Tensor]) -> list[torch.Tensor]:
         """A dense MLP or shared expert, once over every item's rows."""
@@ -511,7 +624,7 @@ class DeviceWorker:
                 keep = st.unit.seqs[i].num_logit_rows
                 picks.extend(range(row0 + n - keep, row0 + n))
                 rows_per_seq.append(keep)
-            picked.append(hidden[torch.tensor(picks, dtype=torch.int64, device=hidden.device)]
+            picked.append(hidden.index_select(0, self._on_device(index_tensor(picks)))
                           if len(picks) != hidden.shape[0] else hidden)
             shapes.append((node.seqs, tuple(rows_per_seq)))
         x = rms_norm(_cat(picked), self.dense.final_norm, self.spec.rms_norm_eps)
@@ -521,15 +634,35 @@ class DeviceWorker:
                 for (seqs, rows), values in zip(shapes, _split(logits, picked))]
 
 
+def _rows_of(node: Node, inputs: list[tuple[Node, Any]]) -> int:
+    """Tokens a gate, combine, embedding or dispatch works on."""
+    if isinstance(node, Transfer):
+        value = inputs[0][1]
+        return value.xn.shape[0] if isinstance(value, Routing) else 0
+    return node.num_tokens  # type: ignore[union-attr]
+
+
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _split(t: torch.Tensor, like: list[Any]) -> list[torch.Tensor]:
-    """t split by rows into pieces as long as each of `like` (tensors, or items whose last
-    element is a tensor)."""
-    sizes = [(x[-1] if isinstance(x, tuple) else x).shape[0] for x in like]
-    return list(t.split(sizes)) if len(sizes) > 1 else [t]
+    """t split by rows into pieces as long as each of `like` (row counts, or tensors)."""
+    if len(like) == 1:
+        return [t]
+    return list(t.split([n if isinstance(n, int) else n.shape[0] for n in like]))
+
+
+def _row_slices(parts: list[torch.Tensor]) -> list[slice]:
+    """The rows of each of `parts` in their concatenation."""
+    ends = list(accumulate(p.shape[0] for p in parts))
+    return [slice(end - p.shape[0], end) for p, end in zip(parts, ends)]
+
+
+def _counts(ends: torch.Tensor) -> list[int]:
+    """Cumulative row ends [G] -> rows per expert."""
+    e = ends.tolist()
+    return [b - a for a, b in zip([0, *e], e)]
 
 
 def torch_device_of(name: str) -> torch.device:

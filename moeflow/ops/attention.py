@@ -42,14 +42,16 @@ def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
             .reshape(heads, length, d))
 
 
-SMALL_DECODE_KEYS = 96
+# query-key products (B * L * H * d) up to which flash attention beats the matmul path
+SMALL_DECODE_PRODUCTS = 1 << 16
 
 
 def decode_mask(lengths: torch.Tensor, window: int | None) -> torch.Tensor | None:
     """The key mask [B, 1, 1, L] for one new token per sequence at position lengths[b]-1,
     or None when every key up to L = max(lengths) is visible to every sequence."""
-    longest = int(lengths.max())
-    if bool((lengths == longest).all()) and (window is None or window >= longest):
+    values = lengths.tolist()
+    longest = max(values)
+    if min(values) == longest and (window is None or window >= longest):
         return None
     kpos = torch.arange(longest, device=lengths.device)[None, :]
     last = (lengths - 1)[:, None]
@@ -64,16 +66,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [B, H, d], k [B, L, K, d], v [B, L, K, v], mask from `decode_mask` -> [B, H, v]
 
     One new token per sequence; keys the mask hides are padding (or outside the window).
-    CPU flash attention costs ~1.2 us per (sequence, key) for a single query row; two
-    matmuls around an fp32 softmax cost ~80 us plus a little per key, so they take over from
-    about 96 keys in the batch (measured at 16 query / 4 kv heads of 64, bf16)."""
+    CPU flash attention costs ~10 us plus ~0.7 ns per query-key product (B*L*H*d); two
+    batched matmuls around an fp32 softmax (on oneDNN: see ops/backend.py) cost ~50 us and
+    little per product, so they take over from about 65k products: 256 keys in the batch at
+    8 query / 2 kv heads of 32, ~96 at 16 / 4 of 64 (measured on this machine, bf16)."""
     batch, heads, d = q.shape
     kv_heads = k.shape[2]
-    if batch * k.shape[1] <= SMALL_DECODE_KEYS:
+    if batch * k.shape[1] * heads * d <= SMALL_DECODE_PRODUCTS:
         out = F.scaled_dot_product_attention(
-            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask, scale=scale,
-            enable_gqa=kv_heads != heads)  # [B, H, 1, v]
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=scale, enable_gqa=kv_heads != heads)  # [B, H, 1, v]
         return out[:, :, 0, :]
     qg = q.view(batch, kv_heads, heads // kv_heads, d)  # [B, K, G, d]
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, K, G, L]

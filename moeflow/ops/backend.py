@@ -1,4 +1,5 @@
-"""Which CPU matmul backend a node's GEMMs use, chosen by how many rows meet each weight.
+"""How the CPU worker runs small ops: which matmul backend a node's GEMMs use, how routed
+experts are grouped, and how index tensors are made.
 
 On x86 CPUs torch sends bf16 matmuls to oneDNN, which is fast when many rows share a weight
 (prefill: ~400 GFLOP/s here) but streams weights at half the memory bandwidth when one or a
@@ -12,17 +13,97 @@ this project's 2-core AVX-512 machine, streaming 400 cold [768, 1024] weights:
 
 The switch is torch's process-wide flag, so this is only for code that runs one node at a
 time on a thread (the CPU worker); it costs a C call.
+
+Every torch op also costs about a microsecond of dispatch on this machine whatever its
+size, and a oneDNN call 12-20 us, so decode (a few rows per weight) is mostly overhead:
+see `padded_experts_pay` for the routed experts. Some small ops (index_add_, softmax,
+index_select of wide rows) open an OpenMP region whatever their size: with 2 threads it
+costs them 3-10 us more than one thread takes (index_add_ of 4 rows: 12 us, not 4), and on
+a busy machine a region can wait a scheduler tick for its second thread. `OneThread` runs
+such ops on the calling thread alone.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Sequence
+
 import torch
 
 SMALL_GEMM_ROWS = 3
+SMALL_GEMM_MACS = 1 << 18  # below, torch's GEMM beats oneDNN at any rows ([64, 256] x [256, 16])
+SERIAL_ROWS = 64  # rows (tokens, KV blocks) up to which gathers and scatters use one thread
 
 
-def rows_per_weight(rows: int) -> None:
-    """Pick the backend for GEMMs in which `rows` input rows meet each weight matrix."""
-    want = rows > SMALL_GEMM_ROWS
+def rows_per_weight(rows: int, weight_numel: int | None = None) -> None:
+    """Pick the backend for GEMMs in which `rows` input rows meet each weight matrix (of
+    `weight_numel` elements, if known: a small weight, like a router's, stays on torch's
+    kernels for more rows, as oneDNN's ~12 us per call outweighs their per-row cost)."""
+    _use_onednn(rows > SMALL_GEMM_ROWS and (weight_numel is None
+                                            or rows * weight_numel > SMALL_GEMM_MACS))
+
+
+def batched_gemms() -> None:
+    """Pick the backend for batched GEMMs (bmm), which oneDNN runs faster at any rows."""
+    _use_onednn(True)
+
+
+def _use_onednn(want: bool) -> None:
     if torch._C._get_mkldnn_enabled() != want:
         torch._C._set_mkldnn_enabled(want)
+
+
+class OneThread:
+    """`with OneThread(active):` runs torch ops on the calling thread alone, for ops too
+    small to gain from more (torch's thread count is process-wide: CPU worker only)."""
+
+    def __init__(self, active: bool = True) -> None:
+        self.threads = torch.get_num_threads() if active else 1
+
+    def __enter__(self) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
+def index_tensor(values: Sequence[int]) -> torch.Tensor:
+    """Python ints -> an int64 CPU tensor [n], for a third of torch.tensor's cost (it
+    shares the array's memory, which it keeps alive)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
+
+
+# Routed experts on the CPU: a node's SwiGLU over the rows its experts got, measured on
+# this machine in the demo model's decode (bf16, [512, 256] gate-up and [256, 256] down
+# weights per expert, 8 experts per node; us, node overheads left out):
+#
+#     a loop over the experts with rows    ~23 per expert with 1 row (native GEMV), ~30
+#                                          with 2, ~70 with 4+ (oneDNN)
+#     one padded bmm over all 8 (oneDNN)   ~105 at 1 row per expert, ~155 at 6, ~180 at 12
+#
+# Streaming the weights is most of each: the loop reads only the experts that have rows,
+# the padded bmm every expert of the group, but with one call's overhead.
+LOOP_EXPERT_US = 10.0  # one expert's ops beyond its weights, on native GEMVs
+ONEDNN_EXPERT_US = 40.0  # the same on oneDNN, which also streams weights at half the rate
+PADDED_CALL_US = 10.0  # the padded bmm's ops beyond its weights
+PADDED_ROWS_SCALE = 16  # padded rows per expert that double the bmm's time
+WEIGHT_BYTES_PER_US = 30e3  # weights streamed by a GEMV or a small-row bmm
+NATIVE_ROW_COST = 0.4  # each row beyond the first on native GEMVs, in weight streams
+
+
+def padded_experts_pay(rows: Sequence[int], weight_bytes: int) -> bool:
+    """Whether one padded bmm over every expert of a group beats a loop over the experts
+    that have rows. `rows` [G] per expert of the group, `weight_bytes` one expert's."""
+    stream = weight_bytes / WEIGHT_BYTES_PER_US
+    loop = 0.0
+    for n in rows:
+        if n:
+            loop += (LOOP_EXPERT_US + stream * (1 + NATIVE_ROW_COST * (n - 1))
+                     if n <= SMALL_GEMM_ROWS
+                     else ONEDNN_EXPERT_US + 2 * stream)
+    padded = PADDED_CALL_US + len(rows) * stream * (1 + max(rows) / PADDED_ROWS_SCALE)
+    return padded < loop

@@ -4,8 +4,6 @@ dtype, then scale by the weight (in the weight's dtype)."""
 from __future__ import annotations
 
 import torch
-
-
 import torch.nn.functional as F
 
 

@@ -37,7 +37,7 @@ def inv_frequencies(rope: RopeSpec) -> tuple[torch.Tensor, float]:
                 / (2 * math.log(rope.theta)))
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -51,26 +51,43 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
 
 
 class RopeTable:
-    """cos/sin for positions, computed once per position and grown on demand."""
+    """cos/sin for positions, computed once per position and grown on demand; with the
+    tables `apply_half_rotation` takes, per dtype, made once too."""
 
     def __init__(self, rope: RopeSpec, initial_positions: int = 4096) -> None:
         self.rope = rope
         self.inv_freq, self.scaling = inv_frequencies(rope)
         self._cos = torch.empty(0, rope.rotary_dim // 2)
         self._sin = torch.empty(0, rope.rotary_dim // 2)
+        self._half: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         self._grow(initial_positions)
 
     def _grow(self, n: int) -> None:
         freqs = torch.arange(n, dtype=torch.int64).float()[:, None] * self.inv_freq[None, :]
         self._cos = freqs.cos() * self.scaling
         self._sin = freqs.sin() * self.scaling
+        self._half.clear()
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, R/2] (fp32)"""
-        need = int(positions.max()) + 1 if positions.numel() else 0
+    def _cover(self, positions: torch.Tensor, end: int | None) -> None:
+        need = end if end is not None else (int(positions.max()) + 1 if positions.numel()
+                                            else 0)
         if need > self._cos.shape[0]:
             self._grow(max(need, 2 * self._cos.shape[0]))
+
+    def cos_sin(self, positions: torch.Tensor, end: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] (all below `end`, if given) -> cos, sin [T, R/2] (fp32)"""
+        self._cover(positions, end)
         return self._cos[positions], self._sin[positions]
+
+    def half_tables(self, positions: torch.Tensor, dtype: torch.dtype, end: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> `half_rotation_tables` of their cos/sin: [T, 1, R] in `dtype`"""
+        self._cover(positions, end)
+        tables = self._half.get(dtype)
+        if tables is None:
+            tables = self._half[dtype] = half_rotation_tables(self._cos, self._sin, dtype)
+        return tables[0][positions], tables[1][positions]
 
 
 def half_rotation_tables(cos: torch.Tensor, sin: torch.Tensor,

@@ -40,7 +40,8 @@ def route(logits: torch.Tensor, moe: MoESpec) -> tuple[torch.Tensor, torch.Tenso
         probs = grouped.masked_fill(~keep[:, :, None], 0.0).view(num_tokens, num_experts)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if moe.norm_topk_prob and top_k > 1:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + _norm_eps(moe))
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total + _norm_eps(moe) if _norm_eps(moe) else total)
     elif moe.routed_scaling_factor != 1.0:
         weights = weights * moe.routed_scaling_factor
     return ids, weights

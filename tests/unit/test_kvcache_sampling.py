@@ -15,9 +15,14 @@ def test_cache_grows_reuses_freed_blocks_and_refuses_past_its_budget():
     slots = kv.reserve(7, 0, 10)  # 3 blocks; pool grows from 2
     assert slots.shape == (10,) and len(set(slots.tolist())) == 10
     kv.write(1, slots, torch.arange(30, dtype=torch.float32).view(10, 3))
-    index, lengths = kv.gather_index([7])
-    assert lengths.tolist() == [10]
-    assert torch.equal(kv.read(1, index.flatten()), torch.arange(30, dtype=torch.float32).view(10, 3))
+    blocks, width = kv.block_table([7])
+    assert width == 3 and kv.slot_list(7, 0, 10) == slots.tolist()
+    whole = kv.read_blocks(1, torch.tensor(blocks), 1)  # [1, 3 blocks of 4, W]
+    assert torch.equal(whole[0, :10], torch.arange(30, dtype=torch.float32).view(10, 3))
+    kv.reserve(9, 0, 3)
+    table, width = kv.block_table([9, 7])  # padded with block 0 to the longest table
+    assert width == 3 and table == [kv.seqs[9].blocks[0], 0, 0, *blocks]
+    kv.free(9)
     more = kv.reserve(7, 10, 1)
     assert kv.length(7) == 11 and more.shape == (1,)
     with pytest.raises(ValueError, match="holds 11 tokens"):

@@ -9,9 +9,10 @@ import torch
 
 from moeflow.models.spec import MoESpec, RopeSpec
 from moeflow.ops.attention import (
-    SMALL_DECODE_KEYS, decode_attention, decode_mask, prefill_attention,
+    SMALL_DECODE_PRODUCTS, decode_attention, decode_mask, prefill_attention,
 )
-from moeflow.ops.experts import grouped_swiglu, grouped_swiglu_ref
+from moeflow.ops.backend import OneThread, index_tensor, padded_experts_pay
+from moeflow.ops.experts import grouped_swiglu, grouped_swiglu_ref, padded_swiglu
 from moeflow.ops.norm import rms_norm, rms_norm_ref
 from moeflow.ops.rope import (
     RopeTable, apply_half_rotation, apply_rope, half_rotation_tables, inv_frequencies,
@@ -29,7 +30,7 @@ def attention_ref(q, k, v, visible, scale):
     return torch.einsum("hl,lhv->hv", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("batch,length", [(1, 8), (3, 20), (2, 90), (4, 64)])
+@pytest.mark.parametrize("batch,length", [(1, 8), (3, 20), (2, 90), (4, 64), (6, 100)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_both_kernels_match_reference(batch, length, window):
     torch.manual_seed(batch * 100 + length)
@@ -46,8 +47,8 @@ def test_decode_attention_both_kernels_match_reference(batch, length, window):
             visible &= pos > lengths[b] - 1 - window
         assert torch.allclose(out[b], attention_ref(q[b], k[b], v[b], visible, 0.25), atol=1e-5)
     # both kernels are exercised by this parametrisation
-    assert any(b * n <= SMALL_DECODE_KEYS for b, n in [(1, 8), (3, 20)])
-    assert any(b * n > SMALL_DECODE_KEYS for b, n in [(2, 90), (4, 64)])
+    assert any(b * n * heads * d <= SMALL_DECODE_PRODUCTS for b, n in [(1, 8), (3, 20)])
+    assert any(b * n * heads * d > SMALL_DECODE_PRODUCTS for b, n in [(6, 100)])
 
 
 def test_decode_mask_is_none_only_when_nothing_is_hidden():
@@ -82,6 +83,43 @@ def test_grouped_swiglu_matches_per_expert_loop():
                           grouped_swiglu_ref(x, counts, gate_up, down), atol=1e-4)
 
 
+def test_padded_swiglu_matches_per_expert_loop():
+    torch.manual_seed(1)
+    counts = [3, 0, 2, 1]
+    x = torch.randn(sum(counts), 16)
+    gate_up, down = torch.randn(4, 24, 16), torch.randn(4, 16, 12)
+    padded = torch.zeros(4, 3, 16)  # 3 rows per expert, zeros as padding
+    start = 0
+    for e, n in enumerate(counts):
+        padded[e, :n] = x[start:start + n]
+        start += n
+    out = padded_swiglu(padded, gate_up, down)
+    got = torch.cat([out[e, :n] for e, n in enumerate(counts)])
+    assert torch.allclose(got, grouped_swiglu_ref(x, counts, gate_up, down), atol=1e-4)
+
+
+def test_one_thread_restores_the_thread_count():
+    before = torch.get_num_threads()
+    with OneThread():
+        assert torch.get_num_threads() == 1
+    with OneThread(active=False):
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
+def test_padded_experts_pay_only_when_most_experts_have_rows():
+    size = 3 * 256 * 256 * 2  # the demo model's expert, bf16
+    assert not padded_experts_pay([1, 0, 0, 0, 0, 0, 1, 0], size)
+    assert padded_experts_pay([4, 2, 5, 3, 4, 6, 4, 4], size)
+    assert not padded_experts_pay([0, 0, 9, 0], 3 * 4096 * 14336 * 2)  # one big expert
+
+
+def test_index_tensor():
+    t = index_tensor([3, -1, 1 << 40])
+    assert t.dtype == torch.int64 and t.tolist() == [3, -1, 1 << 40]
+    assert index_tensor([]).shape == (0,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_the_families_formulation(dtype):
     x = (torch.randn(5, 64) * 4).to(dtype)
@@ -96,6 +134,11 @@ def test_half_rotation_equals_rotate_half():
     x = torch.randn(4, 3, 16)
     c, s = half_rotation_tables(cos, sin, x.dtype)
     assert torch.equal(apply_half_rotation(x, c, s), apply_rope(x, cos, sin, interleaved=False))
+    # the table's own half-rotation tables, past its first size too
+    for dtype in (torch.float32, torch.bfloat16):
+        far = torch.tensor([5, 5000, 1])
+        c, s = half_rotation_tables(*table.cos_sin(far), dtype)
+        assert all(torch.equal(a, b) for a, b in zip(table.half_tables(far, dtype), (c, s)))
     # rotating by position p preserves norms and turns a vector by p * inv_freq per pair
     inter = apply_rope(x, cos, sin, interleaved=True)
     assert torch.allclose(inter.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
