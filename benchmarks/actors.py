@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import zmq
 
-from moeflow.actors.messages import Data, Payload, decode, encode
+from moeflow.actors.messages import Data, decode, encode
 from moeflow.actors.plane import Gatekeeper, KeyPair, connect_curve, serve_curve
-from moeflow.actors.worker import Partial, from_payload, to_payload
+from moeflow.actors.values import Partial, from_payload, to_payload
 
 SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 

@@ -37,9 +37,8 @@ from moeflow.actors.messages import (
     Abort, Data, Done, DropPlans, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
     UnitPart,
 )
-from moeflow.actors.worker import (
-    DeviceWorker, Logits, Routing, from_payload, payload_to, to_payload,
-)
+from moeflow.actors.values import Logits, Routing, from_payload, payload_to, to_payload
+from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task

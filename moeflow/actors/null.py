@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moeflow.actors.kvcache import PagedKVCache
-from moeflow.actors.worker import Logits, Routing
+from moeflow.actors.values import Logits, Routing
 from moeflow.dataflow.graph import Gate, Graph, LMHead, Node, Unit
 from moeflow.models.spec import ModelSpec
 

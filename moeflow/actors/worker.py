@@ -8,15 +8,7 @@ so that a decode step's nodes do little more than their GEMMs. Nodes coalesced f
 units run as one: units that only decode share one attention batch, merged once for every
 layer, and one routing sort.
 
-Values flowing along data edges:
-    Embed, Combine          hidden [T, D]
-    Attention               AttnOut(resid [T, D], xn [T, D])
-    Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
-    Transfer(dispatch)      Rows for one expert group from one home
-    Expert(routed)          ExpertOut: weighted output rows per home
-    Transfer(combine)       Partial rows for one home
-    Expert(shared / dense)  [T, D]
-    LMHead                  Logits [R, V] (fp32)
+The values flowing along data edges are in `values.py`.
 
 Shapes: T tokens homed here, D hidden, A top-k, N = T*A routed rows, H/K query/kv heads,
 d head dim, V vocab, E experts.
@@ -32,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.actors.kvcache import PagedKVCache
-from moeflow.actors.messages import MessageError, Payload
+from moeflow.actors.values import (
+    AttnOut, ExpertOut, Logits, Partial, Routing, Rows,
+)
 from moeflow.dataflow.graph import (
     Attention,
     Combine,
@@ -60,51 +54,6 @@ from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
 from moeflow.ops.router import route, router_logits
 
 MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
-
-
-@dataclass
-class AttnOut:
-    resid: torch.Tensor  # [T, D] residual stream after attention
-    xn: torch.Tensor  # [T, D] its post-attention norm: the FFN input
-
-
-@dataclass
-class Routing:
-    xn: torch.Tensor  # [T, D]
-    token_of_row: torch.Tensor  # [N] token of each routed row, rows in dispatch order
-    weight_of_row: torch.Tensor  # [N] fp32
-    offsets: list[int]  # [E+1] first row of each dispatch rank
-    ends: torch.Tensor  # [E] int32: offsets[1:], for grouped matmul
-    counts: tuple[int, ...]  # rows per expert id
-
-
-@dataclass
-class Rows:
-    """Routed rows of one home for one contiguous expert group."""
-
-    home: str
-    start: int  # first row within the home's dispatch order
-    x: torch.Tensor  # [n, D]
-    ends: torch.Tensor  # [G] int32 cumulative row ends per expert of the group
-    weights: torch.Tensor  # [n] fp32
-
-
-@dataclass
-class Partial:
-    start: int
-    y: torch.Tensor  # [n, D] weighted expert outputs
-
-
-@dataclass
-class ExpertOut:
-    parts: dict[str, Partial]
-
-
-@dataclass
-class Logits:
-    seqs: tuple[int, ...]  # unit sequence indices
-    rows_per_seq: tuple[int, ...]
-    values: torch.Tensor  # [R, V] fp32
 
 
 @dataclass
@@ -673,50 +622,3 @@ def torch_device_of(name: str) -> torch.device:
             raise RuntimeError(f"device {name} needs CUDA, which this machine lacks")
         return torch.device("cuda", int(index or 0))
     return torch.device("cpu")
-
-
-def payload_to(value: Any, device: torch.device) -> Any:
-    """A received Transfer value, moved to this worker's device if it is elsewhere."""
-    if isinstance(value, Rows):
-        if value.x.device == device:
-            return value
-        return Rows(value.home, value.start, value.x.to(device, non_blocking=True),
-                    value.ends.to(device, non_blocking=True),
-                    value.weights.to(device, non_blocking=True))
-    if isinstance(value, Partial):
-        return value if value.y.device == device else Partial(value.start, value.y.to(device))
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return value
-
-
-def to_payload(value: Any) -> Payload:
-    """A Transfer's value as a message payload (no copy)."""
-    if isinstance(value, Rows):
-        return Payload("rows", {"home": value.home, "start": value.start},
-                       (value.x, value.ends, value.weights))
-    if isinstance(value, Partial):
-        return Payload("partial", {"start": value.start}, (value.y,))
-    if isinstance(value, torch.Tensor):
-        return Payload("tensor", {}, (value,))
-    raise TypeError(f"cannot send a {type(value).__name__}")
-
-
-def from_payload(payload: Payload) -> Any:
-    """The value a Transfer carried, checked."""
-    t, meta = payload.tensors, payload.meta
-    try:
-        if payload.kind == "rows" and len(t) == 3:
-            x, ends, weights = t
-            if (x.dim() != 2 or ends.dtype != torch.int32 or weights.shape != (x.shape[0],)
-                    or (len(ends) and int(ends[-1]) != x.shape[0])):
-                raise MessageError(f"inconsistent rows: x {list(x.shape)}, ends "
-                                   f"{list(ends.shape)}, weights {list(weights.shape)}")
-            return Rows(str(meta["home"]), int(meta["start"]), x, ends, weights)
-        if payload.kind == "partial" and len(t) == 1 and t[0].dim() == 2:
-            return Partial(int(meta["start"]), t[0])
-        if payload.kind == "tensor" and len(t) == 1:
-            return t[0]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MessageError(f"bad {payload.kind} payload: {exc}") from None
-    raise MessageError(f"bad {payload.kind} payload with {len(t)} tensors")

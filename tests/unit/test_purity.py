@@ -16,7 +16,8 @@ SIM = ("moeflow.sim.cost", "moeflow.sim.hardware", "moeflow.sim.models", "moeflo
 BELOW_SERVE = ("moeflow.models", "moeflow.dataflow", "moeflow.scheduler", *SIM, "moeflow.ops",
                "moeflow.actors.core", "moeflow.actors.inproc", "moeflow.actors.coordinator",
                "moeflow.actors.process", "moeflow.actors.null", "moeflow.actors.worker",
-               "moeflow.actors.plane", "moeflow.actors.messages")
+               "moeflow.actors.plane", "moeflow.actors.messages", "moeflow.actors.values",
+               "moeflow.actors.cluster")
 
 
 def imported_by(modules: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:

@@ -11,7 +11,8 @@ import torch
 
 import moeflow.ops.experts as experts_module
 from moeflow.actors.inproc import load_worker
-from moeflow.actors.worker import AttnOut, DeviceWorker
+from moeflow.actors.values import AttnOut
+from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import Attention, Gate, Placement, SeqChunk, Unit
 from moeflow.models.families import load_spec
 
