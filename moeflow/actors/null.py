@@ -78,10 +78,11 @@ class NullWorker:
             return Routing(NULL, NULL, NULL, [], NULL, state.counts)
         if isinstance(node, LMHead):
             state = self._units[key]
-            logits = state.logits.get(node.seqs)
+            seqs = state.unit.seqs_on(self.device)  # the bound unit's, as DeviceWorker
+            logits = state.logits.get(seqs)
             if logits is None:
-                rows = tuple(state.unit.seqs[i].num_logit_rows for i in node.seqs)
-                logits = state.logits[node.seqs] = Logits(
-                    node.seqs, rows, torch.zeros(sum(rows), NULL_VOCAB))
+                rows = tuple(state.unit.seqs[i].num_logit_rows for i in seqs)
+                logits = state.logits[seqs] = Logits(
+                    seqs, rows, torch.zeros(sum(rows), NULL_VOCAB))
             return logits
         return NULL

@@ -274,7 +274,8 @@ class DeviceWorker:
         if isinstance(node, LMHead):
             return self._lm_head([(self._units[k], n, inputs[0][1]) for k, _, n, inputs in items])
         # the rest are small ops over few rows when decoding: on one thread
-        rows = sum(_rows_of(n, inputs) for _, _, n, inputs in items)
+        rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
+                   for k, _, _, inputs in items)
         with OneThread(self.tdevice.type == "cpu" and rows <= SERIAL_ROWS):
             if isinstance(node, Gate):
                 return self._gate(items[0][1], node, [inputs[0][1] for _, _, _, inputs in items])
@@ -565,17 +566,18 @@ class DeviceWorker:
         """Final norm and vocabulary projection once over every item's picked rows."""
         assert self.dense is not None
         picked, shapes = [], []
-        for st, node, hidden in items:
+        for st, _, hidden in items:
             picks: list[int] = []
             rows_per_seq: list[int] = []
-            for i in node.seqs:
+            seqs = tuple(st.rows)  # the unit's sequences homed here: a replayed plan's node
+            for i in seqs:  # may have been compiled for another unit on the same homes
                 row0, n = st.rows[i]
                 keep = st.unit.seqs[i].num_logit_rows
                 picks.extend(range(row0 + n - keep, row0 + n))
                 rows_per_seq.append(keep)
             picked.append(hidden.index_select(0, self._on_device(index_tensor(picks)))
                           if len(picks) != hidden.shape[0] else hidden)
-            shapes.append((node.seqs, tuple(rows_per_seq)))
+            shapes.append((seqs, tuple(rows_per_seq)))
         x = rms_norm(_cat(picked), self.dense.final_norm, self.spec.rms_norm_eps)
         self._gemm_rows(x.shape[0])
         logits = F.linear(x, self.dense.lm_head).float()
@@ -583,12 +585,15 @@ class DeviceWorker:
                 for (seqs, rows), values in zip(shapes, _split(logits, picked))]
 
 
-def _rows_of(node: Node, inputs: list[tuple[Node, Any]]) -> int:
-    """Tokens a gate, combine, embedding or dispatch works on."""
-    if isinstance(node, Transfer):
-        value = inputs[0][1]
-        return value.xn.shape[0] if isinstance(value, Routing) else 0
-    return node.num_tokens  # type: ignore[union-attr]
+def _rows_of(inputs: list[tuple[Node, Any]]) -> int:
+    """Tokens a gate, combine or dispatch works on, read from its first input (a replayed
+    plan's node may have been compiled for another unit)."""
+    value = inputs[0][1]
+    if isinstance(value, Routing):
+        return int(value.xn.shape[0])
+    if isinstance(value, AttnOut):
+        return int(value.resid.shape[0])
+    return 0
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from collections.abc import Hashable, Sequence
 from moeflow.dataflow.compiler import Cut, compile
 from moeflow.dataflow.graph import SeqChunk, Unit
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
+from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler
 from moeflow.scheduler.plan import Plan, topological_plan
 from moeflow.scheduler.requests import blocks_for
 
@@ -55,7 +55,9 @@ class BatchEP(Scheduler):
         return [Unit(tuple(chunks))] if chunks else []
 
     def plan_key(self, unit: Unit) -> Hashable:
-        return unit_shape(unit)  # the graph's structure; token counts are bound per step
+        # the graph's structure depends only on which devices serve the unit; its sequences,
+        # their token counts and logits are bound per step
+        return frozenset(s.home for s in unit.seqs)
 
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         return topological_plan(compile(model, unit, cluster.placement, Cut(barrier=True)))

@@ -70,13 +70,15 @@ def test_cached_plans_are_dropped_everywhere_once_evicted(tiny_factory):
     reference = build_engine_core(path, devices="cpu:0,cpu:1")
     spec, cluster = reference.spec, reference.cluster
     executor = make_executor("zmq", path, spec, cluster, torch.float32, 4096)
-    core = EngineCore(spec, executor, make_scheduler("batch-ep"), cluster, num_cached_plans=2)
+    # fine-ep: a plan per (home, logits, phase), four shapes here; batch-ep's depend on
+    # the homes alone
+    core = EngineCore(spec, executor, make_scheduler("fine-ep"), cluster, num_cached_plans=2)
     inproc = EngineCore(spec, make_executor("inproc", path, spec, cluster, torch.float32, 4096),
-                        make_scheduler("batch-ep"), cluster, num_cached_plans=2)
+                        make_scheduler("fine-ep"), cluster, num_cached_plans=2)
     try:
         outputs = []
         for engine in (reference, core, inproc):
-            # staggered lengths: the batch shrinks step by step, a new shape each time
+            # staggered lengths: prefills and decodes on both homes
             reqs = [engine.add_request([3 + i, 9, 27], SamplingParams(max_new_tokens=2 + i,
                                                                       ignore_eos=True))
                     for i in range(5)]
