@@ -21,7 +21,7 @@ engine calls it with plain data and runs what it returns on whichever executor i
         and every stream its rule (InOrder or ByPriority).
 
     on_routing(unit, layer, counts) -> None   (optional)
-        Called when a layer's gate counts are known, for decisions that need them.
+        For decisions that need a layer's gate counts. Reserved: no executor calls it yet.
 
     plan_key(unit) -> Hashable | None   (optional)
         Units with equal keys get the same plan: the engine compiles it once and replays
