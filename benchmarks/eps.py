@@ -21,7 +21,12 @@ on 8 GPUs, 16 (4) on 4; the whole run takes about 15 s on a 2-core machine (abou
 --quick), well under the 3 minutes allowed.
 The simulation is deterministic: one run per setting is its median.
 
-    python benchmarks/eps.py [--quick] [--json out.json]
+`--real` also runs it for real: `make demo`'s checkpoint on two CPU actor processes
+(`--transport zmq`), 16 prompts of 512 random token ids, 1 output token, prefilled in units
+of up to 2048 tokens, batch-ep against eps (PN from its CPU defaults, and PN 2 fixed),
+alternating, 3 rounds; prompt tokens per wall second of the whole run, medians.
+
+    python benchmarks/eps.py [--quick] [--real] [--json out.json]
 """
 
 from __future__ import annotations
@@ -147,9 +152,62 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REAL_PROMPTS, REAL_PROMPT_LEN, REAL_ROUNDS = 16, 512, 3
+
+
+def run_real() -> list[dict[str, Any]]:
+    """Prefill on two actor processes, batch-ep against eps, alternating (see above)."""
+    import random
+    import statistics
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from engine import DEVICES, demo_checkpoint
+
+    from moeflow.actors.coordinator import ZmqExecutor
+    from moeflow.models.families import load_spec
+    from moeflow.ops.sampling import SamplingParams
+    from moeflow.scheduler.base import Cluster
+    from moeflow.serve.engine import EngineCore
+
+    checkpoint = demo_checkpoint()
+    spec = load_spec(checkpoint)
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, spec.vocab_size) for _ in range(REAL_PROMPT_LEN)]
+               for _ in range(REAL_PROMPTS)]
+    policies: dict[str, Scheduler] = {"batch-ep": BatchEP(), "eps": EPS(),
+                                      "eps, PN 2": EPS(stages=2)}
+    seconds: dict[str, list[float]] = {name: [] for name in policies}
+    stages: dict[str, int] = {}
+    with ZmqExecutor(str(checkpoint), cluster.placement, "bfloat16", 65536) as executor:
+        for _ in range(REAL_ROUNDS):
+            for name, policy in policies.items():
+                core = EngineCore(spec, executor, policy, cluster, max_batch_tokens=2048)
+                params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+                start = time.perf_counter()
+                for prompt in prompts:
+                    core.add_request(prompt, params)
+                while core.has_unfinished():
+                    for job in core.schedule():
+                        if isinstance(policy, EPS):
+                            stages[name] = policy.chosen_stages(job.unit, spec, cluster)
+                        [result] = executor.run_many([core.job_spec(job)])
+                        core.complete(job, result)
+                seconds[name].append(time.perf_counter() - start)
+                for rid in list(core.requests):
+                    core.pop_finished(rid)
+    tokens = REAL_PROMPTS * REAL_PROMPT_LEN
+    base = statistics.median(seconds["batch-ep"])
+    return [{"policy": name, "pn": stages.get(name, 1),
+             "tok_s": tokens / statistics.median(runs),
+             "ratio": base / statistics.median(runs)} for name, runs in seconds.items()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 prompts per setting, not 64")
+    parser.add_argument("--real", action="store_true",
+                        help="also prefill for real on two CPU actor processes")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -158,6 +216,13 @@ def main() -> int:
     result["wall_s"] = time.perf_counter() - start
     print(table(result))
     print(f"({result['wall_s']:.1f} s wall)")
+    if args.real:
+        result["real"] = run_real()
+        print(f"\nfor real: {REAL_PROMPTS} prompts of {REAL_PROMPT_LEN} tokens on 2 CPU actor "
+              f"processes, medians of {REAL_ROUNDS} alternating rounds")
+        for r in result["real"]:
+            print(f"  {r['policy']:10} PN {r['pn']}: {r['tok_s']:>8,.0f} prompt tok/s  "
+                  f"{r['ratio']:.2f}x batch-ep")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
