@@ -200,10 +200,17 @@ class Routing:
     def _exact(self, w: _Weights, num_tokens: int) -> tuple[int, ...]:
         """Each token picks top-k distinct experts, weighted without replacement: the k
         largest keys r^(1/w), r uniform, one per expert of positive weight (ties go to the
-        larger expert id, as in a reverse sort of (key, expert); -1 for the others)."""
+        larger expert id, as in a reverse sort of (key, expert); -1 for the others). With
+        equal weights that is a uniform sample of k, drawn as one."""
         counts = [0] * self.num_experts
         live, inverse, ones = w.live, w.inverse, w.ones  # r ** 1.0 is r
         k, rand = self.top_k, self.rng.random
+        if ones and len(live) >= k:  # equal weights: k distinct experts, uniformly
+            sample = self.rng.sample
+            for _ in range(num_tokens):
+                for e in sample(live, k):
+                    counts[e] += 1
+            return tuple(counts)
         for _ in range(num_tokens):
             draws = starmap(rand, repeat((), len(live)))
             keys = list(draws) if ones else list(map(pow, draws, inverse))

@@ -293,7 +293,8 @@ def test_coalesced_groups_count_once_in_utilization():
 
 def test_routing_draws_as_a_full_sort_of_keys_does():
     """The exact path picks each token's top-k like a reverse sort of (r^(1/w), expert)
-    over every expert (-1 for weight 0), from the same random numbers."""
+    over every expert (-1 for weight 0), from the same random numbers; with equal weights,
+    as one uniform sample of k."""
     import random
 
     from moeflow.dataflow import Placement
@@ -305,10 +306,15 @@ def test_routing_draws_as_a_full_sort_of_keys_does():
             if len(local) <= r.num_experts - r.top_k:
                 weights = [0.0 if e in local else w for e, w in enumerate(weights)]
         counts = [0] * r.num_experts
+        live = [e for e, w in enumerate(weights) if w > 0]
         for _ in range(num_tokens):
-            keys = [(rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
-                    for e, w in enumerate(weights)]
-            for _, e in sorted(keys, reverse=True)[:r.top_k]:
+            if all(weights[e] == 1.0 for e in live) and len(live) >= r.top_k:
+                picked = rng.sample(live, r.top_k)  # equal weights: a uniform sample of k
+            else:
+                keys = [(rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
+                        for e, w in enumerate(weights)]
+                picked = [e for _, e in sorted(keys, reverse=True)[:r.top_k]]
+            for e in picked:
                 counts[e] += 1
         return tuple(counts)
 
