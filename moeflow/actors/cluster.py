@@ -105,10 +105,6 @@ class JobTracker:
         return len(self.waiting)
 
 
-def plan_actors(plan: Plan) -> set[str]:
-    return {s.actor for s in plan.assignment}
-
-
 class Executor(Protocol):
     """What the engine runs jobs on (see the module docstring): `InProcessExecutor` and
     `ZmqExecutor` implement it."""
@@ -168,7 +164,7 @@ class CoordinatorCore:
     def submit(self, job: JobSpec) -> list[tuple[str, RunUnit]]:
         """Start tracking `job`; the RunUnit each of its actors is to get. The plan itself
         goes to an actor that does not hold it yet; one that does gets its id."""
-        actors = plan_actors(job.plan)
+        actors = set(job.plan.actors())
         unknown = actors - set(self.plans)
         if unknown:
             raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")

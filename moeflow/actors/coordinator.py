@@ -50,7 +50,7 @@ from typing import Any
 import zmq
 
 from moeflow.actors.cluster import (
-    CoordinatorCore, JobResult, JobSpec, JobTracker, plan_actors, run_jobs,
+    CoordinatorCore, JobResult, JobSpec, JobTracker, run_jobs,
 )
 from moeflow.actors.kvcache import DEFAULT_BLOCK_SIZE
 from moeflow.actors.messages import (
@@ -241,7 +241,7 @@ class ZmqExecutor:
         return self.coordinator.tracker
 
     def submit(self, job: JobSpec) -> None:
-        actors = sorted(plan_actors(job.plan) & set(self.actors))
+        actors = sorted(set(job.plan.actors()) & set(self.actors))
         self._await_ready(actors)  # an actor restarting: its Hello comes first
         sends = self.coordinator.submit(job)
         self.started[job.job_id] = time.monotonic()

@@ -27,7 +27,6 @@ the ZeroMQ actor process from its async shell.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,12 +371,6 @@ class ActorCore:
         if unit.homed:
             self.worker.end(unit.unit_id)
 
-    @property
-    def idle(self) -> bool:
-        return not self.units
-
-    def involved(self, plan_actors: Iterable[str]) -> bool:
-        return self.name in plan_actors
 
 
 def _size(msg: Data | Done) -> int:

@@ -25,7 +25,7 @@ from collections.abc import Hashable
 
 from moeflow.dataflow.graph import Unit
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Cluster, Scheduler, unit_shape
+from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan import Plan
 
 DEFAULT_CAPACITY = 256
