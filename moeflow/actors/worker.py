@@ -436,10 +436,11 @@ class DeviceWorker:
         """Router logits, top-k and the dispatch order once over every item's rows."""
         assert self.dense is not None
         moe = self.spec.moe
-        xn, router = _cat([a.xn for a in attns]), self.dense.layers[node.layer].router
+        layer = self.dense.layers[node.layer]
+        xn, router = _cat([a.xn for a in attns]), layer.router
         self._gemm_rows(xn.shape[0], router)
         logits = router_logits(xn, router, moe)  # type: ignore[arg-type]
-        ids, weights = route(logits, moe)  # [T, A]
+        ids, weights = route(logits, moe, layer.router_bias)  # [T, A]
         return self._dispatch(graph.placement, [a.xn for a in attns], ids, weights)
 
     def _dispatch(self, placement: Placement, xns: list[torch.Tensor], ids: torch.Tensor,

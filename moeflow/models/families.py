@@ -1,10 +1,12 @@
 """Family adapters: a Hugging Face `config.json` becomes a ModelSpec, and each weight a
 model needs gets its checkpoint key name.
 
-One adapter per `model_type`: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2. Adapters
-read both config styles found on the hub: `rope_theta` + `rope_scaling` (most published
-checkpoints) and `rope_parameters` (configs written by newer transformers). Every error
-names the config file and the field.
+One adapter per `model_type`: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
+deepseek_v3. Adapters
+read a value under every name transformers and the hub write it: `rope_theta` +
+`rope_scaling` (most published checkpoints) and `rope_parameters` (newer transformers),
+`num_experts` and `num_local_experts`, `torch_dtype` and `dtype`. A quantized checkpoint
+is refused, naming its method. Every error names the config file and the field.
 """
 
 from __future__ import annotations
@@ -45,10 +47,15 @@ class Fields:
     def _get(self, key: str, default: Any, required: bool) -> Any:
         value = self.data.get(key)
         if value is None:
-            if required:
+            if required and default is None:
                 raise self.error(f"required field {key!r} is missing")
             return default
         return value
+
+    def named(self, *keys: str) -> str:
+        """The first of `keys` (names transformers and the hub use for one value) that the
+        config has, else the first."""
+        return next((k for k in keys if self.data.get(k) is not None), keys[0])
 
     def integer(self, key: str, default: int | None = None, *, required: bool = False,
             minimum: int | None = None) -> int:
@@ -144,9 +151,10 @@ def _common(f: Fields) -> dict[str, Any]:
 
 
 def _dtype(f: Fields) -> str:
-    value = f.data.get("torch_dtype") or f.data.get("dtype") or "bfloat16"
+    key = f.named("dtype", "torch_dtype")
+    value = f.data.get(key) or "bfloat16"
     if value not in ("float32", "bfloat16", "float16"):
-        raise f.error(f"field 'torch_dtype' must be float32, bfloat16 or float16, got {value!r}")
+        raise f.error(f"field {key!r} must be float32, bfloat16 or float16, got {value!r}")
     return str(value)
 
 
@@ -198,6 +206,9 @@ class Family:
     def router_key(self, i: int) -> str:
         return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.weight")
 
+    def router_bias_key(self, i: int) -> str:
+        return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.e_score_correction_bias")
+
     def expert_key(self, i: int, e: int, part: str) -> str:
         k = self.expert_keys
         proj = {"gate": k.gate, "up": k.up, "down": k.down}[part]
@@ -223,7 +234,7 @@ class Mixtral(Family):
         window = f.opt_integer("sliding_window")
         layers = f.integer("num_hidden_layers", required=True, minimum=1)
         moe = MoESpec(
-            num_experts=f.integer("num_local_experts", f.opt_integer("num_experts"), required=True),
+            num_experts=f.integer(f.named("num_local_experts", "num_experts"), required=True),
             top_k=f.integer("num_experts_per_tok", 2),
             intermediate_size=f.integer("intermediate_size", required=True),
             router="topk_softmax")
@@ -249,7 +260,8 @@ class Qwen2Moe(Family):
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
         attn = _gqa(f, qkv_bias=f.flag("qkv_bias", True))
-        num_experts = f.integer("num_experts", required=True, minimum=1)
+        num_experts = f.integer(f.named("num_experts", "num_local_experts"), required=True,
+                                minimum=1)
         kinds = _sparse_layers(f, num_experts)
         window = f.opt_integer("sliding_window") if f.flag("use_sliding_window", False) else None
         max_window_layers = f.integer("max_window_layers", len(kinds))
@@ -281,7 +293,7 @@ class Qwen3Moe(Family):
         _check_act(f)
         bias = f.flag("attention_bias", False)
         attn = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head")
-        num_experts = f.integer("num_experts", f.opt_integer("num_local_experts"), required=True)
+        num_experts = f.integer(f.named("num_experts", "num_local_experts"), required=True)
         kinds = _sparse_layers(f, num_experts)
         window = f.opt_integer("sliding_window") if f.flag("use_sliding_window", False) else None
         moe = MoESpec(
@@ -311,7 +323,7 @@ class Olmoe(Family):
                           f"{attn.head_dim} * {attn.num_heads} != {hidden}")
         layers = f.integer("num_hidden_layers", required=True, minimum=1)
         moe = MoESpec(
-            num_experts=f.integer("num_experts", f.opt_integer("num_local_experts"), required=True),
+            num_experts=f.integer(f.named("num_experts", "num_local_experts"), required=True),
             top_k=f.integer("num_experts_per_tok", 8),
             intermediate_size=f.integer("intermediate_size", required=True),
             norm_topk_prob=f.flag("norm_topk_prob", False))
@@ -326,17 +338,21 @@ class DeepseekV2(Family):
     model_type = "deepseek_v2"
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_experts.")
 
+    scoring = "softmax"
+    topk_methods: tuple[str, ...] = ("greedy", "group_limited_greedy")
+
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
         if f.flag("attention_bias", False) or f.flag("mlp_bias", False):
-            raise f.error("attention_bias / mlp_bias are not supported for deepseek_v2")
-        scoring = f.text("scoring_func", "softmax")
-        if scoring != "softmax":
-            raise f.error(f"field 'scoring_func' must be 'softmax' for deepseek_v2, got {scoring!r}")
+            raise f.error(f"attention_bias / mlp_bias are not supported for {self.model_type}")
+        scoring = f.text("scoring_func", self.scoring)
+        if scoring != self.scoring:
+            raise f.error(f"field 'scoring_func' must be {self.scoring!r} for "
+                          f"{self.model_type}, got {scoring!r}")
         heads = f.integer("num_attention_heads", required=True, minimum=1)
         nope = f.integer("qk_nope_head_dim", 128, minimum=0)
         rope_dim = f.integer("qk_rope_head_dim", 64, minimum=2)
-        rope = _rope(f, rope_dim, 10000.0, interleaved=True)
+        rope = _rope(f, rope_dim, 10000.0, interleaved=f.flag("rope_interleave", True))
         scale = (nope + rope_dim) ** -0.5
         if rope.scaling == "yarn" and rope.mscale_all_dim:
             m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
@@ -347,22 +363,26 @@ class DeepseekV2(Family):
             kv_lora_rank=f.integer("kv_lora_rank", 512, minimum=1),
             qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
             v_head_dim=f.integer("v_head_dim", 128, minimum=1), softmax_scale=scale)
-        method = f.text("topk_method", "greedy")
-        if method not in ("greedy", "group_limited_greedy"):
-            raise f.error(f"field 'topk_method' must be 'greedy' or 'group_limited_greedy', "
-                          f"got {method!r}")
-        num_experts = f.integer("n_routed_experts", required=True, minimum=1)
+        method = f.text("topk_method", self.topk_methods[0])
+        if method not in self.topk_methods:
+            raise f.error(f"field 'topk_method' must be one of {', '.join(self.topk_methods)} "
+                          f"for {self.model_type}, got {method!r}")
+        num_experts = f.integer(f.named("n_routed_experts", "num_local_experts"), required=True,
+                                minimum=1)
         layers = f.integer("num_hidden_layers", required=True, minimum=1)
         first_dense = f.integer("first_k_dense_replace", 0, minimum=0)
         freq = f.integer("moe_layer_freq", 1, minimum=1)
+        grouped = method in ("group_limited_greedy", "noaux_tc")
+        router = {"greedy": "softmax_topk", "group_limited_greedy": "group_limited",
+                  "noaux_tc": "noaux_tc"}[method]
         moe = MoESpec(
             num_experts=num_experts, top_k=f.integer("num_experts_per_tok", required=True),
             intermediate_size=f.integer("moe_intermediate_size", required=True),
-            router="group_limited" if method == "group_limited_greedy" else "softmax_topk",
+            router=router,  # type: ignore[arg-type]
             norm_topk_prob=f.flag("norm_topk_prob", False),
             routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
-            num_groups=f.integer("n_group", 1) if method == "group_limited_greedy" else 1,
-            topk_groups=f.integer("topk_group", 1) if method == "group_limited_greedy" else 1,
+            num_groups=f.integer("n_group", 1) if grouped else 1,
+            topk_groups=f.integer("topk_group", 1) if grouped else 1,
             router_fp32=True,
             shared_intermediate_size=(f.integer("moe_intermediate_size", required=True)
                                       * f.integer("n_shared_experts", 0, minimum=0)))
@@ -374,12 +394,23 @@ class DeepseekV2(Family):
             rms_norm_eps=f.number("rms_norm_eps", 1e-6), **_common(f))
 
 
+class DeepseekV3(DeepseekV2):
+    """DeepSeek-V3 (and Kimi-K2, DeepSeek-R1): V2's MLA with sigmoid router scores, a
+    per-expert correction bias for the choice, and groups ranked by their best two experts
+    (`noaux_tc`). The multi-token-prediction layer after the last one is not used."""
+
+    model_type = "deepseek_v3"
+    scoring = "sigmoid"
+    topk_methods = ("noaux_tc",)
+
+
 def _yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 FAMILIES: dict[str, Family] = {
-    fam.model_type: fam for fam in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV2())}
+    fam.model_type: fam for fam in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV2(),
+                                    DeepseekV3())}
 
 
 def family_of(spec_or_type: ModelSpec | str) -> Family:
@@ -398,6 +429,12 @@ def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> Model
     if model_type not in FAMILIES:
         raise f.error(f"unknown model family {model_type!r}; supported: "
                       f"{', '.join(sorted(FAMILIES))}")
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else None) or "unknown"
+        raise f.error(f"the checkpoint is quantized with {method!r}, which moeflow does not "
+                      f"load; it loads float32, bfloat16 and float16 weights")
     try:
         spec = FAMILIES[model_type].parse(f)
     except SpecError as exc:
@@ -406,8 +443,8 @@ def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> Model
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
-    """The ModelSpec of a checkpoint directory (config.json, plus generation_config.json's
-    eos ids when the config has none)."""
+    """The ModelSpec of a checkpoint directory: config.json, with generation_config.json's
+    eos ids when it has any (generation follows that file, as in transformers)."""
     directory = Path(model_dir)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -421,9 +458,11 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: not a JSON object")
     gen_path = directory / GENERATION_CONFIG_FILE
-    if config.get("eos_token_id") is None and gen_path.exists():
+    if gen_path.exists():  # what generation uses: it may list several eos ids
         try:
-            config["eos_token_id"] = json.loads(gen_path.read_text()).get("eos_token_id")
+            generation = json.loads(gen_path.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{gen_path}: not valid JSON ({exc})") from None
+        if isinstance(generation, dict) and generation.get("eos_token_id") is not None:
+            config["eos_token_id"] = generation["eos_token_id"]
     return replace(spec_from_config(config, str(path)), name=directory.name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RouterKind = Literal["softmax_topk", "topk_softmax", "group_limited"]
+RouterKind = Literal["softmax_topk", "topk_softmax", "group_limited", "noaux_tc"]
 QKNorm = Literal["none", "head", "full"]
 AttentionKind = Literal["gqa", "mla"]
 RopeScaling = Literal["default", "linear", "yarn"]
@@ -143,13 +143,16 @@ class MoESpec:
                  f"moe_intermediate_size must be > 0, got {self.intermediate_size}")
         _require(self.routed_scaling_factor > 0,
                  f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
-        if self.router == "group_limited":
+        if self.router in ("group_limited", "noaux_tc"):
             _require(self.num_groups > 0 and self.num_experts % self.num_groups == 0,
                      f"n_group={self.num_groups} must divide num_experts={self.num_experts}")
             _require(1 <= self.topk_groups <= self.num_groups,
                      f"topk_group={self.topk_groups} must be in [1, n_group={self.num_groups}]")
             _require(self.top_k <= self.topk_groups * (self.num_experts // self.num_groups),
                      f"num_experts_per_tok={self.top_k} exceeds the experts in topk_group groups")
+        if self.router == "noaux_tc":
+            _require(self.num_experts // self.num_groups >= 2,
+                     "noaux_tc scores a group by its best two experts: a group needs two")
         _require(self.shared_intermediate_size >= 0, "shared expert size must be >= 0")
         _require(not self.shared_gate or self.shared_intermediate_size > 0,
                  "a shared expert gate needs a shared expert")

@@ -5,6 +5,7 @@
     model.safetensors           per-expert keys (or shards plus model.safetensors.index.json)
     generation_config.json
     tokenizer.json              byte-level BPE trained here on a small bundled corpus
+    tokenizer_config.json       its special tokens and a ChatML-style chat template
 
 Weights are drawn from a seeded generator, so the same arguments give the same bytes.
 Their scale (about 1/sqrt(fan_in)) keeps activations and logits O(1), so greedy decoding
@@ -25,8 +26,15 @@ from safetensors.torch import save_file
 from moeflow.models.checkpoint import INDEX_FILE, SINGLE_FILE
 from moeflow.models.families import FAMILIES, family_of, spec_from_config
 from moeflow.models.spec import ModelSpec
-from moeflow.models.tokenizer import TOKENIZER_FILE, train_tokenizer
+from moeflow.models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, train_tokenizer
 from moeflow.models.weights import torch_dtype
+
+# ChatML-style, as many MoE checkpoints use; the markers are plain text to the tiny tokenizer
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 CORPUS_FILE = Path(__file__).with_name("corpus.txt")
 
@@ -101,6 +109,22 @@ def tiny_config(family: str, shape: TinyShape = TinyShape(), dtype: str = "float
                                   "beta_fast": 32, "beta_slow": 1},
                     attention_bias=False, mlp_bias=False)
         base["num_key_value_heads"] = s.heads
+    elif family == "deepseek_v3":
+        groups = 4 if s.experts % 8 == 0 else 1
+        base.update(intermediate_size=s.dense_intermediate, moe_intermediate_size=s.intermediate,
+                    n_routed_experts=s.experts, n_shared_experts=1, num_experts_per_tok=s.top_k,
+                    first_k_dense_replace=1, topk_method="noaux_tc", n_group=groups,
+                    topk_group=max(1, groups // 2), routed_scaling_factor=2.5,
+                    norm_topk_prob=True, scoring_func="sigmoid",
+                    q_lora_rank=s.hidden // 2, kv_lora_rank=s.hidden // 2,
+                    qk_nope_head_dim=s.head_dim, qk_rope_head_dim=s.head_dim // 2,
+                    v_head_dim=s.head_dim, rms_norm_eps=1e-6, rope_interleave=True,
+                    rope_scaling={"type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                  "original_max_position_embeddings": s.max_positions // 4,
+                                  "mscale": 1.0, "mscale_all_dim": 1.0,
+                                  "beta_fast": 32, "beta_slow": 1},
+                    rope_theta=10000.0, attention_bias=False)
+        base["num_key_value_heads"] = s.heads
     base.update(overrides)
     return base
 
@@ -108,7 +132,7 @@ def tiny_config(family: str, shape: TinyShape = TinyShape(), dtype: str = "float
 _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -163,6 +187,9 @@ def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype) -> dict[str, to
         # router rows spread wide, so that each token has clear top-k experts
         out[fam.router_key(i)] = (2.0 * torch.randn(moe.num_experts, d, generator=gen)
                                   / math.sqrt(d)).to(dtype)
+        if moe.router == "noaux_tc":  # kept fp32, as the hub's checkpoints keep it
+            vec(fam.router_bias_key(i), moe.num_experts, 0.0, 0.1)
+            out[fam.router_bias_key(i)] = out[fam.router_bias_key(i)].float()
         f = moe.intermediate_size
         for e in range(moe.num_experts):
             mat(fam.expert_key(i, e, "gate"), f, d)
@@ -218,4 +245,7 @@ def make_tiny(family: str, out_dir: str | Path, shape: TinyShape = TinyShape(), 
     if tokenizer:
         tok = train_tokenizer(CORPUS_FILE.read_text().splitlines(), shape.vocab)
         tok.save(str(out / TOKENIZER_FILE))
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"eos_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[1],
+             "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
     return out

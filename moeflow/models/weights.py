@@ -59,6 +59,7 @@ class AttentionWeights:
 class LayerWeights:
     attn: AttentionWeights
     router: torch.Tensor | None = None
+    router_bias: torch.Tensor | None = None  # noaux_tc's e_score_correction_bias [E]
     shared_gate_up: torch.Tensor | None = None
     shared_down: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None
@@ -127,6 +128,8 @@ class WeightLoader:
             if layer.mlp == "moe":
                 moe = spec.moe
                 lw.router = self._get(fam.router_key(i), (moe.num_experts, d))
+                if moe.router == "noaux_tc":
+                    lw.router_bias = self._get(fam.router_bias_key(i), (moe.num_experts,))
                 if moe.shared_intermediate_size:
                     f = moe.shared_intermediate_size
                     lw.shared_gate_up = self._cat([(fam.shared_key(i, "gate"), (f, d)),

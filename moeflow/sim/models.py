@@ -43,6 +43,20 @@ _CONFIGS: dict[str, dict[str, Any]] = {
             "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1},
         "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "bos_token_id": 100000,
         "eos_token_id": 100001},
+    "deepseek-v3": {  # also Kimi-K2's and DeepSeek-R1's shape (K2: 384 experts, 64 heads)
+        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3,
+        "moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "max_position_embeddings": 163840,
+        "rope_theta": 10000, "rope_scaling": {
+            "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+        "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "bos_token_id": 0,
+        "eos_token_id": 1},
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,

@@ -76,6 +76,26 @@ def test_unknown_family(ckpt):
         load_spec(ckpt)
 
 
+def test_unknown_family_lists_the_supported_ones(ckpt):
+    edit_config(ckpt, model_type="llama")
+    with pytest.raises(ConfigError, match=r"supported: deepseek_v2, deepseek_v3, mixtral, "
+                                          r"olmoe, qwen2_moe, qwen3_moe"):
+        load_spec(ckpt)
+
+
+def test_a_quantized_checkpoint_is_refused_by_its_method(ckpt):
+    edit_config(ckpt, quantization_config={"quant_method": "gptq", "bits": 4})
+    with pytest.raises(ConfigError, match=r"config\.json: the checkpoint is quantized with "
+                                          r"'gptq', which moeflow does not load"):
+        load_spec(ckpt)
+
+
+def test_several_eos_ids_come_from_generation_config(ckpt):
+    path = ckpt / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [0, 1, 2]}))
+    assert load_spec(ckpt).eos_token_ids == (0, 1, 2)
+
+
 def test_missing_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"empty/config\.json: file not found"):

@@ -8,7 +8,7 @@ import torch
 
 from moeflow.serve.llm import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 PROMPT = [5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301]
 DECODE_STEPS = 10
 ATOL = 1e-4
@@ -136,3 +136,44 @@ def test_bfloat16_matches_transformers_in_bfloat16(family, tiny_factory, step_ru
     ours = step_runner(llm).forward({0: PROMPT}, logits="all")[0]
     assert (ours - ref).abs().max() <= 0.05
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+SAVED_BY_TRANSFORMERS = {
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=16),
+    "olmoe": dict(num_experts=4, eos_token_id=1, pad_token_id=0),
+    "deepseek_v2": dict(n_routed_experts=4, moe_intermediate_size=32, kv_lora_rank=32,
+                        q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
+                        num_key_value_heads=4),
+    "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, kv_lora_rank=32,
+                        q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
+                        n_group=4, topk_group=2, num_key_value_heads=4),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoints_transformers_saves_load_and_match(family, tmp_path, step_runner):
+    """A config as transformers writes it (dtype, rope_parameters, and whichever name it
+    gives the expert count: qwen3_moe's is num_local_experts) loads, and the model saved
+    with it gives transformers' logits."""
+    transformers = pytest.importorskip("transformers")
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 num_experts_per_tok=2)
+    config = transformers.AutoConfig.for_model(family, **{**shape,
+                                                          **SAVED_BY_TRANSFORMERS[family]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # shards, as large checkpoints come
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ref_logits, ref_tokens = hf_greedy_steps(model, PROMPT, 4)
+    runner = step_runner(LLM(tmp_path, devices="cpu:0,cpu:1", dtype="float32"))
+    logits, tokens = moeflow_greedy_steps(runner, PROMPT, 4)
+    assert tokens == ref_tokens
+    for step, (ours, theirs) in enumerate(zip(logits, ref_logits)):
+        assert (ours - theirs).abs().max() <= ATOL, step

@@ -159,3 +159,14 @@ def test_simulate_eps_through_the_cli(capsys):
                  "fixed:1024", "--output-len", "fixed:2"]) == 0
     out = capsys.readouterr().out
     assert "mixtral-8x7b on h800x4, eps" in out and "requests            4" in out
+
+
+def test_deepseek_v3_simulates_at_its_own_shape(capsys):
+    spec = models.load("deepseek-v3")
+    assert (spec.family, spec.moe.num_experts, spec.moe.router, len(spec.layers)) == (
+        "deepseek_v3", 256, "noaux_tc", 61)
+    assert [layer.mlp for layer in spec.layers[:4]] == ["dense"] * 3 + ["moe"]
+    assert main(["simulate", "--model", "deepseek-v3", "--hardware", "h200x8", "--dtype",
+                 "fp8", "--workload", "burst", "--num-requests", "2", "--prompt-len",
+                 "fixed:64", "--output-len", "fixed:2"]) == 0
+    assert "deepseek-v3 on h200x8" in capsys.readouterr().out
