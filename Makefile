@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/calibration.py
 	$(BIN)/python benchmarks/actors.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/serving.py --http
 	$(BIN)/python benchmarks/kernels.py
 
 typecheck: $(STAMP)

@@ -12,16 +12,27 @@ and p50/p99 end-to-end latency of each policy, and the ratios fine-ep / batch-ep
    the thesis's size are over a baseline like that (its full text is not public).
 2. For real: `moeflow serve --transport zmq --devices cpu:0,cpu:1` (two actor processes) on
    a small checkpoint, driven by `moeflow.serve.bench` (Poisson arrivals, streamed).
+3. With --http, the serving front ends side by side instead of the policies: one batch-ep
+   server started with both `--bind` (ZeroMQ) and `--http` (OpenAI-compatible, SSE), the
+   same load through each, one after the other (alternating which goes first), then both
+   at once (one copy of the workload each at half the rate: twin requests share the
+   engine's steps and the machine's noise, so what differs is the front end). Reported
+   per load: TTFT, TPOT and ITL (the gaps between a request's tokens) of each, and the
+   latency HTTP/SSE adds per token over ZeroMQ in % (mean TPOT and mean ITL; our goal is
+   <= 10 % on the demo checkpoint). On a shared machine the runs one after the other
+   differ by tens of % from run to run either way; the runs at once do not.
 
-    python benchmarks/serving.py [--sim] [--real] [--quick] [--json out.json]
+    python benchmarks/serving.py [--sim] [--real] [--http] [--quick] [--json out.json]
                                  [--model DIR]   # real runs: an existing checkpoint
 
-With neither --sim nor --real both run. --quick runs fewer requests (what `make demo` uses).
+With none of --sim, --real and --http, --sim and --real run. --quick runs fewer requests
+(what `make demo` uses).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import select
@@ -29,6 +40,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +58,7 @@ from moeflow.sim.simulator import percentile
 SCHEDULERS = ("batch-ep", "fine-ep")
 STATIC = "batch-ep-static"  # simulation only, for context
 LOADS = (("light", 0.3), ("medium", 0.6), ("near saturation", 0.9))
+FRONT_ENDS = (("zmq", "zmq"), ("http", "openai"))  # (name here, moeflow bench backend)
 REAL_CHECKPOINT = Path(".cache/serving-qwen3-moe")
 STARTUP_S = 300.0
 
@@ -149,13 +164,21 @@ def free_port() -> int:
 
 
 class Server:
-    """`moeflow serve` in a subprocess, stopped with SIGINT."""
+    """`moeflow serve` in a subprocess, stopped with SIGINT. With `http` it also serves the
+    OpenAI-compatible front end at `base_url`, over the same engine."""
 
-    def __init__(self, model: Path, scheduler: str, devices: str, transport: str) -> None:
+    def __init__(self, model: Path, scheduler: str, devices: str, transport: str,
+                 http: bool = False) -> None:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "moeflow.cli", "serve", str(model), "--bind", self.address,
                "--scheduler", scheduler, "--devices", devices, "--transport", transport,
                "--max-waiting", "1024"]
+        self.base_url = ""
+        if http:
+            host_port = f"127.0.0.1:{free_port()}"
+            cmd += ["--http", host_port]
+            self.base_url = f"http://{host_port}"
+        started = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
@@ -166,6 +189,10 @@ class Server:
             self.proc.wait()
             raise RuntimeError(f"moeflow serve did not start within {STARTUP_S:g} s "
                                f"({' '.join(cmd)}): {line!r}")
+        if http and not http_ready(self.base_url, started + STARTUP_S):
+            self.__exit__()
+            raise RuntimeError(f"moeflow serve answered no GET {self.base_url}/health within "
+                               f"{STARTUP_S:g} s ({' '.join(cmd)})")
 
     def __enter__(self) -> Server:
         return self
@@ -179,6 +206,19 @@ class Server:
             self.proc.wait()
 
 
+def http_ready(base_url: str, deadline: float) -> bool:
+    """Whether GET /health answers 200 before `deadline` (time.monotonic())."""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def real_checkpoint(path: Path = REAL_CHECKPOINT, dtype: str = "bfloat16") -> Path:
     """The real runs' checkpoint (an 8-layer, 32-expert Qwen3-MoE), built once at `path`."""
     from moeflow.models.tiny import TinyShape, make_tiny
@@ -190,12 +230,17 @@ def real_checkpoint(path: Path = REAL_CHECKPOINT, dtype: str = "bfloat16") -> Pa
     return path
 
 
-def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, output: str
-               ) -> dict[str, float]:
+def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, output: str,
+               backend: str = "zmq") -> dict[str, float]:
     """One run of `moeflow bench`'s driver; its summary in this benchmark's terms."""
     from moeflow.serve.bench import run_bench
 
-    result = run_bench(address, arrivals, num_requests, prompt, output, seed=0)
+    return bench_terms(run_bench(address, arrivals, num_requests, prompt, output, seed=0,
+                                 backend=backend))
+
+
+def bench_terms(result: dict[str, Any]) -> dict[str, float]:
+    """A `moeflow bench` result in this benchmark's terms; RuntimeError if a request failed."""
     summary = result["summary"]
     if summary["num_errors"]:
         errors = {r["error"] for r in result["records"] if r["error"] is not None}
@@ -203,7 +248,10 @@ def real_bench(address: str, arrivals: str, num_requests: int, prompt: str, outp
     return {"throughput_tok_s": summary["output_tokens_per_s"],
             "p50_e2e_s": summary["e2e_ms"]["p50"] / 1e3,
             "p99_e2e_s": summary["e2e_ms"]["p99"] / 1e3,
-            "requests": summary["num_requests"], "requests_per_s": summary["requests_per_s"]}
+            "requests": summary["num_requests"], "requests_per_s": summary["requests_per_s"],
+            "mean_ttft_ms": summary["ttft_ms"]["mean"],
+            "mean_tpot_ms": summary["tpot_ms"]["mean"],
+            "mean_itl_ms": summary["itl_ms"]["mean"], "p99_itl_ms": summary["itl_ms"]["p99"]}
 
 
 def run_real(model: Path, num_requests: int, prompt: str, output: str, devices: str,
@@ -235,6 +283,74 @@ def run_real(model: Path, num_requests: int, prompt: str, output: str, devices: 
             "workload": f"prompt {prompt}, output {output}, {num_requests} requests"}
         for sched in SCHEDULERS:
             row[sched] = results[(label, sched)]
+        rows.append(row)
+    return rows
+
+
+def real_bench_together(targets: dict[str, str], arrivals: str, num_requests: int,
+                        prompt: str, output: str) -> dict[str, dict[str, float]]:
+    """Each front end its own copy of one workload, both at once: request i of each arrives
+    at the same moment, so the copies share the engine's steps and the machine's noise."""
+    from moeflow.serve.bench import bench
+    from moeflow.sim.workload import Lengths, requests
+
+    workload = requests(arrivals, num_requests, Lengths.parse(prompt), Lengths.parse(output),
+                        seed=0)
+
+    async def both() -> dict[str, dict[str, float]]:
+        async with asyncio.TaskGroup() as tasks:
+            runs = {name: tasks.create_task(bench(targets[backend], workload, backend=backend,
+                                                  label=arrivals))
+                    for name, backend in FRONT_ENDS}
+        return {name: bench_terms(run.result()) for name, run in runs.items()}
+
+    return asyncio.run(both())
+
+
+def run_http(model: Path, num_requests: int, prompt: str, output: str, devices: str,
+             transport: str) -> list[dict[str, Any]]:
+    """The same loads through ZeroMQ and through HTTP/SSE against one batch-ep server: one
+    after the other, then both at once (each at half the rate: the same load in all)."""
+    results: dict[tuple[str, str], dict[str, float]] = {}
+    bar = Progress(len(FRONT_ENDS) + 3 * len(LOADS), "zmq/http runs")
+    step = 0
+    with Server(model, "batch-ep", devices, transport, http=True) as server:
+        targets = {"zmq": server.address, "openai": server.base_url}
+        # a burst through each first: it warms both paths alike, and ZeroMQ's measures the
+        # capacity the offered loads are fractions of
+        bursts = {}
+        for name, backend in FRONT_ENDS:
+            bursts[name] = real_bench(targets[backend], "burst", num_requests, prompt, output,
+                                      backend)
+            step += 1
+            bar.update(step)
+        capacity = bursts["zmq"]["requests_per_s"]
+        for i, (label, frac) in enumerate(LOADS):
+            # alternating which goes first keeps a drift in the machine off one side
+            for name, backend in FRONT_ENDS[::1 if i % 2 == 0 else -1]:
+                results[(label, name)] = real_bench(
+                    targets[backend], f"poisson:rate={frac * capacity:.6g}", num_requests,
+                    prompt, output, backend)
+                step += 1
+                bar.update(step)
+            together = real_bench_together(targets, f"poisson:rate={frac * capacity / 2:.6g}",
+                                           num_requests, prompt, output)
+            for name, terms in together.items():
+                results[(label, f"{name}_together")] = terms
+            step += 1
+            bar.update(step)
+    rows = []
+    for label, frac in LOADS:
+        row: dict[str, Any] = {
+            "setting": f"{model.name}, {devices} ({transport}), batch-ep", "load": label,
+            "offered_req_s": frac * capacity, "capacity_req_s": capacity,
+            "workload": f"prompt {prompt}, output {output}, {num_requests} requests"}
+        for suffix in ("", "_together"):
+            zmq, http = results[(label, "zmq" + suffix)], results[(label, "http" + suffix)]
+            row["zmq" + suffix], row["http" + suffix] = zmq, http
+            for metric in ("itl", "tpot"):
+                row[f"{metric}_overhead{suffix}_pct"] = (
+                    http[f"mean_{metric}_ms"] / zmq[f"mean_{metric}_ms"] - 1) * 100
         rows.append(row)
     return rows
 
@@ -279,17 +395,41 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def http_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'load':16s} {'req/s':>6s}  {'ttft zmq':>8s} {'ttft http':>9s}  "
+            f"{'tpot zmq':>8s} {'tpot http':>9s}  {'itl zmq':>8s} {'itl http':>8s}  "
+            f"{'p99 itl zmq':>11s} {'p99 itl http':>12s}  {'tpot +%':>7s} {'itl +%':>7s}")
+    lines = [f"{rows[0]['setting']}; {rows[0]['workload']}"]
+    for suffix, title in (("", "one after the other"),
+                          ("_together", "both at once, each at half the rate")):
+        lines += ["", title, head, "-" * len(head)]
+        for r in rows:
+            z, h = r["zmq" + suffix], r["http" + suffix]
+            lines.append(f"{r['load']:16s} {r['offered_req_s']:6.2f}  "
+                         f"{z['mean_ttft_ms']:8.1f} {h['mean_ttft_ms']:9.1f}  "
+                         f"{z['mean_tpot_ms']:8.1f} {h['mean_tpot_ms']:9.1f}  "
+                         f"{z['mean_itl_ms']:8.1f} {h['mean_itl_ms']:8.1f}  "
+                         f"{z['p99_itl_ms']:11.1f} {h['p99_itl_ms']:12.1f}  "
+                         f"{r[f'tpot_overhead{suffix}_pct']:+7.1f} "
+                         f"{r[f'itl_overhead{suffix}_pct']:+7.1f}")
+    lines.append("latencies: means in ms; +% = the latency HTTP/SSE adds per token over ZeroMQ "
+                 "(mean TPOT, mean ITL; goal <= 10 % on the demo checkpoint)")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sim", action="store_true", help="only the simulated settings")
     ap.add_argument("--real", action="store_true", help="only the real runs")
+    ap.add_argument("--http", action="store_true",
+                    help="only ZeroMQ against HTTP/SSE on one real server")
     ap.add_argument("--quick", action="store_true", help="fewer requests per run")
     ap.add_argument("--model", type=Path, help="checkpoint for the real runs (default: "
                     f"build {REAL_CHECKPOINT})")
     ap.add_argument("--devices", default="cpu:0,cpu:1")
     ap.add_argument("--json", dest="json_out", help="write every row as JSON here")
     args = ap.parse_args()
-    both = not args.sim and not args.real
+    both = not args.sim and not args.real and not args.http
     report: dict[str, Any] = {}
     if args.sim or both:
         settings = SIM_SETTINGS
@@ -307,6 +447,13 @@ def main() -> int:
         add_ratios(rows)
         report["real"] = rows
         print("# real: moeflow serve, 2 CPU actor processes\n" + table(rows), flush=True)
+    if args.http:
+        model = args.model or real_checkpoint()
+        n = 16 if args.quick else 48
+        rows = run_http(model, n, "uniform:16-128", "uniform:8-48", args.devices, "zmq")
+        report["http"] = rows
+        print("# real: ZeroMQ against HTTP/SSE, one moeflow serve\n" + http_table(rows),
+              flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
     return 0

@@ -8,14 +8,17 @@
                      --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
                      [--dtype fp8]      (hardware: a preset, any node size: h800x4)
     moeflow calibrate --out cpu.json
-    moeflow serve MODEL_DIR --bind tcp://127.0.0.1:5555 [--scheduler batch-ep] [--devices cpu:0]
+    moeflow serve MODEL_DIR [--bind tcp://127.0.0.1:5555] [--http 127.0.0.1:8000]
+                  [--scheduler batch-ep] [--devices cpu:0]
                   [--transport inproc|zmq] [--dtype auto] [--max-waiting 64]
                   [--max-prompt-tokens N] [--max-prompt-bytes N] [--max-new-tokens-limit 4096]
-                  [--metrics-port N]
+                  [--metrics-port N] [--api-key KEY] [--chat-template FILE]
+                  [--served-model-name NAME]
                   [--curve-secret-key FILE --curve-public-keys DIR]
-    moeflow bench --connect tcp://127.0.0.1:5555 --workload poisson:rate=R --num-requests N
+    moeflow bench (--connect tcp://127.0.0.1:5555 | --backend openai --base-url http://...)
+                  --workload poisson:rate=R --num-requests N
                   [--prompt-len uniform:16-64] [--output-len uniform:8-32] [--seed 0]
-                  [--json out.json] [--timeout 600]
+                  [--goodput ttft:MS tpot:MS] [--json out.json] [--timeout 600]
 
 Errors in what the user gave (a bad checkpoint, a bad flag value) print one line and exit 2.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -174,10 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true", help="fewer repetitions")
 
     serve = sub.add_parser("serve", help="serve the request protocol (docs/protocol.md) on "
-                                         "ZeroMQ")
+                                         "ZeroMQ, and/or the OpenAI API over HTTP "
+                                         "(docs/http.md)")
     serve.add_argument("model_dir")
-    serve.add_argument("--bind", default="tcp://127.0.0.1:5555",
-                       help="zmq endpoint; a non-loopback address needs CURVE")
+    serve.add_argument("--bind", default=None,
+                       help="zmq endpoint (default tcp://127.0.0.1:5555 unless --http is "
+                            "given alone); a non-loopback address needs CURVE")
+    serve.add_argument("--http", metavar="HOST:PORT", default=None,
+                       help="serve the OpenAI-compatible API here (port 0: any free port); "
+                            "a non-loopback host needs --api-key")
+    serve.add_argument("--api-key", default=None,
+                       help="the Bearer token HTTP clients must send (default: the "
+                            "MOEFLOW_API_KEY environment variable, if set)")
+    serve.add_argument("--chat-template", metavar="FILE", default=None,
+                       help="a Jinja2 chat template replacing the checkpoint's")
+    serve.add_argument("--served-model-name", default=None,
+                       help='the "model" HTTP clients name (default: MODEL_DIR as given)')
     _engine_arguments(serve)
     serve.add_argument("--max-waiting", type=_positive, default=64,
                        help="requests in progress beyond which new ones get `overloaded`")
@@ -196,7 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="drive a `moeflow serve` with a workload and report "
                                          "latency and throughput")
-    bench.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    bench.add_argument("--backend", default="zmq", choices=("zmq", "openai"),
+                       help="the server's ZeroMQ protocol (--connect) or its OpenAI-compatible "
+                            "HTTP front end (--base-url)")
+    bench.add_argument("--connect", default="tcp://127.0.0.1:5555", help="zmq: its address")
+    bench.add_argument("--base-url", default="http://127.0.0.1:8000",
+                       help="openai: the server's root URL (/health, /v1/completions)")
+    bench.add_argument("--api-key", default=None,
+                       help="openai: Bearer token (default: $OPENAI_API_KEY if set)")
+    bench.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS",
+                       help="SLOs for goodput, e.g. ttft:300 tpot:50 (e2e:MS too)")
     _workload_arguments(bench, num_requests=100, prompt_len="uniform:16-64",
                         output_len="uniform:8-32")
     bench.add_argument("--seed", type=int, default=0)
@@ -359,18 +384,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
              if args.curve_secret_key is not None else None)
     if curve is not None:
         curve.load()  # a bad key file fails here, before the model loads
-    config = ServerConfig(_engine_config(args, max_waiting=args.max_waiting), bind=args.bind,
+    bind = args.bind or (None if args.http else "tcp://127.0.0.1:5555")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOEFLOW_API_KEY")
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise ValueError(f"--chat-template {args.chat_template}: no such file")
+    config = ServerConfig(_engine_config(args, max_waiting=args.max_waiting), bind=bind,
                           max_prompt_tokens=args.max_prompt_tokens,
                           max_prompt_bytes=args.max_prompt_bytes,
                           max_new_tokens_limit=args.max_new_tokens_limit,
-                          metrics_port=args.metrics_port, curve=curve)
+                          metrics_port=args.metrics_port, curve=curve, http=args.http,
+                          api_key=api_key or None, chat_template=args.chat_template,
+                          served_model_name=args.served_model_name)
+    if args.http is not None:
+        from moeflow.serve.chat import ChatTemplate
+
+        ChatTemplate.load(args.model_dir, args.chat_template)  # a bad template fails now
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(server: RequestServer) -> None:
         extra = f", metrics {server.metrics_address}" if server.metrics_address else ""
         extra += ", CURVE" if curve is not None else ""
-        print(f"serving {args.model_dir} on {server.address} (scheduler {args.scheduler}, "
+        extra += ", API key" if api_key else ""
+        where = " and ".join(a for a in (server.address if bind else None,
+                                         server.http_address) if a)
+        print(f"serving {args.model_dir} on {where} (scheduler {args.scheduler}, "
               f"devices {args.devices}{extra})", flush=True)
 
     try:
@@ -383,19 +421,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from moeflow.progress import Progress
-    from moeflow.serve.bench import format_summary, run_bench
-    from moeflow.serve.client import ServerError
+    from moeflow.serve.bench import BenchError, format_summary, parse_slos, run_bench
 
+    slos = parse_slos(args.goodput)
+    address = args.base_url if args.backend == "openai" else args.connect
     bar = Progress(args.num_requests, "bench")
     try:
-        result = run_bench(args.connect, args.workload, args.num_requests, args.prompt_len,
-                           args.output_len, args.seed, timeout=args.timeout,
-                           progress=bar.update)
-    except TimeoutError as exc:
-        print(f"moeflow bench: error: {exc} (is `moeflow serve` running there?)",
-              file=sys.stderr)
-        return 1
-    except ServerError as exc:
+        result = run_bench(address, args.workload, args.num_requests, args.prompt_len,
+                           args.output_len, args.seed, backend=args.backend,
+                           timeout=args.timeout, progress=bar.update, slos=slos,
+                           api_key=args.api_key)
+    except BenchError as exc:
         print(f"moeflow bench: error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result["summary"]))

@@ -12,8 +12,11 @@
 
 Each client has one DEALER socket; replies are sorted by request id, so several requests
 can be in flight on one AsyncClient at once. Every wait for a reply has a timeout (seconds
-between replies). Leaving a generate early aborts it on the server. AsyncClient works
-with asyncio and uvloop; Client is plain blocking pyzmq, for one thread at a time.
+between replies). A generate given its own `timeout` also carries a deadline (now plus
+that timeout) when the server lists the "deadline" feature (asked once per client): the
+server then drops it, instead of starting it, once the caller has given up. Leaving a
+generate early aborts it on the server. AsyncClient works with asyncio and uvloop; Client
+is plain blocking pyzmq, for one thread at a time.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def _route(reply: dict[str, Any]) -> Key:
     if kind == p.ABORTED or (kind == p.ERROR and reply.get("code") == p.NOT_FOUND):
         return ("abort", rid)
     if kind == p.ERROR and rid is None:
+        if reply.get("code") == p.DUPLICATE_ID:
+            return ("duplicate_id",)  # nobody waits: generate refuses duplicates itself
         return ("health",)  # only health and metrics can fail without an id here
     return ("generate", rid)
 
@@ -93,6 +98,30 @@ def _generate_message(request_id: p.RequestId, prompt: str | None,
         if name in message:
             message[name] = list(message[name])
     return message
+
+
+def _unique(inbox: _Inbox, key: Key) -> None:
+    """Refuse here what the server would refuse with an error this client cannot route (it
+    carries no id: the request in progress goes on)."""
+    if key in inbox.waiters:
+        raise ServerError(p.DUPLICATE_ID, f"id {key[1]!r} is already in progress (refused by "
+                                          f"the client)", key[1])
+
+
+def _with_deadline(params: dict[str, Any], timeout: float | None,
+                   features: frozenset[str]) -> dict[str, Any]:
+    """`params` with a deadline `timeout` s from now, if the server takes one."""
+    if timeout is None or "deadline" in params or "deadline" not in features:
+        return params
+    return {**params, "deadline": time.time() + timeout}
+
+
+def _features(health: dict[str, Any]) -> frozenset[str]:
+    """The features a health reply lists (a server before protocol version 2 lists none)."""
+    features = health.get("features")
+    if not isinstance(features, list):
+        return frozenset()
+    return frozenset(f for f in features if isinstance(f, str))
 
 
 def _checked(reply: dict[str, Any], expected: str) -> dict[str, Any]:
@@ -134,14 +163,21 @@ class AsyncClient:
         self._inbox = _Inbox()
         self._recv_lock = asyncio.Lock()
         self._ids = itertools.count(1)
+        self._features: frozenset[str] | None = None  # the server's, once asked
 
     async def generate(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
                        *, id: p.RequestId | None = None, timeout: float | None = None,
                        **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Yield the token replies, then the final reply; ServerError on an error reply.
-        `params` are the generate fields (max_new_tokens, temperature, stream, ...)."""
+        `params` are the generate fields (max_new_tokens, temperature, stream, ...).
+        With `timeout`, the request carries a deadline that many seconds from now (if the
+        server takes one); an error deadline_exceeded when the server gets it too late."""
         request_id = next(self._ids) if id is None else id
         key: Key = ("generate", request_id)
+        if timeout is not None and self._features is None:
+            self._features = _features(await self.health(timeout=timeout))
+        params = _with_deadline(params, timeout, self._features or frozenset())
+        _unique(self._inbox, key)
         self._inbox.open(key)
         finished = False
         try:
@@ -234,13 +270,19 @@ class Client:
         self._socket.connect(address)
         self._inbox = _Inbox()
         self._ids = itertools.count(1)
+        self._features: frozenset[str] | None = None  # the server's, once asked
 
     def generate(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None, *,
                  id: p.RequestId | None = None, timeout: float | None = None,
                  **params: Any) -> Iterator[dict[str, Any]]:
-        """Yield the token replies, then the final reply; ServerError on an error reply."""
+        """Yield the token replies, then the final reply; ServerError on an error reply.
+        With `timeout`, a deadline as in AsyncClient.generate."""
         request_id = next(self._ids) if id is None else id
         key: Key = ("generate", request_id)
+        if timeout is not None and self._features is None:
+            self._features = _features(self.health(timeout=timeout))
+        params = _with_deadline(params, timeout, self._features or frozenset())
+        _unique(self._inbox, key)
         self._inbox.open(key)
         finished = False
         try:

@@ -244,7 +244,8 @@ class EngineThread(threading.Thread):
                                                    f"{type(exc).__name__}: {exc}")
                     text = ""
                 out.append((ev.request_id, TokenEvent(ev.request_id, len(req.output_ids) - 1,
-                                                      ev.token_id, text)))
+                                                      ev.token_id, text,
+                                                      ev.finished or req.finished)))
                 self.metrics.token()
             if ev.finished or req.finished:
                 final = self._finalize(ev.request_id)

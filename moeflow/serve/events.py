@@ -17,12 +17,14 @@ class EngineStopped(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """One generated token and the text it completes (possibly empty mid-character)."""
+    """One generated token and the text it completes (possibly empty mid-character).
+    `last`: the request ends with this token (its FinalEvent comes next, at once)."""
 
     request_id: int
     index: int
     token_id: int
     text: str
+    last: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,12 @@ REQ-style; the server echoes it on every reply to that request).
 `decode` checks the nesting depth of a frame's msgpack before decoding it; `parse_request`
 checks a decoded request strictly (unknown fields, wrong types, values out of range) and
 returns a frozen dataclass. Both raise only ProtocolError, carrying the error code and a
-message that names the offending field, whatever the input. Nothing here does I/O.
+message that names the offending field, whatever the input. Nothing here does I/O, and
+nothing reads the clock: `check_deadline` takes the time.
+
+Versions: the health reply carries PROTOCOL_VERSION and FEATURES. Replies may gain fields
+(clients ignore the ones they do not know); a client sends a newer request field only when
+the server lists its feature; PROTOCOL_VERSION changes only for an incompatible change.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from typing import Any, Union, cast
 import msgpack
 
 from moeflow.serve.msgpack_depth import nests_deeper
+
+PROTOCOL_VERSION = 2  # 1: before versioning (docs/protocol.md says what changed)
+# what this server takes beyond version 2's base: generate's "deadline"; an "id" on health
+# and metrics, echoed in their replies
+FEATURES = ("deadline", "query_id")
 
 # request types
 GENERATE = "generate"
@@ -44,9 +54,10 @@ PROMPT_TOO_LONG = "prompt_too_long"  # more prompt tokens (or text bytes) than t
 DUPLICATE_ID = "duplicate_id"        # the id is already in progress for this client
 OVERLOADED = "overloaded"            # the admission queue is full: retry later
 NOT_FOUND = "not_found"              # abort of an id that is not in progress
+DEADLINE_EXCEEDED = "deadline_exceeded"  # a generate's deadline passed before admission
 INTERNAL = "internal"                # the server failed; the request did not complete
 ERROR_CODES = (MALFORMED, UNKNOWN_TYPE, INVALID_REQUEST, PROMPT_TOO_LONG, DUPLICATE_ID,
-               OVERLOADED, NOT_FOUND, INTERNAL)
+               OVERLOADED, NOT_FOUND, DEADLINE_EXCEEDED, INTERNAL)
 
 DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_MAX_NEW_TOKENS_LIMIT = 4096
@@ -108,11 +119,12 @@ class Generate:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     stream: bool = True
+    deadline: float | None = None  # Unix time (s): not admitted after it
 
     def sampling(self) -> dict[str, Any]:
         """The SamplingParams fields of this request."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("id", "prompt", "prompt_ids", "stream")}
+                if f.name not in ("id", "prompt", "prompt_ids", "stream", "deadline")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +136,12 @@ class Abort:
 
 @dataclass(frozen=True, slots=True)
 class HealthQuery:
-    pass
+    id: RequestId | None = None  # echoed in the reply
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsQuery:
-    pass
+    id: RequestId | None = None  # echoed in the reply
 
 
 Request = Union[Generate, Abort, HealthQuery, MetricsQuery]
@@ -137,8 +149,8 @@ Request = Union[Generate, Abort, HealthQuery, MetricsQuery]
 _FIELDS: dict[str, frozenset[str]] = {
     GENERATE: frozenset({"type", *(f.name for f in fields(Generate))}),
     ABORT: frozenset({"type", "id"}),
-    HEALTH: frozenset({"type"}),
-    METRICS: frozenset({"type"}),
+    HEALTH: frozenset({"type", "id"}),
+    METRICS: frozenset({"type", "id"}),
 }
 
 
@@ -148,6 +160,8 @@ def decode(body: bytes) -> dict[str, Any]:
     check_depth(body)
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except TypeError as exc:  # an array or a map as a map key: Python cannot hash it
+        raise ProtocolError(MALFORMED, f"a map key is an array or a map ({exc})") from None
     except Exception as exc:  # msgpack raises several kinds for bad bytes
         raise ProtocolError(MALFORMED, f"the message is not valid msgpack ({exc})") from None
     if not isinstance(obj, dict):
@@ -200,10 +214,12 @@ def parse_request(obj: object, limits: Limits = Limits()) -> Request:
             name = key if len(key) <= MAX_ID_CHARS else _brief(key)
             raise ProtocolError(INVALID_REQUEST, f"{name}: unknown field for {kind} (allowed: "
                                                  f"{', '.join(sorted(_FIELDS[kind]))})", rid, key)
-    if kind == HEALTH:
-        return HealthQuery()
-    if kind == METRICS:
-        return MetricsQuery()
+    if kind in (HEALTH, METRICS):
+        if obj.get("id") is not None and rid is None:
+            raise ProtocolError(INVALID_REQUEST, f"id: expected a string of 1..{MAX_ID_CHARS} "
+                                                 f"characters, an integer or nil, got "
+                                                 f"{_show(obj['id'])}", None, "id")
+        return HealthQuery(rid) if kind == HEALTH else MetricsQuery(rid)
     if "id" not in obj:
         raise ProtocolError(INVALID_REQUEST, f"id: missing (every {kind} needs one)", None, "id")
     if rid is None:
@@ -256,7 +272,26 @@ def _generate(obj: dict[str, Any], rid: RequestId, limits: Limits) -> Generate:
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=check.boolean("ignore_eos", False),
-        stream=check.boolean("stream", True))
+        stream=check.boolean("stream", True),
+        deadline=check.number("deadline", None, low=0.0, nullable=True))
+
+
+def check_deadline(request: Generate, now: float) -> None:
+    """ProtocolError(deadline_exceeded) when `request`'s deadline is not after `now` (Unix
+    time, seconds)."""
+    if request.deadline is not None and request.deadline <= now:
+        raise ProtocolError(DEADLINE_EXCEEDED, f"deadline: {request.deadline:.3f} passed "
+                                               f"{now - request.deadline:.3f} s ago (server "
+                                               f"time {now:.3f})", request.id, "deadline")
+
+
+def detached(error: ProtocolError) -> ProtocolError:
+    """`error` for a message whose id is that of another request in progress: an error with
+    an id ends the request with that id, so this one carries nil and names the id."""
+    if error.request_id is None:
+        return error
+    return ProtocolError(error.code, f"id {error.request_id!r}: {error.message}", None,
+                         error.field)
 
 
 def check_prompt_length(num_tokens: int, limits: Limits, rid: RequestId | None) -> None:
@@ -314,15 +349,18 @@ class _Checker:
             raise self.fail(name, span + (" or nil" if nullable else ""))
         return value
 
-    def number(self, name: str, default: float, low: float, high: float | None = None,
-               low_open: bool = False) -> float:
+    def number(self, name: str, default: Any, low: float, high: float | None = None,
+               low_open: bool = False, nullable: bool = False) -> Any:
         if name not in self.obj:
             return default
         value = self.obj[name]
+        if value is None and nullable:
+            return None
         if low_open:
             span = f"a number in ({low:g}, {high:g}]"
         else:
             span = f"a number >= {low:g}" if high is None else f"a number in [{low:g}, {high:g}]"
+        span += " or nil" if nullable else ""
         if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
             raise self.fail(name, span)
         if value < low or (low_open and value == low) or (high is not None and value > high):
@@ -450,6 +488,9 @@ class Aborted:
 
 @dataclass(frozen=True, slots=True)
 class HealthReport:
+    """The server and its engine now; `protocol_version` and `features` say what requests it
+    takes (see the module docstring)."""
+
     status: str  # "ok"; "unresponsive" when the engine did not answer in time; "failed"
     model: str
     family: str
@@ -462,6 +503,9 @@ class HealthReport:
     waiting: int
     restarts: int = 0  # engine restarts after failures, in the last minute
     last_error: str | None = None  # the last failure of the engine, if any
+    protocol_version: int = PROTOCOL_VERSION
+    features: tuple[str, ...] = FEATURES
+    id: RequestId | None = None  # the health request's id, if it had one
 
     def wire(self) -> dict[str, Any]:
         return _wire(HEALTH, self)
@@ -472,9 +516,10 @@ class MetricsReport:
     """Metrics.snapshot() of the engine."""
 
     fields: dict[str, Any] = field(default_factory=dict)
+    id: RequestId | None = None  # the metrics request's id, if it had one
 
     def wire(self) -> dict[str, Any]:
-        return {**self.fields, "type": METRICS}
+        return {**self.fields, "type": METRICS, "id": self.id}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
-"""RequestServer: the request protocol (moeflow/serve/protocol.py) over a ZeroMQ ROUTER, in
-front of an AsyncEngine.
+"""RequestServer: the request protocol (moeflow/serve/protocol.py) over a ZeroMQ ROUTER,
+and the OpenAI-compatible HTTP API (moeflow/serve/http.py), either or both, in front of one
+AsyncEngine.
 
 One asyncio.TaskGroup owns everything that runs: the receive loop, one task per generate
 (admit, stream its events back, send its final), one per health query, and one per
@@ -33,6 +34,7 @@ from moeflow.serve import protocol as p
 from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, Event, FinalEvent,
                                         OverloadedError, TokenEvent)
 from moeflow.serve.config import EngineConfig
+from moeflow.serve.http import OpenAIFrontEnd
 from moeflow.serve.security import CurveConfig, check_bind, secure
 
 log = logging.getLogger("moeflow.server")
@@ -56,16 +58,30 @@ class ServerConfig:
     token limit as well, and is refused without tokenizing it."""
 
     engine: EngineConfig
-    bind: str = "tcp://127.0.0.1:5555"
+    bind: str | None = "tcp://127.0.0.1:5555"  # None: HTTP only
     max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings - 1
     max_prompt_bytes: int | None = None  # None: 16 per prompt token, at most 8 MiB
     max_new_tokens_limit: int = p.DEFAULT_MAX_NEW_TOKENS_LIMIT
     metrics_port: int | None = None
     curve: CurveConfig | None = None
     send_timeout_s: float = 30.0  # a client that takes no reply for this long is gone
+    http: str | None = None  # HOST:PORT of the OpenAI-compatible front end (moeflow.serve.http)
+    api_key: str | None = None  # required by HTTP calls when set; needed off loopback
+    chat_template: str | None = None  # a file overriding the checkpoint's chat template
+    served_model_name: str | None = None  # the HTTP "model"; default: engine.model as given
 
     def __post_init__(self) -> None:
-        check_bind(self.bind, curve=self.curve is not None)
+        if self.bind is None and self.http is None:
+            raise ValueError("nothing to serve: give a ZeroMQ bind address, an HTTP address, "
+                             "or both")
+        if self.bind is not None:
+            check_bind(self.bind, curve=self.curve is not None)
+        if self.http is not None:
+            from moeflow.serve.http import check_http_bind
+
+            check_http_bind(self.http, self.api_key)
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("the API key must not be empty")
         if self.max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got "
                              f"{self.max_new_tokens_limit}")
@@ -117,6 +133,9 @@ class RequestServer:
         self.limits = p.Limits(config.max_new_tokens_limit)
         self.address = config.bind  # the bound endpoint once serving (a "*" port resolved)
         self.metrics_address: str | None = None
+        self.http: OpenAIFrontEnd | None = None
+        self.http_address: str | None = None  # http://HOST:PORT once serving
+        self.started = time.time()
         self.jobs: dict[tuple[bytes, p.RequestId], _Job] = {}
         self._stopping = asyncio.Event()
         self.failure: str | None = None  # why the engine gave up, if it did
@@ -137,31 +156,35 @@ class RequestServer:
         try:
             async with self.engine:
                 self._set_limits()
-                self._socket = socket = context.socket(zmq.ROUTER)
-                socket.linger = 0
-                socket.router_mandatory = 1  # a reply to a client that left raises
-                socket.sndhwm = 100_000
-                socket.maxmsgsize = MAX_MESSAGE_BYTES
-                if self.config.curve is not None:
-                    auth = secure(socket, context, self.config.curve)
-                try:
-                    socket.bind(self.config.bind)
-                except zmq.ZMQError as exc:
-                    raise ValueError(f"cannot bind {self.config.bind}: {exc}") from None
-                self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
-                http = await self._start_http()  # before the group: a busy port fails plainly
+                if self.config.bind is not None:
+                    auth = self._bind(context, self.config.bind)
+                if self.config.http is not None:  # bound before the group: a busy port
+                    self.http = OpenAIFrontEnd(  # fails plainly
+                        self, self.config.http, api_key=self.config.api_key,
+                        chat_template=self.config.chat_template,
+                        served_model_name=self.config.served_model_name)
+                    self.http.start()
+                    self.http_address = self.http.address
+                http = await self._start_http()
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
-                    receiver = tasks.create_task(self._receive())
+                    receiver = (tasks.create_task(self._receive())
+                                if self._socket is not None else None)
                     watcher = tasks.create_task(self._watch_engine())
+                    if self.http is not None:
+                        tasks.create_task(self.http.run())
                     if ready is not None and not self._stopping.is_set():
                         ready(self)
                     await self._stopping.wait()
-                    log.info("shutting down: %d requests in progress", len(self.jobs))
-                    receiver.cancel()
+                    log.info("shutting down: %d requests in progress",
+                             len(self.jobs) + (len(self.http.calls) if self.http else 0))
+                    if receiver is not None:
+                        receiver.cancel()
                     watcher.cancel()
                     if http is not None:
                         http.close()
+                    if self.http is not None:
+                        self.http.shutdown()
                     for job in list(self.jobs.values()):
                         job.abort_reason = job.abort_reason or "shutdown"
                         if job.task is not None:
@@ -169,6 +192,8 @@ class RequestServer:
         finally:
             if http is not None:
                 http.close()
+            if self.http is not None:
+                self.http.close()
             if self._socket is not None:
                 self._socket.close(linger=0)
             if auth is not None:
@@ -178,6 +203,23 @@ class RequestServer:
                 loop.remove_signal_handler(sig)
         if self.failure is not None:
             raise EngineFailed(self.failure)
+
+    def _bind(self, context: zmq.asyncio.Context, address: str) -> Any:
+        """The ROUTER socket on `address`; returns the CURVE authenticator, if any."""
+        self._socket = socket = context.socket(zmq.ROUTER)
+        socket.linger = 0
+        socket.router_mandatory = 1  # a reply to a client that left raises
+        socket.sndhwm = 100_000
+        socket.maxmsgsize = MAX_MESSAGE_BYTES
+        auth = None
+        if self.config.curve is not None:
+            auth = secure(socket, context, self.config.curve)
+        try:
+            socket.bind(address)
+        except zmq.ZMQError as exc:
+            raise ValueError(f"cannot bind {address}: {exc}") from None
+        self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        return auth
 
     async def _watch_engine(self) -> None:
         """An engine that gave up (it failed again and again, or could not restart) stops
@@ -219,9 +261,13 @@ class RequestServer:
                 await self._dispatch(client, envelope, request)
             except p.ProtocolError as exc:
                 log.info("client %s: %s: %s", client.hex(), exc.code, exc.message)
+                if (client, exc.request_id) in self.jobs:  # that request goes on
+                    exc = p.detached(exc)
+                self.engine.metrics.rejected(exc.code)
                 await self._send(client, envelope, p.ErrorReply.of(exc), REPLY_TIMEOUT_S)
             except Exception as exc:  # a bug must not take the server down
                 log.exception("client %s: failed to handle a message", client.hex())
+                self.engine.metrics.rejected(p.INTERNAL)
                 await self._send(client, envelope, p.ErrorReply(None, p.INTERNAL, str(exc)),
                                  REPLY_TIMEOUT_S)
 
@@ -232,9 +278,10 @@ class RequestServer:
         assert self._tasks is not None
         if isinstance(request, p.Generate):
             job = _Job(client, envelope, request)
-            if job.key in self.jobs:
+            if job.key in self.jobs:  # nil id: the error does not end the request in progress
                 raise p.ProtocolError(p.DUPLICATE_ID, f"id {request.id!r} is already in "
-                                                      f"progress", request.id, "id")
+                                                      f"progress", None, "id")
+            p.check_deadline(request, time.time())  # sent long ago (queued while we were down)
             self.jobs[job.key] = job
             job.task = self._tasks.create_task(self._generate(job))
         elif isinstance(request, p.Abort):
@@ -247,9 +294,10 @@ class RequestServer:
                 target.task.cancel()
             # not admitted yet: its task sees abort_reason once the engine answers
         elif isinstance(request, p.HealthQuery):
-            self._tasks.create_task(self._health(client, envelope))
+            self._tasks.create_task(self._health(client, envelope, request.id))
         else:
-            await self._send(client, envelope, p.MetricsReport(self.engine.metrics.snapshot()),
+            await self._send(client, envelope,
+                             p.MetricsReport(self.engine.metrics.snapshot(), request.id),
                              REPLY_TIMEOUT_S)
 
     # -- one generate --------------------------------------------------------------
@@ -259,6 +307,7 @@ class RequestServer:
         terminal: p.Final | p.ErrorReply | None
         try:
             prompt_ids = await self._prompt_ids(request)
+            p.check_deadline(request, time.time())  # again: tokenizing takes a while
             engine_id = await self.engine.add(prompt_ids,
                                               SamplingParams(**request.sampling()))
         except p.ProtocolError as exc:
@@ -287,6 +336,8 @@ class RequestServer:
                 terminal = None
             except EngineStopped as exc:
                 terminal = p.ErrorReply(request.id, p.INTERNAL, str(exc))
+        if isinstance(terminal, p.ErrorReply):
+            self.engine.metrics.rejected(terminal.code)
         await self._finish(job, terminal)
 
     async def _prompt_ids(self, request: p.Generate) -> list[int]:
@@ -364,7 +415,13 @@ class RequestServer:
 
     # -- health, sending -----------------------------------------------------------
 
-    async def _health(self, client: bytes, envelope: list[bytes]) -> None:
+    async def _health(self, client: bytes, envelope: list[bytes],
+                      request_id: p.RequestId | None = None) -> None:
+        report = await self.health_report(request_id)
+        await self._send(client, envelope, report, self.config.send_timeout_s)
+
+    async def health_report(self, request_id: p.RequestId | None = None) -> p.HealthReport:
+        """The engine's state, asked of the engine thread (answered between steps)."""
         status = "ok"
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
@@ -382,8 +439,8 @@ class RequestServer:
                                 _scheduler_name(config.engine.scheduler),
                                 tuple(config.engine.devices), config.engine.transport, running,
                                 waiting, engine["restarts"],
-                                engine["last_error"])
-        await self._send(client, envelope, report, config.send_timeout_s)
+                                engine["last_error"], id=request_id)
+        return report
 
     async def _send(self, client: bytes, envelope: list[bytes], reply: p.Reply,
                     timeout: float) -> bool:

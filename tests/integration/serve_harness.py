@@ -20,10 +20,12 @@ STARTUP_S = 120.0
 class Server:
     """A `moeflow serve` subprocess; stop() sends SIGTERM and expects a clean exit."""
 
-    def __init__(self, model: Path, log: Path, *args: str, bind: str = "tcp://127.0.0.1:*"):
+    def __init__(self, model: Path, log: Path, *args: str,
+                 bind: str | None = "tcp://127.0.0.1:*"):
         self.log = log
+        where = ["--bind", bind] if bind is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moeflow", "serve", str(model), "--bind", bind, *args],
+            [sys.executable, "-m", "moeflow", "serve", str(model), *where, *args],
             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], STARTUP_S)
@@ -33,6 +35,9 @@ class Server:
             raise AssertionError(f"the server did not start: {line!r}\n{log.read_text()}")
         self.ready_line = line.strip()
         self.address = line.split(" on ", 1)[1].split(" ", 1)[0]
+        # with --http: the OpenAI-compatible front end's base URL
+        self.http_url = next((w.rstrip(",)") for w in line.split() if w.startswith("http://")
+                              and "/metrics" not in w), None)
         self.metrics_url = (line.split("metrics ", 1)[1].split(",")[0].rstrip(")\n")
                             if "metrics http" in line else None)
 

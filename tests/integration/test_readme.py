@@ -78,10 +78,13 @@ def test_the_actor_simulate_and_plan_examples_run(path, tmp_path):
 
 def test_the_serve_and_bench_example_runs(path, tmp_path):
     [block] = [b for b in blocks("sh") if "moeflow serve" in b]
-    serve, bench = sh_lines(block)
-    port = _free_port()
+    serve, *benches = sh_lines(block)
+    assert len(benches) == 2 and "--backend openai" in benches[1]
+    port, http = _free_port(), _free_port()
     serve = serve.replace("/tmp/tiny", str(path)).replace("5555", str(port))
-    bench = bench.replace("5555", str(port)).replace("bench.json", str(tmp_path / "bench.json"))
+    serve = serve.replace("8000", str(http))
+    benches = [b.replace("5555", str(port)).replace("8000", str(http)).replace(
+        "bench.json", str(tmp_path / "bench.json")) for b in benches]
     serve = serve.replace("--metrics-port 9100", f"--metrics-port {_free_port()}")
     argv = shlex.split(serve)
     server = subprocess.Popen([sys.executable, "-m", "moeflow.cli", *argv[1:]],
@@ -89,8 +92,10 @@ def test_the_serve_and_bench_example_runs(path, tmp_path):
                               stdin=subprocess.DEVNULL, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().startswith("serving")
-        run = moeflow(bench, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
+        for bench in benches:
+            run = moeflow(bench, timeout=300)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert "0 errors" in run.stdout, run.stdout
         assert (tmp_path / "bench.json").stat().st_size > 0
     finally:
         server.send_signal(signal.SIGINT)

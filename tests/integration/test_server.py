@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +151,17 @@ def test_each_bad_request_gets_its_error_and_the_server_goes_on(client):
         ({**gen, "stop": [""]}, "invalid_request", 1, "stop"),
         ({"type": "generate", "id": 1, "prompt": ""}, "invalid_request", 1, "empty"),
         ({"type": "abort", "id": "nobody"}, "not_found", "nobody", "nobody"),
+        # msgpack bin where a string belongs, and map keys that are not strings
+        ({"type": "generate", "id": 1, "prompt": b"hi"}, "invalid_request", 1,
+         "prompt: expected a string, got binary"),
+        ({"type": "generate", "id": b"x", "prompt": "hi"}, "invalid_request", None, "id:"),
+        ({"type": b"health"}, "unknown_type", None, "b'health'"),
+        ({**gen, 5: 1}, "invalid_request", 1, "field names must be strings, got an integer"),
+        ({**gen, b"k": 1}, "invalid_request", 1, "field names must be strings, got binary"),
+        ([b"\x82\xa4type\xa6health\x91\x01\x01"], "malformed", None, "map key"),
+        # health and metrics take an id and echo it, in errors too
+        ({"type": "health", "id": "h", "verbose": True}, "invalid_request", "h", "verbose"),
+        ({"type": "metrics", "id": True}, "invalid_request", None, "id:"),
     ]
     for request, code, rid, text in cases:
         frames = request if isinstance(request, list) else [msgpack.packb(request)]
@@ -157,16 +169,26 @@ def test_each_bad_request_gets_its_error_and_the_server_goes_on(client):
         assert (reply["code"], reply["id"]) == (code, rid), (request, reply)
         assert text in reply["message"], (request, reply)
 
-    # duplicate id: a second generate while the first is in progress
-    client.send({"type": "generate", "id": "dup", "prompt_ids": [1], "max_new_tokens": 2000,
+    # duplicate id: a second generate while the first is in progress gets an error with a
+    # nil id (an error with an id ends that request), and the first one goes on to its end;
+    # so does an invalid generate that reuses the id
+    client.send({"type": "generate", "id": "dup", "prompt_ids": [1], "max_new_tokens": 200,
                  "ignore_eos": True})
-    assert client.next_for("dup")["type"] == "token"
+    first = client.next_for("dup")
+    assert first["type"] == "token"
     client.send({"type": "generate", "id": "dup", "prompt_ids": [1]})
-    dup = client.next_for("dup", ("error",))  # among the first one's tokens
-    assert (dup["type"], dup["code"]) == ("error", "duplicate_id")
-    client.send({"type": "abort", "id": "dup"})
-    assert client.next_for("dup", ("final",))["finish_reason"] == "abort"
-    assert client.next_for("dup", ("aborted",))
+    dup = client.next_for(None, ("error",))  # among the first one's tokens
+    assert (dup["code"], dup["id"]) == ("duplicate_id", None)
+    assert "'dup'" in dup["message"]
+    client.send({"type": "generate", "id": "dup", "prompt_ids": [1], "top_k": -1})
+    bad = client.next_for(None, ("error",))
+    assert (bad["code"], bad["id"]) == ("invalid_request", None)
+    assert bad["message"].startswith("id 'dup': top_k:")
+    replies = [first]
+    while replies[-1]["type"] == "token":
+        replies.append(client.next_for("dup"))
+    assert [r["type"] for r in replies] == ["token"] * 200 + ["final"]
+    assert replies[-1]["finish_reason"] == "length"
 
     # still healthy, still serving
     assert wait_idle(client)["status"] == "ok"
@@ -267,10 +289,15 @@ def test_prometheus_endpoint(server, client):
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
-    assert 'moeflow_requests_total{status="length"}' in text
+    assert 'moeflow:request_success_total{finished_reason="length"}' in text
     generated = [line for line in text.splitlines()
-                 if line.startswith("moeflow_generated_tokens_total ")]
+                 if line.startswith("moeflow:generation_tokens_total ")]
     assert generated and int(generated[0].split()[1]) >= 3
+    for name in ("moeflow:num_requests_running", "moeflow:num_requests_waiting",
+                 "moeflow:prompt_tokens_total", "moeflow:time_to_first_token_seconds_bucket",
+                 "moeflow:request_time_per_output_token_seconds_sum",
+                 "moeflow:e2e_request_latency_seconds_count"):
+        assert f"\n{name}" in text, name
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(server.metrics_url.replace("/metrics", "/nope"), timeout=10)
     assert info.value.code == 404
@@ -360,6 +387,130 @@ def test_bench_against_the_server(server, tmp_path):
                and r["ttft_ms"] is not None for r in result["records"])
     assert result["summary"]["output_tokens"] == sum(r["completion_tokens"]
                                                      for r in result["records"])
+
+
+@pytest.mark.timeout(60)
+def test_health_names_the_protocol_version_and_features_and_queries_echo_an_id(client):
+    health = client.ask({"type": "health"})
+    assert (health["protocol_version"], health["id"]) == (2, None)
+    assert {"deadline", "query_id"} <= set(health["features"])
+    assert client.ask({"type": "health", "id": "h1"})["id"] == "h1"
+    metrics = client.ask({"type": "metrics", "id": 77})
+    assert (metrics["type"], metrics["id"]) == ("metrics", 77)
+
+
+def _metrics(client: RawClient) -> dict[str, Any]:
+    return client.ask({"type": "metrics", "id": "m"})
+
+
+@pytest.mark.timeout(60)
+def test_a_generate_past_its_deadline_is_dropped_and_counted(client):
+    before = _metrics(client)["rejected"].get("deadline_exceeded", 0)
+    [late] = client.generate("late", prompt_ids=[1, 2], deadline=time.time() - 1)
+    assert (late["type"], late["code"], late["id"]) == ("error", "deadline_exceeded", "late")
+    assert late["message"].startswith("deadline: ")
+    replies = client.generate("in-time", prompt_ids=[1, 2], max_new_tokens=2,
+                              deadline=time.time() + 60)
+    assert replies[-1]["finish_reason"] == "length"
+    assert _metrics(client)["rejected"]["deadline_exceeded"] == before + 1
+
+
+@pytest.mark.timeout(60)
+def test_rejected_requests_are_counted_in_metrics_and_prometheus(server, client):
+    before = _metrics(client)["rejected"]
+    assert client.ask({"type": "abort", "id": "nobody"})["code"] == "not_found"
+    client.socket.send(b"\xc1")
+    assert client.recv()["code"] == "malformed"
+    assert client.ask({"type": "generate", "id": 3, "prompt_ids": [1], "top_p": 0}
+                      )["code"] == "invalid_request"
+    rejected = _metrics(client)["rejected"]
+    for code in ("not_found", "malformed", "invalid_request"):
+        assert rejected[code] == before.get(code, 0) + 1, code
+    assert server.metrics_url is not None
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for code in ("not_found", "malformed", "invalid_request"):
+        assert f'moeflow:request_rejected_total{{code="{code}"}} {rejected[code]}' in text
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_string_that_ends_inside_a_token(client):
+    """docs/protocol.md: the token that completes a stop string is sent whole; the final's
+    text ends just before the stop string, dropping the rest of that token's text."""
+    prompt = {"prompt": "Once upon a time", "max_new_tokens": 24, "ignore_eos": True}
+    texts = [r["text"] for r in client.generate("free", **prompt)[:-1]]
+    full, starts = "".join(texts), [sum(map(len, texts[:k])) for k in range(len(texts))]
+    # a stop string from the last character of one token into the middle of the next
+    cases = [(k, full[starts[k] - 1:starts[k] + 2]) for k in range(1, len(texts))
+             if len(texts[k]) >= 3 and texts[k - 1]]
+    cases = [(k, stop) for k, stop in cases
+             if full.find(stop) == starts[k] - 1 and "\ufffd" not in stop]
+    if not cases:
+        pytest.skip(f"no token of this model's output fits: {texts!r}")
+    k, stop = cases[0]
+    replies = client.generate("stopped", **prompt, stop=[stop])
+    tokens, final = replies[:-1], replies[-1]
+    assert final["finish_reason"] == "stop" and len(final["token_ids"]) == k + 1
+    assert [r["text"] for r in tokens] == texts[:k + 1]  # the last one whole
+    assert final["text"] == full[:starts[k] - 1]  # the stop and the rest of its token: gone
+
+
+@pytest.mark.timeout(120)
+def test_the_python_clients_send_a_deadline_with_a_timeout(server, monkeypatch):
+    import moeflow
+    from moeflow.serve import client as client_module
+    from moeflow.serve.client import ServerError
+
+    with moeflow.Client(server.address, timeout=30) as c:
+        replies = list(c.generate(prompt_ids=[1, 2], max_new_tokens=2, timeout=30))
+        assert replies[-1]["finish_reason"] == "length"
+        assert "deadline" in c._features  # asked once, from health
+        with monkeypatch.context() as patch:  # a clock in 1970: the deadline is long past
+            patch.setattr(client_module.time, "time", lambda: 1e6)
+            with pytest.raises(ServerError) as info:
+                list(c.generate(prompt_ids=[1, 2], max_new_tokens=2, timeout=30))
+        assert info.value.code == "deadline_exceeded"
+        # without a timeout of its own, a generate carries no deadline, as before
+        with monkeypatch.context() as patch:
+            patch.setattr(client_module.time, "time", lambda: 1e6)
+            assert list(c.generate(prompt_ids=[1], max_new_tokens=1))[-1]["type"] == "final"
+
+    async def duplicate() -> None:
+        async with moeflow.AsyncClient(server.address, timeout=30) as ac:
+            long = ac.generate(prompt_ids=[1], id="x", max_new_tokens=2000, ignore_eos=True)
+            assert (await anext(long))["type"] == "token"
+            with pytest.raises(ServerError) as info:
+                await anext(ac.generate(prompt_ids=[1], id="x"))
+            assert info.value.code == "duplicate_id"
+            await long.aclose()  # aborts it on the server
+
+    asyncio.run(duplicate())
+
+
+@pytest.mark.timeout(240)
+def test_a_request_queued_while_the_server_was_down_is_dropped_past_its_deadline(model,
+                                                                                tmp_path):
+    """A DEALER queues what it sends before a server is up, and delivers it to whichever
+    server starts there later; the deadline lets that server drop what is stale."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    client = RawClient(address)
+    srv = None
+    try:
+        client.send({"type": "generate", "id": "stale", "prompt_ids": [1, 2],
+                     "deadline": time.time() + 0.5})
+        client.send({"type": "generate", "id": "fresh", "prompt_ids": [1, 2],
+                     "max_new_tokens": 2, "deadline": time.time() + 600})
+        time.sleep(1.0)
+        srv = Server(model, tmp_path / "server.log", bind=address)
+        stale = client.next_for("stale", timeout=60)
+        assert (stale["type"], stale["code"]) == ("error", "deadline_exceeded")
+        assert client.next_for("fresh", ("final",), timeout=60)["finish_reason"] == "length"
+    finally:
+        client.close()
+        if srv is not None:
+            assert srv.stop() == 0
 
 
 def nested(depth: int) -> Any:

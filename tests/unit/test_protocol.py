@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moeflow.serve import protocol as p
+from moeflow.serve.metrics import Metrics, Rate
 
 LIMITS = p.Limits(max_new_tokens=100, max_prompt_tokens=8, vocab_size=512, max_prompt_bytes=64)
 pytestmark = pytest.mark.timeout(30)
@@ -38,19 +39,27 @@ def test_a_full_generate_keeps_every_field():
     req = p.parse_request({"type": "generate", "id": "req-1", "prompt": "hello",
                            "max_new_tokens": 100, "temperature": 1, "top_p": 0.5, "top_k": 4,
                            "seed": 2 ** 64 - 1, "stop": ["\n"], "stop_token_ids": [9],
-                           "ignore_eos": True, "stream": False}, LIMITS)
+                           "ignore_eos": True, "stream": False, "deadline": 1.5e9}, LIMITS)
     assert isinstance(req, p.Generate)
     assert req.sampling() == {"max_new_tokens": 100, "temperature": 1.0, "top_p": 0.5,
                               "top_k": 4, "seed": 2 ** 64 - 1, "stop": ("\n",),
                               "stop_token_ids": (9,), "ignore_eos": True}
     assert (req.id, req.prompt, req.prompt_ids, req.stream) == ("req-1", "hello", None, False)
-    assert isinstance(req.temperature, float)
+    assert isinstance(req.temperature, float) and req.deadline == 1.5e9
 
 
 def test_other_requests():
     assert p.parse_request({"type": "abort", "id": "x"}) == p.Abort("x")
     assert p.parse_request({"type": "health"}) == p.HealthQuery()
     assert p.parse_request({"type": "metrics"}) == p.MetricsQuery()
+    # an optional id, echoed in the reply; nil is no id
+    assert p.parse_request({"type": "health", "id": "h"}) == p.HealthQuery("h")
+    assert p.parse_request({"type": "metrics", "id": 3}) == p.MetricsQuery(3)
+    assert p.parse_request({"type": "health", "id": None}) == p.HealthQuery()
+    for bad in (True, "", 1.5, b"h", [1]):
+        for kind in ("health", "metrics"):
+            err = refused({"type": kind, "id": bad})
+            assert (err.code, err.field, err.request_id) == (p.INVALID_REQUEST, "id", None)
     assert p.parse_request({"type": "generate", "id": 0, "seed": None,
                             "prompt": "x"}).seed is None  # type: ignore[union-attr]
 
@@ -82,6 +91,10 @@ def test_other_requests():
     ({"prompt_ids": [512]}, "prompt_ids"),                # outside the vocabulary
     ({"prompt_ids": "1,2"}, "prompt_ids"),
     ({"prompt": "hi"}, "prompt"),                         # both prompt and prompt_ids
+    ({"deadline": -1}, "deadline"),
+    ({"deadline": "soon"}, "deadline"),
+    ({"deadline": float("inf")}, "deadline"),
+    ({"deadline": True}, "deadline"),
     ({"colour": "red"}, "colour"),                        # unknown field
 ])
 def test_bad_generate_fields_are_invalid_requests_naming_the_field(fields, name):
@@ -115,7 +128,7 @@ def test_a_bad_id(bad_id):
 
 
 def test_unknown_fields_on_every_type():
-    for obj in ({"type": "health", "verbose": True}, {"type": "metrics", "id": 1},
+    for obj in ({"type": "health", "verbose": True}, {"type": "metrics", "since": 1},
                 {"type": "abort", "id": 3, "reason": "bored"}):
         err = refused(obj)
         assert err.code == p.INVALID_REQUEST and err.field is not None
@@ -229,7 +242,7 @@ def test_the_depth_scan_agrees_with_decoding(value, max_depth):
 
 FIELD_NAMES = sorted({"type", "id", "prompt", "prompt_ids", "max_new_tokens", "temperature",
                       "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-                      "stream", "colour"})
+                      "stream", "deadline", "colour"})
 TYPES = st.sampled_from(["generate", "abort", "health", "metrics"]) | msgpack_values
 
 
@@ -271,10 +284,17 @@ def test_replies_on_the_wire():
     assert p.Aborted(1).wire() == {"type": "aborted", "id": 1}
     err = p.ErrorReply.of(p.ProtocolError(p.OVERLOADED, "full", 4))
     assert err.wire() == {"type": "error", "id": 4, "code": "overloaded", "message": "full"}
-    assert p.MetricsReport({"running": 0}).wire() == {"type": "metrics", "running": 0}
+    assert p.MetricsReport({"running": 0}).wire() == {"type": "metrics", "id": None,
+                                                      "running": 0}
+    assert p.MetricsReport({}, "m").wire() == {"type": "metrics", "id": "m"}
+    health = p.HealthReport("ok", "tiny", "qwen3_moe", 512, 2048, "batch-ep", ("cpu:0",),
+                            "inproc", 0, 0, id="h").wire()
+    assert (health["protocol_version"], health["features"], health["id"]) == (
+        2, ("deadline", "query_id"), "h")
+    assert p.decode(p.encode(health))["features"] == ["deadline", "query_id"]
     assert set(p.ERROR_CODES) == {"malformed", "unknown_type", "invalid_request",
                                   "prompt_too_long", "duplicate_id", "overloaded", "not_found",
-                                  "internal"}
+                                  "deadline_exceeded", "internal"}
 
 
 def test_stops_are_bounded():
@@ -285,3 +305,135 @@ def test_stops_are_bounded():
         with pytest.raises(p.ProtocolError) as err:
             p.parse_request({**base, **fields})
         assert (err.value.code, err.value.field) == (p.INVALID_REQUEST, name)
+
+
+def test_a_deadline_is_checked_against_the_time_given():
+    req = p.parse_request(gen(deadline=1000), LIMITS)
+    assert isinstance(req, p.Generate) and req.deadline == 1000.0
+    assert "deadline" not in req.sampling()
+    assert p.parse_request(gen(deadline=None), LIMITS).deadline is None  # type: ignore[union-attr]
+    p.check_deadline(req, 999.5)
+    p.check_deadline(p.Generate(1, prompt="x"), 1e12)  # no deadline: never late
+    for now in (1000.0, 1011.25):
+        with pytest.raises(p.ProtocolError) as info:
+            p.check_deadline(req, now)
+        err = info.value
+        assert (err.code, err.request_id, err.field) == (p.DEADLINE_EXCEEDED, 7, "deadline")
+        assert err.message.startswith("deadline: 1000.000 passed")
+    assert "11.250 s ago" in err.message
+
+
+def test_an_error_detached_from_its_id_names_it():
+    err = p.detached(p.ProtocolError(p.INVALID_REQUEST, "top_k: expected ...", "a", "top_k"))
+    assert (err.code, err.request_id, err.field) == (p.INVALID_REQUEST, None, "top_k")
+    assert err.message == "id 'a': top_k: expected ..."
+    assert p.ErrorReply.of(err).wire()["id"] is None
+    plain = p.ProtocolError(p.MALFORMED, "not msgpack")
+    assert p.detached(plain) is plain
+
+
+def test_bin_values_and_keys_that_are_not_strings():
+    """What docs/protocol.md says a msgpack bin or a non-string map key gets."""
+    def code_of(message: object) -> tuple[str, object, str]:
+        with pytest.raises(p.ProtocolError) as info:
+            p.parse_request(p.decode(msgpack.packb(message, use_bin_type=True)), LIMITS)
+        return info.value.code, info.value.request_id, info.value.message
+
+    # bin where a string belongs: refused like any other wrong type, naming the field
+    assert code_of(gen(prompt_ids=None, prompt=b"hi"))[0] == p.INVALID_REQUEST
+    code, rid, message = code_of({"type": "generate", "id": 7, "prompt": b"hi"})
+    assert (code, rid) == (p.INVALID_REQUEST, 7) and message.startswith(
+        "prompt: expected a string, got binary b'hi'")
+    assert code_of(gen(stop=[b"x"]))[:2] == (p.INVALID_REQUEST, 7)
+    code, rid, message = code_of({"type": "generate", "id": b"x", "prompt": "hi"})
+    assert (code, rid) == (p.INVALID_REQUEST, None) and message.startswith("id:")
+    assert code_of({"type": b"health"})[0] == p.UNKNOWN_TYPE
+    # keys that are not strings: an integer, nil, bin, a float or a bool key is an
+    # invalid_request (after "type" is checked); a bin "type" key is no type at all
+    for key in (1, None, b"type", 1.5, True):
+        code, rid, message = code_of({"type": "generate", "id": 7, "prompt": "x", key: 1})
+        assert (code, rid) == (p.INVALID_REQUEST, 7), key
+        assert message.startswith("field names must be strings, got ")
+    assert code_of({b"type": "health"})[0] == p.UNKNOWN_TYPE
+    # an array or a map as a key cannot be decoded (Python cannot hash it): malformed
+    for body in (b"\x81\x91\x01\x01", b"\x81\x81\x01\x01\x01"):
+        with pytest.raises(p.ProtocolError) as info:
+            p.decode(body)
+        assert info.value.code == p.MALFORMED and "map key" in info.value.message
+    # a str that is not UTF-8 cannot be decoded either
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode(b"\x81\xa4type\xa2\xff\xfe")
+    assert info.value.code == p.MALFORMED
+
+
+# -- the metrics reply ---------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rejected_requests_are_counted_by_code():
+    metrics = Metrics(FakeClock())
+    for code in ("overloaded", "deadline_exceeded", "overloaded"):
+        metrics.rejected(code)
+    assert metrics.snapshot()["rejected"] == {"overloaded": 2, "deadline_exceeded": 1}
+    text = metrics.prometheus()
+    assert "# TYPE moeflow:request_rejected_total counter" in text
+    assert 'moeflow:request_rejected_total{code="overloaded"} 2' in text
+    assert 'moeflow:request_rejected_total{code="deadline_exceeded"} 1' in text
+
+
+def test_the_token_rate_covers_the_last_ten_seconds():
+    clock = FakeClock(1000.0)
+    metrics = Metrics(clock)
+    clock.now = 1000.5
+    for _ in range(10):
+        metrics.token()
+    clock.now = 1001.0  # 10 tokens in the first second of uptime
+    assert metrics.snapshot()["generated_tokens_per_s"] == pytest.approx(10.0)
+    clock.now = 1005.0
+    assert metrics.snapshot()["generated_tokens_per_s"] == pytest.approx(10 / 5)
+    for _ in range(30):
+        metrics.token()  # at 1005.0
+    clock.now = 1010.5  # the window: 1001.0 .. 1010.5 holds the 30 only
+    snapshot = metrics.snapshot()
+    assert snapshot["generated_tokens_per_s"] == pytest.approx(30 / 9.5)
+    assert snapshot["generated_tokens"] == 40  # the lifetime count stays
+    clock.now = 1030.0  # nothing for 10 s: 0, whatever came before
+    assert metrics.snapshot()["generated_tokens_per_s"] == 0.0
+    assert metrics.snapshot()["uptime_s"] == 30.0
+
+
+def test_a_rate_reuses_its_buckets():
+    rate = Rate(3)
+    rate.add(10.2, 5)
+    rate.add(13.7, 1)  # the same bucket as second 10: reset, not added to
+    assert rate.per_s(14.0, since=0.0) == pytest.approx(1 / 2.0)  # 12.0 .. 14.0
+    assert rate.per_s(13.9, since=13.0) == pytest.approx(1 / 0.9)
+
+
+class _Final:
+    finish_reason, completion_tokens, ttft_s, tpot_s, e2e_s = "stop", 3, 0.02, 0.004, 0.03
+
+
+def test_prometheus_uses_vllm_names_with_the_moeflow_prefix():
+    metrics = Metrics(FakeClock())
+    metrics.request_started(5)
+    metrics.token()
+    metrics.request_finished(_Final())
+    metrics.gauge(waiting=2, running=1)
+    text = metrics.prometheus(extra={"moeflow:kv_blocks_free": 7})
+    for line in ('moeflow:request_success_total{finished_reason="stop"} 1',
+                 "moeflow:prompt_tokens_total 5", "moeflow:generation_tokens_total 1",
+                 "moeflow:num_requests_waiting 2", "moeflow:num_requests_running 1",
+                 'moeflow:time_to_first_token_seconds_bucket{le="0.025"} 1',
+                 "moeflow:request_time_per_output_token_seconds_count 1",
+                 'moeflow:e2e_request_latency_seconds_bucket{le="+Inf"} 1',
+                 "# TYPE moeflow:kv_blocks_free gauge", "moeflow:kv_blocks_free 7"):
+        assert line in text.splitlines(), line
+    assert "moeflow_" not in text  # the names before vLLM's are gone

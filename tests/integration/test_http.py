@@ -1,0 +1,381 @@
+"""The OpenAI-compatible HTTP front end end to end: `moeflow serve --http` in a subprocess,
+driven by the real `openai` client (and by raw HTTP where the client hides the wire)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from serve_harness import Server
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_factory) -> Path:
+    return tiny_factory("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory) -> Iterator[Server]:
+    # HTTP and ZeroMQ over one engine, two devices
+    srv = Server(model, tmp_path_factory.mktemp("http") / "server.log", "--http",
+                 "127.0.0.1:0", "--devices", "cpu:0,cpu:1", "--max-waiting", "32")
+    try:
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+@pytest.fixture(scope="module")
+def name(client) -> str:
+    return client.models.list().data[0].id
+
+
+def health(server: Server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(server.http_url + "/health", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def wait_idle(server: Server, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        report = health(server)
+        if report["running"] == 0 and report["waiting"] == 0:
+            return report
+        assert time.monotonic() < deadline, report
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def greedy(model) -> dict:
+    """`moeflow generate`'s greedy answer to PROMPT: the reference for the HTTP side."""
+    run = subprocess.run([sys.executable, "-m", "moeflow", "generate", str(model), "--prompt",
+                          PROMPT, "--max-new-tokens", "12", "--json"],
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_models_lists_the_served_model(client, model):
+    [entry] = client.models.list().data
+    assert entry.id == str(model) and entry.owned_by == "moeflow"
+
+
+def test_greedy_completion_equals_moeflow_generate(client, name, greedy):
+    reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                      extra_body={"return_token_ids": True})
+    assert reply.choices[0].token_ids == greedy["token_ids"]
+    assert reply.choices[0].text == greedy["text"]
+    assert reply.usage.completion_tokens == len(greedy["token_ids"]) == 12
+    assert reply.choices[0].finish_reason == "length"
+    # token ids as the prompt, as OpenAI allows: the same prompt, the same answer
+    ids = reply.usage.prompt_tokens
+    tokens = json.loads(_post(client, "/tokenize", {"prompt": PROMPT}))["tokens"]
+    assert len(tokens) == ids
+    again = client.completions.create(model=name, prompt=tokens, max_tokens=12, temperature=0)
+    assert again.choices[0].text == greedy["text"]
+
+
+def test_streamed_completion_with_usage(client, name, greedy):
+    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"return_token_ids": True})
+    chunks = list(stream)
+    content, usage = chunks[:-1], chunks[-1]
+    assert len(content) == 12  # one chunk per token, the last with the finish_reason
+    assert [c.choices[0].token_ids for c in content] == [[t] for t in greedy["token_ids"]]
+    assert [c.choices[0].finish_reason for c in content] == [None] * 11 + ["length"]
+    assert "".join(c.choices[0].text for c in content) == greedy["text"]
+    assert usage.choices == [] and usage.usage.completion_tokens == 12
+    assert usage.usage.total_tokens == usage.usage.prompt_tokens + 12
+
+
+def test_chat_streaming_and_not(client, name):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tell me a story."}]
+    whole = client.chat.completions.create(model=name, messages=messages, max_tokens=8,
+                                           temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage.completion_tokens == 8
+    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+    # the prompt is the template's rendering: the chat has more tokens than its words
+    assert whole.usage.prompt_tokens > len("Be brief. Tell me a story.".split())
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed(client, name, greedy):
+    text = greedy["text"]
+    cut = next(i for i in range(2, len(text) - 2) if text[i:i + 2].strip() == text[i:i + 2]
+               and "\ufffd" not in text[i:i + 2])
+    stop = text[cut:cut + 2]
+    first = text.index(stop)
+    reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                      stop=[stop])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].text == text[:first]
+    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0,
+                                       stop=stop, stream=True)
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].text for c in chunks)
+    assert streamed == text[:first] and stop not in streamed
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_closing_a_stream_aborts_it_and_frees_its_slot(client, name, server):
+    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=4000,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    for _, _ in zip(range(3), stream):
+        pass
+    assert health(server)["running"] == 1
+    stream.close()
+    wait_idle(server, timeout=5.0)  # freed at once, not when its 4000 tokens are done
+    # the server goes on serving
+    reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+    assert reply.usage.completion_tokens == 2
+
+
+def test_a_client_leaving_a_plain_request_aborts_it(server, name):
+    async def leave() -> int:
+        # 4000 tokens take far longer than the 2 s this client waits
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True}
+        async with aiohttp.ClientSession() as session:
+            async def running() -> int:
+                await asyncio.sleep(1.0)
+                async with session.get(server.http_url + "/health") as reply:
+                    return (await reply.json())["running"]
+
+            during = asyncio.create_task(running())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await session.post(server.http_url + "/v1/completions", json=body)
+            return await during
+
+    assert asyncio.run(leave()) == 1
+    wait_idle(server, timeout=5.0)  # freed at once, not when its 4000 tokens are done
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "bogus": 1}, "bogus"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": {"text": "x"}}, "prompt"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({}, "prompt"),
+])
+def test_bad_completion_requests_get_400_with_openai_errors(client, name, body, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.post("/completions", body={"model": name, **body}, cast_to=object)
+    error = info.value.body
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert error["message"]
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "robot", "content": "x"}],
+                                      [{"role": "user", "content": 3}],
+                                      [{"role": "user", "content": [{"type": "image_url"}]}],
+                                      [{"role": "user", "content": "x", "extra": 1}]])
+def test_bad_chat_messages_get_400(client, name, messages):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=name, messages=messages)
+    assert info.value.body["param"] == "messages"
+
+
+def test_unknown_model_is_404_and_bad_json_is_400(client, server):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert info.value.body["code"] == "model_not_found"
+    for body in (b"{", b"[1, 2]", b"\xff"):
+        status, reply = _raw(server.http_url + "/v1/completions", body)
+        assert status == 400 and json.loads(reply)["error"]["code"] == "malformed"
+
+
+def test_sixteen_concurrent_streams_are_complete_and_well_formed(server, name):
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[list[dict], bytes]:
+        body = {"model": name, "prompt": f"{PROMPT} {i}", "max_tokens": 6 + i % 5,
+                "temperature": 0.8, "seed": i, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        async with session.post(server.http_url + "/v1/completions", json=body) as reply:
+            assert reply.status == 200
+            assert reply.headers["content-type"].startswith("text/event-stream")
+            raw = await reply.read()
+        events = [e for e in raw.decode().split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in events), raw[:200]
+        assert events[-1] == "data: [DONE]"
+        return [json.loads(e[6:]) for e in events[:-1]], raw
+
+    async def run() -> list[tuple[list[dict], bytes]]:
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(one(session, i) for i in range(16)))
+
+    results = asyncio.run(run())
+    for i, (chunks, _) in enumerate(results):
+        content, usage = chunks[:-1], chunks[-1]["usage"]
+        assert len(content) == usage["completion_tokens"] == 6 + i % 5
+        assert content[-1]["choices"][0]["finish_reason"] == "length"
+        assert len({c["id"] for c in chunks}) == 1
+    wait_idle(server)
+
+
+def test_health_metrics_tokenize_version(server, client, name):
+    report = health(server)
+    assert report["status"] == "ok" and report["vocab_size"] > 0
+    import urllib.request
+
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    assert "moeflow:request_success_total" in text and "moeflow:request_rejected_total" in text
+    with urllib.request.urlopen(server.http_url + "/version", timeout=30) as reply:
+        assert json.loads(reply.read())["version"]
+    tokens = json.loads(_post(client, "/tokenize", {"messages": [
+        {"role": "user", "content": "hi"}]}))
+    assert tokens["count"] == len(tokens["tokens"]) > 1
+
+
+def test_a_public_address_needs_an_api_key(model, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "moeflow", "serve", str(model), "--http",
+                          "0.0.0.0:0"], capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 2 and "--api-key" in run.stderr
+
+
+def test_api_key_overload_and_chat_template_override(model, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    srv = Server(model, tmp_path / "server.log", "--http", "0.0.0.0:0", "--api-key", "s3cret",
+                 "--max-waiting", "1", "--chat-template", str(template), bind=None)
+    try:
+        url = srv.http_url.replace("0.0.0.0", "127.0.0.1")
+        wrong = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        status, _ = _raw(url + "/v1/models", None)
+        assert status == 401
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        name = good.models.list().data[0].id
+        # the override renders the messages as plain lines
+        tokens = json.loads(_post(good, "/tokenize", {"messages": [
+            {"role": "user", "content": "hello"}]}, key="s3cret"))
+        plain = json.loads(_post(good, "/tokenize", {"prompt": "hello\n"}, key="s3cret"))
+        assert tokens["tokens"] == plain["tokens"]
+        # one request in progress fills this server: the next gets 429
+        stream = good.completions.create(model=name, prompt=PROMPT, max_tokens=2000,
+                                         stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as info:
+            good.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+        assert info.value.body["code"] == "overloaded"
+        # shutdown ends the call in progress with "abort", and the server exits cleanly
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "abort"
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def _post(client: openai.OpenAI, path: str, body: dict, key: str | None = None) -> str:
+    import urllib.request
+
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                     headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return reply.read().decode()
+
+
+def _raw(url: str, body: bytes | None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_examples_in_docs_http_run(model, tmp_path):
+    import re
+    import shlex
+    import shutil
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "http.md").read_text()
+    sh = [b.replace("\\\n", " ") for b in re.findall(r"```sh\n(.*?)```", doc, flags=re.S)]
+    [serve] = [line for b in sh for line in b.splitlines() if line.startswith("moeflow serve")]
+    argv = shlex.split(serve.replace("/tmp/tiny", str(model)).replace("127.0.0.1:8000",
+                                                                       "127.0.0.1:0"))
+    srv = Server(model, tmp_path / "server.log", *argv[3:], bind=None)
+    try:
+        where = srv.http_url.removeprefix("http://")
+        [code] = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+        run = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:8000", where)],
+                             capture_output=True, text=True, timeout=120,
+                             stdin=subprocess.DEVNULL)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "completion_tokens=16" in run.stdout
+        calls = [line for b in sh for line in b.splitlines() if line.startswith("curl ")]
+        assert len(calls) == 3
+        if shutil.which("curl") is None:
+            pytest.skip("curl is not installed")
+        for line in calls:
+            run = subprocess.run(shlex.split(line.replace("127.0.0.1:8000", where)),
+                                 capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0 and '"error"' not in run.stdout, (line, run.stdout)
+            assert "tiny" in run.stdout
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def test_chat_without_a_template_is_a_clear_400(model, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in model.iterdir():
+        if item.name != "tokenizer_config.json":
+            (bare / item.name).symlink_to(item)
+    srv = Server(bare, tmp_path / "server.log", "--http", "127.0.0.1:0", bind=None)
+    try:
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=str(bare), max_tokens=2,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert info.value.body["code"] == "no_chat_template"
+        assert "--chat-template" in info.value.body["message"]
+        reply = client.completions.create(model=str(bare), prompt=PROMPT, max_tokens=2)
+        assert reply.usage.completion_tokens == 2
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
