@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write N safetensors shards plus model.safetensors.index.json")
     tiny.add_argument("--no-tokenizer", action="store_true",
                       help="leave out tokenizer.json (the model then takes token ids only)")
+    tiny.add_argument("--mxfp4", action="store_true",
+                      help="gpt_oss: store the experts MXFP4-packed, as the hub's checkpoints")
 
     gen = sub.add_parser("generate", help="generate from one prompt")
     gen.add_argument("model_dir")
@@ -256,7 +258,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
                       dense_intermediate=args.dense_intermediate,
                       shared_intermediate=args.shared_intermediate, vocab=args.vocab)
     out = make_tiny(args.family, args.out_dir, shape, seed=args.seed, dtype=args.dtype,
-                    shards=args.shards, tokenizer=not args.no_tokenizer)
+                    shards=args.shards, tokenizer=not args.no_tokenizer, mxfp4=args.mxfp4)
     print(f"wrote a tiny {args.family} checkpoint to {out}")
     return 0
 

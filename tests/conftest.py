@@ -17,7 +17,8 @@ import moeflow.testing  # registers the Hypothesis profiles and loads the chosen
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter, whichever test
     os.environ.setdefault("TRITON_INTERPRET", "1")  # imports them first
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "gpt_oss")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -47,7 +47,7 @@ from moeflow.ops.backend import (
     SERIAL_ROWS, OneThread, batched_gemms, index_tensor, rows_per_weight,
 )
 from moeflow.ops.experts import (
-    ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
+    SILU, Activation, ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
 )
 from moeflow.ops.norm import rms_norm
 from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
@@ -391,6 +391,7 @@ class DeviceWorker:
         keys/values [T, K, *] (used directly by sequences that start at position 0; only
         needed if some do)."""
         window = self.spec.layers[layer].sliding_window
+        sinks = self.dense.layers[layer].attn.sinks  # type: ignore[union-attr]
         d = b.decode
         out = None
         if d is not None:
@@ -402,9 +403,9 @@ class DeviceWorker:
             if self.tdevice.type == "cpu":
                 batched_gemms()  # the matmul kernel's, and MLA's expansion of the cache
             if d.rows is None:  # every token decodes
-                return decode_attention(q, k, v, mask, scale)
+                return decode_attention(q, k, v, mask, scale, sinks)
             out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-            out[d.rows] = decode_attention(q.index_select(0, d.rows), k, v, mask, scale)
+            out[d.rows] = decode_attention(q.index_select(0, d.rows), k, v, mask, scale, sinks)
         for row0, n, start, seq_id in b.prefill:
             if start == 0:
                 assert fresh is not None
@@ -416,7 +417,7 @@ class DeviceWorker:
             if out is None:
                 out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
             out[row0:row0 + n] = prefill_attention(q[row0:row0 + n], k, v, start, scale,
-                                                   window)
+                                                   window, sinks)
         assert out is not None
         return out
 
@@ -439,8 +440,8 @@ class DeviceWorker:
         layer = self.dense.layers[node.layer]
         xn, router = _cat([a.xn for a in attns]), layer.router
         self._gemm_rows(xn.shape[0], router)
-        logits = router_logits(xn, router, moe)  # type: ignore[arg-type]
-        ids, weights = route(logits, moe, layer.router_bias)  # [T, A]
+        logits = router_logits(xn, router, moe, layer.router_bias)  # type: ignore[arg-type]
+        ids, weights = route(logits, moe, layer.score_bias)  # [T, A]
         return self._dispatch(graph.placement, [a.xn for a in attns], ids, weights)
 
     def _dispatch(self, placement: Placement, xns: list[torch.Tensor], ids: torch.Tensor,
@@ -518,11 +519,15 @@ class DeviceWorker:
     def _expert_group(self, layer: int, experts: tuple[int, ...]) -> ExpertGroup:
         group = self._expert_groups.get((layer, experts))
         if group is None:
-            stack = self.experts[layer]
+            stack, moe = self.experts[layer], self.spec.moe
             first = self._stack_pos[layer][experts[0]]
             rows = slice(first, first + len(experts))
             group = self._expert_groups[(layer, experts)] = ExpertGroup.of(
-                stack.gate_up[rows], stack.down[rows])
+                stack.gate_up[rows], stack.down[rows],
+                None if stack.gate_up_bias is None else stack.gate_up_bias[rows],
+                None if stack.down_bias is None else stack.down_bias[rows],
+                SILU if moe.swiglu_limit is None else Activation(moe.swiglu_limit,
+                                                                 moe.swiglu_alpha))
         return group
 
     def _dense_mlp(self, node: Expert, xns: list[torch.Tensor]) -> list[torch.Tensor]:

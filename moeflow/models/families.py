@@ -2,7 +2,7 @@
 model needs gets its checkpoint key name.
 
 One adapter per `model_type`: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2,
-deepseek_v3. Adapters
+deepseek_v3, gpt_oss. Adapters
 read a value under every name transformers and the hub write it: `rope_theta` +
 `rope_scaling` (most published checkpoints) and `rope_parameters` (newer transformers),
 `num_experts` and `num_local_experts`, `torch_dtype` and `dtype`. A quantized checkpoint
@@ -130,12 +130,17 @@ def _rope(f: Fields, rotary_dim: int, default_theta: float, interleaved: bool) -
     if kind == "linear":
         return RopeSpec(theta=theta, rotary_dim=rotary_dim, interleaved=interleaved,
                         scaling="linear", factor=factor)
+    truncate = scaling.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise f.error(f"rope scaling field 'truncate' must be true or false, got {truncate!r}")
     return RopeSpec(
         theta=theta, rotary_dim=rotary_dim, interleaved=interleaved, scaling="yarn",
         factor=factor,
         original_max_position=s.integer("original_max_position_embeddings", required=True),
         beta_fast=s.number("beta_fast", 32.0), beta_slow=s.number("beta_slow", 1.0),
-        mscale=s.number("mscale", 0.0), mscale_all_dim=s.number("mscale_all_dim", 0.0))
+        mscale=s.number("mscale", 0.0), mscale_all_dim=s.number("mscale_all_dim", 0.0),
+        truncate=truncate, attention_factor=(None if scaling.get("attention_factor") is None
+                                             else s.number("attention_factor")))
 
 
 def _common(f: Fields) -> dict[str, Any]:
@@ -192,6 +197,7 @@ class Family:
 
     model_type: str = ""
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj")
+    fused_experts = False  # one tensor per layer for all experts (fused_expert_key)
 
     def parse(self, f: Fields) -> ModelSpec:
         raise NotImplementedError
@@ -203,11 +209,11 @@ class Family:
     def attn_key(self, i: int, proj: str, suffix: str = "weight") -> str:
         return self.layer_key(i, f"self_attn.{proj}.{suffix}")
 
-    def router_key(self, i: int) -> str:
-        return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.weight")
+    def router_key(self, i: int, suffix: str = "weight") -> str:
+        return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.{suffix}")
 
-    def router_bias_key(self, i: int) -> str:
-        return self.layer_key(i, f"{self.expert_keys.moe_prefix}gate.e_score_correction_bias")
+    def score_bias_key(self, i: int) -> str:
+        return self.router_key(i, "e_score_correction_bias")
 
     def expert_key(self, i: int, e: int, part: str) -> str:
         k = self.expert_keys
@@ -222,6 +228,9 @@ class Family:
 
     def dense_key(self, i: int, part: str) -> str:
         return self.layer_key(i, f"mlp.{part}_proj.weight")
+
+    def fused_expert_key(self, i: int, name: str) -> str:
+        return self.layer_key(i, f"{self.expert_keys.moe_prefix}experts.{name}")
 
 
 class Mixtral(Family):
@@ -408,9 +417,57 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+class GptOss(Family):
+    """GPT-OSS: attention with q/k/v/o biases and a learned sink logit per head, sliding-
+    window layers alternating with full ones (`layer_types`), a biased router (top-k of the
+    logits, softmax over those k), experts with biases and a clamped SwiGLU, stored fused:
+    gate_up_proj [E, D, 2F] with gate and up interleaved in the last dim, down_proj
+    [E, F, D]. YaRN rope over halves."""
+
+    model_type = "gpt_oss"
+    fused_experts = True
+
+    def router_key(self, i: int, suffix: str = "weight") -> str:
+        return self.layer_key(i, f"mlp.router.{suffix}")
+
+    def parse(self, f: Fields) -> ModelSpec:
+        bias = f.flag("attention_bias", True)
+        attn = replace(_gqa(f, qkv_bias=bias, o_bias=bias), sinks=True)
+        num_layers = f.integer("num_hidden_layers", required=True, minimum=1)
+        window = f.opt_integer("sliding_window")
+        layer_types = f.data.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        if (not isinstance(layer_types, list) or len(layer_types) != num_layers or any(
+                t not in ("sliding_attention", "full_attention") for t in layer_types)):
+            raise f.error(f"field 'layer_types' must list sliding_attention or full_attention "
+                          f"for each of the {num_layers} layers, got {layer_types!r}")
+        moe = MoESpec(
+            num_experts=f.integer(f.named("num_local_experts", "num_experts"), required=True),
+            top_k=f.integer(f.named("num_experts_per_tok", "experts_per_token"), 4),
+            intermediate_size=f.integer("intermediate_size", required=True),
+            router="topk_softmax", router_bias=True, expert_bias=True,
+            swiglu_limit=f.number("swiglu_limit", 7.0),
+            swiglu_alpha=f.number("swiglu_alpha", 1.702))
+        if not f.data.get("rope_scaling") and not f.data.get("rope_parameters"):
+            f = Fields({**f.data, "rope_scaling": {  # transformers' default for gpt_oss
+                "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": False, "original_max_position_embeddings": 4096}}, f.source)
+        return ModelSpec(
+            family=self.model_type, attention=attn, moe=moe,
+            rope=_rope(f, attn.head_dim, 150000.0, interleaved=False),
+            layers=tuple(LayerSpec("moe", window if t == "sliding_attention" else None)
+                         for t in layer_types),
+            rms_norm_eps=f.number("rms_norm_eps", 1e-5), **_common(f))
+
+
 FAMILIES: dict[str, Family] = {
     fam.model_type: fam for fam in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV2(),
-                                    DeepseekV3())}
+                                    DeepseekV3(), GptOss())}
+
+
+# (model_type, quant_method) pairs the loader reads: GPT-OSS's MXFP4 experts are
+# dequantized at load time (moeflow.models.weights, moeflow.models.mxfp4)
+QUANTIZATIONS = frozenset({("gpt_oss", "mxfp4")})
 
 
 def family_of(spec_or_type: ModelSpec | str) -> Family:
@@ -433,8 +490,10 @@ def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> Model
     if quantization is not None:
         method = (quantization.get("quant_method") if isinstance(quantization, dict)
                   else None) or "unknown"
-        raise f.error(f"the checkpoint is quantized with {method!r}, which moeflow does not "
-                      f"load; it loads float32, bfloat16 and float16 weights")
+        if (model_type, method) not in QUANTIZATIONS:
+            raise f.error(f"the checkpoint is quantized with {method!r}, which moeflow does "
+                          f"not load for {model_type}; it loads float32, bfloat16 and float16 "
+                          f"weights, and gpt_oss's mxfp4 experts")
     try:
         spec = FAMILIES[model_type].parse(f)
     except SpecError as exc:

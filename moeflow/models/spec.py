@@ -47,6 +47,8 @@ class RopeSpec:
     beta_slow: float = 1.0
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
+    truncate: bool = True  # yarn: round the correction range to whole dims (GPT-OSS: no)
+    attention_factor: float | None = None  # yarn: cos/sin scaling; None: from the factor
 
     def __post_init__(self) -> None:
         _require(self.theta > 0, f"rope theta must be > 0, got {self.theta}")
@@ -79,6 +81,7 @@ class AttentionSpec:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     softmax_scale: float = 0.0
+    sinks: bool = False  # a learned logit per head in every softmax's denominator (GPT-OSS)
 
     def __post_init__(self) -> None:
         _require(self.num_heads > 0, f"num_attention_heads must be > 0, got {self.num_heads}")
@@ -134,6 +137,12 @@ class MoESpec:
     router_fp32: bool = False
     shared_intermediate_size: int = 0
     shared_gate: bool = False
+    router_bias: bool = False  # a bias on the router logits (GPT-OSS)
+    expert_bias: bool = False  # biases on the experts' gate/up and down projections
+    # GPT-OSS's clamped SwiGLU: gate clamped above, up to [-limit, limit], then
+    # (up + 1) * gate * sigmoid(alpha * gate); None: plain SwiGLU, silu(gate) * up
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.num_experts > 0, f"num_experts must be > 0, got {self.num_experts}")

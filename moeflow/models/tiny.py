@@ -125,6 +125,18 @@ def tiny_config(family: str, shape: TinyShape = TinyShape(), dtype: str = "float
                                   "beta_fast": 32, "beta_slow": 1},
                     rope_theta=10000.0, attention_bias=False)
         base["num_key_value_heads"] = s.heads
+    elif family == "gpt_oss":
+        base.update(intermediate_size=s.intermediate, head_dim=s.head_dim,
+                    num_local_experts=s.experts, num_experts_per_tok=s.top_k,
+                    rms_norm_eps=1e-5, attention_bias=True, sliding_window=4,
+                    layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                 for i in range(s.layers)],
+                    # a low limit, so that the clamps of the SwiGLU are exercised
+                    swiglu_limit=1.5, rope_theta=150000.0,
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                  "beta_slow": 1.0, "truncate": False,
+                                  "original_max_position_embeddings": s.max_positions // 4},
+                    router_aux_loss_coef=0.9, output_router_logits=False)
     base.update(overrides)
     return base
 
@@ -133,6 +145,7 @@ _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 
@@ -178,6 +191,8 @@ def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype) -> dict[str, to
         mat(key(i, "o_proj"), d, a.o_width)
         if a.o_bias:
             vec(key(i, "o_proj", "bias"), d, 0.0, 0.5)
+        if a.sinks:
+            vec(fam.layer_key(i, "self_attn.sinks"), a.num_heads, 0.0, 1.0)
         if layer.mlp == "dense":
             f = spec.dense_intermediate_size
             mat(fam.dense_key(i, "gate"), f, d)
@@ -188,10 +203,23 @@ def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype) -> dict[str, to
         out[fam.router_key(i)] = (2.0 * torch.randn(moe.num_experts, d, generator=gen)
                                   / math.sqrt(d)).to(dtype)
         if moe.router == "noaux_tc":  # kept fp32, as the hub's checkpoints keep it
-            vec(fam.router_bias_key(i), moe.num_experts, 0.0, 0.1)
-            out[fam.router_bias_key(i)] = out[fam.router_bias_key(i)].float()
-        f = moe.intermediate_size
-        for e in range(moe.num_experts):
+            vec(fam.score_bias_key(i), moe.num_experts, 0.0, 0.1)
+            out[fam.score_bias_key(i)] = out[fam.score_bias_key(i)].float()
+        if moe.router_bias:
+            vec(fam.router_key(i, "bias"), moe.num_experts, 0.0, 0.5)
+        f, n = moe.intermediate_size, moe.num_experts
+        if fam.fused_experts:  # [E, D, 2F] gate/up interleaved, [E, F, D]
+            key_of = fam.fused_expert_key
+            out[key_of(i, "gate_up_proj")] = (torch.randn(n, d, 2 * f, generator=gen)
+                                              / math.sqrt(d)).to(dtype)
+            out[key_of(i, "down_proj")] = (torch.randn(n, f, d, generator=gen)
+                                           / math.sqrt(f)).to(dtype)
+            if moe.expert_bias:
+                out[key_of(i, "gate_up_proj_bias")] = (
+                    0.5 * torch.randn(n, 2 * f, generator=gen)).to(dtype)
+                out[key_of(i, "down_proj_bias")] = (
+                    0.5 * torch.randn(n, d, generator=gen)).to(dtype)
+        for e in range(n if not fam.fused_experts else 0):
             mat(fam.expert_key(i, e, "gate"), f, d)
             mat(fam.expert_key(i, e, "up"), f, d)
             mat(fam.expert_key(i, e, "down"), d, f)
@@ -206,6 +234,21 @@ def random_state(spec: ModelSpec, seed: int, dtype: torch.dtype) -> dict[str, to
     if not spec.tie_word_embeddings:
         mat("lm_head.weight", spec.vocab_size, d)
     return out
+
+
+def _mxfp4_experts(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fused expert weights of `state` replaced by their MXFP4 blocks and scales."""
+    from moeflow.models.mxfp4 import quantize_experts
+
+    fam = family_of(spec)
+    for i, layer in enumerate(spec.layers):
+        if layer.mlp != "moe":
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            key = fam.fused_expert_key(i, name)
+            blocks, scales = quantize_experts(state.pop(key).float())
+            state[f"{key}_blocks"], state[f"{key}_scales"] = blocks, scales
+    return state
 
 
 def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, shards: int = 1) -> None:
@@ -228,15 +271,24 @@ def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, shards: int
 
 def make_tiny(family: str, out_dir: str | Path, shape: TinyShape = TinyShape(), *,
               seed: int = 0, dtype: str = "float32", shards: int = 1, tokenizer: bool = True,
-              **config_overrides: Any) -> Path:
-    """Write a random `family` checkpoint to `out_dir` (created if needed)."""
+              mxfp4: bool = False, **config_overrides: Any) -> Path:
+    """Write a random `family` checkpoint to `out_dir` (created if needed). `mxfp4`
+    (gpt_oss only): store the experts MXFP4-packed, as the hub's gpt-oss checkpoints do."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(sorted(FAMILIES))}")
+    if mxfp4 and family != "gpt_oss":
+        raise ValueError(f"MXFP4 experts are gpt_oss's format, not {family}'s")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(family, shape, dtype, **config_overrides)
     spec = spec_from_config(config, str(out / "config.json"))
     state = random_state(spec, seed, torch_dtype(dtype))
+    if mxfp4:
+        state = _mxfp4_experts(spec, state)
+        config["quantization_config"] = {
+            "quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                "lm_head"]}
     write_safetensors(state, out, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(

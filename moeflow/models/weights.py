@@ -45,6 +45,7 @@ class AttentionWeights:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     qk_norm_heads: torch.Tensor | None = None  # [H + K, d]: q_norm per q head, then k_norm
+    sinks: torch.Tensor | None = None  # [H] a logit per head in the softmax's denominator
     # MLA
     q: torch.Tensor | None = None
     q_a: torch.Tensor | None = None
@@ -59,7 +60,8 @@ class AttentionWeights:
 class LayerWeights:
     attn: AttentionWeights
     router: torch.Tensor | None = None
-    router_bias: torch.Tensor | None = None  # noaux_tc's e_score_correction_bias [E]
+    router_bias: torch.Tensor | None = None  # added to the router logits [E] (GPT-OSS)
+    score_bias: torch.Tensor | None = None  # noaux_tc's e_score_correction_bias [E]
     shared_gate_up: torch.Tensor | None = None
     shared_down: torch.Tensor | None = None
     shared_gate: torch.Tensor | None = None
@@ -82,6 +84,8 @@ class ExpertStack:
     experts: tuple[int, ...]
     gate_up: torch.Tensor  # [E, 2F, D]
     down: torch.Tensor  # [E, D, F]
+    gate_up_bias: torch.Tensor | None = None  # [E, 2F]
+    down_bias: torch.Tensor | None = None  # [E, D]
 
 
 def to_device(obj: object, device: torch.device) -> None:
@@ -129,7 +133,9 @@ class WeightLoader:
                 moe = spec.moe
                 lw.router = self._get(fam.router_key(i), (moe.num_experts, d))
                 if moe.router == "noaux_tc":
-                    lw.router_bias = self._get(fam.router_bias_key(i), (moe.num_experts,))
+                    lw.score_bias = self._get(fam.score_bias_key(i), (moe.num_experts,))
+                if moe.router_bias:
+                    lw.router_bias = self._get(fam.router_key(i, "bias"), (moe.num_experts,))
                 if moe.shared_intermediate_size:
                     f = moe.shared_intermediate_size
                     lw.shared_gate_up = self._cat([(fam.shared_key(i, "gate"), (f, d)),
@@ -155,6 +161,8 @@ class WeightLoader:
             o=self._get(key(i, "o_proj"), (d, a.o_width)))
         if a.o_bias:
             w.o_bias = self._get(key(i, "o_proj", "bias"), (d,))
+        if a.sinks:
+            w.sinks = self._get(fam.layer_key(i, "self_attn.sinks"), (a.num_heads,))
         if a.kind == "mla":
             qk = a.num_heads * a.head_dim
             if a.q_lora_rank:
@@ -194,6 +202,8 @@ class WeightLoader:
         for e in experts:
             if not 0 <= e < spec.moe.num_experts:
                 raise ValueError(f"expert {e} out of range [0, {spec.moe.num_experts})")
+        if fam.fused_experts:
+            return self._fused_experts(layer, experts)
         gate_up = torch.empty(len(experts), 2 * f, d, dtype=self.dtype)
         down = torch.empty(len(experts), d, f, dtype=self.dtype)
         for j, e in enumerate(experts):
@@ -201,3 +211,46 @@ class WeightLoader:
             gate_up[j, f:].copy_(self.ckpt.get(fam.expert_key(layer, e, "up"), (f, d)))
             down[j].copy_(self.ckpt.get(fam.expert_key(layer, e, "down"), (d, f)))
         return ExpertStack(tuple(experts), gate_up, down)
+
+    def _fused_experts(self, layer: int, experts: tuple[int, ...]) -> ExpertStack:
+        """Experts stored as one tensor per layer (GPT-OSS): gate_up_proj [E, D, 2F] with
+        gate and up interleaved in the last dim, down_proj [E, F, D], and their biases;
+        taken expert by expert into the [2F, D] (gate rows first) and [D, F] layout. MXFP4
+        experts (`*_blocks`, `*_scales`, moeflow.models.mxfp4) are dequantized here, one
+        expert at a time, so memory peaks near the dequantized size."""
+        spec, fam = self.spec, self.family
+        d, f, n = spec.hidden_size, spec.moe.intermediate_size, spec.moe.num_experts
+        key = fam.fused_expert_key
+        gate_up = torch.empty(len(experts), 2 * f, d, dtype=self.dtype)
+        down = torch.empty(len(experts), d, f, dtype=self.dtype)
+        if key(layer, "gate_up_proj_blocks") in self.ckpt:
+            from moeflow.models.mxfp4 import BLOCK_SIZE, dequantize
+
+            if d % BLOCK_SIZE or f % BLOCK_SIZE:
+                raise ValueError(f"MXFP4 experts need hidden_size and intermediate_size "
+                                 f"divisible by {BLOCK_SIZE}, got {d} and {f}")
+            gb = self.ckpt.get(key(layer, "gate_up_proj_blocks"), (n, 2 * f, d // 32, 16))
+            gs = self.ckpt.get(key(layer, "gate_up_proj_scales"), (n, 2 * f, d // 32))
+            db = self.ckpt.get(key(layer, "down_proj_blocks"), (n, d, f // 32, 16))
+            ds = self.ckpt.get(key(layer, "down_proj_scales"), (n, d, f // 32))
+            for j, e in enumerate(experts):
+                rows = dequantize(gb[e], gs[e], self.dtype)  # [2F, D], gate/up interleaved
+                gate_up[j, :f].copy_(rows[0::2])
+                gate_up[j, f:].copy_(rows[1::2])
+                down[j].copy_(dequantize(db[e], ds[e], self.dtype))  # [D, F]
+        else:
+            gu = self.ckpt.get(key(layer, "gate_up_proj"), (n, d, 2 * f))
+            dn = self.ckpt.get(key(layer, "down_proj"), (n, f, d))
+            for j, e in enumerate(experts):
+                gate_up[j, :f].copy_(gu[e, :, 0::2].T)
+                gate_up[j, f:].copy_(gu[e, :, 1::2].T)
+                down[j].copy_(dn[e].T)
+        stack = ExpertStack(tuple(experts), gate_up, down)
+        if spec.moe.expert_bias:
+            gub = self.ckpt.get(key(layer, "gate_up_proj_bias"), (n, 2 * f))
+            index = torch.tensor(experts, dtype=torch.int64)
+            stack.gate_up_bias = torch.cat((gub[index, 0::2], gub[index, 1::2]), dim=1).to(
+                self.dtype)
+            stack.down_bias = self.ckpt.get(key(layer, "down_proj_bias"), (n, d))[index].to(
+                self.dtype)
+        return stack

@@ -1,5 +1,8 @@
 """Causal self-attention over a KV cache, for prefill chunks and batched decode.
 
+With `sinks` (GPT-OSS: a learned logit per head), each softmax's denominator also holds
+exp(sink): the probabilities over the keys sum to less than one. That takes the matmul path.
+
 Shapes: n new tokens of one sequence, B sequences, H query heads, K key/value heads, d q/k
 head dim, v value head dim, L keys (context length).
 """
@@ -11,8 +14,10 @@ import torch.nn.functional as F
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-                      scale: float, window: int | None = None) -> torch.Tensor:
-    """q [n, H, d], k [L, K, d], v [L, K, v] with L = start + n -> [n, H, v]
+                      scale: float, window: int | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [n, H, d], k [L, K, d], v [L, K, v] with L = start + n, sinks [H] or None
+    -> [n, H, v]
 
     The new tokens sit at positions start..start+n-1 and see keys 0..their own position
     (and, with a sliding window w, only the last w of them)."""
@@ -21,6 +26,16 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: 
     # back to the math kernel, ~3x slower at 512 tokens.
     qh = q.transpose(0, 1)[None]
     kh, vh = _repeat_heads(k, q.shape[1])[None], _repeat_heads(v, q.shape[1])[None]
+    if sinks is not None:
+        qpos = torch.arange(start, start + n, device=q.device)[:, None]
+        kpos = torch.arange(length, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # [1, H, n, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = _softmax_with_sinks(scores, sinks[None, :, None, None])
+        return torch.matmul(probs.to(vh.dtype), vh)[0].transpose(0, 1)  # [n, H, v]
     if start == 0 and (window is None or window >= length):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
@@ -61,9 +76,20 @@ def decode_mask(lengths: torch.Tensor, window: int | None) -> torch.Tensor | Non
     return mask[:, None, None, :]
 
 
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """softmax over [keys..., sink] in fp32, the sink's column dropped: scores [..., L],
+    sinks broadcastable to [..., 1]."""
+    sink = sinks.float().expand(*scores.shape[:-1], 1)
+    logits = torch.cat((scores.float(), sink), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.softmax(logits, dim=-1)[..., :-1]
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, H, d], k [B, L, K, d], v [B, L, K, v], mask from `decode_mask` -> [B, H, v]
+                     mask: torch.Tensor | None, scale: float,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, d], k [B, L, K, d], v [B, L, K, v], mask from `decode_mask`, sinks [H] or
+    None -> [B, H, v]
 
     One new token per sequence; keys the mask hides are padding (or outside the window).
     CPU flash attention costs ~10 us plus ~0.7 ns per query-key product (B*L*H*d); two
@@ -72,7 +98,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     8 query / 2 kv heads of 32, ~96 at 16 / 4 of 64 (measured on this machine, bf16)."""
     batch, heads, d = q.shape
     kv_heads = k.shape[2]
-    if batch * k.shape[1] * heads * d <= SMALL_DECODE_PRODUCTS:
+    if sinks is None and batch * k.shape[1] * heads * d <= SMALL_DECODE_PRODUCTS:
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             scale=scale, enable_gqa=kv_heads != heads)  # [B, H, 1, v]
@@ -81,6 +107,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, K, G, L]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if sinks is not None:
+        group = heads // kv_heads
+        probs = _softmax_with_sinks(scores, sinks.view(kv_heads, group)[None, :, :, None])
+        probs = probs.to(q.dtype)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [B, K, G, v]
     return out.reshape(batch, heads, -1)

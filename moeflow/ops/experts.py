@@ -3,6 +3,9 @@ expert: on accelerators as two grouped matmuls, on the CPU as a loop over the ex
 have rows or as two padded batched matmuls, whichever `padded_experts_pay` expects to be
 faster (see ops/backend.py).
 
+Experts may have biases on both projections and GPT-OSS's clamped SwiGLU (`Activation`);
+every path takes them.
+
 Shapes: N routed rows (token, expert) sorted by expert, T tokens, D hidden, F FFN width,
 E (or G) experts held here, M rows per expert after padding.
 """
@@ -18,32 +21,67 @@ import torch.nn.functional as F
 from moeflow.ops.backend import batched_gemms, index_tensor, padded_experts_pay, rows_per_weight
 
 
+@dataclass(frozen=True)
+class Activation:
+    """h [..., 2F] (gate, then up) -> [..., F]. Plain SwiGLU, silu(gate) * up; with `limit`
+    GPT-OSS's: gate clamped above, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha *
+    gate)."""
+
+    limit: float | None = None
+    alpha: float = 1.0
+
+    def __call__(self, h: torch.Tensor, width: int) -> torch.Tensor:
+        if self.limit is None:
+            return F.silu(h[..., :width]).mul_(h[..., width:])
+        gate = h[..., :width].clamp(max=self.limit)
+        up = h[..., width:].clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+SILU = Activation()
+
+
 @dataclass
 class ExpertGroup:
     """G routed experts of one layer, contiguous in their stack."""
 
     gate_up: torch.Tensor  # [G, 2F, D]
     down: torch.Tensor  # [G, D, F]
-    per_expert: list[tuple[torch.Tensor, torch.Tensor]]  # G x ([2F, D], [D, F])
+    # G x ([2F, D], [D, F], gate/up bias [2F] or None, down bias [D] or None)
+    per_expert: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                           torch.Tensor | None]]
     bytes_per_expert: int
+    gate_up_bias: torch.Tensor | None = None  # [G, 2F]
+    down_bias: torch.Tensor | None = None  # [G, D]
+    act: Activation = SILU
 
     @staticmethod
-    def of(gate_up: torch.Tensor, down: torch.Tensor) -> ExpertGroup:
-        return ExpertGroup(gate_up, down, list(zip(gate_up.unbind(), down.unbind())),
-                           (gate_up[0].numel() + down[0].numel()) * gate_up.element_size())
+    def of(gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+           down_bias: torch.Tensor | None = None, act: Activation = SILU) -> ExpertGroup:
+        n = gate_up.shape[0]
+        gu_b = [None] * n if gate_up_bias is None else list(gate_up_bias.unbind())
+        d_b = [None] * n if down_bias is None else list(down_bias.unbind())
+        return ExpertGroup(gate_up, down,
+                           list(zip(gate_up.unbind(), down.unbind(), gu_b, d_b)),
+                           (gate_up[0].numel() + down[0].numel()) * gate_up.element_size(),
+                           gate_up_bias, down_bias, act)
 
 
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x [T, D], gate_up [2F, D] (gate rows first), down [D, F] -> [T, D]"""
-    h = F.linear(x, gate_up)  # [T, 2F]
-    width = down.shape[1]
-    return F.linear(F.silu(h[:, :width]) * h[:, width:], down)
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+           gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+           act: Activation = SILU) -> torch.Tensor:
+    """x [T, D], gate_up [2F, D] (gate rows first), down [D, F], biases [2F] and [D] or
+    None -> [T, D]"""
+    h = F.linear(x, gate_up, gate_up_bias)  # [T, 2F]
+    return F.linear(act(h, down.shape[1]), down, down_bias)
 
 
 def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
+                   down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+                   down_bias: torch.Tensor | None = None, act: Activation = SILU
+                   ) -> torch.Tensor:
     """x [N, D] sorted by expert, offsets [E] (int32, cumulative row ends),
-    gate_up [E, 2F, D], down [E, D, F] -> [N, D]
+    gate_up [E, 2F, D], down [E, D, F], biases [E, 2F] and [E, D] or None -> [N, D]
 
     Rows offsets[e-1]:offsets[e] go through expert e; an expert with no rows costs nothing.
     On CUDA, grouped_mm takes bf16 only; other dtypes there go expert by expert.
@@ -51,28 +89,44 @@ def grouped_swiglu(x: torch.Tensor, offsets: torch.Tensor, gate_up: torch.Tensor
     if x.is_cuda and x.dtype != torch.bfloat16:
         ends = offsets.tolist()
         counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
-        return grouped_swiglu_ref(x, counts, gate_up, down)
+        return grouped_swiglu_ref(x, counts, gate_up, down, gate_up_bias, down_bias, act)
     h = F.grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)  # [N, 2F]
-    width = down.shape[2]
-    a = F.silu(h[:, :width]).mul_(h[:, width:])  # [N, F]
-    return F.grouped_mm(a, down.transpose(1, 2), offs=offsets)  # [N, D]
+    rows = None
+    if gate_up_bias is not None or down_bias is not None:  # each row's expert, on device
+        counts_t = torch.diff(offsets, prepend=offsets.new_zeros(1))
+        rows = torch.repeat_interleave(torch.arange(len(offsets), device=x.device), counts_t,
+                                       output_size=x.shape[0])
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[rows]
+    a = act(h, down.shape[2])  # [N, F]
+    y = F.grouped_mm(a, down.transpose(1, 2), offs=offsets)  # [N, D]
+    return y if down_bias is None else y + down_bias[rows]
 
 
-def padded_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x [E, M, D] (M rows per expert, padding included), gate_up [E, 2F, D], down [E, D, F]
-    -> [E, M, D]: two batched GEMMs, each expert's weights read once whatever its rows."""
+def padded_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  gate_up_bias: torch.Tensor | None = None,
+                  down_bias: torch.Tensor | None = None, act: Activation = SILU
+                  ) -> torch.Tensor:
+    """x [E, M, D] (M rows per expert, padding included), gate_up [E, 2F, D], down [E, D, F],
+    biases [E, 2F] and [E, D] or None -> [E, M, D]: two batched GEMMs, each expert's weights
+    read once whatever its rows."""
     h = torch.bmm(x, gate_up.transpose(1, 2))  # [E, M, 2F]
-    width = down.shape[2]
-    a = F.silu(h[..., :width]).mul_(h[..., width:])  # [E, M, F]
-    return torch.bmm(a, down.transpose(1, 2))
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[:, None, :]
+    y = torch.bmm(act(h, down.shape[2]), down.transpose(1, 2))  # [E, M, D]
+    return y if down_bias is None else y + down_bias[:, None, :]
 
 
 def grouped_swiglu_ref(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
-                       down: torch.Tensor) -> torch.Tensor:
+                       down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+                       down_bias: torch.Tensor | None = None, act: Activation = SILU
+                       ) -> torch.Tensor:
     """Reference for `grouped_swiglu`, one expert at a time (tests only)."""
     outs, start = [], 0
     for e, n in enumerate(counts):
-        outs.append(swiglu(x[start:start + n], gate_up[e], down[e]))
+        outs.append(swiglu(x[start:start + n], gate_up[e], down[e],
+                           None if gate_up_bias is None else gate_up_bias[e],
+                           None if down_bias is None else down_bias[e], act))
         start += n
     return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
 
@@ -91,17 +145,19 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
         index = index_tensor(src + dest)
         batched_gemms()
         y = padded_swiglu(x.index_select(0, index[:len(src)]).view(len(per_expert), width, -1),
-                          group.gate_up, group.down)  # [G, M, D]
+                          group.gate_up, group.down, group.gate_up_bias, group.down_bias,
+                          group.act)  # [G, M, D]
         return y.view(len(src), -1).index_select(0, index[len(src):])
     merged = len(xs) > 1
     if merged:
         index = index_tensor(order + _inverse(order))
         x = x.index_select(0, index[:len(order)])
     outs, row = [], 0
-    for (gate_up, down), n in zip(group.per_expert, per_expert):
+    for (gate_up, down, gate_up_bias, down_bias), n in zip(group.per_expert, per_expert):
         if n:
             rows_per_weight(n)
-            outs.append(swiglu(x[row:row + n], gate_up, down))
+            outs.append(swiglu(x[row:row + n], gate_up, down, gate_up_bias, down_bias,
+                               group.act))
             row += n
     y = outs[0] if len(outs) == 1 else torch.cat(outs)
     return y.index_select(0, index[len(order):]) if merged else y
@@ -112,14 +168,16 @@ def swiglu_batches_grouped(xs: list[torch.Tensor], ends: list[torch.Tensor],
     """`swiglu_batches_cpu` as grouped GEMMs, with no host round trip (accelerators); ends
     [batch][G] (int32) cumulative row ends per expert."""
     if len(xs) == 1:
-        return grouped_swiglu(xs[0], ends[0], group.gate_up, group.down)
+        return grouped_swiglu(xs[0], ends[0], group.gate_up, group.down, group.gate_up_bias,
+                              group.down_bias, group.act)
     # merge the batches so that each expert's rows are contiguous
     counts = [torch.diff(e, prepend=e.new_zeros(1)) for e in ends]
     expert_of_row = torch.cat([
         torch.repeat_interleave(torch.arange(len(c), device=c.device), c) for c in counts])
     perm = torch.argsort(expert_of_row, stable=True)
     merged_ends = torch.stack(counts).sum(0).cumsum(0, dtype=torch.int32)
-    y = grouped_swiglu(torch.cat(xs)[perm], merged_ends, group.gate_up, group.down)
+    y = grouped_swiglu(torch.cat(xs)[perm], merged_ends, group.gate_up, group.down,
+                       group.gate_up_bias, group.down_bias, group.act)
     unsorted = torch.empty_like(y)
     unsorted[perm] = y
     return unsorted

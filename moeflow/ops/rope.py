@@ -27,7 +27,9 @@ def inv_frequencies(rope: RopeSpec) -> tuple[torch.Tensor, float]:
         return inv / rope.factor, 1.0
     # YaRN: blend interpolated and extrapolated frequencies over a ramp of dimensions.
     factor = rope.factor
-    if rope.mscale and rope.mscale_all_dim:
+    if rope.attention_factor is not None:
+        scaling = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
         scaling = _yarn_mscale(factor, rope.mscale) / _yarn_mscale(factor, rope.mscale_all_dim)
     else:
         scaling = _yarn_mscale(factor, 1.0)
@@ -36,8 +38,11 @@ def inv_frequencies(rope: RopeSpec) -> tuple[torch.Tensor, float]:
         return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))
                 / (2 * math.log(rope.theta)))
 
-    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    low: float = correction_dim(rope.beta_fast)
+    high: float = correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

@@ -10,11 +10,13 @@ import torch
 from moeflow.models.spec import MoESpec
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor, moe: MoESpec) -> torch.Tensor:
-    """x [T, D], weight [E, D] -> logits [T, E]"""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, moe: MoESpec,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, D], weight [E, D], bias [E] or None -> logits [T, E]"""
     if moe.router_fp32:
-        return torch.nn.functional.linear(x.float(), weight.float())
-    return torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x.float(), weight.float(),
+                                          None if bias is None else bias.float())
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def route(logits: torch.Tensor, moe: MoESpec, bias: torch.Tensor | None = None

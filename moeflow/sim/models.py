@@ -1,6 +1,6 @@
 """Model presets for simulation: published MoE models from their config shapes alone.
 
-The five families moeflow loads are written as the `config.json` their hub checkpoints
+The families moeflow loads are written as the `config.json` their hub checkpoints
 publish, parsed by the same family adapters as a real checkpoint. DBRX, which moeflow does
 not load, is described directly as a ModelSpec.
 
@@ -57,6 +57,27 @@ _CONFIGS: dict[str, dict[str, Any]] = {
             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
         "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "bos_token_id": 0,
         "eos_token_id": 1},
+    # GPT-OSS: the hub stores the experts in MXFP4; these presets simulate bf16 weights
+    "gpt-oss-120b": {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+        "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128,
+        "num_experts_per_tok": 4, "sliding_window": 128, "attention_bias": True,
+        "max_position_embeddings": 131072, "rope_theta": 150000.0, "rope_scaling": {
+            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 4096},
+        "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "eos_token_id": 200002},
+    "gpt-oss-20b": {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+        "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
+        "num_experts_per_tok": 4, "sliding_window": 128, "attention_bias": True,
+        "max_position_embeddings": 131072, "rope_theta": 150000.0, "rope_scaling": {
+            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+            "truncate": False, "original_max_position_embeddings": 4096},
+        "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "eos_token_id": 200002},
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,

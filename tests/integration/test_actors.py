@@ -21,7 +21,8 @@ from moeflow.serve.llm import LLM
 from moeflow.ops.sampling import SamplingParams
 from moeflow.testing.conformance import record_generation
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "gpt_oss")
 PROMPTS = [[5, 17, 33, 2, 99, 250, 7], [8, 9, 10], [300, 301, 302, 303, 304, 305, 306, 40, 41]]
 STEPS = 8
 

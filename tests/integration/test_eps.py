@@ -16,7 +16,8 @@ from moeflow.testing import check_scheduler
 from moeflow.testing.conformance import record_generation
 from moeflow.testing.eps import num_stages
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "gpt_oss")
 PROMPTS = [[5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301], [8, 9, 10],
            [300, 301, 302, 303, 304, 305, 306, 40, 41], [77, 78]]
 ATOL = 1e-4  # as the transformers oracle

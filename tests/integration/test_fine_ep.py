@@ -75,7 +75,7 @@ def generate(executor, spec, scheduler, cluster):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"])
 def test_fine_ep_matches_batch_ep_in_process_and_across_actor_processes(family, tiny_factory):
     path = tiny_factory(family)
     spec = load_spec(path)

@@ -78,8 +78,8 @@ def test_unknown_family(ckpt):
 
 def test_unknown_family_lists_the_supported_ones(ckpt):
     edit_config(ckpt, model_type="llama")
-    with pytest.raises(ConfigError, match=r"supported: deepseek_v2, deepseek_v3, mixtral, "
-                                          r"olmoe, qwen2_moe, qwen3_moe"):
+    with pytest.raises(ConfigError, match=r"supported: deepseek_v2, deepseek_v3, gpt_oss, "
+                                          r"mixtral, olmoe, qwen2_moe, qwen3_moe"):
         load_spec(ckpt)
 
 
@@ -198,3 +198,44 @@ def test_cli_reports_bad_input_in_one_line(ckpt, capsys):
     assert code == 2
     assert err.startswith("moeflow generate: error: ") and "unknown model family 'gpt2'" in err
     assert "Traceback" not in err
+
+
+# VmHWM: this process's peak RSS in kB (ru_maxrss would carry the parent's over exec)
+LOAD_PEAK = """
+import sys
+import torch
+from moeflow.serve.llm import LLM
+
+
+def peak():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+base = peak()
+llm = LLM(sys.argv[1], devices="cpu:0", dtype="float32")
+stacks = llm.engine.executor.workers["cpu:0"].experts.values()
+size = sum(t.numel() * t.element_size() for s in stacks for t in (s.gate_up, s.down))
+print(peak() - base, size)
+"""
+
+
+def test_mxfp4_experts_load_near_their_dequantized_size(tiny_factory):
+    """MXFP4 experts are dequantized one at a time: loading peaks near the size of the
+    dequantized experts, not at several times it."""
+    import subprocess
+    import sys
+
+    from moeflow.models.tiny import TinyShape
+
+    shape = TinyShape(layers=2, experts=32, top_k=4, hidden=512, heads=8, kv_heads=2,
+                      head_dim=64, intermediate=512)
+    path = tiny_factory("gpt_oss", shape=shape, mxfp4=True)
+    run = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    growth, experts = map(int, run.stdout.split())
+    assert experts == 2 * 32 * 3 * 512 * 512 * 4  # fp32 gate/up and down
+    print(f"MXFP4 load: peak grew {growth / 2**20:.0f} MiB for {experts / 2**20:.0f} MiB "
+          f"of dequantized experts")
+    assert growth <= 1.5 * experts + (64 << 20)

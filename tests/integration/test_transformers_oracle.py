@@ -8,7 +8,8 @@ import torch
 
 from moeflow.serve.llm import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+            "gpt_oss")
 PROMPT = [5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301]
 DECODE_STEPS = 10
 ATOL = 1e-4
@@ -152,6 +153,7 @@ SAVED_BY_TRANSFORMERS = {
                         q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                         v_head_dim=16, n_shared_experts=1, first_k_dense_replace=1,
                         n_group=4, topk_group=2, num_key_value_heads=4),
+    "gpt_oss": dict(num_local_experts=4, head_dim=16, sliding_window=4),
 }
 
 
@@ -171,9 +173,34 @@ def test_checkpoints_transformers_saves_load_and_match(family, tmp_path, step_ru
     # shards, as large checkpoints come
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    ref_logits, ref_tokens = hf_greedy_steps(model, PROMPT, 4)
+    ref_logits, ref_tokens = hf_greedy_steps(model, PROMPT, 8)
     runner = step_runner(LLM(tmp_path, devices="cpu:0,cpu:1", dtype="float32"))
-    logits, tokens = moeflow_greedy_steps(runner, PROMPT, 4)
+    logits, tokens = moeflow_greedy_steps(runner, PROMPT, 8)
     assert tokens == ref_tokens
     for step, (ours, theirs) in enumerate(zip(logits, ref_logits)):
         assert (ours - theirs).abs().max() <= ATOL, step
+
+
+def test_mxfp4_experts_match_transformers_own_dequantization(tiny_factory, step_runner):
+    """A gpt_oss checkpoint whose experts are MXFP4-packed as the hub's are: transformers
+    dequantizes it its own way, moeflow its own, and the logits agree."""
+    pytest.importorskip("accelerate")  # transformers' mxfp4 loader needs it
+    path = tiny_factory("gpt_oss", mxfp4=True)
+    assert any(k.endswith("gate_up_proj_blocks") for k in _tensor_names(path))
+    ref_logits, ref_tokens = hf_greedy_steps(hf_model(path), PROMPT, 8)
+    for devices in ("cpu:0", "cpu:0,cpu:1"):
+        runner = step_runner(LLM(path, devices=devices, dtype="float32"))
+        logits, tokens = moeflow_greedy_steps(runner, PROMPT, 8)
+        assert tokens == ref_tokens
+        for step, (ours, theirs) in enumerate(zip(logits, ref_logits)):
+            assert (ours - theirs).abs().max() <= ATOL, (devices, step)
+
+
+def _tensor_names(path) -> list[str]:
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names += list(f.keys())
+    return names

@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moeflow.models.spec import MoESpec, RopeSpec
 from moeflow.ops.attention import (
     SMALL_DECODE_PRODUCTS, decode_attention, decode_mask, prefill_attention,
 )
 from moeflow.ops.backend import OneThread, index_tensor, padded_experts_pay
-from moeflow.ops.experts import grouped_swiglu, grouped_swiglu_ref, padded_swiglu
+from moeflow.ops.experts import (Activation, grouped_swiglu, grouped_swiglu_ref,
+                                 padded_swiglu)
 from moeflow.ops.norm import rms_norm, rms_norm_ref
 from moeflow.ops.rope import (
     RopeTable, apply_half_rotation, apply_rope, half_rotation_tables, inv_frequencies,
@@ -96,6 +98,33 @@ def test_padded_swiglu_matches_per_expert_loop():
     out = padded_swiglu(padded, gate_up, down)
     got = torch.cat([out[e, :n] for e, n in enumerate(counts)])
     assert torch.allclose(got, grouped_swiglu_ref(x, counts, gate_up, down), atol=1e-4)
+
+
+def test_expert_paths_take_biases_and_the_clamped_swiglu():
+    """GPT-OSS's experts (biases, clamped SwiGLU) through the grouped and padded paths equal
+    the per-expert loop, which equals the formula written out."""
+    torch.manual_seed(2)
+    counts = [3, 0, 2, 1]
+    x = torch.randn(sum(counts), 16)
+    gate_up, down = torch.randn(4, 24, 16), torch.randn(4, 16, 12)
+    gu_bias, d_bias = torch.randn(4, 24), torch.randn(4, 16)
+    act = Activation(limit=1.5, alpha=1.702)
+    ref = grouped_swiglu_ref(x, counts, gate_up, down, gu_bias, d_bias, act)
+    h = F.linear(x[:3], gate_up[0], gu_bias[0])
+    gate, up = h[:, :12].clamp(max=1.5), h[:, 12:].clamp(-1.5, 1.5)
+    written = F.linear((up + 1) * gate * torch.sigmoid(1.702 * gate), down[0], d_bias[0])
+    assert torch.allclose(ref[:3], written, atol=1e-5)
+    ends = torch.tensor(counts).cumsum(0, dtype=torch.int32)
+    assert torch.allclose(grouped_swiglu(x, ends, gate_up, down, gu_bias, d_bias, act), ref,
+                          atol=1e-4)
+    padded = torch.zeros(4, 3, 16)
+    start = 0
+    for e, n in enumerate(counts):
+        padded[e, :n] = x[start:start + n]
+        start += n
+    out = padded_swiglu(padded, gate_up, down, gu_bias, d_bias, act)
+    got = torch.cat([out[e, :n] for e, n in enumerate(counts)])
+    assert torch.allclose(got, ref, atol=1e-4)
 
 
 def test_one_thread_restores_the_thread_count():
@@ -182,3 +211,24 @@ def test_routers():
         allowed = [e for g in best_groups for e in (2 * g, 2 * g + 1)]
         assert set(chosen) <= set(allowed)
         assert sorted(chosen) == sorted(sorted(allowed, key=lambda e: -row[e])[:2])
+
+
+def test_attention_sinks_take_a_share_of_each_softmax():
+    """A sink of -inf changes nothing; a finite one scales each row by
+    sum(exp(scores)) / (sum(exp(scores)) + exp(sink)), in prefill and in decode alike."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8)
+    plain = prefill_attention(q, k, v, 0, 0.3)
+    assert torch.allclose(prefill_attention(q, k, v, 0, 0.3, sinks=torch.full((4,), -1e9)),
+                          plain, atol=1e-6)
+    sinks = torch.randn(4)
+    kh = k.repeat_interleave(2, dim=1)  # [L, H, d]
+    scores = torch.einsum("nhd,lhd->hnl", q, kh) * 0.3
+    scores = scores.masked_fill(torch.ones(5, 5).triu(1).bool(), float("-inf"))
+    mass = scores.exp().sum(-1)  # [H, n]
+    share = (mass / (mass + sinks[:, None].exp())).T[..., None]  # [n, H, 1]
+    with_sinks = prefill_attention(q, k, v, 0, 0.3, sinks=sinks)
+    assert torch.allclose(with_sinks, plain * share, atol=1e-5)
+    # the last token decoding against the five keys gives the prefill's last row
+    last = decode_attention(q[None, -1], k[None], v[None], None, 0.3, sinks)
+    assert torch.allclose(last[0], with_sinks[-1], atol=1e-5)

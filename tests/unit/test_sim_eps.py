@@ -170,3 +170,16 @@ def test_deepseek_v3_simulates_at_its_own_shape(capsys):
                  "fp8", "--workload", "burst", "--num-requests", "2", "--prompt-len",
                  "fixed:64", "--output-len", "fixed:2"]) == 0
     assert "deepseek-v3 on h200x8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, layers, experts", [("gpt-oss-120b", 36, 128),
+                                                   ("gpt-oss-20b", 24, 32)])
+def test_gpt_oss_presets_simulate(name, layers, experts, capsys):
+    spec = models.load(name)
+    assert (spec.family, len(spec.layers), spec.moe.num_experts, spec.attention.sinks) == (
+        "gpt_oss", layers, experts, True)
+    assert [layer.sliding_window for layer in spec.layers[:2]] == [128, None]
+    assert main(["simulate", "--model", name, "--hardware", "h100x8", "--workload", "burst",
+                 "--num-requests", "2", "--prompt-len", "fixed:64", "--output-len",
+                 "fixed:2"]) == 0
+    assert f"{name} on h100x8" in capsys.readouterr().out
