@@ -68,16 +68,6 @@ _CONFIGS: dict[str, dict[str, Any]] = {
             "truncate": False, "original_max_position_embeddings": 4096},
         "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
         "eos_token_id": 200002},
-    "gpt-oss-20b": {
-        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
-        "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
-        "num_experts_per_tok": 4, "sliding_window": 128, "attention_bias": True,
-        "max_position_embeddings": 131072, "rope_theta": 150000.0, "rope_scaling": {
-            "rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-            "truncate": False, "original_max_position_embeddings": 4096},
-        "swiglu_limit": 7.0, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
-        "eos_token_id": 200002},
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
         "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
@@ -93,6 +83,11 @@ _CONFIGS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": False, "max_position_embeddings": 4096, "rope_theta": 10000.0,
         "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "eos_token_id": 50279},
 }
+
+
+# gpt-oss-20b: 120b's shape with 24 layers of 32 experts
+_CONFIGS["gpt-oss-20b"] = {**_CONFIGS["gpt-oss-120b"], "num_hidden_layers": 24,
+                           "num_local_experts": 32}
 
 
 def _dbrx() -> ModelSpec:
