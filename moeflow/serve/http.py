@@ -35,16 +35,17 @@ import hmac
 import json
 import logging
 import socket
-import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from moeflow.ops.sampling import SamplingParams
 from moeflow.serve import protocol as p
 from moeflow.serve.events import EngineStopped, Event, FinalEvent, OverloadedError
 from moeflow.serve.chat import ChatTemplate, ChatTemplateError, GenerationDefaults
+from moeflow.serve.openai_schema import (
+    ApiError, Call, Fields, bad, check_names, fit_sampling, json_brief, parse_call,
+    parse_messages,
+)
+from moeflow.serve.sse import Chunks, HoldBack, sse_json
 
 if TYPE_CHECKING:
     from moeflow.serve.server import RequestServer
@@ -55,31 +56,7 @@ MAX_BODY_BYTES = 8 << 20  # as the ZeroMQ side's largest message
 INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 GRACEFUL_S = 10  # at shutdown, how long uvicorn waits for calls to end
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
-OPENAI_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-class ApiError(Exception):
-    """A call answered with an OpenAI error body instead of being served."""
-
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status,
-                                                                          "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    @staticmethod
-    def of(error: p.ProtocolError) -> ApiError:
-        status = 429 if error.code == p.OVERLOADED else 400
-        return ApiError(status, error.message, error.field, error.code)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -113,74 +90,6 @@ def check_http_bind(address: str, api_key: str | None) -> None:
             f"(or the MOEFLOW_API_KEY environment variable); put TLS in a reverse proxy")
 
 
-# -- requests ------------------------------------------------------------------------
-
-COMMON_FIELDS = frozenset({
-    "model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "stream", "stream_options", "n", "logprobs", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "user", "logit_bias", "return_token_ids"})
-COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
-CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs",
-                               "response_format", "tools", "tool_choice",
-                               "add_generation_prompt"}
-# OpenAI fields whose only value served is the neutral one (anything else: a 400 saying so)
-NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "logit_bias": (None, {}), "echo": (None, False),
-    "best_of": (None, 1), "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
-    "response_format": (None, {"type": "text"})}
-
-
-@dataclass(eq=False)
-class _Call:
-    """One HTTP generation: what was asked, and its state while it runs."""
-
-    chat: bool
-    model: str
-    prompt_text: str | None
-    prompt_ids: list[int] | None
-    sampling: dict[str, Any]  # SamplingParams' fields; max_new_tokens 0 until fitted
-    stream: bool
-    include_usage: bool
-    return_token_ids: bool = False  # vLLM's: the ids beside the text
-    params: SamplingParams | None = None  # once fitted to the prompt
-    id: str = ""
-    created: int = 0
-    task: asyncio.Task[Any] | None = None
-    abort_reason: str | None = None  # "shutdown"
-
-    def __post_init__(self) -> None:
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-
-
-class _Fields(p._Checker):
-    """Reads one JSON request's fields, raising a 400 that names the offending one."""
-
-    def __init__(self, obj: dict[str, Any]) -> None:
-        super().__init__(obj, "")
-
-    def fail(self, name: str, expected: str) -> p.ProtocolError:
-        return p.ProtocolError(p.INVALID_REQUEST, f"{name}: expected {expected}, got "
-                                                  f"{_json_brief(self.obj[name])}", None, name)
-
-    def optional(self, name: str) -> bool:
-        return self.obj.get(name) is not None  # JSON null means "not given", as OpenAI
-
-
-def _json_brief(value: Any) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bad(param: str | None, message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code or p.INVALID_REQUEST)
-
-
 class OpenAIFrontEnd:
     """The HTTP routes over a RequestServer's engine; `start()` binds, `run()` serves."""
 
@@ -195,7 +104,7 @@ class OpenAIFrontEnd:
         self.model_name = served_model_name or config.model
         self.template = ChatTemplate.load(config.model, chat_template)
         self.defaults = GenerationDefaults.load(config.model)
-        self.calls: set[_Call] = set()
+        self.calls: set[Call] = set()
         self.address: str | None = None  # http://host:port once bound
         self._socket: socket.socket | None = None
         self._uvicorn: Any = None
@@ -301,14 +210,14 @@ class OpenAIFrontEnd:
             obj = await self._read_json(request)
             fields = {"model", "prompt", "messages", "add_generation_prompt",
                       "add_special_tokens"}
-            _check_names(obj, fields)
+            check_names(obj, fields)
             if ("prompt" in obj) == ("messages" in obj):
-                raise _bad("prompt", "give exactly one of prompt and messages")
+                raise bad("prompt", "give exactly one of prompt and messages")
             if "prompt" in obj:
-                check = _Fields(obj)
+                check = Fields(obj)
                 ids = await self._encode(check.string("prompt"))
             else:
-                add = _Fields(obj).boolean("add_generation_prompt", True)
+                add = Fields(obj).boolean("add_generation_prompt", True)
                 ids = await self._encode(self._render(obj["messages"], add))
         except ApiError as exc:
             return self._error(exc)
@@ -321,9 +230,14 @@ class OpenAIFrontEnd:
 
     async def _serve_call(self, request: Any, chat: bool) -> Any:
         try:
-            call = self._parse(await self._read_json(request), chat)
+            call = parse_call(await self._read_json(request), chat,
+                              model_name=self.model_name,
+                              max_new_tokens=self.server.limits.max_new_tokens,
+                              defaults=self.defaults, render=self._render)
             prompt_ids = await self._prompt_ids(call)
-            params = self._fit(call, len(prompt_ids))
+            params = fit_sampling(call, len(prompt_ids),
+                                  self.server.engine.spec.max_position_embeddings,
+                                  self.server.limits.max_new_tokens, self.defaults)
             engine_id = await self.server.engine.add(prompt_ids, params)
         except ApiError as exc:
             return self._error(exc)
@@ -341,134 +255,41 @@ class OpenAIFrontEnd:
                                      media_type="text/event-stream", headers=SSE_HEADERS)
         return await self._whole(request, call, engine_id, prompt_ids)
 
-    def _parse(self, obj: dict[str, Any], chat: bool) -> _Call:
-        _check_names(obj, CHAT_FIELDS if chat else COMPLETION_FIELDS)
-        for name, allowed in NEUTRAL.items():
-            value = obj.get(name)
-            if value is not None and not any(
-                    value == v and isinstance(value, bool) == isinstance(v, bool)
-                    for v in allowed):
-                raise _bad(name, f"{name}: {_json_brief(obj[name])} is not supported by this "
-                                 f"server (it serves {_json_brief(allowed[-1])} only)",
-                           "unsupported")
-        check = _Fields(obj)
-        if "model" not in obj:
-            raise _bad("model", "model: missing (GET /v1/models lists this server's)")
-        model = check.string("model")
-        if model != self.model_name:
-            raise ApiError(404, f"model: {model!r} is not served here (this server serves "
-                                f"{self.model_name!r})", "model", "model_not_found")
-        text = ids = None
-        if chat:
-            if "messages" not in obj:
-                raise _bad("messages", "messages: missing")
-            add = check.boolean("add_generation_prompt", True)
-            text = self._render(obj["messages"], add)
-        else:
-            if "prompt" not in obj:
-                raise _bad("prompt", "prompt: missing")
-            text, ids = _prompt(obj["prompt"])
-        stream = check.boolean("stream", False)
-        include_usage = False
-        if check.optional("stream_options"):
-            options = obj["stream_options"]
-            if not stream:
-                raise _bad("stream_options", "stream_options: only with stream true")
-            if not isinstance(options, dict) or set(options) - {"include_usage"}:
-                raise _bad("stream_options", f"stream_options: expected "
-                                             f"{{\"include_usage\": bool}}, got "
-                                             f"{_json_brief(options)}")
-            include_usage = options.get("include_usage") is True
-        limit = self.server.limits.max_new_tokens
-        max_tokens = None
-        for name in ("max_tokens", "max_completion_tokens"):
-            if check.optional(name):
-                max_tokens = check.integer(name, None, 1, limit)
-        stop: tuple[str, ...] = ()
-        if check.optional("stop"):
-            value = obj["stop"]
-            stop = (value,) if isinstance(value, str) else check.str_list("stop")
-            if any(not s for s in stop):
-                raise _bad("stop", "stop: stop strings must be non-empty")
-            if len(stop) > p.MAX_STOP_STRINGS or any(len(s) > p.MAX_STOP_CHARS for s in stop):
-                raise _bad("stop", f"stop: at most {p.MAX_STOP_STRINGS} strings of at most "
-                                   f"{p.MAX_STOP_CHARS} characters")
-        stop_ids = check.int_list("stop_token_ids", True, low=0) \
-            if check.optional("stop_token_ids") else ()
-        if len(stop_ids) > p.MAX_STOP_TOKEN_IDS:
-            raise _bad("stop_token_ids", f"stop_token_ids: at most {p.MAX_STOP_TOKEN_IDS} ids")
-        d = self.defaults
-        top_k = (check.integer("top_k", 0, -1, None) if check.optional("top_k")
-                 else d.get("top_k", 0))
-        if check.optional("user"):
-            check.string("user")
-        sampling = dict(
-            max_new_tokens=max_tokens or 0,  # 0: fitted to the prompt in _fit
-            temperature=(check.number("temperature", 1.0, low=0.0) if check.optional(
-                "temperature") else d.get("temperature", 1.0)),
-            top_p=(check.number("top_p", 1.0, low=0.0, low_open=True, high=1.0)
-                   if check.optional("top_p") else d.get("top_p", 1.0)),
-            top_k=max(0, top_k),
-            seed=check.integer("seed", None, 0, p.MAX_SEED) if check.optional("seed") else None,
-            stop=stop, stop_token_ids=tuple(stop_ids),
-            ignore_eos=check.boolean("ignore_eos", False) if check.optional("ignore_eos")
-            else False)
-        return _Call(chat, model, text, ids, sampling, stream, include_usage,
-                     check.boolean("return_token_ids", False)
-                     if check.optional("return_token_ids") else False)
-
-    def _fit(self, call: _Call, num_prompt: int) -> SamplingParams:
-        """The request's SamplingParams, with max_tokens defaulted: OpenAI's 16 for
-        completions, the rest of the context for chat (both capped by the server's limit
-        and generation_config.json's max_new_tokens)."""
-        values = dict(call.sampling)
-        room = self.server.engine.spec.max_position_embeddings - num_prompt
-        if not values["max_new_tokens"]:
-            default = OPENAI_DEFAULT_MAX_TOKENS if not call.chat else room
-            default = self.defaults.get("max_new_tokens", default)
-            values["max_new_tokens"] = max(1, min(default, room,
-                                                  self.server.limits.max_new_tokens))
-        try:
-            call.params = SamplingParams(**values)
-        except ValueError as exc:
-            raise _bad(None, str(exc)) from None
-        return call.params
-
-    async def _prompt_ids(self, call: _Call) -> list[int]:
+    async def _prompt_ids(self, call: Call) -> list[int]:
         limits = self.server.limits
         if call.prompt_ids is not None:
             ids = call.prompt_ids
-            bad = [t for t in ids if not 0 <= t < (limits.vocab_size or 1 << 62)]
-            if bad:
-                raise _bad("prompt", f"prompt: token ids {bad[:5]} are outside the vocabulary "
-                                     f"[0, {limits.vocab_size})")
+            outside = [t for t in ids if not 0 <= t < (limits.vocab_size or 1 << 62)]
+            if outside:
+                raise bad("prompt", f"prompt: token ids {outside[:5]} are outside the vocabulary "
+                                    f"[0, {limits.vocab_size})")
         else:
             assert call.prompt_text is not None
             p.check_prompt_bytes(call.prompt_text, limits, None)
             ids = await self._encode(call.prompt_text)
         if not ids:
-            raise _bad("messages" if call.chat else "prompt", "the prompt is empty")
+            raise bad("messages" if call.chat else "prompt", "the prompt is empty")
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
-            raise _bad("messages" if call.chat else "prompt",
-                       f"the prompt has {len(ids)} tokens; this server takes at most "
-                       f"{limits.max_prompt_tokens}", "context_length_exceeded")
+            raise bad("messages" if call.chat else "prompt",
+                      f"the prompt has {len(ids)} tokens; this server takes at most "
+                      f"{limits.max_prompt_tokens}", "context_length_exceeded")
         return ids
 
     async def _encode(self, text: str) -> list[int]:
         if self.server.engine.tokenizer is None:
-            raise _bad("prompt", "this model has no tokenizer: send the prompt as token ids")
+            raise bad("prompt", "this model has no tokenizer: send the prompt as token ids")
         return await asyncio.to_thread(self.server.engine.encode, text)
 
     def _render(self, messages: Any, add_generation_prompt: bool) -> str:
         if self.template is None:
-            raise _bad("messages", "this model has no chat template (no chat_template in "
-                                   "tokenizer_config.json, no chat_template.jinja): start the "
-                                   "server with --chat-template FILE, or use /v1/completions",
-                       "no_chat_template")
+            raise bad("messages", "this model has no chat template (no chat_template in "
+                                  "tokenizer_config.json, no chat_template.jinja): start the "
+                                  "server with --chat-template FILE, or use /v1/completions",
+                      "no_chat_template")
         try:
-            return self.template.render(_messages(messages), add_generation_prompt)
+            return self.template.render(parse_messages(messages), add_generation_prompt)
         except ChatTemplateError as exc:
-            raise _bad("messages", f"messages: {exc}") from None
+            raise bad("messages", f"messages: {exc}") from None
 
     async def _read_json(self, request: Any) -> dict[str, Any]:
         size = request.headers.get("content-length")
@@ -485,10 +306,10 @@ class OpenAIFrontEnd:
             obj = (await asyncio.to_thread(json.loads, body) if len(body) > INLINE_PARSE_BYTES
                    else json.loads(body))
         except (ValueError, RecursionError) as exc:
-            raise _bad(None, f"the body is not valid JSON ({exc})", "malformed") from None
+            raise bad(None, f"the body is not valid JSON ({exc})", "malformed") from None
         if not isinstance(obj, dict):
-            raise _bad(None, f"the body must be a JSON object, got {_json_brief(obj)}",
-                       "malformed")
+            raise bad(None, f"the body must be a JSON object, got {json_brief(obj)}",
+                      "malformed")
         return obj
 
     # -- answering -----------------------------------------------------------------
@@ -499,7 +320,7 @@ class OpenAIFrontEnd:
             rejected(error.code or str(error.status))
         return _json(error.body(), error.status)
 
-    async def _events(self, call: _Call, engine_id: int) -> AsyncIterator[Event | None]:
+    async def _events(self, call: Call, engine_id: int) -> AsyncIterator[Event | None]:
         """The request's events; None once, in place of the final, when the call was
         aborted (shutdown). Cancelling the caller aborts the request in the engine."""
         call.task = asyncio.current_task()
@@ -519,10 +340,10 @@ class OpenAIFrontEnd:
         finally:
             self.calls.discard(call)
 
-    async def _sse(self, call: _Call, engine_id: int, num_prompt: int
+    async def _sse(self, call: Call, engine_id: int, num_prompt: int
                    ) -> AsyncIterator[bytes]:
-        chunks = _Chunks(call)
-        held = _HoldBack(call.sampling["stop"])
+        chunks = Chunks(call)
+        held = HoldBack(call.sampling["stop"])
         if call.chat:
             yield chunks.first()
         # the last token's text and id wait for the finish_reason, sent with them
@@ -535,7 +356,7 @@ class OpenAIFrontEnd:
                 if event is not None:
                     num_prompt, num_tokens = event.prompt_tokens, event.completion_tokens
                 if reason.startswith("error"):
-                    yield _sse_json(ApiError(500, reason, None, "internal").body())
+                    yield sse_json(ApiError(500, reason, None, "internal").body())
                 else:
                     yield chunks.last(text, reason, last_id)
                     if call.include_usage:
@@ -548,10 +369,10 @@ class OpenAIFrontEnd:
             else:
                 yield chunks.token(held.add(event.text), event.token_id)
         # the engine stopped without a final (it is shutting down)
-        yield _sse_json(ApiError(503, "the engine stopped", None, "unavailable").body())
+        yield sse_json(ApiError(503, "the engine stopped", None, "unavailable").body())
         yield b"data: [DONE]\n\n"
 
-    async def _whole(self, request: Any, call: _Call, engine_id: int, prompt_ids: list[int]
+    async def _whole(self, request: Any, call: Call, engine_id: int, prompt_ids: list[int]
                      ) -> Any:
         async def collect() -> FinalEvent | None:
             async for event in self._events(call, engine_id):
@@ -601,151 +422,6 @@ class OpenAIFrontEnd:
         return _json({"id": call.id, "object": "chat.completion" if call.chat
                       else "text_completion", "created": call.created, "model": call.model,
                       "choices": [choice], "usage": usage})
-
-
-def _check_names(obj: dict[str, Any], allowed: frozenset[str] | set[str]) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise _bad(key, f"{key}: unknown field (this endpoint takes "
-                            f"{', '.join(sorted(allowed))})")
-
-
-def _prompt(value: Any) -> tuple[str | None, list[int] | None]:
-    """A completion's prompt: a string or a list of token ids, or a list of one of either."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
-    elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
-        raise _bad("prompt", f"prompt: {len(value)} prompts; this server takes one per request")
-    if isinstance(value, str):
-        return value, None
-    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                       for t in value):
-        return None, list(value)
-    raise _bad("prompt", f"prompt: expected a string or a list of token ids, got "
-                         f"{_json_brief(value)}")
-
-
-def _messages(value: Any) -> list[dict[str, Any]]:
-    """Chat messages, checked: role and content (a string, or a list of text parts)."""
-    if not isinstance(value, list) or not value:
-        raise _bad("messages", f"messages: expected a non-empty list, got {_json_brief(value)}")
-    out = []
-    for i, message in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _bad("messages", f"{where}: expected an object, got {_json_brief(message)}")
-        unknown = set(message) - {"role", "content", "name"}
-        if unknown:
-            raise _bad("messages", f"{where}: unknown field {sorted(unknown)[0]!r} (a message "
-                                   f"has role, content and name)")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise _bad("messages", f"{where}.role: expected system, developer, user or "
-                                   f"assistant, got {_json_brief(role)}")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str) and set(part) == {"type", "text"}):
-                    raise _bad("messages", f"{where}.content: only text parts are served, got "
-                                           f"{_json_brief(part)}")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise _bad("messages", f"{where}.content: expected a string, got "
-                                   f"{_json_brief(content)}")
-        entry = {"role": role, "content": content}
-        if isinstance(message.get("name"), str):
-            entry["name"] = message["name"]
-        out.append(entry)
-    return out
-
-
-class _HoldBack:
-    """Streamed text never shows a stop string: text that could be the start of one waits
-    until the next token shows it is not (the final text, cut by the engine, ends it)."""
-
-    def __init__(self, stop: tuple[str, ...]) -> None:
-        self.stop = stop
-        self.keep = max((len(s) for s in stop), default=1) - 1
-        self.text = ""
-        self.sent = 0
-
-    def add(self, piece: str) -> str:
-        if not self.stop:
-            self.sent += len(piece)
-            self.text += piece
-            return piece
-        self.text += piece
-        end = len(self.text) - self.keep
-        start = max(0, self.sent - self.keep - len(piece))
-        for s in self.stop:
-            hit = self.text.find(s, start)
-            if hit >= 0:
-                end = min(end, hit)
-        if end <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-    def rest(self, final_text: str | None) -> str:
-        """What is left to send once the request ended (its authoritative final text, or
-        None when it was aborted: then the text so far, short of any stop string)."""
-        if final_text is None:
-            final_text = self.text
-            for s in self.stop:
-                hit = final_text.find(s)
-                if hit >= 0:
-                    final_text = final_text[:hit]
-        return final_text[self.sent:] if len(final_text) > self.sent else ""
-
-
-class _Chunks:
-    """The SSE chunks of one call, built from a prefix computed once."""
-
-    def __init__(self, call: _Call) -> None:
-        self.call = call
-        head = {"id": call.id, "object": "chat.completion.chunk" if call.chat
-                else "text_completion", "created": call.created, "model": call.model}
-        self.prefix = b"data: " + json.dumps(head)[:-1].encode() + b', "choices": [{"index": 0, '
-        self.suffix = (b', "usage": null}\n\n' if call.include_usage else b"}\n\n")
-
-    def _choice(self, text: str, reason: str | None, role: bool = False,
-                ids: list[int] | None = None) -> bytes:
-        finish = json.dumps(reason).encode()
-        if self.call.chat:
-            delta = {"role": "assistant", "content": text} if role else {"content": text}
-            body = b'"delta": ' + json.dumps(delta).encode()
-        else:
-            body = b'"text": ' + json.dumps(text).encode()
-        if self.call.return_token_ids and ids is not None:
-            body += b', "token_ids": ' + json.dumps(ids).encode()
-        return (self.prefix + body + b', "logprobs": null, "finish_reason": ' + finish + b"}]"
-                + self.suffix)
-
-    def first(self) -> bytes:
-        return self._choice("", None, role=True)
-
-    def token(self, text: str, token_id: int) -> bytes:
-        return self._choice(text, None, ids=[token_id])
-
-    def last(self, text: str, reason: str, ids: list[int]) -> bytes:
-        return self._choice(text, reason, ids=ids)
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        call = self.call
-        return _sse_json({"id": call.id, "object": "chat.completion.chunk" if call.chat
-                          else "text_completion", "created": call.created, "model": call.model,
-                          "choices": [], "usage": {
-                              "prompt_tokens": prompt_tokens,
-                              "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}})
-
-
-def _sse_json(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def _json(obj: Any, status: int = 200) -> Any:

@@ -1,0 +1,95 @@
+"""Server-sent events of the OpenAI API: one `data: {json}` chunk per generated token,
+each built from a prefix formatted once per call (the per-token cost is one json.dumps of
+the text), and the hold-back that keeps a stop string out of a stream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from moeflow.serve.openai_schema import Call
+
+
+class HoldBack:
+    """Streamed text never shows a stop string: text that could be the start of one waits
+    until the next token shows it is not (the final text, cut by the engine, ends it)."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.keep = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.sent = 0
+
+    def add(self, piece: str) -> str:
+        if not self.stop:
+            self.sent += len(piece)
+            self.text += piece
+            return piece
+        self.text += piece
+        end = len(self.text) - self.keep
+        start = max(0, self.sent - self.keep - len(piece))
+        for s in self.stop:
+            hit = self.text.find(s, start)
+            if hit >= 0:
+                end = min(end, hit)
+        if end <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def rest(self, final_text: str | None) -> str:
+        """What is left to send once the request ended (its authoritative final text, or
+        None when it was aborted: then the text so far, short of any stop string)."""
+        if final_text is None:
+            final_text = self.text
+            for s in self.stop:
+                hit = final_text.find(s)
+                if hit >= 0:
+                    final_text = final_text[:hit]
+        return final_text[self.sent:] if len(final_text) > self.sent else ""
+
+
+class Chunks:
+    """The SSE chunks of one call, built from a prefix computed once."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        head = {"id": call.id, "object": "chat.completion.chunk" if call.chat
+                else "text_completion", "created": call.created, "model": call.model}
+        self.prefix = b"data: " + json.dumps(head)[:-1].encode() + b', "choices": [{"index": 0, '
+        self.suffix = (b', "usage": null}\n\n' if call.include_usage else b"}\n\n")
+
+    def _choice(self, text: str, reason: str | None, role: bool = False,
+                ids: list[int] | None = None) -> bytes:
+        finish = json.dumps(reason).encode()
+        if self.call.chat:
+            delta = {"role": "assistant", "content": text} if role else {"content": text}
+            body = b'"delta": ' + json.dumps(delta).encode()
+        else:
+            body = b'"text": ' + json.dumps(text).encode()
+        if self.call.return_token_ids and ids is not None:
+            body += b', "token_ids": ' + json.dumps(ids).encode()
+        return (self.prefix + body + b', "logprobs": null, "finish_reason": ' + finish + b"}]"
+                + self.suffix)
+
+    def first(self) -> bytes:
+        return self._choice("", None, role=True)
+
+    def token(self, text: str, token_id: int) -> bytes:
+        return self._choice(text, None, ids=[token_id])
+
+    def last(self, text: str, reason: str, ids: list[int]) -> bytes:
+        return self._choice(text, reason, ids=ids)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        call = self.call
+        return sse_json({"id": call.id, "object": "chat.completion.chunk" if call.chat
+                          else "text_completion", "created": call.created, "model": call.model,
+                          "choices": [], "usage": {
+                              "prompt_tokens": prompt_tokens,
+                              "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}})
+
+
+def sse_json(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"

@@ -1,0 +1,67 @@
+"""The OpenAI request schema and the SSE hold-back, as pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeflow.serve.chat import GenerationDefaults
+from moeflow.serve.openai_schema import ApiError, fit_sampling, parse_call
+from moeflow.serve.sse import HoldBack
+
+
+def parse(body: dict, chat: bool = False, defaults: dict | None = None):
+    return parse_call({"model": "m", **body}, chat, model_name="m", max_new_tokens=4096,
+                      defaults=GenerationDefaults(defaults or {}),
+                      render=lambda messages, add: "|".join(m["content"] for m in messages))
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted():
+    call = parse({"prompt": "x", "n": 1, "logprobs": None, "presence_penalty": 0.0,
+                  "frequency_penalty": 0, "echo": False, "logit_bias": {}, "user": "u"})
+    assert call.prompt_text == "x"
+    with pytest.raises(ApiError) as info:
+        parse({"prompt": "x", "presence_penalty": 0.5})
+    assert (info.value.status, info.value.param, info.value.code) == (
+        400, "presence_penalty", "unsupported")
+    with pytest.raises(ApiError) as info:
+        parse({"prompt": "x", "logprobs": True})  # a bool is not the integer 0
+    assert info.value.param == "logprobs"
+
+
+def test_sampling_defaults_come_from_generation_config_unless_the_request_says():
+    defaults = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 100}
+    call = parse({"prompt": "x"}, defaults=defaults)
+    params = fit_sampling(call, 5, 2048, 4096, GenerationDefaults(defaults))
+    assert (params.temperature, params.top_p, params.top_k, params.max_new_tokens) == (
+        0.6, 0.95, 20, 100)
+    call = parse({"prompt": "x", "temperature": 0, "top_k": -1, "max_tokens": 7},
+                 defaults=defaults)
+    params = fit_sampling(call, 5, 2048, 4096, GenerationDefaults(defaults))
+    assert (params.temperature, params.top_k, params.max_new_tokens) == (0.0, 0, 7)
+
+
+def test_max_tokens_defaults_to_16_for_completions_and_the_context_for_chat():
+    none = GenerationDefaults({})
+    assert fit_sampling(parse({"prompt": "x"}), 5, 2048, 4096, none).max_new_tokens == 16
+    chat = parse({"messages": [{"role": "user", "content": "hi"}]}, chat=True)
+    assert chat.prompt_text == "hi"
+    assert fit_sampling(chat, 48, 2048, 4096, none).max_new_tokens == 2000
+    assert fit_sampling(chat, 48, 2048, 100, none).max_new_tokens == 100
+
+
+def test_a_stop_string_across_tokens_is_never_released():
+    held = HoldBack(("END",))
+    # the last len("END") - 1 characters wait, as they could begin it
+    out = [held.add(piece) for piece in ("abc", "E", "N", "D tail")]
+    assert out == ["a", "b", "c", ""]
+    assert held.rest("abc") == ""  # the engine's final text, cut at the stop
+    held = HoldBack(("END",))
+    out = [held.add(piece) for piece in ("abE", "Nx", "yz")]
+    assert out == ["a", "bE", "Nx"]  # "ENx" is not "END": released a token later
+    assert held.rest("abENxyz") == "yz"
+
+
+def test_without_stops_text_is_sent_as_it_comes():
+    held = HoldBack(())
+    assert [held.add(p) for p in ("a", "", "bc")] == ["a", "", "bc"]
+    assert held.rest("abc") == ""
