@@ -1,7 +1,11 @@
 """Soak: `moeflow serve` under Poisson load for minutes, with an actor faulted every 30 s.
 
     python benchmarks/soak.py [--minutes 10] [--rate 3] [--fault-every 30] [--json out.json]
-                              [--model DIR] [--scheduler fine-ep] [--transport zmq]
+                              [--model DIR] [--scheduler fine-ep] [--transport zmq] [--http]
+
+With `--http` the requests go through the OpenAI-compatible front end instead of ZeroMQ:
+half of them streamed, and one in five of the streams closed by the client after its
+second chunk (the server must abort it and free its KV cache; nothing is expected of it).
 
 The server runs with two actor processes (`--transport zmq --devices cpu:0,cpu:1`), or
 with both actors inside it (`--transport inproc`: no faults, the server's memory alone). Every
@@ -108,19 +112,91 @@ async def one(client: Any, prompt: list[int], expected: tuple[int, ...] | None,
     return None
 
 
+class HttpClient:
+    """The soak's requests over HTTP (aiohttp), with `one`'s accounting."""
+
+    def __init__(self, base_url: str, rng: random.Random) -> None:
+        import aiohttp
+
+        self.base_url, self.rng = base_url, rng
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            connector=aiohttp.TCPConnector(limit=0))
+        self.model = ""
+
+    async def one(self, prompt: list[int], expected: tuple[int, ...] | None,
+                  stats: dict[str, int]) -> tuple[int, ...] | None:
+        import aiohttp
+
+        if not self.model:
+            async with self.session.get(self.base_url + "/v1/models") as reply:
+                self.model = (await reply.json())["data"][0]["id"]
+        stream = expected is not None and self.rng.random() < 0.5
+        leave = stream and self.rng.random() < 0.2
+        body = {"model": self.model, "prompt": prompt, "max_tokens": MAX_NEW_TOKENS,
+                "temperature": 0, "ignore_eos": True, "stream": stream,
+                "return_token_ids": True}
+        stats["sent"] += 1
+        tokens: list[int] = []
+        reason = None
+        try:
+            async with self.session.post(self.base_url + "/v1/completions",
+                                         json=body) as reply:
+                if reply.status != 200:
+                    stats["failed_cleanly"] += 1
+                    return None
+                if not stream:
+                    choice = (await reply.json())["choices"][0]
+                    tokens, reason = choice["token_ids"], choice["finish_reason"]
+                else:
+                    async for line in reply.content:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            stats["failed_cleanly"] += 1
+                            return None
+                        tokens += chunk["choices"][0]["token_ids"]
+                        reason = chunk["choices"][0]["finish_reason"] or reason
+                        if leave and len(tokens) == 2:
+                            stats["left_by_client"] += 1
+                            return None  # leaving the block closes the connection
+        except (aiohttp.ClientError, TimeoutError):
+            stats["lost"] += 1
+            return None
+        if reason is None:
+            stats["lost"] += 1
+            return None
+        if expected is None or tuple(tokens) == expected:
+            stats["completed_correctly"] += 1
+        else:
+            stats["wrong_tokens"] += 1
+        return tuple(tokens)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
 async def soak(address: str, server_pid: int, minutes: float, rate: float, fault_every: float,
-               seed: int) -> dict[str, Any]:
-    """`fault_every` 0: no faults."""
+               seed: int, base_url: str = "") -> dict[str, Any]:
+    """`fault_every` 0: no faults. `base_url`: requests over HTTP there, not ZeroMQ."""
     from moeflow.serve.client import AsyncClient
 
     rng = random.Random(seed)
     stats = {"sent": 0, "completed_correctly": 0, "wrong_tokens": 0, "failed_cleanly": 0,
-             "lost": 0, "faults": 0}
+             "lost": 0, "faults": 0, "left_by_client": 0}
     memory: list[dict[str, Any]] = []
+    http = HttpClient(base_url, random.Random(seed + 1)) if base_url else None
     client = AsyncClient(address, timeout=REQUEST_TIMEOUT_S)
+
+    def request(prompt: list[int], expected: tuple[int, ...] | None,
+                counts: dict[str, int]) -> Any:
+        return (http.one(prompt, expected, counts) if http is not None
+                else one(client, prompt, expected, counts))
+
     warmup = {"sent": 0, "completed_correctly": 0, "wrong_tokens": 0, "failed_cleanly": 0,
-              "lost": 0}
-    expected = [await one(client, p, None, warmup) for p in PROMPTS]
+              "lost": 0, "left_by_client": 0}
+    expected = [await request(p, None, warmup) for p in PROMPTS]
     if any(e is None for e in expected):
         raise RuntimeError(f"the warm-up requests failed: {warmup}")
     start = time.monotonic()
@@ -154,11 +230,13 @@ async def soak(address: str, server_pid: int, minutes: float, rate: float, fault
                         tasks.create_task(_resume_later(victim, 8.0))
                 next_fault = now + fault_every
             i = rng.randrange(len(PROMPTS))
-            task = tasks.create_task(one(client, PROMPTS[i], expected[i], stats))
+            task = tasks.create_task(request(PROMPTS[i], expected[i], stats))
             pending.add(task)
             task.add_done_callback(pending.discard)
             await asyncio.sleep(rng.expovariate(rate))
     client.close()
+    if http is not None:
+        await http.close()
     return {"stats": stats, "memory": memory}
 
 
@@ -193,13 +271,15 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="a checkpoint (default: the serving "
                                                    "benchmark's shape in fp32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--http", action="store_true",
+                        help="requests through the OpenAI-compatible front end")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = args.model or soak_checkpoint()
     fault_every = args.fault_every if args.transport == "zmq" else 0.0  # no actor to fault
-    with Server(model, args.scheduler, "cpu:0,cpu:1", args.transport) as server:
+    with Server(model, args.scheduler, "cpu:0,cpu:1", args.transport, http=args.http) as server:
         result = asyncio.run(soak(server.address, server.proc.pid, args.minutes, args.rate,
-                                  fault_every, args.seed))
+                                  fault_every, args.seed, server.base_url))
     from_s = min(120.0, args.minutes * 60 / 5)
     memories = {"server": growth(result["memory"], "server_mb", from_s)}
     if args.transport == "zmq":
@@ -209,11 +289,12 @@ def main() -> int:
     faults = (f"{stats['faults']} faults (actor cpu:1 killed or stopped every "
               f"{args.fault_every:g} s)" if fault_every else "no faults")
     print(f"soak: {args.minutes:g} min at {args.rate:g} req/s, {args.scheduler}, "
-          f"{args.transport}, {faults}")
-    print("| requests | completed correctly | wrong tokens | failed cleanly | lost |")
-    print("|---:|---:|---:|---:|---:|")
+          f"{args.transport}, {'HTTP' if args.http else 'ZeroMQ'}, {faults}")
+    print("| requests | completed correctly | wrong tokens | failed cleanly | lost | "
+          "left by the client |")
+    print("|---:|---:|---:|---:|---:|---:|")
     print(f"| {stats['sent']} | {stats['completed_correctly']} | {stats['wrong_tokens']} | "
-          f"{stats['failed_cleanly']} | {stats['lost']} |")
+          f"{stats['failed_cleanly']} | {stats['lost']} | {stats['left_by_client']} |")
     print(f"memory from {from_s:g} s to the end: "
           + ", ".join(f"{name} {m}" for name, m in memories.items()))
     if args.json:

@@ -34,7 +34,6 @@ import contextlib
 import hmac
 import json
 import logging
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,6 +44,7 @@ from moeflow.serve.openai_schema import (
     ApiError, Call, Fields, bad, check_names, fit_sampling, json_brief, parse_call,
     parse_messages,
 )
+from moeflow.serve.asgi import PROMETHEUS_TYPE, HttpEndpoint
 from moeflow.serve.sse import Chunks, HoldBack, sse_json
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ log = logging.getLogger("moeflow.http")
 
 MAX_BODY_BYTES = 8 << 20  # as the ZeroMQ side's largest message
 INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
-GRACEFUL_S = 10  # at shutdown, how long uvicorn waits for calls to end
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -106,38 +105,16 @@ class OpenAIFrontEnd:
         self.defaults = GenerationDefaults.load(config.model)
         self.calls: set[Call] = set()
         self.address: str | None = None  # http://host:port once bound
-        self._socket: socket.socket | None = None
-        self._uvicorn: Any = None
+        self._endpoint = HttpEndpoint(self.app(), self.host, self.port)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         """Bind now, so that a busy port fails plainly before serving starts."""
-        import uvicorn
-
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise ValueError(f"cannot serve HTTP on {self.host}:{self.port}: "
-                             f"{exc.strerror or exc}") from None
-        sock.listen(1024)
-        sock.setblocking(False)
-        self._socket = sock
-        port = sock.getsockname()[1]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.address = f"http://{host}:{port}"
-        config = uvicorn.Config(self.app(), http="httptools", lifespan="off",
-                                log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=GRACEFUL_S)
-        self._uvicorn = _uvicorn_server(config)
+        self.address = self._endpoint.start()
 
     async def run(self) -> None:
-        assert self._uvicorn is not None and self._socket is not None
-        await self._uvicorn.serve(sockets=[self._socket])
+        await self._endpoint.run()
 
     def shutdown(self) -> None:
         """End every call in progress with finish_reason "abort"; stop accepting."""
@@ -145,12 +122,10 @@ class OpenAIFrontEnd:
             call.abort_reason = "shutdown"
             if call.task is not None:
                 call.task.cancel()
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+        self._endpoint.stop()
 
     def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
+        self._endpoint.close()
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -191,8 +166,7 @@ class OpenAIFrontEnd:
     async def metrics(self, request: Any) -> Any:
         from starlette.responses import Response
 
-        return Response(self.server.engine.metrics.prometheus(),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(self.server.engine.metrics.prometheus(), media_type=PROMETHEUS_TYPE)
 
     async def version(self, request: Any) -> Any:
         from importlib.metadata import PackageNotFoundError, version
@@ -462,16 +436,3 @@ class _Guard:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
-
-
-def _uvicorn_server(config: Any) -> Any:
-    """A uvicorn server for a loop it does not own: the request server handles signals."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Any:
-            yield
-
-    return Server(config)
-

@@ -3,8 +3,9 @@ and the OpenAI-compatible HTTP API (moeflow/serve/http.py), either or both, in f
 AsyncEngine.
 
 One asyncio.TaskGroup owns everything that runs: the receive loop, one task per generate
-(admit, stream its events back, send its final), one per health query, and one per
-connection to the optional Prometheus endpoint. The receive loop never waits on the engine,
+(admit, stream its events back, send its final), one per health query, and the HTTP
+endpoints (uvicorn, moeflow/serve/asgi.py): the OpenAI front end and `--metrics-port`'s
+Prometheus text. The receive loop never waits on the engine,
 so an abort or a health query is read while generations stream. An abort cancels its
 request's task; leaving the engine's event stream aborts the request there and frees its KV
 cache. A bad request gets an error reply and the server goes on. Work that grows with a
@@ -31,16 +32,16 @@ import zmq.asyncio
 
 from moeflow.ops.sampling import SamplingParams
 from moeflow.serve import protocol as p
-from moeflow.serve.async_engine import (AsyncEngine, EngineStopped, Event, FinalEvent,
-                                        OverloadedError, TokenEvent)
+from moeflow.serve.async_engine import AsyncEngine
+from moeflow.serve.events import EngineStopped, Event, FinalEvent, OverloadedError, TokenEvent
 from moeflow.serve.config import EngineConfig
+from moeflow.serve.asgi import HttpEndpoint, metrics_app
 from moeflow.serve.http import OpenAIFrontEnd
 from moeflow.serve.security import CurveConfig, check_bind, secure
 
 log = logging.getLogger("moeflow.server")
 
 HEALTH_TIMEOUT_S = 5.0  # the engine thread answers between steps
-HTTP_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 1.0  # replies sent by the receive loop itself: it must not stall
 MAX_MESSAGE_BYTES = 8 << 20  # a peer sending more is disconnected by zmq
 INLINE_PARSE_BYTES = 64 << 10  # larger frames are decoded and checked in a worker thread
@@ -152,7 +153,8 @@ class RequestServer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
         context = zmq.asyncio.Context()
-        auth = http = None
+        auth: Any = None
+        metrics: HttpEndpoint | None = None
         try:
             async with self.engine:
                 self._set_limits()
@@ -165,7 +167,10 @@ class RequestServer:
                         served_model_name=self.config.served_model_name)
                     self.http.start()
                     self.http_address = self.http.address
-                http = await self._start_http()
+                if self.config.metrics_port is not None:  # Prometheus alone, on loopback
+                    metrics = HttpEndpoint(metrics_app(self.engine.metrics), "127.0.0.1",
+                                           self.config.metrics_port)
+                    self.metrics_address = metrics.start() + "/metrics"
                 async with asyncio.TaskGroup() as tasks:
                     self._tasks = tasks
                     receiver = (tasks.create_task(self._receive())
@@ -173,6 +178,8 @@ class RequestServer:
                     watcher = tasks.create_task(self._watch_engine())
                     if self.http is not None:
                         tasks.create_task(self.http.run())
+                    if metrics is not None:
+                        tasks.create_task(metrics.run())
                     if ready is not None and not self._stopping.is_set():
                         ready(self)
                     await self._stopping.wait()
@@ -181,8 +188,8 @@ class RequestServer:
                     if receiver is not None:
                         receiver.cancel()
                     watcher.cancel()
-                    if http is not None:
-                        http.close()
+                    if metrics is not None:
+                        metrics.stop()
                     if self.http is not None:
                         self.http.shutdown()
                     for job in list(self.jobs.values()):
@@ -190,8 +197,8 @@ class RequestServer:
                         if job.task is not None:
                             job.task.cancel()
         finally:
-            if http is not None:
-                http.close()
+            if metrics is not None:
+                metrics.close()
             if self.http is not None:
                 self.http.close()
             if self._socket is not None:
@@ -453,48 +460,3 @@ class RequestServer:
         except (zmq.ZMQError, TimeoutError) as exc:
             log.info("client %s: reply not delivered (%s)", client.hex(), exc or "timed out")
             return False
-
-    # -- Prometheus ----------------------------------------------------------------
-
-    async def _start_http(self) -> asyncio.Server | None:
-        if self.config.metrics_port is None:
-            return None
-
-        def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if self._tasks is None:  # not serving yet (nobody knows the port before ready)
-                writer.close()
-            else:
-                self._tasks.create_task(self._http(reader, writer))  # owned by the TaskGroup
-
-        try:
-            server = await asyncio.start_server(accept, "127.0.0.1", self.config.metrics_port)
-        except OSError as exc:
-            raise ValueError(f"cannot serve metrics on 127.0.0.1:{self.config.metrics_port}: "
-                             f"{exc.strerror or exc}") from None
-        port = server.sockets[0].getsockname()[1]
-        self.metrics_address = f"http://127.0.0.1:{port}/metrics"
-        return server
-
-    async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """GET /metrics: the engine's metrics in the Prometheus text format."""
-        try:
-            async with asyncio.timeout(HTTP_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
-                method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + [""]
-                if method == "GET" and path.split("?")[0] == "/metrics":
-                    status, body = "200 OK", self.engine.metrics.prometheus().encode()
-                    kind = "text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    status, body, kind = "404 Not Found", b"not found: try GET /metrics\n", \
-                        "text/plain"
-                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: "
-                             f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-                await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, UnicodeDecodeError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(HTTP_TIMEOUT_S):
-                    await writer.wait_closed()
