@@ -33,6 +33,7 @@ import torch
 
 from moeflow.actors.messages import Message, NodeFailed, RoutingCounts, RunUnit, UnitPart
 from moeflow.dataflow.graph import Unit
+from moeflow.ops.sampling import Logprobs
 from moeflow.scheduler.plan import Plan
 
 
@@ -58,6 +59,7 @@ class JobResult:
     error: str | None = None  # the whole job failed
     lost: tuple[str, ...] = ()
     errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why it failed
+    logprobs: dict[int, Logprobs] = field(default_factory=dict)  # for requests that asked
 
 
 class JobTracker:
@@ -72,8 +74,8 @@ class JobTracker:
         self.results[job_id] = JobResult(job_id)
 
     def part(self, job_id: int, actor: str, tokens: dict[int, int],
-             logits: dict[int, torch.Tensor], errors: dict[int, str] | None = None
-             ) -> JobResult | None:
+             logits: dict[int, torch.Tensor], errors: dict[int, str] | None = None,
+             logprobs: dict[int, Logprobs] | None = None) -> JobResult | None:
         """Record an actor's share; the result once every share is in."""
         if job_id not in self.waiting:
             return None
@@ -81,6 +83,7 @@ class JobTracker:
         result.tokens.update(tokens)
         result.logits.update(logits)
         result.errors.update(errors or {})
+        result.logprobs.update(logprobs or {})
         self.waiting[job_id].discard(actor)
         if self.waiting[job_id]:
             return None
@@ -194,7 +197,7 @@ class CoordinatorCore:
         because of it (their actors are to abort them)."""
         if isinstance(msg, UnitPart):
             result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
-                                       msg.errors)
+                                       msg.errors, msg.logprobs)
             if result is not None:
                 self.done.append(result)
         elif isinstance(msg, RoutingCounts):

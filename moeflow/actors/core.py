@@ -42,7 +42,8 @@ from moeflow.dataflow.graph import Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task
 from moeflow.ops.sampling import (
-    SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
+    Logprobs, SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
+    token_logprobs,
 )
 
 COORDINATOR = ""  # destination name of messages for the coordinator
@@ -114,6 +115,7 @@ class _Unit:
     tokens: dict[int, int] = field(default_factory=dict)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why
+    logprobs: dict[int, Logprobs] = field(default_factory=dict)  # for requests that ask
     homed: bool = False
 
 
@@ -346,13 +348,20 @@ class ActorCore:
                 log.warning("%s: request %d: sampling failed: %r", self.name,
                             unit.bound.seqs[seq].seq_id, exc)
                 unit.errors[seq] = f"sampling failed: {type(exc).__name__}: {exc}"
+        asks = [(i, seq, params.logprobs) for i, (seq, _, params, _) in enumerate(picks)
+                if params.logprobs is not None and seq in unit.tokens]
+        if asks:
+            rows = last[[i for i, _, _ in asks]]
+            for (_, seq, _), lp in zip(asks, token_logprobs(
+                    rows, [unit.tokens[seq] for _, seq, _ in asks], [k for _, _, k in asks])):
+                unit.logprobs[seq] = lp
 
     def _maybe_done(self, unit: _Unit) -> list[Outgoing]:
         if not self.execution.plan_done(unit.index):
             return []
         self._drop(unit)
         return [Outgoing(COORDINATOR, UnitPart(unit.unit_id, self.name, unit.tokens,
-                                               unit.logits, unit.errors))]
+                                               unit.logits, unit.errors, unit.logprobs))]
 
     def abort(self, unit_id: int) -> None:
         unit = self.units.get(unit_id)

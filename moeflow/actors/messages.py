@@ -110,6 +110,9 @@ class UnitPart:
     tokens: dict[int, int]
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
+    # unit seq index -> (the token's log-probability, ((id, log-probability) of the top k))
+    logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = field(
+        default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -324,7 +327,9 @@ def encode(msg: Message) -> list[Any]:
         header = {"unit_id": msg.unit_id, "actor": msg.actor,
                   "tokens": [[k, v] for k, v in msg.tokens.items()], "logit_keys": keys,
                   "logits": tensors(msg.logits[k] for k in keys),
-                  "errors": [[k, v] for k, v in msg.errors.items()]}
+                  "errors": [[k, v] for k, v in msg.errors.items()],
+                  "logprobs": [[k, lp, [list(p) for p in top]]
+                               for k, (lp, top) in msg.logprobs.items()]}
     else:
         header = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
     return [bytes([kind]), msgpack.packb(header, use_bin_type=True), *frames]
@@ -418,7 +423,9 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
         return UnitPart(int(h["unit_id"]), str(h["actor"]),
                         {int(k): int(v) for k, v in h["tokens"]},
                         dict(zip((int(k) for k in h["logit_keys"]), logits)),
-                        {int(k): str(v) for k, v in h["errors"]})
+                        {int(k): str(v) for k, v in h["errors"]},
+                        {int(k): (float(lp), tuple((int(i), float(v)) for i, v in top))
+                         for k, lp, top in h.get("logprobs", ())})
     _no_frames(cls, frames)
     names = [f.name for f in dataclasses.fields(cls)]
     if set(h) != set(names):

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+MAX_LOGPROBS = 20  # the most likely tokens a request may ask to see per position
+# a sampled token's log-probability, and the top-k tokens' (id, log-probability)
+Logprobs = tuple[float, tuple[tuple[int, float], ...]]
 # below this temperature the distribution is one-hot to fp32 precision for any logit gap
 # that matters (a gap of 1e-3 becomes 100 nats): sample greedily instead of dividing by it
 TEMPERATURE_FLOOR = 1e-5
@@ -37,6 +40,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's and the top k
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -48,6 +52,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if any(not s for s in self.stop):
@@ -75,6 +81,23 @@ def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
     best, ids = logits.float().max(dim=-1)  # [R]; a NaN is the max of its row
     return [i if ok else None
             for i, ok in zip(ids.tolist(), torch.isfinite(best).tolist())]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]
+                   ) -> list[Logprobs]:
+    """logits [R, V], each row's sampled token and how many top tokens it wants -> per row
+    the token's log-probability under the model (the raw logits, before temperature, top-k
+    or top-p) and the top tokens', most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()  # [R]
+    most = max(top)
+    best = logprobs.topk(most, dim=-1) if most else None  # [R, most]
+    out: list[Logprobs] = []
+    for r, (lp, k) in enumerate(zip(chosen, top)):
+        pairs = () if best is None or not k else tuple(zip(
+            best.indices[r, :k].tolist(), best.values[r, :k].tolist()))
+        out.append((lp, pairs))
+    return out
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,

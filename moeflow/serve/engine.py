@@ -24,7 +24,7 @@ from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
 from moeflow.actors.cluster import Executor, JobResult, JobSpec
-from moeflow.ops.sampling import SamplingParams
+from moeflow.ops.sampling import Logprobs, SamplingParams
 
 
 @dataclass
@@ -54,6 +54,7 @@ class TokenEvent:
     token_id: int
     finished: bool
     finish_reason: str | None = None
+    logprobs: Logprobs | None = None  # if the request asked for them
 
 
 class EngineCore:
@@ -184,7 +185,8 @@ class EngineCore:
                 reason = f"error: checking stops failed: {type(exc).__name__}: {exc}"
             if reason is not None:
                 self._finish(req, reason, now)
-            events.append(TokenEvent(seq_id, token, reason is not None, reason))
+            events.append(TokenEvent(seq_id, token, reason is not None, reason,
+                                     result.logprobs.get(index[seq_id])))
         return events
 
     def fail(self, job: Job, reason: str) -> list[TokenEvent]:
@@ -260,4 +262,4 @@ class EngineCore:
 def _sampling(params: SamplingParams) -> dict[str, object]:
     """The sampling fields an actor needs to draw a request's tokens."""
     return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "seed": params.seed}
+            "seed": params.seed, "logprobs": params.logprobs}

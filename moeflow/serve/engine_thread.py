@@ -245,7 +245,8 @@ class EngineThread(threading.Thread):
                     text = ""
                 out.append((ev.request_id, TokenEvent(ev.request_id, len(req.output_ids) - 1,
                                                       ev.token_id, text,
-                                                      ev.finished or req.finished)))
+                                                      ev.finished or req.finished,
+                                                      ev.logprobs)))
                 self.metrics.token()
             if ev.finished or req.finished:
                 final = self._finalize(ev.request_id)

@@ -18,13 +18,16 @@ class EngineStopped(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     """One generated token and the text it completes (possibly empty mid-character).
-    `last`: the request ends with this token (its FinalEvent comes next, at once)."""
+    `last`: the request ends with this token (its FinalEvent comes next, at once).
+    `logprobs`: if the request asked, the token's log-probability and the top tokens'
+    (id, log-probability), most likely first."""
 
     request_id: int
     index: int
     token_id: int
     text: str
     last: bool = False
+    logprobs: tuple[float, tuple[tuple[int, float], ...]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

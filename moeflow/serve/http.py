@@ -45,7 +45,7 @@ from moeflow.serve.openai_schema import (
     parse_messages,
 )
 from moeflow.serve.asgi import PROMETHEUS_TYPE, HttpEndpoint
-from moeflow.serve.sse import Chunks, HoldBack, sse_json
+from moeflow.serve.sse import Chunks, HoldBack, LogprobsFormat, sse_json
 
 if TYPE_CHECKING:
     from moeflow.serve.server import RequestServer
@@ -314,14 +314,22 @@ class OpenAIFrontEnd:
         finally:
             self.calls.discard(call)
 
+    def _logprobs_format(self, call: Call) -> LogprobsFormat | None:
+        if call.sampling.get("logprobs") is None:
+            return None
+        tokenizer = self.server.engine.tokenizer
+        return LogprobsFormat(call.chat, (lambda i: tokenizer.decode([i])) if tokenizer
+                              else (lambda i: ""))
+
     async def _sse(self, call: Call, engine_id: int, num_prompt: int
                    ) -> AsyncIterator[bytes]:
         chunks = Chunks(call)
         held = HoldBack(call.sampling["stop"])
+        lp = self._logprobs_format(call)
         if call.chat:
             yield chunks.first()
         # the last token's text and id wait for the finish_reason, sent with them
-        num_tokens, pending, last_id = 0, "", list[int]()
+        num_tokens, pending, last_id, last_lp = 0, "", list[int](), None
         async for event in self._events(call, engine_id):
             if event is None or isinstance(event, FinalEvent):
                 reason, text = ("abort", held.rest(None)) if event is None else (
@@ -332,26 +340,34 @@ class OpenAIFrontEnd:
                 if reason.startswith("error"):
                     yield sse_json(ApiError(500, reason, None, "internal").body())
                 else:
-                    yield chunks.last(text, reason, last_id)
+                    yield chunks.last(text, reason, last_id, last_lp)
                     if call.include_usage:
                         yield chunks.usage(num_prompt, num_tokens)
                 yield b"data: [DONE]\n\n"
                 return
             num_tokens += 1
+            logprobs = (lp.of(event.token_id, event.logprobs)
+                        if lp is not None and event.logprobs is not None else None)
             if event.last:  # one chunk per token: the last one carries the finish_reason
                 pending, last_id = held.add(event.text), [event.token_id]
+                last_lp = logprobs
             else:
-                yield chunks.token(held.add(event.text), event.token_id)
+                yield chunks.token(held.add(event.text), event.token_id, logprobs)
         # the engine stopped without a final (it is shutting down)
         yield sse_json(ApiError(503, "the engine stopped", None, "unavailable").body())
         yield b"data: [DONE]\n\n"
 
     async def _whole(self, request: Any, call: Call, engine_id: int, prompt_ids: list[int]
                      ) -> Any:
+        lp = self._logprobs_format(call)
+        parts: list[dict[str, Any]] = []  # each token's log-probabilities, if asked
+
         async def collect() -> FinalEvent | None:
             async for event in self._events(call, engine_id):
                 if event is None or isinstance(event, FinalEvent):
                     return event
+                if lp is not None and event.logprobs is not None:
+                    parts.append(lp.of(event.token_id, event.logprobs))
             raise EngineStopped("the engine stopped")
 
         async def disconnected() -> None:
@@ -386,7 +402,8 @@ class OpenAIFrontEnd:
             reason, text, usage, ids = (final.finish_reason, final.text, final.usage,
                                         final.token_ids)
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": 0, "logprobs": None if lp is None else lp.join(parts),
+                                  "finish_reason": reason}
         if call.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:

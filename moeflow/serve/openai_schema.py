@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moeflow.ops.sampling import SamplingParams
+from moeflow.ops.sampling import MAX_LOGPROBS, SamplingParams
 from moeflow.serve import protocol as p
 from moeflow.serve.chat import GenerationDefaults
 
@@ -53,7 +53,7 @@ CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprob
                                "add_generation_prompt"}
 # OpenAI fields whose only value served is the neutral one (anything else: a 400 saying so)
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+    "n": (None, 1),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "repetition_penalty": (None, 1), "logit_bias": (None, {}), "echo": (None, False),
     "best_of": (None, 1), "suffix": (None,), "tools": (None, []), "tool_choice": (None, "none"),
@@ -180,6 +180,7 @@ def parse_call(obj: dict[str, Any], chat: bool, *, model_name: str, max_new_toke
                if check.optional("top_p") else d.get("top_p", 1.0)),
         top_k=max(0, top_k),
         seed=check.integer("seed", None, 0, p.MAX_SEED) if check.optional("seed") else None,
+        logprobs=_logprobs(check, chat),
         stop=stop, stop_token_ids=tuple(stop_ids),
         ignore_eos=check.boolean("ignore_eos", False) if check.optional("ignore_eos")
         else False)
@@ -205,6 +206,20 @@ def fit_sampling(call: Call, num_prompt: int, max_position: int, max_new_tokens:
     except ValueError as exc:
         raise bad(None, str(exc)) from None
     return call.params
+
+
+def _logprobs(check: Fields, chat: bool) -> int | None:
+    """How many top tokens' log-probabilities a call wants beside its own (None: no
+    log-probabilities). Completions: `logprobs` N; chat: `logprobs` true, `top_logprobs` N."""
+    if not chat:
+        return (check.integer("logprobs", None, 0, MAX_LOGPROBS) if check.optional("logprobs")
+                else None)
+    wanted = check.boolean("logprobs", False) if check.optional("logprobs") else False
+    top = (check.integer("top_logprobs", None, 0, MAX_LOGPROBS)
+           if check.optional("top_logprobs") else None)
+    if top and not wanted:
+        raise bad("top_logprobs", "top_logprobs: needs logprobs true")
+    return (top or 0) if wanted else None
 
 
 def check_names(obj: dict[str, Any], allowed: frozenset[str] | set[str]) -> None:

@@ -5,7 +5,10 @@ the text), and the hold-back that keeps a stop string out of a stream."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
+
+from moeflow.ops.sampling import Logprobs
 
 from moeflow.serve.openai_schema import Call
 
@@ -60,7 +63,7 @@ class Chunks:
         self.suffix = (b', "usage": null}\n\n' if call.include_usage else b"}\n\n")
 
     def _choice(self, text: str, reason: str | None, role: bool = False,
-                ids: list[int] | None = None) -> bytes:
+                ids: list[int] | None = None, logprobs: Any = None) -> bytes:
         finish = json.dumps(reason).encode()
         if self.call.chat:
             delta = {"role": "assistant", "content": text} if role else {"content": text}
@@ -69,17 +72,17 @@ class Chunks:
             body = b'"text": ' + json.dumps(text).encode()
         if self.call.return_token_ids and ids is not None:
             body += b', "token_ids": ' + json.dumps(ids).encode()
-        return (self.prefix + body + b', "logprobs": null, "finish_reason": ' + finish + b"}]"
-                + self.suffix)
+        return (self.prefix + body + b', "logprobs": ' + json.dumps(logprobs).encode()
+                + b', "finish_reason": ' + finish + b"}]" + self.suffix)
 
     def first(self) -> bytes:
         return self._choice("", None, role=True)
 
-    def token(self, text: str, token_id: int) -> bytes:
-        return self._choice(text, None, ids=[token_id])
+    def token(self, text: str, token_id: int, logprobs: Any = None) -> bytes:
+        return self._choice(text, None, ids=[token_id], logprobs=logprobs)
 
-    def last(self, text: str, reason: str, ids: list[int]) -> bytes:
-        return self._choice(text, reason, ids=ids)
+    def last(self, text: str, reason: str, ids: list[int], logprobs: Any = None) -> bytes:
+        return self._choice(text, reason, ids=ids, logprobs=logprobs)
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         call = self.call
@@ -89,6 +92,41 @@ class Chunks:
                               "prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens}})
+
+
+class LogprobsFormat:
+    """Log-probabilities in OpenAI's two shapes: completions' (parallel lists of tokens,
+    their log-probabilities, the top tokens as {token: log-probability} and text offsets)
+    and chat's (a `content` list of {token, logprob, bytes, top_logprobs}). A token is
+    named by its own text, decoded alone."""
+
+    def __init__(self, chat: bool, decode: Callable[[int], str]) -> None:
+        self.chat, self.decode = chat, decode
+        self.offset = 0  # completions: where the next token's text starts
+
+    def of(self, token_id: int, logprobs: Logprobs) -> dict[str, Any]:
+        """One token's, as a stream chunk carries it."""
+        lp, top = logprobs
+        text = self.decode(token_id)
+        if self.chat:
+            return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
+                                 "top_logprobs": [
+                                     {"token": (t := self.decode(i)), "logprob": v,
+                                      "bytes": list(t.encode())} for i, v in top]}]}
+        tops: dict[str, float] = {}
+        for i, v in top:  # tokens that decode alike: the likeliest one's (they come first)
+            tops.setdefault(self.decode(i), v)
+        entry = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [tops],
+                 "text_offset": [self.offset]}
+        self.offset += len(text)
+        return entry
+
+    def join(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """A whole completion's, from its tokens' (`of`)."""
+        if self.chat:
+            return {"content": [c for part in parts for c in part["content"]]}
+        return {key: [v for part in parts for v in part[key]]
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def sse_json(obj: dict[str, Any]) -> bytes:

@@ -108,6 +108,33 @@ def test_streamed_completion_with_usage(client, name, greedy):
     assert usage.usage.total_tokens == usage.usage.prompt_tokens + 12
 
 
+def test_logprobs_of_completions_and_chat(client, name, greedy):
+    """Greedy tokens are the most likely: each one's log-probability is its top entry's,
+    streamed or not, in completions' shape and in chat's."""
+    reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=6, temperature=0,
+                                      logprobs=3)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and len(top) <= 3 and max(top.values()) == pytest.approx(value)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=6,
+                                       temperature=0, logprobs=3, stream=True)
+    streamed = [c.choices[0].logprobs.token_logprobs[0] for c in stream]
+    assert streamed == pytest.approx(lp.token_logprobs)
+    chat = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+    plain = client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+    assert plain.choices[0].logprobs is None
+
+
 def test_chat_streaming_and_not(client, name):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "Tell me a story."}]
@@ -186,6 +213,7 @@ def test_a_client_leaving_a_plain_request_aborts_it(server, name):
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [1, 2, 10**9]}, "prompt"),

@@ -80,3 +80,21 @@ def test_non_finite_logits_fail_that_request_with_a_clear_error(bad, temperature
     params = SamplingParams(temperature=temperature, seed=1)
     with pytest.raises(SamplingError, match="non-finite"):
         sample(torch.tensor(bad), params, make_generator(params))
+
+
+def test_token_logprobs_are_the_models_log_probabilities():
+    from moeflow.actors.messages import UnitPart, decode, encode
+    from moeflow.ops.sampling import token_logprobs
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 3.0, 0.0]])
+    [first, second] = token_logprobs(logits, [1, 2], [2, 0])
+    expected = torch.log_softmax(logits, dim=-1)
+    assert first[0] == pytest.approx(float(expected[0, 1]))
+    assert [i for i, _ in first[1]] == [0, 1]  # the top two, likeliest first
+    assert first[1][0][1] == pytest.approx(float(expected[0, 0]))
+    assert second == (pytest.approx(float(expected[1, 2])), ())
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+    # they travel from the actors with the tokens
+    part = UnitPart(3, "cpu:1", {0: 1, 1: 2}, logprobs={0: first, 1: second})
+    assert decode(encode(part)) == part

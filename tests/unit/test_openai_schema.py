@@ -6,6 +6,7 @@ import pytest
 
 from moeflow.serve.chat import GenerationDefaults
 from moeflow.serve.openai_schema import ApiError, fit_sampling, parse_call
+from moeflow.serve.protocol import ProtocolError
 from moeflow.serve.sse import HoldBack
 
 
@@ -23,9 +24,24 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
         parse({"prompt": "x", "presence_penalty": 0.5})
     assert (info.value.status, info.value.param, info.value.code) == (
         400, "presence_penalty", "unsupported")
+    with pytest.raises(ProtocolError) as wrong:
+        parse({"prompt": "x", "logprobs": True})  # completions take a count, not a bool
+    assert wrong.value.field == "logprobs"
+
+
+def test_logprobs_as_completions_and_chat_ask_for_them():
+    assert parse({"prompt": "x"}).sampling["logprobs"] is None
+    assert parse({"prompt": "x", "logprobs": 3}).sampling["logprobs"] == 3
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse({**chat, "logprobs": True}, chat=True).sampling["logprobs"] == 0
+    assert parse({**chat, "logprobs": True, "top_logprobs": 5},
+                 chat=True).sampling["logprobs"] == 5
+    assert parse({**chat, "logprobs": False}, chat=True).sampling["logprobs"] is None
     with pytest.raises(ApiError) as info:
-        parse({"prompt": "x", "logprobs": True})  # a bool is not the integer 0
-    assert info.value.param == "logprobs"
+        parse({**chat, "top_logprobs": 2}, chat=True)
+    assert info.value.param == "top_logprobs"
+    with pytest.raises(ProtocolError):
+        parse({"prompt": "x", "logprobs": 21})
 
 
 def test_sampling_defaults_come_from_generation_config_unless_the_request_says():
