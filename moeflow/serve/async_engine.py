@@ -174,15 +174,22 @@ class AsyncEngine:
                 event = await stream.events.get()
                 if isinstance(event, BaseException):
                     raise event
+                # set before yielding: a consumer that stops at the final never resumes us
+                finished = isinstance(event, FinalEvent)
                 yield event
-                if isinstance(event, FinalEvent):
-                    finished = True
+                if finished:
                     return
         finally:
             self._streams.pop(request_id, None)
             if not finished and self._thread is not None and not self._thread.exited:
                 # the consumer went away: abort the request and free its KV
                 self._thread.submit("abort", request_id).add_done_callback(_settled)
+
+    def drop(self, request_id: int) -> None:
+        """Abort an admitted request whose events nobody will read, and free its KV."""
+        self._streams.pop(request_id, None)
+        if self._thread is not None and not self._thread.exited:
+            self._thread.submit("abort", request_id).add_done_callback(_settled)
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None
                        ) -> AsyncIterator[Event]:

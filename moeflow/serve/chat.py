@@ -92,6 +92,9 @@ class ChatTemplate:
                                        tools=None, documents=None))
         except TemplateError as exc:
             raise ChatTemplateError(f"the chat template refused the messages: {exc}") from None
+        except Exception as exc:  # the template is the checkpoint's code: anything it raises
+            raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: "
+                                    f"{exc}") from None
 
 
 _COMPILED: dict[str, Any] = {}

@@ -38,6 +38,7 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut the text
+    stop_scanned: int = 0  # characters of the text searched for stop strings so far
 
     @property
     def all_ids(self) -> list[int]:
@@ -229,12 +230,15 @@ class EngineCore:
             return "stop"
         if params.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_ids)
-            window = max(len(s) for s in params.stop) + 16
-            hits = [text.find(s, max(0, len(text) - window - 16)) for s in params.stop]
+            # from where a stop string could begin that the last search could not see whole
+            # (a few characters more: the tail of the last text may have been mid-character)
+            start = max(0, req.stop_scanned - max(len(s) for s in params.stop) - 8)
+            hits = [text.find(s, start) for s in params.stop]
             found = [h for h in hits if h >= 0]
             if found:
                 req.stop_text_end = min(found)
                 return "stop"
+            req.stop_scanned = len(text)
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"
         if len(req.all_ids) >= self.spec.max_position_embeddings:

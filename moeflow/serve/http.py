@@ -104,6 +104,7 @@ class OpenAIFrontEnd:
         self.template = ChatTemplate.load(config.model, chat_template)
         self.defaults = GenerationDefaults.load(config.model)
         self.calls: set[Call] = set()
+        self.stopping = False  # shutdown began: new calls get 503, admitted ones "abort"
         self.address: str | None = None  # http://host:port once bound
         self._endpoint = HttpEndpoint(self.app(), self.host, self.port)
 
@@ -118,6 +119,7 @@ class OpenAIFrontEnd:
 
     def shutdown(self) -> None:
         """End every call in progress with finish_reason "abort"; stop accepting."""
+        self.stopping = True
         for call in list(self.calls):
             call.abort_reason = "shutdown"
             if call.task is not None:
@@ -188,15 +190,17 @@ class OpenAIFrontEnd:
             if ("prompt" in obj) == ("messages" in obj):
                 raise bad("prompt", "give exactly one of prompt and messages")
             if "prompt" in obj:
-                check = Fields(obj)
-                ids = await self._encode(check.string("prompt"))
+                text = Fields(obj).string("prompt")
+                p.check_prompt_bytes(text, self.server.limits, None)
+                ids = await self._encode(text)
             else:
                 add = Fields(obj).boolean("add_generation_prompt", True)
                 ids = await self._encode(self._render(obj["messages"], add))
         except ApiError as exc:
-            return self._error(exc)
+            return _json(exc.body(), exc.status)
         except p.ProtocolError as exc:
-            return self._error(ApiError.of(exc))
+            error = ApiError.of(exc)
+            return _json(error.body(), error.status)
         return _json({"tokens": ids, "count": len(ids),
                       "max_model_len": self.server.engine.spec.max_position_embeddings})
 
@@ -204,6 +208,8 @@ class OpenAIFrontEnd:
 
     async def _serve_call(self, request: Any, chat: bool) -> Any:
         try:
+            if self.stopping:
+                raise EngineStopped("the server is shutting down")
             call = parse_call(await self._read_json(request), chat,
                               model_name=self.model_name,
                               max_new_tokens=self.server.limits.max_new_tokens,
@@ -213,6 +219,9 @@ class OpenAIFrontEnd:
                                   self.server.engine.spec.max_position_embeddings,
                                   self.server.limits.max_new_tokens, self.defaults)
             engine_id = await self.server.engine.add(prompt_ids, params)
+            if self.stopping:  # admitted while shutdown began: it will not run
+                self.server.engine.drop(engine_id)
+                raise EngineStopped("the server is shutting down")
         except ApiError as exc:
             return self._error(exc)
         except p.ProtocolError as exc:
@@ -281,6 +290,9 @@ class OpenAIFrontEnd:
                    else json.loads(body))
         except (ValueError, RecursionError) as exc:
             raise bad(None, f"the body is not valid JSON ({exc})", "malformed") from None
+        if _nests_deeper(obj, p.MAX_DEPTH):
+            raise bad(None, f"the body nests objects and arrays more than {p.MAX_DEPTH} deep",
+                      "malformed")
         if not isinstance(obj, dict):
             raise bad(None, f"the body must be a JSON object, got {json_brief(obj)}",
                       "malformed")
@@ -288,17 +300,24 @@ class OpenAIFrontEnd:
 
     # -- answering -----------------------------------------------------------------
 
-    def _error(self, error: ApiError) -> Any:
-        rejected = getattr(self.server.engine.metrics, "rejected", None)
-        if rejected is not None and error.status != 401:
-            rejected(error.code or str(error.status))
+    def _error(self, error: ApiError, admitted: bool = False) -> Any:
+        """OpenAI's error response. A request refused before admission is counted as
+        rejected (one the engine ended in error is counted by the engine)."""
+        if not admitted:
+            self.server.engine.metrics.rejected(error.code or str(error.status))
         return _json(error.body(), error.status)
 
-    async def _events(self, call: Call, engine_id: int) -> AsyncIterator[Event | None]:
+    async def _events(self, call: Call, engine_id: int
+                      ) -> AsyncGenerator[Event | None, None]:
         """The request's events; None once, in place of the final, when the call was
         aborted (shutdown). Cancelling the caller aborts the request in the engine."""
         call.task = asyncio.current_task()
         self.calls.add(call)
+        if self.stopping:  # shutdown began before this call's events were read
+            self.calls.discard(call)
+            self.server.engine.drop(engine_id)
+            yield None
+            return
         try:
             stream = cast(AsyncGenerator[Event, None], self.server.engine.events(engine_id))
             async with contextlib.aclosing(stream) as events:
@@ -330,31 +349,37 @@ class OpenAIFrontEnd:
             yield chunks.first()
         # the last token's text and id wait for the finish_reason, sent with them
         num_tokens, pending, last_id, last_lp = 0, "", list[int](), None
-        async for event in self._events(call, engine_id):
-            if event is None or isinstance(event, FinalEvent):
-                reason, text = ("abort", held.rest(None)) if event is None else (
-                    event.finish_reason, held.rest(event.text))
-                text = pending + text
-                if event is not None:
-                    num_prompt, num_tokens = event.prompt_tokens, event.completion_tokens
-                if reason.startswith("error"):
-                    yield sse_json(ApiError(500, reason, None, "internal").body())
+        try:
+            async with contextlib.aclosing(self._events(call, engine_id)) as events:
+                async for event in events:
+                    if event is None or isinstance(event, FinalEvent):
+                        break
+                    num_tokens += 1
+                    logprobs = (lp.of(event.token_id, event.logprobs)
+                                if lp is not None and event.logprobs is not None else None)
+                    if event.last:  # one chunk per token: the last carries the finish_reason
+                        pending, last_id = held.add(event.text), [event.token_id]
+                        last_lp = logprobs
+                    else:
+                        yield chunks.token(held.add(event.text), event.token_id, logprobs)
                 else:
-                    yield chunks.last(text, reason, last_id, last_lp)
-                    if call.include_usage:
-                        yield chunks.usage(num_prompt, num_tokens)
-                yield b"data: [DONE]\n\n"
-                return
-            num_tokens += 1
-            logprobs = (lp.of(event.token_id, event.logprobs)
-                        if lp is not None and event.logprobs is not None else None)
-            if event.last:  # one chunk per token: the last one carries the finish_reason
-                pending, last_id = held.add(event.text), [event.token_id]
-                last_lp = logprobs
-            else:
-                yield chunks.token(held.add(event.text), event.token_id, logprobs)
-        # the engine stopped without a final (it is shutting down)
-        yield sse_json(ApiError(503, "the engine stopped", None, "unavailable").body())
+                    raise EngineStopped("the engine ended the request without a final")
+        except EngineStopped as exc:  # the engine stopped under this call
+            yield sse_json(ApiError(503, str(exc), None, "unavailable").body())
+            yield b"data: [DONE]\n\n"
+            return
+        # the end: its reason with the last token, then the usage and [DONE]
+        reason, text = ("abort", held.rest(None)) if event is None else (
+            event.finish_reason, held.rest(event.text))
+        text = pending + text
+        if event is not None:
+            num_prompt, num_tokens = event.prompt_tokens, event.completion_tokens
+        if reason.startswith("error"):
+            yield sse_json(ApiError(500, reason, None, "internal").body())
+        else:
+            yield chunks.last(text, reason, last_id, last_lp)
+            if call.include_usage:
+                yield chunks.usage(num_prompt, num_tokens)
         yield b"data: [DONE]\n\n"
 
     async def _whole(self, request: Any, call: Call, engine_id: int, prompt_ids: list[int]
@@ -363,12 +388,13 @@ class OpenAIFrontEnd:
         parts: list[dict[str, Any]] = []  # each token's log-probabilities, if asked
 
         async def collect() -> FinalEvent | None:
-            async for event in self._events(call, engine_id):
-                if event is None or isinstance(event, FinalEvent):
-                    return event
-                if lp is not None and event.logprobs is not None:
-                    parts.append(lp.of(event.token_id, event.logprobs))
-            raise EngineStopped("the engine stopped")
+            async with contextlib.aclosing(self._events(call, engine_id)) as events:
+                async for event in events:
+                    if event is None or isinstance(event, FinalEvent):
+                        return event
+                    if lp is not None and event.logprobs is not None:
+                        parts.append(lp.of(event.token_id, event.logprobs))
+            raise EngineStopped("the engine ended the request without a final")
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
@@ -384,6 +410,8 @@ class OpenAIFrontEnd:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
+            if watch.done() and not watch.cancelled() and watch.exception() is not None:
+                log.info("call %s: the connection failed: %r", call.id, watch.exception())
         if work.cancelled():
             from starlette.responses import Response
 
@@ -391,14 +419,14 @@ class OpenAIFrontEnd:
         try:
             final = work.result()
         except EngineStopped as exc:
-            return self._error(ApiError(503, str(exc), None, "unavailable"))
+            return self._error(ApiError(503, str(exc), None, "unavailable"), admitted=True)
         ids: tuple[int, ...] = ()
         if final is None:
             reason, text = "abort", ""
             usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
         else:
             if final.error:
-                return self._error(ApiError(500, final.error, None, "internal"))
+                return self._error(ApiError(500, final.error, None, "internal"), admitted=True)
             reason, text, usage, ids = (final.finish_reason, final.text, final.usage,
                                         final.token_ids)
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
@@ -413,6 +441,17 @@ class OpenAIFrontEnd:
         return _json({"id": call.id, "object": "chat.completion" if call.chat
                       else "text_completion", "created": call.created, "model": call.model,
                       "choices": [choice], "usage": usage})
+
+
+def _nests_deeper(obj: Any, limit: int) -> bool:
+    """Whether JSON `obj` nests objects and arrays more than `limit` deep (iteratively)."""
+    level = [obj]
+    for _ in range(limit):
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return any(isinstance(x, (dict, list)) for x in level)
 
 
 def _json(obj: Any, status: int = 200) -> Any:

@@ -100,8 +100,8 @@ class Fields(p._Checker):
 def json_brief(value: Any) -> str:
     try:
         text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -196,6 +196,10 @@ def fit_sampling(call: Call, num_prompt: int, max_position: int, max_new_tokens:
     and generation_config.json's max_new_tokens)."""
     values = dict(call.sampling)
     room = max_position - num_prompt
+    if values["max_new_tokens"] > room:
+        raise bad("max_tokens", f"max_tokens: {values['max_new_tokens']} more tokens do not fit "
+                                f"the model's {max_position}-token context after a "
+                                f"{num_prompt}-token prompt", "context_length_exceeded")
     if not values["max_new_tokens"]:
         default = OPENAI_DEFAULT_MAX_TOKENS if not call.chat else room
         default = defaults.get("max_new_tokens", default)

@@ -24,9 +24,8 @@ class HoldBack:
         self.sent = 0
 
     def add(self, piece: str) -> str:
-        if not self.stop:
+        if not self.stop:  # nothing to hold back, or to keep
             self.sent += len(piece)
-            self.text += piece
             return piece
         self.text += piece
         end = len(self.text) - self.keep
@@ -44,6 +43,8 @@ class HoldBack:
         """What is left to send once the request ended (its authoritative final text, or
         None when it was aborted: then the text so far, short of any stop string)."""
         if final_text is None:
+            if not self.stop:
+                return ""
             final_text = self.text
             for s in self.stop:
                 hit = final_text.find(s)
@@ -106,7 +107,7 @@ class LogprobsFormat:
 
     def of(self, token_id: int, logprobs: Logprobs) -> dict[str, Any]:
         """One token's, as a stream chunk carries it."""
-        lp, top = logprobs
+        lp, top = _finite(logprobs[0]), [(i, _finite(v)) for i, v in logprobs[1]]
         text = self.decode(token_id)
         if self.chat:
             return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
@@ -127,6 +128,11 @@ class LogprobsFormat:
             return {"content": [c for part in parts for c in part["content"]]}
         return {key: [v for part in parts for v in part[key]]
                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def _finite(logprob: float) -> float:
+    """-inf (a token the model rules out) as JSON can carry it, as vLLM does."""
+    return logprob if logprob > -9999.0 else -9999.0
 
 
 def sse_json(obj: dict[str, Any]) -> bytes:

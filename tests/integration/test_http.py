@@ -22,14 +22,18 @@ PROMPT = "Once upon a time"
 
 @pytest.fixture(scope="module")
 def model(tiny_factory) -> Path:
-    return tiny_factory("qwen3_moe")
+    from moeflow.models.tiny import TinyShape
+
+    # a long context: a request of 8000 tokens outlasts the tests that leave it
+    return tiny_factory("qwen3_moe", shape=TinyShape(max_positions=16384))
 
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory) -> Iterator[Server]:
     # HTTP and ZeroMQ over one engine, two devices
     srv = Server(model, tmp_path_factory.mktemp("http") / "server.log", "--http",
-                 "127.0.0.1:0", "--devices", "cpu:0,cpu:1", "--max-waiting", "32")
+                 "127.0.0.1:0", "--devices", "cpu:0,cpu:1", "--max-waiting", "32",
+                 "--max-new-tokens-limit", "16000")
     try:
         yield srv
     finally:
@@ -52,6 +56,17 @@ def health(server: Server) -> dict:
 
     with urllib.request.urlopen(server.http_url + "/health", timeout=30) as reply:
         return json.loads(reply.read())
+
+
+def aborted(server: Server) -> int:
+    """Requests the engine has ended with finish_reason "abort" (Prometheus)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    key = 'moeflow:request_success_total{finished_reason="abort"} '
+    return next((int(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith(key)), 0)
 
 
 def wait_idle(server: Server, timeout: float = 60.0) -> dict:
@@ -173,23 +188,27 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(client, name, greedy):
 
 
 def test_closing_a_stream_aborts_it_and_frees_its_slot(client, name, server):
-    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=4000,
+    before = aborted(server)
+    stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=8000,
                                        temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     for _, _ in zip(range(3), stream):
         pass
     assert health(server)["running"] == 1
     stream.close()
-    wait_idle(server, timeout=5.0)  # freed at once, not when its 4000 tokens are done
+    wait_idle(server)
+    assert aborted(server) == before + 1  # ended by the abort, not by its 8000 tokens
     # the server goes on serving
     reply = client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
     assert reply.usage.completion_tokens == 2
 
 
 def test_a_client_leaving_a_plain_request_aborts_it(server, name):
+    before = aborted(server)
+
     async def leave() -> int:
-        # 4000 tokens take far longer than the 2 s this client waits
-        body = {"model": name, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True}
+        # 8000 tokens take far longer than the 2 s this client waits
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 8000, "ignore_eos": True}
         async with aiohttp.ClientSession() as session:
             async def running() -> int:
                 await asyncio.sleep(1.0)
@@ -203,13 +222,15 @@ def test_a_client_leaving_a_plain_request_aborts_it(server, name):
             return await during
 
     assert asyncio.run(leave()) == 1
-    wait_idle(server, timeout=5.0)  # freed at once, not when its 4000 tokens are done
+    wait_idle(server)
+    assert aborted(server) == before + 1  # ended by the abort, not by its 8000 tokens
 
 
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 2}, "n"),
@@ -244,7 +265,8 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="gpt-4", prompt="x")
     assert info.value.body["code"] == "model_not_found"
-    for body in (b"{", b"[1, 2]", b"\xff"):
+    deep = [b'{"prompt": "x", "user": ' + b"[" * n + b"]" * n + b"}" for n in (40, 5000)]
+    for body in (b"{", b"[1, 2]", b"\xff", *deep):
         status, reply = _raw(server.http_url + "/v1/completions", body)
         assert status == 400 and json.loads(reply)["error"]["code"] == "malformed"
 

@@ -65,6 +65,15 @@ def test_max_tokens_defaults_to_16_for_completions_and_the_context_for_chat():
     assert fit_sampling(chat, 48, 2048, 100, none).max_new_tokens == 100
 
 
+def test_max_tokens_past_the_context_is_refused_as_openai_does():
+    none = GenerationDefaults({})
+    with pytest.raises(ApiError) as info:
+        fit_sampling(parse({"prompt": "x", "max_tokens": 2000}), 100, 2048, 4096, none)
+    assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
+    assert fit_sampling(parse({"prompt": "x", "max_tokens": 1948}), 100, 2048, 4096,
+                        none).max_new_tokens == 1948
+
+
 def test_a_stop_string_across_tokens_is_never_released():
     held = HoldBack(("END",))
     # the last len("END") - 1 characters wait, as they could begin it
