@@ -5,6 +5,7 @@ The top-level names load lazily, so `import moeflow.scheduler` (pure) never impo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __version__ = "0.1.0"
@@ -25,10 +26,19 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moeflow' has no attribute {name!r}")
-    import importlib
+def lazy_names(package: str, table: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that imports `table[name]` (a module path) on first use of
+    `name`, so that importing `package` imports none of them."""
 
-    return getattr(importlib.import_module(module), name)
+    def getattr_(name: str) -> Any:
+        module = table.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return getattr_
+
+
+__getattr__ = lazy_names("moeflow", _LAZY)

@@ -8,7 +8,7 @@ CPU the kernels run under `TRITON_INTERPRET=1`, which must be set before triton 
 
 from __future__ import annotations
 
-from typing import Any
+from moeflow import lazy_names
 
 _LAZY = {
     "fused_moe": "moeflow.ops.triton.fused_moe",
@@ -25,10 +25,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'moeflow.ops.triton' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_names("moeflow.ops.triton", _LAZY)
