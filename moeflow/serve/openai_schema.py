@@ -24,7 +24,8 @@ class ApiError(Exception):
     """A call answered with an OpenAI error body instead of being served."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 413: "invalid_request_error",
+             404: "invalid_request_error", 405: "invalid_request_error",
+             413: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
