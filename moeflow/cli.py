@@ -86,6 +86,9 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV-cache capacity per device, in tokens")
     parser.add_argument("--max-batch-tokens", type=_positive, default=2048)
     parser.add_argument("--max-seqs", type=_positive, default=64)
+    parser.add_argument("--gpu-memory", metavar="SIZE",
+                        help="cgopipe/flexgen: weights the first device (the GPU) may hold, "
+                             "e.g. 512KB or 2GB; the other experts are paged in from the last")
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
@@ -93,7 +96,7 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
 
     return EngineConfig(args.model_dir, args.scheduler, args.devices, args.dtype,
                         args.transport, args.kv_cache_tokens, args.max_batch_tokens,
-                        args.max_seqs, **extra)
+                        args.max_seqs, gpu_memory=args.gpu_memory, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,7 +319,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from moeflow.progress import Progress
     from moeflow.sim import hardware, models
     from moeflow.scheduler.registry import make_scheduler
+    from moeflow.scheduler.cgopipe import CGOPipe
     from moeflow.sim.eps_costs import with_hardware_costs
+    from moeflow.sim.offload import offload_layout
     from moeflow.sim.simulator import SimulationError, Simulator
     from moeflow.sim.tracefile import open_trace
     from moeflow.sim.workload import Lengths, Routing, requests
@@ -329,9 +334,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     Lengths.parse(args.output_len), seed=args.seed)
     # eps chooses PN with the cost model's own figures for this hardware and dtype
     scheduler = with_hardware_costs(make_scheduler(args.scheduler), spec, hw, args.dtype)
+    placement = homes = None
+    if type(scheduler) is CGOPipe:
+        scheduler = _hrm_cgopipe(spec, hw.name, reqs, args.max_seqs)
+    if isinstance(scheduler, CGOPipe):  # one GPU and its host, experts paged in
+        placement, homes = offload_layout(spec, hw, scheduler, args.dtype,
+                                          args.max_batch_tokens, args.max_seqs)
     try:
-        sim = Simulator(spec, hw, scheduler, routing, dtype=args.dtype,
-                        max_batch_tokens=args.max_batch_tokens, max_seqs=args.max_seqs)
+        sim = Simulator(spec, hw, scheduler, routing, dtype=args.dtype, placement=placement,
+                        homes=homes, max_batch_tokens=args.max_batch_tokens,
+                        max_seqs=args.max_seqs)
     except SimulationError as exc:  # the model does not fit: the user's choice of sizes
         raise ValueError(str(exc)) from None
     title = (f"{spec.name or spec.family} on {hw.name}, {args.scheduler}, {args.workload}, "
@@ -355,6 +367,32 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         Path(args.json_out).write_text(json.dumps(
             {"title": title, "metrics": asdict(result.metrics)}, indent=2, default=float))
     return 0
+
+
+def _hrm_cgopipe(spec: Any, hardware_name: str, reqs: list[Any], max_seqs: int) -> Any:
+    """cgopipe with the micro-batch size of HRM's policy for this workload's mean lengths,
+    where HRM has the hardware (t4, l4); else as it comes (3 micro-batches)."""
+    from statistics import fmean
+
+    from moeflow.scheduler.cgopipe import CGOPipe
+    from moeflow.sim.hrm import PRESETS, HRMError, Workload
+    from moeflow.sim.hrm_search import load_system, search
+
+    if hardware_name not in PRESETS:
+        print(f"cgopipe: no HRM preset for {hardware_name}; 3 micro-batches", file=sys.stderr)
+        return CGOPipe()
+    workload = Workload(max(1, round(fmean(r.prompt for r in reqs))),
+                        max(2, round(fmean(r.output for r in reqs))))
+    try:
+        policy = search(spec, load_system(hardware_name), workload).policy
+    except HRMError as exc:
+        print(f"cgopipe: HRM found no policy ({exc}); 3 micro-batches", file=sys.stderr)
+        return CGOPipe()
+    mu = min(policy.micro_batch_size, max_seqs)
+    print(f"cgopipe: HRM's policy for prompts of {workload.prompt_len} and {workload.gen_len} "
+          f"new tokens: N={policy.batch_size} μ={policy.micro_batch_size}; micro-batches of "
+          f"{mu} (--max-seqs {max_seqs} caps the batch)", file=sys.stderr)
+    return CGOPipe(micro_batch_size=mu)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -291,7 +291,9 @@ class ZmqExecutor:
         return run_jobs(self, jobs)
 
     def release(self, home: str, seq_id: int) -> None:
-        self._send(home, Release((seq_id,)))
+        # every actor: a policy may keep a request's KV off its home (cgopipe's host)
+        for actor in self.placement.devices:
+            self._send(actor, Release((seq_id,)))
 
     def watch(self) -> list[str]:
         """Check the actors while no job is in flight, so that a dead one is restarted

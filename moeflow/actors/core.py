@@ -38,7 +38,7 @@ from moeflow.actors.messages import (
 )
 from moeflow.actors.values import Logits, Routing, from_payload, payload_to, to_payload
 from moeflow.actors.worker import DeviceWorker
-from moeflow.dataflow.graph import Gate, LMHead, Node, Transfer, Unit
+from moeflow.dataflow.graph import Attention, Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, Task
 from moeflow.ops.sampling import (
@@ -100,6 +100,13 @@ class Program:
                               tuple(notify), isinstance(node, Gate)))
         self.plan = plan
         self.steps = tuple(steps)
+        # sequences whose KV lives here: where their attention (or its core) runs; a
+        # device that runs a sequence's projections with its KV elsewhere lays it out
+        # without KV (CGOPipe's GPU and host)
+        kv = {i for node in graph.nodes if isinstance(node, Attention) and node.part in
+              ("full", "core") and plan.assignment[node.id].actor == actor for i in node.seqs}
+        self.kv_seqs: tuple[int, ...] | None = tuple(sorted(kv)) if any(
+            isinstance(n, Attention) and n.part != "full" for n in graph.nodes) else None
 
 
 @dataclass
@@ -200,8 +207,15 @@ class ActorCore:
         graph = plan.graph
         bound = graph.unit if msg.unit is None else msg.unit
         homed = bool(bound.seqs_on(self.name))
+        kv_seqs = program.kv_seqs
         try:
-            if homed:
+            if kv_seqs is not None:  # attention cut in parts: KV where their cores run
+                homed = homed or bool(kv_seqs)
+                if homed:
+                    self.worker.begin(unit_id, bound, msg.tokens,
+                                      seqs=kv_seqs or bound.seqs_on(self.name),
+                                      kv=bool(kv_seqs))
+            elif homed:
                 self.worker.begin(unit_id, bound, msg.tokens)
         except Exception as exc:
             return [Outgoing(COORDINATOR, NodeFailed(unit_id, self.name, f"{exc}"))]

@@ -146,7 +146,9 @@ class InProcessExecutor:
         return result.logits
 
     def release(self, home: str, seq_id: int) -> None:
-        self.actors[home].handle(Release((seq_id,)))
+        # every actor: a policy may keep a request's KV off its home (cgopipe's host)
+        for actor in self.actors.values():
+            actor.handle(Release((seq_id,)))
 
     def close(self) -> None:
         pass

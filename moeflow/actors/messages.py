@@ -49,7 +49,7 @@ class MessageError(ValueError):
 class Payload:
     """What a Transfer carries: a kind, small plain fields, and tensors."""
 
-    kind: str  # "rows" (dispatch), "partial" (combine), "tensor"
+    kind: str  # "rows" (dispatch), "partial" (combine), "tensor", "page" (weights)
     meta: dict[str, Any]
     tensors: tuple[torch.Tensor, ...]
 
@@ -414,7 +414,7 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
                        None if h["unit"] is None else unit_from_wire(h["unit"]),
                        None if plan_id is None else int(plan_id))
     if cls is Data:
-        if h["kind"] not in ("rows", "partial", "tensor") or not isinstance(h["meta"], dict):
+        if h["kind"] not in ("rows", "partial", "tensor", "page") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")
         return Data(int(h["unit_id"]), int(h["node_id"]),
                     Payload(h["kind"], h["meta"], tuple(_tensors(h["tensors"], frames))))

@@ -31,6 +31,7 @@ class _NullUnit:
     unit: Unit
     counts: tuple[int, ...]  # rows per expert, for every Gate of the unit here
     logits: dict[tuple[int, ...], Logits]  # per LMHead's seqs
+    kv_seqs: tuple[int, ...] = ()  # those whose KV it reserved
 
 
 class NullWorker:
@@ -44,16 +45,18 @@ class NullWorker:
         self.kv = PagedKVCache(1, 1, torch.float32, kv_tokens)
         self._units: dict[Any, _NullUnit] = {}
 
-    def begin(self, key: Any, unit: Unit, token_ids: dict[int, list[int]]) -> None:
+    def begin(self, key: Any, unit: Unit, token_ids: dict[int, list[int]], *,
+              seqs: tuple[int, ...] | None = None, kv: bool = True) -> None:
         moe = self.spec.moe
         counts = [0] * moe.num_experts
-        homed = unit.seqs_on(self.device)
+        homed = unit.seqs_on(self.device) if seqs is None else tuple(seqs)
         for t in range(sum(unit.seqs[i].num_tokens for i in homed) * moe.top_k):
             counts[t % moe.num_experts] += 1
-        for i in homed:
-            chunk = unit.seqs[i]
-            self.kv.reserve(chunk.seq_id, chunk.start, chunk.num_tokens)
-        self._units[key] = _NullUnit(unit, tuple(counts), {})
+        if kv:
+            for i in homed:
+                chunk = unit.seqs[i]
+                self.kv.reserve(chunk.seq_id, chunk.start, chunk.num_tokens)
+        self._units[key] = _NullUnit(unit, tuple(counts), {}, homed if kv else ())
 
     def end(self, key: Any) -> None:
         self._units.pop(key, None)
@@ -62,7 +65,7 @@ class NullWorker:
         state = self._units.pop(key, None)
         if state is None:
             return
-        for i in state.unit.seqs_on(self.device):
+        for i in state.kv_seqs:
             self.kv.rollback(state.unit.seqs[i].seq_id, state.unit.seqs[i].start)
 
     def release(self, seq_id: int) -> None:
@@ -70,15 +73,16 @@ class NullWorker:
 
     def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]]
                   ) -> list[Any]:
-        return [self._value(key, node) for key, _, node, _ in items]
+        return [self._value(key, graph, node) for key, graph, node, _ in items]
 
-    def _value(self, key: Any, node: Node) -> Any:
+    def _value(self, key: Any, graph: Graph, node: Node) -> Any:
         if isinstance(node, Gate):
             state = self._units[key]
             return Routing(NULL, NULL, NULL, [], NULL, state.counts)
         if isinstance(node, LMHead):
             state = self._units[key]
-            seqs = state.unit.seqs_on(self.device)  # the bound unit's, as DeviceWorker
+            # the bound unit's, as DeviceWorker; a micro-batch's own
+            seqs = node.seqs if graph.micro_batched else state.unit.seqs_on(self.device)
             logits = state.logits.get(seqs)
             if logits is None:
                 rows = tuple(state.unit.seqs[i].num_logit_rows for i in seqs)

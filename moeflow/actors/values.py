@@ -3,6 +3,10 @@
 Values flowing along data edges:
     Embed, Combine          hidden [T, D]
     Attention               AttnOut(resid [T, D], xn [T, D])
+    Attention(pre)          PreOut(hidden [T, D], qkv [T, *]: rotated q and k, and v)
+    Transfer(qkv)           its qkv [T, *]
+    Attention(core)         attention output [T, H*v], as is Transfer(hidden)
+    Transfer(weights)       Page: a contiguous group of one layer's routed experts
     Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
     Transfer(dispatch)      Rows for one expert group from one home
     Expert(routed)          ExpertOut: weighted output rows per home
@@ -64,6 +68,28 @@ class ExpertOut:
 
 
 @dataclass
+class PreOut:
+    hidden: torch.Tensor  # [T, D] the layer's input: the residual
+    qkv: torch.Tensor  # [T, (H + 2K) d] q and k normed and rotated, v
+
+
+@dataclass
+class Page:
+    """Routed experts `experts` of one layer (contiguous in the dispatch order), as their
+    owner stacks them."""
+
+    experts: tuple[int, ...]
+    gate_up: torch.Tensor  # [G, 2F, D]
+    down: torch.Tensor  # [G, D, F]
+    gate_up_bias: torch.Tensor | None = None  # [G, 2F]
+    down_bias: torch.Tensor | None = None  # [G, D]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        biases = () if self.gate_up_bias is None else (self.gate_up_bias, self.down_bias)
+        return (self.gate_up, self.down, *biases)  # type: ignore[return-value]
+
+
+@dataclass
 class Logits:
     seqs: tuple[int, ...]  # unit sequence indices
     rows_per_seq: tuple[int, ...]
@@ -82,6 +108,8 @@ def payload_to(value: Any, device: torch.device) -> Any:
         return value if value.y.device == device else Partial(value.start, value.y.to(device))
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, Page) and value.gate_up.device != device:
+        return Page(value.experts, *(t.to(device) for t in value.tensors()))
     return value
 
 
@@ -94,6 +122,8 @@ def to_payload(value: Any) -> Payload:
         return Payload("partial", {"start": value.start}, (value.y,))
     if isinstance(value, torch.Tensor):
         return Payload("tensor", {}, (value,))
+    if isinstance(value, Page):
+        return Payload("page", {"experts": list(value.experts)}, value.tensors())
     raise TypeError(f"cannot send a {type(value).__name__}")
 
 
@@ -112,6 +142,13 @@ def from_payload(payload: Payload) -> Any:
             return Partial(int(meta["start"]), t[0])
         if payload.kind == "tensor" and len(t) == 1:
             return t[0]
+        if payload.kind == "page" and len(t) in (2, 4):
+            experts = tuple(int(e) for e in meta["experts"])
+            if t[0].dim() != 3 or t[1].dim() != 3 or not t[0].shape[0] == t[1].shape[0] \
+                    == len(experts):
+                raise MessageError(f"inconsistent page: experts {list(experts)}, gate_up "
+                                   f"{list(t[0].shape)}, down {list(t[1].shape)}")
+            return Page(experts, *t)
     except (KeyError, TypeError, ValueError) as exc:
         raise MessageError(f"bad {payload.kind} payload: {exc}") from None
     raise MessageError(f"bad {payload.kind} payload with {len(t)} tensors")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from moeflow.actors.kvcache import PagedKVCache
 from moeflow.actors.values import (
-    AttnOut, ExpertOut, Logits, Partial, Routing, Rows,
+    AttnOut, ExpertOut, Logits, Page, Partial, PreOut, Routing, Rows,
 )
 from moeflow.dataflow.graph import (
     Attention,
@@ -89,9 +89,15 @@ class _Batch:
 @dataclass
 class _UnitState:
     unit: Unit
-    rows: dict[int, tuple[int, int]]  # seq index -> (first row, num rows) among rows homed here
+    rows: dict[int, tuple[int, int]]  # seq index -> (first row, num rows) among rows laid out here
     token_ids: torch.Tensor  # [T]
     batch: _Batch
+    seqs: tuple[int, ...] = ()  # the sequences laid out here, in row order
+    kv: bool = True  # whether their KV cache is here
+    positions: torch.Tensor | None = None  # [T] (CPU)
+    slots: torch.Tensor | None = None  # [T] (CPU)
+    # micro-batches: sequences -> (their rows among the unit's, their batch)
+    subs: dict[tuple[int, ...], tuple[torch.Tensor, _Batch]] = field(default_factory=dict)
 
 
 class DeviceWorker:
@@ -119,6 +125,7 @@ class DeviceWorker:
         self._stack_pos: dict[int, dict[int, int]] = {
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
         self._expert_groups: dict[tuple[int, tuple[int, ...]], ExpertGroup] = {}
+        self._paged: tuple[Any, list[Page], ExpertGroup] | None = None  # last paged layer
 
     def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
         if self.tdevice.type == "cpu":
@@ -126,42 +133,75 @@ class DeviceWorker:
 
     # -- units ---------------------------------------------------------------------
 
-    def begin(self, key: Any, unit: Unit, token_ids: dict[int, list[int]]) -> None:
-        """Prepare to run `unit` here: reserve KV for the sequences homed on this device
-        and lay out their tokens. `token_ids` maps seq index -> its new token ids."""
-        homed = unit.seqs_on(self.device)
-        rows, ids, positions, slots = self._reserve(unit, homed, token_ids)
+    def begin(self, key: Any, unit: Unit, token_ids: dict[int, list[int]], *,
+              seqs: tuple[int, ...] | None = None, kv: bool = True) -> None:
+        """Prepare to run `unit` here: lay out the tokens of `seqs` (by default those homed
+        on this device) and, with `kv`, reserve their KV cache here. `token_ids` maps seq
+        index -> its new token ids. A device that runs a sequence's projections but keeps
+        its KV elsewhere (CGOPipe's GPU) lays it out without `kv`; the one that keeps its KV
+        and runs the attention core over it (the host) with."""
+        seqs = unit.seqs_on(self.device) if seqs is None else tuple(seqs)
+        rows, ids, positions, slots = self._reserve(unit, seqs, token_ids, kv)
         num = len(ids)
         flat = index_tensor(ids + positions + slots)  # the three as one tensor [3T]
+        batch = self._batch(unit, seqs, rows, flat[num:2 * num], max(positions, default=-1),
+                            flat[2 * num:], kv)
+        self._units[key] = _UnitState(unit, rows, self._on_device(flat[:num]), batch, seqs, kv,
+                                      flat[num:2 * num], flat[2 * num:])
+
+    def _batch(self, unit: Unit, seqs: tuple[int, ...], rows: dict[int, tuple[int, int]],
+               positions: torch.Tensor, last: int, slots: torch.Tensor, kv: bool) -> _Batch:
+        """The attention batch of `seqs`, laid out in `rows` (CPU positions and slots)."""
         decoding, prefill = [], []  # seq indices; (row0, n, start, seq_id)
-        for i in homed:
+        for i in seqs:
             chunk = unit.seqs[i]
             if chunk.num_tokens == 1 and chunk.start > 0:
                 decoding.append(i)
             else:
                 prefill.append((rows[i][0], chunk.num_tokens, chunk.start, chunk.seq_id))
         decode = None
-        if decoding:
+        if decoding and kv:
             at = None if not prefill else index_tensor([rows[i][0] for i in decoding])
             decode = self._decode([unit.seqs[i].seq_id for i in decoding],
                                   [unit.seqs[i].start + 1 for i in decoding], at)
-        cos, sin, half_cos, half_sin = self._rope_tables(flat[num:2 * num],
-                                                         max(positions, default=-1) + 1)
-        flat = self._on_device(flat)
-        self._units[key] = _UnitState(unit, rows, flat[:num], _Batch(
-            flat[2 * num:], cos, sin, half_cos, half_sin, decode, prefill))
+        cos, sin, half_cos, half_sin = self._rope_tables(positions, last + 1)
+        return _Batch(self._on_device(slots), cos, sin, half_cos, half_sin, decode, prefill)
 
-    def _reserve(self, unit: Unit, homed: tuple[int, ...], token_ids: dict[int, list[int]]
+    def _sub(self, key: Any, seqs: tuple[int, ...]) -> tuple[torch.Tensor | None, _Batch]:
+        """A micro-batch of a unit: its rows among the unit's (None: all of them) and its
+        own attention batch, made once."""
+        state = self._units[key]
+        if seqs == state.seqs:
+            return None, state.batch
+        made = state.subs.get(seqs)
+        if made is None:
+            picks, rows, at = [], {}, 0
+            for i in seqs:
+                row0, n = state.rows[i]
+                picks.extend(range(row0, row0 + n))
+                rows[i] = (at, n)
+                at += n
+            pick = index_tensor(picks)
+            positions = state.positions.index_select(0, pick)  # type: ignore[union-attr]
+            slots = state.slots.index_select(0, pick) if state.kv else state.slots
+            batch = self._batch(state.unit, seqs, rows, positions, int(positions.max()),
+                                slots, state.kv)  # type: ignore[arg-type]
+            made = state.subs[seqs] = (self._on_device(pick), batch)
+        return made
+
+    def _reserve(self, unit: Unit, seqs: tuple[int, ...], token_ids: dict[int, list[int]],
+                 kv: bool = True
                  ) -> tuple[dict[int, tuple[int, int]], list[int], list[int], list[int]]:
-        """KV room for the homed sequences' new tokens: their rows, token ids, positions
-        and cache slots. Nothing is reserved if any of them cannot be."""
+        """KV room for the sequences' new tokens (with `kv`): their rows, token ids,
+        positions and cache slots (none without `kv`). Nothing is reserved if any of them
+        cannot be."""
         rows: dict[int, tuple[int, int]] = {}
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         reserved: list[int] = []
         try:
-            for i in homed:
+            for i in seqs:
                 chunk = unit.seqs[i]
                 tokens = token_ids[i]
                 if len(tokens) != chunk.num_tokens:
@@ -170,9 +210,10 @@ class DeviceWorker:
                 rows[i] = (len(ids), chunk.num_tokens)
                 ids.extend(tokens)
                 positions.extend(range(chunk.start, chunk.start + chunk.num_tokens))
-                slots.extend(self.kv.reserve_slots(chunk.seq_id, chunk.start,
-                                                   chunk.num_tokens))
-                reserved.append(chunk.seq_id)
+                if kv:
+                    slots.extend(self.kv.reserve_slots(chunk.seq_id, chunk.start,
+                                                       chunk.num_tokens))
+                    reserved.append(chunk.seq_id)
         except Exception:
             for seq_id in reserved:  # leave the cache as it was
                 chunk = next(c for c in unit.seqs if c.seq_id == seq_id)
@@ -234,12 +275,14 @@ class DeviceWorker:
     def end(self, key: Any) -> None:
         self._units.pop(key, None)
         self._forget_groups(key)
+        self._paged = None  # the last paged layer's stack: a unit ended
 
     def abort(self, key: Any) -> None:
         """Forget a unit that will not finish, rolling its sequences' KV back."""
         state = self._units.pop(key, None)
         self._forget_groups(key)
-        if state is None:
+        self._paged = None
+        if state is None or not state.kv:
             return
         for i in state.rows:
             chunk = state.unit.seqs[i]
@@ -269,10 +312,19 @@ class DeviceWorker:
                 return self._routed([(g, n, inputs) for _, g, n, inputs in items])
             return self._dense_mlp(node, [inputs[0][1].xn for _, _, _, inputs in items])
         if isinstance(node, Attention):
+            if node.part != "full":
+                return [self._attention_part(k, n, inputs, g.micro_batched)
+                        for k, g, n, inputs in items]
+            micro = [self._sub(k, n.seqs)[1] if g.micro_batched else self._units[k].batch
+                     for k, g, n, _ in items] \
+                if any(g.micro_batched for _, g, _, _ in items) else None
             return self._attention(node.layer, [k for k, _, _, _ in items],
-                                   [inputs[0][1] for _, _, _, inputs in items])
+                                   [inputs[0][1] for _, _, _, inputs in items], micro)
         if isinstance(node, LMHead):
-            return self._lm_head([(self._units[k], n, inputs[0][1]) for k, _, n, inputs in items])
+            return self._lm_head([(self._units[k], n.seqs if g.micro_batched else None,
+                                   inputs[0][1]) for k, g, n, inputs in items])
+        if isinstance(node, Transfer) and node.payload == "weights":
+            return [self._page(n.layer, n.experts) for _, _, n, _ in items]  # type: ignore[union-attr]
         # the rest are small ops over few rows when decoding: on one thread
         rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
                    for k, _, _, inputs in items)
@@ -288,13 +340,59 @@ class DeviceWorker:
             return self._combine(node, inputs)
         if isinstance(node, Embed):
             assert self.dense is not None
-            return F.embedding(self._units[key].token_ids, self.dense.embed)
+            ids = self._units[key].token_ids
+            pick = self._sub(key, node.seqs)[0] if graph.micro_batched else None
+            return F.embedding(ids if pick is None else ids.index_select(0, pick),
+                               self.dense.embed)
         raise TypeError(f"cannot run node {node!r}")
 
-    def _attention(self, layer: int, keys: list[Any], hiddens: list[torch.Tensor]
-                   ) -> list[AttnOut]:
+    def _attention_part(self, key: Any, node: Attention, inputs: list[tuple[Node, Any]],
+                        micro: bool) -> PreOut | AttnOut | torch.Tensor:
+        """Attention cut in three for a host that keeps the KV cache (CGOPipe):
+            pre   hidden [T, D] -> PreOut: input norm, QKV, q/k norms, RoPE
+            core  qkv -> [T, H d]: the KV-cache write and attention, where the cache lives
+            post  (core's output, PreOut) -> AttnOut: output projection, residual, norm"""
+        assert self.dense is not None
+        spec, a = self.spec, self.spec.attention
+        if a.kind == "mla":
+            raise NotImplementedError("MLA attention (DeepSeek-V2/V3) is not cut into parts; "
+                                      "keep it whole on the GPU")
+        w = self.dense.layers[node.layer].attn
+        batch = self._sub(key, node.seqs)[1] if micro else self._units[key].batch
+        if node.part == "pre":
+            hidden = inputs[0][1]
+            self._gemm_rows(hidden.shape[0])
+            x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
+            q, k, v = self._gqa_qkv(batch, node.layer, F.linear(x, w.qkv, w.qkv_bias))
+            return PreOut(hidden, torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1))
+        if node.part == "core":
+            qkv = inputs[0][1]
+            q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=1)
+            return self._gqa_attend(batch, node.layer, q.unflatten(1, (a.num_heads, -1)),
+                                    k.unflatten(1, (a.num_kv_heads, -1)),
+                                    v.unflatten(1, (a.num_kv_heads, -1)))
+        out, pre = inputs[0][1], inputs[1][1]
+        self._gemm_rows(out.shape[0])
+        resid = pre.hidden + F.linear(out, w.o, w.o_bias)
+        return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
+
+    def _page(self, layer: int, experts: tuple[int, ...]) -> Page:
+        """Weight page: experts of `layer` this device owns, contiguous in its stack."""
+        stack = self.experts[layer]
+        first = self._stack_pos[layer][experts[0]]
+        if stack.experts[first:first + len(experts)] != experts:
+            raise RuntimeError(f"{self.device} holds experts {stack.experts} of layer {layer}: "
+                               f"a page of {experts} is not a contiguous run of them")
+        rows = slice(first, first + len(experts))
+        return Page(experts, stack.gate_up[rows], stack.down[rows],
+                    None if stack.gate_up_bias is None else stack.gate_up_bias[rows],
+                    None if stack.down_bias is None else stack.down_bias[rows])
+
+    def _attention(self, layer: int, keys: list[Any], hiddens: list[torch.Tensor],
+                   batches: list[_Batch] | None = None) -> list[AttnOut]:
         """Projections once over every unit's rows; attention once over them too when they
-        all only decode (a merged batch), else per unit, over its own sequences."""
+        all only decode (a merged batch), else per unit, over its own sequences (or over
+        `batches`, each item's micro-batch)."""
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
         w = self.dense.layers[layer].attn
@@ -305,11 +403,12 @@ class DeviceWorker:
             q, kv_a = self._mla_project(layer, x)
         else:
             qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
-        merged = self._group_batch(keys)
+        merged = self._group_batch(keys) if batches is None else None
         if merged is not None:
             parts = [(merged, slice(None))]
         else:
-            parts = [(self._units[k].batch, rows) for k, rows in zip(keys, _row_slices(hiddens))]
+            parts = [(self._units[k].batch if batches is None else batches[i], rows)
+                     for i, (k, rows) in enumerate(zip(keys, _row_slices(hiddens)))]
         outs = [self._mla_core(b, layer, q[rows], kv_a[rows]) if a.kind == "mla"
                 else self._gqa_core(b, layer, qkv[rows]) for b, rows in parts]
         self._gemm_rows(hidden.shape[0])  # again: decode attention may have changed it
@@ -319,6 +418,11 @@ class DeviceWorker:
 
     def _gqa_core(self, b: _Batch, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [T, (H + 2K) d] of one batch -> attention output [T, H*d]"""
+        return self._gqa_attend(b, layer, *self._gqa_qkv(b, layer, qkv))
+
+    def _gqa_qkv(self, b: _Batch, layer: int, qkv: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [T, (H + 2K) d] -> q [T, H, d], k, v [T, K, d]: normed, clipped, rotated"""
         a, eps = self.spec.attention, self.spec.rms_norm_eps
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
         num_tokens, heads, kv_heads, d = qkv.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
@@ -339,7 +443,14 @@ class DeviceWorker:
             qk = apply_half_rotation(qk, b.half_cos, b.half_sin)  # type: ignore[arg-type]
         else:
             qk = apply_rope(qk, b.cos, b.sin, interleaved=True)  # type: ignore[arg-type]
-        q, k = qk[:, :heads], qk[:, heads:]
+        return qk[:, :heads], qk[:, heads:], v
+
+    def _gqa_attend(self, b: _Batch, layer: int, q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> torch.Tensor:
+        """q [T, H, d], k, v [T, K, d] of one batch: written to the cache, attended ->
+        [T, H*d]"""
+        a = self.spec.attention
+        kv_heads, d = a.num_kv_heads, a.head_dim
         self.kv.write(layer, b.slots, torch.cat((k, v), dim=1).flatten(1))  # [T, 2K d]
 
         def split_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,6 +596,8 @@ class DeviceWorker:
             return self._rows(graph, value, node.src, node.experts)
         if node.payload == "combine":
             return value.parts[node.dst]
+        if node.payload == "qkv":
+            return value.qkv
         return value
 
     def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]]
@@ -494,8 +607,12 @@ class DeviceWorker:
         node = items[0][1]
         owners: list[int] = []  # the item of each batch
         batches: list[Rows] = []
+        pages: list[Page] = []
         for i, (graph, n, inputs) in enumerate(items):
             for src, value in inputs:
+                if isinstance(value, Page):
+                    pages.append(value)
+                    continue
                 batches.append(value if isinstance(value, Rows)
                                else self._rows(graph, value, src.device, n.experts))
                 owners.append(i)
@@ -505,7 +622,8 @@ class DeviceWorker:
             for i, b in zip(owners, batches):
                 outs[i].parts[b.home] = Partial(b.start, b.x)
             return outs
-        group = self._expert_group(node.layer, node.experts)
+        group = (self._paged_group(node.layer, node.experts, pages) if pages
+                 else self._expert_group(node.layer, node.experts))
         xs = [b.x for b in batches]
         if self.tdevice.type == "cpu":
             y = swiglu_batches_cpu(xs, [_counts(b.ends) for b in batches], group)
@@ -528,6 +646,39 @@ class DeviceWorker:
                 None if stack.down_bias is None else stack.down_bias[rows],
                 SILU if moe.swiglu_limit is None else Activation(moe.swiglu_limit,
                                                                  moe.swiglu_alpha))
+        return group
+
+    def _paged_group(self, layer: int, experts: tuple[int, ...], pages: list[Page]
+                     ) -> ExpertGroup:
+        """`experts` of `layer` from the ones held here and weight pages of the others,
+        stacked in the order of `experts`; kept for the layer's next micro-batch (the same
+        pages), and only the last layer's."""
+        ident = (layer, experts, tuple(id(p) for p in pages))
+        if self._paged is not None and self._paged[0] == ident:
+            return self._paged[2]
+        self._paged = None  # free the last layer's before stacking this one
+        paged = {e: (p, j) for p in pages for j, e in enumerate(p.experts)}
+        own = self.experts.get(layer)
+        pos = self._stack_pos.get(layer, {})
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for e in experts:
+            if e in paged:
+                p, j = paged[e]
+                parts.append(tuple(t[j] for t in p.tensors()))
+            elif own is not None and e in pos:
+                k = pos[e]
+                parts.append(tuple(t[k] for t in (own.gate_up, own.down, own.gate_up_bias,
+                                                  own.down_bias) if t is not None))
+            else:
+                raise RuntimeError(f"{self.device} neither holds expert {e} of layer {layer} "
+                                   f"nor received a page of it")
+        stacked = [torch.stack(ts) for ts in zip(*parts)]
+        biases = stacked[2:] if len(stacked) == 4 else [None, None]
+        moe = self.spec.moe
+        group = ExpertGroup.of(stacked[0], stacked[1], biases[0], biases[1],
+                               SILU if moe.swiglu_limit is None
+                               else Activation(moe.swiglu_limit, moe.swiglu_alpha))
+        self._paged = (ident, pages, group)
         return group
 
     def _dense_mlp(self, node: Expert, xns: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -568,16 +719,22 @@ class DeviceWorker:
             out += e
         return attn.resid + out
 
-    def _lm_head(self, items: list[tuple[_UnitState, LMHead, torch.Tensor]]) -> list[Logits]:
+    def _lm_head(self, items: list[tuple[_UnitState, tuple[int, ...] | None, torch.Tensor]]
+                 ) -> list[Logits]:
         """Final norm and vocabulary projection once over every item's picked rows."""
         assert self.dense is not None
         picked, shapes = [], []
-        for st, _, hidden in items:
+        for st, micro, hidden in items:
             picks: list[int] = []
             rows_per_seq: list[int] = []
-            seqs = tuple(st.rows)  # the unit's sequences homed here: a replayed plan's node
-            for i in seqs:  # may have been compiled for another unit on the same homes
+            # the unit's sequences homed here (a replayed plan's node may have been compiled
+            # for another unit on the same homes), or the micro-batch of them the node is for
+            seqs = st.seqs if micro is None else micro
+            at = 0
+            for i in seqs:
                 row0, n = st.rows[i]
+                if micro is not None:
+                    row0, at = at, at + n
                 keep = st.unit.seqs[i].num_logit_rows
                 picks.extend(range(row0 + n - keep, row0 + n))
                 rows_per_seq.append(keep)

@@ -6,10 +6,12 @@ spec)` lists every such gap in words, so a policy that cuts or re-wires the grap
 checked against what the model needs, whatever shape it chose:
 
     - every home chains Embed -> Attention(0) -> ... -> Combine(L-1) -> LMHead, each layer
-      reading the previous one;
-    - in an MoE layer, every routed expert appears in exactly one Expert node, on a device
-      that owns it, and that node reads every home's Gate (directly on its own device, or
-      through a dispatch Transfer from the home);
+      reading the previous one (a home may hold several such chains, one per micro-batch:
+      a chain is the nodes of one `seqs`); an attention cut into pre -> core -> post reads
+      through each part, the core perhaps on another device;
+    - in an MoE layer, every routed expert appears in exactly one Expert node that reads a
+      chain's Gate (directly on its own device, or through a dispatch Transfer from the
+      home), on a device that owns it or that reads it as a weight page;
     - every home's Combine reads its Attention (residual), its Gate (row order), every expert
       group's output (directly, or through a combine Transfer to the home), and its shared
       expert when the model has one;
@@ -87,8 +89,16 @@ class _Checker:
         if self.out:
             return self.out
         for home in self.graph.unit.homes(self.graph.placement.devices):
-            self.home_chain(home)
+            embeds = self.on(Embed, None, home)
+            if not embeds:
+                self.out.append(f"home {home} has no Embed")
+            for embed in embeds:
+                self.home_chain(home, embed.seqs)  # type: ignore[union-attr]
         return self.out
+
+    def chain(self, kind: type, layer: int | None, device: str, seqs: tuple[int, ...]
+              ) -> list[Node]:
+        return [n for n in self.on(kind, layer, device) if n.seqs == seqs]  # type: ignore[union-attr]
 
     def devices_and_transfers(self) -> None:
         devices = self.graph.placement.devices
@@ -107,25 +117,30 @@ class _Checker:
                         and not (isinstance(dst, Transfer) and dst.src == n.dst):
                     self.out.append(f"{self.label(n)} feeds {self.label(dst)}, not on {n.dst}")
 
-    def home_chain(self, home: str) -> None:
-        embeds, heads = self.on(Embed, None, home), self.on(LMHead, None, home)
+    def home_chain(self, home: str, seqs: tuple[int, ...]) -> None:
+        embeds, heads = self.chain(Embed, None, home, seqs), self.chain(LMHead, None, home, seqs)
         if len(embeds) != 1 or len(heads) != 1:
-            self.out.append(f"home {home} needs one Embed and one LMHead, has {len(embeds)} "
-                            f"and {len(heads)}")
+            self.out.append(f"home {home} sequences {seqs} need one Embed and one LMHead, "
+                            f"have {len(embeds)} and {len(heads)}")
             return
         previous: Node = embeds[0]
         for layer, layer_spec in enumerate(self.spec.layers):
-            attn = self.on(Attention, layer, home)
-            firsts = [a for a in attn if a.part in ("full", "pre")]  # type: ignore[union-attr]
-            lasts = [a for a in attn if a.part in ("full", "post")]  # type: ignore[union-attr]
-            combines = self.on(Combine, layer, home)
+            attn = [a for a in self.graph.nodes if isinstance(a, Attention)
+                    and a.layer == layer and a.seqs == seqs
+                    and (a.device == home or a.part == "core")]
+            firsts = [a for a in attn if a.part in ("full", "pre") and a.device == home]
+            lasts = [a for a in attn if a.part in ("full", "post") and a.device == home]
+            combines = self.chain(Combine, layer, home, seqs)
             if len(firsts) != 1 or len(lasts) != 1 or len(combines) != 1:
-                self.out.append(f"home {home} layer {layer}: expected one Attention and one "
-                                f"Combine, found {len(firsts)} and {len(combines)}")
+                self.out.append(f"home {home} sequences {seqs} layer {layer}: expected one "
+                                f"Attention and one Combine, found {len(firsts)} and "
+                                f"{len(combines)}")
                 return
             first, last, combine = firsts[0], lasts[0], combines[0]
             if previous not in self.sources(first):
                 self.out.append(f"{self.label(first)} does not read {self.label(previous)}")
+            if first is not last:
+                self.split_attention(first, last, [a for a in attn if a.part == "core"])
             if last not in self.sources(combine):
                 self.out.append(f"{self.label(combine)} does not read the residual from "
                                 f"{self.label(last)}")
@@ -134,36 +149,58 @@ class _Checker:
                            for x in self.sources(combine)):
                     self.out.append(f"{self.label(combine)} reads no dense MLP")
             else:
-                self.moe_layer(layer, home, last, combine)
+                self.moe_layer(layer, home, seqs, last, combine)
             previous = combine
         if previous not in self.sources(heads[0]):
             self.out.append(f"{self.label(heads[0])} does not read {self.label(previous)}")
 
-    def moe_layer(self, layer: int, home: str, last: Node, combine: Node) -> None:
-        gates = self.on(Gate, layer, home)
+    def split_attention(self, pre: Node, post: Node, cores: list[Node]) -> None:
+        """pre -> core -> post, each part reading the one before (through transfers), and
+        post the residual from pre."""
+        if len(cores) != 1:
+            self.out.append(f"{self.label(pre)} is cut into parts but has {len(cores)} "
+                            f"attention cores")
+            return
+        core = cores[0]
+        if pre not in self.sources(core):
+            self.out.append(f"{self.label(core)} does not read {self.label(pre)}")
+        if core not in self.sources(post):
+            self.out.append(f"{self.label(post)} does not read {self.label(core)}")
+        if pre not in self.sources(post):
+            self.out.append(f"{self.label(post)} does not read the residual from "
+                            f"{self.label(pre)}")
+
+    def moe_layer(self, layer: int, home: str, seqs: tuple[int, ...], last: Node,
+                  combine: Node) -> None:
+        gates = self.chain(Gate, layer, home, seqs)
         if len(gates) != 1:
             self.out.append(f"home {home} layer {layer}: expected one Gate, found {len(gates)}")
             return
         gate = gates[0]
         if last not in self.sources(gate):
             self.out.append(f"{self.label(gate)} does not read {self.label(last)}")
-        experts = self.routed.get(layer, [])
+        experts = [ex for ex in self.routed.get(layer, []) if gate in self.sources(ex)]
         covered: dict[int, Node] = {}
         for ex in experts:
+            paged = {e for src in self.reads(ex) if isinstance(src, Transfer)
+                     and src.payload == "weights" for e in src.experts}
             for e in ex.experts:
                 if e in covered:
                     self.out.append(f"expert {e} of layer {layer} is in both "
                                     f"{self.label(covered[e])} and {self.label(ex)}")
                 covered[e] = ex
-                if self.graph.placement.owner(e) != ex.device:
+                if self.graph.placement.owner(e) != ex.device and e not in paged:
                     self.out.append(f"{self.label(ex)} computes expert {e}, owned by "
-                                    f"{self.graph.placement.owner(e)}")
-            if gate not in self.sources(ex):
+                                    f"{self.graph.placement.owner(e)}, and reads no page of it")
+        missing = sorted(set(range(self.spec.moe.num_experts)) - set(covered))
+        for ex in self.routed.get(layer, []):
+            if ex not in experts and set(ex.experts) & set(missing):
                 self.out.append(f"{self.label(ex)} does not read {self.label(gate)}'s rows "
                                 f"(no dispatch from {home})")
-        missing = sorted(set(range(self.spec.moe.num_experts)) - set(covered))
+                missing = sorted(set(missing) - set(ex.experts))
         if missing:
-            self.out.append(f"layer {layer}: experts {missing[:8]} are computed by no Expert")
+            self.out.append(f"layer {layer}: experts {missing[:8]} are computed by no Expert "
+                            f"that reads {self.label(gate)}")
         inputs = self.sources(combine)
         if gate not in inputs:
             self.out.append(f"{self.label(combine)} does not read {self.label(gate)} (row order)")

@@ -321,6 +321,13 @@ class Graph:
             raise GraphError(f"the graph has a cycle through nodes {stuck[:10]}")
         return tuple(order)
 
+    @cached_property
+    def micro_batched(self) -> bool:
+        """Whether some device runs several chains of Embed -> ... -> LMHead, one per
+        micro-batch of its sequences (each node's `seqs` then names its micro-batch)."""
+        devices = [n.device for n in self.nodes if isinstance(n, Embed)]
+        return len(devices) != len(set(devices))
+
     def of_kind(self, kind: type) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if isinstance(n, kind))
 

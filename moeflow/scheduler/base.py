@@ -23,6 +23,15 @@ engine calls it with plain data and runs what it returns on whichever executor i
     on_routing(unit, layer, counts) -> None   (optional)
         For decisions that need a layer's gate counts. Reserved: no executor calls it yet.
 
+    reserved_weights(model, cluster) -> {device: parameters}   (optional)
+        Room for weights a device holds beyond the experts the placement gives it: buffers
+        that weight pages stream into (cgopipe's double buffer). The simulator sets it
+        aside beside the device's weights, before the KV cache.
+
+    kv_devices(model, cluster) -> {home: device}   (optional)
+        Where the requests served by a home keep their KV cache, where that is not the home
+        itself (cgopipe's host). The simulator sizes and charges KV memory there.
+
     plan_key(unit) -> Hashable | None   (optional)
         Units with equal keys get the same plan: the engine compiles it once and replays
         it, binding only the unit (sequence ids, starts, token counts) per step. Return
@@ -113,6 +122,12 @@ class Scheduler:
 
     def plan_key(self, unit: Unit) -> Hashable | None:
         return None
+
+    def reserved_weights(self, model: ModelSpec, cluster: Cluster) -> dict[str, int]:
+        return {}
+
+    def kv_devices(self, model: ModelSpec, cluster: Cluster) -> dict[str, str]:
+        return {}
 
 
 def unit_shape(unit: Unit) -> tuple[tuple[str, str, str], ...]:

@@ -8,11 +8,13 @@ from importlib.metadata import entry_points
 
 from moeflow.scheduler.base import Scheduler
 from moeflow.scheduler.batch_ep import BatchEP
+from moeflow.scheduler.cgopipe import CGOPipe, FlexGen
 from moeflow.scheduler.eps import EPS
 from moeflow.scheduler.fine_ep import FineEP
 
 ENTRY_POINT_GROUP = "moeflow.schedulers"
-BUILTIN: dict[str, type[Scheduler]] = {cls.name: cls for cls in (BatchEP, FineEP, EPS)}
+BUILTIN: dict[str, type[Scheduler]] = {cls.name: cls for cls in (BatchEP, FineEP, EPS,
+                                                                    CGOPipe, FlexGen)}
 
 
 class UnknownScheduler(LookupError):

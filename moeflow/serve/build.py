@@ -19,7 +19,8 @@ from moeflow.models.families import load_spec
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.models.weights import torch_dtype
-from moeflow.scheduler.base import Cluster
+from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.cgopipe import CGOPipe
 from moeflow.scheduler.registry import make_scheduler
 from moeflow.serve.config import TRANSPORTS, EngineConfig
 from moeflow.serve.engine import EngineCore
@@ -42,13 +43,29 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
         raise TypeError("pass options in the EngineConfig, not beside it")
     path = Path(config.model)
     spec = load_spec(path)
-    cluster = Cluster.sharded(config.devices, spec.moe.num_experts)
-    executor = make_executor(config.transport, path, spec, cluster,
-                             resolve_dtype(config.dtype, spec.dtype), config.kv_cache_tokens,
-                             config.record_routing, want_logits, config.faults)
-    return EngineCore(spec, executor, make_scheduler(config.scheduler), cluster,
+    scheduler = make_scheduler(config.scheduler)
+    dtype = resolve_dtype(config.dtype, spec.dtype)
+    cluster = make_cluster(config, spec, scheduler, dtype)
+    executor = make_executor(config.transport, path, spec, cluster, dtype,
+                             config.kv_cache_tokens, config.record_routing, want_logits,
+                             config.faults)
+    return EngineCore(spec, executor, scheduler, cluster,
                       Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
                       max_seqs=config.max_seqs)
+
+
+def make_cluster(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,
+                 dtype: torch.dtype) -> Cluster:
+    """Experts sharded over the devices; under a GPU memory cap, as the paging policy
+    places them."""
+    if config.gpu_memory is None:
+        return Cluster.sharded(config.devices, spec.moe.num_experts)
+    if not isinstance(scheduler, CGOPipe):
+        raise ValueError(f"gpu_memory caps the GPU of a paging policy (cgopipe, flexgen), "
+                         f"not {scheduler.name or type(scheduler).__name__}")
+    placement = scheduler.capped_placement(spec, config.devices, dtype.itemsize,
+                                           float(config.gpu_memory))
+    return Cluster(placement.devices, placement)
 
 
 def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,

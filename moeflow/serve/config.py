@@ -21,7 +21,10 @@ class EngineConfig:
     Scheduler. `devices`: "cpu:0,cpu:1" or a sequence of names. `transport`: actors in this
     process ("inproc") or one process per device ("zmq"). `max_waiting`: requests in
     progress beyond which a new one gets OverloadedError. `faults`: chaos testing only
-    (zmq): drop/delay the actors' data messages, see moeflow.actors.plane.Faults."""
+    (zmq): drop/delay the actors' data messages, see moeflow.actors.plane.Faults.
+    `gpu_memory` ("512KB", "2GB" or bytes): for cgopipe and flexgen, the weights the first
+    device (the GPU) may hold; the experts beyond it stay on the last (its host) and are
+    paged in."""
 
     model: str
     scheduler: Any = "batch-ep"
@@ -34,6 +37,7 @@ class EngineConfig:
     max_waiting: int = 1024
     record_routing: bool = False
     faults: str = ""
+    gpu_memory: str | float | None = None
 
     def __post_init__(self) -> None:
         from moeflow.actors.inproc import parse_devices  # the command line imports this module
@@ -50,5 +54,12 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         Faults.parse(self.faults)
+        if self.gpu_memory is not None:
+            from moeflow.units import parse_bytes
+
+            size = parse_bytes(self.gpu_memory)
+            if size <= 0:
+                raise ValueError(f"gpu_memory must be > 0, got {self.gpu_memory!r}")
+            object.__setattr__(self, "gpu_memory", size)
         if self.faults and self.transport != "zmq":
             raise ValueError("faults are injected into actor processes: use transport='zmq'")

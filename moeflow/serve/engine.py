@@ -211,10 +211,13 @@ class EngineCore:
                 self.book.pop(seq_id)
 
     def lose(self, device: str) -> list[TokenEvent]:
-        """`device` lost its state (its actor restarted): fail the requests it served."""
+        """`device` lost its state (its actor restarted): fail the requests it served, and
+        those whose KV cache it kept (a policy's `kv_devices`)."""
         events = []
+        kept = self.scheduler.kv_devices(self.spec, self.cluster)
+        homes = {device} | {home for home, where in kept.items() if where == device}
         for seq in list(self.book):
-            if seq.home == device and seq.status is SeqStatus.RUNNING and not seq.in_flight:
+            if seq.home in homes and seq.status is SeqStatus.RUNNING and not seq.in_flight:
                 req = self.requests[seq.seq_id]
                 self.book.finish(seq.seq_id, "lost")
                 req.finish_reason = f"error: {device} restarted and lost this request's state"

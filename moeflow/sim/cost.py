@@ -42,13 +42,16 @@ from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
 from moeflow.models.spec import DTYPE_BYTES, ModelSpec
-from moeflow.sim.hardware import Hardware
+from moeflow.sim.hardware import DeviceSpec, Hardware
 
 # Kernels (GPU launches / CPU op dispatches) a node of each kind issues.
 KERNELS = {Embed: 1, Attention: 12, Gate: 6, Expert: 5, Combine: 3, LMHead: 3, Transfer: 1}
 # EPS-MoE (arXiv 2410.12247) on H800: the expert GEMM on 116 of 132 SMs while pipelining
 GEMM_SMS, DEVICE_SMS = 116, 132
 GEMM_SM_SHARE = GEMM_SMS / DEVICE_SMS
+# what crosses a device's link to its host (PCIe): weight pages, activations to and from
+# CPU attention
+HOST_PAYLOADS = ("weights", "qkv", "hidden")
 FP8 = ("fp8", "float8")  # accepted names; hardware presets key its FLOP/s "float8"
 
 
@@ -90,6 +93,8 @@ class CostModel:
             raise DtypeError(f"unknown dtype {self.dtype!r}; expected one of "
                              f"{', '.join([*sorted(DTYPE_BYTES), 'fp8'])}")
         self.sm_share = GEMM_SM_SHARE if dev.kind == "gpu" else 1.0
+        # per device name: its roofline, GEMM and attention FLOP/s (the host's differ)
+        self._roofs: dict[str, tuple[DeviceSpec, float, float]] = {}
         self._placement: Placement | None = None
         self._owned: dict[str, int] = {}  # device -> experts it owns under `_placement`
 
@@ -119,6 +124,10 @@ class CostModel:
             return self.routed_cost(sum(rows), sum(1 for r in rows if r),
                                     self.pipelined(graph, node))
         if isinstance(node, Transfer):
+            if node.payload == "weights":  # a page of routed experts
+                return NodeCost(0, len(node.experts) * s.expert_params() * wb, 0, kernels)
+            if node.num_bytes is not None:  # sized when compiled (activations to the host)
+                return NodeCost(0, node.num_bytes, 0, kernels if node.num_bytes else 0)
             return NodeCost(0, sum(rows) * d * b, 0, kernels if sum(rows) else 0)
         if isinstance(node, Combine):
             t = node.num_tokens
@@ -172,8 +181,19 @@ class CostModel:
             attention += 2 * context * a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim
                                                                        + a.v_head_dim)
         kv_bytes = context * a.cache_width * b  # the cache read (incl. the new tokens)
+        qkv_width = a.q_width + 2 * a.kv_width
+        if node.part == "pre":  # input norm, QKV, q/k norms, rope
+            weights = d * qkv_width + d
+            return NodeCost(2 * t * weights, weights * self.wb, t, 5,
+                            t * (4 * d + 3 * qkv_width) * b)
+        if node.part == "core":  # cache write, attention over the cache
+            return NodeCost(0, 0, t, 4, t * 2 * qkv_width * b + kv_bytes, attention)
+        if node.part == "post":  # output projection, residual, post norm
+            weights = a.o_width * d + d
+            return NodeCost(2 * t * weights, weights * self.wb, t, 3,
+                            t * (6 * d + a.o_width) * b)
         # norms, q/k/v, rope, cache write, output projection, residual, post norm
-        act = t * (10 * d + 2 * (a.q_width + 2 * a.kv_width)) * b
+        act = t * (10 * d + 2 * qkv_width) * b
         return NodeCost(flops, proj * self.wb, t, KERNELS[Attention], act + kv_bytes, attention)
 
     def group_cost(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> NodeCost:
@@ -208,20 +228,36 @@ class CostModel:
 
     def time_of(self, node: Node, c: NodeCost) -> float:
         if isinstance(node, Transfer):
-            return 0.0 if node.src == node.dst else self.hw.link.time(c.bytes)
+            if node.src == node.dst:
+                return 0.0
+            if node.payload in HOST_PAYLOADS:
+                return self.hw.host_link.time(c.bytes)
+            return self.hw.link.time(c.bytes)
         if c.kernels == 0:
             return 0.0
-        dev = self.hw.device
+        roof = self._roofs.get(node.device)
+        if roof is None:
+            roof = self._roofs[node.device] = self.roof(node.device)
+        dev, peak, attention_peak = roof
         if c.rows <= dev.gemv_rows:
             efficiency = 1.0
         else:
             efficiency = c.rows / (c.rows + dev.gemm_half_rows) if c.rows else 1.0
-        compute = c.flops / (self.peak * c.sm_share * max(efficiency, 1e-9))
+        compute = c.flops / (peak * c.sm_share * max(efficiency, 1e-9))
         if c.attention_flops:
-            compute += c.attention_flops / self.attention_peak
+            compute += c.attention_flops / attention_peak
         memory = c.bytes / dev.mem_bandwidth
         elementwise = c.activation_bytes / (dev.activation_bandwidth or dev.mem_bandwidth)
         return c.kernels * dev.launch_overhead + max(compute, memory) + elementwise
+
+    def roof(self, device: str) -> tuple[DeviceSpec, float, float]:
+        """A device's roofline and its GEMM and attention FLOP/s in this model's dtype: the
+        node's devices', or its host's (which runs fp8 weights at its bf16 rate)."""
+        dev = self.hw.spec(device)
+        if dev is self.hw.device:
+            return dev, self.peak, self.attention_peak
+        peak = dev.flops_for("bfloat16" if self.dtype == "float8" else self.dtype)
+        return dev, peak, dev.attention_flops or peak
 
     # -- memory --------------------------------------------------------------------
 

@@ -206,8 +206,18 @@ class Run:
 
     def _rebase(self) -> None:
         """Weights plus KV per device, after the book changed its KV ledger."""
-        kv, per_block = self.book.kv_used, self.sim.kv_bytes_per_block
+        per_block = self.sim.kv_bytes_per_block
+        kv = self._kv_blocks()
         self.base = [self.sim.weights[d] + kv.get(d, 0) * per_block for d in self.devices]
+
+    def _kv_blocks(self) -> dict[str, int]:
+        """KV blocks in use per device that holds them (the book keeps them by home)."""
+        where = self.sim.kv_device
+        out: dict[str, int] = {}
+        for home, used in self.book.kv_used.items():
+            device = where.get(home, home)
+            out[device] = out.get(device, 0) + used
+        return out
 
     # -- units ---------------------------------------------------------------------
 
@@ -391,7 +401,7 @@ class Run:
     def _violation(self, dev: int, total: float) -> None:
         device = self.devices[dev]
         weights = self.sim.weights[device]
-        kv = self.book.kv_used.get(device, 0) * self.sim.kv_bytes_per_block
+        kv = self._kv_blocks().get(device, 0) * self.sim.kv_bytes_per_block
         self.violations.append(
             f"t={self.now:.6f}s {device}: {total / 1e9:.3f} GB in use (weights "
             f"{weights / 1e9:.3f}, KV {kv / 1e9:.3f}, activations "

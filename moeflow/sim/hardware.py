@@ -81,8 +81,15 @@ class LinkSpec:
         return 0.0 if num_bytes <= 0 else self.latency + num_bytes / self.bandwidth
 
 
+HOST = "cpu"  # the host's device name in a simulated node of GPUs
+
+
 @dataclass(frozen=True, slots=True)
 class Hardware:
+    """`num_devices` devices of one kind, and the host CPU they hang off (`host`, named
+    "cpu" in a plan: policies that offload run attention or keep weights there), reached
+    over `host_link` (PCIe)."""
+
     name: str
     device: DeviceSpec
     num_devices: int
@@ -90,14 +97,32 @@ class Hardware:
     host_link: LinkSpec  # host memory <-> device
     host_memory: float = 512 * GB
     notes: str = field(default="", compare=False)
+    host: DeviceSpec | None = None  # the host's roofline; None: a generic server CPU
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
             raise HardwareError(f"{self.name}: num_devices must be >= 1")
+        if self.host is None:
+            object.__setattr__(self, "host", _server_host(self.host_memory))
 
     def device_names(self) -> tuple[str, ...]:
         prefix = "cuda" if self.device.kind == "gpu" else "cpu"
         return tuple(f"{prefix}:{i}" for i in range(self.num_devices))
+
+    def with_host(self) -> tuple[str, ...]:
+        """The devices and, for a node of GPUs, its host."""
+        names = self.device_names()
+        return (*names, HOST) if self.device.kind == "gpu" else names
+
+    def spec(self, device: str) -> DeviceSpec:
+        """The roofline of a device of this node: the host's for `HOST` on a GPU node."""
+        if device == HOST and self.device.kind == "gpu":
+            return self.host  # type: ignore[return-value]
+        return self.device
+
+    def memory_of(self, device: str) -> float:
+        return self.host_memory if device == HOST and self.device.kind == "gpu" \
+            else self.device.memory
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -105,12 +130,14 @@ class Hardware:
     @staticmethod
     def from_dict(data: dict[str, Any], source: str = "hardware") -> Hardware:
         try:
+            host = data.get("host")
             return Hardware(
                 name=data["name"], device=DeviceSpec(**data["device"]),
                 num_devices=int(data["num_devices"]), link=LinkSpec(**data["link"]),
                 host_link=LinkSpec(**data["host_link"]),
                 host_memory=float(data.get("host_memory", 512 * GB)),
-                notes=data.get("notes", ""))
+                notes=data.get("notes", ""),
+                host=None if host is None else DeviceSpec(**host))
         except (KeyError, TypeError) as exc:
             raise HardwareError(f"{source}: not a hardware description ({exc})") from None
 
@@ -123,12 +150,35 @@ def _gpu(name: str, bf16: float, fp32: float, bandwidth_gb: float, memory_gb: fl
     return DeviceSpec(name, "gpu", flops, bandwidth_gb * GB, memory_gb * GB)
 
 
+def _host(name: str, cores: int, tflops: float, bandwidth: float, memory: float) -> DeviceSpec:
+    """A host CPU: `tflops` over its cores in bf16 and fp32 alike (AVX-512 FMA, no AMX), its
+    socket's memory bandwidth (bytes/s) and capacity (bytes)."""
+    flops = tflops * TERA
+    return DeviceSpec(f"{name} ({cores} cores)", "cpu", {"bfloat16": flops, "float16": flops,
+                                                         "float32": flops},
+                      bandwidth, memory, launch_overhead=5e-6, gemm_half_rows=4.0)
+
+
+def _server_host(memory: float) -> DeviceSpec:
+    """A two-socket server's CPUs, for presets that name none: 112 cores, 8 TFLOP/s, 400 GB/s."""
+    return _host("server host", 112, 8.0, 400 * GB, memory)
+
+
+GIB = float(1 << 30)
+# MoE-Lightning's hosts (its artifact, caoshiyi/artifacts@asplos25, fastmoe/backend/utils.py
+# and benchmarks/mtbench/launch_server.sh; GB there = GiB): the T4's 48-vCPU GCP host at
+# 0.8 TFLOP/s and 100 GiB/s, the L4's g2-standard-48 at 1.6 TFLOP/s and 76 GiB/s, both
+# 192 GB; their link 16 GiB/s (measured PCIe, not the x16 data sheet's).
+_T4_HOST = _host("GCP T4 host", 48, 0.8, 100 * GIB, 192 * GB)
+_L4_HOST = _host("GCP g2-standard-48", 48, 1.6, 76 * GIB, 192 * GB)
+_PAPER_PCIE = LinkSpec(16 * GIB, 10e-6)
+
 # Data sheet figures. NVLink: total bidirectional / 2 per direction. PCIe: x16 per direction.
 _T4 = DeviceSpec("T4", "gpu", {"float16": 65 * TERA, "float32": 8.1 * TERA}, 320 * GB, 16 * GB)
 _DEVICES = {
-    "t4": (_T4, LinkSpec(15.75 * GB, 10e-6), LinkSpec(15.75 * GB, 10e-6), "PCIe Gen3 x16"),
+    "t4": (_T4, LinkSpec(15.75 * GB, 10e-6), _PAPER_PCIE, "PCIe Gen3 x16"),
     "l4": (_gpu("L4", 121, 30.3, 300, 24, fp8=242),
-           LinkSpec(31.5 * GB, 10e-6), LinkSpec(31.5 * GB, 10e-6), "PCIe Gen4 x16"),
+           LinkSpec(31.5 * GB, 10e-6), _PAPER_PCIE, "PCIe Gen4 x16"),
     "a100-80g": (_gpu("A100-SXM4-80GB", 312, 19.5, 2039, 80),
                  LinkSpec(300 * GB, 3e-6), LinkSpec(31.5 * GB, 10e-6), "NVLink3 600 GB/s"),
     "h100": (_gpu("H100-SXM5-80GB", 989.5, 67, 3350, 80, fp8=1979),
@@ -141,16 +191,17 @@ _DEVICES = {
 
 
 def node(key: str, num_devices: int) -> Hardware:
-    """`num_devices` GPUs of preset `key` in one node (host memory: 256 GB per GPU, at
-    least 512 GB)."""
+    """`num_devices` GPUs of preset `key` in one node, with its host: MoE-Lightning's for
+    the T4 and the L4, else a two-socket server with 256 GB per GPU (at least 512 GB)."""
     if key not in _DEVICES:
         raise HardwareError(f"unknown device {key!r}; known: {', '.join(sorted(_DEVICES))}")
     if num_devices < 1:
         raise HardwareError(f"{key}x{num_devices}: a node needs at least one device")
-    device, link, host, notes = _DEVICES[key]
+    device, link, host_link, notes = _DEVICES[key]
     name = key if num_devices == 1 else f"{key}x{num_devices}"
-    return Hardware(name, device, num_devices, link, host,
-                    max(512 * GB, 256 * GB * num_devices), notes)
+    host = {"t4": _T4_HOST, "l4": _L4_HOST}.get(key)
+    memory = host.memory if host is not None else max(512 * GB, 256 * GB * num_devices)
+    return Hardware(name, device, num_devices, link, host_link, memory, notes, host)
 
 
 def presets() -> dict[str, Hardware]:

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from moeflow import units
 from moeflow.models.spec import ModelSpec
 from moeflow.sim.hrm import (
     CPU_FRACTION, Estimate, GIB, GPU_FRACTION, HRMError, MTBENCH_PROMPT, PLACEMENTS,
@@ -241,18 +241,12 @@ def _dinkelbach(milp: Any, bounds: Any, constraints: Any, integrality: Any, n_we
 
 # -- `moeflow plan` ---------------------------------------------------------------------
 
-_UNITS = {"b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-          "kib": 1024.0, "mib": float(1 << 20), "gib": GIB, "tib": float(1 << 40)}
-
-
 def parse_bytes(text: str | float) -> float:
     """'192GB' (1e9 B each) or '180GiB' (2^30 B each) to bytes; a number is bytes."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise HRMError(f"not a memory size: {text!r}; write e.g. 192GB or 180GiB")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+    try:
+        return units.parse_bytes(text)
+    except ValueError as exc:
+        raise HRMError(str(exc)) from None
 
 
 def load_system(name: str) -> System:

@@ -66,9 +66,14 @@ def output_bytes(spec: ModelSpec, dtype_bytes: int, node: Node) -> float:
     d = spec.hidden_size
     if isinstance(node, LMHead):
         return node.num_rows * spec.vocab_size * 4
-    if isinstance(node, Transfer):
-        return 0
+    if isinstance(node, Transfer):  # activations sized when compiled; a weight page lands
+        # in memory its policy reserved (Scheduler.reserved_weights)
+        return 0 if node.payload == "weights" else node.num_bytes or 0
     tokens = getattr(node, "num_tokens", 0)
+    if isinstance(node, Attention) and node.part in ("pre", "core"):
+        a = spec.attention
+        width = d + a.q_width + 2 * a.kv_width if node.part == "pre" else a.o_width
+        return tokens * width * dtype_bytes
     factor = 2 if isinstance(node, Attention) else 1
     if isinstance(node, Gate):
         factor = 1 + spec.moe.top_k
@@ -110,7 +115,10 @@ class PlanTable:
     # and its combine move the same): (their slice of the gate's counts if a range, whether
     # they stay on one device, one of them, all of them)
     moved_of: dict[int, tuple[tuple[slice | None, bool, Transfer, tuple[int, ...]], ...]]
-    routed_of: dict[int, tuple[int, ...]]  # layer -> its ROUTED nodes
+    # the gates whose rows routed experts take (a layer's, or a micro-batch's) -> those
+    # ROUTED nodes, and each gate -> the groups of gates it is in
+    routed_of: dict[tuple[int, ...], tuple[int, ...]]
+    groups_of_gate: dict[int, tuple[tuple[int, ...], ...]]
     rebindable: bool  # binding the graph's own unit gives back every node
 
     @staticmethod
@@ -134,7 +142,7 @@ class PlanTable:
         spans: dict[int, tuple[int, int] | None] = {}  # id(experts) -> its range
         home_seqs: dict[str, tuple[int, ...]] = {}
         moved_of: dict[int, dict[tuple[int, bool], list[Any]]] = {}  # by id(experts), same
-        routed_of: dict[int, list[int]] = {}
+        routed_of: dict[tuple[int, ...], list[int]] = {}
         n = len(nodes)
         code, slot, out_dev = [STATIC] * n, [-1] * n, [-1] * n
         gates: list[tuple[int, ...]] = [()] * n
@@ -168,7 +176,8 @@ class PlanTable:
                             slice(*bounds) if bounds else None, same, node, []]
                     group[-1].append(i)
                     continue
-                cost_key: Hashable = (kind, node.src == node.dst, node.dst)  # type: ignore
+                cost_key: Hashable = (kind, node.src == node.dst, node.dst,  # type: ignore
+                                      node.payload, len(experts), node.num_bytes)  # type: ignore
                 seqs: tuple[int, ...] = ()
             else:
                 device = node.device
@@ -176,16 +185,20 @@ class PlanTable:
                 if kind is Expert:
                     if node.kind == "routed":  # type: ignore[union-attr]
                         code[i] = ROUTED
-                        gates[i] = layer_gate_tuples.get(node.layer, ())  # type: ignore
-                        routed = routed_of.get(node.layer)  # type: ignore[union-attr]
+                        read = tuple(sorted(_gates_read(graph, i)))
+                        gates[i] = read
+                        routed = routed_of.get(read)
                         if routed is None:
-                            routed = routed_of[node.layer] = []  # type: ignore[union-attr]
+                            routed = routed_of[read] = []
                         routed.append(i)
                         continue
                     cost_key = (kind, node.kind)  # type: ignore[union-attr]
-                    seqs = home_seqs.get(device)  # type: ignore[assignment]
-                    if seqs is None:
-                        seqs = home_seqs[device] = unit.seqs_on(device)
+                    if graph.micro_batched:  # its micro-batch's: the attention it reads
+                        seqs = graph.nodes[graph.inputs(i)[0]].seqs  # type: ignore[union-attr]
+                    else:
+                        seqs = home_seqs.get(device)  # type: ignore[assignment]
+                        if seqs is None:
+                            seqs = home_seqs[device] = unit.seqs_on(device)
                 else:
                     cost_key = (kind, node.part) if kind is Attention else kind  # type: ignore
                     seqs = node.seqs  # type: ignore[union-attr]
@@ -230,7 +243,9 @@ class PlanTable:
                          tuple(span), tuple(itertools.chain(*layer_gate_tuples.values())),
                          {g: tuple((rows, same, node, tuple(ids)) for rows, same, node, ids
                                    in by_rows.values()) for g, by_rows in moved_of.items()},
-                         {layer: tuple(r) for layer, r in routed_of.items()}, rebindable)
+                         {read: tuple(r) for read, r in routed_of.items()},
+                         {g: tuple(read for read in routed_of if g in read)
+                          for g in itertools.chain(*layer_gate_tuples.values())}, rebindable)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -251,10 +266,12 @@ class BoundUnit:
     uses: list[int]  # data uses left per node
     held: list[Any]  # output bytes held per node (None: nothing)
     counts: dict[int, tuple[int, ...]]  # gate node -> rows per expert
-    gates_left: dict[int, int]  # layer -> its gates not yet drawn
+    gates_left: dict[tuple[int, ...], int]  # a group of gates -> those not yet drawn
     lanes: list[Any] | None  # a trace sink's, per node
     left: int  # nodes not yet finished
-    layer_rows: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # a group of gates -> the rows per expert they drew together
+    layer_rows: dict[tuple[int, ...], tuple[int, ...]] = dataclasses.field(
+        default_factory=dict)
     shown: TraceColumns | None = None  # how its nodes show in a recorded trace
 
     @staticmethod
@@ -281,17 +298,16 @@ class BoundUnit:
         durations.append(None)  # slot -1: not known before a gate draws
         sizes.append(0.0)
         n = len(graph.nodes)
-        gates_left = {layer: len(table.gates[routed[0]])
-                      for layer, routed in table.routed_of.items()}
+        gates_left = {read: len(read) for read in table.routed_of}
         u = BoundUnit(job, table, graph, graph.nodes, costs,
                       list(map(durations.__getitem__, table.slot)),
                       list(map(sizes.__getitem__, table.slot)), static, bound,
                       list(table.uses), [None] * n, {}, gates_left, lanes, n)
         for gate in table.gate_nodes:
             u.dur[gate] = None  # a gate draws its rows when it starts
-        for layer, left in gates_left.items():
-            if not left:  # a layer without gates routes no rows
-                u._route(layer)
+        for read, left in gates_left.items():
+            if not left:  # experts that read no gate route no rows
+                u._route(read)
         return u
 
     def draw(self, node_id: int, routing: Routing) -> float:
@@ -313,17 +329,16 @@ class BoundUnit:
             for m in moved:
                 dur[m] = seconds
                 nbytes[m] = size
-        layer = node.layer  # type: ignore[union-attr]
-        left = self.gates_left.get(layer)
-        if left is not None:
-            self.gates_left[layer] = left - 1
-            if left == 1:  # the layer's last gate: its experts' rows are known
-                self._route(layer)
+        for read in self.table.groups_of_gate.get(node_id, ()):
+            left = self.gates_left[read]
+            self.gates_left[read] = left - 1
+            if left == 1:  # the group's last gate: its experts' rows are known
+                self._route(read)
         return self.static[self.table.slot[node_id]][0]
 
-    def _route(self, layer: int) -> None:
+    def _route(self, read: tuple[int, ...]) -> None:
         dur, nbytes, costs = self.dur, self.nbytes, self.costs
-        for routed in self.table.routed_of[layer]:
+        for routed in self.table.routed_of[read]:
             rows = self.rows(routed)
             assert rows is not None  # every gate of the layer drew
             dur[routed] = costs.routed(self.graph, self.nodes[routed], rows)  # type: ignore
@@ -338,18 +353,30 @@ class BoundUnit:
         if self.table.code[node_id] == MOVED:
             counts = self.counts.get(self.table.gates[node_id][0])
         else:
-            counts = self.layer_rows.get(node.layer)  # type: ignore[union-attr]
+            gates = self.table.gates[node_id]
+            counts = self.layer_rows.get(gates)
             if counts is None:
-                gates = self.table.gates[node_id]
                 if any(g not in self.counts for g in gates):
                     return None
-                counts = self.layer_rows[node.layer] = (  # type: ignore[union-attr]
+                counts = self.layer_rows[gates] = (
                     tuple(map(sum, zip(*(self.counts[g] for g in gates)))) if gates
                     else (0,) * self.graph.placement.num_experts)
         if counts is None:
             return None
         span = self.table.span[node_id]
         return counts[span[0]:span[1]] if span else tuple(counts[e] for e in experts)
+
+
+def _gates_read(graph: Graph, node_id: int) -> set[int]:
+    """The gates whose rows a routed Expert takes: read directly or through a dispatch."""
+    out = set()
+    for p in graph.inputs(node_id):
+        src = graph.nodes[p]
+        if isinstance(src, Gate):
+            out.add(p)
+        elif isinstance(src, Transfer) and src.payload == "dispatch":
+            out.update(q for q in graph.inputs(p) if isinstance(graph.nodes[q], Gate))
+    return out
 
 
 def node_label(node: Node) -> str:

@@ -77,13 +77,28 @@ class Simulator:
         self.cluster = Cluster(self.placement.devices, self.placement)
         self.homes = tuple(homes) if homes is not None else self.placement.devices
         self.weights = self.cost.weight_bytes(self.placement, self.homes)
-        self.budget = {d: hardware.device.memory * (1 - memory_headroom)
+        for dev, params in scheduler.reserved_weights(model, self.cluster).items():
+            self.weights[dev] = self.weights.get(dev, 0.0) + params * self.cost.wb
+        self.budget = {d: hardware.memory_of(d) * (1 - memory_headroom)
                        for d in self.placement.devices}
         self.activation_reserve = activation_bytes(model, max_batch_tokens, max_seqs,
                                                    self.cost.b)
         per_block = self.cost.kv_bytes_per_token() * kv_block_size
+        # where each home's requests keep their KV (their home, unless the policy says)
+        self.kv_device = {h: d for h, d in scheduler.kv_devices(model, self.cluster).items()
+                          if h in self.homes}
         kv_blocks = {}
-        for dev in self.homes:
+        # a home keeping its KV on another device sizes its pool by that device's room
+        # (shared with that device's own requests, should it home any: the memory check
+        # holds both to the device's budget)
+        for home in self.homes:
+            dev = self.kv_device.get(home, home)
+            if dev != home and self.budget[home] < self.weights[home] + self.activation_reserve:
+                raise SimulationError(
+                    f"{model.name or model.family} does not fit on {hardware.name}: {home} "
+                    f"holds {self.weights[home] / 1e9:.1f} GB of weights and "
+                    f"{self.activation_reserve / 1e9:.1f} GB of activations of a "
+                    f"{self.budget[home] / 1e9:.1f} GB budget")
             room = self.budget[dev] - self.weights[dev] - self.activation_reserve
             if room < per_block:
                 raise SimulationError(
@@ -92,7 +107,7 @@ class Simulator:
                     f"{self.budget[dev] / 1e9:.1f} GB budget"
                     + (" (fp8 weights would take half: --dtype fp8)" if self.cost.wb > 1
                        and "float8" in hardware.device.peak_flops else ""))
-            kv_blocks[dev] = int(room // per_block)
+            kv_blocks[home] = int(room // per_block)
         self.kv_block_size = kv_block_size
         self.kv_bytes_per_block = per_block
         self.kv_blocks = kv_blocks

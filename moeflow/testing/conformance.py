@@ -17,7 +17,8 @@ invariants:
     +  for static plans, the simulated and the real in-process per-stream orders agree
     +  the execution semantics themselves (a state machine, see `machine.py`)
 
-Policies have their own invariants too (fine-ep: invariant 6, eps: invariant 7), and a
+Policies have their own invariants too (fine-ep: invariant 6, eps: invariant 7, cgopipe
+and flexgen: invariant 8), and a
 plugin may add some: a scheduler class with a `conformance_checks()` classmethod returning
 functions `check(case, result) -> list[str]` gets them run on every simulated case. Failures shrink to a small case whose repr can be pasted into a test.
 """
@@ -71,10 +72,13 @@ def simulate(scheduler_cls: type[Scheduler], case: Case) -> tuple[Simulator, Sim
     spec = case.model.spec
     placement = case.cluster.placement
     w = case.workload
-    hw = tight_hardware(spec, placement, w.kv_blocks, w.max_batch_tokens, w.max_seqs)
+    scheduler = scheduler_cls()
+    hw = tight_hardware(spec, placement, w.kv_blocks, w.max_batch_tokens, w.max_seqs,
+                        reserved=scheduler.reserved_weights(
+                            spec, Cluster(placement.devices, placement)))
     routing = Routing.parse(w.routing, spec.moe.num_experts, spec.moe.top_k, spec.num_layers,
                             seed=w.seed)
-    sim = Simulator(spec, hw, scheduler_cls(), routing, placement=placement,
+    sim = Simulator(spec, hw, scheduler, routing, placement=placement,
                     max_batch_tokens=w.max_batch_tokens, max_seqs=w.max_seqs)
     units = [0]
 
@@ -149,10 +153,12 @@ def policy_checks(scheduler_cls: type[Scheduler]) -> list[Check]:
     """The invariants specific to a policy: the built-in ones for every policy name in the
     class's ancestry (a subclass of fine-ep keeps invariant 6), plus whatever the class's
     own `conformance_checks()` returns."""
+    from moeflow.testing.cgopipe import invariant_8
     from moeflow.testing.eps import invariant_7
     from moeflow.testing.fine_ep import invariant_6
 
-    builtin: dict[str, list[Check]] = {"fine-ep": [invariant_6], "eps": [invariant_7]}
+    builtin: dict[str, list[Check]] = {"fine-ep": [invariant_6], "eps": [invariant_7],
+                                       "cgopipe": [invariant_8]}
     checks: list[Check] = []
     for klass in scheduler_cls.__mro__:
         checks.extend(builtin.get(klass.__dict__.get("name", ""), []))
@@ -251,6 +257,26 @@ def record_generation(executor: Any, spec: ModelSpec, scheduler: Scheduler, clus
     finally:
         del executor.run_many
     return {r.request_id: list(r.output_ids) for r in requests}, logits
+
+
+def assert_same_generation(run: tuple[dict[int, list[int]], dict[int, list[Any]]],
+                           reference: tuple[dict[int, list[int]], dict[int, list[Any]]],
+                           atol: float = 1e-4) -> None:
+    """Two `record_generation` results agree: the same tokens, and every step's logits
+    within `atol` (invariant 5 between two policies)."""
+    (tokens, logits), (ref_tokens, ref_logits) = run, reference
+    if tokens != ref_tokens:
+        raise ConformanceError(f"tokens differ: {tokens} against {ref_tokens}")
+    for request, rows in ref_logits.items():
+        mine = logits.get(request, [])
+        if len(mine) != len(rows):
+            raise ConformanceError(f"request {request}: {len(mine)} logit rows against "
+                                   f"{len(rows)}")
+        for step, (a, b) in enumerate(zip(mine, rows)):
+            diff = float((a - b).abs().max())
+            if diff > atol:
+                raise ConformanceError(f"request {request} step {step}: max |logit "
+                                       f"difference| = {diff:.2e} > {atol}")
 
 
 def run_for_real(scheduler: Scheduler, case: Case, prompts: list[list[int]],

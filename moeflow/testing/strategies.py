@@ -106,14 +106,17 @@ def workload_cases(draw: st.DrawFn, max_requests: int = 6,
 
 
 def tight_hardware(spec: ModelSpec, placement: Placement, kv_blocks: int,
-                   max_batch_tokens: int, max_seqs: int, headroom: float = 0.1) -> Hardware:
+                   max_batch_tokens: int, max_seqs: int, headroom: float = 0.1,
+                   reserved: dict[str, int] | None = None) -> Hardware:
     """A GPU-like device sized so that each serving device holds exactly `kv_blocks` KV
-    blocks (of 16 tokens) beside its weights and the activation reserve the simulator keeps
-    for `max_batch_tokens` tokens of `max_seqs` sequences in flight."""
+    blocks (of 16 tokens) beside its weights (with the parameters a policy `reserved`) and
+    the activation reserve the simulator keeps for `max_batch_tokens` tokens of `max_seqs`
+    sequences in flight."""
     probe = Hardware("probe", DeviceSpec("probe", "gpu", {spec.dtype: 1e12}, 1e12, 1e15),
                      len(placement.devices), LinkSpec(1e11, 2e-6), LinkSpec(1e10, 5e-6))
     cost = CostModel(spec, probe)
-    weights = max(cost.weight_bytes(placement, placement.devices).values())
+    held = cost.weight_bytes(placement, placement.devices)
+    weights = max(held[d] + (reserved or {}).get(d, 0) * cost.wb for d in held)
     activations = activation_bytes(spec, max_batch_tokens, max_seqs, cost.b)
     need = weights + activations + (kv_blocks + 0.5) * cost.kv_bytes_per_token() * 16
     device = DeviceSpec("test-gpu", "gpu", {spec.dtype: 50e12}, 500 * GB, need / (1 - headroom),

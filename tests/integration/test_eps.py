@@ -13,7 +13,7 @@ from moeflow.dataflow.graph import SeqChunk, Unit
 from moeflow.models.families import load_spec
 from moeflow.scheduler import EPS, AnalyticCosts, BatchEP, Cluster
 from moeflow.testing import check_scheduler
-from moeflow.testing.conformance import record_generation
+from moeflow.testing.conformance import assert_same_generation, record_generation
 from moeflow.testing.eps import num_stages
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
@@ -52,12 +52,7 @@ def generate(executor, spec, scheduler, cluster):
 
 
 def assert_same(run, reference):
-    (tokens, logits), (ref_tokens, ref_logits) = run, reference
-    assert tokens == ref_tokens
-    for request, rows in ref_logits.items():
-        assert len(logits[request]) == len(rows)
-        for a, b in zip(logits[request], rows):
-            assert (a - b).abs().max() <= ATOL
+    assert_same_generation(run, reference, ATOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

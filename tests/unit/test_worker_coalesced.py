@@ -33,7 +33,8 @@ def make_worker(path) -> DeviceWorker:
 def attention(worker: DeviceWorker, keys: list[int], hiddens: list[torch.Tensor]
               ) -> list[AttnOut]:
     node = Attention(0, DEVICE, 0, (0,), 1, 1)
-    return worker.run_group([(k, None, node, [(None, h)]) for k, h in zip(keys, hiddens)])
+    graph = SimpleNamespace(micro_batched=False)  # one chain per device, as compile makes
+    return worker.run_group([(k, graph, node, [(None, h)]) for k, h in zip(keys, hiddens)])
 
 
 def test_coalesced_attention_equals_one_unit_at_a_time(checkpoint):

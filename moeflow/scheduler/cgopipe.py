@@ -1,0 +1,240 @@
+"""cgopipe: MoE-Lightning's CGOPipe, for throughput on a GPU too small for the weights
+(arXiv 2411.11217, ASPLOS '25); and flexgen, the FlexGen-style schedule it is measured
+against.
+
+The cluster's first device is the GPU, its last the host (on a CPU-only machine, two CPU
+actors stand in for them). The placement says where the routed experts are stored: the
+GPU's own are resident, every other owner's are paged in, layer by layer, as
+`Transfer(weights)` nodes (`moeflow.dataflow.offload`). Every request is served by the GPU.
+Under a GPU memory cap (`EngineConfig.gpu_memory`, `--gpu-memory`), `capped_placement`
+keeps on the GPU as many experts as fit beside its dense weights and the double buffer.
+
+cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
+- Batching as batch-ep (one step at a time, every running request plus what the budgets
+  admit, long prompts in chunks), all homed on the GPU.
+- Each unit is cut into micro-batches by MoE-Lightning's Algorithm 2: sequences sorted by
+  length, longest first, each put in the micro-batch with the fewest tokens so far, a
+  micro-batch closed at `micro_batch_size` sequences. Without a size, `micro_batches`
+  (default 3: the fewest that keep the pipeline full) of them.
+- Per layer and micro-batch: PreAttn (norm, QKV, RoPE) on the GPU, q/k/v to the host,
+  attention over the host's KV cache on the host, its output back, PostAttn (O-proj,
+  residual, norm), router and experts on the GPU. MLA models (DeepSeek-V2/V3) keep
+  attention whole on the GPU: its latent cache is not cut yet.
+- The issue order is the paper's, one static order per stream (InOrder): on the GPU, for
+  step k = (layer i, micro-batch j), the post-attention chain of k, then PreAttn of step
+  k+2 (the CPU works two micro-batches ahead; a prologue issues steps 0 and 1); the host
+  attends in step order; its h2d stream interleaves the hidden state of (i, j) with weight
+  page j of layer i+1 (a layer's pages: `pages`, by default one per micro-batch).
+- Weight pages go into a double buffer of two layers by layer parity: a page of layer i
+  waits (a write-after-read edge) for every expert of layer i-2.
+
+flexgen (`FlexGen()`): the same batching, one micro-batch, attention whole on the GPU with
+its KV cache there, and each layer's offloaded experts streamed as one page, the next
+layer's while this one computes.
+
+For the simulator, `reserved_weights` sets the GPU's double buffer aside and `kv_devices`
+puts the KV cache on the host (`moeflow.sim.offload` lays out the node: one GPU and its
+host). The real engine admits by the GPU's KV pool, the same size as the host's (every
+actor gets the same `kv_cache_tokens`); if the host's actor restarts, the requests whose
+KV it kept fail.
+
+What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
+simulate` only (`generate` and `serve` take 3 micro-batches), prefill on the GPU with
+the KV moved to the host
+(here prefill takes the same CPU-attention path), a pinned relay between host memory and
+the GPU, and pages smaller than an expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+from moeflow.dataflow.graph import Graph, GraphError, Placement, Unit
+from moeflow.dataflow.offload import OffloadCut, OffloadNodes, compile_offload
+from moeflow.models.spec import ModelSpec
+from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
+from moeflow.scheduler.batch_ep import BatchEP
+from moeflow.scheduler.plan import InOrder, Plan, Stream
+
+LOOKAHEAD = 2  # PreAttn of step k + 2 follows PostAttn of step k
+
+
+def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int | None
+               ) -> tuple[tuple[int, ...], ...]:
+    """MoE-Lightning's Algorithm 2: the unit's sequences (indices) in micro-batches, longest
+    first into the one with the fewest tokens; each micro-batch, and the micro-batches by
+    their first sequence, in unit order."""
+    n = len(unit.seqs)
+    if micro_batch_size is not None:
+        count = -(-n // micro_batch_size)
+        cap = micro_batch_size
+    else:
+        count = min(n, num_micro_batches or 3)
+        cap = -(-n // count)
+    batches: list[list[int]] = [[] for _ in range(count)]
+    tokens = [0] * count
+    lengths = {i: s.start + s.num_tokens for i, s in enumerate(unit.seqs)}
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        j = min((j for j in range(count) if len(batches[j]) < cap),
+                key=lambda j: (tokens[j], j))
+        batches[j].append(i)
+        tokens[j] += lengths[i]
+    return tuple(sorted(tuple(sorted(b)) for b in batches if b))
+
+
+class CGOPipe(Scheduler):
+    name = "cgopipe"
+    cpu_attention = True
+
+    def __init__(self, micro_batches: int | None = None, micro_batch_size: int | None = None,
+                 pages: int | None = None) -> None:
+        for label, value in (("micro_batches", micro_batches),
+                             ("micro_batch_size", micro_batch_size), ("pages", pages)):
+            if value is not None and value < 1:
+                raise ValueError(f"{label} must be >= 1, got {value}")
+        self.micro_batches = micro_batches
+        self.micro_batch_size = micro_batch_size
+        self.pages = pages
+
+    # -- batching --------------------------------------------------------------------
+
+    def form_units(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
+                   budget: Budget) -> list[Unit]:
+        if not budget.free_kv_blocks:
+            return []
+        gpu = next(iter(budget.free_kv_blocks))  # the cluster's first device
+        only_gpu = Budget(budget.max_tokens, budget.max_seqs,
+                          {gpu: budget.free_kv_blocks[gpu]}, budget.kv_block_size,
+                          budget.units_in_flight)
+        return BatchEP().form_units(waiting, running, only_gpu)
+
+    def split(self, unit: Unit) -> tuple[tuple[int, ...], ...]:
+        return algorithm2(unit, self.micro_batches, self.micro_batch_size)
+
+    def plan_key(self, unit: Unit) -> Hashable:
+        # token counts too: the activations sent to the host are sized when compiled
+        return (unit_shape(unit), self.split(unit), tuple(s.num_tokens for s in unit.seqs))
+
+    # -- planning --------------------------------------------------------------------
+
+    def cut(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> OffloadCut:
+        gpu, host = cluster.devices[0], cluster.devices[-1]
+        split = self.split(unit) if self.cpu_attention else (tuple(range(len(unit.seqs))),)
+        cpu_attention = self.cpu_attention and model.attention.kind != "mla"
+        return OffloadCut(gpu, host, split, cpu_attention,
+                          self.pages or (len(split) if self.cpu_attention else 1))
+
+    def reserved_weights(self, model: ModelSpec, cluster: Cluster) -> dict[str, int]:
+        """The GPU's double buffer: two layers of the experts it pages in."""
+        gpu = cluster.devices[0]
+        offloaded = sum(1 for e in range(cluster.placement.num_experts)
+                        if cluster.placement.owner(e) != gpu)
+        if not offloaded or not model.moe_layers:
+            return {}
+        return {gpu: 2 * offloaded * model.expert_params()}
+
+    def capped_placement(self, model: ModelSpec, devices: Sequence[str], weight_bytes: int,
+                         gpu_memory: float) -> Placement:
+        """The experts the GPU (the first device) keeps under `gpu_memory` bytes of weights:
+        as many as fit beside its dense weights and the double buffer for the others,
+        which the host (the last device) holds and pages in. Refused, before anything runs,
+        when even all of them on the host leave the GPU over its cap."""
+        devices = tuple(devices)
+        if len(devices) < 2:
+            raise ValueError(f"a GPU memory cap needs a GPU and a host: two devices at least, "
+                             f"got {', '.join(devices)}")
+        num_experts = model.moe.num_experts
+        dense = (model.total_params() - len(model.moe_layers) * num_experts
+                 * model.expert_params()) * weight_bytes
+        per_expert = len(model.moe_layers) * model.expert_params() * weight_bytes
+        host = len(devices) - 1
+        for resident in range(num_experts, -1, -1):
+            placement = Placement(devices, (0,) * resident + (host,) * (num_experts - resident))
+            buffer = sum(self.reserved_weights(model, Cluster(devices, placement)).values())
+            need = dense + resident * per_expert + buffer * weight_bytes
+            if need <= gpu_memory:
+                return placement
+        raise ValueError(f"a GPU memory cap of {gpu_memory:,.0f} B is too small for {self.name}: with "
+                         f"every expert on the host, the GPU still holds {dense:,} B of dense "
+                         f"weights and {need - dense:,} B of double buffer ({need:,} B)")
+
+    def kv_devices(self, model: ModelSpec, cluster: Cluster) -> dict[str, str]:
+        """With CPU attention, the KV cache lives on the host."""
+        gpu, host = cluster.devices[0], cluster.devices[-1]
+        if self.cpu_attention and model.attention.kind != "mla" and host != gpu:
+            return {gpu: host}
+        return {}
+
+    def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
+        cut = self.cut(unit, model, cluster)
+        graph, ids = compile_offload(model, unit, cluster.placement, cut)
+        return pipeline_plan(graph, ids, cut)
+
+
+class FlexGen(CGOPipe):
+    name = "flexgen"
+    cpu_attention = False
+
+    def __init__(self) -> None:
+        super().__init__(micro_batches=1, pages=1)
+
+
+def pipeline_plan(graph: Graph, ids: OffloadNodes, cut: OffloadCut) -> Plan:
+    """Every stream in the paper's issue order (see the module docstring)."""
+    gpu, host = cut.gpu, cut.host
+    n = len(cut.micro_batches)
+    layers = len(ids.pre)
+    steps = layers * n
+    ahead = min(LOOKAHEAD, n)
+    assignment: list[Stream | None] = [None] * len(graph.nodes)
+    orders: dict[Stream, list[int]] = {}
+
+    def issue(node: int, stream: Stream) -> None:
+        if node < 0:
+            return
+        assignment[node] = stream
+        orders.setdefault(stream, []).append(node)
+
+    compute, d2h = Stream(gpu, "compute"), Stream(gpu, "d2h")
+    host_compute, h2d = Stream(host, "compute"), Stream(host, "h2d")
+
+    def pages(layer: int, slot: int | None) -> None:
+        """Layer `layer`'s pages (those for micro-batch slot `slot`, or all), each on its
+        owner's h2d stream."""
+        if layer >= layers:
+            return
+        page_ids = ids.pages[layer]
+        for p, page in enumerate(page_ids):
+            if slot is None or p * n // len(page_ids) == slot:
+                issue(page, Stream(graph.nodes[page].src, "h2d"))  # type: ignore[union-attr]
+
+    def pre(k: int) -> None:
+        i, j = divmod(k, n)
+        if i == 0:
+            issue(ids.embed[j], compute)
+        issue(ids.pre[i][j], compute)
+        issue(ids.qkv[i][j], d2h)
+        issue(ids.core[i][j], host_compute)
+
+    pages(0, None)
+    for k in range(min(ahead, steps)):
+        pre(k)
+    for k in range(steps):
+        i, j = divmod(k, n)
+        issue(ids.back[i][j], h2d)
+        pages(i + 1, j)
+        for node in ids.post[i][j]:
+            issue(node, compute)
+        if i == layers - 1:
+            issue(ids.head[j], compute)
+        if k + ahead < steps:
+            pre(k + ahead)
+    missing = [i for i, s in enumerate(assignment) if s is None]
+    if missing:
+        raise GraphError(f"the pipeline order leaves nodes {missing[:8]} unplaced")
+    streams = tuple(s for s in assignment if s is not None)
+    return Plan(graph, streams,
+                tuple((s, InOrder(tuple(o))) for s, o in sorted(orders.items())))
+
+
+__all__ = ["CGOPipe", "FlexGen", "algorithm2", "pipeline_plan"]

@@ -1,0 +1,120 @@
+"""Invariant 8 (cgopipe, and flexgen where it applies), checked on a simulated run:
+
+    - each micro-batch follows PreAttn -> QKV to the host -> CPU attention -> hidden back
+      -> PostAttn: in every layer, each part of a micro-batch's attention ends before the
+      next starts (event times);
+    - every weight page of layer i is resident before the layer's experts run: every page
+      ends before any routed Expert of layer i starts (PostAttn of the paper holds the MoE
+      FFN; here the router and the experts are nodes of their own, after the O-projection);
+    - a double-buffer half is overwritten only after the layer that used it is done: a page
+      of an MoE layer starts only after every routed Expert of the MoE layer two before it
+      ended (dense layers have no pages); so the GPU never holds more than two layers'
+      pages;
+    - the pages tile the layer's offloaded experts exactly: in every MoE layer the pages hold
+      each expert the GPU does not own once, and no other.
+
+Not checked, because not built: "a pinned slot is refilled only after its previous GPU copy
+finished" (a page is one copy; there is no pinned relay yet).
+
+Nodes are matched by their fields (layer, part, seqs, payload, experts), not by the graph's
+edges, so a graph that lost an edge shows as an event out of order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeflow.dataflow.graph import Attention, Expert, Graph, Transfer
+from moeflow.dataflow.offload import offloaded_pages
+
+_SLACK = 1e-12
+_PARTS = ("pre", "qkv", "core", "hidden", "post")
+
+
+def graph_problems(graph: Graph, gpu: str) -> list[str]:
+    """The pages of every MoE layer tile its offloaded experts exactly."""
+    out: list[str] = []
+    offloaded = {e for _, group in offloaded_pages(graph.placement, gpu, 1) for e in group}
+    pages: dict[int, list[int]] = {}
+    moe_layers = {n.layer for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"}
+    for node in graph.nodes:
+        if isinstance(node, Transfer) and node.payload == "weights":
+            if node.dst != gpu:
+                out.append(f"a weight page of layer {node.layer} goes to {node.dst}, "
+                           f"not the GPU {gpu}")
+            pages.setdefault(node.layer, []).extend(node.experts)
+    for layer in sorted(moe_layers | set(pages)):
+        held = pages.get(layer, [])
+        if sorted(held) != sorted(offloaded):
+            out.append(f"layer {layer}: the pages hold experts {sorted(held)[:8]}, the GPU "
+                       f"does not own {sorted(offloaded)[:8]}")
+    return out
+
+
+def invariant_8(case: Any, result: Any) -> list[str]:
+    out: list[str] = []
+    events: dict[tuple[int, int], tuple[float, float]] = {
+        (ev.job, ev.node): (ev.start, ev.end) for ev in result.trace}
+    for j, job in enumerate(result.jobs):
+        graph = job.plan.graph
+        gpu = job.plan.assignment[0].actor  # the first node, an Embed, runs on the GPU
+        out.extend(f"unit {j}: {p}" for p in graph_problems(graph, gpu))
+        parts: dict[tuple[int, tuple[int, ...]], dict[str, list[int]]] = {}
+        pages: dict[int, list[int]] = {}
+        experts: dict[int, list[int]] = {}
+        for node in graph.nodes:
+            if isinstance(node, Attention) and node.part != "full":
+                name = node.part
+            elif isinstance(node, Transfer) and node.payload in ("qkv", "hidden"):
+                name = node.payload
+            elif isinstance(node, Transfer) and node.payload == "weights":
+                pages.setdefault(node.layer, []).append(node.id)
+                continue
+            elif isinstance(node, Expert) and node.kind == "routed":
+                experts.setdefault(node.layer, []).append(node.id)
+                continue
+            else:
+                continue
+            seqs = _seqs_of(graph, node.id)
+            parts.setdefault((node.layer, seqs), {}).setdefault(name, []).append(node.id)
+        for (layer, seqs), found in sorted(parts.items()):
+            chain = [found.get(p, []) for p in _PARTS]
+            if any(len(c) != 1 for c in chain):
+                out.append(f"unit {j} layer {layer} micro-batch {seqs}: attention parts "
+                           f"{ {p: len(c) for p, c in zip(_PARTS, chain)} }, one of each "
+                           f"expected")
+                continue
+            for (a, na), (b, nb) in zip(zip(_PARTS, chain), zip(_PARTS[1:], chain[1:])):
+                if events[(j, na[0])][1] > events[(j, nb[0])][0] + _SLACK:
+                    out.append(f"unit {j} layer {layer} micro-batch {seqs}: {b} started "
+                               f"before {a} ended")
+        for layer, ids in pages.items():
+            first_expert = min((events[(j, e)][0] for e in experts.get(layer, [])),
+                               default=float("inf"))
+            last_page = max(events[(j, p)][1] for p in ids)
+            if last_page > first_expert + _SLACK:
+                out.append(f"unit {j} layer {layer}: an expert ran before the layer's last "
+                           f"weight page arrived")
+            moe = sorted(experts)
+            at = moe.index(layer) if layer in moe else -1
+            if at >= 2:  # the buffer half of the MoE layer two before
+                freed = max(events[(j, e)][1] for e in experts[moe[at - 2]])
+                first_page = min(events[(j, p)][0] for p in ids)
+                if first_page < freed - _SLACK:
+                    out.append(f"unit {j} layer {layer}: a page overwrote its buffer half "
+                               f"before layer {moe[at - 2]}'s experts were done")
+    return out[:20]
+
+
+def _seqs_of(graph: Graph, node_id: int) -> tuple[int, ...]:
+    """A node's micro-batch: its own `seqs`, or a transfer's source's."""
+    for _ in range(4):
+        node = graph.nodes[node_id]
+        seqs = getattr(node, "seqs", None)
+        if seqs is not None:
+            return seqs  # type: ignore[no-any-return]
+        node_id = graph.inputs(node_id)[0]
+    return ()
+
+
+__all__ = ["graph_problems", "invariant_8"]

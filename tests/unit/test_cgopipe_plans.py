@@ -1,0 +1,180 @@
+"""cgopipe: Algorithm 2's micro-batches, the offloaded graph (split attention, weight pages,
+the double buffer's write-after-read edges), the paper's issue order, and the simulator
+running the four resources side by side (the suite and real runs are in
+tests/integration/test_cgopipe.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeflow.dataflow.check import problems
+from moeflow.dataflow.graph import Attention, Expert, GraphError, SeqChunk, Unit
+from moeflow.dataflow.offload import OffloadCut, compile_offload
+from moeflow.models.families import spec_from_config
+from moeflow.models.tiny import TinyShape, tiny_config
+from moeflow.scheduler import Cluster
+from moeflow.scheduler.cgopipe import CGOPipe, FlexGen, algorithm2
+from moeflow.sim.simulator import Simulator
+from moeflow.sim.workload import Routing, SimRequest
+from moeflow.testing.cgopipe import invariant_8
+from moeflow.testing.strategies import tight_hardware
+
+SPEC = spec_from_config(tiny_config("qwen3_moe", TinyShape(layers=4, experts=8, top_k=2)),
+                        "tiny")
+CLUSTER = Cluster.sharded(("cpu:0", "cpu:1"), 8)
+
+
+def decode(lengths: list[int], home: str = "cpu:0") -> Unit:
+    return Unit(tuple(SeqChunk(i, n, 1, home) for i, n in enumerate(lengths)))
+
+
+def test_algorithm2_puts_the_longest_first_into_the_lightest_micro_batch():
+    unit = decode([100, 10, 90, 20, 80, 30, 5])
+    batches = algorithm2(unit, 3, None)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(list(b) == sorted(b) for b in batches)
+    load = [sum(unit.seqs[i].start + 1 for i in b) for b in batches]
+    assert max(load) - min(load) <= 100  # at most the longest apart
+    # 101, 91, 81 open the three; 31 joins the lightest (81), 21 then 91, 11 then 101, ...
+    assert batches == ((0, 1, 6), (2, 3), (4, 5))
+
+
+def test_algorithm2_closes_a_micro_batch_at_its_size():
+    batches = algorithm2(decode([5] * 7), None, 2)
+    assert len(batches) == 4 and max(len(b) for b in batches) == 2
+    assert algorithm2(decode([5, 6]), 3, None) == ((0,), (1,))  # no more than sequences
+
+
+def test_the_offloaded_graph_is_a_correct_forward_pass_with_pages_that_tile_the_layer():
+    unit = decode([7, 9, 11, 13, 15])
+    cut = OffloadCut("cpu:0", "cpu:1", algorithm2(unit, 3, None), pages=2)
+    graph, ids = compile_offload(SPEC, unit, CLUSTER.placement, cut)
+    assert problems(graph, SPEC) == []
+    offloaded = set(CLUSTER.placement.experts_of("cpu:1"))
+    for layer in range(SPEC.num_layers):
+        pages = [graph.nodes[p] for p in ids.pages[layer]]
+        assert len(pages) == 2 and all(p.src == "cpu:1" and p.dst == "cpu:0" for p in pages)
+        assert sorted(e for p in pages for e in p.experts) == sorted(offloaded)
+        for page in pages:  # the double buffer: layer - 2's experts are done with its half
+            war = {e.src for e in graph.edges if e.dst == page.id and e.kind == "war"}
+            two_back = {n.id for n in graph.nodes if isinstance(n, Expert)
+                        and n.kind == "routed" and n.layer == layer - 2}
+            assert war == two_back
+    cores = [n for n in graph.nodes if isinstance(n, Attention) and n.part == "core"]
+    assert {c.device for c in cores} == {"cpu:1"} and len(cores) == 3 * SPEC.num_layers
+
+
+def test_the_offloaded_graph_refuses_what_it_cannot_run():
+    unit = decode([3, 4])
+    with pytest.raises(GraphError, match="exactly once"):
+        compile_offload(SPEC, unit, CLUSTER.placement, OffloadCut("cpu:0", "cpu:1", ((0,),)))
+    with pytest.raises(GraphError, match="homes every sequence on the GPU"):
+        compile_offload(SPEC, decode([3, 4], "cpu:1"), CLUSTER.placement,
+                        OffloadCut("cpu:0", "cpu:1", ((0, 1),)))
+
+
+def test_mla_keeps_attention_whole_and_flexgen_never_splits_it():
+    mla = spec_from_config(tiny_config("deepseek_v2", TinyShape(layers=2, experts=8)), "mla")
+    unit = decode([3, 4, 5])
+    graph = CGOPipe().plan(unit, mla, CLUSTER).graph
+    assert {n.part for n in graph.nodes if isinstance(n, Attention)} == {"full"}
+    graph = FlexGen().plan(unit, SPEC, CLUSTER).graph
+    assert {n.part for n in graph.nodes if isinstance(n, Attention)} == {"full"}
+    assert not graph.micro_batched
+
+
+def test_the_gpu_issues_pre_attention_two_steps_ahead():
+    unit = decode([7, 9, 11, 13])
+    plan = CGOPipe(micro_batches=4).plan(unit, SPEC, CLUSTER)
+    graph = plan.graph
+    order = dict(plan.rules)
+    compute = [graph.nodes[i] for i in order[plan.assignment[0]].order]  # type: ignore[union-attr]
+    steps = [(n.layer, n.seqs) for n in compute if isinstance(n, Attention)]
+    pres = [(n.layer, n.seqs) for n in compute if isinstance(n, Attention) and n.part == "pre"]
+    posts = [(n.layer, n.seqs) for n in compute if isinstance(n, Attention) and n.part == "post"]
+    assert steps[:2] == pres[:2]  # the prologue: steps 0 and 1
+    k_of = {step: k for k, step in enumerate(posts)}
+    # after post of step k, the next pre is step k + 2
+    kinds = [(n.part, (n.layer, n.seqs)) for n in compute if isinstance(n, Attention)]
+    for (a, sa), (b, sb) in zip(kinds, kinds[1:]):
+        if a == "post" and b == "pre":
+            assert k_of[sb] == k_of[sa] + 2
+    h2d = [graph.nodes[i] for i in order[next(s for s in order if s.name == "h2d")].order]  # type: ignore[union-attr]
+    assert [n.payload for n in h2d[:4]] == ["weights"] * 4  # layer 0's pages first
+    assert {n.payload for n in h2d} == {"weights", "hidden"}
+
+
+@pytest.mark.parametrize("policy", [CGOPipe(), CGOPipe(micro_batches=2), FlexGen()])
+def test_the_simulator_runs_the_four_resources_side_by_side(policy):
+    requests = [SimRequest(0.0, 24, 6) for _ in range(6)]
+    hw = tight_hardware(SPEC, CLUSTER.placement, 64, 512, 16,
+                        reserved=policy.reserved_weights(SPEC, CLUSTER))
+    sim = Simulator(SPEC, hw, policy, Routing.parse("uniform", 8, 2, SPEC.num_layers),
+                    placement=CLUSTER.placement, max_batch_tokens=512, max_seqs=16)
+    result = sim.run(requests)
+    assert len(result.timings) == 6 and not result.memory_violations
+    assert invariant_8(None, result) == []
+    lanes = {ev.resource for ev in result.trace}
+    if isinstance(policy, FlexGen):
+        assert lanes == {"cpu:0/compute", "cpu:1/h2d"}
+        return
+    assert lanes == {"cpu:0/compute", "cpu:0/d2h", "cpu:1/compute", "cpu:1/h2d"}
+    gpu = [(ev.start, ev.end) for ev in result.trace if ev.resource == "cpu:0/compute"]
+    host = [(ev.start, ev.end) for ev in result.trace if ev.resource == "cpu:1/compute"]
+    # CPU attention of one micro-batch runs while the GPU computes another's
+    assert any(s < e2 and s2 < e for s, e in host for s2, e2 in gpu)
+
+
+def test_the_gpu_reserves_two_layers_of_the_experts_it_pages_in():
+    assert CGOPipe().reserved_weights(SPEC, CLUSTER) == {"cpu:0": 2 * 4 * SPEC.expert_params()}
+    alone = Cluster.sharded(("cpu:0",), 8)
+    assert CGOPipe().reserved_weights(SPEC, alone) == {}
+
+
+def test_a_dense_layer_between_moe_layers_keeps_the_double_buffer_by_moe_layer():
+    # layers: MoE, MoE, dense, MoE, MoE: layer 3 reuses layer 0's half, layer 4 layer 1's
+    spec = spec_from_config(tiny_config("qwen2_moe", TinyShape(layers=5, experts=8),
+                                        mlp_only_layers=[2]), "dense in the middle")
+    unit = decode([3, 4, 5])
+    cut = OffloadCut("cpu:0", "cpu:1", algorithm2(unit, 3, None), pages=2)
+    graph, ids = compile_offload(spec, unit, CLUSTER.placement, cut)
+    assert problems(graph, spec) == [] and ids.pages[2] == ()
+    routed = {layer: {n.id for n in graph.nodes if isinstance(n, Expert)
+                      and n.kind == "routed" and n.layer == layer} for layer in (0, 1)}
+    for layer, two_back in ((3, 0), (4, 1)):
+        for page in ids.pages[layer]:
+            war = {e.src for e in graph.edges if e.dst == page and e.kind == "war"}
+            assert war == routed[two_back]
+    for layer in (0, 1):  # the first pages wait for the GPU to have the unit
+        for page in ids.pages[layer]:
+            assert {(e.src, e.kind) for e in graph.edges if e.dst == page} == {
+                (ids.embed[0], "control")}
+
+
+def test_each_micro_batch_costs_its_own_shared_expert_in_the_simulator():
+    from moeflow.sim.replay import PlanTable
+
+    spec = spec_from_config(tiny_config("qwen2_moe", TinyShape(layers=2, experts=8)), "shared")
+    unit = Unit(tuple(SeqChunk(i, 0, n, "cpu:0") for i, n in enumerate([5, 3, 2])))
+    plan = CGOPipe(micro_batches=3).plan(unit, spec, CLUSTER)
+    table = PlanTable.of(plan, CLUSTER.devices)
+    shared = {node.num_tokens for node, _, _ in table.slots
+              if isinstance(node, Expert) and node.kind == "shared"}
+    assert shared == {5, 3, 2} and table.rebindable
+
+
+def test_null_workers_run_cgopipe_through_the_whole_runtime():
+    from moeflow.actors.inproc import InProcessExecutor
+    from moeflow.actors.null import NullWorker
+    from moeflow.ops.sampling import SamplingParams
+    from moeflow.serve.engine import EngineCore
+
+    executor = InProcessExecutor({d: NullWorker(d, SPEC) for d in CLUSTER.devices})
+    core = EngineCore(SPEC, executor, CGOPipe(), CLUSTER)
+    requests = [core.add_request([3, 4, 5, 6], SamplingParams(max_new_tokens=4,
+                                                                ignore_eos=True))
+                for _ in range(5)]
+    while core.has_unfinished():
+        core.step()
+    assert [len(r.output_ids) for r in requests] == [4] * 5
+    assert not executor.workers["cpu:1"].kv.seqs  # the host freed every request's KV
