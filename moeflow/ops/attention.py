@@ -9,6 +9,8 @@ head dim, v value head dim, L keys (context length).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,25 @@ def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tens
     return torch.softmax(logits, dim=-1)[..., :-1]
 
 
+_WIDEN: list[bool] = []  # whether this CPU has no bf16 arithmetic, once known
+
+
+def widen_on_this_cpu() -> bool:
+    """Whether bf16 decode attention runs in fp32 here: on CPUs without bf16 dot products
+    (no AVX-512 BF16, no AMX), whose bf16 matmuls torch runs several times slower than fp32
+    ones. On a 2-core AVX2 EPYC, 16 sequences of 512 keys at 32 query / 8 KV heads of 128
+    took 120 ms in bf16 and 40 ms widened (23 ms of it the conversion). Decided by the CPU's
+    flags, not a timing, so that every process of a run computes alike."""
+    if not _WIDEN:
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        x86 = " avx2 " in flags or " avx " in flags
+        _WIDEN.append(x86 and "avx512_bf16" not in flags and "amx_bf16" not in flags)
+    return _WIDEN[0]
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None, scale: float,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,14 +116,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU flash attention costs ~10 us plus ~0.7 ns per query-key product (B*L*H*d); two
     batched matmuls around an fp32 softmax (on oneDNN: see ops/backend.py) cost ~50 us and
     little per product, so they take over from about 65k products: 256 keys in the batch at
-    8 query / 2 kv heads of 32, ~96 at 16 / 4 of 64 (measured on this machine, bf16)."""
+    8 query / 2 kv heads of 32, ~96 at 16 / 4 of 64 (measured on an AVX-512 BF16 machine,
+    bf16). On CPUs without bf16 arithmetic (`widen_on_this_cpu`), bf16 inputs are widened
+    to fp32 and go through the fused kernel."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and widen_on_this_cpu():
+        if sinks is None:
+            return _sdpa(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
+        return _attend(q.float(), k.float(), v.float(), mask, scale, sinks).to(q.dtype)
+    batch, heads, d = q.shape
+    if sinks is None and batch * k.shape[1] * heads * d <= SMALL_DECODE_PRODUCTS:
+        return _sdpa(q, k, v, mask, scale)
+    return _attend(q, k, v, mask, scale, sinks)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """decode_attention through torch's fused kernel (no sinks)"""
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        scale=scale, enable_gqa=k.shape[2] != q.shape[1])  # [B, H, 1, v]
+    return out[:, :, 0, :]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float, sinks: torch.Tensor | None) -> torch.Tensor:
+    """decode_attention as two batched matmuls around an fp32 softmax"""
     batch, heads, d = q.shape
     kv_heads = k.shape[2]
-    if sinks is None and batch * k.shape[1] * heads * d <= SMALL_DECODE_PRODUCTS:
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            scale=scale, enable_gqa=kv_heads != heads)  # [B, H, 1, v]
-        return out[:, :, 0, :]
     qg = q.view(batch, kv_heads, heads // kv_heads, d)  # [B, K, G, d]
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, K, G, L]
     if mask is not None:

@@ -53,6 +53,31 @@ def test_decode_attention_both_kernels_match_reference(batch, length, window):
     assert any(b * n * heads * d > SMALL_DECODE_PRODUCTS for b, n in [(6, 100)])
 
 
+@pytest.mark.parametrize("widen", [False, True])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_bf16_decode_attention_matches_reference_widened_or_not(widen, sinks, monkeypatch):
+    import moeflow.ops.attention as attention
+
+    monkeypatch.setattr(attention, "_WIDEN", [widen])
+    torch.manual_seed(7)
+    batch, length, heads, kv_heads, d = 3, 40, 8, 2, 16
+    lengths = torch.tensor([40, 37, 30])
+    q = torch.randn(batch, heads, d).bfloat16()
+    k = torch.randn(batch, length, kv_heads, d).bfloat16()
+    v = torch.randn(batch, length, kv_heads, d).bfloat16()
+    sink = torch.zeros(heads) if sinks else None  # a zero logit: one more exp(0) below
+    out = decode_attention(q, k, v, decode_mask(lengths, None), 0.25, sink)
+    assert out.dtype == torch.bfloat16
+    for b in range(batch):
+        ref = attention_ref(q[b], k[b], v[b], torch.arange(length) < lengths[b], 0.25)
+        if sinks:  # the sink takes its share of each head's probability mass
+            kk = k[b].repeat_interleave(heads // kv_heads, dim=1).float()
+            scores = torch.einsum("hd,lhd->hl", q[b].float(), kk) * 0.25
+            scores[:, lengths[b]:] = float("-inf")
+            ref = ref * (scores.exp().sum(-1) / (scores.exp().sum(-1) + 1))[:, None]
+        assert torch.allclose(out[b].float(), ref, atol=3e-2, rtol=2e-2)
+
+
 def test_decode_mask_is_none_only_when_nothing_is_hidden():
     assert decode_mask(torch.tensor([7, 7]), None) is None
     assert decode_mask(torch.tensor([7, 7]), 7) is None
