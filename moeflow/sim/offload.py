@@ -41,23 +41,16 @@ def offload_layout(spec: ModelSpec, hw: Hardware, scheduler: Scheduler, dtype: s
     fixed += activation_bytes(spec, max_batch_tokens, max_seqs, cost.b)
     kv_on_gpu = not scheduler.kv_devices(spec, Cluster(devices, Placement(
         devices, (1,) * num_experts)))
-    resident = 0
-    for r in range(num_experts, -1, -1):
+    for r in range(num_experts, -1, -1):  # the most experts that fit, down to none
         placement = Placement(devices, (0,) * r + (1,) * (num_experts - r))
         buffer = sum(scheduler.reserved_weights(spec, Cluster(devices, placement)).values())
         free = budget - fixed - r * per_expert - buffer * cost.wb
         if free >= 0 and (not kv_on_gpu or r == 0 or
                           free >= gpu_kv_share * (budget - fixed - buffer * cost.wb)):
-            resident = r
             break
-    else:
+    else:  # even with every expert on the host (the last placement tried)
         raise HardwareError(f"{spec.name or spec.family} does not fit on {hw.name} even with "
-                            f"every expert on the host")
-    placement = Placement(devices, (0,) * resident + (1,) * (num_experts - resident))
-    buffer = sum(scheduler.reserved_weights(spec, Cluster(devices, placement)).values())
-    if budget - fixed - resident * per_expert - buffer * cost.wb < 0:
-        raise HardwareError(f"{spec.name or spec.family} does not fit on {hw.name} even with "
-                            f"every expert on the host: its dense weights and the double "
-                            f"buffer take {(fixed + buffer * cost.wb) / 1e9:.1f} GB of "
-                            f"{budget / 1e9:.1f} GB")
+                            f"every expert on the host: its dense weights, activations and "
+                            f"the double buffer take {(fixed + buffer * cost.wb) / 1e9:.1f} GB "
+                            f"of {budget / 1e9:.1f} GB")
     return placement, (gpu,)

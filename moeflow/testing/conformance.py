@@ -267,16 +267,22 @@ def assert_same_generation(run: tuple[dict[int, list[int]], dict[int, list[Any]]
     (tokens, logits), (ref_tokens, ref_logits) = run, reference
     if tokens != ref_tokens:
         raise ConformanceError(f"tokens differ: {tokens} against {ref_tokens}")
-    for request, rows in ref_logits.items():
-        mine = logits.get(request, [])
+    _same_logits(logits, ref_logits, atol, "")
+
+
+def _same_logits(got: dict[int, list[Any]], ref: dict[int, list[Any]], atol: float,
+                 prefix: str) -> None:
+    """Each request's logits, step by step, within `atol` of the reference's."""
+    for seq_id, rows in ref.items():
+        mine = got.get(seq_id, [])
         if len(mine) != len(rows):
-            raise ConformanceError(f"request {request}: {len(mine)} logit rows against "
-                                   f"{len(rows)}")
+            raise ConformanceError(f"{prefix}request {seq_id} produced {len(mine)} "
+                                   f"logit rows, the reference {len(rows)}")
         for step, (a, b) in enumerate(zip(mine, rows)):
             diff = float((a - b).abs().max())
             if diff > atol:
-                raise ConformanceError(f"request {request} step {step}: max |logit "
-                                       f"difference| = {diff:.2e} > {atol}")
+                raise ConformanceError(f"{prefix}request {seq_id} step {step}: max "
+                                       f"|logit - reference| = {diff:.2e} > {atol}")
 
 
 def run_for_real(scheduler: Scheduler, case: Case, prompts: list[list[int]],
@@ -299,16 +305,7 @@ def check_results(scheduler_cls: type[Scheduler], case: Case, atol: float = 1e-4
     steps = max(1, min(4, max(r.output for r in case.workload.requests)))
     got = run_for_real(scheduler_cls(), case, prompts, steps)
     ref = run_for_real(_Reference(), case, prompts, steps)
-    for seq_id, rows in ref.items():
-        mine = got.get(seq_id, [])
-        if len(mine) != len(rows):
-            raise ConformanceError(f"invariant 5: request {seq_id} produced {len(mine)} "
-                                   f"logit rows, the reference {len(rows)}")
-        for step, (a, b) in enumerate(zip(mine, rows)):
-            diff = float((a - b).abs().max())
-            if diff > atol:
-                raise ConformanceError(f"invariant 5: request {seq_id} step {step}: max "
-                                       f"|logit - reference| = {diff:.2e} > {atol}")
+    _same_logits(got, ref, atol, "invariant 5: ")
 
 
 def check_static_orders(scheduler_cls: type[Scheduler], case: Case) -> None:
