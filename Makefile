@@ -15,6 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m moeflow.ops.cpu
 	touch $(STAMP)
 
 $(DEMO_MODEL)/config.json: | $(STAMP)

@@ -178,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mean prompt tokens (default: MTBench's 77)")
     plan.add_argument("--gen", type=_positive, default=128, help="tokens generated per request")
 
-    cal = sub.add_parser("calibrate", help="measure this machine's CPU for the simulator")
-    cal.add_argument("--out", required=True, help="hardware description to write (.json)")
+    cal = sub.add_parser("calibrate", help="measure this machine's CPU: for the simulator "
+                                           "(--out) and for the CPU worker's kernels "
+                                           "(--kernels)")
+    cal.add_argument("--out", default=None, help="hardware description to write (.json)")
+    cal.add_argument("--kernels", action="store_true",
+                     help="time moeflow's CPU kernels against torch by rows per weight and "
+                          "save the crossovers the CPU worker takes on this machine")
     cal.add_argument("--quick", action="store_true", help="fewer repetitions")
 
     serve = sub.add_parser("serve", help="serve the request protocol (docs/protocol.md) on "
@@ -291,8 +296,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"prefill: {len(out.prompt_token_ids)} tokens in {out.ttft_s * 1e3:.1f} ms "
               f"({out.prefill_tokens_per_s:.0f} tok/s); decode: {len(out.token_ids)} tokens, "
               f"{out.decode_tokens_per_s:.1f} tok/s; devices {args.devices}, "
-              f"dtype {llm.dtype}".replace("torch.", ""), file=sys.stderr)
+              f"dtype {llm.dtype}".replace("torch.", "") + _kernel_note(args.devices),
+              file=sys.stderr)
     return 0
+
+
+def _kernel_note(devices: str) -> str:
+    """The CPU GEMM path, for a stats line of a run with CPU devices."""
+    if "cpu" not in devices:
+        return ""
+    from moeflow.ops.cpu.choice import describe
+
+    return f"; CPU GEMMs: {describe()}"
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -396,6 +411,21 @@ def _hrm_cgopipe(spec: Any, hardware_name: str, reqs: list[Any], max_seqs: int) 
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.out is None and not args.kernels:
+        raise ValueError("say what to calibrate: --out FILE (the simulator's description "
+                         "of this CPU) and/or --kernels (the CPU worker's kernel choice)")
+    if args.kernels:
+        from moeflow.ops.cpu.calibrate import calibrate_kernels
+        from moeflow.ops.cpu.choice import save_choice
+
+        choice, table = calibrate_kernels(quick=args.quick,
+                                          log=lambda msg: print(msg, file=sys.stderr))
+        path = save_choice(choice, table)
+        print(f"wrote {path}: the kernels ({table['isa']}) take linear layers up to "
+              f"{choice.linear_rows} rows and routed experts up to {choice.expert_rows} rows "
+              f"per expert")
+    if args.out is None:
+        return 0
     from moeflow.sim.calibrate import calibrate
 
     hw = calibrate(quick=args.quick, log=lambda msg: print(msg, file=sys.stderr))

@@ -43,11 +43,14 @@ from moeflow.dataflow.graph import (
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import DenseWeights, ExpertStack, to_device
 from moeflow.ops.attention import decode_attention, decode_mask, prefill_attention
+from moeflow.ops import cpu as kernels
+from moeflow.ops.cpu.choice import kernel_choice, kernel_takes, linear as cpu_linear
 from moeflow.ops.backend import (
     SERIAL_ROWS, OneThread, batched_gemms, index_tensor, rows_per_weight,
 )
 from moeflow.ops.experts import (
     SILU, Activation, ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
+    swiglu_cpu,
 )
 from moeflow.ops.norm import rms_norm
 from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
@@ -126,10 +129,28 @@ class DeviceWorker:
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
         self._expert_groups: dict[tuple[int, tuple[int, ...]], ExpertGroup] = {}
         self._paged: tuple[Any, list[Page], ExpertGroup] | None = None  # last paged layer
+        if self.tdevice.type == "cpu":
+            kernel_choice()  # loads (or builds) the CPU kernels now, not in the first step
 
     def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
         if self.tdevice.type == "cpu":
             rows_per_weight(rows, None if weight is None else weight.numel())
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x [T, K], w [N, K] -> [T, N]; on the CPU, the kernel or torch backend for T rows."""
+        return cpu_linear(x, w, bias) if self.tdevice.type == "cpu" else F.linear(x, w, bias)
+
+    def _paged_kernel(self, q: torch.Tensor) -> bool:
+        """Whether decode attention reads the paged cache in place (moeflow.ops.cpu)."""
+        return (self.tdevice.type == "cpu" and kernel_choice().attention
+                and kernel_takes(q[:, 0], self.kv.pools[0]))
+
+    def _swiglu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+                ) -> torch.Tensor:
+        """A dense MLP or shared expert: x [T, D] -> [T, D]"""
+        return swiglu_cpu(x, gate_up, down) if self.tdevice.type == "cpu" else swiglu(
+            x, gate_up, down)
 
     # -- units ---------------------------------------------------------------------
 
@@ -361,9 +382,8 @@ class DeviceWorker:
         batch = self._sub(key, node.seqs)[1] if micro else self._units[key].batch
         if node.part == "pre":
             hidden = inputs[0][1]
-            self._gemm_rows(hidden.shape[0])
             x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
-            q, k, v = self._gqa_qkv(batch, node.layer, F.linear(x, w.qkv, w.qkv_bias))
+            q, k, v = self._gqa_qkv(batch, node.layer, self._linear(x, w.qkv, w.qkv_bias))
             return PreOut(hidden, torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1))
         if node.part == "core":
             qkv = inputs[0][1]
@@ -372,8 +392,7 @@ class DeviceWorker:
                                     k.unflatten(1, (a.num_kv_heads, -1)),
                                     v.unflatten(1, (a.num_kv_heads, -1)))
         out, pre = inputs[0][1], inputs[1][1]
-        self._gemm_rows(out.shape[0])
-        resid = pre.hidden + F.linear(out, w.o, w.o_bias)
+        resid = pre.hidden + self._linear(out, w.o, w.o_bias)
         return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
 
     def _page(self, layer: int, experts: tuple[int, ...]) -> Page:
@@ -397,12 +416,11 @@ class DeviceWorker:
         spec, a = self.spec, self.spec.attention
         w = self.dense.layers[layer].attn
         hidden = _cat(hiddens)  # [T, D]
-        self._gemm_rows(hidden.shape[0])
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
             q, kv_a = self._mla_project(layer, x)
         else:
-            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
+            qkv = self._linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
         merged = self._group_batch(keys) if batches is None else None
         if merged is not None:
             parts = [(merged, slice(None))]
@@ -411,8 +429,7 @@ class DeviceWorker:
                      for i, (k, rows) in enumerate(zip(keys, _row_slices(hiddens)))]
         outs = [self._mla_core(b, layer, q[rows], kv_a[rows]) if a.kind == "mla"
                 else self._gqa_core(b, layer, qkv[rows]) for b, rows in parts]
-        self._gemm_rows(hidden.shape[0])  # again: decode attention may have changed it
-        resid = hidden + F.linear(_cat(outs), w.o, w.o_bias)
+        resid = hidden + self._linear(_cat(outs), w.o, w.o_bias)
         xn = rms_norm(resid, w.post_norm, spec.rms_norm_eps)
         return [AttnOut(r, n) for r, n in zip(_split(resid, hiddens), _split(xn, hiddens))]
 
@@ -458,16 +475,18 @@ class DeviceWorker:
             k, v = kv.unflatten(-1, (2, kv_heads, d)).unbind(-3)
             return k, v
 
-        return self._attend(b, layer, q, (k, v), split_kv, a.softmax_scale).flatten(1)
+        return self._attend(b, layer, q, (k, v), split_kv, a.softmax_scale,
+                            paged=kv_heads).flatten(1)
 
     def _mla_project(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> q [T, H*(nope+rope)], kv_a [T, kv_lora + rope]"""
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
         if w.q is not None:
-            q = F.linear(x, w.q)
+            q = self._linear(x, w.q)
         else:
-            q = F.linear(rms_norm(F.linear(x, w.q_a), w.q_a_norm, MLA_NORM_EPS), w.q_b)  # type: ignore[arg-type]
-        return q, F.linear(x, w.kv_a)
+            q = self._linear(rms_norm(self._linear(x, w.q_a), w.q_a_norm, MLA_NORM_EPS),
+                             w.q_b)  # type: ignore[arg-type]
+        return q, self._linear(x, w.kv_a)
 
     def _mla_core(self, b: _Batch, layer: int, q: torch.Tensor,
                   kv_a: torch.Tensor) -> torch.Tensor:
@@ -497,15 +516,25 @@ class DeviceWorker:
 
     def _attend(self, b: _Batch, layer: int, q: torch.Tensor,
                 fresh: tuple[torch.Tensor, torch.Tensor] | None, unpack: Any,
-                scale: float) -> torch.Tensor:
+                scale: float, paged: int | None = None) -> torch.Tensor:
         """q [T, H, d] against each sequence's cached keys; `fresh` are this batch's own
         keys/values [T, K, *] (used directly by sequences that start at position 0; only
-        needed if some do)."""
+        needed if some do). `paged`: the cache holds K (= paged) key heads then K value
+        heads of d per slot, which the CPU kernel reads in place for decoding tokens."""
         window = self.spec.layers[layer].sliding_window
         sinks = self.dense.layers[layer].attn.sinks  # type: ignore[union-attr]
         d = b.decode
         out = None
-        if d is not None:
+        if d is not None and paged and sinks is None and self._paged_kernel(q):
+            qd = q if d.rows is None else q.index_select(0, d.rows)
+            res = kernels.paged_decode_attention(
+                qd, self.kv.pools[layer], d.blocks, d.lengths, self.kv.block_size, paged,
+                window, scale)
+            if d.rows is None:
+                return res
+            out = q.new_empty(q.shape[0], q.shape[1], res.shape[-1])
+            out[d.rows] = res
+        elif d is not None:
             longest = max(d.lengths)
             with OneThread(self.tdevice.type == "cpu" and d.blocks.numel() <= SERIAL_ROWS):
                 cached = self.kv.read_blocks(layer, d.blocks, len(d.lengths))  # [B, W*block, *]
@@ -624,12 +653,12 @@ class DeviceWorker:
             return outs
         group = (self._paged_group(node.layer, node.experts, pages) if pages
                  else self._expert_group(node.layer, node.experts))
-        xs = [b.x for b in batches]
+        xs, scale = [b.x for b in batches], _cat([b.weights for b in batches])
         if self.tdevice.type == "cpu":
-            y = swiglu_batches_cpu(xs, [_counts(b.ends) for b in batches], group)
+            y = swiglu_batches_cpu(xs, [_counts(b.ends) for b in batches], group, scale)
         else:
             y = swiglu_batches_grouped(xs, [b.ends for b in batches], group)
-        y.mul_(_cat([b.weights for b in batches]).to(y.dtype)[:, None])  # in the model dtype
+            y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
         for i, b, part in zip(owners, batches, _split(y, sizes)):
             outs[i].parts[b.home] = Partial(b.start, part)
         return outs
@@ -686,12 +715,12 @@ class DeviceWorker:
         assert self.dense is not None
         lw = self.dense.layers[node.layer]
         xn = _cat(xns)
-        self._gemm_rows(xn.shape[0])
         if node.kind == "dense":
-            out = swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
+            out = self._swiglu(xn, lw.dense_gate_up, lw.dense_down)  # type: ignore[arg-type]
         else:
-            out = swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
+            out = self._swiglu(xn, lw.shared_gate_up, lw.shared_down)  # type: ignore[arg-type]
             if lw.shared_gate is not None:
+                self._gemm_rows(xn.shape[0])
                 out = torch.sigmoid(F.linear(xn, lw.shared_gate)) * out
         return _split(out, xns)
 
@@ -742,8 +771,7 @@ class DeviceWorker:
                           if len(picks) != hidden.shape[0] else hidden)
             shapes.append((seqs, tuple(rows_per_seq)))
         x = rms_norm(_cat(picked), self.dense.final_norm, self.spec.rms_norm_eps)
-        self._gemm_rows(x.shape[0])
-        logits = F.linear(x, self.dense.lm_head).float()
+        logits = self._linear(x, self.dense.lm_head).float()
         return [Logits(seqs, rows, values)
                 for (seqs, rows), values in zip(shapes, _split(logits, picked))]
 

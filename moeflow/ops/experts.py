@@ -18,7 +18,9 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from moeflow.ops import cpu as kernels
 from moeflow.ops.backend import batched_gemms, index_tensor, padded_experts_pay, rows_per_weight
+from moeflow.ops.cpu.choice import kernel_choice, kernel_takes
 
 
 @dataclass(frozen=True)
@@ -131,14 +133,40 @@ def grouped_swiglu_ref(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor
     return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
 
 
-def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: ExpertGroup
-                       ) -> torch.Tensor:
+def swiglu_cpu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+               act: Activation = SILU) -> torch.Tensor:
+    """`swiglu` (no biases) for the CPU worker: on the fused expert kernel up to its
+    crossover in rows, else on torch's backend for the rows."""
+    if (act == SILU and x.shape[0] <= kernel_choice().expert_rows
+            and kernel_takes(x, gate_up, down)):
+        return kernels.expert_ffn(x.contiguous(), [x.shape[0]], gate_up[None], down[None])
+    rows_per_weight(x.shape[0])
+    return swiglu(x, gate_up, down, act=act)
+
+
+def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: ExpertGroup,
+                       scale: torch.Tensor | None = None) -> torch.Tensor:
     """Batches of rows, each sorted by expert: xs [n_b, D], counts [batch][G] rows per
-    expert -> every row's output [sum n_b, D], batches in order. CPU worker only (it picks
-    torch's process-wide matmul backend)."""
+    expert, scale [sum n_b] (each row's routed weight) or None -> every row's output
+    [sum n_b, D], scaled, batches in order. CPU worker only (it picks torch's process-wide
+    matmul backend). Up to the kernels' crossover in rows per expert, one fused kernel
+    call (moeflow.ops.cpu.expert_ffn); beyond it, or with biases or GPT-OSS's activation,
+    torch's loop or padded bmm."""
     per_expert = [sum(c) for c in zip(*counts)]
     x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [n, D]
     order = _expert_major(counts)  # rows of x, expert by expert
+    if (group.act == SILU and group.gate_up_bias is None and group.down_bias is None
+            and max(per_expert) <= kernel_choice().expert_rows
+            and kernel_takes(x, group.gate_up, group.down)):
+        return kernels.expert_ffn(x, per_expert, group.gate_up, group.down,
+                                  None if len(xs) == 1 else index_tensor(order),
+                                  None if scale is None else scale.float().contiguous())
+    y = _swiglu_batches_torch(x, order, len(xs) > 1, per_expert, group)
+    return y if scale is None else y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
+
+
+def _swiglu_batches_torch(x: torch.Tensor, order: list[int], merged: bool,
+                          per_expert: list[int], group: ExpertGroup) -> torch.Tensor:
     if padded_experts_pay(per_expert, group.bytes_per_expert):
         width = max(per_expert)
         src, dest = _padded_layout(order, per_expert, width)
@@ -148,7 +176,6 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
                           group.gate_up, group.down, group.gate_up_bias, group.down_bias,
                           group.act)  # [G, M, D]
         return y.view(len(src), -1).index_select(0, index[len(src):])
-    merged = len(xs) > 1
     if merged:
         index = index_tensor(order + _inverse(order))
         x = x.index_select(0, index[:len(order)])

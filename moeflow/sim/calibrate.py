@@ -4,7 +4,7 @@
     gemm_half_rows   from the rate of an MoE-like grouped GEMM (64 experts x 64 rows) set
                      against the peak: efficiency m/(m+h) at m=64 gives h
     mem_bandwidth    how fast decode streams weights: single-row bf16 GEMVs over cold
-                     matrices on torch's native kernels (the ones moeflow decode uses); up
+                     matrices on the CPU worker's path (moeflow's kernels, ops/cpu); up
                      to `gemv_rows` rows per weight a GEMM is held to this rate alone
     activation_bandwidth  a bf16 SwiGLU pass over large activations
     attention_flops  causal flash attention over 512 tokens
@@ -75,12 +75,14 @@ def attention_rate(repeats: int) -> float:
 
 
 def weight_stream_bandwidth(repeats: int) -> float:
-    """Bytes/s of single-row bf16 GEMVs over ~0.6 GB of cold [768, 1024] weights."""
-    torch._C._set_mkldnn_enabled(False)
+    """Bytes/s of single-row bf16 GEMVs over ~0.6 GB of cold [768, 1024] weights, on the
+    CPU worker's path for one row (moeflow's kernel, or torch's native GEMV without it)."""
+    from moeflow.ops.cpu.choice import linear
+
     try:
         w = torch.randn(400, 768, 1024, dtype=torch.bfloat16)
         x = torch.randn(1, 1024, dtype=torch.bfloat16)
-        return _best_rate(w.numel() * 2, lambda: [F.linear(x, w[i]) for i in range(len(w))],
+        return _best_rate(w.numel() * 2, lambda: [linear(x, w[i]) for i in range(len(w))],
                           repeats)
     finally:
         torch._C._set_mkldnn_enabled(True)

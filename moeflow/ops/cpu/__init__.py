@@ -1,0 +1,208 @@
+"""moeflow's CPU kernels for decode: GEMMs in which a few rows meet each weight.
+
+At decode a CPU's time goes to streaming weights: each token reads every active weight
+once, with a few rows (sequences, or tokens routed to one expert) per weight. torch sends
+bf16 matmuls to oneDNN, which streams weights at a fraction of the memory bandwidth when
+rows are few, and its own bf16 GEMV kernels slow down quickly past one row (the table in
+ops/backend.py). These kernels read each weight once from memory whatever the rows: a
+tile of 4 weight rows (4 x K x 2 bytes, in L1) meets the input rows 3 at a time in 12 fp32
+accumulators, bf16 widened to fp32 by a shift, sums in fp32. Results are rounded to the
+model dtype where torch's unfused ops would store them, so a kernel and torch agree up to
+the order of the sums, whichever path a GEMM takes.
+
+    linear(x, w, bias)                 x [M, K] . w [N, K]^T (+ bias)  -> [M, N]
+    expert_ffn(x, counts, gate_up,     a node's routed experts: rows gathered expert-major
+               down, order, scale)     through `order`, SwiGLU per expert (gate/up, SiLU
+                                       and mul, down), each row scaled by its
+                                       routed weight and stored back at its place: the
+                                       gather, the scale and the scatter fused, each
+                                       expert's weights streamed once
+
+They are C++ (moeflow/ops/cpu/kernels.cpp), built on first use with torch's
+`cpp_extension` into a cache directory (`~/.cache/moeflow/kernels`, or
+$MOEFLOW_KERNEL_CACHE) and registered as torch ops; `make install` builds them once.
+Why C++ and not torch.compile: the work per call is a few microseconds to a few hundred,
+so the call itself must cost about a microsecond, and the fused expert op needs a loop
+over a variable number of experts with variable rows, which Inductor would recompile for
+or pad; and the kernel must not depend on oneDNN, whose small-row path is the problem.
+Threads: torch's own intra-op pool (`at::parallel_for`), so one OpenMP team per process
+and as many threads as torch has (the actor's cores).
+
+The instruction set is chosen at run time by the CPU's features: AVX2 + FMA where present,
+portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so a
+test can run every path the machine has. Without a C++ compiler (or with
+MOEFLOW_CPU_KERNELS=off) `available()` is False and the worker keeps torch's path.
+Which path a GEMM takes, by rows per weight, is `moeflow.ops.cpu.choice`'s (measured on
+this machine by `moeflow calibrate --kernels`).
+
+Every kernel has a `*_ref` in torch that sums in fp32 the same way; tests hold the kernels
+to 1 bf16 ulp of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+ISA_NAMES = {0: "portable", 1: "avx2"}
+AUTO = -1
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops" once loaded, "error" if the build failed
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOEFLOW_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moeflow" / "kernels"
+
+
+def _build_key() -> str:
+    """The build directory's name: the source, torch, Python and compiler flags, so that
+    a changed source or another torch never loads a stale library."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {_CFLAGS}".encode())
+    return h.hexdigest()[:16]
+
+
+# -fopenmp: at::parallel_for is OpenMP in the header; the library then binds the libgomp.so.1
+# that torch has already loaded, so the process keeps one OpenMP runtime
+_CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
+
+
+def load(verbose: bool = False) -> Any:
+    """The kernels' torch ops (`torch.ops.moeflow_cpu`), built first if needed; None when
+    they are switched off or cannot be built (the reason is in `error()`)."""
+    with _lock:
+        if "ops" in _state or "error" in _state:
+            return _state.get("ops")
+        if os.environ.get("MOEFLOW_CPU_KERNELS", "auto") == "off":
+            _state["error"] = "switched off by MOEFLOW_CPU_KERNELS=off"
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            build = cache_dir() / _build_key()
+            build.mkdir(parents=True, exist_ok=True)
+            cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)],
+                               build_directory=str(build), extra_cflags=_CFLAGS,
+                               extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=verbose)
+            _state["ops"] = torch.ops.moeflow_cpu
+        except Exception as exc:  # no compiler, no ninja, a read-only cache: torch's path
+            _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
+            return None
+        return _state["ops"]
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def error() -> str | None:
+    """Why the kernels are not available, or None."""
+    load()
+    return _state.get("error")
+
+
+def best_isa() -> int:
+    ops = load()
+    return -1 if ops is None else int(ops.best_isa())
+
+
+def isas() -> list[int]:
+    """Every instruction-set path this machine can run, portable first."""
+    return list(range(best_isa() + 1))
+
+
+def describe() -> str:
+    """The path in use, for stats lines: `avx2`, `portable`, or why torch's."""
+    ops = load()
+    if ops is None:
+        return f"torch (kernels unavailable: {error()})"
+    return ISA_NAMES.get(best_isa(), str(best_isa()))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           isa: int = AUTO) -> torch.Tensor:
+    """x [M, K], w [N, K], bias [N] or None (all bf16 or all fp32, CPU, contiguous)
+    -> [M, N]"""
+    return load().linear(x, w, bias, isa)
+
+
+def linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    y = x.float() @ w.float().T  # [M, N]
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def expert_ffn(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor, down: torch.Tensor,
+               order: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               isa: int = AUTO) -> torch.Tensor:
+    """x [n, D] routed rows; counts [G] rows per expert, in the order `order` [n] (int64,
+    expert-major position -> row of x; None: x is sorted by expert); gate_up [G, 2F, D]
+    (gate rows first), down [G, D, F]; scale [n] (fp32, per row of x) or None -> [n, D],
+    row r of the output for row r of x."""
+    return load().expert_ffn(x, order, counts, gate_up, down, scale, isa)
+
+
+def expert_ffn_ref(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
+                   down: torch.Tensor, order: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`expert_ffn` in torch: sums in fp32, rounded to x's dtype where torch's unfused ops
+    store (gate/up, SiLU, the product, down, the scale and the scaled output)."""
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).float()
+
+    rows = torch.arange(x.shape[0]) if order is None else order
+    y = torch.empty(x.shape, dtype=torch.float32)
+    f, start = down.shape[2], 0
+    for e, num in enumerate(counts):
+        idx = rows[start:start + num]
+        h = rnd(x[idx].float() @ gate_up[e].float().T)  # [num, 2F]
+        a = rnd(rnd(torch.nn.functional.silu(h[:, :f])) * h[:, f:])  # [num, F]
+        y[idx] = rnd(a @ down[e].float().T)
+        start += num
+    if scale is not None:
+        y *= rnd(scale)[:, None]
+    return y.to(x.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, pool: torch.Tensor, blocks: torch.Tensor,
+                           lengths: list[int], block_size: int, kv_heads: int,
+                           window: int | None, scale: float, isa: int = AUTO
+                           ) -> torch.Tensor:
+    """One new token per sequence against its cached keys, read in place from the paged
+    cache: q [B, H, d]; pool [S, 2 K d] (a layer's slots, each its K key heads then its K
+    value heads); blocks [B * n] (int64, each sequence's block table padded to n);
+    lengths [B] keys each sequence sees (its new one included; with `window`, only the
+    last `window`) -> [B, H, d]. Each (sequence, kv head) reads its keys and values once
+    for its H/K query heads, with an online softmax in fp32."""
+    return load().paged_decode_attention(q.contiguous(), pool, blocks, lengths, block_size,
+                                         kv_heads, window, scale, isa)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, blocks: torch.Tensor,
+                               lengths: list[int], block_size: int, kv_heads: int,
+                               window: int | None, scale: float) -> torch.Tensor:
+    batch, heads, d = q.shape
+    table = blocks.view(batch, -1)
+    out = torch.empty(batch, heads, d)
+    for b, length in enumerate(lengths):
+        pos = torch.arange(max(0, length - window) if window else 0, length)
+        slots = table[b][pos // block_size] * block_size + pos % block_size
+        kv = pool[slots].float().view(len(pos), 2, kv_heads, d)  # [L, 2, K, d]
+        k = kv[:, 0].repeat_interleave(heads // kv_heads, dim=1)  # [L, H, d]
+        v = kv[:, 1].repeat_interleave(heads // kv_heads, dim=1)
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, dim=-1)
+        out[b] = torch.einsum("hl,lhd->hd", probs, v)
+    return out.to(q.dtype)

@@ -1,0 +1,137 @@
+"""Which path the CPU worker's GEMMs take, by rows per weight: moeflow's kernels
+(moeflow.ops.cpu) up to a crossover, torch's (oneDNN or its native GEMV, ops/backend.py)
+beyond it.
+
+The crossovers come from the machine that runs: `moeflow calibrate --kernels` times both
+paths on it, for linear layers and for routed experts, and writes the largest row count up
+to which the kernel is the faster at every count into `<kernel cache>/choice.json`, with
+the CPU it was measured on. Without that file, or when it was written on another CPU, the
+worker takes the default below: the kernels stream weights at the memory bandwidth at a
+few rows, which no torch path here does, and oneDNN is faster at prefill sizes on CPUs
+with native bf16 (AVX-512 BF16, AMX), so the default stops at 16 rows.
+MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
+=off none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.ops import cpu as kernels
+from moeflow.ops.backend import rows_per_weight
+
+DEFAULT_ROWS = 16
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Rows per weight up to which each kind of GEMM runs on the kernels, and whether
+    decode attention does."""
+
+    linear_rows: int = DEFAULT_ROWS
+    expert_rows: int = DEFAULT_ROWS
+    source: str = "default"
+    attention: bool = True  # decode attention reads the paged cache in place
+
+    def __post_init__(self) -> None:
+        if self.linear_rows < 0 or self.expert_rows < 0:
+            raise ValueError(f"row limits must be >= 0, got {self.linear_rows} and "
+                             f"{self.expert_rows}")
+
+
+def cpu_name() -> str:
+    """This CPU, as choice.json records it: model name and the ISA flags kernels use."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", "x86_64"):
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} [{' '.join(isa)}] x{os.cpu_count()}"
+
+
+def choice_path() -> Path:
+    return kernels.cache_dir() / "choice.json"
+
+
+def save_choice(choice: KernelChoice, table: dict[str, object]) -> Path:
+    path = choice_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"cpu": cpu_name(), "linear_rows": choice.linear_rows,
+            "expert_rows": choice.expert_rows, "attention": choice.attention, "table": table}
+    path.write_text(json.dumps(body, indent=1) + "\n")
+    _measured_choice.cache_clear()
+    return path
+
+
+_override: list[KernelChoice] = []
+
+
+def use_choice(choice: KernelChoice | None) -> None:
+    """Make `kernel_choice()` return `choice` in this process (None: the measured one
+    again); for calibration and tests."""
+    _override[:] = [] if choice is None else [choice]
+
+
+def kernel_choice() -> KernelChoice:
+    """The choice in use: the one set by `use_choice`, else the measured one for this CPU,
+    else the default; all zero without kernels."""
+    return _override[0] if _override else _measured_choice()
+
+
+@cache
+def _measured_choice() -> KernelChoice:
+    mode = os.environ.get("MOEFLOW_CPU_KERNELS", "auto")
+    if not kernels.available():
+        return KernelChoice(0, 0, f"unavailable: {kernels.error()}", attention=False)
+    if mode == "on":
+        return KernelChoice(1 << 30, 1 << 30, "MOEFLOW_CPU_KERNELS=on")
+    try:
+        body = json.loads(choice_path().read_text())
+        if body.get("cpu") == cpu_name():
+            return KernelChoice(int(body["linear_rows"]), int(body["expert_rows"]),
+                                str(choice_path()), bool(body.get("attention", True)))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return KernelChoice()
+
+
+def describe() -> str:
+    """The kernel path and its crossovers, for stats lines."""
+    c = kernel_choice()
+    if not kernels.available():
+        return kernels.describe()
+    return (f"{kernels.describe()} kernels up to {c.linear_rows} rows (linear) / "
+            f"{c.expert_rows} per expert ({c.source})")
+
+
+def kernel_takes(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether the kernels take x [rows, K] with these weights (None: an absent bias)."""
+    return (x.dtype in KERNEL_DTYPES and x.dim() == 2 and x.device.type == "cpu"
+            and all(w is None or (w.dtype == x.dtype and w.is_contiguous()) for w in weights))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """F.linear for the CPU worker: x [M, K], w [N, K] -> [M, N], on the kernel up to the
+    crossover, else on torch's backend for M rows (CPU worker only: it sets torch's
+    process-wide matmul backend)."""
+    if x.shape[0] <= kernel_choice().linear_rows and kernel_takes(x, w, bias):
+        return kernels.linear(x.contiguous(), w, bias)
+    rows_per_weight(x.shape[0], w.numel())
+    return F.linear(x, w, bias)

@@ -1,0 +1,554 @@
+// moeflow's CPU kernels for decode-shaped GEMMs: few rows meet each weight, so the time is
+// the time to stream the weights once. See moeflow/ops/cpu/__init__.py for the design note.
+//
+// Shapes: M rows, K input width, N output width; n routed rows, D hidden, F FFN width,
+// G experts. Weights are row-major [N, K] (torch's linear layout); every sum is in fp32.
+//
+// Each op takes `isa` (-1: the best this CPU has; 0: portable C++; 1: AVX2 + FMA) so that
+// tests can run every path the machine has.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define MOEFLOW_X86 1
+#endif
+
+namespace moeflow_cpu {
+namespace {
+
+using bf16 = c10::BFloat16;
+
+constexpr int NR = 4;  // weight rows per tile: 4 streams, and 4 * K * 2 bytes stay in L1
+constexpr int MR = 3;  // input rows per tile: 3 x 4 accumulators + 4 weight registers
+constexpr int64_t CHUNK_BYTES = 32 << 10;
+constexpr int PREFETCH = 512;  // bytes ahead  // weight bytes per thread, at least
+
+enum Isa : int64_t { PORTABLE = 0, AVX2 = 1 };
+
+int64_t best_isa() {
+#ifdef MOEFLOW_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return PORTABLE;
+}
+
+int64_t resolve(int64_t isa) {
+  const int64_t best = best_isa();
+  if (isa < 0) return best;
+  TORCH_CHECK(isa <= best, "moeflow_cpu: isa ", isa, " is not available on this CPU (best ",
+              best, ")");
+  return isa;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16 v) { return static_cast<float>(v); }
+
+// out[i * NR + j] = sum_k x[i * ldx + k] * w[j * ldw + k], for i < mr, j < nr
+template <typename W>
+void tile_portable(const float* x, int64_t ldx, int mr, const W* w, int64_t ldw, int nr,
+                   int64_t K, float* out) {
+  for (int i = 0; i < mr; ++i) {
+    for (int j = 0; j < nr; ++j) {
+      const float* xi = x + i * ldx;
+      const W* wj = w + j * ldw;
+      float s[4] = {0.f, 0.f, 0.f, 0.f};
+      int64_t k = 0;
+      for (; k + 4 <= K; k += 4) {
+        for (int u = 0; u < 4; ++u) s[u] += xi[k + u] * to_float(wj[k + u]);
+      }
+      float sum = (s[0] + s[1]) + (s[2] + s[3]);
+      for (; k < K; ++k) sum += xi[k] * to_float(wj[k]);
+      out[i * NR + j] = sum;
+    }
+  }
+}
+
+#ifdef MOEFLOW_X86
+#define AVX2_FN __attribute__((target("avx2,fma")))
+
+// One step of 16 inputs. fp32 weights: two loads. bf16 weights: one load of 16, split into
+// the even elements (shifted up) and the odd ones (masked): x is laid out to match (see
+// `slot`), which halves the widening work against a widening of each 8.
+struct Step16 {
+  __m256 lo, hi;
+};
+
+AVX2_FN inline Step16 load16(const float* p) {
+  return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+}
+
+AVX2_FN inline Step16 load16(const bf16* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+          _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xFFFF0000u))))};
+}
+
+AVX2_FN inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// R input rows by C weight rows; one row alone keeps two accumulators per weight row so
+// that the FMAs' latency is hidden.
+template <int R, int C, typename W>
+AVX2_FN void tile_avx2_fixed(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
+                             float* out) {
+  constexpr int S = R == 1 ? 2 : 1;
+  __m256 acc[R][C][S];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j)
+      for (int s = 0; s < S; ++s) acc[i][j][s] = _mm256_setzero_ps();
+  const int64_t body = K / 16 * 16;
+  for (int64_t k = 0; k < body; k += 16) {
+    Step16 wv[C];
+    for (int j = 0; j < C; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + PREFETCH, _MM_HINT_T0);
+      wv[j] = load16(w + j * ldw + k);
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m256 lo = _mm256_loadu_ps(x + i * ldx + k);
+      const __m256 hi = _mm256_loadu_ps(x + i * ldx + k + 8);
+      for (int j = 0; j < C; ++j) {
+        acc[i][j][0] = _mm256_fmadd_ps(lo, wv[j].lo, acc[i][j][0]);
+        acc[i][j][S - 1] = _mm256_fmadd_ps(hi, wv[j].hi, acc[i][j][S - 1]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < C; ++j) {
+      __m256 a = acc[i][j][0];
+      if (S == 2) a = _mm256_add_ps(a, acc[i][j][S - 1]);
+      float sum = hsum(a);
+      for (int64_t k = body; k < K; ++k) sum += x[i * ldx + k] * to_float(w[j * ldw + k]);
+      out[i * NR + j] = sum;
+    }
+  }
+}
+
+template <int R, typename W>
+AVX2_FN void tile_avx2_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int nr,
+                            int64_t K, float* out) {
+  switch (nr) {
+    case 4: return tile_avx2_fixed<R, 4>(x, ldx, w, ldw, K, out);
+    case 3: return tile_avx2_fixed<R, 3>(x, ldx, w, ldw, K, out);
+    case 2: return tile_avx2_fixed<R, 2>(x, ldx, w, ldw, K, out);
+    default: return tile_avx2_fixed<R, 1>(x, ldx, w, ldw, K, out);
+  }
+}
+
+template <typename W>
+AVX2_FN void tile_avx2(const float* x, int64_t ldx, int mr, const W* w, int64_t ldw, int nr,
+                       int64_t K, float* out) {
+  switch (mr) {
+    case 3: return tile_avx2_rows<3>(x, ldx, w, ldw, nr, K, out);
+    case 2: return tile_avx2_rows<2>(x, ldx, w, ldw, nr, K, out);
+    default: return tile_avx2_rows<1>(x, ldx, w, ldw, nr, K, out);
+  }
+}
+#endif
+
+// out[M][nr] (row stride NR) = x[M, K] . w[nr, K]^T, MR input rows at a time: the nr
+// weight rows come from memory once and from L1 for the other row groups.
+template <typename W>
+void tile(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
+          int nr, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; m += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, M - m));
+#ifdef MOEFLOW_X86
+    if (isa == AVX2) {
+      tile_avx2(x + m * ldx, ldx, mr, w, ldw, nr, K, out + m * NR);
+      continue;
+    }
+#endif
+    tile_portable(x + m * ldx, ldx, mr, w, ldw, nr, K, out + m * NR);
+  }
+}
+
+int64_t grain(int64_t tile_bytes) { return std::max<int64_t>(1, CHUNK_BYTES / tile_bytes); }
+
+// Where input k of a row sits once widened: bf16 weights on AVX2 read each block of 16 as
+// its 8 even elements, then its 8 odd ones (see load16); elements past the last whole block,
+// and every element on the other paths, stay in place.
+struct Layout {
+  bool split;
+  int64_t body;
+  template <typename W>
+  static Layout of(int64_t isa, int64_t K) {
+    return {isa == AVX2 && std::is_same<W, bf16>::value, K / 16 * 16};
+  }
+  int64_t operator()(int64_t k) const {
+    return split && k < body ? (k & ~int64_t(15)) | ((k & 1) << 3) | ((k & 15) >> 1) : k;
+  }
+};
+
+template <typename T>
+void widen_rows(const T* src, int64_t K, const int64_t* rows, int64_t n, Layout at,
+                float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* s = src + (rows ? rows[r] : r) * K;
+    float* d = dst + r * K;
+    for (int64_t k = 0; k < K; ++k) d[at(k)] = to_float(s[k]);
+  }
+}
+
+void check_cpu(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "moeflow_cpu: ", name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == dim, "moeflow_cpu: ", name, " must have ", dim, " dims, got ",
+              t.dim());
+  TORCH_CHECK(t.is_contiguous(), "moeflow_cpu: ", name, " must be contiguous");
+}
+
+void check_dtype(const at::Tensor& x, const at::Tensor& w, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "moeflow_cpu: takes bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "moeflow_cpu: ", name, " is ",
+              w.scalar_type(), ", the input ", x.scalar_type());
+}
+
+// y [M, N] = x [M, K] . w [N, K]^T (+ bias [N])
+template <typename T>
+void linear_impl(int64_t isa, const at::Tensor& x, const at::Tensor& w,
+                 const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> xf(M * K);
+  widen_rows(x.data_ptr<T>(), K, nullptr, M, Layout::of<T>(isa, K), xf.data());
+  const T* wp = w.data_ptr<T>();
+  const T* bp = bias ? bias->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const int64_t tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, tiles, grain(NR * K * sizeof(T)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(((M + MR - 1) / MR) * MR * NR);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * NR;
+      const int nr = static_cast<int>(std::min<int64_t>(NR, N - n0));
+      tile(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int j = 0; j < nr; ++j)
+          yp[m * N + n0 + j] = T(out[m * NR + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
+    }
+  });
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                  int64_t isa) {
+  check_cpu(x, "x", 2);
+  check_cpu(w, "w", 2);
+  check_dtype(x, w, "w");
+  TORCH_CHECK(x.size(1) == w.size(1), "moeflow_cpu.linear: x is [", x.size(0), ", ",
+              x.size(1), "], w [", w.size(0), ", ", w.size(1), "]");
+  if (bias) {
+    check_cpu(*bias, "bias", 1);
+    check_dtype(x, *bias, "bias");
+    TORCH_CHECK(bias->size(0) == w.size(0), "moeflow_cpu.linear: bias has ", bias->size(0),
+                " entries for ", w.size(0), " outputs");
+  }
+  isa = resolve(isa);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  if (x.size(0) == 0 || w.size(0) == 0) return y;
+  if (x.scalar_type() == at::kBFloat16)
+    linear_impl<bf16>(isa, x, w, bias, y);
+  else
+    linear_impl<float>(isa, x, w, bias, y);
+  return y;
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// v rounded to T and back: the fused op rounds where torch's unfused ops store in the model
+// dtype (gate/up outputs, SiLU, the product, the down output, the scale and the scaled
+// output), so that it agrees with them, and a GEMM's result does not depend on its path.
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(T(v)); }
+
+// The routed experts of a node: rows expert-major through order, SwiGLU per expert, each
+// row scaled and written back at its place in x.
+template <typename T>
+void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
+                     const std::vector<int64_t>& counts, const at::Tensor& gate_up,
+                     const at::Tensor& down, const float* scale, at::Tensor& y) {
+  const int64_t n = x.size(0), D = x.size(1), F = down.size(2);
+  std::vector<float> xf(n * D);  // [n, D], expert-major
+  widen_rows(x.data_ptr<T>(), D, order, n, Layout::of<T>(isa, D), xf.data());
+  const Layout a_at = Layout::of<T>(isa, F);
+  std::vector<int64_t> experts, starts;  // the experts with rows, and their first row
+  int64_t row = 0;
+  for (size_t e = 0; e < counts.size(); ++e) {
+    if (counts[e] > 0) {
+      experts.push_back(static_cast<int64_t>(e));
+      starts.push_back(row);
+    }
+    row += counts[e];
+  }
+  const int64_t active = static_cast<int64_t>(experts.size());
+  int64_t widest = 0;
+  for (int64_t e : experts) widest = std::max(widest, counts[e]);
+  const int64_t out_len = ((widest + MR - 1) / MR) * MR * NR;
+
+  std::vector<float> a(n * F);  // [n, F] silu(gate) * up
+  const T* gu = gate_up.data_ptr<T>();
+  const int64_t f_tiles = (F + NR - 1) / NR;
+  at::parallel_for(0, active * f_tiles, grain(2 * NR * D * sizeof(T)),
+                   [&](int64_t t0, int64_t t1) {
+    std::vector<float> g(out_len), u(out_len);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / f_tiles, e = experts[i], rows = counts[e], r0 = starts[i];
+      const int64_t f0 = (t % f_tiles) * NR;
+      const int nr = static_cast<int>(std::min<int64_t>(NR, F - f0));
+      const T* w = gu + e * 2 * F * D;
+      tile(isa, xf.data() + r0 * D, D, rows, w + f0 * D, D, nr, D, g.data());
+      tile(isa, xf.data() + r0 * D, D, rows, w + (F + f0) * D, D, nr, D, u.data());
+      for (int64_t m = 0; m < rows; ++m)
+        for (int j = 0; j < nr; ++j)
+          a[(r0 + m) * F + a_at(f0 + j)] = round_to<T>(
+              round_to<T>(silu(round_to<T>(g[m * NR + j]))) * round_to<T>(u[m * NR + j]));
+    }
+  });
+
+  const T* dp = down.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t d_tiles = (D + NR - 1) / NR;
+  at::parallel_for(0, active * d_tiles, grain(NR * F * sizeof(T)),
+                   [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(out_len);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / d_tiles, e = experts[i], rows = counts[e], r0 = starts[i];
+      const int64_t d0 = (t % d_tiles) * NR;
+      const int nr = static_cast<int>(std::min<int64_t>(NR, D - d0));
+      tile(isa, a.data() + r0 * F, F, rows, dp + (e * D + d0) * F, F, nr, F, out.data());
+      for (int64_t m = 0; m < rows; ++m) {
+        const int64_t dest = order ? order[r0 + m] : r0 + m;
+        const float s = scale ? round_to<T>(scale[dest]) : 1.f;
+        for (int j = 0; j < nr; ++j) yp[dest * D + d0 + j] = T(s * round_to<T>(out[m * NR + j]));
+      }
+    }
+  });
+}
+
+at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& order,
+                      at::IntArrayRef counts, const at::Tensor& gate_up,
+                      const at::Tensor& down, const c10::optional<at::Tensor>& scale,
+                      int64_t isa) {
+  check_cpu(x, "x", 2);
+  check_cpu(gate_up, "gate_up", 3);
+  check_cpu(down, "down", 3);
+  check_dtype(x, gate_up, "gate_up");
+  check_dtype(x, down, "down");
+  const int64_t n = x.size(0), D = x.size(1), G = gate_up.size(0), F = down.size(2);
+  TORCH_CHECK(gate_up.size(1) == 2 * F && gate_up.size(2) == D && down.size(0) == G &&
+                  down.size(1) == D,
+              "moeflow_cpu.expert_ffn: x [", n, ", ", D, "], gate_up [", gate_up.size(0), ", ",
+              gate_up.size(1), ", ", gate_up.size(2), "] and down [", down.size(0), ", ",
+              down.size(1), ", ", down.size(2), "] do not agree");
+  TORCH_CHECK(static_cast<int64_t>(counts.size()) == G, "moeflow_cpu.expert_ffn: ",
+              counts.size(), " counts for ", G, " experts");
+  int64_t total = 0;
+  for (int64_t c : counts) {
+    TORCH_CHECK(c >= 0, "moeflow_cpu.expert_ffn: a negative count");
+    total += c;
+  }
+  TORCH_CHECK(total == n, "moeflow_cpu.expert_ffn: counts sum to ", total, ", x has ", n,
+              " rows");
+  const int64_t* order_p = nullptr;
+  if (order) {
+    check_cpu(*order, "order", 1);
+    TORCH_CHECK(order->scalar_type() == at::kLong && order->size(0) == n,
+                "moeflow_cpu.expert_ffn: order must be int64 [", n, "]");
+    order_p = order->data_ptr<int64_t>();
+    for (int64_t r = 0; r < n; ++r)
+      TORCH_CHECK(order_p[r] >= 0 && order_p[r] < n, "moeflow_cpu.expert_ffn: order[", r,
+                  "] = ", order_p[r], " is out of range");
+  }
+  const float* scale_p = nullptr;
+  if (scale) {
+    check_cpu(*scale, "scale", 1);
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->size(0) == n,
+                "moeflow_cpu.expert_ffn: scale must be float32 [", n, "]");
+    scale_p = scale->data_ptr<float>();
+  }
+  isa = resolve(isa);
+  at::Tensor y = at::empty({n, D}, x.options());
+  if (n == 0) return y;
+  const std::vector<int64_t> c(counts.begin(), counts.end());
+  if (x.scalar_type() == at::kBFloat16)
+    expert_ffn_impl<bf16>(isa, x, order_p, c, gate_up, down, scale_p, y);
+  else
+    expert_ffn_impl<float>(isa, x, order_p, c, gate_up, down, scale_p, y);
+  return y;
+}
+
+// ---- decode attention over the paged KV cache -------------------------------------
+
+#ifdef MOEFLOW_X86
+template <typename T>
+AVX2_FN float dot_avx2(const float* q, const T* k, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const int64_t body = d / 16 * 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    const Step16 kv = load16(k + i);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv.lo, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), kv.hi, a1);
+  }
+  float sum = hsum(_mm256_add_ps(a0, a1));
+  for (int64_t i = body; i < d; ++i) sum += q[i] * to_float(k[i]);
+  return sum;
+}
+
+template <typename T>
+AVX2_FN void axpy_avx2(float a, const T* v, int64_t d, float* acc) {  // acc in Layout order
+  const __m256 av = _mm256_set1_ps(a);
+  const int64_t body = d / 16 * 16;
+  for (int64_t i = 0; i < body; i += 16) {
+    const Step16 vv = load16(v + i);
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, vv.lo, _mm256_loadu_ps(acc + i)));
+    _mm256_storeu_ps(acc + i + 8, _mm256_fmadd_ps(av, vv.hi, _mm256_loadu_ps(acc + i + 8)));
+  }
+  for (int64_t i = body; i < d; ++i) acc[i] += a * to_float(v[i]);
+}
+#endif
+
+template <typename T>
+float dot(int64_t isa, const float* q, const T* k, int64_t d) {
+#ifdef MOEFLOW_X86
+  if (isa == AVX2) return dot_avx2(q, k, d);
+#endif
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 4 <= d; i += 4)
+    for (int u = 0; u < 4; ++u) s[u] += q[i + u] * to_float(k[i + u]);
+  float sum = (s[0] + s[1]) + (s[2] + s[3]);
+  for (; i < d; ++i) sum += q[i] * to_float(k[i]);
+  return sum;
+}
+
+template <typename T>
+void axpy(int64_t isa, float a, const T* v, int64_t d, float* acc) {
+#ifdef MOEFLOW_X86
+  if (isa == AVX2) return axpy_avx2(a, v, d, acc);
+#endif
+  for (int64_t i = 0; i < d; ++i) acc[i] += a * to_float(v[i]);
+}
+
+constexpr int64_t KEY_CHUNK = 32;  // keys scored before the running softmax is rescaled
+
+// One (sequence, kv head): its G query heads read each cached key and value once, with an
+// online softmax in fp32 over chunks of keys.
+template <typename T>
+void attend_one(int64_t isa, const T* q, int64_t G, int64_t d, const T* pool, int64_t W,
+                const int64_t* table, int64_t block_size, int64_t kv_heads, int64_t kh,
+                int64_t lo, int64_t hi, float scale, T* out) {
+  const Layout at = Layout::of<T>(isa, d);
+  std::vector<float> qf(G * d), acc(G * d, 0.f), m(G, -INFINITY), l(G, 0.f);
+  std::vector<float> s(G * KEY_CHUNK);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i) qf[g * d + at(i)] = to_float(q[g * d + i]) * scale;
+  const T* rows[KEY_CHUNK];
+  for (int64_t p0 = lo; p0 < hi; p0 += KEY_CHUNK) {
+    const int64_t n = std::min(KEY_CHUNK, hi - p0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = p0 + j;
+      rows[j] = pool + (table[p / block_size] * block_size + p % block_size) * W;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = s.data() + g * KEY_CHUNK;
+      float top = m[g];
+      for (int64_t j = 0; j < n; ++j) {
+        sg[j] = dot(isa, qf.data() + g * d, rows[j] + kh * d, d);
+        top = std::max(top, sg[j]);
+      }
+      float* ag = acc.data() + g * d;
+      if (top > m[g]) {  // rescale what is summed so far to the new maximum
+        const float c = std::exp(m[g] - top);
+        l[g] *= c;
+        for (int64_t i = 0; i < d; ++i) ag[i] *= c;
+        m[g] = top;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float e = std::exp(sg[j] - top);
+        l[g] += e;
+        axpy(isa, e, rows[j] + (kv_heads + kh) * d, d, ag);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < d; ++i)
+      out[g * d + i] = T(l[g] > 0.f ? acc[g * d + at(i)] / l[g] : 0.f);
+}
+
+// q [B, H, d]; pool [S, W] of one layer, each slot K key heads then K value heads of d;
+// blocks [B * n] block ids, each sequence's n; lengths [B] keys each sequence sees
+// -> [B, H, d]
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
+                                  const at::Tensor& blocks, at::IntArrayRef lengths,
+                                  int64_t block_size, int64_t kv_heads,
+                                  c10::optional<int64_t> window, double scale, int64_t isa) {
+  check_cpu(q, "q", 3);
+  check_cpu(pool, "pool", 2);
+  check_cpu(blocks, "blocks", 1);
+  check_dtype(q, pool, "pool");
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), W = pool.size(1);
+  TORCH_CHECK(kv_heads > 0 && H % kv_heads == 0 && W == 2 * kv_heads * d,
+              "moeflow_cpu.paged_decode_attention: ", H, " query heads of ", d, ", ",
+              kv_heads, " kv heads and slots of ", W, " do not agree");
+  TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B && B > 0 &&
+                  blocks.numel() % B == 0 && blocks.scalar_type() == at::kLong,
+              "moeflow_cpu.paged_decode_attention: ", lengths.size(), " lengths and ",
+              blocks.numel(), " int64 block ids for ", B, " sequences");
+  const int64_t n = blocks.numel() / B, slots = pool.size(0);
+  const int64_t* table = blocks.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= n * block_size,
+                "moeflow_cpu.paged_decode_attention: sequence ", b, " sees ", lengths[b],
+                " keys in ", n, " blocks of ", block_size);
+    for (int64_t i = 0; i < (lengths[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(table[b * n + i] >= 0 && (table[b * n + i] + 1) * block_size <= slots,
+                  "moeflow_cpu.paged_decode_attention: block ", table[b * n + i],
+                  " is outside the pool");
+  }
+  isa = resolve(isa);
+  at::Tensor out = at::empty({B, H, d}, q.options());
+  const int64_t G = H / kv_heads;
+  auto run = [&](auto* qp, auto* pp, auto* op) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+    at::parallel_for(0, B * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / kv_heads, kh = i % kv_heads, len = lengths[b];
+        const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
+        attend_one<T>(isa, qp + (b * H + kh * G) * d, G, d, pp, W, table + b * n,
+                      block_size, kv_heads, kh, lo, len, static_cast<float>(scale),
+                      op + (b * H + kh * G) * d);
+      }
+    });
+  };
+  if (q.scalar_type() == at::kBFloat16)
+    run(q.data_ptr<bf16>(), pool.data_ptr<bf16>(), out.data_ptr<bf16>());
+  else
+    run(q.data_ptr<float>(), pool.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moeflow_cpu, m) {
+  m.def("best_isa() -> int", &best_isa);
+  m.def("linear(Tensor x, Tensor w, Tensor? bias, int isa) -> Tensor", &linear);
+  m.def("expert_ffn(Tensor x, Tensor? order, int[] counts, Tensor gate_up, Tensor down, "
+        "Tensor? scale, int isa) -> Tensor",
+        &expert_ffn);
+  m.def("paged_decode_attention(Tensor q, Tensor pool, Tensor blocks, int[] lengths, "
+        "int block_size, int kv_heads, int? window, float scale, int isa) -> Tensor",
+        &paged_decode_attention);
+}
+
+}  // namespace moeflow_cpu

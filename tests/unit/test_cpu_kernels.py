@@ -1,0 +1,185 @@
+"""moeflow's CPU kernels (moeflow/ops/cpu) against their torch references, on every
+instruction-set path this machine has, and the worker's choice between them and torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeflow.ops import cpu as kernels
+from moeflow.ops.cpu.choice import KernelChoice, kernel_choice, linear as cpu_linear, use_choice
+from moeflow.ops.experts import ExpertGroup, swiglu_batches_cpu
+
+if os.environ.get("MOEFLOW_CPU_KERNELS") == "off" or shutil.which("c++") is None:
+    pytest.skip("CPU kernels switched off, or no C++ compiler to build them",
+                allow_module_level=True)
+
+DTYPES = [torch.bfloat16, torch.float32]
+ROWS = [1, 2, 3, 4, 5, 7, 16, 33, 64]
+
+
+def test_kernels_are_built():
+    """A fresh install builds them (make install); a broken build fails here, not later."""
+    assert kernels.available(), kernels.error()
+    assert kernels.isas()[0] == 0 and kernels.describe() in kernels.ISA_NAMES.values()
+
+
+def test_switched_off_the_worker_keeps_torch():
+    code = ("from moeflow.ops import cpu; from moeflow.ops.cpu.choice import kernel_choice, "
+            "describe; assert not cpu.available(); assert kernel_choice().linear_rows == 0; "
+            "print(describe())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MOEFLOW_CPU_KERNELS": "off"}, check=True)
+    assert "torch (kernels unavailable: switched off by MOEFLOW_CPU_KERNELS=off)" in out.stdout
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16: within 1 ulp of the reference (by bit pattern, same sign); fp32: as close as
+    sums of a few hundred terms in another order are."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if y.dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+        return
+    a, b = y.view(torch.int16).int(), ref.view(torch.int16).int()
+    same_sign = (a < 0) == (b < 0)
+    ulps = torch.where(same_sign, (a - b).abs(), torch.full_like(a, 1 << 16))
+    tiny = (y.float() - ref.float()).abs() <= 1e-30  # +0 and -0
+    bad = (ulps > 1) & ~tiny
+    assert not bad.any(), (f"{int(bad.sum())} of {y.numel()} outputs beyond 1 ulp, worst "
+                           f"{int(ulps[bad].max())}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_linear_matches_ref(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    for k, n in [(67, 13), (1, 5), (16, 4), (259, 33)]:  # odd, under one block, one block
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        for isa in kernels.isas():
+            assert_close(kernels.linear(x, w, bias, isa), kernels.linear_ref(x, w, bias))
+            assert_close(kernels.linear(x, w, None, isa), kernels.linear_ref(x, w))
+
+
+def routed_problem(dtype, rows_per_expert, d=45, f=37, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    counts = list(rows_per_expert)
+    n, g = sum(counts), len(counts)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    gate_up = (torch.randn(g, 2 * f, d, generator=gen) / d ** 0.5).to(dtype)
+    down = (torch.randn(g, d, f, generator=gen) / f ** 0.5).to(dtype)
+    order = torch.randperm(n, generator=gen)
+    scale = torch.rand(n, generator=gen)
+    return x, counts, gate_up, down, order, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_expert_ffn_matches_ref(dtype, rows):
+    """Rows per expert from 0 to `rows`, gathered through an order, scaled, scattered."""
+    x, counts, gate_up, down, order, scale = routed_problem(dtype, [rows, 0, 1, rows // 2, 3])
+    for isa in kernels.isas():
+        ref = kernels.expert_ffn_ref(x, counts, gate_up, down, order, scale)
+        assert_close(kernels.expert_ffn(x, counts, gate_up, down, order, scale, isa), ref)
+        sorted_ref = kernels.expert_ffn_ref(x, counts, gate_up, down)
+        assert_close(kernels.expert_ffn(x, counts, gate_up, down, isa=isa), sorted_ref)
+
+
+def test_expert_ffn_rounds_where_torch_stores():
+    """In bf16 the fused op agrees with torch's unfused ops (F.linear, SiLU, mul, scale):
+    what a GEMM gives does not depend on the path it took."""
+    x, counts, gate_up, down, _, scale = routed_problem(torch.bfloat16, [3, 2], d=64, f=48)
+    group = ExpertGroup.of(gate_up, down)
+    use_choice(KernelChoice(0, 0, "test"))
+    try:
+        torch_path = swiglu_batches_cpu([x], [counts], group, scale)
+    finally:
+        use_choice(None)
+    assert_close(kernels.expert_ffn(x, counts, gate_up, down, scale=scale), torch_path)
+
+
+def test_expert_ffn_empty_and_errors():
+    x, counts, gate_up, down, order, scale = routed_problem(torch.float32, [2, 1])
+    empty = kernels.expert_ffn(x[:0], [0, 0], gate_up, down)
+    assert empty.shape == (0, x.shape[1])
+    with pytest.raises(RuntimeError, match="counts sum to 2, x has 3 rows"):
+        kernels.expert_ffn(x, [1, 1], gate_up, down)
+    with pytest.raises(RuntimeError, match="do not agree"):
+        kernels.expert_ffn(x, [2, 1, 0], torch.cat([gate_up, gate_up[:1]]), down)
+    with pytest.raises(RuntimeError, match="3 counts for 2 experts"):
+        kernels.expert_ffn(x, [2, 1, 0], gate_up, down)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.expert_ffn(x, counts, gate_up, down, torch.tensor([0, 1, 7]))
+    with pytest.raises(RuntimeError, match="is BFloat16, the input Float"):
+        kernels.expert_ffn(x, counts, gate_up.bfloat16(), down)
+    with pytest.raises(RuntimeError, match="do not agree"):
+        kernels.expert_ffn(x[:, :-1].contiguous(), counts, gate_up, down)
+
+
+def test_linear_errors():
+    x, w = torch.randn(2, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"x is \[2, 7\], w \[3, 8\]"):
+        kernels.linear(x[:, :7].contiguous(), w)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.linear(x, torch.randn(8, 3).T)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        kernels.linear(x.double(), w.double())
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.linear(x, w, isa=kernels.best_isa() + 1)
+
+
+def test_worker_linear_takes_the_kernel_up_to_the_crossover(monkeypatch):
+    """The CPU worker's linear goes to the kernel at rows <= the crossover and to torch
+    beyond it (or for what the kernel does not take), with the same result."""
+    calls = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **k: calls.append(a[0].shape[0])
+                        or real(*a, **k))
+    w = torch.randn(24, 40).bfloat16()
+    use_choice(KernelChoice(4, 4, "test"))
+    try:
+        for rows in (1, 4, 5, 9):
+            x = torch.randn(rows, 40).bfloat16()
+            assert_close(cpu_linear(x, w), kernels.linear_ref(x, w))
+        cpu_linear(torch.randn(2, 40).double(), w.double())  # not a kernel dtype
+    finally:
+        use_choice(None)
+    assert calls == [1, 4]
+    assert kernel_choice().source != "test"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 37])
+def test_paged_decode_attention_matches_ref(dtype, head_dim):
+    """Block tables in any order, lengths from 1 to several blocks, a sliding window."""
+    gen = torch.Generator().manual_seed(head_dim)
+    batch, heads, kv_heads, block = 4, 8, 2, 16
+    pool = torch.randn(40 * block, 2 * kv_heads * head_dim, generator=gen).to(dtype)
+    blocks = torch.randperm(40, generator=gen)[:batch * 5]
+    q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
+    lengths = [1, 16, 17, 75]
+    for window in (None, 20):
+        ref = kernels.paged_decode_attention_ref(q, pool, blocks, lengths, block, kv_heads,
+                                                 window, head_dim ** -0.5)
+        for isa in kernels.isas():
+            out = kernels.paged_decode_attention(q, pool, blocks, lengths, block, kv_heads,
+                                                 window, head_dim ** -0.5, isa)
+            assert_close(out, ref)
+
+
+def test_paged_decode_attention_errors():
+    q, pool = torch.randn(2, 4, 8), torch.zeros(64, 32)
+    blocks = torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="sees 40 keys in 2 blocks of 16"):
+        kernels.paged_decode_attention(q, pool, blocks, [3, 40], 16, 2, None, 1.0)
+    with pytest.raises(RuntimeError, match="block 9 is outside the pool"):
+        kernels.paged_decode_attention(q, pool, torch.tensor([0, 1, 9, 3]), [3, 20], 16, 2,
+                                       None, 1.0)
+    with pytest.raises(RuntimeError, match="do not agree"):
+        kernels.paged_decode_attention(q, pool, blocks, [3, 4], 16, 3, None, 1.0)
