@@ -137,7 +137,7 @@ def swiglu_cpu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                act: Activation = SILU) -> torch.Tensor:
     """`swiglu` (no biases) for the CPU worker: on the fused expert kernel up to its
     crossover in rows, else on torch's backend for the rows."""
-    if (act == SILU and x.shape[0] <= kernel_choice().expert_rows
+    if (act == SILU and x.shape[0] <= kernel_choice().expert_limit(x.dtype)
             and kernel_takes(x, gate_up, down)):
         return kernels.expert_ffn(x.contiguous(), [x.shape[0]], gate_up[None], down[None])
     rows_per_weight(x.shape[0])
@@ -156,7 +156,7 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [n, D]
     order = _expert_major(counts)  # rows of x, expert by expert
     if (group.act == SILU and group.gate_up_bias is None and group.down_bias is None
-            and max(per_expert) <= kernel_choice().expert_rows
+            and max(per_expert) <= kernel_choice().expert_limit(x.dtype)
             and kernel_takes(x, group.gate_up, group.down)):
         return kernels.expert_ffn(x, per_expert, group.gate_up, group.down,
                                   None if len(xs) == 1 else index_tensor(order),

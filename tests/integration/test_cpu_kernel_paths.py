@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeflow.ops import cpu as kernels
-from moeflow.ops.cpu.choice import KernelChoice, use_choice
+from moeflow.ops.cpu.choice import ALL_ROWS, KernelChoice, use_choice
 from moeflow.serve.llm import LLM
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None or not kernels.available(),
@@ -55,10 +55,10 @@ def test_kernel_and_torch_paths_agree(family, dtype, tiny_factory, step_runner, 
             llm.close()
             use_choice(None)
 
-    kernel_logits, kernel_tokens = run(KernelChoice(1 << 30, 1 << 30, "test"))
+    kernel_logits, kernel_tokens = run(KernelChoice(ALL_ROWS, ALL_ROWS, "test", fp32_rows=ALL_ROWS))
     assert all(calls[name] > 0 for name in KERNELS), calls
     calls.clear()
-    torch_logits, torch_tokens = run(KernelChoice(0, 0, "test", attention=False))
+    torch_logits, torch_tokens = run(KernelChoice(0, 0, "test", attention=False, fp32_rows=0))
     assert not calls, calls
     assert kernel_tokens == torch_tokens
     atol = 0.05 if dtype == "bfloat16" else 1e-4

@@ -183,3 +183,54 @@ def test_paged_decode_attention_errors():
                                        None, 1.0)
     with pytest.raises(RuntimeError, match="do not agree"):
         kernels.paged_decode_attention(q, pool, blocks, [3, 4], 16, 3, None, 1.0)
+
+
+def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
+    """`moeflow calibrate --kernels` (small shapes here): its crossovers are what the
+    worker then takes, unless the file was written on another CPU."""
+    import json
+
+    from moeflow.ops.cpu import calibrate, choice
+
+    monkeypatch.setenv("MOEFLOW_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibrate, "D", 64)
+    monkeypatch.setattr(calibrate, "F", 32)
+    monkeypatch.setattr(calibrate, "POOL_BYTES", 1 << 20)
+    monkeypatch.setattr(calibrate, "LINEAR_ROWS", (1, 4))
+    monkeypatch.setattr(calibrate, "EXPERT_ROWS", (1, 2))
+    lines: list[str] = []
+    measured, table = calibrate.calibrate_kernels(quick=True, log=lines.append)
+    assert len(lines) == 4 and len(table["linear"]["kernel_s"]) == 2
+    assert measured.linear_rows in (0, 1, 4) and measured.expert_rows in (0, 1, 2)
+    path = choice.save_choice(choice.KernelChoice(3, 5, "calibrated"), table)
+    try:
+        assert path == tmp_path / "choice.json"
+        taken = choice.kernel_choice()
+        assert (taken.linear_rows, taken.expert_rows, taken.source) == (3, 5, str(path))
+        body = json.loads(path.read_text())
+        path.write_text(json.dumps({**body, "cpu": "another CPU"}))
+        choice._measured_choice.cache_clear()
+        assert choice.kernel_choice() == choice.default_choice()
+    finally:
+        choice._measured_choice.cache_clear()
+
+
+def test_crossover_tolerates_noise_but_not_a_loss():
+    from moeflow.ops.cpu.calibrate import _crossover
+
+    assert _crossover((1, 2, 4, 8), [1.0, 1.05, 2.0, 1.0], [1.0, 1.0, 1.0, 5.0]) == 2
+    assert _crossover((1, 2), [3.0, 1.0], [1.0, 1.0]) == 0
+    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0]) == 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_kernel_matches_ref(dtype):
+    from moeflow.ops.norm import rms_norm, rms_norm_ref
+
+    gen = torch.Generator().manual_seed(1)
+    for shape in [(1, 1024), (5, 3, 37), (0, 16)]:
+        x = torch.randn(*shape, generator=gen).to(dtype)
+        w = torch.randn(shape[-1], generator=gen).to(dtype)
+        assert_close(kernels.rms_norm(x.reshape(-1, shape[-1]), w, 1e-6).view(shape),
+                     rms_norm_ref(x, w, 1e-6))
+        assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))

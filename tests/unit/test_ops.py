@@ -178,7 +178,9 @@ def test_index_tensor():
 def test_rms_norm_matches_the_families_formulation(dtype):
     x = (torch.randn(5, 64) * 4).to(dtype)
     w = torch.randn(64).to(dtype)
-    assert torch.equal(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    # equal up to the order of the sum of squares (one pass on the CPU kernels)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6),
+                               rtol=1e-6 if dtype == torch.float32 else 8e-3, atol=1e-6)
 
 
 def test_half_rotation_equals_rotate_half():

@@ -11,6 +11,7 @@ model dtype where torch's unfused ops would store them, so a kernel and torch ag
 the order of the sums, whichever path a GEMM takes.
 
     linear(x, w, bias)                 x [M, K] . w [N, K]^T (+ bias)  -> [M, N]
+    rms_norm(x, w, eps)                each row normalised in fp32 and scaled, one pass
     expert_ffn(x, counts, gate_up,     a node's routed experts: rows gathered expert-major
                down, order, scale)     through `order`, SwiGLU per expert (gate/up, SiLU
                                        and mul, down), each row scaled by its
@@ -206,3 +207,8 @@ def paged_decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, blocks: torc
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, v)
     return out.to(q.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [R, D], weight [D] (same dtype) -> [R, D]: moeflow.ops.norm.rms_norm in one pass."""
+    return load().rms_norm(x, weight.contiguous(), eps)

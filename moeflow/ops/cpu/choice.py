@@ -6,9 +6,13 @@ The crossovers come from the machine that runs: `moeflow calibrate --kernels` ti
 paths on it, for linear layers and for routed experts, and writes the largest row count up
 to which the kernel is the faster at every count into `<kernel cache>/choice.json`, with
 the CPU it was measured on. Without that file, or when it was written on another CPU, the
-worker takes the default below: the kernels stream weights at the memory bandwidth at a
-few rows, which no torch path here does, and oneDNN is faster at prefill sizes on CPUs
-with native bf16 (AVX-512 BF16, AMX), so the default stops at 16 rows.
+worker takes a default by the CPU's features: the kernels stream weights near the memory
+bandwidth at a few rows, which no torch path does here, so they always take decode; on
+CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at prefill sizes, and the
+default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are slow at every size
+(on a 2-core AVX2 EPYC the kernels were 2.5-4x faster at 8 to 256 rows per weight), and
+the kernels take every row count. fp32 GEMMs stop at 16 rows (torch's fp32 GEMMs are
+strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
 =off none.
 """
@@ -26,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.ops import cpu as kernels
+from moeflow.ops.attention import widen_on_this_cpu
 from moeflow.ops.backend import rows_per_weight
 
 DEFAULT_ROWS = 16
+ALL_ROWS = 1 << 30
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -37,10 +43,17 @@ class KernelChoice:
     """Rows per weight up to which each kind of GEMM runs on the kernels, and whether
     decode attention does."""
 
-    linear_rows: int = DEFAULT_ROWS
-    expert_rows: int = DEFAULT_ROWS
+    linear_rows: int = DEFAULT_ROWS  # bf16
+    expert_rows: int = DEFAULT_ROWS  # bf16, rows per expert
     source: str = "default"
     attention: bool = True  # decode attention reads the paged cache in place
+    fp32_rows: int = DEFAULT_ROWS  # either kind, in fp32
+
+    def linear_limit(self, dtype: torch.dtype) -> int:
+        return self.linear_rows if dtype == torch.bfloat16 else self.fp32_rows
+
+    def expert_limit(self, dtype: torch.dtype) -> int:
+        return self.expert_rows if dtype == torch.bfloat16 else self.fp32_rows
 
     def __post_init__(self) -> None:
         if self.linear_rows < 0 or self.expert_rows < 0:
@@ -98,9 +111,10 @@ def kernel_choice() -> KernelChoice:
 def _measured_choice() -> KernelChoice:
     mode = os.environ.get("MOEFLOW_CPU_KERNELS", "auto")
     if not kernels.available():
-        return KernelChoice(0, 0, f"unavailable: {kernels.error()}", attention=False)
+        return KernelChoice(0, 0, f"unavailable: {kernels.error()}", attention=False,
+                            fp32_rows=0)
     if mode == "on":
-        return KernelChoice(1 << 30, 1 << 30, "MOEFLOW_CPU_KERNELS=on")
+        return KernelChoice(ALL_ROWS, ALL_ROWS, "MOEFLOW_CPU_KERNELS=on", fp32_rows=ALL_ROWS)
     try:
         body = json.loads(choice_path().read_text())
         if body.get("cpu") == cpu_name():
@@ -108,6 +122,13 @@ def _measured_choice() -> KernelChoice:
                                 str(choice_path()), bool(body.get("attention", True)))
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    return default_choice()
+
+
+def default_choice() -> KernelChoice:
+    """The choice without a calibration for this CPU (see the module docstring)."""
+    if widen_on_this_cpu():  # no bf16 arithmetic
+        return KernelChoice(ALL_ROWS, ALL_ROWS, "default for a CPU without bf16 arithmetic")
     return KernelChoice()
 
 
@@ -116,8 +137,11 @@ def describe() -> str:
     c = kernel_choice()
     if not kernels.available():
         return kernels.describe()
-    return (f"{kernels.describe()} kernels up to {c.linear_rows} rows (linear) / "
-            f"{c.expert_rows} per expert ({c.source})")
+    def rows(n: int) -> str:
+        return "any rows" if n >= ALL_ROWS else f"{n} rows"
+
+    return (f"{kernels.describe()} kernels for bf16 GEMMs up to {rows(c.linear_rows)} "
+            f"(linear) / {rows(c.expert_rows)} per expert ({c.source})")
 
 
 def kernel_takes(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
@@ -131,7 +155,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     """F.linear for the CPU worker: x [M, K], w [N, K] -> [M, N], on the kernel up to the
     crossover, else on torch's backend for M rows (CPU worker only: it sets torch's
     process-wide matmul backend)."""
-    if x.shape[0] <= kernel_choice().linear_rows and kernel_takes(x, w, bias):
+    if x.shape[0] <= kernel_choice().linear_limit(x.dtype) and kernel_takes(x, w, bias):
         return kernels.linear(x.contiguous(), w, bias)
     rows_per_weight(x.shape[0], w.numel())
     return F.linear(x, w, bias)

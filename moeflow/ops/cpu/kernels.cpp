@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -538,6 +539,40 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
   return out;
 }
 
+// ---- RMSNorm ---------------------------------------------------------------------
+
+// x [R, D] -> w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T: the families'
+// formulation (moeflow/ops/norm.py), in one pass over each row instead of four ops.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_cpu(x, "x", 2);
+  check_cpu(w, "w", 1);
+  check_dtype(x, w, "w");
+  const int64_t R = x.size(0), D = x.size(1);
+  TORCH_CHECK(w.size(0) == D, "moeflow_cpu.rms_norm: x [", R, ", ", D, "], w [", w.size(0),
+              "]");
+  at::Tensor y = at::empty_like(x);
+  auto run = [&](auto* xp, auto* wp, auto* yp) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
+    at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / (D * 4)), [&](int64_t r0,
+                                                                          int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = xp + r * D;
+        float ss = 0.f;
+        for (int64_t i = 0; i < D; ++i) ss += to_float(xr[i]) * to_float(xr[i]);
+        const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+        T* yr = yp + r * D;
+        for (int64_t i = 0; i < D; ++i)
+          yr[i] = T(to_float(wp[i]) * round_to<T>(to_float(xr[i]) * scale));
+      }
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    run(x.data_ptr<bf16>(), w.data_ptr<bf16>(), y.data_ptr<bf16>());
+  else
+    run(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moeflow_cpu, m) {
@@ -549,6 +584,7 @@ TORCH_LIBRARY(moeflow_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor pool, Tensor blocks, int[] lengths, "
         "int block_size, int kv_heads, int? window, float scale, int isa) -> Tensor",
         &paged_decode_attention);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
 }
 
 }  // namespace moeflow_cpu
