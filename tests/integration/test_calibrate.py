@@ -19,3 +19,8 @@ def test_calibrate_writes_a_usable_hardware_file(tmp_path, capsys):
     assert cli_main(["simulate", "--model", "olmoe-1b-7b", "--hardware", str(out),
                      "--workload", "burst", "--num-requests", "1", "--prompt-len", "fixed:8",
                      "--output-len", "fixed:2"]) == 0
+
+
+def test_calibrate_says_what_to_measure(capsys):
+    assert cli_main(["calibrate"]) == 2
+    assert "say what to calibrate: --out FILE" in capsys.readouterr().err
