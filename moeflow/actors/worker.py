@@ -506,6 +506,7 @@ class DeviceWorker:
         def expand(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # c [..., L, kv_lora + rope] -> K [..., L, H, nope + rope], V [..., L, H, v]
             lat, pe = c.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+            self._gemm_rows(lat.numel() // lat.shape[-1], w.kv_b)
             kv = F.linear(lat, w.kv_b).unflatten(-1, (a.num_heads, -1))
             k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
             pe = pe.unsqueeze(-2).expand(*k_nope.shape[:-1], a.qk_rope_head_dim)
@@ -546,6 +547,8 @@ class DeviceWorker:
                 return decode_attention(q, k, v, mask, scale, sinks)
             out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
             out[d.rows] = decode_attention(q.index_select(0, d.rows), k, v, mask, scale, sinks)
+        if b.prefill:
+            self._gemm_rows(q.shape[0])  # the matmul path's (sinks), not set by the kernels
         for row0, n, start, seq_id in b.prefill:
             if start == 0:
                 assert fresh is not None

@@ -158,7 +158,7 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     if (group.act == SILU and group.gate_up_bias is None and group.down_bias is None
             and max(per_expert) <= kernel_choice().expert_limit(x.dtype)
             and kernel_takes(x, group.gate_up, group.down)):
-        return kernels.expert_ffn(x, per_expert, group.gate_up, group.down,
+        return kernels.expert_ffn(x.contiguous(), per_expert, group.gate_up, group.down,
                                   None if len(xs) == 1 else index_tensor(order),
                                   None if scale is None else scale.float().contiguous())
     y = _swiglu_batches_torch(x, order, len(xs) > 1, per_expert, group)

@@ -13,7 +13,7 @@ from moeflow.ops import cpu as kernels
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] (or broadcastable to x) -> [..., D]"""
-    if (x.device.type == "cpu" and weight.dim() == 1 and weight.dtype == x.dtype
+    if (x.device.type == "cpu" and weight.shape == x.shape[-1:] and weight.dtype == x.dtype
             and x.dtype in (torch.bfloat16, torch.float32) and kernels.available()):
         d = x.shape[-1]
         return kernels.rms_norm(x.reshape(-1, d).contiguous(), weight, eps).view(x.shape)

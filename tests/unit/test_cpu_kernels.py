@@ -234,3 +234,22 @@ def test_rms_norm_kernel_matches_ref(dtype):
         assert_close(kernels.rms_norm(x.reshape(-1, shape[-1]), w, 1e-6).view(shape),
                      rms_norm_ref(x, w, 1e-6))
         assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+
+
+def test_expert_ffn_order_must_be_a_permutation():
+    x, counts, gate_up, down, _, _ = routed_problem(torch.float32, [2, 1])
+    with pytest.raises(RuntimeError, match=r"not a permutation \(1 twice\)"):
+        kernels.expert_ffn(x, counts, gate_up, down, torch.tensor([0, 1, 1]))
+
+
+@pytest.mark.parametrize("value,mode", [("OFF", "off"), ("0", "off"), ("on", "on"),
+                                        ("", "auto"), ("Auto", "auto")])
+def test_the_switch_reads_common_spellings(monkeypatch, value, mode):
+    monkeypatch.setenv("MOEFLOW_CPU_KERNELS", value)
+    assert kernels.mode() == mode
+
+
+def test_an_unknown_switch_is_refused(monkeypatch):
+    monkeypatch.setenv("MOEFLOW_CPU_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="MOEFLOW_CPU_KERNELS='maybe': use auto, on or off"):
+        kernels.mode()

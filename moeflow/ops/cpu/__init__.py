@@ -45,7 +45,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import platform
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,12 @@ def cache_dir() -> Path:
 
 
 def _build_key() -> str:
-    """The build directory's name: the source, torch, Python and compiler flags, so that
-    a changed source or another torch never loads a stale library."""
+    """The build directory's name: the source, torch, Python, compiler flags and machine
+    architecture, so that a changed source or another torch never loads a stale
+    library."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__} {sys.version_info[:2]} {_CFLAGS}".encode())
+    h.update(f"{torch.__version__} {sys.version_info[:2]} {_CFLAGS} "
+             f"{platform.machine()}".encode())
     return h.hexdigest()[:16]
 
 
@@ -86,23 +90,51 @@ def load(verbose: bool = False) -> Any:
     with _lock:
         if "ops" in _state or "error" in _state:
             return _state.get("ops")
-        if os.environ.get("MOEFLOW_CPU_KERNELS", "auto") == "off":
+        if mode() == "off":
             _state["error"] = "switched off by MOEFLOW_CPU_KERNELS=off"
             return None
         try:
-            from torch.utils import cpp_extension
-
-            build = cache_dir() / _build_key()
-            build.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)],
-                               build_directory=str(build), extra_cflags=_CFLAGS,
-                               extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=verbose)
+            _build_or_load(cache_dir() / _build_key(), verbose)
             _state["ops"] = torch.ops.moeflow_cpu
         except Exception as exc:  # no compiler, no ninja, a read-only cache: torch's path
-            _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"
+            lines = str(exc).strip().splitlines() or [""]
+            _state["error"] = f"{type(exc).__name__}: {lines[-1]}"
             return None
         return _state["ops"]
+
+
+STALE_LOCK_S = 600  # a build's lock older than this was left by a process that died
+
+
+def _build_or_load(build: Path, verbose: bool) -> None:
+    """The build directory is keyed by everything that goes into the library, so a library
+    there is loaded as it is; otherwise torch's cpp_extension builds it (under its lock
+    file, which a killed build leaves behind: one that old is removed first)."""
+    library = build / "moeflow_cpu.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+        return
+    from torch.utils import cpp_extension
+
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)], build_directory=str(build),
+                       extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                       is_python_module=False, verbose=verbose)
+
+
+def mode() -> str:
+    """MOEFLOW_CPU_KERNELS: `auto` (the default: measured crossovers), `on` (every GEMM the
+    kernels take, for tests) or `off` (torch's path)."""
+    value = os.environ.get("MOEFLOW_CPU_KERNELS", "auto").strip().lower() or "auto"
+    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off",
+             "no": "off"}.get(value, value)
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"MOEFLOW_CPU_KERNELS={os.environ['MOEFLOW_CPU_KERNELS']!r}: use "
+                         f"auto, on or off")
+    return value
 
 
 def available() -> bool:

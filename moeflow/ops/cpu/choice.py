@@ -11,7 +11,8 @@ bandwidth at a few rows, which no torch path does here, so they always take deco
 CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at prefill sizes, and the
 default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are slow at every size
 (on a 2-core AVX2 EPYC the kernels were 2.5-4x faster at 8 to 256 rows per weight), and
-the kernels take every row count. fp32 GEMMs stop at 16 rows (torch's fp32 GEMMs are
+the kernels take up to 1,024 rows (256 per expert). Without AVX2 the portable path has
+not been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's fp32 GEMMs are
 strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
 =off none.
@@ -35,6 +36,9 @@ from moeflow.ops.backend import rows_per_weight
 
 DEFAULT_ROWS = 16
 ALL_ROWS = 1 << 30
+# without bf16 arithmetic, measured to 512 rows (the foundation benchmark's prefill); beyond,
+# the kernels' input rows (re-read per weight tile) outgrow the caches
+NO_BF16_ROWS, NO_BF16_EXPERT_ROWS = 1024, 256
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -87,7 +91,9 @@ def save_choice(choice: KernelChoice, table: dict[str, object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"cpu": cpu_name(), "linear_rows": choice.linear_rows,
             "expert_rows": choice.expert_rows, "attention": choice.attention, "table": table}
-    path.write_text(json.dumps(body, indent=1) + "\n")
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(partial, path)  # a reader sees the old file or the new one, never half
     _measured_choice.cache_clear()
     return path
 
@@ -109,7 +115,7 @@ def kernel_choice() -> KernelChoice:
 
 @cache
 def _measured_choice() -> KernelChoice:
-    mode = os.environ.get("MOEFLOW_CPU_KERNELS", "auto")
+    mode = kernels.mode()
     if not kernels.available():
         return KernelChoice(0, 0, f"unavailable: {kernels.error()}", attention=False,
                             fp32_rows=0)
@@ -127,8 +133,12 @@ def _measured_choice() -> KernelChoice:
 
 def default_choice() -> KernelChoice:
     """The choice without a calibration for this CPU (see the module docstring)."""
+    if kernels.best_isa() < 1:  # the portable path alone: not measured, keep torch's
+        return KernelChoice(0, 0, "default for a CPU without AVX2", attention=False,
+                            fp32_rows=0)
     if widen_on_this_cpu():  # no bf16 arithmetic
-        return KernelChoice(ALL_ROWS, ALL_ROWS, "default for a CPU without bf16 arithmetic")
+        return KernelChoice(NO_BF16_ROWS, NO_BF16_EXPERT_ROWS,
+                            "default for a CPU without bf16 arithmetic")
     return KernelChoice()
 
 

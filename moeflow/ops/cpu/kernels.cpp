@@ -32,8 +32,8 @@ using bf16 = c10::BFloat16;
 
 constexpr int NR = 4;  // weight rows per tile: 4 streams, and 4 * K * 2 bytes stay in L1
 constexpr int MR = 3;  // input rows per tile: 3 x 4 accumulators + 4 weight registers
-constexpr int64_t CHUNK_BYTES = 32 << 10;
-constexpr int PREFETCH = 512;  // bytes ahead  // weight bytes per thread, at least
+constexpr int64_t CHUNK_BYTES = 32 << 10;  // weight bytes per thread, at least
+constexpr int PREFETCH = 512;  // bytes ahead in each weight row's stream
 
 enum Isa : int64_t { PORTABLE = 0, AVX2 = 1 };
 
@@ -177,7 +177,9 @@ void tile(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int64
   }
 }
 
-int64_t grain(int64_t tile_bytes) { return std::max<int64_t>(1, CHUNK_BYTES / tile_bytes); }
+int64_t grain(int64_t tile_bytes) {
+  return std::max<int64_t>(1, CHUNK_BYTES / std::max<int64_t>(1, tile_bytes));
+}
 
 // Where input k of a row sits once widened: bf16 weights on AVX2 read each block of 16 as
 // its 8 even elements, then its 8 odd ones (see load16); elements past the last whole block,
@@ -247,8 +249,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   check_cpu(x, "x", 2);
   check_cpu(w, "w", 2);
   check_dtype(x, w, "w");
-  TORCH_CHECK(x.size(1) == w.size(1), "moeflow_cpu.linear: x is [", x.size(0), ", ",
-              x.size(1), "], w [", w.size(0), ", ", w.size(1), "]");
+  TORCH_CHECK(x.size(1) == w.size(1) && x.size(1) > 0, "moeflow_cpu.linear: x is [",
+              x.size(0), ", ", x.size(1), "], w [", w.size(0), ", ", w.size(1), "]");
   if (bias) {
     check_cpu(*bias, "bias", 1);
     check_dtype(x, *bias, "bias");
@@ -348,7 +350,7 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
   check_dtype(x, down, "down");
   const int64_t n = x.size(0), D = x.size(1), G = gate_up.size(0), F = down.size(2);
   TORCH_CHECK(gate_up.size(1) == 2 * F && gate_up.size(2) == D && down.size(0) == G &&
-                  down.size(1) == D,
+                  down.size(1) == D && D > 0 && F > 0,
               "moeflow_cpu.expert_ffn: x [", n, ", ", D, "], gate_up [", gate_up.size(0), ", ",
               gate_up.size(1), ", ", gate_up.size(2), "] and down [", down.size(0), ", ",
               down.size(1), ", ", down.size(2), "] do not agree");
@@ -367,9 +369,14 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
     TORCH_CHECK(order->scalar_type() == at::kLong && order->size(0) == n,
                 "moeflow_cpu.expert_ffn: order must be int64 [", n, "]");
     order_p = order->data_ptr<int64_t>();
-    for (int64_t r = 0; r < n; ++r)
+    std::vector<bool> seen(n, false);  // each row once: else rows stay unwritten, or race
+    for (int64_t r = 0; r < n; ++r) {
       TORCH_CHECK(order_p[r] >= 0 && order_p[r] < n, "moeflow_cpu.expert_ffn: order[", r,
                   "] = ", order_p[r], " is out of range");
+      TORCH_CHECK(!seen[order_p[r]], "moeflow_cpu.expert_ffn: order is not a permutation (",
+                  order_p[r], " twice)");
+      seen[order_p[r]] = true;
+    }
   }
   const float* scale_p = nullptr;
   if (scale) {
@@ -499,9 +506,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
   check_cpu(blocks, "blocks", 1);
   check_dtype(q, pool, "pool");
   const int64_t B = q.size(0), H = q.size(1), d = q.size(2), W = pool.size(1);
-  TORCH_CHECK(kv_heads > 0 && H % kv_heads == 0 && W == 2 * kv_heads * d,
+  TORCH_CHECK(kv_heads > 0 && H % kv_heads == 0 && W == 2 * kv_heads * d && d > 0 &&
+                  block_size > 0,
               "moeflow_cpu.paged_decode_attention: ", H, " query heads of ", d, ", ",
-              kv_heads, " kv heads and slots of ", W, " do not agree");
+              kv_heads, " kv heads, slots of ", W, " and blocks of ", block_size,
+              " do not agree");
   TORCH_CHECK(static_cast<int64_t>(lengths.size()) == B && B > 0 &&
                   blocks.numel() % B == 0 && blocks.scalar_type() == at::kLong,
               "moeflow_cpu.paged_decode_attention: ", lengths.size(), " lengths and ",
@@ -548,8 +557,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_cpu(w, "w", 1);
   check_dtype(x, w, "w");
   const int64_t R = x.size(0), D = x.size(1);
-  TORCH_CHECK(w.size(0) == D, "moeflow_cpu.rms_norm: x [", R, ", ", D, "], w [", w.size(0),
-              "]");
+  TORCH_CHECK(w.size(0) == D && D > 0, "moeflow_cpu.rms_norm: x [", R, ", ", D, "], w [",
+              w.size(0), "]");
   at::Tensor y = at::empty_like(x);
   auto run = [&](auto* xp, auto* wp, auto* yp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
