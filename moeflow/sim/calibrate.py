@@ -20,24 +20,18 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from moeflow.ops.backend import SMALL_GEMM_ROWS
+from moeflow.ops.cpu.calibrate import best_time
 from moeflow.sim.hardware import DeviceSpec, Hardware, LinkSpec
 
 
 def _best_rate(work: float, fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return work / best
+    return work / best_time(fn, repeats)
 
 
 def gemm_peak(dtype: torch.dtype, repeats: int) -> float:

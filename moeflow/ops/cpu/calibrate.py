@@ -32,7 +32,8 @@ D, F, G = 1024, 512, 8
 POOL_BYTES = 96 << 20
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of fn's fastest run of `repeats`, after one warm-up run."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -67,11 +68,11 @@ def calibrate_kernels(quick: bool = False, log: Callable[[str], None] = lambda _
     for m in LINEAR_ROWS:
         x = torch.randn(m, D).to(dtype)
         pool = weights if m <= 16 else weights[:8]  # beyond, compute-bound: cache is moot
-        kernel_s.append(_best(lambda: [kernels.linear(x, w) for w in pool], repeats)
+        kernel_s.append(best_time(lambda: [kernels.linear(x, w) for w in pool], repeats)
                         / len(pool))
         use_choice(KernelChoice(0, 0, "calibrating", fp32_rows=0))
         try:
-            torch_s.append(_best(lambda: [linear(x, w) for w in pool], repeats) / len(pool))
+            torch_s.append(best_time(lambda: [linear(x, w) for w in pool], repeats) / len(pool))
         finally:
             use_choice(None)
         log(f"linear [{m}, {D}] x [{D}, {D}]: kernel {kernel_s[-1] * 1e6:8.1f} us, torch "
@@ -91,7 +92,7 @@ def calibrate_kernels(quick: bool = False, log: Callable[[str], None] = lambda _
         for limit, out in ((1 << 30, kernel_s), (0, torch_s)):
             use_choice(KernelChoice(1 << 30, limit, "calibrating"))
             try:
-                out.append(_best(run, repeats) / len(groups))
+                out.append(best_time(run, repeats) / len(groups))
             finally:
                 use_choice(None)
         log(f"experts {G} x {m} rows (D {D}, F {F}): kernel {kernel_s[-1] * 1e6:8.1f} us, "
