@@ -415,8 +415,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise ValueError("say what to calibrate: --out FILE (the simulator's description "
                          "of this CPU) and/or --kernels (the CPU worker's kernel choice)")
     if args.kernels:
+        from moeflow.ops import cpu
         from moeflow.ops.cpu.calibrate import calibrate_kernels
         from moeflow.ops.cpu.choice import save_choice
+
+        if not cpu.available():
+            raise ValueError(f"moeflow's CPU kernels are not available: {cpu.error()}")
 
         choice, table = calibrate_kernels(quick=args.quick,
                                           log=lambda msg: print(msg, file=sys.stderr))

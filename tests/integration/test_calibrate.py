@@ -24,3 +24,23 @@ def test_calibrate_writes_a_usable_hardware_file(tmp_path, capsys):
 def test_calibrate_says_what_to_measure(capsys):
     assert cli_main(["calibrate"]) == 2
     assert "say what to calibrate: --out FILE" in capsys.readouterr().err
+
+
+def test_calibrate_kernels_as_the_readme_gives_it(tmp_path, monkeypatch, capsys):
+    """`moeflow calibrate --kernels` (--quick): writes the crossovers for this CPU."""
+    import json
+
+    from moeflow.ops import cpu
+    from moeflow.ops.cpu import choice
+
+    if not cpu.available():
+        assert cli_main(["calibrate", "--kernels"]) == 2  # says why, not a traceback
+        return
+    monkeypatch.setenv("MOEFLOW_KERNEL_CACHE", str(tmp_path))  # leaves this CPU's choice be
+    try:
+        assert cli_main(["calibrate", "--kernels", "--quick"]) == 0
+        body = json.loads((tmp_path / "choice.json").read_text())
+        assert body["cpu"] == choice.cpu_name() and len(body["table"]["experts"]["rows"]) == 7
+        assert f"wrote {tmp_path / 'choice.json'}" in capsys.readouterr().out
+    finally:
+        choice._measured_choice.cache_clear()

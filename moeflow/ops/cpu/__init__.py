@@ -87,6 +87,9 @@ _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
 def load(verbose: bool = False) -> Any:
     """The kernels' torch ops (`torch.ops.moeflow_cpu`), built first if needed; None when
     they are switched off or cannot be built (the reason is in `error()`)."""
+    ops = _state.get("ops")  # every op of the CPU worker asks: no lock once loaded
+    if ops is not None:
+        return ops
     with _lock:
         if "ops" in _state or "error" in _state:
             return _state.get("ops")
