@@ -24,9 +24,13 @@ The simulation is deterministic: one run per setting is its median.
 `--real` also runs it for real: `make demo`'s checkpoint on two CPU actor processes
 (`--transport zmq`), 16 prompts of 512 random token ids, 1 output token, prefilled in units
 of up to 2048 tokens, batch-ep against eps (PN from its CPU defaults, and PN 2 fixed),
-alternating, 3 rounds; prompt tokens per wall second of the whole run, medians.
+alternating, 3 rounds; prompt tokens per wall second of the whole run, medians. Then one
+more round of each policy with a trace of the real run written (`--trace-dir`, default a
+temporary directory): how long transfers were in flight (from their start until their
+receiver took them in) and how much of that while their sender computed
+(`moeflow.actors.tracing.send_overlap`), and the trace files to open.
 
-    python benchmarks/eps.py [--quick] [--real] [--json out.json]
+    python benchmarks/eps.py [--quick] [--real [--trace-dir DIR]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -155,15 +159,18 @@ def table(result: dict[str, Any]) -> str:
 REAL_PROMPTS, REAL_PROMPT_LEN, REAL_ROUNDS = 16, 512, 3
 
 
-def run_real() -> list[dict[str, Any]]:
-    """Prefill on two actor processes, batch-ep against eps, alternating (see above)."""
+def run_real(trace_dir: str | None = None) -> list[dict[str, Any]]:
+    """Prefill on two actor processes, batch-ep against eps, alternating, then a traced
+    round of each (see above)."""
     import random
     import statistics
+    import tempfile
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from engine import DEVICES, demo_checkpoint
 
     from moeflow.actors.coordinator import ZmqExecutor
+    from moeflow.actors.tracing import RealTrace, send_overlap
     from moeflow.models.families import load_spec
     from moeflow.ops.sampling import SamplingParams
     from moeflow.scheduler.base import Cluster
@@ -179,28 +186,51 @@ def run_real() -> list[dict[str, Any]]:
                                       "eps, PN 2": EPS(stages=2)}
     seconds: dict[str, list[float]] = {name: [] for name in policies}
     stages: dict[str, int] = {}
+    traces: dict[str, str] = {}
+    out_dir = trace_dir or tempfile.mkdtemp(prefix="moeflow-eps-traces-")
+    os.makedirs(out_dir, exist_ok=True)
+
+    def prefill(executor: ZmqExecutor, name: str, policy: Scheduler) -> float:
+        core = EngineCore(spec, executor, policy, cluster, max_batch_tokens=2048)
+        params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        start = time.perf_counter()
+        for prompt in prompts:
+            core.add_request(prompt, params)
+        while core.has_unfinished():
+            for job in core.schedule():
+                if isinstance(policy, EPS):
+                    stages[name] = policy.chosen_stages(job.unit, spec, cluster)
+                [result] = executor.run_many([core.job_spec(job)])
+                core.complete(job, result)
+        for rid in list(core.requests):
+            core.pop_finished(rid)
+        return time.perf_counter() - start
+
     with ZmqExecutor(str(checkpoint), cluster.placement, "bfloat16", 65536) as executor:
         for _ in range(REAL_ROUNDS):
             for name, policy in policies.items():
-                core = EngineCore(spec, executor, policy, cluster, max_batch_tokens=2048)
-                params = SamplingParams(max_new_tokens=1, ignore_eos=True)
-                start = time.perf_counter()
-                for prompt in prompts:
-                    core.add_request(prompt, params)
-                while core.has_unfinished():
-                    for job in core.schedule():
-                        if isinstance(policy, EPS):
-                            stages[name] = policy.chosen_stages(job.unit, spec, cluster)
-                        [result] = executor.run_many([core.job_spec(job)])
-                        core.complete(job, result)
-                seconds[name].append(time.perf_counter() - start)
-                for rid in list(core.requests):
-                    core.pop_finished(rid)
+                seconds[name].append(prefill(executor, name, policy))
+        for name, policy in policies.items():  # traced apart: tracing is not free
+            path = os.path.join(out_dir, name.replace(", ", "-").replace(" ", "") + ".json")
+            executor.coordinator.trace = RealTrace(path, f"{name}: prefill on 2 actors")
+            try:
+                prefill(executor, name, policy)
+            finally:
+                executor.coordinator.close_trace()
+            traces[name] = path
     tokens = REAL_PROMPTS * REAL_PROMPT_LEN
     base = statistics.median(seconds["batch-ep"])
-    return [{"policy": name, "pn": stages.get(name, 1),
-             "tok_s": tokens / statistics.median(runs),
-             "ratio": base / statistics.median(runs)} for name, runs in seconds.items()]
+    rows = []
+    for name, runs in seconds.items():
+        lanes = send_overlap(traces[name])
+        send = sum(a["send_s"] for a in lanes.values())
+        hidden = sum(a["overlap_s"] for a in lanes.values())
+        rows.append({"policy": name, "pn": stages.get(name, 1),
+                     "tok_s": tokens / statistics.median(runs),
+                     "ratio": base / statistics.median(runs), "trace": traces[name],
+                     "send_s": send, "send_overlapped_s": hidden,
+                     "send_overlapped": hidden / send if send else 0.0})
+    return rows
 
 
 def main() -> int:
@@ -208,6 +238,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="16 prompts per setting, not 64")
     parser.add_argument("--real", action="store_true",
                         help="also prefill for real on two CPU actor processes")
+    parser.add_argument("--trace-dir", help="with --real: write the real traces here")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -217,12 +248,14 @@ def main() -> int:
     print(table(result))
     print(f"({result['wall_s']:.1f} s wall)")
     if args.real:
-        result["real"] = run_real()
+        result["real"] = run_real(args.trace_dir)
         print(f"\nfor real: {REAL_PROMPTS} prompts of {REAL_PROMPT_LEN} tokens on 2 CPU actor "
               f"processes, medians of {REAL_ROUNDS} alternating rounds")
         for r in result["real"]:
             print(f"  {r['policy']:10} PN {r['pn']}: {r['tok_s']:>8,.0f} prompt tok/s  "
-                  f"{r['ratio']:.2f}x batch-ep")
+                  f"{r['ratio']:.2f}x batch-ep; traced round: transfers in flight "
+                  f"{r['send_s']:.2f} s, {r['send_overlapped']:.0%} of it while their sender "
+                  f"computed ({r['trace']})")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

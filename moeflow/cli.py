@@ -3,6 +3,7 @@
     moeflow make-tiny FAMILY OUT_DIR [--layers ... --seed ...]
     moeflow generate MODEL_DIR (--prompt TEXT | --prompt-ids 1,2,3) --max-new-tokens N
                      [--devices cpu:0,cpu:1] [--dtype auto] [--json] [--stats]
+                     [--trace run.json]  (serve takes it too: every node the actors ran)
     moeflow graph MODEL_DIR --out FILE.{dot,html} [--layer N] [--devices ...]
     moeflow simulate --model NAME|DIR --hardware NAME|FILE --scheduler NAME
                      --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
@@ -89,6 +90,9 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="cgopipe/flexgen: weights the first device (the GPU) may hold, "
                              "e.g. 512KB or 2GB; the other experts are paged in from the last")
+    parser.add_argument("--trace", metavar="FILE.json",
+                        help="write a Chrome trace of every node the actors run (open it in "
+                             "ui.perfetto.dev); complete when the engine stops")
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
@@ -96,7 +100,8 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
 
     return EngineConfig(args.model_dir, args.scheduler, args.devices, args.dtype,
                         args.transport, args.kv_cache_tokens, args.max_batch_tokens,
-                        args.max_seqs, gpu_memory=args.gpu_memory, **extra)
+                        args.max_seqs, gpu_memory=args.gpu_memory, trace=args.trace,
+                        **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from moeflow.actors.messages import Message, NodeFailed, RoutingCounts, RunUnit, UnitPart
+from moeflow.actors.tracing import RealTrace
 from moeflow.dataflow.graph import Unit
 from moeflow.ops.sampling import Logprobs
 from moeflow.scheduler.plan import Plan
@@ -154,11 +155,13 @@ def run_jobs(executor: _Submits, jobs: list[JobSpec]) -> list[JobResult]:
 class CoordinatorCore:
     """The coordinator's logic, whatever carries its messages (see the module docstring).
     `want_logits` asks every actor for logits; `record_routing` sums the rows routed to
-    each expert per layer into `routing`."""
+    each expert per layer into `routing`; `trace` writes every job's nodes as its actors
+    timed them (see moeflow.actors.tracing)."""
 
     def __init__(self, actors: Iterable[str], want_logits: bool = False,
-                 record_routing: bool = False) -> None:
+                 record_routing: bool = False, trace: RealTrace | None = None) -> None:
         self.want_logits = want_logits
+        self.trace = trace  # every job's nodes, timed by its actors
         self.routing: dict[int, list[int]] | None = {} if record_routing else None
         self.tracker = JobTracker()
         self.done: list[JobResult] = []
@@ -172,17 +175,20 @@ class CoordinatorCore:
         if unknown:
             raise ValueError(f"the plan uses actors {sorted(unknown)} this executor lacks")
         self.tracker.start(job.job_id, actors)
+        traced = self.trace is not None
+        if self.trace is not None:
+            self.trace.begin(job.job_id, job.plan)
         whole = brief = None
         out = []
         for name in sorted(actors):
             held = self.plans[name]
             if job.plan_id is not None and job.plan_id in held:
                 brief = brief or RunUnit(job.job_id, None, job.tokens, job.sampling,
-                                         self.want_logits, job.unit, job.plan_id)
+                                         self.want_logits, job.unit, job.plan_id, traced)
                 out.append((name, brief))
             else:
                 whole = whole or RunUnit(job.job_id, job.plan, job.tokens, job.sampling,
-                                         self.want_logits, job.unit, job.plan_id)
+                                         self.want_logits, job.unit, job.plan_id, traced)
                 out.append((name, whole))
                 if job.plan_id is not None:
                     held.add(job.plan_id)
@@ -196,10 +202,14 @@ class CoordinatorCore:
         """An actor's UnitPart, RoutingCounts or NodeFailed taken in; the jobs that failed
         because of it (their actors are to abort them)."""
         if isinstance(msg, UnitPart):
+            if self.trace is not None and self.expects(msg.actor, msg.unit_id):
+                self.trace.part(msg)
             result = self.tracker.part(msg.unit_id, msg.actor, msg.tokens, msg.logits,
                                        msg.errors, msg.logprobs)
             if result is not None:
                 self.done.append(result)
+                if self.trace is not None:
+                    self.trace.end(msg.unit_id)
         elif isinstance(msg, RoutingCounts):
             if self.routing is not None:
                 total = self.routing.setdefault(msg.layer, [0] * len(msg.counts))
@@ -219,6 +229,8 @@ class CoordinatorCore:
             if result is not None:
                 self.done.append(result)
                 failed.append(unit_id)
+                if self.trace is not None:
+                    self.trace.end(unit_id)
         return failed
 
     def restarted(self, actor: str) -> None:
@@ -235,6 +247,13 @@ class CoordinatorCore:
                 held -= gone
                 out[name] = tuple(sorted(gone))
         return out
+
+    def close_trace(self) -> None:
+        """Complete the trace file, if one is written, and trace no more jobs (the
+        executor is closing; or a caller set `trace` for a while)."""
+        trace, self.trace = self.trace, None
+        if trace is not None:
+            trace.close()
 
     def take_done(self) -> list[JobResult]:
         done, self.done = self.done, []

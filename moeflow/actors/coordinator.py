@@ -62,6 +62,7 @@ from moeflow.actors.plane import (
     remove_runtime_dir, require_curve, serve_curve, user_id,
 )
 from moeflow.actors.process import ActorConfig, launch_message
+from moeflow.actors.tracing import RealTrace
 from moeflow.dataflow.graph import Placement
 
 log = logging.getLogger("moeflow.coordinator")
@@ -94,7 +95,8 @@ class ZmqExecutor:
                  heartbeat_s: float = 0.2, stall_timeout: float = 3.0,
                  node_timeout: float = 60.0, want_logits: bool = False,
                  record_routing: bool = False, ipc: bool | None = None,
-                 faults: str = "", null_ops: bool = False) -> None:
+                 faults: str = "", null_ops: bool = False,
+                 trace: str | os.PathLike[str] | None = None) -> None:
         require_curve()
         Faults.parse(faults)
         self.model_dir = str(model_dir)
@@ -116,7 +118,8 @@ class ZmqExecutor:
             log.warning("%d actors on %d cores: each gets 1 torch thread", n, cores)
         self.keys = KeyPair.make()
         self.actor_keys = {name: KeyPair.make() for name in placement.devices}
-        self.coordinator = CoordinatorCore(placement.devices, want_logits, record_routing)
+        self.coordinator = CoordinatorCore(placement.devices, want_logits, record_routing,
+                                           None if trace is None else RealTrace(trace))
         self.started: dict[int, float] = {}  # job id -> when it was submitted
         self.actors: dict[str, _Actor] = {}
         self.lost: set[str] = set()
@@ -435,6 +438,7 @@ class ZmqExecutor:
         self.router.close(linger=0)
         self.gatekeeper.stop()
         self.ctx.term()
+        self.coordinator.close_trace()
         if self.runtime_dir:
             remove_runtime_dir(self.runtime_dir)
 

@@ -19,6 +19,9 @@ the nodes on its own streams:
 What a node means here (its inputs, whom its completion concerns) is worked out once per
 plan, in a `Program`: a cached plan replays it for every unit of its shape.
 
+A RunUnit marked `trace` has its node groups timed as they run, and the arrival of every
+other actor's node it hears of; both go back with the UnitPart (moeflow.actors.tracing).
+
 Messages for a unit that arrive before its RunUnit (a fast peer) wait until it does.
 Nothing here does I/O or knows about threads: the in-process transport calls it directly,
 the ZeroMQ actor process from its async shell.
@@ -27,6 +30,7 @@ the ZeroMQ actor process from its async shell.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +128,9 @@ class _Unit:
     errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why
     logprobs: dict[int, Logprobs] = field(default_factory=dict)  # for requests that ask
     homed: bool = False
+    # traced units only (RunUnit.trace): see UnitPart.spans and UnitPart.arrivals
+    spans: list[tuple[int, float, float]] | None = None
+    arrivals: list[tuple[int, float]] | None = None
 
 
 class ActorCore:
@@ -229,6 +236,8 @@ class ActorCore:
         index = self.execution.add(plan, owns=self.owns)
         unit = _Unit(unit_id, index, msg, plan, program, bound, uses=list(graph.data_uses),
                      homed=homed)
+        if msg.trace:
+            unit.spans, unit.arrivals = [], []
         self.units[unit_id] = unit
         self.by_index[index] = unit
         out: list[Outgoing] = []
@@ -250,6 +259,8 @@ class ActorCore:
             return []
         if isinstance(msg, Data):
             unit.values[msg.node_id] = payload_to(from_payload(msg.payload), self.worker.tdevice)
+        if unit.arrivals is not None:  # heard of now (or, if it came first, at admission)
+            unit.arrivals.append((msg.node_id, time.monotonic()))
         try:
             self.execution.finish_external(task)
         except Exception as exc:  # a duplicate notice, say: drop it
@@ -278,11 +289,21 @@ class ActorCore:
     def run(self, group: Group) -> list[Any]:
         """Run a started node, or a coalesced group as one kernel; returns their values."""
         items = []
+        traced = []
         for task in group:
             unit = self.by_index[task[0]]
             node, inputs = self.node_inputs(task)
             items.append((unit.unit_id, unit.plan.graph, node, inputs))
-        return self.worker.run_group(items)
+            if unit.spans is not None:
+                traced.append((unit.spans, task[1]))
+        if not traced:
+            return self.worker.run_group(items)
+        start = time.monotonic()
+        values = self.worker.run_group(items)
+        end = time.monotonic()
+        for spans, node_id in traced:  # a coalesced group's members share its span
+            spans.append((node_id, start, end))
+        return values
 
     def finish(self, task: Task, value: Any) -> list[Outgoing]:
         """Record a node's value and say who needs to know. A failure here fails the
@@ -375,7 +396,9 @@ class ActorCore:
             return []
         self._drop(unit)
         return [Outgoing(COORDINATOR, UnitPart(unit.unit_id, self.name, unit.tokens,
-                                               unit.logits, unit.errors, unit.logprobs))]
+                                               unit.logits, unit.errors, unit.logprobs,
+                                               tuple(unit.spans or ()),
+                                               tuple(unit.arrivals or ())))]
 
     def abort(self, unit_id: int) -> None:
         unit = self.units.get(unit_id)

@@ -9,6 +9,7 @@ idle streams may start and run those nodes in turn, until the jobs asked for are
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from moeflow.actors.cluster import CoordinatorCore, JobResult, JobSpec, run_jobs
 from moeflow.actors.core import COORDINATOR, ActorCore, Outgoing
 from moeflow.actors.messages import Abort, DropPlans, Release
+from moeflow.actors.tracing import RealTrace
 from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import Placement
 from moeflow.models.checkpoint import Checkpoint
@@ -69,14 +71,18 @@ Observer = Callable[[Plan, int, Stream], None]
 class InProcessExecutor:
     """`observer(plan, node_id, stream)`, if given, is called as each node runs.
     `want_logits` returns logits with every result (tests); `record_routing` sums the
-    rows routed to each expert per layer."""
+    rows routed to each expert per layer; `trace` writes a Chrome trace of every node run
+    (see moeflow.actors.tracing), complete once the executor is closed."""
 
     def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None,
-                 record_routing: bool = False, want_logits: bool = False) -> None:
+                 record_routing: bool = False, want_logits: bool = False,
+                 trace: str | os.PathLike[str] | None = None) -> None:
         self.workers = workers
         self.actors = {name: ActorCore(name, w) for name, w in workers.items()}
         self.observer = observer
-        self.coordinator = CoordinatorCore(workers, want_logits, record_routing)
+        # tensors are handed over by reference here: a transfer spans its run alone
+        tracer = None if trace is None else RealTrace(trace, transfers_until_arrival=False)
+        self.coordinator = CoordinatorCore(workers, want_logits, record_routing, tracer)
         self.mail: deque[Outgoing] = deque()
         self._ids = itertools.count(1 << 40)  # ids for ad-hoc runs, apart from the engine's
 
@@ -151,7 +157,7 @@ class InProcessExecutor:
             actor.handle(Release((seq_id,)))
 
     def close(self) -> None:
-        pass
+        self.coordinator.close_trace()
 
     # -- the loop ------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class RunUnit:
     want_logits: bool = False
     unit: g.Unit | None = None  # None: the plan's own unit
     plan_id: int | None = None
+    trace: bool = False  # time the nodes and arrivals; they come back with the UnitPart
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class UnitPart:
     # unit seq index -> (the token's log-probability, ((id, log-probability) of the top k))
     logprobs: dict[int, tuple[float, tuple[tuple[int, float], ...]]] = field(
         default_factory=dict)
+    # with RunUnit.trace: (node id, start, end) of each node run here, and (node id, when)
+    # each other actor's node was heard of here, in time.monotonic() seconds
+    spans: tuple[tuple[int, float, float], ...] = ()
+    arrivals: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,8 @@ def encode(msg: Message) -> list[Any]:
                   "tokens": [[k, v] for k, v in msg.tokens.items()],
                   "sampling": [[k, v] for k, v in msg.sampling.items()],
                   "want_logits": msg.want_logits, "plan_id": msg.plan_id,
-                  "unit": None if msg.unit is None else unit_to_wire(msg.unit)}
+                  "unit": None if msg.unit is None else unit_to_wire(msg.unit),
+                  "trace": msg.trace}
     elif isinstance(msg, Data):
         p = msg.payload
         header = {"unit_id": msg.unit_id, "node_id": msg.node_id, "kind": p.kind,
@@ -329,7 +335,9 @@ def encode(msg: Message) -> list[Any]:
                   "logits": tensors(msg.logits[k] for k in keys),
                   "errors": [[k, v] for k, v in msg.errors.items()],
                   "logprobs": [[k, lp, [list(p) for p in top]]
-                               for k, (lp, top) in msg.logprobs.items()]}
+                               for k, (lp, top) in msg.logprobs.items()],
+                  "spans": [list(s) for s in msg.spans],
+                  "arrivals": [list(a) for a in msg.arrivals]}
     else:
         header = {f.name: _plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
     return [bytes([kind]), msgpack.packb(header, use_bin_type=True), *frames]
@@ -412,7 +420,7 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
                        {int(k): [int(t) for t in v] for k, v in h["tokens"]},
                        {int(k): dict(v) for k, v in h["sampling"]}, bool(h["want_logits"]),
                        None if h["unit"] is None else unit_from_wire(h["unit"]),
-                       None if plan_id is None else int(plan_id))
+                       None if plan_id is None else int(plan_id), bool(h.get("trace", False)))
     if cls is Data:
         if h["kind"] not in ("rows", "partial", "tensor", "page") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")
@@ -425,7 +433,9 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
                         dict(zip((int(k) for k in h["logit_keys"]), logits)),
                         {int(k): str(v) for k, v in h["errors"]},
                         {int(k): (float(lp), tuple((int(i), float(v)) for i, v in top))
-                         for k, lp, top in h.get("logprobs", ())})
+                         for k, lp, top in h.get("logprobs", ())},
+                        tuple((int(n), float(a), float(b)) for n, a, b in h.get("spans", ())),
+                        tuple((int(n), float(t)) for n, t in h.get("arrivals", ())))
     _no_frames(cls, frames)
     names = [f.name for f in dataclasses.fields(cls)]
     if set(h) != set(names):

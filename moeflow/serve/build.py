@@ -48,7 +48,7 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
     cluster = make_cluster(config, spec, scheduler, dtype)
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,
-                             config.faults)
+                             config.faults, config.trace)
     return EngineCore(spec, executor, scheduler, cluster,
                       Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
                       max_seqs=config.max_seqs)
@@ -70,20 +70,21 @@ def make_cluster(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,
 
 def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,
                   dtype: torch.dtype, kv_tokens: int, record_routing: bool = False,
-                  want_logits: bool = False, faults: str = ""
+                  want_logits: bool = False, faults: str = "", trace: str | None = None
                   ) -> InProcessExecutor | ZmqExecutor:
-    """Actors in this process ("inproc", the default) or one process each ("zmq")."""
+    """Actors in this process ("inproc", the default) or one process each ("zmq");
+    `trace`, a Chrome trace of every node they run."""
     if faults and transport != "zmq":
         raise ValueError("faults are injected into actor processes: use transport='zmq'")
     if transport == "inproc":
         workers = load_workers(model_dir, spec, cluster.placement, dtype, kv_tokens)
         return InProcessExecutor(workers, record_routing=record_routing,
-                                 want_logits=want_logits)
+                                 want_logits=want_logits, trace=trace)
     if transport == "zmq":
         from moeflow.actors.coordinator import ZmqExecutor
 
         return ZmqExecutor(str(model_dir), cluster.placement,
                            str(dtype).removeprefix("torch."), kv_tokens,
                            record_routing=record_routing, want_logits=want_logits,
-                           faults=faults)
+                           faults=faults, trace=trace)
     raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")

@@ -24,7 +24,9 @@ class EngineConfig:
     (zmq): drop/delay the actors' data messages, see moeflow.actors.plane.Faults.
     `gpu_memory` ("512KB", "2GB" or bytes): for cgopipe and flexgen, the weights the first
     device (the GPU) may hold; the experts beyond it stay on the last (its host) and are
-    paged in."""
+    paged in. `trace`: a path ending in .json: a Chrome trace of every node the actors run
+    (moeflow.actors.tracing), complete once the engine stops; after an engine restart the
+    trace goes on in FILE.restartN.json, and the file before it is kept."""
 
     model: str
     scheduler: Any = "batch-ep"
@@ -38,6 +40,7 @@ class EngineConfig:
     record_routing: bool = False
     faults: str = ""
     gpu_memory: str | float | None = None
+    trace: str | None = None
 
     def __post_init__(self) -> None:
         from moeflow.actors.inproc import parse_devices  # the command line imports this module
@@ -63,3 +66,8 @@ class EngineConfig:
             object.__setattr__(self, "gpu_memory", size)
         if self.faults and self.transport != "zmq":
             raise ValueError("faults are injected into actor processes: use transport='zmq'")
+        if self.trace is not None:
+            object.__setattr__(self, "trace", str(self.trace))
+            if not self.trace.lower().endswith(".json"):
+                raise ValueError(f"trace must be a path ending in .json (a Chrome trace), "
+                                 f"got {self.trace!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -66,6 +67,7 @@ class EngineThread(threading.Thread):
         self.core: Any = None
         self.detok: dict[int, _Detokenizer] = {}
         self.restarts: list[float] = []  # monotonic times of restarts
+        self.builds = 0  # cores built: a trace after a restart goes to a file of its own
         self.last_error: str | None = None
         self.fatal: str | None = None
         self.exited = False  # set in the loop by AsyncEngine once this thread has stopped
@@ -188,7 +190,12 @@ class EngineThread(threading.Thread):
         self._flush_failures()
 
     def _build(self) -> None:
-        self.core = build_engine_core(self.config)
+        config = self.config
+        if config.trace is not None and self.builds:  # keep the trace up to the failure
+            stem, _, suffix = config.trace.rpartition(".")
+            config = dataclasses.replace(config, trace=f"{stem}.restart{self.builds}.{suffix}")
+        self.builds += 1
+        self.core = build_engine_core(config)
         self.dtype = resolve_dtype(self.config.dtype, self.core.spec.dtype)
 
     def _drain(self, block: bool) -> bool:

@@ -93,6 +93,11 @@ class ChromeWriter:
 
     def close(self, result: SimResult) -> None:
         """Append lanes, counter and metrics; the file at `path` is complete."""
+        self.finish(_in_flight(result, len(self.pids) + 1), _summary(result.metrics, self.title))
+
+    def finish(self, counters: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Append the lanes' names, `counters` (more trace events) and `summary` (the
+        trace's metadata); the file at `path` is complete."""
         meta: list[dict[str, Any]] = []
         resources = _resources(self.lanes)
         actors = list(dict.fromkeys(_split(r)[0] for r in resources))
@@ -106,12 +111,12 @@ class ChromeWriter:
                 pid, tid = self.lanes[r]
                 meta += [_meta("thread_name", pid, tid, name=_split(r)[1] or r),
                          _meta("thread_sort_index", pid, tid, sort_index=rank)]
-        meta += _in_flight(result, len(self.pids) + 1)
+        meta += counters
         tail = ",\n".join(json.dumps(m, separators=(",", ":"), allow_nan=False) for m in meta)
-        self.write(tail)  # every event line ends in a comma: there are lanes to name
+        self.write(tail or '{"name":"trace","ph":"M","pid":0,"tid":0,"args":{}}')
+        # every event line ends in a comma: something must follow the last
         self.write('\n],"displayTimeUnit":"ms","metadata":')
-        self.write(json.dumps(_summary(result.metrics, self.title), separators=(",", ":"),
-                              allow_nan=False))
+        self.write(json.dumps(summary, separators=(",", ":"), allow_nan=False))
         self.write("}\n")
         self.file.close()
         os.replace(self.part, self.path)

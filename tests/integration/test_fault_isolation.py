@@ -9,6 +9,7 @@ goes on, and gives up (reporting why) only after repeated failures; `LLM` and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -96,7 +97,7 @@ def test_a_failing_sampler_fails_its_request_alone(path, monkeypatch):
 
 
 def test_an_engine_failure_fails_the_requests_in_progress_then_the_engine_restarts(
-        path, monkeypatch):
+        path, monkeypatch, tmp_path):
     real = EngineCore.complete
     failures = {"left": 1}
 
@@ -109,7 +110,8 @@ def test_an_engine_failure_fails_the_requests_in_progress_then_the_engine_restar
     monkeypatch.setattr(EngineCore, "complete", complete)
 
     async def main() -> None:
-        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1") as engine:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
+                                               trace=str(tmp_path / "run.json")) as engine:
             failed = await final_of(engine, PROMPT, GREEDY)
             assert failed.error is not None and "a bug in the engine" in failed.error
             assert "restarted" in failed.error
@@ -120,6 +122,10 @@ def test_an_engine_failure_fails_the_requests_in_progress_then_the_engine_restar
             assert "a bug in the engine" in health["last_error"]
 
     asyncio.run(main())
+    # the trace up to the failure is kept; the restarted engine traces to a file of its own
+    before = json.loads((tmp_path / "run.json").read_text())["metadata"]
+    after = json.loads((tmp_path / "run.restart1.json").read_text())["metadata"]
+    assert before["num_jobs"] == 1 and after["num_jobs"] == 6  # a prefill, 5 decode steps
 
 
 def test_an_engine_that_keeps_failing_gives_up_and_says_why(path, monkeypatch):

@@ -3,6 +3,7 @@ themselves (the checkpoint path is the only thing swapped in)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import signal
@@ -67,14 +68,16 @@ def test_the_actor_simulate_and_plan_examples_run(path, tmp_path):
                 if line.startswith(("moeflow generate /tmp/tiny --prompt \"Once upon a time\" "
                                     "--devices", "moeflow simulate", "moeflow plan"))
                 and "cgopipe" not in line]  # those: tests/integration/test_cgopipe.py
-    assert len(examples) == 3
+    assert len(examples) == 4
     for line in examples:
-        command = line.replace("/tmp/tiny", str(path)).replace("out.json",
-                                                               str(tmp_path / "out.json"))
+        command = line.replace("/tmp/tiny", str(path)).replace(
+            "out.json", str(tmp_path / "out.json")).replace("run.json", str(tmp_path / "run.json"))
         run = moeflow(command, timeout=600)
         assert run.returncode == 0, (line, run.stderr[-3000:])
         assert run.stdout.strip()
     assert (tmp_path / "out.json").stat().st_size > 0
+    real = json.loads((tmp_path / "run.json").read_text())  # the trace of a real run
+    assert real["metadata"]["source"] == "real run" and real["metadata"]["num_nodes"] > 0
 
 
 def test_the_serve_and_bench_example_runs(path, tmp_path):

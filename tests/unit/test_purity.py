@@ -17,7 +17,7 @@ BELOW_SERVE = ("moeflow.models", "moeflow.dataflow", "moeflow.scheduler", *SIM, 
                "moeflow.actors.core", "moeflow.actors.inproc", "moeflow.actors.coordinator",
                "moeflow.actors.process", "moeflow.actors.null", "moeflow.actors.worker",
                "moeflow.actors.plane", "moeflow.actors.messages", "moeflow.actors.values",
-               "moeflow.actors.cluster")
+               "moeflow.actors.cluster", "moeflow.actors.tracing")
 
 
 def imported_by(modules: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:

@@ -1,0 +1,130 @@
+"""Traces of real runs (moeflow.actors.tracing): every node an actor ran, on its stream's
+lane, in the order it ran; between actor processes, transfers that run beside compute;
+the switch through EngineConfig and the command line."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from moeflow.actors.coordinator import ZmqExecutor
+from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.actors.messages import RunUnit, UnitPart, decode, encode
+from moeflow.actors.tracing import RealTrace, read_lanes, send_overlap
+from moeflow.cli import main
+from moeflow.models.families import load_spec
+from moeflow.scheduler import EPS, BatchEP, Cluster
+from moeflow.serve.config import EngineConfig
+from moeflow.testing.conformance import record_generation
+
+DEVICES = ("cpu:0", "cpu:1")
+PROMPTS = [[5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301], [8, 9, 10], [77, 78]]
+TOLERANCE_US = 0.002  # times are written to the nanosecond
+
+
+def events(path):
+    data = json.loads(path.read_text())
+    return [e for e in data["traceEvents"] if e["ph"] == "X"], data["metadata"]
+
+
+def lane_names(path):
+    data = json.loads(path.read_text())
+    actors = {e["pid"]: e["args"]["name"] for e in data["traceEvents"]
+              if e["ph"] == "M" and e["name"] == "process_name"}
+    return {(e["pid"], e["tid"]): f"{actors[e['pid']]}/{e['args']['name']}"
+            for e in data["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
+def test_the_trace_fields_travel_on_the_wire():
+    run = RunUnit(7, None, {0: [1, 2]}, {}, plan_id=3, trace=True)
+    assert decode(encode(run)) == run
+    part = UnitPart(7, "cpu:1", {0: 5}, spans=((3, 1.5, 2.25), (4, 2.25, 2.5)),
+                    arrivals=((9, 1.75),))
+    assert decode(encode(part)) == part
+    assert decode(encode(UnitPart(7, "cpu:1", {0: 5}))).spans == ()
+
+
+def test_a_trace_is_json_and_refuses_other_formats(tmp_path):
+    with pytest.raises(ValueError, match=r"\.json"):
+        RealTrace(tmp_path / "run.html")
+    with pytest.raises(ValueError, match=r"\.json"):
+        EngineConfig("some/model", trace=str(tmp_path / "run.html"))
+    empty = RealTrace(tmp_path / "empty.json", "nothing ran")
+    empty.close()
+    data = json.loads((tmp_path / "empty.json").read_text())
+    assert data["metadata"]["num_jobs"] == 0 and data["metadata"]["title"] == "nothing ran"
+    assert not (tmp_path / "empty.json.part").exists()
+
+
+def test_in_process_trace_holds_every_node_run_in_its_order(tiny_factory, tmp_path):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
+    ran: dict[str, list[int]] = defaultdict(list)  # lane -> node ids, as they ran
+
+    def observe(plan, node_id, stream):
+        ran[f"{stream.actor}/{stream.name}"].append(node_id)
+
+    trace = tmp_path / "inproc.json"
+    executor = InProcessExecutor(load_workers(path, spec, cluster.placement, torch.float32,
+                                              4096), observer=observe, want_logits=True,
+                                 trace=trace)
+    record_generation(executor, spec, EPS(stages=2), cluster, PROMPTS, 3)
+    assert not trace.exists()  # complete once the executor closes
+    executor.close()
+    spans, meta = events(trace)
+    names = lane_names(trace)
+    assert meta["source"] == "real run" and meta["num_nodes"] == len(spans)
+    assert meta["num_jobs"] == 3  # a prefill step, then two decode steps
+    traced: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for e in spans:
+        assert e["dur"] >= 0
+        traced[names[(e["pid"], e["tid"])]].append((e["ts"], e["args"]["node"]))
+    assert set(traced) == set(ran) == {f"{d}/{s}" for d in DEVICES for s in ("compute", "send")}
+    for lane, nodes in ran.items():
+        assert [n for _, n in sorted(traced[lane], key=lambda t: t[0])] == nodes, lane
+    # one thread ran everything: no two spans overlap, whatever their lanes
+    ordered = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans)
+    for (_, end), (start, _) in zip(ordered, ordered[1:]):
+        assert start >= end - TOLERANCE_US
+
+
+@pytest.mark.timeout(300)
+def test_actor_processes_trace_sends_running_beside_compute(tiny_factory, tmp_path):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
+    trace = tmp_path / "actors.json"
+    prompts = [[3 + (7 * i + j) % 400 for j in range(160)] for i in range(4)]  # prefill-heavy
+    with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True,
+                     trace=trace) as executor:
+        record_generation(executor, spec, EPS(stages=2), cluster, prompts, 2)
+        executor.coordinator.close_trace()  # complete now; the rest runs untraced
+        reference = record_generation(executor, spec, BatchEP(), cluster, prompts, 2)
+    spans, meta = events(trace)
+    assert meta["num_jobs"] >= 2 and meta["num_nodes"] == len(spans)
+    lanes = read_lanes(trace)
+    assert set(lanes) == {f"{d}/{s}" for d in DEVICES for s in ("compute", "send")}
+    for device in DEVICES:  # one core thread per actor runs its compute
+        compute = lanes[f"{device}/compute"]
+        for (_, end), (start, _) in zip(compute, compute[1:]):
+            assert start >= end - TOLERANCE_US
+    # a transfer runs until its receiver takes it in, while its sender computes on
+    overlap = send_overlap(trace)
+    assert sum(a["overlap_s"] for a in overlap.values()) > 0, overlap
+    for actor in overlap.values():
+        assert 0 <= actor["overlap_s"] <= min(actor["send_s"], actor["compute_s"]) + 1e-9
+    assert reference[0]  # the executor ran on after its trace was closed
+
+
+def test_generate_writes_a_trace_from_the_command_line(tiny_factory, tmp_path, capsys):
+    path = tiny_factory("qwen3_moe")
+    trace = tmp_path / "cli.json"
+    assert main(["generate", str(path), "--prompt-ids", "5,6,7", "--max-new-tokens", "3",
+                 "--devices", "cpu:0,cpu:1", "--trace", str(trace)]) == 0
+    spans, meta = events(trace)
+    assert meta["num_jobs"] == 3 and len(spans) == meta["num_nodes"] > 0
+    assert {e["cat"] for e in spans} >= {"Attention", "Gate", "Expert", "Transfer", "LMHead"}
