@@ -14,9 +14,14 @@ weight passes). Throughput: generated tokens over the makespan, prefill included
 paper counts it. The paper (its Table
 3): MoE-Lightning 63.0 / 101.3 / 97.7 / 96.7 tok/s, FlexGen 12.1 / 12.3 / 9.5 / 9.6.
 
-Attention (`--only attention`): the host's decode attention (the paged KV cache read by
-block table, then attention), one layer of Mixtral's heads, against the memory roofline of
-its KV read on this machine.
+Attention (`--only attention`): the host's decode attention, one layer of Mixtral's heads,
+against the memory roofline of its KV read on this machine, by both paths the worker has:
+`kernel`, the CPU kernel reading the paged cache in place (moeflow.ops.cpu, what the host
+actor runs where the kernels are built), and `torch`, the block table gathered, then
+torch's attention (the fallback). The two are checked to agree first. The compute roof
+beside it: 4 FLOP per query head, key and head dimension at an fp32 matmul's rate here
+(the kernel widens bf16 to fp32); with 4 query heads per KV head that is 4 FLOP per byte
+read, so a CPU with little FMA throughput per byte of bandwidth is compute-bound.
 
 Real (`--only real`): `make demo`'s checkpoint on two CPU actor processes
 (`--transport zmq`), cpu:0 standing in for the GPU (it holds its 8 of the 16 experts and
@@ -142,6 +147,7 @@ def run_attention(repeats: int = 5) -> list[dict[str, Any]]:
     import torch
 
     from moeflow.actors.kvcache import PagedKVCache
+    from moeflow.ops import cpu as kernels
     from moeflow.ops.attention import decode_attention
     from moeflow.ops.backend import index_tensor
 
@@ -153,6 +159,14 @@ def run_attention(repeats: int = 5) -> list[dict[str, Any]]:
         stream.append(big.numel() * 2 / (time.perf_counter() - start))
     bandwidth = max(stream)
     del big
+    a, b = torch.randn(512, 512), torch.randn(512, 512)  # fp32 FMA peak: a matmul in cache
+    gemm = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        gemm.append(10 * 2 * 512 ** 3 / (time.perf_counter() - start))
+    flops_peak = max(gemm)
     heads, kv_heads, d = ATTENTION_HEADS, ATTENTION_KV_HEADS, ATTENTION_DIM
     width = 2 * kv_heads * d
     rows = []
@@ -165,19 +179,36 @@ def run_attention(repeats: int = 5) -> list[dict[str, Any]]:
         blocks, _ = kv.block_table(list(range(batch)))
         table = index_tensor(blocks)
         q = torch.randn(batch, heads, d, dtype=torch.bfloat16)
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
+
+        def torch_path() -> torch.Tensor:
             cached = kv.read_blocks(0, table, batch)[:, :context]
             k, v = cached.unflatten(-1, (2, kv_heads, d)).unbind(-3)
-            decode_attention(q, k, v, None, d ** -0.5)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times[1:])
+            return decode_attention(q, k, v, None, d ** -0.5)
+
+        def kernel_path() -> torch.Tensor:
+            return kernels.paged_decode_attention(q, kv.pools[0], table, [context] * batch,
+                                                  kv.block_size, kv_heads, None, d ** -0.5)
+
+        paths = {"torch": torch_path}
+        if kernels.available():
+            paths["kernel"] = kernel_path
+            torch.testing.assert_close(kernel_path().float(), torch_path().float(),
+                                       atol=2e-2, rtol=2e-2)
         read = batch * context * width * 2
-        rows.append({"sequences": batch, "context": context, "kv_mb": read / 1e6,
-                     "ms": seconds * 1e3, "gb_s": read / seconds / 1e9,
-                     "roofline": read / bandwidth / seconds})
-    return [{"stream_gb_s": bandwidth / 1e9, "threads": torch.get_num_threads()}, *rows]
+        flops = 4 * batch * context * heads * d  # q.k and p.v, per query head and key
+        for name, path in paths.items():
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                path()
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times[1:])
+            rows.append({"path": name, "sequences": batch, "context": context,
+                         "kv_mb": read / 1e6, "ms": seconds * 1e3,
+                         "gb_s": read / seconds / 1e9, "roofline": read / bandwidth / seconds,
+                         "compute_roof": flops / flops_peak / seconds})
+    return [{"stream_gb_s": bandwidth / 1e9, "gflop_s": flops_peak / 1e9,
+             "threads": torch.get_num_threads()}, *rows]
 
 
 def run_real(requests: int, gen: int, rounds: int) -> dict[str, Any]:
@@ -255,13 +286,15 @@ def main() -> int:
     if "attention" in only:
         head, *rows = out["attention"] = run_attention()
         print(f"# the host's decode attention, one layer of Mixtral's heads (32 query, 8 KV of "
-              f"128), bf16, {head['threads']} threads; roofline: the KV read at "
-              f"{head['stream_gb_s']:.1f} GB/s (a streaming sum here)")
-        print("| sequences | context | KV read | ms | GB/s | of the roofline |\n"
-              "|---:|---:|---:|---:|---:|---:|")
+              f"128), bf16, {head['threads']} threads; roofs: the KV read at "
+              f"{head['stream_gb_s']:.1f} GB/s (a streaming sum here), its 4 FLOP per query "
+              f"head and key at {head['gflop_s']:.0f} GFLOP/s (an fp32 matmul here)")
+        print("| path | sequences | context | KV read | ms | GB/s | of the memory roof | "
+              "of the compute roof |\n|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['sequences']} | {r['context']} | {r['kv_mb']:.0f} MB | "
-                  f"{r['ms']:.1f} | {r['gb_s']:.1f} | {r['roofline']:.0%} |")
+            print(f"| {r['path']} | {r['sequences']} | {r['context']} | {r['kv_mb']:.0f} MB | "
+                  f"{r['ms']:.1f} | {r['gb_s']:.1f} | {r['roofline']:.0%} | "
+                  f"{r['compute_roof']:.0%} |")
     if "real" not in only:
         if args.json_out:
             with open(args.json_out, "w") as f:

@@ -156,14 +156,16 @@ def test_worker_linear_takes_the_kernel_up_to_the_crossover(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 37])
-def test_paged_decode_attention_matches_ref(dtype, head_dim):
-    """Block tables in any order, lengths from 1 to several blocks, a sliding window."""
+@pytest.mark.parametrize("heads", [8, 2, 6, 10, 16])  # 4, 1, 3, 5 and 8 per kv head
+def test_paged_decode_attention_matches_ref(dtype, head_dim, heads):
+    """Block tables in any order, lengths from 1 to several blocks (chunks of keys whole
+    and cut), a sliding window; query heads per kv head in one pass and in several."""
     gen = torch.Generator().manual_seed(head_dim)
-    batch, heads, kv_heads, block = 4, 8, 2, 16
+    batch, kv_heads, block = 4, 2, 16
     pool = torch.randn(40 * block, 2 * kv_heads * head_dim, generator=gen).to(dtype)
     blocks = torch.randperm(40, generator=gen)[:batch * 5]
     q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
-    lengths = [1, 16, 17, 75]
+    lengths = [1, 16, 17, 75]  # 75: two chunks of 32 keys and a cut one of 11
     for window in (None, 20):
         ref = kernels.paged_decode_attention_ref(q, pool, blocks, lengths, block, kv_heads,
                                                  window, head_dim ** -0.5)

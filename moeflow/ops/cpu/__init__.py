@@ -18,6 +18,11 @@ the order of the sums, whichever path a GEMM takes.
                                        routed weight and stored back at its place: the
                                        gather, the scale and the scatter fused, each
                                        expert's weights streamed once
+    paged_decode_attention(q, pool,    one new token per sequence against its cached keys,
+        blocks, lengths, ...)          read in place from the paged KV cache: per chunk of
+                                       32 keys, each key and value widened once for up to 4
+                                       query heads whose sums stay in registers, the
+                                       exponentials 8 at a time, an online softmax in fp32
 
 They are C++ (moeflow/ops/cpu/kernels.cpp), built on first use with torch's
 `cpp_extension` into a cache directory (`~/.cache/moeflow/kernels`, or

@@ -450,6 +450,160 @@ void axpy(int64_t isa, float a, const T* v, int64_t d, float* acc) {
 
 constexpr int64_t KEY_CHUNK = 32;  // keys scored before the running softmax is rescaled
 
+#ifdef MOEFLOW_X86
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6
+// polynomial (relative error about 2e-7 over the range), times 2^n through the exponent
+// bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float.
+AVX2_FN inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+constexpr int64_t HEADS_AT_ONCE = 4;  // query heads whose sums stay in registers together
+
+// One chunk of n keys for GB query heads (qg [GB, d] in Layout order, scaled; ag [GB, d]
+// their running sums, m and l their running maxima and normalizers): each key and each
+// value is loaded and widened once for the GB heads, whose sums stay in registers, and the
+// exponentials are taken 8 at a time.
+template <int GB, typename T>
+AVX2_FN void attend_chunk_avx2(const float* qg, int64_t d, const T* const* keys,
+                               const T* const* values, int64_t n, float* ag, float* m,
+                               float* l) {
+  const int64_t body = d / 16 * 16;
+  alignas(32) float s[GB][KEY_CHUNK];
+  for (int64_t j = 0; j < n; ++j) {  // scores
+    __m256 a[GB][2];
+    for (int g = 0; g < GB; ++g) a[g][0] = a[g][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < body; i += 16) {
+      const Step16 kv = load16(keys[j] + i);
+      for (int g = 0; g < GB; ++g) {
+        a[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + g * d + i), kv.lo, a[g][0]);
+        a[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + g * d + i + 8), kv.hi, a[g][1]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      float sum = hsum(_mm256_add_ps(a[g][0], a[g][1]));
+      for (int64_t i = body; i < d; ++i) sum += qg[g * d + i] * to_float(keys[j][i]);
+      s[g][j] = sum;
+    }
+  }
+  const int64_t padded = (n + 7) / 8 * 8;
+  for (int g = 0; g < GB; ++g) {  // the running softmax, rescaled to the chunk's maximum
+    float top = m[g];
+    for (int64_t j = 0; j < n; ++j) top = std::max(top, s[g][j]);
+    if (top > m[g]) {
+      const float c = std::exp(m[g] - top);
+      l[g] *= c;
+      for (int64_t i = 0; i < d; ++i) ag[g * d + i] *= c;
+      m[g] = top;
+    }
+    for (int64_t j = n; j < padded; ++j) s[g][j] = top;  // exp(0): never summed or used
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s[g] + j), topv));
+      _mm256_store_ps(s[g] + j, e);
+      if (j + 8 <= n) total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (int64_t j = n / 8 * 8; j < n; ++j) sum += s[g][j];
+    l[g] += sum;
+  }
+  for (int64_t i = 0; i < body; i += 16) {  // values, weighted by the exponentials
+    __m256 a[GB][2];
+    for (int g = 0; g < GB; ++g) {
+      a[g][0] = _mm256_loadu_ps(ag + g * d + i);
+      a[g][1] = _mm256_loadu_ps(ag + g * d + i + 8);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const Step16 vv = load16(values[j] + i);
+      for (int g = 0; g < GB; ++g) {
+        const __m256 w = _mm256_broadcast_ss(s[g] + j);
+        a[g][0] = _mm256_fmadd_ps(w, vv.lo, a[g][0]);
+        a[g][1] = _mm256_fmadd_ps(w, vv.hi, a[g][1]);
+      }
+    }
+    for (int g = 0; g < GB; ++g) {
+      _mm256_storeu_ps(ag + g * d + i, a[g][0]);
+      _mm256_storeu_ps(ag + g * d + i + 8, a[g][1]);
+    }
+  }
+  for (int64_t i = body; i < d; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = to_float(values[j][i]);
+      for (int g = 0; g < GB; ++g) ag[g * d + i] += s[g][j] * v;
+    }
+}
+
+// Decode attention of one sequence for kv heads [kh0, kh1), AVX2: the keys in chunks; per
+// chunk every kv head of the range in turn (so each slot's pages and lines are used by all
+// of them while the chunk is in cache), its query heads HEADS_AT_ONCE at a time; the next
+// chunk's slots are prefetched meanwhile. q, out: the sequence's [H, d].
+template <typename T>
+AVX2_FN void attend_seq_avx2(const T* q, int64_t G, int64_t d, const T* pool, int64_t W,
+                             const int64_t* table, int64_t block_size, int64_t kv_heads,
+                             int64_t kh0, int64_t kh1, int64_t lo, int64_t hi, float scale,
+                             T* out) {
+  const Layout at = Layout::of<T>(AVX2, d);
+  const int64_t heads = (kh1 - kh0) * G, first = kh0 * G;
+  std::vector<float> qf(heads * d), acc(heads * d, 0.f), m(heads, -INFINITY), l(heads, 0.f);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < d; ++i)
+      qf[h * d + at(i)] = to_float(q[(first + h) * d + i]) * scale;
+  auto slot = [&](int64_t p) {
+    return pool + (table[p / block_size] * block_size + p % block_size) * W;
+  };
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));  // elements per cache line
+  const T* slots[KEY_CHUNK];
+  const T* keys[KEY_CHUNK];
+  const T* values[KEY_CHUNK];
+  for (int64_t p0 = lo; p0 < hi; p0 += KEY_CHUNK) {
+    const int64_t n = std::min(KEY_CHUNK, hi - p0);
+    for (int64_t j = 0; j < n; ++j) slots[j] = slot(p0 + j);
+    for (int64_t p = p0 + KEY_CHUNK; p < std::min(p0 + 2 * KEY_CHUNK, hi); ++p) {
+      const T* next = slot(p);  // the range's keys, then its values
+      for (int64_t i = kh0 * d; i < kh1 * d; i += line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+      for (int64_t i = (kv_heads + kh0) * d; i < (kv_heads + kh1) * d; i += line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + i), _MM_HINT_T1);
+    }
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      for (int64_t j = 0; j < n; ++j) {
+        keys[j] = slots[j] + kh * d;
+        values[j] = slots[j] + (kv_heads + kh) * d;
+      }
+      for (int64_t g0 = 0; g0 < G; g0 += HEADS_AT_ONCE) {
+        const int64_t h = (kh - kh0) * G + g0;
+        const float* qg = qf.data() + h * d;
+        float* ag = acc.data() + h * d;
+        switch (std::min(HEADS_AT_ONCE, G - g0)) {
+          case 4: attend_chunk_avx2<4>(qg, d, keys, values, n, ag, &m[h], &l[h]); break;
+          case 3: attend_chunk_avx2<3>(qg, d, keys, values, n, ag, &m[h], &l[h]); break;
+          case 2: attend_chunk_avx2<2>(qg, d, keys, values, n, ag, &m[h], &l[h]); break;
+          default: attend_chunk_avx2<1>(qg, d, keys, values, n, ag, &m[h], &l[h]);
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < d; ++i)
+      out[(first + h) * d + i] = T(l[h] > 0.f ? acc[h * d + at(i)] / l[h] : 0.f);
+}
+#endif
+
 // One (sequence, kv head): its G query heads read each cached key and value once, with an
 // online softmax in fp32 over chunks of keys.
 template <typename T>
@@ -531,6 +685,25 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
   const int64_t G = H / kv_heads;
   auto run = [&](auto* qp, auto* pp, auto* op) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
+#ifdef MOEFLOW_X86
+    if (isa == AVX2) {
+      // a task: one sequence's kv heads, or a share of them where sequences are fewer
+      // than threads (a chunk's slots are then read whole, by every head of the share)
+      const int64_t threads = at::get_num_threads();
+      const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (threads + B - 1) / B));
+      at::parallel_for(0, B * parts, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / parts, part = i % parts, len = lengths[b];
+          const int64_t kh0 = kv_heads * part / parts, kh1 = kv_heads * (part + 1) / parts;
+          const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
+          attend_seq_avx2<T>(qp + b * H * d, G, d, pp, W, table + b * n, block_size,
+                             kv_heads, kh0, kh1, lo, len, static_cast<float>(scale),
+                             op + b * H * d);
+        }
+      });
+      return;
+    }
+#endif
     at::parallel_for(0, B * kv_heads, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / kv_heads, kh = i % kv_heads, len = lengths[b];
