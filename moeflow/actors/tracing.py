@@ -28,7 +28,9 @@ transfers' ends are not comparable there.
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -44,6 +46,38 @@ from moeflow.sim.trace import US
 from moeflow.sim.tracefile import ChromeWriter
 
 PLANS_KEPT = 64  # plans whose lanes are kept for the next job of the same plan
+HORIZON_S = 2.0  # spans that end this long before the latest are folded into a lane's total
+
+
+class _Coverage:
+    """The time a lane was busy: the length of the union of its spans, which may overlap
+    (a coalesced group's members share one; transfers in flight together) and come in
+    any order within HORIZON_S. Holds only the merged spans of the last HORIZON_S."""
+
+    def __init__(self) -> None:
+        self.folded = 0.0
+        self.spans: list[list[float]] = []  # disjoint [start, end], sorted
+        self.latest = -math.inf
+
+    def add(self, start: float, end: float) -> None:
+        spans = self.spans
+        i = bisect.bisect_left(spans, [start, start])
+        if i and spans[i - 1][1] >= start:
+            i -= 1
+        j = i
+        while j < len(spans) and spans[j][0] <= end:
+            start, end = min(start, spans[j][0]), max(end, spans[j][1])
+            j += 1
+        spans[i:j] = [[start, end]]
+        self.latest = max(self.latest, end)
+        keep = 0
+        while keep < len(spans) and spans[keep][1] < self.latest - HORIZON_S:
+            self.folded += spans[keep][1] - spans[keep][0]
+            keep += 1
+        del spans[:keep]
+
+    def total(self) -> float:
+        return self.folded + sum(end - start for start, end in self.spans)
 
 
 @dataclass
@@ -70,7 +104,7 @@ class RealTrace:
         self.origin = time.monotonic()  # the trace's time zero
         self.jobs: dict[int, _Job] = {}
         self.lanes: OrderedDict[int, tuple[Plan, list[Any]]] = OrderedDict()  # id(plan) ->
-        self.busy: dict[str, float] = {}  # lane -> seconds its nodes ran
+        self.busy: dict[str, _Coverage] = {}  # lane -> when its nodes ran
         self.first: float | None = None  # the earliest start written, the latest end
         self.last: float | None = None
         self.num_jobs = self.num_nodes = 0
@@ -103,7 +137,10 @@ class RealTrace:
             start, end = start - origin, end - origin
             self.writer.add(lanes[node_id], job_id, start, end)
             resource = self._resource(plan, node_id)
-            self.busy[resource] = self.busy.get(resource, 0.0) + end - start
+            coverage = self.busy.get(resource)
+            if coverage is None:
+                coverage = self.busy[resource] = _Coverage()
+            coverage.add(start, end)
             self.first = start if self.first is None else min(self.first, start)
             self.last = end if self.last is None else max(self.last, end)
         self.num_jobs += 1
@@ -131,7 +168,7 @@ class RealTrace:
         span = 0.0 if self.first is None or self.last is None else self.last - self.first
         return {"title": self.title, "source": "real run", "num_jobs": self.num_jobs,
                 "num_nodes": self.num_nodes, "span_s": span,
-                "utilization": {r: (b / span if span > 0 else 0.0)
+                "utilization": {r: (b.total() / span if span > 0 else 0.0)
                                 for r, b in sorted(self.busy.items())}}
 
     def close(self) -> None:

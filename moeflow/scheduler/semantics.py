@@ -74,6 +74,7 @@ class _StreamState:
     coalesce: bool = False
     fifo: bool = False
     running: set[Task] = field(default_factory=set)
+    users: int = 0  # plans held that have nodes on it: with none, it may take another rule
     queue: deque[_Run] = field(default_factory=deque)  # InOrder: issue sequence
     # ByPriority: (key, when it became ready on a fifo stream else 0, plan, node)
     heap: list[tuple[PriorityKey, int, int, int]] = field(default_factory=list)
@@ -85,6 +86,7 @@ class _PlanState:
     waiting: list[int]  # unfinished predecessors per node; DONE once it finished
     streams: list[_StreamState | None]  # per node; None: another actor's node
     succs: tuple[tuple[int, ...], ...]  # the graph's, per node
+    used: tuple[_StreamState, ...]  # the streams it has nodes on, each once
     num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
@@ -152,8 +154,10 @@ class Execution:
             state = self.streams.get(stream)
             if state is not None and (state.rule_kind is not type(rule)
                                       or state.coalesce != coalesce or state.fifo != fifo):
-                raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} in one "
-                                     f"plan and {rule!r} in another")
+                if state.users:
+                    raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} "
+                                         f"in one plan and {rule!r} in another")
+                del self.streams[stream]  # no plan held uses it: it takes this plan's rule
             kinds.append((stream, rule, coalesce, fifo))
         index = next(self._indices)
         shape = self._shapes.get(id(plan)) or self._released.pop(id(plan), None)
@@ -173,10 +177,12 @@ class Execution:
                 state = self.streams[stream] = _StreamState(stream, type(rule), coalesce, fifo)
             if type(rule) is InOrder:
                 state.queue.append(_Run(index, rule.order, waiting))
+            state.users += 1
             self._touched[state] = None
             by_rule.append(state)
         streams = list(map(by_rule.__getitem__, shape.rule_index))
         p = self.plans[index] = _PlanState(plan, waiting, streams, shape.succs,
+                                           tuple(s for s in by_rule if s is not None),
                                            len(streams) - streams.count(None))
         arrival = -1
         for node_id in shape.roots:
@@ -438,6 +444,8 @@ class Execution:
         if p.num_done != p.num_owned:
             raise SemanticsError(f"plan {index} is still running; forget it first")
         del self.plans[index]
+        for state in p.used:
+            state.users -= 1
         self._let_go(self._shapes[id(p.plan)])
 
     def _let_go(self, shape: _Shape) -> None:

@@ -128,3 +128,15 @@ def test_generate_writes_a_trace_from_the_command_line(tiny_factory, tmp_path, c
     spans, meta = events(trace)
     assert meta["num_jobs"] == 3 and len(spans) == meta["num_nodes"] > 0
     assert {e["cat"] for e in spans} >= {"Attention", "Gate", "Expert", "Transfer", "LMHead"}
+
+
+def test_a_lane_is_busy_for_the_union_of_its_spans():
+    from moeflow.actors.tracing import HORIZON_S, _Coverage
+
+    lane = _Coverage()
+    for start, end in [(1.0, 2.0), (1.0, 2.0), (1.5, 3.0), (0.5, 0.75), (3.5, 4.0), (2.5, 2.75)]:
+        lane.add(start, end)  # a group's shared span, overlaps, out of order
+    assert lane.total() == pytest.approx(0.25 + 2.0 + 0.5)
+    lane.add(100.0, 101.0)  # the earlier ones fold into the total, exactly
+    assert lane.spans == [[100.0, 101.0]] and 100.0 - HORIZON_S > 4.0
+    assert lane.total() == pytest.approx(2.75 + 1.0)

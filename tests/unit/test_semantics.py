@@ -66,6 +66,24 @@ def test_gate_counts_arrive_with_completion():
     assert ex.counts(0, 0) == (1, 0, 2, 0, 0, 0, 0, 1)
 
 
+def test_a_stream_takes_another_rule_only_once_no_plan_held_uses_it():
+    g = graph()
+    in_order = topological_plan(g)
+    streams = in_order.assignment
+    by_priority = Plan(g, streams, tuple((s, ByPriority()) for s in sorted(set(streams))),
+                       tuple((float(i),) for i in range(len(g.nodes))))
+    ex = Execution([in_order])
+    with pytest.raises(SemanticsError, match="follows InOrder in one plan"):
+        ex.add(by_priority)  # the first plan still holds the streams
+    drain(ex)
+    ex.release(0)
+    index = ex.add(by_priority)  # a server that changed policies, say
+    assert [t[0] for t in drain(ex)] == [index] * len(g.nodes)
+    ex.release(index)
+    ex.add(in_order)
+    assert len(drain(ex)) == len(g.nodes)
+
+
 def test_plan_validation():
     g = graph()
     good = topological_plan(g)
