@@ -10,19 +10,22 @@ from collections import defaultdict
 import pytest
 import torch
 
+from moeflow.actors.cluster import JobSpec
 from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.messages import RunUnit, UnitPart, decode, encode
 from moeflow.actors.tracing import RealTrace, read_lanes, send_overlap
 from moeflow.cli import main
+from moeflow.dataflow.graph import SeqChunk, Unit
 from moeflow.models.families import load_spec
-from moeflow.scheduler import EPS, BatchEP, Cluster
+from moeflow.scheduler import EPS, BatchEP, Cluster, InOrder
 from moeflow.serve.config import EngineConfig
 from moeflow.testing.conformance import record_generation
 
 DEVICES = ("cpu:0", "cpu:1")
 PROMPTS = [[5, 17, 33, 2, 99, 250, 7, 8, 9, 10, 11, 300, 301], [8, 9, 10], [77, 78]]
 TOLERANCE_US = 0.002  # times are written to the nanosecond
+JOB = 10 ** 9  # a plan run alone, apart from the engine's jobs
 
 
 def events(path):
@@ -99,13 +102,31 @@ def test_actor_processes_trace_sends_running_beside_compute(tiny_factory, tmp_pa
     cluster = Cluster.sharded(DEVICES, spec.moe.num_experts)
     trace = tmp_path / "actors.json"
     prompts = [[3 + (7 * i + j) % 400 for j in range(160)] for i in range(4)]  # prefill-heavy
+    unit = Unit((SeqChunk(1000, 0, 100, "cpu:0"), SeqChunk(1001, 0, 100, "cpu:1")))
+    plan = EPS(stages=2).plan(unit, spec, cluster)
     with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True,
                      trace=trace) as executor:
+        [alone] = executor.run_many([JobSpec(JOB, plan, {0: list(range(3, 103)),
+                                                          1: list(range(5, 105))})])
+        assert alone.error is None
+        for chunk in unit.seqs:
+            executor.release(chunk.home, chunk.seq_id)
         record_generation(executor, spec, EPS(stages=2), cluster, prompts, 2)
         executor.coordinator.close_trace()  # complete now; the rest runs untraced
         reference = record_generation(executor, spec, BatchEP(), cluster, prompts, 2)
     spans, meta = events(trace)
-    assert meta["num_jobs"] >= 2 and meta["num_nodes"] == len(spans)
+    assert meta["num_jobs"] >= 3 and meta["num_nodes"] == len(spans)
+    # each stream of a static plan ran its nodes in the plan's order, as the simulator does
+    names = lane_names(trace)
+    ran: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for e in spans:
+        if e["args"]["job"] == JOB:
+            ran[names[(e["pid"], e["tid"])]].append((e["ts"], e["args"]["node"]))
+    rules = {f"{stream.actor}/{stream.name}": rule for stream, rule in plan.rules}
+    assert set(ran) == set(rules)
+    for lane, rule in rules.items():
+        assert isinstance(rule, InOrder)
+        assert [n for _, n in sorted(ran[lane])] == list(rule.order), lane
     lanes = read_lanes(trace)
     assert set(lanes) == {f"{d}/{s}" for d in DEVICES for s in ("compute", "send")}
     for device in DEVICES:  # one core thread per actor runs its compute
