@@ -92,7 +92,8 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "e.g. 512KB or 2GB; the other experts are paged in from the last")
     parser.add_argument("--trace", metavar="FILE.json",
                         help="write a Chrome trace of every node the actors run (open it in "
-                             "ui.perfetto.dev); complete when the engine stops")
+                             "ui.perfetto.dev; the first 2 million); complete when the engine "
+                             "stops")
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:

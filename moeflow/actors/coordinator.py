@@ -421,6 +421,7 @@ class ZmqExecutor:
         if self.closed:
             return
         self.closed = True
+        self.coordinator.close_trace()  # first: nothing below may keep it from completing
         for name in self.actors:
             self._send(name, Shutdown())
         deadline = time.monotonic() + 5
@@ -438,7 +439,6 @@ class ZmqExecutor:
         self.router.close(linger=0)
         self.gatekeeper.stop()
         self.ctx.term()
-        self.coordinator.close_trace()
         if self.runtime_dir:
             remove_runtime_dir(self.runtime_dir)
 

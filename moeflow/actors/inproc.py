@@ -8,6 +8,7 @@ idle streams may start and run those nodes in turn, until the jobs asked for are
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections import deque
@@ -158,6 +159,10 @@ class InProcessExecutor:
 
     def close(self) -> None:
         self.coordinator.close_trace()
+
+    def __del__(self) -> None:  # a trace is complete even if the caller never closes
+        with contextlib.suppress(Exception):
+            self.coordinator.close_trace()
 
     # -- the loop ------------------------------------------------------------------
 

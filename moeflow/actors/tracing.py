@@ -21,15 +21,21 @@ coordinator writes its nodes, a line each:
   receiver busy computing takes a message in after its current node. In one process a
   Transfer hands its tensors over by reference, and spans its run alone.
 
-Memory: spans are held per job in flight, and written when the job ends (or fails); the
-file is complete when the executor closes. Actors on other hosts have other clocks: their
-transfers' ends are not comparable there.
+Memory: spans are held per job in flight, and written when the job ends; the file is
+complete when the executor closes. On disk a node is a line of about 150 bytes: a trace
+stops writing after `max_nodes` (2 million by default) and counts the rest, so a server
+left tracing does not fill its disk; a trace that cannot be written stops, and says so in
+the log, without failing any request. A failed job shows the nodes of the actors that had
+finished their share; the failing actor's are not returned. Actors on other hosts have
+other clocks: their transfers' ends are not comparable there.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -46,18 +52,19 @@ from moeflow.sim.trace import US
 from moeflow.sim.tracefile import ChromeWriter
 
 PLANS_KEPT = 64  # plans whose lanes are kept for the next job of the same plan
-HORIZON_S = 2.0  # spans that end this long before the latest are folded into a lane's total
+MAX_NODES = 2_000_000  # nodes written at most (about 300 MB); beyond, counted, not written
+log = logging.getLogger("moeflow.trace")
 
 
 class _Coverage:
     """The time a lane was busy: the length of the union of its spans, which may overlap
-    (a coalesced group's members share one; transfers in flight together) and come in
-    any order within HORIZON_S. Holds only the merged spans of the last HORIZON_S."""
+    (a coalesced group's members share one; transfers in flight together) and come in any
+    order. Spans that end before every job still open began are folded into a total: no
+    later span can reach back to them."""
 
     def __init__(self) -> None:
         self.folded = 0.0
         self.spans: list[list[float]] = []  # disjoint [start, end], sorted
-        self.latest = -math.inf
 
     def add(self, start: float, end: float) -> None:
         spans = self.spans
@@ -69,12 +76,14 @@ class _Coverage:
             start, end = min(start, spans[j][0]), max(end, spans[j][1])
             j += 1
         spans[i:j] = [[start, end]]
-        self.latest = max(self.latest, end)
-        keep = 0
-        while keep < len(spans) and spans[keep][1] < self.latest - HORIZON_S:
-            self.folded += spans[keep][1] - spans[keep][0]
-            keep += 1
-        del spans[:keep]
+
+    def fold(self, before: float) -> None:
+        spans = self.spans
+        done = 0
+        while done < len(spans) and spans[done][1] < before:
+            self.folded += spans[done][1] - spans[done][0]
+            done += 1
+        del spans[:done]
 
     def total(self) -> float:
         return self.folded + sum(end - start for start, end in self.spans)
@@ -83,6 +92,7 @@ class _Coverage:
 @dataclass
 class _Job:
     plan: Plan
+    began: float  # since the trace's time zero: none of its spans starts before
     spans: list[tuple[int, float, float]] = field(default_factory=list)
     arrivals: dict[int, float] = field(default_factory=dict)  # node -> first heard of
 
@@ -93,7 +103,7 @@ class RealTrace:
     over; `close` completes the file."""
 
     def __init__(self, path: str | os.PathLike[str], title: str = "",
-                 transfers_until_arrival: bool = True) -> None:
+                 transfers_until_arrival: bool = True, max_nodes: int = MAX_NODES) -> None:
         if Path(path).suffix.lower() != ".json":
             raise ValueError(f"a trace of a real run is a Chrome trace: give a path ending in "
                              f".json, not {str(path)!r}")
@@ -107,35 +117,61 @@ class RealTrace:
         self.busy: dict[str, _Coverage] = {}  # lane -> when its nodes ran
         self.first: float | None = None  # the earliest start written, the latest end
         self.last: float | None = None
-        self.num_jobs = self.num_nodes = 0
+        self.max_nodes = max_nodes
+        self.num_jobs = self.num_nodes = self.num_dropped = self.num_bad = 0
         self.closed = False
 
     def begin(self, job_id: int, plan: Plan) -> None:
-        self.jobs[job_id] = _Job(plan)
+        if not self.closed:
+            self.jobs[job_id] = _Job(plan, time.monotonic() - self.origin)
 
     def part(self, msg: UnitPart) -> None:
         job = self.jobs.get(msg.unit_id)
         if job is None:
             return
         job.spans.extend(msg.spans)
-        for node, when in msg.arrivals:
-            if when < job.arrivals.get(node, when + 1):
+        nodes = job.plan.graph.nodes
+        for node, when in msg.arrivals:  # a transfer's: when its destination took it in
+            if (0 <= node < len(nodes) and isinstance(nodes[node], Transfer)
+                    and nodes[node].dst == msg.actor  # type: ignore[attr-defined]
+                    and when < job.arrivals.get(node, math.inf)):
                 job.arrivals[node] = when
 
     def end(self, job_id: int) -> None:
-        """The job is over (done or failed): write its nodes."""
+        """The job is over (done or failed): write its nodes. A trace that cannot be
+        written (a full disk, say) stops tracing and says so once; it never fails a job."""
         job = self.jobs.pop(job_id, None)
         if job is None or self.closed:
             return
+        try:
+            self._write(job_id, job)
+        except Exception as exc:
+            log.error("the trace %s cannot be written (%s): tracing stops", self.path, exc)
+            self.closed = True
+            self.jobs.clear()
+            with contextlib.suppress(Exception):
+                self.writer.abort()
+
+    def _write(self, job_id: int, job: _Job) -> None:
         plan = job.plan
         lanes = self._lanes(plan)
         nodes = plan.graph.nodes
         origin, arrivals = self.origin, job.arrivals
         for node_id, start, end in job.spans:
+            if not (0 <= node_id < len(nodes) and math.isfinite(start) and end >= start):
+                self.num_bad += 1  # not a span of this plan: nothing to draw
+                continue
             if self.until_arrival and isinstance(nodes[node_id], Transfer):
                 end = max(end, arrivals.get(node_id, end))
             start, end = start - origin, end - origin
+            if self.num_nodes >= self.max_nodes:
+                if not self.num_dropped:
+                    log.warning("the trace %s holds %d nodes: later ones are counted, not "
+                                "written", self.path, self.max_nodes)
+                self.num_dropped += 1
+                continue
             self.writer.add(lanes[node_id], job_id, start, end)
+            self.num_nodes += 1
             resource = self._resource(plan, node_id)
             coverage = self.busy.get(resource)
             if coverage is None:
@@ -144,7 +180,10 @@ class RealTrace:
             self.first = start if self.first is None else min(self.first, start)
             self.last = end if self.last is None else max(self.last, end)
         self.num_jobs += 1
-        self.num_nodes += len(job.spans)
+        before = min((j.began for j in self.jobs.values()),
+                     default=time.monotonic() - origin)
+        for coverage in self.busy.values():
+            coverage.fold(before)
 
     @staticmethod
     def _resource(plan: Plan, node_id: int) -> str:
@@ -167,7 +206,8 @@ class RealTrace:
     def summary(self) -> dict[str, Any]:
         span = 0.0 if self.first is None or self.last is None else self.last - self.first
         return {"title": self.title, "source": "real run", "num_jobs": self.num_jobs,
-                "num_nodes": self.num_nodes, "span_s": span,
+                "num_nodes": self.num_nodes, "nodes_not_written": self.num_dropped,
+                "bad_spans": self.num_bad, "span_s": span,
                 "utilization": {r: (b.total() / span if span > 0 else 0.0)
                                 for r, b in sorted(self.busy.items())}}
 
@@ -177,8 +217,15 @@ class RealTrace:
             return
         for job_id in list(self.jobs):
             self.end(job_id)
+        if self.closed:  # writing failed on the way
+            return
         self.closed = True
-        self.writer.finish([], self.summary())
+        try:
+            self.writer.finish([], self.summary())
+        except Exception as exc:
+            log.error("the trace %s cannot be completed: %s", self.path, exc)
+            with contextlib.suppress(Exception):
+                self.writer.abort()
 
 
 def read_lanes(path: str | os.PathLike[str]) -> dict[str, list[tuple[float, float]]]:

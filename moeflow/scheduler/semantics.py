@@ -144,6 +144,7 @@ class Execution:
         """Admit a plan; its nodes join their streams after those already there. With
         `owns`, only streams it accepts run here; the rest are finished externally."""
         kinds: list[tuple[Stream, Rule, bool, bool] | None] = []
+        unused: list[Stream] = []  # streams no plan held uses, to take this plan's rule
         for stream, rule in plan.rules:  # check every rule before changing anything
             if owns is not None and not owns(stream):
                 kinds.append(None)
@@ -157,8 +158,10 @@ class Execution:
                 if state.users:
                     raise SemanticsError(f"stream {stream} follows {state.rule_kind.__name__} "
                                          f"in one plan and {rule!r} in another")
-                del self.streams[stream]  # no plan held uses it: it takes this plan's rule
+                unused.append(stream)
             kinds.append((stream, rule, coalesce, fifo))
+        for stream in unused:
+            del self.streams[stream]
         index = next(self._indices)
         shape = self._shapes.get(id(plan)) or self._released.pop(id(plan), None)
         if shape is None:

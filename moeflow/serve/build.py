@@ -49,9 +49,13 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,
                              config.faults, config.trace)
-    return EngineCore(spec, executor, scheduler, cluster,
-                      Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
-                      max_seqs=config.max_seqs)
+    try:
+        return EngineCore(spec, executor, scheduler, cluster,
+                          Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
+                          max_seqs=config.max_seqs)
+    except BaseException:
+        executor.close()  # its actor processes, its trace
+        raise
 
 
 def make_cluster(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,

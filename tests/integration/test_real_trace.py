@@ -14,11 +14,13 @@ from moeflow.actors.cluster import JobSpec
 from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.messages import RunUnit, UnitPart, decode, encode
-from moeflow.actors.tracing import RealTrace, read_lanes, send_overlap
+from moeflow.actors.tracing import RealTrace, _Coverage, read_lanes, send_overlap
 from moeflow.cli import main
+from moeflow.dataflow import Cut, Placement, compile
 from moeflow.dataflow.graph import SeqChunk, Unit
-from moeflow.models.families import load_spec
-from moeflow.scheduler import EPS, BatchEP, Cluster, InOrder
+from moeflow.models.families import load_spec, spec_from_config
+from moeflow.models.tiny import tiny_config
+from moeflow.scheduler import EPS, BatchEP, Cluster, InOrder, topological_plan
 from moeflow.serve.config import EngineConfig
 from moeflow.testing.conformance import record_generation
 
@@ -152,12 +154,36 @@ def test_generate_writes_a_trace_from_the_command_line(tiny_factory, tmp_path, c
 
 
 def test_a_lane_is_busy_for_the_union_of_its_spans():
-    from moeflow.actors.tracing import HORIZON_S, _Coverage
-
     lane = _Coverage()
-    for start, end in [(1.0, 2.0), (1.0, 2.0), (1.5, 3.0), (0.5, 0.75), (3.5, 4.0), (2.5, 2.75)]:
+    for start, end in [(1.0, 2.0), (1.0, 2.0), (1.5, 3.0), (0.5, 0.75), (7.0, 8.0), (2.5, 4.0)]:
         lane.add(start, end)  # a group's shared span, overlaps, out of order
-    assert lane.total() == pytest.approx(0.25 + 2.0 + 0.5)
-    lane.add(100.0, 101.0)  # the earlier ones fold into the total, exactly
-    assert lane.spans == [[100.0, 101.0]] and 100.0 - HORIZON_S > 4.0
-    assert lane.total() == pytest.approx(2.75 + 1.0)
+    assert lane.total() == pytest.approx(0.25 + 3.0 + 1.0)
+    lane.fold(5.0)  # what ended before every open job began: no span can reach it again
+    assert lane.spans == [[7.0, 8.0]]
+    lane.add(7.5, 9.0)
+    assert lane.total() == pytest.approx(3.25 + 2.0)
+
+
+def test_a_trace_that_cannot_be_written_stops_and_fails_nothing(tmp_path, caplog):
+    trace = RealTrace(tmp_path / "t.json")
+    spec = spec_from_config(tiny_config("qwen3_moe"))
+    unit = Unit((SeqChunk(0, 0, 3, "cpu:0"),))
+    plan = topological_plan(compile(spec, unit, Placement.sharded(("cpu:0",), 8), Cut()))
+    trace.begin(1, plan)
+    trace.part(UnitPart(1, "cpu:0", {}, spans=((0, 1.0, 2.0), (1, 2.0, 3.0), (10 ** 6, 1.0, 2.0),
+                                               (2, float("nan"), 1.0))))
+    trace.end(1)  # two nodes written, two that are not spans of the plan
+    trace.begin(2, plan)
+    trace.part(UnitPart(2, "cpu:0", {}, spans=((0, 3.0, 4.0),)))
+    trace.writer.file.close()  # the disk went away, say
+    trace.end(2)
+    assert trace.closed and "cannot be written" in caplog.text
+    trace.close()
+    assert not (tmp_path / "t.json").exists() and not (tmp_path / "t.json.part").exists()
+    kept = RealTrace(tmp_path / "k.json", max_nodes=1)
+    kept.begin(1, plan)
+    kept.part(UnitPart(1, "cpu:0", {}, spans=((0, 1.0, 2.0), (1, 2.0, 3.0), (-1, 1.0, 2.0))))
+    kept.end(1)
+    kept.close()
+    meta = json.loads((tmp_path / "k.json").read_text())["metadata"]
+    assert (meta["num_nodes"], meta["nodes_not_written"], meta["bad_spans"]) == (1, 1, 1)

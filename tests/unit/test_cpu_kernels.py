@@ -175,6 +175,31 @@ def test_paged_decode_attention_matches_ref(dtype, head_dim, heads):
             assert_close(out, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_decode_attention_one_sequence_split_over_threads(dtype):
+    """One sequence: its kv heads are shared among the threads; and a NaN stays a NaN."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, d, block = 16, 4, 32, 16
+    pool = torch.randn(8 * block, 2 * kv_heads * d, generator=gen).to(dtype)
+    blocks = torch.tensor([5, 2, 7, 0])
+    q = torch.randn(1, heads, d, generator=gen).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        ref = kernels.paged_decode_attention_ref(q, pool, blocks, [50], block, kv_heads, None,
+                                                 d ** -0.5)
+        for isa in kernels.isas():
+            assert_close(kernels.paged_decode_attention(q, pool, blocks, [50], block, kv_heads,
+                                                        None, d ** -0.5, isa), ref)
+        q[0, 5, 3] = float("nan")  # a query head of kv head 1
+        for isa in kernels.isas():
+            out = kernels.paged_decode_attention(q, pool, blocks, [50], block, kv_heads, None,
+                                                 d ** -0.5, isa)
+            assert out[0, 5].isnan().all() and not out[0, :4].isnan().any()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_paged_decode_attention_errors():
     q, pool = torch.randn(2, 4, 8), torch.zeros(64, 32)
     blocks = torch.tensor([0, 1, 2, 3])

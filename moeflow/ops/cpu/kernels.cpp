@@ -453,9 +453,10 @@ constexpr int64_t KEY_CHUNK = 32;  // keys scored before the running softmax is 
 #ifdef MOEFLOW_X86
 // exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6
 // polynomial (relative error about 2e-7 over the range), times 2^n through the exponent
-// bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float.
+// bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float; a NaN passes
+// through (max and min return their second operand when either is NaN).
 AVX2_FN inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -600,7 +601,8 @@ AVX2_FN void attend_seq_avx2(const T* q, int64_t G, int64_t d, const T* pool, in
   }
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t i = 0; i < d; ++i)
-      out[(first + h) * d + i] = T(l[h] > 0.f ? acc[h * d + at(i)] / l[h] : 0.f);
+      out[(first + h) * d + i] =
+          T(l[h] > 0.f || std::isnan(l[h]) ? acc[h * d + at(i)] / l[h] : 0.f);
 }
 #endif
 
@@ -645,7 +647,7 @@ void attend_one(int64_t isa, const T* q, int64_t G, int64_t d, const T* pool, in
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < d; ++i)
-      out[g * d + i] = T(l[g] > 0.f ? acc[g * d + at(i)] / l[g] : 0.f);
+      out[g * d + i] = T(l[g] > 0.f || std::isnan(l[g]) ? acc[g * d + at(i)] / l[g] : 0.f);
 }
 
 // q [B, H, d]; pool [S, W] of one layer, each slot K key heads then K value heads of d;
