@@ -289,14 +289,16 @@ class ActorCore:
     def run(self, group: Group) -> list[Any]:
         """Run a started node, or a coalesced group as one kernel; returns their values."""
         items = []
-        traced = []
+        traced = None  # (spans, node) of the group's traced units: none when untraced
         for task in group:
             unit = self.by_index[task[0]]
             node, inputs = self.node_inputs(task)
             items.append((unit.unit_id, unit.plan.graph, node, inputs))
             if unit.spans is not None:
+                if traced is None:
+                    traced = []
                 traced.append((unit.spans, task[1]))
-        if not traced:
+        if traced is None:
             return self.worker.run_group(items)
         start = time.monotonic()
         values = self.worker.run_group(items)

@@ -339,6 +339,17 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   });
 }
 
+// An optional [n] tensor of expert_ffn's, checked: its data, or nullptr when absent.
+template <typename V>
+const V* optional_rows(const c10::optional<at::Tensor>& t, const char* name,
+                       at::ScalarType dtype, int64_t n) {
+  if (!t) return nullptr;
+  check_cpu(*t, name, 1);
+  TORCH_CHECK(t->scalar_type() == dtype && t->size(0) == n, "moeflow_cpu.expert_ffn: ", name,
+              " must be ", dtype == at::kLong ? "int64" : "float32", " [", n, "]");
+  return t->data_ptr<V>();
+}
+
 at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& order,
                       at::IntArrayRef counts, const at::Tensor& gate_up,
                       const at::Tensor& down, const c10::optional<at::Tensor>& scale,
@@ -363,12 +374,8 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
   }
   TORCH_CHECK(total == n, "moeflow_cpu.expert_ffn: counts sum to ", total, ", x has ", n,
               " rows");
-  const int64_t* order_p = nullptr;
-  if (order) {
-    check_cpu(*order, "order", 1);
-    TORCH_CHECK(order->scalar_type() == at::kLong && order->size(0) == n,
-                "moeflow_cpu.expert_ffn: order must be int64 [", n, "]");
-    order_p = order->data_ptr<int64_t>();
+  const int64_t* order_p = optional_rows<int64_t>(order, "order", at::kLong, n);
+  if (order_p) {
     std::vector<bool> seen(n, false);  // each row once: else rows stay unwritten, or race
     for (int64_t r = 0; r < n; ++r) {
       TORCH_CHECK(order_p[r] >= 0 && order_p[r] < n, "moeflow_cpu.expert_ffn: order[", r,
@@ -378,13 +385,7 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
       seen[order_p[r]] = true;
     }
   }
-  const float* scale_p = nullptr;
-  if (scale) {
-    check_cpu(*scale, "scale", 1);
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->size(0) == n,
-                "moeflow_cpu.expert_ffn: scale must be float32 [", n, "]");
-    scale_p = scale->data_ptr<float>();
-  }
+  const float* scale_p = optional_rows<float>(scale, "scale", at::kFloat, n);
   isa = resolve(isa);
   at::Tensor y = at::empty({n, D}, x.options());
   if (n == 0) return y;
@@ -398,39 +399,8 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
 
 // ---- decode attention over the paged KV cache -------------------------------------
 
-#ifdef MOEFLOW_X86
 template <typename T>
-AVX2_FN float dot_avx2(const float* q, const T* k, int64_t d) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  const int64_t body = d / 16 * 16;
-  for (int64_t i = 0; i < body; i += 16) {
-    const Step16 kv = load16(k + i);
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv.lo, a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), kv.hi, a1);
-  }
-  float sum = hsum(_mm256_add_ps(a0, a1));
-  for (int64_t i = body; i < d; ++i) sum += q[i] * to_float(k[i]);
-  return sum;
-}
-
-template <typename T>
-AVX2_FN void axpy_avx2(float a, const T* v, int64_t d, float* acc) {  // acc in Layout order
-  const __m256 av = _mm256_set1_ps(a);
-  const int64_t body = d / 16 * 16;
-  for (int64_t i = 0; i < body; i += 16) {
-    const Step16 vv = load16(v + i);
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(av, vv.lo, _mm256_loadu_ps(acc + i)));
-    _mm256_storeu_ps(acc + i + 8, _mm256_fmadd_ps(av, vv.hi, _mm256_loadu_ps(acc + i + 8)));
-  }
-  for (int64_t i = body; i < d; ++i) acc[i] += a * to_float(v[i]);
-}
-#endif
-
-template <typename T>
-float dot(int64_t isa, const float* q, const T* k, int64_t d) {
-#ifdef MOEFLOW_X86
-  if (isa == AVX2) return dot_avx2(q, k, d);
-#endif
+float dot(const float* q, const T* k, int64_t d) {
   float s[4] = {0.f, 0.f, 0.f, 0.f};
   int64_t i = 0;
   for (; i + 4 <= d; i += 4)
@@ -441,10 +411,7 @@ float dot(int64_t isa, const float* q, const T* k, int64_t d) {
 }
 
 template <typename T>
-void axpy(int64_t isa, float a, const T* v, int64_t d, float* acc) {
-#ifdef MOEFLOW_X86
-  if (isa == AVX2) return axpy_avx2(a, v, d, acc);
-#endif
+void axpy(float a, const T* v, int64_t d, float* acc) {
   for (int64_t i = 0; i < d; ++i) acc[i] += a * to_float(v[i]);
 }
 
@@ -606,17 +573,16 @@ AVX2_FN void attend_seq_avx2(const T* q, int64_t G, int64_t d, const T* pool, in
 }
 #endif
 
-// One (sequence, kv head): its G query heads read each cached key and value once, with an
-// online softmax in fp32 over chunks of keys.
+// The portable path, one (sequence, kv head): its G query heads read each cached key and
+// value once, with an online softmax in fp32 over chunks of keys.
 template <typename T>
-void attend_one(int64_t isa, const T* q, int64_t G, int64_t d, const T* pool, int64_t W,
+void attend_one(const T* q, int64_t G, int64_t d, const T* pool, int64_t W,
                 const int64_t* table, int64_t block_size, int64_t kv_heads, int64_t kh,
                 int64_t lo, int64_t hi, float scale, T* out) {
-  const Layout at = Layout::of<T>(isa, d);
   std::vector<float> qf(G * d), acc(G * d, 0.f), m(G, -INFINITY), l(G, 0.f);
   std::vector<float> s(G * KEY_CHUNK);
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < d; ++i) qf[g * d + at(i)] = to_float(q[g * d + i]) * scale;
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_float(q[g * d + i]) * scale;
   const T* rows[KEY_CHUNK];
   for (int64_t p0 = lo; p0 < hi; p0 += KEY_CHUNK) {
     const int64_t n = std::min(KEY_CHUNK, hi - p0);
@@ -628,7 +594,7 @@ void attend_one(int64_t isa, const T* q, int64_t G, int64_t d, const T* pool, in
       float* sg = s.data() + g * KEY_CHUNK;
       float top = m[g];
       for (int64_t j = 0; j < n; ++j) {
-        sg[j] = dot(isa, qf.data() + g * d, rows[j] + kh * d, d);
+        sg[j] = dot(qf.data() + g * d, rows[j] + kh * d, d);
         top = std::max(top, sg[j]);
       }
       float* ag = acc.data() + g * d;
@@ -641,13 +607,13 @@ void attend_one(int64_t isa, const T* q, int64_t G, int64_t d, const T* pool, in
       for (int64_t j = 0; j < n; ++j) {
         const float e = std::exp(sg[j] - top);
         l[g] += e;
-        axpy(isa, e, rows[j] + (kv_heads + kh) * d, d, ag);
+        axpy(e, rows[j] + (kv_heads + kh) * d, d, ag);
       }
     }
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < d; ++i)
-      out[g * d + i] = T(l[g] > 0.f || std::isnan(l[g]) ? acc[g * d + at(i)] / l[g] : 0.f);
+      out[g * d + i] = T(l[g] > 0.f || std::isnan(l[g]) ? acc[g * d + i] / l[g] : 0.f);
 }
 
 // q [B, H, d]; pool [S, W] of one layer, each slot K key heads then K value heads of d;
@@ -710,7 +676,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / kv_heads, kh = i % kv_heads, len = lengths[b];
         const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
-        attend_one<T>(isa, qp + (b * H + kh * G) * d, G, d, pp, W, table + b * n,
+        attend_one<T>(qp + (b * H + kh * G) * d, G, d, pp, W, table + b * n,
                       block_size, kv_heads, kh, lo, len, static_cast<float>(scale),
                       op + (b * H + kh * G) * d);
       }
