@@ -358,6 +358,10 @@ class ZmqExecutor:
         now = time.monotonic()
         for name, actor in list(self.actors.items()):
             code = actor.proc.poll()
+            if code is not None and actor.data_address is None:
+                # it never started: another try would fail the same way (its error is on
+                # stderr)
+                raise ActorStartError(f"actor {name} exited with code {code} while starting")
             if code is not None:
                 self._restart(name, f"its process exited with code {code}")
             elif actor.data_address is None:  # starting: no heartbeats yet

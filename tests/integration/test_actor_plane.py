@@ -496,3 +496,13 @@ def test_a_killed_coordinators_actors_exit_and_remove_the_private_directory(mode
     while os.path.exists(runtime_dir) or any(os.path.exists(f"/proc/{p}") for p in pids):
         assert time.monotonic() < deadline, "the actors or the directory outlived the coordinator"
         time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_that_cannot_start_fails_the_executor_rather_than_restarting_forever(
+        tmp_path, model):
+    _, _, cluster, _ = model
+    from moeflow.actors.coordinator import ActorStartError
+
+    with pytest.raises(ActorStartError, match="exited with code 1 while starting"):
+        ZmqExecutor(str(tmp_path / "no-model"), cluster.placement, "float32", 4096)
