@@ -379,6 +379,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise
     print(title)
     print(result.metrics.table())
+    if result.kernels:  # a scheduler's on_routing chose routed experts' kernels
+        totals: dict[str, int] = {}
+        for chosen in result.kernels.values():
+            for kernel, n in chosen.items():
+                totals[kernel] = totals.get(kernel, 0) + n
+        print("expert kernels (on_routing): " + ", ".join(
+            f"{kernel} {n:,} expert groups" for kernel, n in sorted(totals.items()))
+            + f" over {len(result.kernels)} layers")
     if sink is not None:
         sink.close(result)
         print(f"wrote {args.trace} ({result.num_events} events)")
@@ -386,7 +394,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.json_out).write_text(json.dumps(
-            {"title": title, "metrics": asdict(result.metrics)}, indent=2, default=float))
+            {"title": title, "metrics": asdict(result.metrics),
+             "kernels": {str(layer): k for layer, k in sorted(result.kernels.items())}},
+            indent=2, default=float))
     return 0
 
 
@@ -424,6 +434,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from moeflow.ops import cpu
         from moeflow.ops.cpu.calibrate import calibrate_kernels
         from moeflow.ops.cpu.choice import save_choice
+        from moeflow.scheduler.eps import cpu_kernel_band
 
         if not cpu.available():
             raise ValueError(f"moeflow's CPU kernels are not available: {cpu.error()}")
@@ -431,9 +442,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         choice, table = calibrate_kernels(quick=args.quick,
                                           log=lambda msg: print(msg, file=sys.stderr))
         path = save_choice(choice, table)
+        low, high = cpu_kernel_band(choice.expert_rows)
         print(f"wrote {path}: the kernels ({table['isa']}) take linear layers up to "
               f"{choice.linear_rows} rows and routed experts up to {choice.expert_rows} rows "
-              f"per expert")
+              f"per expert (eps: the grouped kernel below {low:.0f} rows per expert, a GEMM "
+              f"per expert above {high:.0f})")
     if args.out is None:
         return 0
     from moeflow.sim.calibrate import calibrate

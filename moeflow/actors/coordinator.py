@@ -37,9 +37,11 @@ data messages (Data and Done to peers), seeded; see moeflow.actors.plane.Faults.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -64,6 +66,7 @@ from moeflow.actors.plane import (
 from moeflow.actors.process import ActorConfig, launch_message
 from moeflow.actors.tracing import RealTrace
 from moeflow.dataflow.graph import Placement
+from moeflow.scheduler.base import Scheduler, routes
 
 log = logging.getLogger("moeflow.coordinator")
 
@@ -87,7 +90,8 @@ class _Actor:
 
 class ZmqExecutor:
     """Jobs on actor processes (see the module docstring). `ipc` None: ipc:// sockets when
-    `host` is loopback; `faults`: see moeflow.actors.plane.Faults."""
+    `host` is loopback; `faults`: see moeflow.actors.plane.Faults; `scheduler`: the
+    engine's, if its `on_routing` should pick the actors' expert kernels."""
 
     def __init__(self, model_dir: str, placement: Placement, dtype: str, kv_tokens: int, *,
                  host: str = "127.0.0.1", threads: int | None = None,
@@ -96,9 +100,20 @@ class ZmqExecutor:
                  node_timeout: float = 60.0, want_logits: bool = False,
                  record_routing: bool = False, ipc: bool | None = None,
                  faults: str = "", null_ops: bool = False,
-                 trace: str | os.PathLike[str] | None = None) -> None:
+                 trace: str | os.PathLike[str] | None = None,
+                 scheduler: Scheduler | None = None) -> None:
         require_curve()
         Faults.parse(faults)
+        # a scheduler with an on_routing: each actor runs its own copy, sent pickled through
+        # the launch pipe (as trusted as the actor's code)
+        self.scheduler = ""
+        if scheduler is not None and routes(scheduler):
+            try:
+                self.scheduler = base64.b64encode(pickle.dumps(scheduler)).decode()
+            except Exception as exc:
+                raise ValueError(f"scheduler {scheduler.name or type(scheduler).__name__} has "
+                                 f"an on_routing, which actor processes run, but it cannot "
+                                 f"be pickled for them: {exc}") from None
         self.model_dir = str(model_dir)
         self.placement = placement
         self.dtype = dtype
@@ -156,10 +171,12 @@ class ZmqExecutor:
                              self.placement.expert_owners, self.kv_tokens, self.threads,
                              self.address, self.host, self.heartbeat_s,
                              runtime_dir=self.runtime_dir, faults=self.faults,
-                             null_ops=self.null_ops)
+                             null_ops=self.null_ops, scheduler=self.scheduler)
         keys = PlaneKeys(self.actor_keys[name], self.keys.public,
                          {n: k.public for n, k in self.actor_keys.items()})
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        if self.scheduler:  # its class is found in the actor where it is found here
+            env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
         proc = subprocess.Popen([sys.executable, "-m", "moeflow.actors.process", name],
                                 stdin=subprocess.PIPE, env=env)
         assert proc.stdin is not None

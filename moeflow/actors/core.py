@@ -19,6 +19,10 @@ the nodes on its own streams:
 What a node means here (its inputs, whom its completion concerns) is worked out once per
 plan, in a `Program`: a cached plan replays it for every unit of its shape.
 
+With a scheduler's `on_routing`, the semantics asks it for a layer's kernel choice once the
+counts of that layer are known here: from the gates this actor runs, and from the counts a
+peer's dispatch Data carries; a routed Expert group then runs on the kernel it chose.
+
 A RunUnit marked `trace` has its node groups timed as they run, and the arrival of every
 other actor's node it hears of; both go back with the UnitPart (moeflow.actors.tracing).
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +48,9 @@ from moeflow.actors.messages import (
 from moeflow.actors.values import Logits, Routing, from_payload, payload_to, to_payload
 from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import Attention, Gate, LMHead, Node, Transfer, Unit
+from moeflow.scheduler.base import checked_adjustments
 from moeflow.scheduler.plan import Plan, Stream
-from moeflow.scheduler.semantics import Execution, Group, Task
+from moeflow.scheduler.semantics import Execution, Group, SemanticsError, Task
 from moeflow.ops.sampling import (
     Logprobs, SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
     token_logprobs,
@@ -78,6 +84,7 @@ class Step:
     effect: int  # KEEP its value for local successors, SEND it (a Transfer out), or SAMPLE
     notify: tuple[str, ...]  # other actors waiting on it with no data: told by Done
     gate: bool
+    dispatch: bool  # a dispatch to another actor: its Data carries the gate's counts
 
 
 class Program:
@@ -101,7 +108,8 @@ class Program:
                     told.add(other)
                     notify.append(other)
             steps.append(Step(node, inputs, tuple(graph.nodes[p] for p in inputs), effect,
-                              tuple(notify), isinstance(node, Gate)))
+                              tuple(notify), isinstance(node, Gate),
+                              sends and node.payload == "dispatch"))  # type: ignore[union-attr]
         self.plan = plan
         self.steps = tuple(steps)
         # sequences whose KV lives here: where their attention (or its core) runs; a
@@ -133,11 +141,17 @@ class _Unit:
     arrivals: list[tuple[int, float]] | None = None
 
 
+OnRouting = Callable[[Unit, int, tuple[int, ...], tuple[tuple[int, ...], ...]],
+                     "dict[tuple[int, ...], str] | None"]
+
+
 class ActorCore:
-    def __init__(self, name: str, worker: DeviceWorker) -> None:
+    def __init__(self, name: str, worker: DeviceWorker, on_routing: OnRouting | None = None
+                 ) -> None:
         self.name = name
         self.worker = worker
-        self.execution = Execution()
+        self.on_routing = on_routing  # a scheduler's, bound
+        self.execution = Execution(on_routing=None if on_routing is None else self._routing)
         self.units: dict[int, _Unit] = {}
         self.by_index: dict[int, _Unit] = {}
         self.early: dict[int, list[Message]] = {}  # unit id -> messages before its RunUnit
@@ -257,15 +271,19 @@ class ActorCore:
                         unit.unit_id, msg.node_id)
             self.count_drop("bad_node")
             return []
+        counts = None
         if isinstance(msg, Data):
             unit.values[msg.node_id] = payload_to(from_payload(msg.payload), self.worker.tdevice)
+            counts = msg.counts
         if unit.arrivals is not None:  # heard of now (or, if it came first, at admission)
             unit.arrivals.append((msg.node_id, time.monotonic()))
         try:
-            self.execution.finish_external(task)
-        except Exception as exc:  # a duplicate notice, say: drop it
+            self.execution.finish_external(task, counts)
+        except SemanticsError as exc:  # a duplicate notice, say: drop it
             log.warning("%s: %s", self.name, exc)
             self.count_drop("duplicate")
+        except Exception as exc:  # the scheduler's on_routing failed: so does the unit
+            return self.fail(task, exc)
         return []
 
     # -- running nodes -------------------------------------------------------------
@@ -298,10 +316,12 @@ class ActorCore:
                 if traced is None:
                     traced = []
                 traced.append((unit.spans, task[1]))
+        # routed experts on the kernel on_routing chose (a coalesced group: its head's)
+        kernel = None if self.on_routing is None else self.execution.kernel(group[0])
         if traced is None:
-            return self.worker.run_group(items)
+            return self.worker.run_group(items, kernel)
         start = time.monotonic()
-        values = self.worker.run_group(items)
+        values = self.worker.run_group(items, kernel)
         end = time.monotonic()
         for spans, node_id in traced:  # a coalesced group's members share its span
             spans.append((node_id, start, end))
@@ -324,6 +344,9 @@ class ActorCore:
         node = step.node
         out: list[Outgoing] = []
         uses, values = unit.uses, unit.values
+        # a dispatch tells its owner the gate's counts, read before its input may go
+        sent_counts = (getattr(values.get(step.inputs[0]), "counts", None) if step.dispatch
+                       else None)
         for p in step.inputs:
             uses[p] -= 1
             if uses[p] == 0:
@@ -332,7 +355,7 @@ class ActorCore:
             values[task[1]] = value
         elif step.effect == SEND:
             out.append(Outgoing(node.dst, Data(unit.unit_id, task[1],  # type: ignore[attr-defined]
-                                               to_payload(value))))
+                                               to_payload(value), sent_counts)))
         else:
             self._sample(unit, value)
         counts = value.counts if step.gate and isinstance(value, Routing) else None
@@ -344,6 +367,11 @@ class ActorCore:
         self.execution.finish(task, counts)
         out.extend(self._maybe_done(unit))
         return out
+
+    def _routing(self, index: int, layer: int, counts: tuple[int, ...],
+                 groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str] | None:
+        return checked_adjustments(self.on_routing(  # type: ignore[misc]
+            self.by_index[index].bound, layer, counts, groups), groups)
 
     def fail(self, task: Task, error: BaseException) -> list[Outgoing]:
         unit = self.by_index.get(task[0])

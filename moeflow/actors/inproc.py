@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moeflow.actors.cluster import CoordinatorCore, JobResult, JobSpec, run_jobs
-from moeflow.actors.core import COORDINATOR, ActorCore, Outgoing
+from moeflow.actors.core import COORDINATOR, ActorCore, OnRouting, Outgoing
 from moeflow.actors.messages import Abort, DropPlans, Release
 from moeflow.actors.tracing import RealTrace
 from moeflow.actors.worker import DeviceWorker
@@ -73,13 +73,15 @@ class InProcessExecutor:
     """`observer(plan, node_id, stream)`, if given, is called as each node runs.
     `want_logits` returns logits with every result (tests); `record_routing` sums the
     rows routed to each expert per layer; `trace` writes a Chrome trace of every node run
-    (see moeflow.actors.tracing), complete once the executor is closed."""
+    (see moeflow.actors.tracing), complete once the executor is closed; `on_routing`, a
+    scheduler's, picks routed experts' kernels (moeflow.scheduler.base)."""
 
     def __init__(self, workers: dict[str, DeviceWorker], observer: Observer | None = None,
                  record_routing: bool = False, want_logits: bool = False,
-                 trace: str | os.PathLike[str] | None = None) -> None:
+                 trace: str | os.PathLike[str] | None = None,
+                 on_routing: OnRouting | None = None) -> None:
         self.workers = workers
-        self.actors = {name: ActorCore(name, w) for name, w in workers.items()}
+        self.actors = {name: ActorCore(name, w, on_routing) for name, w in workers.items()}
         self.observer = observer
         # tensors are handed over by reference here: a transfer spans its run alone
         tracer = None if trace is None else RealTrace(trace, transfers_until_arrival=False)

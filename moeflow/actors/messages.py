@@ -92,6 +92,8 @@ class Data:
     unit_id: int
     node_id: int
     payload: Payload
+    # a dispatch's: its gate's rows per expert, so that the owner knows the layer's counts
+    counts: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,8 @@ def encode(msg: Message) -> list[Any]:
     elif isinstance(msg, Data):
         p = msg.payload
         header = {"unit_id": msg.unit_id, "node_id": msg.node_id, "kind": p.kind,
-                  "meta": p.meta, "tensors": tensors(p.tensors)}
+                  "meta": p.meta, "tensors": tensors(p.tensors),
+                  "counts": None if msg.counts is None else list(msg.counts)}
     elif isinstance(msg, UnitPart):
         keys = list(msg.logits)
         header = {"unit_id": msg.unit_id, "actor": msg.actor,
@@ -424,8 +427,13 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
     if cls is Data:
         if h["kind"] not in ("rows", "partial", "tensor", "page") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")
+        counts = h.get("counts")
+        if counts is not None and not (isinstance(counts, list) and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
+            raise MessageError(f"bad Data counts {counts!r}: expected non-negative integers")
         return Data(int(h["unit_id"]), int(h["node_id"]),
-                    Payload(h["kind"], h["meta"], tuple(_tensors(h["tensors"], frames))))
+                    Payload(h["kind"], h["meta"], tuple(_tensors(h["tensors"], frames))),
+                    None if counts is None else tuple(counts))
     if cls is UnitPart:
         logits = _tensors(h["logits"], frames)
         return UnitPart(int(h["unit_id"]), str(h["actor"]),

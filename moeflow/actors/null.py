@@ -71,8 +71,8 @@ class NullWorker:
     def release(self, seq_id: int) -> None:
         self.kv.free(seq_id)
 
-    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]]
-                  ) -> list[Any]:
+    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+                  kernel: str | None = None) -> list[Any]:
         return [self._value(key, graph, node) for key, graph, node, _ in items]
 
     def _value(self, key: Any, graph: Graph, node: Node) -> Any:

@@ -29,10 +29,12 @@ promptly when its core thread dies; every shutdown step is bounded, so none is l
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -71,6 +73,7 @@ class ActorConfig:
     runtime_dir: str = ""  # the launch's private directory for ipc sockets; "": TCP on host
     faults: str = ""  # injected into outgoing data messages: see moeflow.actors.plane.Faults
     null_ops: bool = False  # a NullWorker: every node instant, only the runtime's cost left
+    scheduler: str = ""  # base64 of a pickled scheduler whose on_routing runs here, or ""
 
     def __post_init__(self) -> None:
         Faults.parse(self.faults)
@@ -370,14 +373,17 @@ def build_core(config: ActorConfig) -> Any:
     torch.set_num_threads(config.threads)
     spec = load_spec(config.model_dir)
     placement = Placement(config.devices, config.expert_owners)
+    on_routing = None
+    if config.scheduler:
+        on_routing = pickle.loads(base64.b64decode(config.scheduler)).on_routing
     if config.null_ops:
         from moeflow.actors.null import NullWorker
 
         return ActorCore(config.name, NullWorker(config.name, spec, config.kv_tokens,  # type: ignore[arg-type]
-                                                 config.serves))
+                                                 config.serves), on_routing)
     worker = load_worker(config.model_dir, spec, placement, config.name,
                          torch_dtype(config.dtype), config.kv_tokens)
-    return ActorCore(config.name, worker)
+    return ActorCore(config.name, worker, on_routing)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -49,7 +49,7 @@ from moeflow.ops.backend import (
     SERIAL_ROWS, OneThread, batched_gemms, index_tensor, rows_per_weight,
 )
 from moeflow.ops.experts import (
-    SILU, Activation, ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
+    SILU, Activation, ExpertGroup, counts_of, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
     swiglu_cpu,
 )
 from moeflow.ops.norm import rms_norm
@@ -322,15 +322,16 @@ class DeviceWorker:
     def run(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
         return self.run_group([(key, graph, node, inputs)])[0]
 
-    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]]
-                  ) -> list[Any]:
+    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+                  kernel: str | None = None) -> list[Any]:
         """Run nodes coalesced into one kernel (same kind and layer, same weights, from
         different units): each GEMM reads its weights once for all of them. A single item
-        is the plain case. Returns each item's value."""
+        is the plain case. Returns each item's value. `kernel`: routed experts' kernel as
+        the scheduler's on_routing chose it ("grouped" or "dense"), or None."""
         node = items[0][2]
         if isinstance(node, Expert):
             if node.kind == "routed":
-                return self._routed([(g, n, inputs) for _, g, n, inputs in items])
+                return self._routed([(g, n, inputs) for _, g, n, inputs in items], kernel)
             return self._dense_mlp(node, [inputs[0][1].xn for _, _, _, inputs in items])
         if isinstance(node, Attention):
             if node.part != "full":
@@ -632,8 +633,8 @@ class DeviceWorker:
             return value.qkv
         return value
 
-    def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]]
-                ) -> list[ExpertOut]:
+    def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]],
+                kernel: str | None = None) -> list[ExpertOut]:
         """The rows every item (unit) sends to these experts, from every home, through the
         experts at once; each item gets back its own rows."""
         node = items[0][1]
@@ -658,9 +659,10 @@ class DeviceWorker:
                  else self._expert_group(node.layer, node.experts))
         xs, scale = [b.x for b in batches], _cat([b.weights for b in batches])
         if self.tdevice.type == "cpu":
-            y = swiglu_batches_cpu(xs, [_counts(b.ends) for b in batches], group, scale)
+            y = swiglu_batches_cpu(xs, [counts_of(b.ends) for b in batches], group, scale,
+                                   kernel)
         else:
-            y = swiglu_batches_grouped(xs, [b.ends for b in batches], group)
+            y = swiglu_batches_grouped(xs, [b.ends for b in batches], group, kernel)
             y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
         for i, b, part in zip(owners, batches, _split(y, sizes)):
             outs[i].parts[b.home] = Partial(b.start, part)
@@ -806,11 +808,6 @@ def _row_slices(parts: list[torch.Tensor]) -> list[slice]:
     ends = list(accumulate(p.shape[0] for p in parts))
     return [slice(end - p.shape[0], end) for p, end in zip(parts, ends)]
 
-
-def _counts(ends: torch.Tensor) -> list[int]:
-    """Cumulative row ends [G] -> rows per expert."""
-    e = ends.tolist()
-    return [b - a for a, b in zip([0, *e], e)]
 
 
 def torch_device_of(name: str) -> torch.device:

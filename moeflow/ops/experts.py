@@ -3,6 +3,11 @@ expert: on accelerators as two grouped matmuls, on the CPU as a loop over the ex
 have rows or as two padded batched matmuls, whichever `padded_experts_pay` expects to be
 faster (see ops/backend.py).
 
+A caller may name the kernel (the scheduler's `on_routing` choice, moeflow.scheduler.base):
+"grouped" runs the group's experts in one call (the fused CPU kernel, else one padded bmm;
+grouped_mm on accelerators), "dense" runs a dense matmul per expert that has rows. Left
+unnamed, each path picks as above. The results are the same either way.
+
 Experts may have biases on both projections and GPT-OSS's clamped SwiGLU (`Activation`);
 every path takes them.
 
@@ -123,12 +128,13 @@ def grouped_swiglu_ref(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor
                        down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
                        down_bias: torch.Tensor | None = None, act: Activation = SILU
                        ) -> torch.Tensor:
-    """Reference for `grouped_swiglu`, one expert at a time (tests only)."""
+    """`grouped_swiglu` one expert at a time: its reference, and the "dense" kernel."""
     outs, start = [], 0
     for e, n in enumerate(counts):
-        outs.append(swiglu(x[start:start + n], gate_up[e], down[e],
-                           None if gate_up_bias is None else gate_up_bias[e],
-                           None if down_bias is None else down_bias[e], act))
+        if n:
+            outs.append(swiglu(x[start:start + n], gate_up[e], down[e],
+                               None if gate_up_bias is None else gate_up_bias[e],
+                               None if down_bias is None else down_bias[e], act))
         start += n
     return torch.cat(outs) if outs else x.new_empty(0, down.shape[1])
 
@@ -145,29 +151,33 @@ def swiglu_cpu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
 
 
 def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: ExpertGroup,
-                       scale: torch.Tensor | None = None) -> torch.Tensor:
+                       scale: torch.Tensor | None = None, kernel: str | None = None
+                       ) -> torch.Tensor:
     """Batches of rows, each sorted by expert: xs [n_b, D], counts [batch][G] rows per
     expert, scale [sum n_b] (each row's routed weight) or None -> every row's output
     [sum n_b, D], scaled, batches in order. CPU worker only (it picks torch's process-wide
     matmul backend). Up to the kernels' crossover in rows per expert, one fused kernel
     call (moeflow.ops.cpu.expert_ffn); beyond it, or with biases or GPT-OSS's activation,
-    torch's loop or padded bmm."""
+    torch's loop or padded bmm. `kernel` "grouped" or "dense" overrides the crossover."""
     per_expert = [sum(c) for c in zip(*counts)]
     x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [n, D]
     order = _expert_major(counts)  # rows of x, expert by expert
-    if (group.act == SILU and group.gate_up_bias is None and group.down_bias is None
-            and max(per_expert) <= kernel_choice().expert_limit(x.dtype)
+    if (kernel != "dense" and group.act == SILU and group.gate_up_bias is None
+            and group.down_bias is None
+            and (kernel == "grouped" or max(per_expert) <= kernel_choice().expert_limit(x.dtype))
             and kernel_takes(x, group.gate_up, group.down)):
         return kernels.expert_ffn(x.contiguous(), per_expert, group.gate_up, group.down,
                                   None if len(xs) == 1 else index_tensor(order),
                                   None if scale is None else scale.float().contiguous())
-    y = _swiglu_batches_torch(x, order, len(xs) > 1, per_expert, group)
+    y = _swiglu_batches_torch(x, order, len(xs) > 1, per_expert, group, kernel)
     return y if scale is None else y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
 
 
 def _swiglu_batches_torch(x: torch.Tensor, order: list[int], merged: bool,
-                          per_expert: list[int], group: ExpertGroup) -> torch.Tensor:
-    if padded_experts_pay(per_expert, group.bytes_per_expert):
+                          per_expert: list[int], group: ExpertGroup, kernel: str | None = None
+                          ) -> torch.Tensor:
+    if kernel == "grouped" or (kernel is None
+                               and padded_experts_pay(per_expert, group.bytes_per_expert)):
         width = max(per_expert)
         src, dest = _padded_layout(order, per_expert, width)
         index = index_tensor(src + dest)
@@ -191,9 +201,22 @@ def _swiglu_batches_torch(x: torch.Tensor, order: list[int], merged: bool,
 
 
 def swiglu_batches_grouped(xs: list[torch.Tensor], ends: list[torch.Tensor],
-                           group: ExpertGroup) -> torch.Tensor:
+                           group: ExpertGroup, kernel: str | None = None) -> torch.Tensor:
     """`swiglu_batches_cpu` as grouped GEMMs, with no host round trip (accelerators); ends
-    [batch][G] (int32) cumulative row ends per expert."""
+    [batch][G] (int32) cumulative row ends per expert. `kernel` "dense": a dense matmul per
+    expert instead (reads the counts on the host)."""
+    if kernel == "dense":
+        counts = [counts_of(e) for e in ends]
+        per_expert = [sum(c) for c in zip(*counts)]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        order = _expert_major(counts)
+        merged = len(xs) > 1
+        if merged:
+            index = index_tensor(order + _inverse(order)).to(x.device)
+            x = x.index_select(0, index[:len(order)])
+        y = grouped_swiglu_ref(x, per_expert, group.gate_up, group.down, group.gate_up_bias,
+                               group.down_bias, group.act)
+        return y.index_select(0, index[len(order):]) if merged else y
     if len(xs) == 1:
         return grouped_swiglu(xs[0], ends[0], group.gate_up, group.down, group.gate_up_bias,
                               group.down_bias, group.act)
@@ -208,6 +231,12 @@ def swiglu_batches_grouped(xs: list[torch.Tensor], ends: list[torch.Tensor],
     unsorted = torch.empty_like(y)
     unsorted[perm] = y
     return unsorted
+
+
+def counts_of(ends: torch.Tensor) -> list[int]:
+    """Cumulative row ends [G] -> rows per expert."""
+    ends_list = ends.tolist()
+    return [b - a for a, b in zip([0, *ends_list], ends_list)]
 
 
 def _expert_major(counts: list[list[int]]) -> list[int]:

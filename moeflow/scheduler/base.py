@@ -20,8 +20,18 @@ engine calls it with plain data and runs what it returns on whichever executor i
         compile` with the cut the policy wants) and give every node an actor and a stream,
         and every stream its rule (InOrder or ByPriority).
 
-    on_routing(unit, layer, counts) -> None   (optional)
-        For decisions that need a layer's gate counts. Reserved: no executor calls it yet.
+    on_routing(unit, layer, counts, groups) -> {expert group: kernel} | None   (optional)
+        A local decision made when a layer's gate counts are known: `counts` are the rows
+        routed to each expert (by expert id) from the gates whose rows the layer's routed
+        Experts read; `groups` are the expert groups (`Expert.experts`) of the layer's
+        routed Expert nodes in the unit's plan. The one execution semantics calls it once
+        per (plan, layer), when the first routed Expert of that layer it runs becomes ready,
+        in every executor at the same point (each actor process calls its own copy of the
+        scheduler, sent to it when it starts, for the Experts it runs). Return, for some of
+        `groups`, the kernel to run them with: `GROUPED` (one grouped call over the group's
+        experts) or `DENSE` (a dense matmul per expert); groups left out, or None, leave the
+        choice to the executor. A kernel never changes results. Keep it cheap: it runs on
+        the critical path, once per layer.
 
     reserved_weights(model, cluster) -> {device: parameters}   (optional)
         Room for weights a device holds beyond the experts the placement gives it: buffers
@@ -52,6 +62,11 @@ from typing import ClassVar
 from moeflow.dataflow.graph import Placement, Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.plan import Plan
+
+# the kernels an `on_routing` may choose for a routed Expert group
+GROUPED = "grouped"
+DENSE = "dense"
+KERNELS = (GROUPED, DENSE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +132,8 @@ class Scheduler:
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
         raise NotImplementedError
 
-    def on_routing(self, unit: Unit, layer: int, counts: tuple[int, ...]) -> None:
+    def on_routing(self, unit: Unit, layer: int, counts: tuple[int, ...],
+                   groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str] | None:
         return None
 
     def plan_key(self, unit: Unit) -> Hashable | None:
@@ -128,6 +144,30 @@ class Scheduler:
 
     def kv_devices(self, model: ModelSpec, cluster: Cluster) -> dict[str, str]:
         return {}
+
+
+def routes(scheduler: Scheduler) -> bool:
+    """Whether a scheduler has an `on_routing` of its own."""
+    return type(scheduler).on_routing is not Scheduler.on_routing
+
+
+def checked_adjustments(adjustments: object, groups: tuple[tuple[int, ...], ...]
+                        ) -> dict[tuple[int, ...], str] | None:
+    """What an `on_routing` returned, checked: None, or {one of `groups`: GROUPED or
+    DENSE}."""
+    if adjustments is None:
+        return None
+    if not isinstance(adjustments, dict):
+        raise TypeError(f"on_routing must return a dict or None, got "
+                        f"{type(adjustments).__name__}")
+    for group, kernel in adjustments.items():
+        if group not in groups:
+            raise ValueError(f"on_routing: {group!r} is not one of the layer's expert groups "
+                             f"{list(groups)}")
+        if kernel not in KERNELS:
+            raise ValueError(f"on_routing: unknown kernel {kernel!r} for experts {group}; "
+                             f"expected one of {', '.join(KERNELS)}")
+    return adjustments
 
 
 def unit_shape(unit: Unit) -> tuple[tuple[str, str, str], ...]:

@@ -50,9 +50,17 @@ What moeflow does (`EPS(stages=None, costs=None, eps0=0.32, eps1=0.03)`):
   makes the policy keep PN = 1 where the slower GEMM costs more than the overlap saves:
   max(T_comm, T_comp') + C'/N + kN >= T_comm + T_comp + k (`EPS.pays`).
 
-Not modelled yet: the kernel choice (GroupGemm below ~2048
-tokens, DenseGemm above ~4096, with a hysteresis band; it needs the gate's counts, so it
-will come through `on_routing`).
+- The kernel choice, through `on_routing` once a layer's gate counts are known: each
+  stage's expert group runs on GroupGemm (one grouped call over its experts) while the rows
+  routed to it, per expert of the group, stay below `kernel_band[0]`, on DenseGemm (a GEMM
+  per expert) above `kernel_band[1]`, and in between keeps the kernel it last ran on for
+  that layer (a hysteresis band, so a load near the crossover does not flip every step).
+  The default band is the paper's measurement (GroupGemm the faster below 2048 tokens,
+  DenseGemm above 4096, for a [1536, 5120] expert and 16 experts, on H800: 128 and 256
+  rows per expert). On CPU actors the engine gives the band of the local kernels' measured
+  crossover instead (`cpu_kernel_band`); `moeflow simulate` turns it off (its cost model
+  never finds DenseGemm the faster: `moeflow.sim.eps_costs.with_hardware_costs`);
+  `kernel_band=None` leaves the choice to the executor. The choice never changes results.
 """
 
 from __future__ import annotations
@@ -67,12 +75,15 @@ from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Cluster, unit_shape
+from moeflow.scheduler.base import DENSE, GROUPED, Cluster, unit_shape
 from moeflow.scheduler.batch_ep import BatchEP
 from moeflow.scheduler.plan import InOrder, Plan, PlanError, Stream, node_stream
 
 EPS0 = 0.32  # communication split tolerance of the paper
 EPS1 = 0.03  # GEMM split tolerance of the paper
+# rows routed to an expert group, per expert of it: GroupGemm below, DenseGemm above, the
+# last choice between
+KERNEL_BAND = (128, 256)
 
 
 class StageCosts(Protocol):
@@ -206,6 +217,22 @@ class StageChoice:
     # "the SM partition costs more than the overlap saves"
 
 
+def checked_band(band: tuple[float, float] | None) -> tuple[float, float] | None:
+    if band is None:
+        return None
+    low, high = band
+    if not 0 <= low <= high:
+        raise ValueError(f"kernel_band must be (low, high) rows per expert with "
+                         f"0 <= low <= high, got {band}")
+    return (low, high)
+
+
+def cpu_kernel_band(crossover: int) -> tuple[float, float]:
+    """The band around the CPU kernels' measured crossover (rows per expert up to which the
+    fused grouped kernel is the faster; moeflow.ops.cpu.choice): a quarter either side."""
+    return (0.75 * crossover, 1.25 * crossover)
+
+
 def token_bucket(num_tokens: int) -> int:
     """The largest 2^j or 1.5·2^j that is at most `num_tokens` (for n >= 1)."""
     if num_tokens < 2:
@@ -218,7 +245,8 @@ class EPS(BatchEP):
     name = "eps"
 
     def __init__(self, stages: int | None = None, costs: StageCosts | None = None,
-                 eps0: float = EPS0, eps1: float = EPS1) -> None:
+                 eps0: float = EPS0, eps1: float = EPS1,
+                 kernel_band: tuple[float, float] | None = KERNEL_BAND) -> None:
         if stages is not None and stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
         if eps0 < 0 or eps1 < 0:
@@ -227,6 +255,23 @@ class EPS(BatchEP):
         self.costs = costs
         self.eps0 = eps0
         self.eps1 = eps1
+        self.kernel_band = checked_band(kernel_band)
+        self._last: dict[tuple[int, tuple[int, ...]], str] = {}  # (layer, group) -> kernel
+
+    def on_routing(self, unit: Unit, layer: int, counts: tuple[int, ...],
+                   groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str] | None:
+        if self.kernel_band is None:
+            return None
+        low, high = self.kernel_band
+        out = {}
+        for group in groups:
+            rows = sum(counts[e] for e in group) / len(group)
+            key = (layer, group)
+            kernel = GROUPED if rows < low else DENSE if rows > high else self._last.get(
+                key, GROUPED)
+            self._last[key] = kernel  # bounded: layers x groups of the plans met
+            out[group] = kernel
+        return out
 
     def plan_key(self, unit: Unit) -> Hashable:
         if self.stages is not None:

@@ -6,7 +6,14 @@
       ready; ByPriority: the ready node with the smallest key (on a fifo stream, ties go
       to the node ready first), joined on a coalescing stream by the other ready nodes
       with its merge key);
-    - a Gate's completion carries the per-expert row counts of its layer.
+    - a Gate's completion carries the per-expert row counts of its layer;
+    - when a routed Expert this Execution runs becomes ready, its layer's counts are
+      known (every gate whose rows it reads has finished), and the first time that happens
+      for a (plan, layer), `on_routing(plan index, layer, counts, groups)` is called (the
+      groups: the layer's routed Expert groups in the plan): what it
+      returns, {expert group: kernel}, adjusts that layer's routed Expert nodes
+      (`kernel(task)`). Every executor reaches this point at the same event, so the choice
+      never depends on which executor runs a plan.
 
 `Execution` holds this state for any number of Plans at once (units in flight together share
 streams: fine-grained EP overlaps inputs on one actor). It knows nothing of time or tensors:
@@ -38,11 +45,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from moeflow.dataflow.graph import Gate
+from moeflow.dataflow.graph import Expert, Gate, Transfer
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, PriorityKey, Rule, Stream
 
 Task = tuple[int, int]
 Group = tuple[Task, ...]
+# {expert group (a routed Expert's `experts`): kernel}: what `on_routing` returns
+Adjustments = dict[tuple[int, ...], str]
+# (plan index, layer, counts, the layer's routed Expert groups) -> adjustments
+OnRouting = Callable[[int, int, tuple[int, ...], tuple[tuple[int, ...], ...]],
+                     "Adjustments | None"]
 KEEP_RELEASED = 8  # the arrays of this many released plans are kept for their replay
 DONE = -1  # `waiting` of a finished node
 _FIELDS = operator.attrgetter("actor", "name")  # a Stream's
@@ -87,9 +99,14 @@ class _PlanState:
     streams: list[_StreamState | None]  # per node; None: another actor's node
     succs: tuple[tuple[int, ...], ...]  # the graph's, per node
     used: tuple[_StreamState, ...]  # the streams it has nodes on, each once
+    routed_layer: tuple[int, ...]  # the shape's
+    counted_gate: tuple[int, ...]  # the shape's
+    groups: dict[int, tuple[tuple[int, ...], ...]]  # the shape's
     num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
+    counted: set[int] = field(default_factory=set)  # gates whose rows are in `counts`
+    kernels: dict[int, Adjustments] = field(default_factory=dict)  # layer -> on_routing's
 
 
 @dataclass(eq=False, slots=True)
@@ -102,6 +119,12 @@ class _Shape:
     succs: tuple[tuple[int, ...], ...]
     rule_index: tuple[int, ...]  # per node: its stream's position in plan.rules
     roots: tuple[int, ...]  # nodes without predecessors
+    # per node: its layer if it is a routed Expert, else -1
+    routed_layer: tuple[int, ...]
+    # per node: the gate whose rows finishing it makes known (a Gate: itself; a dispatch
+    # Transfer, which another actor hears of with its gate's counts: that gate), else -1
+    counted_gate: tuple[int, ...]
+    groups: dict[int, tuple[tuple[int, ...], ...]]  # layer -> its routed Experts' groups
     users: int = 0
 
     @staticmethod
@@ -115,13 +138,31 @@ class _Shape:
         # streams by their fields: equal streams have equal fields, and a tuple of two
         # strings hashes in C where a Stream's dataclass hash runs Python
         position = {(stream.actor, stream.name): i for i, (stream, _) in enumerate(plan.rules)}
+        routed_layer = [-1] * len(graph.nodes)
+        counted_gate = [-1] * len(graph.nodes)
+        groups: dict[int, dict[tuple[int, ...], None]] = {}
+        for node in graph.nodes:
+            if type(node) is Expert and node.kind == "routed":
+                routed_layer[node.id] = node.layer
+                groups.setdefault(node.layer, {})[node.experts] = None
+            elif type(node) is Gate:
+                counted_gate[node.id] = node.id
+        for edge in graph.edges:
+            dst = graph.nodes[edge.dst]
+            if (type(dst) is Transfer and dst.payload == "dispatch"
+                    and type(graph.nodes[edge.src]) is Gate):
+                counted_gate[edge.dst] = edge.src
         return _Shape(plan, tuple(indegree), tuple(map(tuple, succs)),
                       tuple(map(position.__getitem__, map(_FIELDS, plan.assignment))),
-                      tuple(itertools.compress(itertools.count(), map(operator.not_, indegree))))
+                      tuple(itertools.compress(itertools.count(), map(operator.not_, indegree))),
+                      tuple(routed_layer), tuple(counted_gate),
+                      {layer: tuple(g) for layer, g in groups.items()})
 
 
 class Execution:
-    def __init__(self, plans: Iterable[Plan] = ()) -> None:
+    def __init__(self, plans: Iterable[Plan] = (), on_routing: OnRouting | None = None
+                 ) -> None:
+        self.on_routing = on_routing  # see the module docstring; None: never adjusted
         self.plans: dict[int, _PlanState] = {}  # plans held: added and not yet released
         self._indices = itertools.count()
         self.streams: dict[Stream, _StreamState] = {}
@@ -186,6 +227,7 @@ class Execution:
         streams = list(map(by_rule.__getitem__, shape.rule_index))
         p = self.plans[index] = _PlanState(plan, waiting, streams, shape.succs,
                                            tuple(s for s in by_rule if s is not None),
+                                           shape.routed_layer, shape.counted_gate, shape.groups,
                                            len(streams) - streams.count(None))
         arrival = -1
         for node_id in shape.roots:
@@ -311,6 +353,22 @@ class Execution:
         over the plan's gates that have)."""
         return self.plans[plan_index].counts.get(layer)
 
+    def kernel(self, task: Task) -> str | None:
+        """The kernel `on_routing` chose for a routed Expert, or None (the executor's own
+        choice): a plan's layer is adjusted once one of its routed Experts is ready."""
+        p = self.plans[task[0]]
+        layer = p.routed_layer[task[1]]
+        if layer < 0:
+            return None
+        chosen = p.kernels.get(layer)
+        if not chosen:
+            return None
+        return chosen.get(p.plan.graph.nodes[task[1]].experts)  # type: ignore[union-attr]
+
+    def adjustments(self, plan_index: int) -> dict[int, Adjustments]:
+        """Each layer's adjustments so far, as `on_routing` returned them."""
+        return dict(self.plans[plan_index].kernels)
+
     def busy(self, stream: Stream) -> Task | None:
         """The node a stream is running (the smallest task of its group), or None."""
         running = self.streams[stream].running
@@ -365,7 +423,9 @@ class Execution:
         return self._complete(task, counts, p)
 
     def finish_external(self, task: Task, counts: tuple[int, ...] | None = None) -> list[Task]:
-        """Another actor's node is done (its data or a notice arrived)."""
+        """Another actor's node is done (its data or a notice arrived); `counts` are its
+        gate's per-expert rows if it is a Gate or a dispatch from one (each gate's rows are
+        counted once, however many of its dispatches bring them)."""
         if self.owns(task):
             raise SemanticsError(f"task {task} runs here; it cannot finish externally")
         p = self.plans[task[0]]
@@ -379,14 +439,17 @@ class Execution:
         waiting, streams = p.waiting, p.streams
         waiting[node_id] = DONE
         if counts is not None:
-            node = p.plan.graph.nodes[node_id]
-            if isinstance(node, Gate):
-                prior = p.counts.get(node.layer)
-                p.counts[node.layer] = (counts if prior is None
-                                        else tuple(map(operator.add, prior, counts)))
+            gate = p.counted_gate[node_id]
+            if gate >= 0 and gate not in p.counted:
+                p.counted.add(gate)
+                layer = p.plan.graph.nodes[gate].layer  # type: ignore[union-attr]
+                prior = p.counts.get(layer)
+                p.counts[layer] = (counts if prior is None
+                                   else tuple(map(operator.add, prior, counts)))
         newly: list[Task] = []
         touched = self._touched
         arrival = -1
+        adjust = -1  # a layer whose routed Expert became ready here
         for succ in p.succs[node_id]:
             left = waiting[succ] - 1
             waiting[succ] = left
@@ -395,13 +458,25 @@ class Execution:
                 state = streams[succ]
                 if state is None:  # another actor's node: it finishes externally
                     continue
+                if p.routed_layer[succ] >= 0:
+                    adjust = p.routed_layer[succ]
                 if state.rule_kind is ByPriority:
                     if arrival < 0:
                         arrival = next(self._arrivals)
                     heapq.heappush(state.heap, (p.plan.priority[succ],
                                                 arrival if state.fifo else 0, plan_index, succ))
                 touched[state] = None
+        if adjust >= 0 and self.on_routing is not None and adjust not in p.kernels:
+            self._adjust(plan_index, p, adjust)  # last: it may raise, the state is whole
         return newly
+
+    def _adjust(self, plan_index: int, p: _PlanState, layer: int) -> None:
+        p.kernels[layer] = {}  # asked once, even if it raises
+        counts = p.counts.get(layer)
+        chosen = None if counts is None else self.on_routing(  # type: ignore[misc]
+            plan_index, layer, counts, p.groups[layer])
+        if chosen:
+            p.kernels[layer] = dict(chosen)
 
     def run_in_order(self, streams: Iterable[Stream] | None = None) -> Iterator[Task]:
         """Drive every plan to completion one task at a time, for an executor whose every

@@ -19,8 +19,9 @@ from moeflow.models.families import load_spec
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
 from moeflow.models.weights import torch_dtype
-from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.base import Cluster, Scheduler, routes
 from moeflow.scheduler.cgopipe import CGOPipe
+from moeflow.scheduler.eps import EPS, cpu_kernel_band
 from moeflow.scheduler.registry import make_scheduler
 from moeflow.serve.config import TRANSPORTS, EngineConfig
 from moeflow.serve.engine import EngineCore
@@ -45,10 +46,16 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
     spec = load_spec(path)
     scheduler = make_scheduler(config.scheduler)
     dtype = resolve_dtype(config.dtype, spec.dtype)
+    if (isinstance(config.scheduler, str) and isinstance(scheduler, EPS)
+            and all(d.startswith("cpu") for d in config.devices)):
+        # named, so not configured: its expert kernels by the CPU kernels' crossover
+        from moeflow.ops.cpu.choice import kernel_choice
+
+        scheduler.kernel_band = cpu_kernel_band(kernel_choice().expert_limit(dtype))
     cluster = make_cluster(config, spec, scheduler, dtype)
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,
-                             config.faults, config.trace)
+                             config.faults, config.trace, scheduler)
     try:
         return EngineCore(spec, executor, scheduler, cluster,
                           Tokenizer.load(path), max_batch_tokens=config.max_batch_tokens,
@@ -74,21 +81,24 @@ def make_cluster(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,
 
 def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Cluster,
                   dtype: torch.dtype, kv_tokens: int, record_routing: bool = False,
-                  want_logits: bool = False, faults: str = "", trace: str | None = None
-                  ) -> InProcessExecutor | ZmqExecutor:
+                  want_logits: bool = False, faults: str = "", trace: str | None = None,
+                  scheduler: Scheduler | None = None) -> InProcessExecutor | ZmqExecutor:
     """Actors in this process ("inproc", the default) or one process each ("zmq");
-    `trace`, a Chrome trace of every node they run."""
+    `trace`, a Chrome trace of every node they run; `scheduler`, whose `on_routing` (if it
+    has one) picks the actors' expert kernels."""
     if faults and transport != "zmq":
         raise ValueError("faults are injected into actor processes: use transport='zmq'")
     if transport == "inproc":
         workers = load_workers(model_dir, spec, cluster.placement, dtype, kv_tokens)
         return InProcessExecutor(workers, record_routing=record_routing,
-                                 want_logits=want_logits, trace=trace)
+                                 want_logits=want_logits, trace=trace,
+                                 on_routing=scheduler.on_routing
+                                 if scheduler is not None and routes(scheduler) else None)
     if transport == "zmq":
         from moeflow.actors.coordinator import ZmqExecutor
 
         return ZmqExecutor(str(model_dir), cluster.placement,
                            str(dtype).removeprefix("torch."), kv_tokens,
                            record_routing=record_routing, want_logits=want_logits,
-                           faults=faults, trace=trace)
+                           faults=faults, trace=trace, scheduler=scheduler)
     raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")

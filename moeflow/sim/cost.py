@@ -30,6 +30,12 @@ experts) that also run while communication does, wave quantization (the share is
 as linear), and a memory-bound GEMM (the share scales FLOP/s, not bandwidth). GPUs other
 than H800/H100/H200 take the same fraction. Unpipelined plans (batch-ep) keep every SM.
 
+The kernel of a routed Expert, as the scheduler's `on_routing` chose it: "grouped" (the
+default) is one launch over the group's experts; "dense" launches a GEMM per expert that has
+rows. Not modelled: a grouped kernel's shortfall against dense GEMMs at large loads (EPS-MoE
+measured DenseGemm the faster above ~4096 tokens on H800); it needs a table measured on the
+GPU, so here dense costs its extra launches and nothing is gained by it.
+
 Pure: plain arithmetic on ModelSpec and Hardware.
 """
 
@@ -101,10 +107,11 @@ class CostModel:
     # -- per node ------------------------------------------------------------------
 
     def cost(self, graph: Graph, node: Node, rows: Sequence[int] = (),
-             unit: Unit | None = None) -> NodeCost:
+             unit: Unit | None = None, kernel: str | None = None) -> NodeCost:
         """FLOPs and bytes of `node`. `rows` are, for a routed Expert or a dispatch/combine
         Transfer, the rows it handles per expert of its group. `unit` is the one the node's
-        sizes are bound to when a plan is replayed for another unit than its graph's."""
+        sizes are bound to when a plan is replayed for another unit than its graph's.
+        `kernel`: a routed Expert's ("grouped", "dense" or None: grouped)."""
         s, b, wb, d = self.spec, self.b, self.wb, self.spec.hidden_size
         kernels = KERNELS[type(node)]
         if isinstance(node, Embed):
@@ -122,7 +129,7 @@ class CostModel:
                 return NodeCost(2 * t * params, params * wb, t, kernels,
                                 t * (2 * d + 6 * width) * b)
             return self.routed_cost(sum(rows), sum(1 for r in rows if r),
-                                    self.pipelined(graph, node))
+                                    self.pipelined(graph, node), kernel)
         if isinstance(node, Transfer):
             if node.payload == "weights":  # a page of routed experts
                 return NodeCost(0, len(node.experts) * s.expert_params() * wb, 0, kernels)
@@ -139,16 +146,19 @@ class CostModel:
                             r * (2 * d * b + s.vocab_size * 4))
         raise TypeError(f"no cost for {node!r}")
 
-    def routed_cost(self, total: float, active: int, pipelined: bool = False) -> NodeCost:
+    def routed_cost(self, total: float, active: int, pipelined: bool = False,
+                    kernel: str | None = None) -> NodeCost:
         """A routed Expert node's cost: `total` rows over `active` experts hit, its GEMMs on
-        `GEMM_SM_SHARE` of a GPU when its plan pipelines."""
+        `GEMM_SM_SHARE` of a GPU when its plan pipelines; the "dense" kernel launches its
+        GEMMs once per expert hit."""
         if total == 0 or active == 0:
             return NodeCost(0, 0, 0, 0)
         s, d = self.spec, self.spec.hidden_size
         f = s.moe.intermediate_size
         # gather rows in, gate/up out and read back, SwiGLU, down out, scaled in place
+        launches = KERNELS[Expert] * (active if kernel == "dense" else 1)
         return NodeCost(2 * total * s.expert_params(), active * s.expert_params() * self.wb,
-                        total / active, KERNELS[Expert], total * (4 * d + 6 * f) * self.b,
+                        total / active, launches, total * (4 * d + 6 * f) * self.b,
                         sm_share=self.sm_share if pipelined else 1.0)
 
     def pipelined(self, graph: Graph, node: Expert) -> bool:
@@ -206,11 +216,12 @@ class CostModel:
         return self.merge(items[0][0], first, [self.cost(g, n, r) for g, n, r in items], [])
 
     def merge(self, graph: Graph, first: Node, costs: Sequence[NodeCost],
-              rows: Sequence[Sequence[int]]) -> NodeCost:
-        """`group_cost` from its members' costs, or for routed experts from their rows."""
+              rows: Sequence[Sequence[int]], kernel: str | None = None) -> NodeCost:
+        """`group_cost` from its members' costs, or for routed experts from their rows (run
+        on `kernel`)."""
         if isinstance(first, Expert) and first.kind == "routed":
             merged = [sum(r[j] for r in rows) for j in range(len(first.experts))]
-            return self.cost(graph, first, merged)
+            return self.cost(graph, first, merged, kernel=kernel)
         if isinstance(first, Transfer):  # payloads share nothing: they all cross the link
             return NodeCost(0.0, sum(c.bytes for c in costs), 0, len(costs))
         return NodeCost(sum(c.flops for c in costs), max(c.bytes for c in costs),
@@ -218,8 +229,9 @@ class CostModel:
                         sum(c.activation_bytes for c in costs),
                         sum(c.attention_flops for c in costs))
 
-    def duration(self, graph: Graph, node: Node, rows: Sequence[int] = ()) -> float:
-        return self.time_of(node, self.cost(graph, node, rows))
+    def duration(self, graph: Graph, node: Node, rows: Sequence[int] = (),
+                 kernel: str | None = None) -> float:
+        return self.time_of(node, self.cost(graph, node, rows, kernel=kernel))
 
     def group_duration(self, items: Sequence[tuple[Graph, Node, Sequence[int]]]) -> float:
         if len(items) == 1:
@@ -287,19 +299,24 @@ class RowCosts:
     of what they depend on: a routed Expert's by its rows and the experts they hit, a
     dispatch or combine Transfer's by its rows and whether it stays on its device."""
 
-    def __init__(self, cost: CostModel) -> None:
+    def __init__(self, cost: CostModel, adjusted: bool = False) -> None:
         self.cost = cost
+        # a scheduler's on_routing picks routed Experts' kernels: they are sized as they
+        # start, once it has, not when their gates draw
+        self.adjusted = adjusted
         self.row_bytes = cost.spec.hidden_size * cost.b  # of a row of the hidden state
-        self._routed: dict[tuple[int, int, bool], float] = {}  # (rows, hit, pipelined) -> s
+        # (rows, hit, pipelined, kernel) -> s
+        self._routed: dict[tuple[int, int, bool, str | None], float] = {}
         # transfers' seconds by rows, [0] between devices and [1] within one: read these
         # first, `moved` fills them
         self.moved_seconds: tuple[dict[int, float], dict[int, float]] = ({}, {})
 
-    def routed(self, graph: Graph, node: Expert, rows: Sequence[int]) -> float:
-        key = (sum(rows), len(rows) - rows.count(0), self.cost.pipelined(graph, node))
+    def routed(self, graph: Graph, node: Expert, rows: Sequence[int],
+               kernel: str | None = None) -> float:
+        key = (sum(rows), len(rows) - rows.count(0), self.cost.pipelined(graph, node), kernel)
         duration = self._routed.get(key)
         if duration is None:
-            duration = self._routed[key] = self.cost.duration(graph, node, rows)
+            duration = self._routed[key] = self.cost.duration(graph, node, rows, kernel)
         return duration
 
     def moved(self, graph: Graph, node: Transfer, num_rows: int) -> float:

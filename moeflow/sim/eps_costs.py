@@ -79,9 +79,13 @@ def stage_overhead(cost: CostModel) -> float:
 def with_hardware_costs(scheduler: Scheduler, spec: ModelSpec, hw: Hardware,
                         dtype: str | None = None) -> Scheduler:
     """`scheduler`, or for an `eps` without costs of its own a copy of it whose PN is
-    chosen with `RooflineStageCosts` of this model, hardware and dtype."""
+    chosen with `RooflineStageCosts` of this model, hardware and dtype, and whose kernel
+    choice is the cost model's: the roofline charges DenseGemm more launches and models no
+    grouped kernel's shortfall, so under it GroupGemm always wins and the choice is off
+    (`kernel_band=None`; give an EPS a band to see what the paper's would do)."""
     if not isinstance(scheduler, EPS) or scheduler.costs is not None:
         return scheduler
     chosen = copy.copy(scheduler)
     chosen.costs = RooflineStageCosts.of(spec, hw, dtype)
+    chosen.kernel_band = None
     return chosen

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from moeflow.dataflow.graph import Expert, Node
+from moeflow.scheduler.base import checked_adjustments, routes
 from moeflow.scheduler.plan_cache import PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, SchedulingError
 from moeflow.scheduler.semantics import Execution, SemanticsError
@@ -74,8 +75,11 @@ class Run:
                                 sim.kv_block_size, max_batch_tokens=sim.max_batch_tokens,
                                 max_seqs=sim.max_seqs,
                                 plan_cache=PlanCache(sim.plan_cache) if sim.plan_cache else None)
-        self.execution = Execution()
-        self.costs = RowCosts(sim.cost)
+        adjusted = routes(sim.scheduler)
+        self.execution = Execution(on_routing=self._on_routing if adjusted else None)
+        self.costs = RowCosts(sim.cost, adjusted)
+        # layer -> kernel -> routed Expert groups it ran, as the scheduler's on_routing chose
+        self.kernels: dict[int, dict[str, int]] = {}
         self.units: dict[int, BoundUnit] = {}  # plans in flight, by plan index
         self.tables: OrderedDict[int, PlanTable] = OrderedDict()  # id(plan) -> its table
         self.columns: dict[int, TraceColumns] = {}  # id(plan) -> how its nodes show
@@ -117,7 +121,7 @@ class Run:
         metrics = Metrics.of(self.timings, busy, peak_by_device, self.sim.budget, preemptions)
         return SimResult(self.trace, sorted(self.timings, key=lambda t: t.seq_id), metrics,
                          self.jobs, self.durations, self.violations, self.num_events,
-                         self.num_units)
+                         self.num_units, self.kernels)
 
     def _loop(self) -> None:
         heap, book, execution, units = self.heap, self.book, self.execution, self.units
@@ -174,7 +178,7 @@ class Run:
                 u = units[task[0]]
                 duration = u.dur[node_id]
                 if duration is None:  # a gate draws its rows as it starts
-                    duration = self._late(u, node_id)
+                    duration = self._late(u, task)
                 end = now + duration
                 table = u.table
                 rid = table.rid[node_id]
@@ -316,7 +320,7 @@ class Run:
             u = self.units[index]
             duration = u.dur[node_id]
             if duration is None:
-                duration = self._late(u, node_id)
+                duration = self._late(u, group[0])
             sizes = [u.nbytes[node_id]]
         else:
             duration, sizes = self._group_duration(group)
@@ -345,13 +349,30 @@ class Run:
             heapq.heappush(self.heap, (end, next(self.seq), task, u))
         self.num_events += len(group)
 
-    def _late(self, u: BoundUnit, node_id: int) -> float:
+    def _late(self, u: BoundUnit, task: tuple[int, int]) -> float:
         """The duration of a node its unit could not size when bound: a gate draws its rows
-        as it starts; a node sized by a gate that has not drawn breaks precedence."""
+        as it starts; a routed Expert whose kernel the scheduler picks is sized on it as it
+        starts; a node sized by a gate that has not drawn breaks precedence."""
+        node_id = task[1]
         if u.table.code[node_id] == GATE:
             return u.draw(node_id, self.sim.routing)
-        self._rows(u, node_id)  # raises: its gate has not drawn
+        rows = self._rows(u, node_id)  # raises if its gate has not drawn
+        node = u.nodes[node_id]
+        if self.costs.adjusted and isinstance(node, Expert) and node.kind == "routed":
+            return self.costs.routed(u.graph, node, rows, self._kernel(task, node))
         raise AssertionError(f"node {node_id} was not sized when its gate drew")
+
+    def _kernel(self, task: tuple[int, int], node: Expert) -> str | None:
+        kernel = self.execution.kernel(task)
+        if kernel is not None:
+            chosen = self.kernels.setdefault(node.layer, {})
+            chosen[kernel] = chosen.get(kernel, 0) + 1
+        return kernel
+
+    def _on_routing(self, index: int, layer: int, counts: tuple[int, ...],
+                    groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str] | None:
+        return checked_adjustments(self.sim.scheduler.on_routing(
+            self.units[index].job.unit, layer, counts, groups), groups)
 
     def _group_duration(self, group: tuple[tuple[int, int], ...]
                         ) -> tuple[float, list[float]]:
@@ -369,7 +390,8 @@ class Run:
                 members.append((u.nodes[node_id], None, self._rows(u, node_id)))
         first, graph = members[0][0], self.units[group[0][0]].graph
         if isinstance(first, Expert) and first.kind == "routed":
-            c = cost.merge(graph, first, [], [rows for _, _, rows in members])
+            kernel = self._kernel(group[0], first) if self.costs.adjusted else None
+            c = cost.merge(graph, first, [], [rows for _, _, rows in members], kernel)
         else:
             c = cost.merge(graph, first, [m if m is not None else cost.cost(graph, node, rows)
                                           for node, m, rows in members], [])

@@ -341,7 +341,8 @@ class BoundUnit:
         for routed in self.table.routed_of[read]:
             rows = self.rows(routed)
             assert rows is not None  # every gate of the layer drew
-            dur[routed] = costs.routed(self.graph, self.nodes[routed], rows)  # type: ignore
+            if not costs.adjusted:  # else sized as it starts, on the kernel chosen
+                dur[routed] = costs.routed(self.graph, self.nodes[routed], rows)  # type: ignore
             nbytes[routed] = sum(rows) * costs.row_bytes
 
     def rows(self, node_id: int) -> tuple[int, ...] | None:

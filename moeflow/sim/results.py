@@ -153,6 +153,9 @@ class SimResult:
     memory_violations: list[str] = field(default_factory=list)
     num_events: int = 0  # nodes run, recorded or not
     num_units: int = 0
+    # layer -> kernel -> routed Expert groups run on it, as the scheduler's on_routing chose
+    # (empty for a policy without on_routing)
+    kernels: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def stream_orders(self) -> dict[str, list[tuple[int, int]]]:
         """Per resource, the (job, node) it ran, in start order (of a recorded trace)."""

@@ -3,8 +3,11 @@
 `SemanticsMachine` adds plans (random small graphs, each stream InOrder in a random
 topological order, or ByPriority with random keys, fifo or not, coalescing by random merge
 keys or not), then starts nodes or groups and finishes nodes in any
-order the semantics allow, and checks `Execution` against an obviously correct model:
-a set of done nodes, and for each stream its rule applied by brute force.
+order the semantics allow (gates with random per-expert counts), and checks `Execution`
+against an obviously correct model: a set of done nodes, and for each stream its rule
+applied by brute force. Its `on_routing` hook must be asked exactly once per plan and layer,
+when the first routed Expert of that layer becomes ready, with the summed counts of the
+layer's finished gates; what it answers is each routed Expert's `kernel`.
 
     TestSemantics = SemanticsMachine.TestCase      # in a test module
 """
@@ -15,10 +18,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from moeflow.dataflow.compiler import Cut, compile
-from moeflow.dataflow.graph import Graph, Placement, SeqChunk, Unit
+from moeflow.dataflow.graph import Expert, Gate, Graph, Placement, SeqChunk, Unit
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, Stream, node_stream
 from moeflow.scheduler.semantics import Execution, Task
 from moeflow.testing.strategies import model_cases
+
+
+def _routed(graph: Graph, layer: int | None = None) -> list[Expert]:
+    return [n for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"
+            and (layer is None or n.layer == layer)]
 
 
 def random_topological(graph: Graph, rng: st.DrawFn) -> list[int]:
@@ -39,8 +47,10 @@ def random_topological(graph: Graph, rng: st.DrawFn) -> list[int]:
 class SemanticsMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.execution = Execution()
+        self.execution = Execution(on_routing=self._on_routing)
         self.plans: list[Plan] = []
+        self.counts: dict[Task, tuple[int, ...]] = {}  # finished gates' counts
+        self.asked: dict[tuple[int, int], dict[tuple[int, ...], str]] = {}  # on_routing's
         self.done: set[Task] = set()
         self.running: dict[Stream, set[Task]] = {}  # a node, or a coalesced group
         self.issue: dict[Stream, list[Task]] = {}  # InOrder: the remaining sequence
@@ -99,6 +109,20 @@ class SemanticsMachine(RuleBasedStateMachine):
                 self.issue.setdefault(s, []).extend((index, i) for i in r.order)
         del existing
         self._note_ready()
+
+    def _on_routing(self, index: int, layer: int, counts: tuple[int, ...],
+                    groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str]:
+        assert (index, layer) not in self.asked, f"asked twice for plan {index} layer {layer}"
+        graph = self.plans[index].graph
+        gates = [c for (p, i), c in self.counts.items()
+                 if p == index and isinstance(graph.nodes[i], Gate)
+                 and graph.nodes[i].layer == layer]
+        assert counts == tuple(map(sum, zip(*gates))), (counts, gates)
+        assert groups == tuple(dict.fromkeys(n.experts for n in _routed(graph, layer)))
+        # answer with a kernel for every other group, so some are left to the executor
+        answer = {g: ("dense", "grouped")[i % 2] for i, g in enumerate(groups) if i % 3 != 2}
+        self.asked[(index, layer)] = answer
+        return answer
 
     def _note_ready(self) -> None:
         """Stamp the tasks that just became ready with this event's number."""
@@ -167,7 +191,15 @@ class SemanticsMachine(RuleBasedStateMachine):
         self.running[stream].discard(task)
         if not self.running[stream]:  # a group keeps its stream busy until all are done
             del self.running[stream]
-        self.execution.finish(task)
+        node = self.plans[task[0]].graph.nodes[task[1]]
+        counts = None
+        if isinstance(node, Gate):
+            counts = self.counts[task] = tuple(data.draw(st.lists(
+                st.integers(0, 3), min_size=len(self.plans[task[0]].graph.placement
+                                                .expert_owners),
+                max_size=len(self.plans[task[0]].graph.placement.expert_owners)),
+                label="counts"))
+        self.execution.finish(task, counts)
         assert task not in self.done
         self.done.add(task)
         self._note_ready()
@@ -177,6 +209,19 @@ class SemanticsMachine(RuleBasedStateMachine):
         for stream in self.execution.streams:
             assert self.execution.next_node(stream) == self._expected_next(stream), stream
             assert self.execution.next_group(stream) == self._expected_group(stream), stream
+
+    @invariant()
+    def on_routing_asked_once_a_routed_expert_was_ready(self) -> None:
+        for p, plan in enumerate(self.plans):
+            for node in _routed(plan.graph):
+                reached = (p, node.id) in self.became_ready
+                assert ((p, node.layer) in self.asked) >= reached, (p, node)
+                if reached:
+                    want = self.asked[(p, node.layer)].get(node.experts)
+                    assert self.execution.kernel((p, node.id)) == want
+        for p, layer in self.asked:
+            assert any((p, n.id) in self.became_ready
+                       for n in _routed(self.plans[p].graph, layer))
 
     @invariant()
     def one_node_per_stream_and_progress_possible(self) -> None:

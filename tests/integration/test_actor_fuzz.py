@@ -25,7 +25,7 @@ from moeflow.testing.conformance import record_generation
 VALID = [
     encode(Data(7, 3, Payload("rows", {"home": "cpu:0", "start": 0},
                               (torch.ones(2, 4), torch.tensor([2], dtype=torch.int32),
-                               torch.ones(2))))),
+                               torch.ones(2))), (2, 0))),
     encode(Data(7, 3, Payload("partial", {"start": 0}, (torch.ones(3, 4),)))),
     encode(Done(7, 1)),
     encode(Release((1, 2))),
@@ -81,6 +81,12 @@ def test_a_batch_carries_its_messages_in_order_and_refuses_a_bad_index():
     msgs = decode_all(batch)
     assert [type(m) for m in msgs] == [Data, Data, Done, Release]
     assert torch.equal(msgs[1].payload.tensors[0], torch.ones(3, 4))
+    assert msgs[0].counts == (2, 0) and msgs[1].counts is None  # a dispatch's gate counts
+    header = msgpack.unpackb(as_bytes(VALID[0])[1], raw=False)
+    for bad in ([-1, 2], [1.5], "12", [True]):
+        frames = as_bytes(VALID[0])
+        with pytest.raises(MessageError, match="bad Data counts"):
+            decode_all([frames[0], msgpack.packb(dict(header, counts=bad)), *frames[2:]])
     assert msgs[2] == Done(7, 1) and msgs[3] == Release((1, 2))
     assert pack([VALID[2]]) is VALID[2]  # one message travels as itself
     for index in ([], [[KINDS[Done], 1]] * 5, [[BATCH, 1]], [[KINDS[Done], 0]], {"a": 1}):

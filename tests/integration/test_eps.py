@@ -83,3 +83,63 @@ def test_eps_matches_batch_ep_across_actor_processes(tiny_factory):
         BatchEP(), cluster)
     with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True) as zmq:
         assert_same(generate(zmq, spec, EPS(stages=2), cluster), reference)
+
+
+class Recorded(EPS):
+    """eps with a fixed kernel band, recording what its on_routing saw."""
+
+    def __init__(self, band: tuple[int, int]) -> None:
+        super().__init__(stages=2, kernel_band=band)
+        self.seen: list[tuple[int, int, int]] = []  # (unit tokens, layer, rows counted)
+
+    def on_routing(self, unit, layer, counts, groups):
+        self.seen.append((unit.num_tokens, layer, sum(counts)))
+        return super().on_routing(unit, layer, counts, groups)
+
+
+@pytest.mark.parametrize("kernel,band", [("grouped", (1 << 30, 1 << 30)), ("dense", (0, 0))])
+def test_on_routing_picks_every_actors_expert_kernel_and_results_do_not_change(
+        tiny_factory, kernel, band):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+
+    def workers():
+        return load_workers(path, spec, cluster.placement, torch.float32, 4096)
+
+    reference = generate(InProcessExecutor(workers(), want_logits=True), spec, BatchEP(),
+                         cluster)
+    eps = Recorded(band)
+    ws = workers()
+    ran = []
+    for name, w in ws.items():
+        real = w.run_group
+
+        def spy(items, kernel=None, real=real, name=name):
+            node = items[0][2]
+            if type(node).__name__ == "Expert" and node.kind == "routed":
+                ran.append((name, kernel))
+            return real(items, kernel)
+
+        w.run_group = spy
+    executor = InProcessExecutor(ws, want_logits=True, on_routing=eps.on_routing)
+    assert_same(generate(executor, spec, eps, cluster), reference)
+    assert {name for name, _ in ran} == {"cpu:0", "cpu:1"}
+    assert {k for _, k in ran} == {kernel}
+    # each actor asked once per layer and unit, with the rows of every home's gate: those
+    # from the other actor came with its dispatches
+    top_k = spec.moe.top_k
+    assert eps.seen and all(rows == tokens * top_k for tokens, _, rows in eps.seen)
+    with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True,
+                     scheduler=Recorded(band)) as zmq:
+        assert_same(generate(zmq, spec, Recorded(band), cluster), reference)
+
+
+def test_a_scheduler_whose_on_routing_actors_cannot_get_is_refused(tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    eps = EPS()
+    eps.unpicklable = lambda: None  # a lambda cannot travel to an actor process
+    with pytest.raises(ValueError, match="cannot be pickled"):
+        ZmqExecutor(str(path), cluster.placement, "float32", 4096, scheduler=eps)

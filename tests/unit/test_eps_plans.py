@@ -318,3 +318,62 @@ def test_a_paper_scale_prefill_pipelines_in_the_simulator():
     assert num_stages(result.jobs[0].plan.graph) > 1  # the prefill
     assert num_stages(result.jobs[-1].plan.graph) == 1  # the decode
     assert invariant_7(None, result) == []
+
+
+# -- the kernel choice ------------------------------------------------------------------
+
+
+def test_on_routing_picks_grouped_below_the_band_dense_above_and_holds_between():
+    eps = EPS(kernel_band=(50, 100))  # rows per expert of the group
+    unit = prefill(8, ("cpu:0",))
+    groups = ((0, 1), (2, 3))
+
+    def choose(rows0, rows1, layer=0):
+        return eps.on_routing(unit, layer, (rows0, 0, rows1, 0), groups)
+
+    assert choose(10, 150) == {(0, 1): "grouped", (2, 3): "grouped"}  # none chose yet
+    assert choose(250, 150) == {(0, 1): "dense", (2, 3): "grouped"}
+    # inside the band, each group keeps its last kernel: no flip at the crossover
+    assert choose(150, 199) == {(0, 1): "dense", (2, 3): "grouped"}
+    assert choose(99, 201) == {(0, 1): "grouped", (2, 3): "dense"}
+    assert choose(150, 150, layer=1) == {(0, 1): "grouped", (2, 3): "grouped"}  # per layer
+    with pytest.raises(ValueError, match="kernel_band"):
+        EPS(kernel_band=(10, 5))
+    assert EPS(kernel_band=None).on_routing(unit, 0, (1, 0, 1, 0), groups) is None
+
+
+def test_an_on_routing_answer_is_checked():
+    from moeflow.scheduler.base import checked_adjustments
+
+    groups = ((0, 1), (2, 3))
+    assert checked_adjustments(None, groups) is None
+    assert checked_adjustments({(0, 1): "dense"}, groups) == {(0, 1): "dense"}
+    with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+        checked_adjustments({(0, 1): "fast"}, groups)
+    with pytest.raises(ValueError, match=r"\(1, 2\) is not one of the layer's expert groups"):
+        checked_adjustments({(1, 2): "dense"}, groups)
+    with pytest.raises(TypeError, match="must return a dict or None"):
+        checked_adjustments([((0, 1), "dense")], groups)
+
+
+def test_the_simulator_runs_experts_on_the_kernel_on_routing_chose():
+    from moeflow.sim import hardware
+
+    spec = models.load("olmoe-1b-7b")
+    hw = hardware.load("h100x8")
+    routing = Routing.parse("uniform", spec.moe.num_experts, spec.moe.top_k, spec.num_layers)
+    requests = [SimRequest(0.0, 4096, 2) for _ in range(8)]
+    results = {}
+    for band in ((1 << 30, 1 << 30), (0, 0)):  # always grouped, always dense
+        eps = EPS(costs=h800(spec), kernel_band=band)
+        results[band] = Simulator(spec, hw, eps, routing, max_batch_tokens=32768).run(
+            requests)
+    grouped, dense = results[(1 << 30, 1 << 30)], results[(0, 0)]
+    assert set(grouped.kernels) == set(range(spec.num_layers))
+    assert all(set(k) == {"grouped"} for k in grouped.kernels.values())
+    assert all(set(k) == {"dense"} for k in dense.kernels.values())
+    # dense launches a GEMM per expert: the same work, more launches
+    assert dense.metrics.makespan > grouped.metrics.makespan
+    batch = Simulator(spec, hw, make_scheduler("batch-ep"), routing,
+                      max_batch_tokens=32768).run(requests)
+    assert batch.kernels == {}

@@ -114,3 +114,91 @@ def test_two_plans_share_streams():
     ex = Execution([topological_plan(a), topological_plan(b)])
     order = drain(ex)
     assert {p for p, _ in order} == {0, 1} and ex.done
+
+
+# -- on_routing -------------------------------------------------------------------------
+
+
+def _routed(g, layer=None):
+    return [n for n in g.nodes if type(n).__name__ == "Expert" and n.kind == "routed"
+            and (layer is None or n.layer == layer)]
+
+
+def test_on_routing_is_asked_once_per_layer_when_a_routed_expert_is_ready():
+    g = graph(homes=("cpu:0", "cpu:1"))
+    calls = []
+    gates_done = set()
+
+    def on_routing(index, layer, counts, groups):
+        # every gate of the layer has finished: its routed experts read all of them
+        assert {n.id for n in g.nodes if type(n).__name__ == "Gate" and n.layer == layer} \
+            <= gates_done
+        calls.append((index, layer, counts, groups))
+        return {groups[0]: "dense"}
+
+    ex = Execution([topological_plan(g)], on_routing=on_routing)
+    for task in ex.run_in_order():
+        node = g.nodes[task[1]]
+        gate = type(node).__name__ == "Gate"
+        if gate:
+            gates_done.add(node.id)
+        ex.finish(task, (1, 0, 2, 0, 0, 0, 0, 1) if gate else None)
+    layers = sorted({n.layer for n in _routed(g)})
+    assert [c[1] for c in calls] == layers  # once per layer, in order
+    first, second = [n for n in _routed(g, layers[0])]
+    assert calls[0][2] == (2, 0, 4, 0, 0, 0, 0, 2)  # both homes' gates, summed
+    assert calls[0][3] == (first.experts, second.experts)
+    assert ex.kernel((0, first.id)) == "dense"
+    assert ex.kernel((0, second.id)) is None  # left to the executor
+    assert ex.kernel((0, 0)) is None  # not a routed Expert
+    assert ex.adjustments(0)[layers[0]] == {first.experts: "dense"}
+
+
+def test_on_routing_failing_leaves_the_semantics_whole():
+    g = graph()
+    ex = Execution([topological_plan(g)],
+                   on_routing=lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        for task in ex.run_in_order():
+            ex.finish(task, (1,) * 8 if type(g.nodes[task[1]]).__name__ == "Gate" else None)
+    # the node that readied a routed Expert is done and its successors are ready; a
+    # caller that fails the unit forgets the plan
+    ex.forget(0)
+    ex.release(0)
+    assert not ex.plans
+
+
+def test_each_gates_counts_are_counted_once_however_many_dispatches_bring_them():
+    from moeflow.dataflow.graph import Gate, Transfer
+
+    g = compile(spec_from_config(tiny_config("qwen3_moe")),
+                Unit((SeqChunk(0, 0, 3, "cpu:0"),)), Placement.sharded(("cpu:0", "cpu:1"), 8),
+                Cut(expert_stages=2))
+    plan = topological_plan(g)
+    seen = []
+    ex = Execution(on_routing=lambda i, layer, counts, groups: seen.append(counts))
+    ex.add(plan, owns=lambda s: s.actor == "cpu:1")  # the owner of experts 4-7 only
+    gate = next(n for n in g.nodes if isinstance(n, Gate) and n.layer == 0)
+    dispatches = [n for n in g.nodes if isinstance(n, Transfer) and n.payload == "dispatch"
+                  and n.layer == 0 and n.dst == "cpu:1"]
+    assert len(dispatches) == 2  # one per stage, each with the gate's counts
+    counts = (1, 1, 1, 1, 2, 0, 3, 0)
+    pending = list(range(len(g.nodes)))
+    while pending:  # finish what is ready: this actor's nodes, the others' externally
+        progressed = False
+        for node_id in list(pending):
+            task = (0, node_id)
+            if ex.owns(task):
+                if ex.is_ready(task) and ex.next_node(plan.assignment[node_id]) == task:
+                    ex.start(task)
+                    ex.finish(task)
+                    pending.remove(node_id)
+                    progressed = True
+            elif all(p not in pending for p in g.preds(node_id)):
+                node = g.nodes[node_id]
+                ex.finish_external(task, counts if node in dispatches else None)
+                pending.remove(node_id)
+                progressed = True
+        assert progressed
+    assert seen[0] == counts  # not doubled by the second dispatch
+    assert gate.id not in [n.id for n in dispatches]

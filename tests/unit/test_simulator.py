@@ -352,3 +352,25 @@ def test_starting_every_startable_group_at_once_is_starting_each():
                 for task in group:
                     assert a.finish(task) == b.finish(task)
         assert b.done
+
+
+def test_simulate_cli_shows_the_expert_kernels_an_on_routing_chose(tmp_path, capsys,
+                                                                    monkeypatch):
+    # a plugin eps with costs of its own keeps its band (the preset's costs would turn it
+    # off): every expert group over 0 rows per expert runs dense
+    (tmp_path / "banded.py").write_text(
+        "from moeflow.scheduler import EPS, AnalyticCosts\n"
+        "class Banded(EPS):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(costs=AnalyticCosts(2048, 1024, 2), kernel_band=(0, 0))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["simulate", "--model", "olmoe-1b-7b", "--hardware", "a100-80gx8", "--scheduler",
+            "banded:Banded", "--workload", "poisson:rate=20", "--num-requests", "4",
+            "--prompt-len", "fixed:64", "--output-len", "fixed:2",
+            "--json", str(tmp_path / "m.json")]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    layers = models.load("olmoe-1b-7b").num_layers
+    assert "expert kernels (on_routing): dense " in out and f"over {layers} layers" in out
+    kernels = json.loads((tmp_path / "m.json").read_text())["kernels"]
+    assert len(kernels) == layers and all(set(k) == {"dense"} for k in kernels.values())

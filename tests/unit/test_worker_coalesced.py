@@ -104,3 +104,36 @@ def test_cpu_expert_paths_equal_the_grouped_gemm(checkpoint, monkeypatch, padded
     want = experts_module.swiglu_batches_grouped(xs, ends, group)
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [None, "grouped", "dense"])
+@pytest.mark.parametrize("counts", [[[1, 0, 0, 2]], [[0, 3, 0, 1], [2, 0, 0, 1], [0, 0, 0, 4]]])
+def test_every_kernel_on_routing_may_pick_gives_the_same_rows(checkpoint, monkeypatch, kernel,
+                                                              counts):
+    worker = make_worker(checkpoint)
+    group = worker._expert_group(0, tuple(range(4)))
+    torch.manual_seed(3)
+    xs = [torch.randn(sum(c), worker.spec.hidden_size) for c in counts]
+    ends = [torch.tensor(c).cumsum(0, dtype=torch.int32) for c in counts]
+    want = experts_module.grouped_swiglu_ref(
+        *_expert_major_rows(xs, counts), group.gate_up, group.down)
+    ran = []
+    for name in ("expert_ffn",):  # the fused kernel: "grouped" may take it, "dense" never
+        real = getattr(experts_module.kernels, name)
+        monkeypatch.setattr(experts_module.kernels, name,
+                            lambda *a, real=real, **k: ran.append(name) or real(*a, **k))
+    got_cpu = experts_module.swiglu_batches_cpu(xs, counts, group, kernel=kernel)
+    got_grouped = experts_module.swiglu_batches_grouped(xs, ends, group, kernel=kernel)
+    order = experts_module._expert_major(counts)
+    for got in (got_cpu, got_grouped):
+        assert torch.allclose(got[order], want, atol=1e-5)
+    if kernel == "dense":
+        assert not ran
+    elif kernel == "grouped":  # one call over every expert, whatever the crossover
+        assert ran == ["expert_ffn"]
+
+
+def _expert_major_rows(xs, counts):
+    """The rows of every batch, expert by expert, and the rows per expert."""
+    order = experts_module._expert_major(counts)
+    return torch.cat(xs)[order], [sum(c) for c in zip(*counts)]
