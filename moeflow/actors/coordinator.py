@@ -108,6 +108,10 @@ class ZmqExecutor:
         # the launch pipe (as trusted as the actor's code)
         self.scheduler = ""
         if scheduler is not None and routes(scheduler):
+            if type(scheduler).__module__ == "__main__":
+                raise ValueError(f"scheduler {type(scheduler).__name__} has an on_routing, "
+                                 f"which actor processes run, but it is defined in __main__, "
+                                 f"which they cannot import: define it in a module")
             try:
                 self.scheduler = base64.b64encode(pickle.dumps(scheduler)).decode()
             except Exception as exc:
@@ -375,9 +379,9 @@ class ZmqExecutor:
         now = time.monotonic()
         for name, actor in list(self.actors.items()):
             code = actor.proc.poll()
-            if code is not None and actor.data_address is None:
-                # it never started: another try would fail the same way (its error is on
-                # stderr)
+            if code is not None and code > 0 and actor.data_address is None:
+                # it failed to start (its error is on stderr): another try would fail the
+                # same way. Killed by a signal, it is restarted
                 raise ActorStartError(f"actor {name} exited with code {code} while starting")
             if code is not None:
                 self._restart(name, f"its process exited with code {code}")

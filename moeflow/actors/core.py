@@ -260,6 +260,8 @@ class ActorCore:
                 out.extend(self._arrive(unit, early))
             except MessageError as exc:
                 log.warning("%s: dropped a message for unit %d: %s", self.name, unit_id, exc)
+            if unit_id not in self.units:  # it failed (on_routing raised): nothing more
+                return out
         out.extend(self._maybe_done(unit))
         return out
 
@@ -275,6 +277,10 @@ class ActorCore:
         if isinstance(msg, Data):
             unit.values[msg.node_id] = payload_to(from_payload(msg.payload), self.worker.tdevice)
             counts = msg.counts
+            if counts is not None and len(counts) != graph.placement.num_experts:
+                return self.fail(task, MessageError(
+                    f"node {msg.node_id} brought counts of {len(counts)} experts, the model "
+                    f"has {graph.placement.num_experts}"))
         if unit.arrivals is not None:  # heard of now (or, if it came first, at admission)
             unit.arrivals.append((msg.node_id, time.monotonic()))
         try:
@@ -344,9 +350,10 @@ class ActorCore:
         node = step.node
         out: list[Outgoing] = []
         uses, values = unit.uses, unit.values
-        # a dispatch tells its owner the gate's counts, read before its input may go
-        sent_counts = (getattr(values.get(step.inputs[0]), "counts", None) if step.dispatch
-                       else None)
+        # a dispatch tells its owner the gate's counts (for its on_routing), read before its
+        # input may go
+        sent_counts = (getattr(values.get(step.inputs[0]), "counts", None)
+                       if step.dispatch and self.on_routing is not None else None)
         for p in step.inputs:
             uses[p] -= 1
             if uses[p] == 0:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -428,12 +429,18 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
         if h["kind"] not in ("rows", "partial", "tensor", "page") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")
         counts = h.get("counts")
-        if counts is not None and not (isinstance(counts, list) and all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)):
-            raise MessageError(f"bad Data counts {counts!r}: expected non-negative integers")
+        if counts is not None:
+            try:  # checked in C: a typed array takes integers only
+                checked = array("q", counts) if isinstance(counts, list) else None
+            except (TypeError, OverflowError):
+                checked = None
+            if checked is None or (checked and min(checked) < 0):
+                raise MessageError(f"bad Data counts {counts!r}: expected non-negative "
+                                   f"integers")
+            counts = tuple(checked)
         return Data(int(h["unit_id"]), int(h["node_id"]),
                     Payload(h["kind"], h["meta"], tuple(_tensors(h["tensors"], frames))),
-                    None if counts is None else tuple(counts))
+                    counts)
     if cls is UnitPart:
         logits = _tensors(h["logits"], frames)
         return UnitPart(int(h["unit_id"]), str(h["actor"]),

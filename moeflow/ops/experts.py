@@ -4,7 +4,7 @@ have rows or as two padded batched matmuls, whichever `padded_experts_pay` expec
 faster (see ops/backend.py).
 
 A caller may name the kernel (the scheduler's `on_routing` choice, moeflow.scheduler.base):
-"grouped" runs the group's experts in one call (the fused CPU kernel, else one padded bmm;
+"grouped" runs the group's experts in one call (the fused CPU kernel where it is built;
 grouped_mm on accelerators), "dense" runs a dense matmul per expert that has rows. Left
 unnamed, each path picks as above. The results are the same either way.
 
@@ -164,7 +164,8 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     order = _expert_major(counts)  # rows of x, expert by expert
     if (kernel != "dense" and group.act == SILU and group.gate_up_bias is None
             and group.down_bias is None
-            and (kernel == "grouped" or max(per_expert) <= kernel_choice().expert_limit(x.dtype))
+            and (kernel == "grouped" and kernels.available()
+                 or max(per_expert) <= kernel_choice().expert_limit(x.dtype))
             and kernel_takes(x, group.gate_up, group.down)):
         return kernels.expert_ffn(x.contiguous(), per_expert, group.gate_up, group.down,
                                   None if len(xs) == 1 else index_tensor(order),
@@ -176,8 +177,7 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
 def _swiglu_batches_torch(x: torch.Tensor, order: list[int], merged: bool,
                           per_expert: list[int], group: ExpertGroup, kernel: str | None = None
                           ) -> torch.Tensor:
-    if kernel == "grouped" or (kernel is None
-                               and padded_experts_pay(per_expert, group.bytes_per_expert)):
+    if kernel != "dense" and padded_experts_pay(per_expert, group.bytes_per_expert):
         width = max(per_expert)
         src, dest = _padded_layout(order, per_expert, width)
         index = index_tensor(src + dest)

@@ -21,17 +21,19 @@ engine calls it with plain data and runs what it returns on whichever executor i
         and every stream its rule (InOrder or ByPriority).
 
     on_routing(unit, layer, counts, groups) -> {expert group: kernel} | None   (optional)
-        A local decision made when a layer's gate counts are known: `counts` are the rows
-        routed to each expert (by expert id) from the gates whose rows the layer's routed
-        Experts read; `groups` are the expert groups (`Expert.experts`) of the layer's
-        routed Expert nodes in the unit's plan. The one execution semantics calls it once
-        per (plan, layer), when the first routed Expert of that layer it runs becomes ready,
-        in every executor at the same point (each actor process calls its own copy of the
-        scheduler, sent to it when it starts, for the Experts it runs). Return, for some of
-        `groups`, the kernel to run them with: `GROUPED` (one grouped call over the group's
-        experts) or `DENSE` (a dense matmul per expert); groups left out, or None, leave the
-        choice to the executor. A kernel never changes results. Keep it cheap: it runs on
-        the critical path, once per layer.
+        A local decision made when a layer's gate counts are known. A plan's routed Experts
+        that read the rows of the same gates (all of a layer's, unless the plan cuts the
+        layer's tokens into micro-batches with a gate each) are asked about together:
+        `counts` are the rows those gates routed to each expert (by expert id), `groups`
+        the expert groups (`Expert.experts`) of those Experts. The one execution semantics
+        calls it once per plan and such set of Experts, when the first of them it runs
+        becomes ready, in every executor at the same point (each actor process calls its
+        own copy of the scheduler, pickled to it when it starts, for the Experts it runs).
+        Return, for some of `groups`, the kernel to run them with: `GROUPED` (one grouped
+        call over the group's experts) or `DENSE` (a dense matmul per expert); groups left
+        out, or None, leave the choice to the executor. Nodes of several units coalesced
+        into one kernel run on their first member's choice. A kernel never changes
+        results. Keep it cheap: it runs on the critical path, once per layer.
 
     reserved_weights(model, cluster) -> {device: parameters}   (optional)
         Room for weights a device holds beyond the experts the placement gives it: buffers

@@ -16,7 +16,8 @@ Mixtral, DBRX and DeepSeek-V2) hides an MoE layer's all-to-all behind its expert
   T_comp), with the overhead R(N) ≈ kN + b, so the best N is PN* = sqrt(C/k), rounded to
   a divisor of E. The paper used PN = 5 for DeepSeek-V2 and 2 for Mixtral and DBRX.
 
-What moeflow does (`EPS(stages=None, costs=None, eps0=0.32, eps1=0.03)`):
+What moeflow does (`EPS(stages=None, costs=None, eps0=0.32, eps1=0.03,
+kernel_band=(128, 256))`):
 
 - Batching as batch-ep (`BatchEP.form_units`: one batch step at a time, long prompts
   prefilled in chunks of the token budget), and a barrier at every layer.

@@ -7,13 +7,14 @@
       to the node ready first), joined on a coalescing stream by the other ready nodes
       with its merge key);
     - a Gate's completion carries the per-expert row counts of its layer;
-    - when a routed Expert this Execution runs becomes ready, its layer's counts are
-      known (every gate whose rows it reads has finished), and the first time that happens
-      for a (plan, layer), `on_routing(plan index, layer, counts, groups)` is called (the
-      groups: the layer's routed Expert groups in the plan): what it
-      returns, {expert group: kernel}, adjusts that layer's routed Expert nodes
-      (`kernel(task)`). Every executor reaches this point at the same event, so the choice
-      never depends on which executor runs a plan.
+    - a plan's routed Experts that read the rows of the same gates form one routing (all
+      of a layer's, unless the plan cuts the layer's tokens into micro-batches, each with
+      its own gate): when the first of them this Execution runs becomes ready, all those
+      gates have finished, and `on_routing(plan index, layer, counts, groups)` is called
+      once for it, with their summed counts and its Experts' groups. What it returns,
+      {expert group: kernel}, adjusts those Experts (`kernel(task)`). Every executor
+      reaches this point at the same event, so the choice never depends on which executor
+      runs a plan.
 
 `Execution` holds this state for any number of Plans at once (units in flight together share
 streams: fine-grained EP overlaps inputs on one actor). It knows nothing of time or tensors:
@@ -52,7 +53,7 @@ Task = tuple[int, int]
 Group = tuple[Task, ...]
 # {expert group (a routed Expert's `experts`): kernel}: what `on_routing` returns
 Adjustments = dict[tuple[int, ...], str]
-# (plan index, layer, counts, the layer's routed Expert groups) -> adjustments
+# (plan index, layer, counts, the routing's expert groups) -> adjustments
 OnRouting = Callable[[int, int, tuple[int, ...], tuple[tuple[int, ...], ...]],
                      "Adjustments | None"]
 KEEP_RELEASED = 8  # the arrays of this many released plans are kept for their replay
@@ -99,14 +100,21 @@ class _PlanState:
     streams: list[_StreamState | None]  # per node; None: another actor's node
     succs: tuple[tuple[int, ...], ...]  # the graph's, per node
     used: tuple[_StreamState, ...]  # the streams it has nodes on, each once
-    routed_layer: tuple[int, ...]  # the shape's
-    counted_gate: tuple[int, ...]  # the shape's
-    groups: dict[int, tuple[tuple[int, ...], ...]]  # the shape's
+    shape: _Shape
     num_owned: int = 0
     num_done: int = 0
     counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
-    counted: set[int] = field(default_factory=set)  # gates whose rows are in `counts`
-    kernels: dict[int, Adjustments] = field(default_factory=dict)  # layer -> on_routing's
+    gate_counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # gate -> rows
+    kernels: dict[int, Adjustments] = field(default_factory=dict)  # routing -> on_routing's
+
+
+@dataclass(frozen=True, slots=True)
+class _Routing:
+    """Routed Experts of a plan that read the rows of the same gates."""
+
+    layer: int
+    gates: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]  # their expert groups
 
 
 @dataclass(eq=False, slots=True)
@@ -119,12 +127,11 @@ class _Shape:
     succs: tuple[tuple[int, ...], ...]
     rule_index: tuple[int, ...]  # per node: its stream's position in plan.rules
     roots: tuple[int, ...]  # nodes without predecessors
-    # per node: its layer if it is a routed Expert, else -1
-    routed_layer: tuple[int, ...]
     # per node: the gate whose rows finishing it makes known (a Gate: itself; a dispatch
     # Transfer, which another actor hears of with its gate's counts: that gate), else -1
     counted_gate: tuple[int, ...]
-    groups: dict[int, tuple[tuple[int, ...], ...]]  # layer -> its routed Experts' groups
+    routing_of: tuple[int, ...]  # per node: its routing if it is a routed Expert, else -1
+    routings: tuple[_Routing, ...]
     users: int = 0
 
     @staticmethod
@@ -138,25 +145,31 @@ class _Shape:
         # streams by their fields: equal streams have equal fields, and a tuple of two
         # strings hashes in C where a Stream's dataclass hash runs Python
         position = {(stream.actor, stream.name): i for i, (stream, _) in enumerate(plan.rules)}
-        routed_layer = [-1] * len(graph.nodes)
         counted_gate = [-1] * len(graph.nodes)
-        groups: dict[int, dict[tuple[int, ...], None]] = {}
+        preds: list[list[int]] = [[] for _ in graph.nodes]
+        for edge in graph.edges:
+            preds[edge.dst].append(edge.src)
+        for node in graph.nodes:
+            if type(node) is Gate:
+                counted_gate[node.id] = node.id
+            elif type(node) is Transfer and node.payload == "dispatch":
+                counted_gate[node.id] = next(
+                    (p for p in preds[node.id] if type(graph.nodes[p]) is Gate), -1)
+        routing_of = [-1] * len(graph.nodes)
+        # the gates an Expert reads, directly or through a dispatch -> (routing, layer, groups)
+        by_gates: dict[tuple[int, ...], tuple[int, int, dict[tuple[int, ...], None]]] = {}
         for node in graph.nodes:
             if type(node) is Expert and node.kind == "routed":
-                routed_layer[node.id] = node.layer
-                groups.setdefault(node.layer, {})[node.experts] = None
-            elif type(node) is Gate:
-                counted_gate[node.id] = node.id
-        for edge in graph.edges:
-            dst = graph.nodes[edge.dst]
-            if (type(dst) is Transfer and dst.payload == "dispatch"
-                    and type(graph.nodes[edge.src]) is Gate):
-                counted_gate[edge.dst] = edge.src
+                gates = tuple(sorted({counted_gate[p] for p in preds[node.id]} - {-1}))
+                index, _, groups = by_gates.setdefault(gates, (len(by_gates), node.layer, {}))
+                groups[node.experts] = None
+                routing_of[node.id] = index
+        routings = tuple(_Routing(layer, gates, tuple(groups))
+                         for gates, (_, layer, groups) in by_gates.items())
         return _Shape(plan, tuple(indegree), tuple(map(tuple, succs)),
                       tuple(map(position.__getitem__, map(_FIELDS, plan.assignment))),
                       tuple(itertools.compress(itertools.count(), map(operator.not_, indegree))),
-                      tuple(routed_layer), tuple(counted_gate),
-                      {layer: tuple(g) for layer, g in groups.items()})
+                      tuple(counted_gate), tuple(routing_of), routings)
 
 
 class Execution:
@@ -227,7 +240,7 @@ class Execution:
         streams = list(map(by_rule.__getitem__, shape.rule_index))
         p = self.plans[index] = _PlanState(plan, waiting, streams, shape.succs,
                                            tuple(s for s in by_rule if s is not None),
-                                           shape.routed_layer, shape.counted_gate, shape.groups,
+                                           shape,
                                            len(streams) - streams.count(None))
         arrival = -1
         for node_id in shape.roots:
@@ -350,24 +363,29 @@ class Execution:
 
     def counts(self, plan_index: int, layer: int) -> tuple[int, ...] | None:
         """Per-expert row counts of `layer` once a Gate of that layer has finished (summed
-        over the plan's gates that have)."""
+        over the plan's gates that have, here or, through their dispatches, elsewhere)."""
         return self.plans[plan_index].counts.get(layer)
 
     def kernel(self, task: Task) -> str | None:
         """The kernel `on_routing` chose for a routed Expert, or None (the executor's own
-        choice): a plan's layer is adjusted once one of its routed Experts is ready."""
+        choice): a routing is adjusted once one of its Experts is ready."""
         p = self.plans[task[0]]
-        layer = p.routed_layer[task[1]]
-        if layer < 0:
+        routing = p.shape.routing_of[task[1]]
+        if routing < 0:
             return None
-        chosen = p.kernels.get(layer)
+        chosen = p.kernels.get(routing)
         if not chosen:
             return None
         return chosen.get(p.plan.graph.nodes[task[1]].experts)  # type: ignore[union-attr]
 
     def adjustments(self, plan_index: int) -> dict[int, Adjustments]:
-        """Each layer's adjustments so far, as `on_routing` returned them."""
-        return dict(self.plans[plan_index].kernels)
+        """Each layer's adjustments so far, as `on_routing` returned them (merged over the
+        layer's routings)."""
+        p = self.plans[plan_index]
+        out: dict[int, Adjustments] = {}
+        for routing, chosen in p.kernels.items():
+            out.setdefault(p.shape.routings[routing].layer, {}).update(chosen)
+        return out
 
     def busy(self, stream: Stream) -> Task | None:
         """The node a stream is running (the smallest task of its group), or None."""
@@ -439,9 +457,9 @@ class Execution:
         waiting, streams = p.waiting, p.streams
         waiting[node_id] = DONE
         if counts is not None:
-            gate = p.counted_gate[node_id]
-            if gate >= 0 and gate not in p.counted:
-                p.counted.add(gate)
+            gate = p.shape.counted_gate[node_id]
+            if gate >= 0 and gate not in p.gate_counts:
+                p.gate_counts[gate] = counts
                 layer = p.plan.graph.nodes[gate].layer  # type: ignore[union-attr]
                 prior = p.counts.get(layer)
                 p.counts[layer] = (counts if prior is None
@@ -449,7 +467,8 @@ class Execution:
         newly: list[Task] = []
         touched = self._touched
         arrival = -1
-        adjust = -1  # a layer whose routed Expert became ready here
+        routing_of = p.shape.routing_of if self.on_routing is not None else None
+        adjust: list[int] = []  # routings whose first Expert became ready here
         for succ in p.succs[node_id]:
             left = waiting[succ] - 1
             waiting[succ] = left
@@ -458,25 +477,30 @@ class Execution:
                 state = streams[succ]
                 if state is None:  # another actor's node: it finishes externally
                     continue
-                if p.routed_layer[succ] >= 0:
-                    adjust = p.routed_layer[succ]
+                if routing_of is not None and routing_of[succ] >= 0:
+                    adjust.append(routing_of[succ])
                 if state.rule_kind is ByPriority:
                     if arrival < 0:
                         arrival = next(self._arrivals)
                     heapq.heappush(state.heap, (p.plan.priority[succ],
                                                 arrival if state.fifo else 0, plan_index, succ))
                 touched[state] = None
-        if adjust >= 0 and self.on_routing is not None and adjust not in p.kernels:
-            self._adjust(plan_index, p, adjust)  # last: it may raise, the state is whole
+        for routing in adjust:  # last: on_routing may raise, and the state is whole
+            if routing not in p.kernels:
+                self._adjust(plan_index, p, routing)
         return newly
 
-    def _adjust(self, plan_index: int, p: _PlanState, layer: int) -> None:
-        p.kernels[layer] = {}  # asked once, even if it raises
-        counts = p.counts.get(layer)
-        chosen = None if counts is None else self.on_routing(  # type: ignore[misc]
-            plan_index, layer, counts, p.groups[layer])
+    def _adjust(self, plan_index: int, p: _PlanState, index: int) -> None:
+        p.kernels[index] = {}  # asked once, even if it raises
+        routing = p.shape.routings[index]
+        known = [p.gate_counts[g] for g in routing.gates if g in p.gate_counts]
+        if not known:  # an executor that reports no counts
+            return
+        counts = known[0] if len(known) == 1 else tuple(map(sum, zip(*known)))
+        chosen = self.on_routing(plan_index, routing.layer, counts,  # type: ignore[misc]
+                                 routing.groups)
         if chosen:
-            p.kernels[layer] = dict(chosen)
+            p.kernels[index] = dict(chosen)
 
     def run_in_order(self, streams: Iterable[Stream] | None = None) -> Iterator[Task]:
         """Drive every plan to completion one task at a time, for an executor whose every

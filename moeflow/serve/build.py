@@ -51,7 +51,8 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
         # named, so not configured: its expert kernels by the CPU kernels' crossover
         from moeflow.ops.cpu.choice import kernel_choice
 
-        scheduler.kernel_band = cpu_kernel_band(kernel_choice().expert_limit(dtype))
+        crossover = kernel_choice().expert_limit(dtype)  # 0: no kernels, no choice
+        scheduler.kernel_band = cpu_kernel_band(crossover) if crossover else None
     cluster = make_cluster(config, spec, scheduler, dtype)
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,

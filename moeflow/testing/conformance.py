@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from moeflow.dataflow.check import problems as graph_problems
 from moeflow.dataflow.graph import Unit
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import Cluster, Scheduler
+from moeflow.scheduler.base import Cluster, Scheduler, routes
 from moeflow.scheduler.plan import InOrder, Plan, topological_plan
 from moeflow.scheduler.requests import Job
 from moeflow.sim.simulator import SimResult, SimulationError, Simulator
@@ -287,11 +287,14 @@ def _same_logits(got: dict[int, list[Any]], ref: dict[int, list[Any]], atol: flo
 
 def run_for_real(scheduler: Scheduler, case: Case, prompts: list[list[int]],
                  max_new_tokens: int) -> dict[int, list[Any]]:
-    """Greedy generation in process; each request's logits, one row per step."""
+    """Greedy generation in process (routed experts on the kernels the scheduler's
+    on_routing picks, if it has one); each request's logits, one row per step."""
     from moeflow.actors.inproc import InProcessExecutor
 
     spec, placement, workers = _workers(case, single=isinstance(scheduler, _Reference))
-    _, logits = record_generation(InProcessExecutor(workers, want_logits=True), spec, scheduler,
+    executor = InProcessExecutor(workers, want_logits=True, on_routing=scheduler.on_routing
+                                 if routes(scheduler) else None)
+    _, logits = record_generation(executor, spec, scheduler,
                                   Cluster(placement.devices, placement), prompts,
                                   max_new_tokens, max_batch_tokens=case.workload.max_batch_tokens,
                                   max_seqs=case.workload.max_seqs)

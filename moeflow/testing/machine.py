@@ -5,9 +5,9 @@ topological order, or ByPriority with random keys, fifo or not, coalescing by ra
 keys or not), then starts nodes or groups and finishes nodes in any
 order the semantics allow (gates with random per-expert counts), and checks `Execution`
 against an obviously correct model: a set of done nodes, and for each stream its rule
-applied by brute force. Its `on_routing` hook must be asked exactly once per plan and layer,
-when the first routed Expert of that layer becomes ready, with the summed counts of the
-layer's finished gates; what it answers is each routed Expert's `kernel`.
+applied by brute force. Its `on_routing` hook must be asked exactly once per plan and set of
+gates the routed Experts read, when the first such Expert becomes ready, with the summed
+counts of those gates (all finished by then); what it answers is each Expert's `kernel`.
 
     TestSemantics = SemanticsMachine.TestCase      # in a test module
 """
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from moeflow.dataflow.compiler import Cut, compile
-from moeflow.dataflow.graph import Expert, Gate, Graph, Placement, SeqChunk, Unit
+from moeflow.dataflow.graph import Expert, Gate, Graph, Placement, SeqChunk, Transfer, Unit
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, Stream, node_stream
 from moeflow.scheduler.semantics import Execution, Task
 from moeflow.testing.strategies import model_cases
@@ -27,6 +27,18 @@ from moeflow.testing.strategies import model_cases
 def _routed(graph: Graph, layer: int | None = None) -> list[Expert]:
     return [n for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"
             and (layer is None or n.layer == layer)]
+
+
+def _gates_read(graph: Graph, node_id: int) -> tuple[int, ...]:
+    """The gates whose rows a routed Expert reads, directly or through a dispatch."""
+    out = set()
+    for p in graph.preds(node_id):
+        src = graph.nodes[p]
+        if isinstance(src, Gate):
+            out.add(p)
+        elif isinstance(src, Transfer) and src.payload == "dispatch":
+            out.update(q for q in graph.preds(p) if isinstance(graph.nodes[q], Gate))
+    return tuple(sorted(out))
 
 
 def random_topological(graph: Graph, rng: st.DrawFn) -> list[int]:
@@ -50,7 +62,8 @@ class SemanticsMachine(RuleBasedStateMachine):
         self.execution = Execution(on_routing=self._on_routing)
         self.plans: list[Plan] = []
         self.counts: dict[Task, tuple[int, ...]] = {}  # finished gates' counts
-        self.asked: dict[tuple[int, int], dict[tuple[int, ...], str]] = {}  # on_routing's
+        # (plan, the gates its routed Experts read) -> what on_routing answered
+        self.asked: dict[tuple[int, tuple[int, ...]], dict[tuple[int, ...], str]] = {}
         self.done: set[Task] = set()
         self.running: dict[Stream, set[Task]] = {}  # a node, or a coalesced group
         self.issue: dict[Stream, list[Task]] = {}  # InOrder: the remaining sequence
@@ -112,16 +125,19 @@ class SemanticsMachine(RuleBasedStateMachine):
 
     def _on_routing(self, index: int, layer: int, counts: tuple[int, ...],
                     groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str]:
-        assert (index, layer) not in self.asked, f"asked twice for plan {index} layer {layer}"
         graph = self.plans[index].graph
-        gates = [c for (p, i), c in self.counts.items()
-                 if p == index and isinstance(graph.nodes[i], Gate)
-                 and graph.nodes[i].layer == layer]
-        assert counts == tuple(map(sum, zip(*gates))), (counts, gates)
-        assert groups == tuple(dict.fromkeys(n.experts for n in _routed(graph, layer)))
+        experts = [n for n in _routed(graph, layer) if n.experts in groups]
+        reads = {_gates_read(graph, n.id) for n in experts}
+        assert len(reads) == 1, reads  # one routing: Experts that read the same gates
+        gates = reads.pop()
+        assert (index, gates) not in self.asked, f"asked twice for plan {index}, gates {gates}"
+        assert all((index, g) in self.counts for g in gates)
+        assert counts == tuple(map(sum, zip(*(self.counts[(index, g)] for g in gates))))
+        assert groups == tuple(dict.fromkeys(
+            n.experts for n in _routed(graph, layer) if _gates_read(graph, n.id) == gates))
         # answer with a kernel for every other group, so some are left to the executor
         answer = {g: ("dense", "grouped")[i % 2] for i, g in enumerate(groups) if i % 3 != 2}
-        self.asked[(index, layer)] = answer
+        self.asked[(index, gates)] = answer
         return answer
 
     def _note_ready(self) -> None:
@@ -214,14 +230,16 @@ class SemanticsMachine(RuleBasedStateMachine):
     def on_routing_asked_once_a_routed_expert_was_ready(self) -> None:
         for p, plan in enumerate(self.plans):
             for node in _routed(plan.graph):
+                key = (p, _gates_read(plan.graph, node.id))
                 reached = (p, node.id) in self.became_ready
-                assert ((p, node.layer) in self.asked) >= reached, (p, node)
+                assert (key in self.asked) >= reached, (p, node)
                 if reached:
-                    want = self.asked[(p, node.layer)].get(node.experts)
+                    want = self.asked[key].get(node.experts)
                     assert self.execution.kernel((p, node.id)) == want
-        for p, layer in self.asked:
-            assert any((p, n.id) in self.became_ready
-                       for n in _routed(self.plans[p].graph, layer))
+        for p, gates in self.asked:
+            graph = self.plans[p].graph
+            assert any((p, n.id) in self.became_ready for n in _routed(graph)
+                       if _gates_read(graph, n.id) == gates)
 
     @invariant()
     def one_node_per_stream_and_progress_possible(self) -> None:

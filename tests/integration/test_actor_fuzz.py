@@ -83,7 +83,7 @@ def test_a_batch_carries_its_messages_in_order_and_refuses_a_bad_index():
     assert torch.equal(msgs[1].payload.tensors[0], torch.ones(3, 4))
     assert msgs[0].counts == (2, 0) and msgs[1].counts is None  # a dispatch's gate counts
     header = msgpack.unpackb(as_bytes(VALID[0])[1], raw=False)
-    for bad in ([-1, 2], [1.5], "12", [True]):
+    for bad in ([-1, 2], [1.5], "12", [2**64 - 1], {"a": 1}):
         frames = as_bytes(VALID[0])
         with pytest.raises(MessageError, match="bad Data counts"):
             decode_all([frames[0], msgpack.packb(dict(header, counts=bad)), *frames[2:]])

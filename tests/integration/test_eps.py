@@ -143,3 +143,35 @@ def test_a_scheduler_whose_on_routing_actors_cannot_get_is_refused(tiny_factory)
     eps.unpicklable = lambda: None  # a lambda cannot travel to an actor process
     with pytest.raises(ValueError, match="cannot be pickled"):
         ZmqExecutor(str(path), cluster.placement, "float32", 4096, scheduler=eps)
+
+
+def test_an_on_routing_that_fails_on_early_data_fails_its_unit_and_reports_it(tiny_factory):
+    from moeflow.actors.cluster import JobSpec
+    from moeflow.actors.messages import Data, NodeFailed, RunUnit
+
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+
+    def boom(unit, layer, counts, groups):
+        raise RuntimeError("a bug in a plugin's on_routing")
+
+    executor = InProcessExecutor(load_workers(path, spec, cluster.placement, torch.float32,
+                                              4096), on_routing=boom)
+    executor.actors["cpu:0"].on_routing = lambda *args: None  # cpu:1's alone fails
+    plan = EPS(stages=1).plan(Unit((SeqChunk(0, 0, 5, "cpu:0"),)), spec, cluster)
+    executor.submit(JobSpec(1, plan, {0: [5, 6, 7, 8, 9]}))
+    held = next(o for o in executor.mail if o.to == "cpu:1" and isinstance(o.msg, RunUnit))
+    executor.mail.remove(held)  # cpu:1 hears of the unit after cpu:0's dispatch arrives
+    for _ in range(200):
+        executor._run_ready()
+        if any(o.to == "cpu:1" and isinstance(o.msg, Data) for o in executor.mail):
+            break
+        executor._deliver()
+    executor._deliver()
+    actor = executor.actors["cpu:1"]
+    assert actor.early  # the dispatch, with its gate's counts, waits for the RunUnit
+    out = actor.handle(held.msg)
+    assert [type(o.msg) for o in out] == [NodeFailed]
+    assert "a bug in a plugin's on_routing" in out[0].msg.error
+    assert not actor.units and not actor.execution.plans

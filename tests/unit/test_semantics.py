@@ -201,4 +201,33 @@ def test_each_gates_counts_are_counted_once_however_many_dispatches_bring_them()
                 progressed = True
         assert progressed
     assert seen[0] == counts  # not doubled by the second dispatch
-    assert gate.id not in [n.id for n in dispatches]
+    assert ex.counts(0, gate.layer) == counts
+
+
+def test_micro_batches_with_a_gate_each_are_asked_about_apart():
+    from moeflow.dataflow.graph import Gate
+    from moeflow.scheduler import Cluster
+    from moeflow.scheduler.cgopipe import CGOPipe
+
+    spec = spec_from_config(tiny_config("qwen3_moe"))
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    unit = Unit(tuple(SeqChunk(i, 0, 4, "cpu:0") for i in range(3)))
+    plan = CGOPipe(micro_batches=3).plan(unit, spec, cluster)
+    g = plan.graph
+    seen = []
+    ex = Execution([plan], on_routing=lambda i, layer, counts, groups: seen.append(
+        (layer, counts)))
+    num_gates = 0
+    for task in ex.run_in_order():
+        node = g.nodes[task[1]]
+        if isinstance(node, Gate):  # each micro-batch's gate routes its own rows
+            num_gates += 1
+            ex.finish(task, tuple(num_gates if e == 0 else 0
+                                  for e in range(spec.moe.num_experts)))
+        else:
+            ex.finish(task)
+    layers = sorted({n.layer for n in _routed(g)})
+    assert num_gates == 3 * len(layers)
+    # once per micro-batch, each with its own gate's rows only
+    assert [(layer, counts[0]) for layer, counts in seen] == [
+        (layer, 3 * i + b + 1) for i, layer in enumerate(layers) for b in range(3)]

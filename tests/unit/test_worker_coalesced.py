@@ -129,8 +129,8 @@ def test_every_kernel_on_routing_may_pick_gives_the_same_rows(checkpoint, monkey
         assert torch.allclose(got[order], want, atol=1e-5)
     if kernel == "dense":
         assert not ran
-    elif kernel == "grouped":  # one call over every expert, whatever the crossover
-        assert ran == ["expert_ffn"]
+    elif kernel == "grouped" and experts_module.kernels.available():
+        assert ran == ["expert_ffn"]  # one call over every expert, whatever the crossover
 
 
 def _expert_major_rows(xs, counts):
