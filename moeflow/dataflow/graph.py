@@ -297,6 +297,18 @@ class Graph:
     def succs(self, node_id: int) -> tuple[int, ...]:
         return self._succs[node_id]
 
+    def gates_read(self, node_id: int) -> tuple[int, ...]:
+        """The gates whose rows a node takes, read directly or through a dispatch (a routed
+        Expert's), in id order."""
+        out = set()
+        for p in self.inputs(node_id):
+            src = self.nodes[p]
+            if isinstance(src, Gate):
+                out.add(p)
+            elif isinstance(src, Transfer) and src.payload == "dispatch":
+                out.update(q for q in self.inputs(p) if isinstance(self.nodes[q], Gate))
+        return tuple(sorted(out))
+
     def topological_order(self) -> tuple[int, ...]:
         """Kahn's algorithm, first-ready first; a cycle raises GraphError (at construction)."""
         return self._topo  # type: ignore[attr-defined,no-any-return]

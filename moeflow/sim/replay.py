@@ -185,7 +185,7 @@ class PlanTable:
                 if kind is Expert:
                     if node.kind == "routed":  # type: ignore[union-attr]
                         code[i] = ROUTED
-                        read = tuple(sorted(_gates_read(graph, i)))
+                        read = graph.gates_read(i)
                         gates[i] = read
                         routed = routed_of.get(read)
                         if routed is None:
@@ -366,18 +366,6 @@ class BoundUnit:
             return None
         span = self.table.span[node_id]
         return counts[span[0]:span[1]] if span else tuple(counts[e] for e in experts)
-
-
-def _gates_read(graph: Graph, node_id: int) -> set[int]:
-    """The gates whose rows a routed Expert takes: read directly or through a dispatch."""
-    out = set()
-    for p in graph.inputs(node_id):
-        src = graph.nodes[p]
-        if isinstance(src, Gate):
-            out.add(p)
-        elif isinstance(src, Transfer) and src.payload == "dispatch":
-            out.update(q for q in graph.inputs(p) if isinstance(graph.nodes[q], Gate))
-    return out
 
 
 def node_label(node: Node) -> str:

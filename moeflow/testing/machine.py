@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from moeflow.dataflow.compiler import Cut, compile
-from moeflow.dataflow.graph import Expert, Gate, Graph, Placement, SeqChunk, Transfer, Unit
+from moeflow.dataflow.graph import Expert, Gate, Graph, Placement, SeqChunk, Unit
 from moeflow.scheduler.plan import ByPriority, InOrder, Plan, Stream, node_stream
 from moeflow.scheduler.semantics import Execution, Task
 from moeflow.testing.strategies import model_cases
@@ -27,18 +27,6 @@ from moeflow.testing.strategies import model_cases
 def _routed(graph: Graph, layer: int | None = None) -> list[Expert]:
     return [n for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"
             and (layer is None or n.layer == layer)]
-
-
-def _gates_read(graph: Graph, node_id: int) -> tuple[int, ...]:
-    """The gates whose rows a routed Expert reads, directly or through a dispatch."""
-    out = set()
-    for p in graph.preds(node_id):
-        src = graph.nodes[p]
-        if isinstance(src, Gate):
-            out.add(p)
-        elif isinstance(src, Transfer) and src.payload == "dispatch":
-            out.update(q for q in graph.preds(p) if isinstance(graph.nodes[q], Gate))
-    return tuple(sorted(out))
 
 
 def random_topological(graph: Graph, rng: st.DrawFn) -> list[int]:
@@ -127,14 +115,14 @@ class SemanticsMachine(RuleBasedStateMachine):
                     groups: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], str]:
         graph = self.plans[index].graph
         experts = [n for n in _routed(graph, layer) if n.experts in groups]
-        reads = {_gates_read(graph, n.id) for n in experts}
+        reads = {graph.gates_read(n.id) for n in experts}
         assert len(reads) == 1, reads  # one routing: Experts that read the same gates
         gates = reads.pop()
         assert (index, gates) not in self.asked, f"asked twice for plan {index}, gates {gates}"
         assert all((index, g) in self.counts for g in gates)
         assert counts == tuple(map(sum, zip(*(self.counts[(index, g)] for g in gates))))
         assert groups == tuple(dict.fromkeys(
-            n.experts for n in _routed(graph, layer) if _gates_read(graph, n.id) == gates))
+            n.experts for n in _routed(graph, layer) if graph.gates_read(n.id) == gates))
         # answer with a kernel for every other group, so some are left to the executor
         answer = {g: ("dense", "grouped")[i % 2] for i, g in enumerate(groups) if i % 3 != 2}
         self.asked[(index, gates)] = answer
@@ -230,7 +218,7 @@ class SemanticsMachine(RuleBasedStateMachine):
     def on_routing_asked_once_a_routed_expert_was_ready(self) -> None:
         for p, plan in enumerate(self.plans):
             for node in _routed(plan.graph):
-                key = (p, _gates_read(plan.graph, node.id))
+                key = (p, plan.graph.gates_read(node.id))
                 reached = (p, node.id) in self.became_ready
                 assert (key in self.asked) >= reached, (p, node)
                 if reached:
@@ -239,7 +227,7 @@ class SemanticsMachine(RuleBasedStateMachine):
         for p, gates in self.asked:
             graph = self.plans[p].graph
             assert any((p, n.id) in self.became_ready for n in _routed(graph)
-                       if _gates_read(graph, n.id) == gates)
+                       if graph.gates_read(n.id) == gates)
 
     @invariant()
     def one_node_per_stream_and_progress_possible(self) -> None:
