@@ -467,8 +467,8 @@ class Execution:
         newly: list[Task] = []
         touched = self._touched
         arrival = -1
-        routing_of = p.shape.routing_of if self.on_routing is not None else None
-        adjust: list[int] = []  # routings whose first Expert became ready here
+        routing_of = None if self.on_routing is None else p.shape.routing_of
+        adjust: list[int] | None = None  # routings whose first Expert became ready here
         for succ in p.succs[node_id]:
             left = waiting[succ] - 1
             waiting[succ] = left
@@ -478,16 +478,17 @@ class Execution:
                 if state is None:  # another actor's node: it finishes externally
                     continue
                 if routing_of is not None and routing_of[succ] >= 0:
-                    adjust.append(routing_of[succ])
+                    adjust = [*(adjust or ()), routing_of[succ]]
                 if state.rule_kind is ByPriority:
                     if arrival < 0:
                         arrival = next(self._arrivals)
                     heapq.heappush(state.heap, (p.plan.priority[succ],
                                                 arrival if state.fifo else 0, plan_index, succ))
                 touched[state] = None
-        for routing in adjust:  # last: on_routing may raise, and the state is whole
-            if routing not in p.kernels:
-                self._adjust(plan_index, p, routing)
+        if adjust is not None:  # last: on_routing may raise, and the state is whole
+            for routing in adjust:
+                if routing not in p.kernels:
+                    self._adjust(plan_index, p, routing)
         return newly
 
     def _adjust(self, plan_index: int, p: _PlanState, index: int) -> None:
