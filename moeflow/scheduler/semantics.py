@@ -103,7 +103,6 @@ class _PlanState:
     shape: _Shape
     num_owned: int = 0
     num_done: int = 0
-    counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> per-expert rows
     gate_counts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # gate -> rows
     kernels: dict[int, Adjustments] = field(default_factory=dict)  # routing -> on_routing's
 
@@ -146,21 +145,17 @@ class _Shape:
         # strings hashes in C where a Stream's dataclass hash runs Python
         position = {(stream.actor, stream.name): i for i, (stream, _) in enumerate(plan.rules)}
         counted_gate = [-1] * len(graph.nodes)
-        preds: list[list[int]] = [[] for _ in graph.nodes]
-        for edge in graph.edges:
-            preds[edge.dst].append(edge.src)
+        routing_of = [-1] * len(graph.nodes)
+        # the gates an Expert reads, directly or through a dispatch -> (routing, layer, groups)
+        by_gates: dict[tuple[int, ...], tuple[int, int, dict[tuple[int, ...], None]]] = {}
         for node in graph.nodes:
             if type(node) is Gate:
                 counted_gate[node.id] = node.id
             elif type(node) is Transfer and node.payload == "dispatch":
                 counted_gate[node.id] = next(
-                    (p for p in preds[node.id] if type(graph.nodes[p]) is Gate), -1)
-        routing_of = [-1] * len(graph.nodes)
-        # the gates an Expert reads, directly or through a dispatch -> (routing, layer, groups)
-        by_gates: dict[tuple[int, ...], tuple[int, int, dict[tuple[int, ...], None]]] = {}
-        for node in graph.nodes:
-            if type(node) is Expert and node.kind == "routed":
-                gates = tuple(sorted({counted_gate[p] for p in preds[node.id]} - {-1}))
+                    (p for p in graph.inputs(node.id) if type(graph.nodes[p]) is Gate), -1)
+            elif type(node) is Expert and node.kind == "routed":
+                gates = graph.gates_read(node.id)
                 index, _, groups = by_gates.setdefault(gates, (len(by_gates), node.layer, {}))
                 groups[node.experts] = None
                 routing_of[node.id] = index
@@ -364,7 +359,10 @@ class Execution:
     def counts(self, plan_index: int, layer: int) -> tuple[int, ...] | None:
         """Per-expert row counts of `layer` once a Gate of that layer has finished (summed
         over the plan's gates that have, here or, through their dispatches, elsewhere)."""
-        return self.plans[plan_index].counts.get(layer)
+        p = self.plans[plan_index]
+        known = [c for gate, c in p.gate_counts.items()
+                 if p.plan.graph.nodes[gate].layer == layer]  # type: ignore[union-attr]
+        return tuple(map(sum, zip(*known))) if known else None
 
     def kernel(self, task: Task) -> str | None:
         """The kernel `on_routing` chose for a routed Expert, or None (the executor's own
@@ -460,10 +458,6 @@ class Execution:
             gate = p.shape.counted_gate[node_id]
             if gate >= 0 and gate not in p.gate_counts:
                 p.gate_counts[gate] = counts
-                layer = p.plan.graph.nodes[gate].layer  # type: ignore[union-attr]
-                prior = p.counts.get(layer)
-                p.counts[layer] = (counts if prior is None
-                                   else tuple(map(operator.add, prior, counts)))
         newly: list[Task] = []
         touched = self._touched
         arrival = -1
