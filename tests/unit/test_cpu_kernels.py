@@ -91,6 +91,17 @@ def test_expert_ffn_matches_ref(dtype, rows):
         assert_close(kernels.expert_ffn(x, counts, gate_up, down, isa=isa), sorted_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype):
+    """Prefill-sized: 16 rows or more per expert on average take packed panels of 16 weight
+    rows (widths here not a multiple of 16 or 8, and wider than one 256-column block)."""
+    x, counts, gate_up, down, order, scale = routed_problem(dtype, [20, 0, 17, 33, 1],
+                                                             d=300, f=70)
+    for isa in kernels.isas():
+        ref = kernels.expert_ffn_ref(x, counts, gate_up, down, order, scale)
+        assert_close(kernels.expert_ffn(x, counts, gate_up, down, order, scale, isa), ref)
+
+
 def test_expert_ffn_rounds_where_torch_stores():
     """In bf16 the fused op agrees with torch's unfused ops (F.linear, SiLU, mul, scale):
     what a GEMM gives does not depend on the path it took."""
