@@ -69,10 +69,10 @@ class _Timed:
         self.inner = worker.run_group
         worker.run_group = self
 
-    def __call__(self, items: list[Any]) -> list[Any]:
+    def __call__(self, items: list[Any], kernel: str | None = None) -> list[Any]:
         start = time.perf_counter()
         try:
-            return self.inner(items)  # type: ignore[no-any-return]
+            return self.inner(items, kernel)  # type: ignore[no-any-return]
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -85,6 +85,10 @@ def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
         core.add_request([3 + i, 4, 5, 6], params)
     while any(len(r.output_ids) == 0 for r in core.requests.values()):
         core.step()  # prefill
+    failed = [r.finish_reason for r in core.requests.values()
+              if (r.finish_reason or "").startswith("error")]
+    if failed:  # a benchmark of failing steps would measure nothing
+        raise RuntimeError(f"prefill failed: {failed[0]}")
     out = []
     for n in range(steps + warmup):
         start = time.perf_counter()  # the whole step: schedule and plan, run, complete
@@ -95,6 +99,10 @@ def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
         for job, result in zip(jobs, results):
             core.complete(job, result)
         elapsed = time.perf_counter() - start
+        failed = [r.finish_reason for r in core.requests.values()
+                  if (r.finish_reason or "").startswith("error")]
+        if failed:
+            raise RuntimeError(f"decode failed: {failed[0]}")
         if n >= warmup:
             out.append((elapsed, sum(len(j.plan.graph.nodes) for j in jobs)))
     for rid in list(core.requests):
