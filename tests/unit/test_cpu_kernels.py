@@ -274,6 +274,23 @@ def test_rms_norm_kernel_matches_ref(dtype):
         assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_kernel_takes_a_weight_per_head(dtype):
+    """Qwen3's q/k norms, one weight row per head: x [T, G, D], w [G, D], as one kernel call
+    on a strided view (the q and k heads of a fused projection)."""
+    from moeflow.ops.norm import rms_norm, rms_norm_ref
+
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(3, 7, 37, generator=gen).to(dtype)
+    x = qkv[:, :5]  # not contiguous
+    w = torch.randn(5, 37, generator=gen).to(dtype)
+    assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6))
+    assert_close(kernels.rms_norm(x.reshape(-1, 37), w, 1e-6).view(x.shape),
+                 rms_norm_ref(x, w, 1e-6))
+    with pytest.raises(RuntimeError, match="w"):
+        kernels.rms_norm(x.reshape(-1, 37), w[:, :36].contiguous(), 1e-6)
+
+
 def test_expert_ffn_order_must_be_a_permutation():
     x, counts, gate_up, down, _, _ = routed_problem(torch.float32, [2, 1])
     with pytest.raises(RuntimeError, match=r"not a permutation \(1 twice\)"):

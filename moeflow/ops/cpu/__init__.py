@@ -250,5 +250,6 @@ def paged_decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, blocks: torc
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [R, D], weight [D] (same dtype) -> [R, D]: moeflow.ops.norm.rms_norm in one pass."""
+    """x [R, D], weight [D] or [G, D] (same dtype; row r takes weight row r % G) -> [R, D]:
+    moeflow.ops.norm.rms_norm in one pass."""
     return load().rms_norm(x, weight.contiguous(), eps)

@@ -883,14 +883,18 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
 // ---- RMSNorm ---------------------------------------------------------------------
 
 // x [R, D] -> w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T: the families'
-// formulation (moeflow/ops/norm.py), in one pass over each row instead of four ops.
+// formulation (moeflow/ops/norm.py), in one pass over each row instead of four ops. w is
+// [D], or [G, D] for rows that cycle through G weights (per-head norms: x [T, G, D] seen as
+// [T * G, D], row r scaled by w[r % G]).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   check_cpu(x, "x", 2);
-  check_cpu(w, "w", 1);
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous() && (w.dim() == 1 || w.dim() == 2),
+              "moeflow_cpu.rms_norm: w must be a contiguous [D] or [G, D] CPU tensor");
   check_dtype(x, w, "w");
   const int64_t R = x.size(0), D = x.size(1);
-  TORCH_CHECK(w.size(0) == D && D > 0, "moeflow_cpu.rms_norm: x [", R, ", ", D, "], w [",
-              w.size(0), "]");
+  const int64_t G = w.dim() == 2 ? w.size(0) : 1;
+  TORCH_CHECK(w.size(-1) == D && D > 0 && G > 0, "moeflow_cpu.rms_norm: x [", R, ", ", D,
+              "], w ", w.sizes());
   at::Tensor y = at::empty_like(x);
   auto run = [&](auto* xp, auto* wp, auto* yp) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
@@ -898,12 +902,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
                                                                           int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = xp + r * D;
+        const auto* wr = wp + (r % G) * D;
         float ss = 0.f;
         for (int64_t i = 0; i < D; ++i) ss += to_float(xr[i]) * to_float(xr[i]);
         const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
         T* yr = yp + r * D;
         for (int64_t i = 0; i < D; ++i)
-          yr[i] = T(to_float(wp[i]) * round_to<T>(to_float(xr[i]) * scale));
+          yr[i] = T(to_float(wr[i]) * round_to<T>(to_float(xr[i]) * scale));
       }
     });
   };
