@@ -56,6 +56,7 @@ from moeflow.ops.norm import rms_norm
 from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
 from moeflow.ops.router import route, router_logits
 
+_NO_ROWS = torch.empty(0, dtype=torch.long)  # combine's tokens when no routed rows came
 MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
 
 
@@ -131,6 +132,8 @@ class DeviceWorker:
         self._paged: tuple[Any, list[Page], ExpertGroup] | None = None  # last paged layer
         if self.tdevice.type == "cpu":
             kernel_choice()  # loads (or builds) the CPU kernels now, not in the first step
+        # the routing bookkeeping (dispatch order, combine) in one kernel call each
+        self._cpu_ops = self.tdevice.type == "cpu" and kernels.available()
 
     def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
         if self.tdevice.type == "cpu":
@@ -583,8 +586,8 @@ class DeviceWorker:
         moe = self.spec.moe
         layer = self.dense.layers[node.layer]
         xn, router = _cat([a.xn for a in attns]), layer.router
-        self._gemm_rows(xn.shape[0], router)
-        logits = router_logits(xn, router, moe, layer.router_bias)  # type: ignore[arg-type]
+        logits = router_logits(xn, router, moe, layer.router_bias,  # type: ignore[arg-type]
+                               self._linear)
         ids, weights = route(logits, moe, layer.score_bias)  # [T, A]
         return self._dispatch(graph.placement, [a.xn for a in attns], ids, weights)
 
@@ -600,12 +603,18 @@ class DeviceWorker:
         if num_items > 1:  # item i's rows rank after item i-1's
             row_rank = row_rank + self._on_device(index_tensor(
                 [i * num_experts for i, n in enumerate(sizes) for _ in range(n * top_k)]))
-        order = torch.argsort(row_rank, stable=True)  # [N]
-        per_rank = torch.bincount(row_rank, minlength=num_items * num_experts)
-        ends = torch.cumsum(per_rank.view(num_items, num_experts), 1, dtype=torch.int32)
+        if self._cpu_ops:
+            order, token, per_rank, ends = kernels.dispatch_order(
+                row_rank, num_items * num_experts, num_experts, top_k)
+            ends = ends.view(num_items, num_experts)
+        else:
+            order = torch.argsort(row_rank, stable=True)  # [N]
+            per_rank = torch.bincount(row_rank, minlength=num_items * num_experts)
+            ends = torch.cumsum(per_rank.view(num_items, num_experts), 1, dtype=torch.int32)
+            token = order // top_k
         counts = per_rank.tolist()
         row_sizes = [n * top_k for n in sizes]
-        tokens = _split(order // top_k, row_sizes)  # each item's [N_i], tokens of every item
+        tokens = _split(token, row_sizes)  # each item's [N_i], tokens of every item
         row_weights = _split(weights.view(-1).index_select(0, order), row_sizes)
         out = []
         for i, (xn, first) in enumerate(zip(xns, accumulate([0, *sizes]))):
@@ -744,14 +753,24 @@ class DeviceWorker:
             else:  # shared expert or dense MLP output
                 extra.append(value)
         # accumulate in the model dtype, as the families' own implementations do
-        out = torch.zeros_like(attn.resid)
+        rows = token = None
         if routing is not None and partials:
             partials.sort(key=lambda p: p.start)
             rows = partials[0].y if len(partials) == 1 else torch.cat([p.y for p in partials])
-            out.index_add_(0, routing.token_of_row, rows)  # rows in dispatch order
+            token = routing.token_of_row  # rows in dispatch order
+        resid = attn.resid
+        if (self._cpu_ops and resid.dim() == 2 and resid.dtype in kernels.COMBINE_DTYPES
+                and (rows is None or rows.dtype == resid.dtype)
+                and all(e.dtype == resid.dtype and e.shape == resid.shape for e in extra)):
+            if rows is None or token is None:
+                rows, token = resid[:0], _NO_ROWS
+            return kernels.combine(resid, rows, token, extra)
+        out = torch.zeros_like(resid)
+        if rows is not None and token is not None:
+            out.index_add_(0, token, rows)
         for e in extra:
             out += e
-        return attn.resid + out
+        return resid + out
 
     def _lm_head(self, items: list[tuple[_UnitState, tuple[int, ...] | None, torch.Tensor]]
                  ) -> list[Logits]:

@@ -5,18 +5,25 @@ Shapes: T tokens, E experts, A top-k, D hidden, G expert groups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from moeflow.models.spec import MoESpec
 
 
+Linear = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor, moe: MoESpec,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, D], weight [E, D], bias [E] or None -> logits [T, E]"""
+                  bias: torch.Tensor | None = None,
+                  linear: Linear = torch.nn.functional.linear) -> torch.Tensor:
+    """x [T, D], weight [E, D], bias [E] or None -> logits [T, E], through `linear` (the
+    CPU worker's takes its kernels at decode: torch's bf16 GEMM cost ~100 us for a
+    64 x 1024 router at one row)"""
     if moe.router_fp32:
-        return torch.nn.functional.linear(x.float(), weight.float(),
-                                          None if bias is None else bias.float())
-    return torch.nn.functional.linear(x, weight, bias)
+        return linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return linear(x, weight, bias)
 
 
 def route(logits: torch.Tensor, moe: MoESpec, bias: torch.Tensor | None = None

@@ -308,3 +308,44 @@ def test_an_unknown_switch_is_refused(monkeypatch):
     monkeypatch.setenv("MOEFLOW_CPU_KERNELS", "maybe")
     with pytest.raises(ValueError, match="MOEFLOW_CPU_KERNELS='maybe': use auto, on or off"):
         kernels.mode()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_is_bit_exact_with_torchs_ops(dtype):
+    """zeros, index_add_ (fp32 sums, stored once), += per shared expert, + the residual:
+    the same bits, whatever the rows, tokens and extras."""
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        t, n, d = (int(torch.randint(lo, hi, (1,), generator=gen))
+                   for lo, hi in ((1, 17), (0, 130), (1, 300)))
+        resid = torch.randn(t, d, generator=gen).to(dtype)
+        rows = (torch.randn(n, d, generator=gen) * 3).to(dtype)
+        token = torch.randint(0, t, (n,), generator=gen)
+        extras = [torch.randn(t, d, generator=gen).to(dtype) for _ in range(trial % 3)]
+        assert torch.equal(kernels.combine(resid, rows, token, extras),
+                           kernels.combine_ref(resid, rows, token, extras))
+
+
+def test_combine_errors():
+    resid, rows = torch.zeros(2, 4), torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="token 2 is out of"):
+        kernels.combine(resid, rows, torch.tensor([0, 1, 2]), [])
+    with pytest.raises(RuntimeError, match="an extra is"):
+        kernels.combine(resid, rows, torch.tensor([0, 1, 1]), [torch.zeros(3, 4)])
+    with pytest.raises(RuntimeError, match="rows must be"):
+        kernels.combine(resid, rows.bfloat16(), torch.tensor([0, 1, 1]), [])
+
+
+def test_dispatch_order_matches_torchs_sort():
+    gen = torch.Generator().manual_seed(4)
+    for n, bins, period, top_k in [(8, 64, 64, 8), (128, 128, 64, 8), (0, 16, 16, 2),
+                                   (37, 30, 10, 1), (6, 4, 2, 3)]:
+        rank = torch.randint(0, bins, (n,), generator=gen)
+        got = kernels.dispatch_order(rank, bins, period, top_k)
+        want = kernels.dispatch_order_ref(rank, bins, period, top_k)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="rank 5 is out of"):
+        kernels.dispatch_order(torch.tensor([0, 5]), 4, 2, 1)
+    with pytest.raises(RuntimeError, match="period"):
+        kernels.dispatch_order(torch.tensor([0, 1]), 4, 3, 1)

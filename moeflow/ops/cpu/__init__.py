@@ -18,6 +18,13 @@ the order of the sums, whichever path a GEMM takes.
                                        routed weight and stored back at its place: the
                                        gather, the scale and the scatter fused, each
                                        expert's weights streamed once
+    dispatch_order(rank, bins,         a stable counting sort of routed rows by expert rank:
+                   period, top_k)      the order, each row's token, the counts and the
+                                       running ends per item, for argsort, bincount, cumsum
+                                       and a division
+    combine(resid, rows, token,        the routed rows summed at their tokens, the shared
+            extras)                    experts' outputs and the residual, rounded where
+                                       torch's zeros/index_add_/+=/+ store (bit-exact)
     paged_decode_attention(q, pool,    one new token per sequence against its cached keys,
         blocks, lengths, ...)          read in place from the paged KV cache: per chunk of
                                        32 keys, each key and value widened once for up to 4
@@ -253,3 +260,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [R, D], weight [D] or [G, D] (same dtype; row r takes weight row r % G) -> [R, D]:
     moeflow.ops.norm.rms_norm in one pass."""
     return load().rms_norm(x, weight.contiguous(), eps)
+
+
+def dispatch_order(rank: torch.Tensor, bins: int, period: int, top_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rank [N] (int64, in [0, bins)) -> (order [N] int64: a stable sort of the rows by
+    rank; token [N]: order // top_k; counts [bins] int64; ends [bins] int32: the running
+    sum of counts, restarting every `period` bins)"""
+    order, token, counts, ends = load().dispatch_order(rank.contiguous(), bins, period, top_k)
+    return order, token, counts, ends
+
+
+def dispatch_order_ref(rank: torch.Tensor, bins: int, period: int, top_k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    order = torch.argsort(rank, stable=True)
+    counts = torch.bincount(rank, minlength=bins)
+    ends = torch.cumsum(counts.view(-1, period), 1, dtype=torch.int32).view(-1)
+    return order, order // top_k, counts, ends
+
+
+COMBINE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def combine(resid: torch.Tensor, rows: torch.Tensor, token: torch.Tensor,
+            extras: list[torch.Tensor]) -> torch.Tensor:
+    """resid [T, D] + (rows [N, D] added at token [N] (int64), then each extra [T, D]),
+    rounded as `combine_ref`'s torch ops store"""
+    return load().combine(resid, rows.contiguous(), token.contiguous(),
+                          [e.contiguous() for e in extras])
+
+
+def combine_ref(resid: torch.Tensor, rows: torch.Tensor, token: torch.Tensor,
+                extras: list[torch.Tensor]) -> torch.Tensor:
+    """The families' order, in the model dtype: routed rows summed into zeros, then the
+    shared experts' outputs, then the residual."""
+    out = torch.zeros_like(resid)
+    if rows.shape[0]:
+        out.index_add_(0, token, rows)
+    for e in extras:
+        out += e
+    return resid + out

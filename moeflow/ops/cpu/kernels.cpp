@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -919,6 +920,103 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// ---- routing bookkeeping ---------------------------------------------------------------
+//
+// At decode these are a few hundred integers or rows, and torch's ops for them (argsort,
+// bincount, cumsum and a division; zeros, index_add_ and an add) cost 15-95 us each on a
+// 2-core machine, for microseconds of work: a node's worth in one call each.
+
+// rank [N] (int64, each in [0, bins)) -> a stable counting sort: order [N] (position ->
+// row), token [N] (order / top_k), counts [bins] (int64) and ends [bins] (int32: the
+// running sum of counts, restarting every `period` bins: each item's experts)
+std::vector<at::Tensor> dispatch_order(const at::Tensor& rank, int64_t bins, int64_t period,
+                                       int64_t top_k) {
+  check_cpu(rank, "rank", 1);
+  TORCH_CHECK(rank.scalar_type() == at::kLong, "moeflow_cpu.dispatch_order: rank must be int64");
+  TORCH_CHECK(bins > 0 && period > 0 && bins % period == 0 && top_k > 0,
+              "moeflow_cpu.dispatch_order: bins ", bins, ", period ", period, ", top_k ", top_k);
+  const int64_t N = rank.size(0);
+  const int64_t* r = rank.data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({bins}, rank.options());
+  at::Tensor ends = at::empty({bins}, rank.options().dtype(at::kInt));
+  at::Tensor order = at::empty({N}, rank.options());
+  at::Tensor token = at::empty({N}, rank.options());
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < bins, "moeflow_cpu.dispatch_order: rank ", r[i],
+                " is out of [0, ", bins, ")");
+    ++c[r[i]];
+  }
+  std::vector<int64_t> next(bins);
+  int32_t* e = ends.data_ptr<int32_t>();
+  int64_t start = 0, running = 0;
+  for (int64_t b = 0; b < bins; ++b) {
+    if (b % period == 0) running = 0;
+    next[b] = start;
+    start += c[b];
+    running += c[b];
+    e[b] = static_cast<int32_t>(running);
+  }
+  int64_t* o = order.data_ptr<int64_t>();
+  int64_t* t = token.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t pos = next[r[i]]++;
+    o[pos] = i;
+    t[pos] = i / top_k;
+  }
+  return {order, token, counts, ends};
+}
+
+// resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
+// extras [T, D]), rounded to the model dtype where torch's ops store: zeros, index_add_
+// (its sums in fp32), += and + in the families' order
+at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Tensor& token,
+                   at::TensorList extras) {
+  check_cpu(resid, "resid", 2);
+  check_cpu(rows, "rows", 2);
+  check_cpu(token, "token", 1);
+  TORCH_CHECK(resid.scalar_type() == at::kBFloat16 || resid.scalar_type() == at::kFloat,
+              "moeflow_cpu.combine: takes bfloat16 or float32, got ", resid.scalar_type());
+  TORCH_CHECK(rows.scalar_type() == resid.scalar_type() && token.scalar_type() == at::kLong,
+              "moeflow_cpu.combine: rows must be ", resid.scalar_type(), " and token int64");
+  const int64_t T = resid.size(0), D = resid.size(1), N = rows.size(0);
+  TORCH_CHECK(token.size(0) == N && (N == 0 || rows.size(1) == D),
+              "moeflow_cpu.combine: resid [", T, ", ", D, "], rows ", rows.sizes(), ", token [",
+              token.size(0), "]");
+  for (const at::Tensor& x : extras) {
+    check_cpu(x, "an extra", 2);
+    TORCH_CHECK(x.scalar_type() == resid.scalar_type() && x.size(0) == T && x.size(1) == D,
+                "moeflow_cpu.combine: an extra is ", x.sizes(), ", resid [", T, ", ", D, "]");
+  }
+  const int64_t* tok = token.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(tok[i] >= 0 && tok[i] < T, "moeflow_cpu.combine: token ", tok[i],
+                " is out of [0, ", T, ")");
+  at::Tensor y = at::empty_like(resid);
+  auto run = [&](auto* rp, auto* yp) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(rp)>>;
+    std::vector<float> out(T * D, 0.f);
+    const V* src = N ? rows.data_ptr<V>() : nullptr;
+    for (int64_t i = 0; i < N; ++i) {
+      float* o = out.data() + tok[i] * D;
+      const V* s = src + i * D;
+      for (int64_t d = 0; d < D; ++d) o[d] += to_float(s[d]);
+    }
+    if (N)  // index_add_ sums a reduced-precision tensor's rows in fp32, and stores once
+      for (int64_t k = 0; k < T * D; ++k) out[k] = round_to<V>(out[k]);
+    for (const at::Tensor& x : extras) {
+      const V* s = x.data_ptr<V>();
+      for (int64_t k = 0; k < T * D; ++k) out[k] = round_to<V>(out[k] + to_float(s[k]));
+    }
+    for (int64_t k = 0; k < T * D; ++k) yp[k] = V(to_float(rp[k]) + out[k]);
+  };
+  if (resid.scalar_type() == at::kBFloat16)
+    run(resid.data_ptr<bf16>(), y.data_ptr<bf16>());
+  else
+    run(resid.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moeflow_cpu, m) {
@@ -931,6 +1029,10 @@ TORCH_LIBRARY(moeflow_cpu, m) {
         "int block_size, int kv_heads, int? window, float scale, int isa) -> Tensor",
         &paged_decode_attention);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("dispatch_order(Tensor rank, int bins, int period, int top_k) -> Tensor[]",
+        &dispatch_order);
+  m.def("combine(Tensor resid, Tensor rows, Tensor token, Tensor[] extras) -> Tensor",
+        &combine);
 }
 
 }  // namespace moeflow_cpu
