@@ -433,7 +433,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.kernels:
         from moeflow.ops import cpu
         from moeflow.ops.cpu.calibrate import calibrate_kernels
-        from moeflow.ops.cpu.choice import save_choice
+        from moeflow.ops.cpu.choice import ALL_ROWS, save_choice
         from moeflow.scheduler.eps import cpu_kernel_band
 
         if not cpu.available():
@@ -442,11 +442,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         choice, table = calibrate_kernels(quick=args.quick,
                                           log=lambda msg: print(msg, file=sys.stderr))
         path = save_choice(choice, table)
-        low, high = cpu_kernel_band(choice.expert_rows)
+        def rows(n: int) -> str:
+            return "any number of rows" if n >= ALL_ROWS else f"{n} rows"
+
+        if choice.expert_rows >= ALL_ROWS:
+            eps = "the grouped kernel at every load"
+        else:
+            low, high = cpu_kernel_band(choice.expert_rows)
+            eps = (f"the grouped kernel below {low:.0f} rows per expert, a GEMM per expert "
+                   f"above {high:.0f}")
         print(f"wrote {path}: the kernels ({table['isa']}) take linear layers up to "
-              f"{choice.linear_rows} rows and routed experts up to {choice.expert_rows} rows "
-              f"per expert (eps: the grouped kernel below {low:.0f} rows per expert, a GEMM "
-              f"per expert above {high:.0f})")
+              f"{rows(choice.linear_rows)} and routed experts up to "
+              f"{rows(choice.expert_rows)} per expert (eps: {eps})")
     if args.out is None:
         return 0
     from moeflow.sim.calibrate import calibrate

@@ -49,10 +49,12 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
     if (isinstance(config.scheduler, str) and isinstance(scheduler, EPS)
             and all(d.startswith("cpu") for d in config.devices)):
         # named, so not configured: its expert kernels by the CPU kernels' crossover
-        from moeflow.ops.cpu.choice import kernel_choice
+        from moeflow.ops.cpu.choice import ALL_ROWS, kernel_choice
 
-        crossover = kernel_choice().expert_limit(dtype)  # 0: no kernels, no choice
-        scheduler.kernel_band = cpu_kernel_band(crossover) if crossover else None
+        # 0: no kernels; every size: the grouped kernel always wins. No choice either way
+        crossover = kernel_choice().expert_limit(dtype)
+        scheduler.kernel_band = (cpu_kernel_band(crossover) if 0 < crossover < ALL_ROWS
+                                 else None)
     cluster = make_cluster(config, spec, scheduler, dtype)
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,

@@ -239,7 +239,8 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
     lines: list[str] = []
     measured, table = calibrate.calibrate_kernels(quick=True, log=lines.append)
     assert len(lines) == 4 and len(table["linear"]["kernel_s"]) == 2
-    assert measured.linear_rows in (0, 1, 4) and measured.expert_rows in (0, 1, 2)
+    assert measured.linear_rows in (0, 1, 4, choice.ALL_ROWS)
+    assert measured.expert_rows in (0, 1, 2, choice.ALL_ROWS)
     path = choice.save_choice(choice.KernelChoice(3, 5, "calibrated"), table)
     try:
         assert path == tmp_path / "choice.json"
@@ -255,10 +256,12 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
 
 def test_crossover_tolerates_noise_but_not_a_loss():
     from moeflow.ops.cpu.calibrate import _crossover
+    from moeflow.ops.cpu.choice import ALL_ROWS
 
     assert _crossover((1, 2, 4, 8), [1.0, 1.05, 2.0, 1.0], [1.0, 1.0, 1.0, 5.0]) == 2
     assert _crossover((1, 2), [3.0, 1.0], [1.0, 1.0]) == 0
-    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0]) == 2
+    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0]) == ALL_ROWS  # won throughout
+    assert _crossover((1, 2), [0.5, 1.05], [1.0, 1.0]) == 2  # a tie at the end: no further
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

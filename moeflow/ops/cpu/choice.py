@@ -4,14 +4,15 @@ beyond it.
 
 The crossovers come from the machine that runs: `moeflow calibrate --kernels` times both
 paths on it, for linear layers and for routed experts, and writes the largest row count up
-to which the kernel is the faster at every count into `<kernel cache>/choice.json`, with
-the CPU it was measured on. Without that file, or when it was written on another CPU, the
+to which the kernel is the faster at every count (every count, when it was still clearly
+the faster at the most rows measured) into `<kernel cache>/choice.json`, with the CPU it
+was measured on. Without that file, or when it was written on another CPU, the
 worker takes a default by the CPU's features: the kernels stream weights near the memory
 bandwidth at a few rows, which no torch path does here, so they always take decode; on
 CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at prefill sizes, and the
 default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are slow at every size
-(on a 2-core AVX2 EPYC the kernels were 2.5-4x faster at 8 to 256 rows per weight), and
-the kernels take up to 1,024 rows (256 per expert). Without AVX2 the portable path has
+(on a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096 rows per weight),
+and the kernels take every size. Without AVX2 the portable path has
 not been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's fp32 GEMMs are
 strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
@@ -36,9 +37,9 @@ from moeflow.ops.backend import rows_per_weight
 
 DEFAULT_ROWS = 16
 ALL_ROWS = 1 << 30
-# without bf16 arithmetic, measured to 512 rows (the foundation benchmark's prefill); beyond,
-# the kernels' input rows (re-read per weight tile) outgrow the caches
-NO_BF16_ROWS, NO_BF16_EXPERT_ROWS = 1024, 256
+# without bf16 arithmetic the kernels' panels beat torch's bf16 GEMMs 4-5x at every size
+# measured (256 to 4,096 rows, and 256 to 1,024 per expert, on a 2-core AVX2 EPYC)
+NO_BF16_ROWS = NO_BF16_EXPERT_ROWS = ALL_ROWS
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
