@@ -83,7 +83,7 @@ def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
     params = SamplingParams(max_new_tokens=steps + warmup + 1, ignore_eos=True)
     for i in range(batch):
         core.add_request([3 + i, 4, 5, 6], params)
-    while any(len(r.output_ids) == 0 for r in core.requests.values()):
+    while any(not r.output_ids and not r.finished for r in core.requests.values()):
         core.step()  # prefill
     failed = [r.finish_reason for r in core.requests.values()
               if (r.finish_reason or "").startswith("error")]
