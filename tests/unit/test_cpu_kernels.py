@@ -92,14 +92,17 @@ def test_expert_ffn_matches_ref(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype):
-    """Prefill-sized: 16 rows or more per expert on average take packed panels of 16 weight
-    rows (widths here not a multiple of 16 or 8, and wider than one 256-column block)."""
-    x, counts, gate_up, down, order, scale = routed_problem(dtype, [20, 0, 17, 33, 1],
-                                                             d=300, f=70)
+@pytest.mark.parametrize("rows", [[20, 0, 17, 33, 1], [40, 2, 3, 16, 15], [16]])
+def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype, rows):
+    """Prefill-sized: an expert with 16 rows or more takes packed panels of 16 weight rows,
+    one with fewer the tiles, in the same call (widths here not a multiple of 16 or 8, and
+    wider than one 256-column block)."""
+    x, counts, gate_up, down, order, scale = routed_problem(dtype, rows, d=300, f=70)
     for isa in kernels.isas():
         ref = kernels.expert_ffn_ref(x, counts, gate_up, down, order, scale)
         assert_close(kernels.expert_ffn(x, counts, gate_up, down, order, scale, isa), ref)
+        sorted_ref = kernels.expert_ffn_ref(x, counts, gate_up, down)
+        assert_close(kernels.expert_ffn(x, counts, gate_up, down, isa=isa), sorted_ref)
 
 
 def test_expert_ffn_rounds_where_torch_stores():
@@ -260,8 +263,10 @@ def test_crossover_tolerates_noise_but_not_a_loss():
 
     assert _crossover((1, 2, 4, 8), [1.0, 1.05, 2.0, 1.0], [1.0, 1.0, 1.0, 5.0]) == 2
     assert _crossover((1, 2), [3.0, 1.0], [1.0, 1.0]) == 0
-    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0]) == ALL_ROWS  # won throughout
-    assert _crossover((1, 2), [0.5, 1.05], [1.0, 1.0]) == 2  # a tie at the end: no further
+    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0]) == 2  # with bf16 arithmetic
+    # without: won throughout, so every size; a tie at the end, no further than measured
+    assert _crossover((1, 2), [0.5, 0.5], [1.0, 1.0], extrapolate=True) == ALL_ROWS
+    assert _crossover((1, 2), [0.5, 1.05], [1.0, 1.0], extrapolate=True) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,4 +1,4 @@
-"""moeflow's CPU kernels for decode: GEMMs in which a few rows meet each weight.
+"""moeflow's CPU kernels: GEMMs in which a few rows meet each weight (decode), and many.
 
 At decode a CPU's time goes to streaming weights: each token reads every active weight
 once, with a few rows (sequences, or tokens routed to one expert) per weight. torch sends
@@ -6,9 +6,13 @@ bf16 matmuls to oneDNN, which streams weights at a fraction of the memory bandwi
 rows are few, and its own bf16 GEMV kernels slow down quickly past one row (the table in
 ops/backend.py). These kernels read each weight once from memory whatever the rows: a
 tile of 4 weight rows (4 x K x 2 bytes, in L1) meets the input rows 3 at a time in 12 fp32
-accumulators, bf16 widened to fp32 by a shift, sums in fp32. Results are rounded to the
-model dtype where torch's unfused ops would store them, so a kernel and torch agree up to
-the order of the sums, whichever path a GEMM takes.
+accumulators, bf16 widened to fp32 by a shift, sums in fp32, the tile's block prefetched
+8 KiB ahead. From 16 rows per weight (a prefill, or an expert many tokens chose) the
+arithmetic binds instead, and a GEMM takes packed panels: 16 weight rows widened once into
+a k-major fp32 buffer, multiplied as outer products 6 input rows at a time (routed experts
+choose tile or panel each by its own rows). Results are rounded to the model dtype where
+torch's unfused ops would store them, so a kernel and torch agree up to the order of the
+sums, whichever path a GEMM takes.
 
     linear(x, w, bias)                 x [M, K] . w [N, K]^T (+ bias)  -> [M, N]
     rms_norm(x, w, eps)                each row normalised in fp32 and scaled, one pass
@@ -286,7 +290,7 @@ def combine(resid: torch.Tensor, rows: torch.Tensor, token: torch.Tensor,
             extras: list[torch.Tensor]) -> torch.Tensor:
     """resid [T, D] + (rows [N, D] added at token [N] (int64), then each extra [T, D]),
     rounded as `combine_ref`'s torch ops store"""
-    return load().combine(resid, rows.contiguous(), token.contiguous(),
+    return load().combine(resid.contiguous(), rows.contiguous(), token.contiguous(),
                           [e.contiguous() for e in extras])
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from moeflow.ops import cpu as kernels
+from moeflow.ops.attention import widen_on_this_cpu
 from moeflow.ops.cpu.choice import ALL_ROWS, KernelChoice, linear, use_choice
 from moeflow.ops.experts import ExpertGroup, swiglu_batches_cpu
 
@@ -46,18 +47,21 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 NOISE = 1.1  # a kernel this much slower than torch at some rows is within the noise here
 
 
-def _crossover(rows: tuple[int, ...], kernel: list[float], torch_s: list[float]) -> int:
-    """The largest rows up to which the kernel was never clearly the slower; any rows
-    (ALL_ROWS) when it was never the slower and clearly the faster at the most rows
-    measured. Past the measured range the kernels' panels keep their speed (on a 2-core
-    AVX2 EPYC, 4-5x torch's bf16 GEMMs from 256 to 4,096 rows): a limit at the range's end
-    sent a prefill's experts, 64 or more rows each, to torch."""
+def _crossover(rows: tuple[int, ...], kernel: list[float], torch_s: list[float],
+               extrapolate: bool = False) -> int:
+    """The largest rows up to which the kernel was never clearly the slower. With
+    `extrapolate` (a CPU without bf16 arithmetic), any rows (ALL_ROWS) when it was never the
+    slower and clearly the faster at the most rows measured: there torch's bf16 GEMMs stay
+    slow at every size, and the kernels' panels keep their speed (on a 2-core AVX2 EPYC,
+    4-5x torch from 256 to 4,096 rows), where a limit at the range's end sent a prefill's
+    experts, 64 or more rows each, to torch. With bf16 arithmetic oneDNN gains with size,
+    so the measured limit stands."""
     limit = 0
     for m, k, t in zip(rows, kernel, torch_s):
         if k > NOISE * t:
             return limit
         limit = m
-    if rows and kernel[-1] * NOISE < torch_s[-1]:
+    if extrapolate and rows and kernel[-1] * NOISE < torch_s[-1]:
         return ALL_ROWS
     return limit
 
@@ -85,7 +89,8 @@ def calibrate_kernels(quick: bool = False, log: Callable[[str], None] = lambda _
             f"{torch_s[-1] * 1e6:8.1f} us")
     table: dict[str, Any] = {"linear": {"rows": list(LINEAR_ROWS), "kernel_s": kernel_s,
                                         "torch_s": torch_s}}
-    linear_rows = _crossover(LINEAR_ROWS, kernel_s, torch_s)
+    no_bf16 = widen_on_this_cpu()  # torch's bf16 GEMMs slow at every size
+    linear_rows = _crossover(LINEAR_ROWS, kernel_s, torch_s, no_bf16)
 
     groups = [ExpertGroup.of((torch.randn(G, 2 * F, D) / D ** 0.5).to(dtype),
                              (torch.randn(G, D, F) / F ** 0.5).to(dtype))
@@ -106,6 +111,6 @@ def calibrate_kernels(quick: bool = False, log: Callable[[str], None] = lambda _
     table["experts"] = {"rows": list(EXPERT_ROWS), "kernel_s": kernel_s, "torch_s": torch_s}
     table["threads"] = torch.get_num_threads()
     table["isa"] = kernels.describe()
-    choice = KernelChoice(linear_rows, _crossover(EXPERT_ROWS, kernel_s, torch_s),
+    choice = KernelChoice(linear_rows, _crossover(EXPERT_ROWS, kernel_s, torch_s, no_bf16),
                           "calibrated")
     return choice, table

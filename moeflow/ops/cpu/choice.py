@@ -4,8 +4,8 @@ beyond it.
 
 The crossovers come from the machine that runs: `moeflow calibrate --kernels` times both
 paths on it, for linear layers and for routed experts, and writes the largest row count up
-to which the kernel is the faster at every count (every count, when it was still clearly
-the faster at the most rows measured) into `<kernel cache>/choice.json`, with the CPU it
+to which the kernel is the faster at every count (on a CPU without bf16 arithmetic, every
+count when it was still clearly the faster at the most rows measured) into `<kernel cache>/choice.json`, with the CPU it
 was measured on. Without that file, or when it was written on another CPU, the
 worker takes a default by the CPU's features: the kernels stream weights near the memory
 bandwidth at a few rows, which no torch path does here, so they always take decode; on

@@ -472,60 +472,86 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     row += counts[e];
   }
   const int64_t active = static_cast<int64_t>(experts.size());
-  int64_t widest = 0;
-  for (int64_t e : experts) widest = std::max(widest, counts[e]);
-  // panels when the experts' rows are many on average, tiles otherwise (one kind per call)
-  const bool wide = n >= WIDE_ROWS * active;
-  const int TW = wide ? PB : NR;  // weight rows per task, and the row stride of its sums
-  const int64_t out_len = wide ? widest * PB : ((widest + MR - 1) / MR) * MR * NR;
+  // Each expert on panels from WIDE_ROWS rows, on tiles below (a skewed prefill has both):
+  // its rows widened in the layout of its path, its tasks TW weight rows wide.
+  std::vector<char> wide(active);
+  int64_t out_len = 0;
+  bool any_wide = false;
+  for (int64_t i = 0; i < active; ++i) {
+    const int64_t rows = counts[experts[i]];
+    wide[i] = rows >= WIDE_ROWS;
+    any_wide = any_wide || wide[i];
+    out_len = std::max(out_len, wide[i] ? rows * PB : ((rows + MR - 1) / MR) * MR * NR);
+  }
+  const Layout natural{false, 0}, x_split = Layout::of<T>(isa, D), a_split = Layout::of<T>(isa, F);
   std::vector<float> xf(n * D);  // [n, D], expert-major
-  widen_rows(x.data_ptr<T>(), D, order, n, wide ? Layout{false, 0} : Layout::of<T>(isa, D),
-             xf.data());
-  const Layout a_at = wide ? Layout{false, 0} : Layout::of<T>(isa, F);
-  // sums[rows][TW] = xs[rows, K] . w[nr, K]^T
-  auto gemm = [&](const float* xs, int64_t rows, const T* w, int nr, int64_t K, float* sums,
-                  float* pack) {
-    if (wide)
+  for (int64_t i = 0; i < active; ++i) {
+    const int64_t r0 = starts[i], rows = counts[experts[i]];
+    widen_rows(x.data_ptr<T>() + (order ? 0 : r0 * D), D, order ? order + r0 : nullptr, rows,
+               wide[i] ? natural : x_split, xf.data() + r0 * D);
+  }
+  // the tasks of a pass: (expert index, first weight row, weight rows)
+  struct Task {
+    int64_t i, first;
+    int nr;
+  };
+  auto tasks_of = [&](int64_t width) {
+    std::vector<Task> tasks;
+    for (int64_t i = 0; i < active; ++i) {
+      const int tw = wide[i] ? PB : NR;
+      for (int64_t f0 = 0; f0 < width; f0 += tw)
+        tasks.push_back({i, f0, static_cast<int>(std::min<int64_t>(tw, width - f0))});
+    }
+    return tasks;
+  };
+  // sums[rows][PB or NR] = xs[rows, K] . w[nr, K]^T, on expert i's path
+  auto gemm = [&](int64_t i, const float* xs, int64_t rows, const T* w, int nr, int64_t K,
+                  float* sums, float* pack) {
+    if (wide[i])
       panel(isa, xs, K, rows, w, K, nr, K, sums, pack);
     else
       tile(isa, xs, K, rows, w, K, nr, K, sums);
   };
 
-  std::vector<float> a(n * F);  // [n, F] silu(gate) * up
+  std::vector<float> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
   const T* gu = gate_up.data_ptr<T>();
-  const int64_t f_tiles = (F + TW - 1) / TW;
-  at::parallel_for(0, active * f_tiles, grain(2 * TW * D * sizeof(T)),
+  const std::vector<Task> up_tasks = tasks_of(F);
+  at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> g(out_len), u(out_len), pack(wide ? KC * PB : 0);
+    std::vector<float> g(out_len), u(out_len), pack(any_wide ? KC * PB : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / f_tiles, e = experts[i], rows = counts[e], r0 = starts[i];
-      const int64_t f0 = (t % f_tiles) * TW;
-      const int nr = static_cast<int>(std::min<int64_t>(TW, F - f0));
+      const Task& task = up_tasks[t];
+      const int64_t e = experts[task.i], rows = counts[e], r0 = starts[task.i];
+      const int64_t f0 = task.first, tw = wide[task.i] ? PB : NR;
+      const int nr = task.nr;
+      const Layout at = wide[task.i] ? natural : a_split;
       const T* w = gu + e * 2 * F * D;
-      gemm(xf.data() + r0 * D, rows, w + f0 * D, nr, D, g.data(), pack.data());
-      gemm(xf.data() + r0 * D, rows, w + (F + f0) * D, nr, D, u.data(), pack.data());
+      gemm(task.i, xf.data() + r0 * D, rows, w + f0 * D, nr, D, g.data(), pack.data());
+      gemm(task.i, xf.data() + r0 * D, rows, w + (F + f0) * D, nr, D, u.data(), pack.data());
       for (int64_t m = 0; m < rows; ++m)
         for (int j = 0; j < nr; ++j)
-          a[(r0 + m) * F + a_at(f0 + j)] = round_to<T>(
-              round_to<T>(silu(round_to<T>(g[m * TW + j]))) * round_to<T>(u[m * TW + j]));
+          a[(r0 + m) * F + at(f0 + j)] = round_to<T>(
+              round_to<T>(silu(round_to<T>(g[m * tw + j]))) * round_to<T>(u[m * tw + j]));
     }
   });
 
   const T* dp = down.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  const int64_t d_tiles = (D + TW - 1) / TW;
-  at::parallel_for(0, active * d_tiles, grain(TW * F * sizeof(T)),
+  const std::vector<Task> down_tasks = tasks_of(D);
+  at::parallel_for(0, static_cast<int64_t>(down_tasks.size()), grain(NR * F * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(out_len), pack(wide ? KC * PB : 0);
+    std::vector<float> out(out_len), pack(any_wide ? KC * PB : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / d_tiles, e = experts[i], rows = counts[e], r0 = starts[i];
-      const int64_t d0 = (t % d_tiles) * TW;
-      const int nr = static_cast<int>(std::min<int64_t>(TW, D - d0));
-      gemm(a.data() + r0 * F, rows, dp + (e * D + d0) * F, nr, F, out.data(), pack.data());
+      const Task& task = down_tasks[t];
+      const int64_t e = experts[task.i], rows = counts[e], r0 = starts[task.i];
+      const int64_t d0 = task.first, tw = wide[task.i] ? PB : NR;
+      const int nr = task.nr;
+      gemm(task.i, a.data() + r0 * F, rows, dp + (e * D + d0) * F, nr, F, out.data(),
+           pack.data());
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t dest = order ? order[r0 + m] : r0 + m;
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
-        for (int j = 0; j < nr; ++j) yp[dest * D + d0 + j] = T(s * round_to<T>(out[m * TW + j]));
+        for (int j = 0; j < nr; ++j) yp[dest * D + d0 + j] = T(s * round_to<T>(out[m * tw + j]));
       }
     }
   });
