@@ -35,7 +35,8 @@ constexpr int NR = 4;  // weight rows per tile: 4 streams, and 4 * K * 2 bytes s
 constexpr int MR = 3;  // input rows per tile: 3 x 4 accumulators + 4 weight registers
 constexpr int64_t CHUNK_BYTES = 32 << 10;  // weight bytes per thread, at least
 // Software prefetch, bytes ahead of the weights being read. A tile's weight rows are one
-// contiguous block (every caller passes ldw == K), read a column step at a time across its
+// contiguous block (every caller passes ldw == K; another stride would only prefetch in
+// vain), read a column step at a time across its
 // rows: the prefetch sweeps that block linearly at the rate it is consumed, so the next
 // tile's first rows are already on their way when it starts. A prefetch per row, 512 bytes
 // ahead in that row, left the start of every row of the next tile to demand misses: with
@@ -45,7 +46,6 @@ constexpr int64_t CHUNK_BYTES = 32 << 10;  // weight bytes per thread, at least
 // 32000 x 1024 LM head 8.6-9.2 before, 14.6-15.3 after (a torch sum reads 9-12 GB/s);
 // 4 and 16 KiB ahead were close, 1-2 KiB too short.
 constexpr int PREFETCH = 8 << 10;
-constexpr int ROW_PREFETCH = 512;  // the per-row distance, where rows are not contiguous
 
 enum Isa : int64_t { PORTABLE = 0, AVX2 = 1 };
 
@@ -134,15 +134,11 @@ AVX2_FN void tile_avx2_fixed(const float* x, int64_t ldx, const W* w, int64_t ld
       for (int s = 0; s < S; ++s) acc[i][j][s] = _mm256_setzero_ps();
   const int64_t body = K / 16 * 16;
   for (int64_t k = 0; k < body; k += 16) {
-    if (ldw == K) {  // the tile is one block: C * 16 elements of it consumed per step
+    {  // the tile is one block (ldw == K): C * 16 elements of it consumed per step
       const char* ahead = reinterpret_cast<const char*>(w + k * C) + PREFETCH;
       for (int b = 0; b < C * 16 * static_cast<int>(sizeof(W)); b += 64)
         _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
-    if (ldw != K)
-      for (int j = 0; j < C; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + k) + ROW_PREFETCH,
-                     _MM_HINT_T0);
     if (R == 1) {
       Step16 wv[C];
       for (int j = 0; j < C; ++j) wv[j] = load16(w + j * ldw + k);
@@ -396,30 +392,20 @@ void linear_impl(int64_t isa, const at::Tensor& x, const at::Tensor& w,
   const T* wp = w.data_ptr<T>();
   const T* bp = bias ? bias->data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
-  if (wide) {
-    at::parallel_for(0, (N + PB - 1) / PB, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> out(M * PB), pack(KC * PB);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * PB;
-        const int nr = static_cast<int>(std::min<int64_t>(PB, N - n0));
-        panel(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data(), pack.data());
-        for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j < nr; ++j)
-            yp[m * N + n0 + j] = T(out[m * PB + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
-      }
-    });
-    return;
-  }
-  const int64_t tiles = (N + NR - 1) / NR;
-  at::parallel_for(0, tiles, grain(NR * K * sizeof(T)), [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(((M + MR - 1) / MR) * MR * NR);
+  const int TW = wide ? PB : NR;  // weight rows per task, and the row stride of its sums
+  const int64_t out_len = wide ? M * PB : ((M + MR - 1) / MR) * MR * NR;
+  at::parallel_for(0, (N + TW - 1) / TW, grain(TW * K * sizeof(T)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> out(out_len), pack(wide ? KC * PB : 0);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * NR;
-      const int nr = static_cast<int>(std::min<int64_t>(NR, N - n0));
-      tile(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data());
+      const int64_t n0 = t * TW;
+      const int nr = static_cast<int>(std::min<int64_t>(TW, N - n0));
+      if (wide)
+        panel(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data(), pack.data());
+      else
+        tile(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data());
       for (int64_t m = 0; m < M; ++m)
         for (int j = 0; j < nr; ++j)
-          yp[m * N + n0 + j] = T(out[m * NR + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
+          yp[m * N + n0 + j] = T(out[m * TW + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
     }
   });
 }
