@@ -420,12 +420,18 @@ class DeviceWorker:
         spec, a = self.spec, self.spec.attention
         w = self.dense.layers[layer].attn
         hidden = _cat(hiddens)  # [T, D]
+        merged = self._group_batch(keys) if batches is None else None
+        whole = merged if merged is not None else (
+            (self._units[keys[0]].batch if batches is None else batches[0])
+            if len(keys) == 1 else None)
+        if whole is not None and self._fused_decode(layer, hidden, whole):
+            resid, xn = self._fused_attention(layer, hidden, whole)
+            return [AttnOut(r, n) for r, n in zip(_split(resid, hiddens), _split(xn, hiddens))]
         x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
         if a.kind == "mla":
             q, kv_a = self._mla_project(layer, x)
         else:
             qkv = self._linear(x, w.qkv, w.qkv_bias)  # [T, (H + 2K) d]
-        merged = self._group_batch(keys) if batches is None else None
         if merged is not None:
             parts = [(merged, slice(None))]
         else:
@@ -436,6 +442,37 @@ class DeviceWorker:
         resid = hidden + self._linear(_cat(outs), w.o, w.o_bias)
         xn = rms_norm(resid, w.post_norm, spec.rms_norm_eps)
         return [AttnOut(r, n) for r, n in zip(_split(resid, hiddens), _split(xn, hiddens))]
+
+    def _fused_decode(self, layer: int, hidden: torch.Tensor, b: _Batch) -> bool:
+        """Whether `_fused_attention` runs this layer for `b`: a CPU with the kernels, a
+        batch whose every token decodes, GQA attention with half rotation, no sinks and no
+        clipping, and a kernel choice that sends these GEMMs and the attention to the
+        kernels (so the result is the unfused path's, bit for bit)."""
+        a, w = self.spec.attention, self.dense.layers[layer].attn  # type: ignore[union-attr]
+        d = b.decode
+        if not (self._cpu_ops and d is not None and d.rows is None and not b.prefill
+                and b.half_cos is not None and a.kind != "mla" and a.clip_qkv is None
+                and w.sinks is None and a.qk_norm in ("none", "head", "full")):
+            return False
+        choice = kernel_choice()
+        return (choice.attention and hidden.shape[0] <= choice.linear_limit(hidden.dtype)
+                and kernel_takes(hidden, w.input_norm, w.qkv, w.qkv_bias, w.o, w.o_bias,
+                                 w.post_norm, w.q_norm, w.k_norm, self.kv.pools[layer]))
+
+    def _fused_attention(self, layer: int, hidden: torch.Tensor, b: _Batch
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of the layer's attention in one kernel call (`_fused_decode`
+        says when): resid and xn [T, D]."""
+        a, eps = self.spec.attention, self.spec.rms_norm_eps
+        w = self.dense.layers[layer].attn  # type: ignore[union-attr]
+        d = b.decode
+        assert d is not None
+        return kernels.attention_decode(
+            hidden, w.input_norm, w.qkv, w.qkv_bias, w.q_norm, w.k_norm,
+            b.half_cos, b.half_sin, self.kv.pools[layer], b.slots,  # type: ignore[arg-type]
+            d.blocks, d.lengths, self.kv.block_size, a.num_heads, a.num_kv_heads,
+            self.spec.layers[layer].sliding_window, a.softmax_scale, w.o, w.o_bias,
+            w.post_norm, eps)
 
     def _gqa_core(self, b: _Batch, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [T, (H + 2K) d] of one batch -> attention output [T, H*d]"""

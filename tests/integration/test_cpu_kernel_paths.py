@@ -18,7 +18,9 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None or not kernels.avail
 
 PROMPTS = {0: [5, 17, 3, 99, 42, 7, 8, 61], 1: [11, 2, 9], 2: [30, 31, 32, 33, 34]}
 STEPS = 6
-KERNELS = ("linear", "expert_ffn", "paged_decode_attention")
+# decode attention of these families is one fused call (its paged attention inside)
+KERNELS = ("linear", "expert_ffn", "attention_decode")
+WRAPPED = (*KERNELS, "paged_decode_attention")
 
 
 def greedy(runner) -> tuple[list[torch.Tensor], dict[int, list[int]]]:
@@ -40,7 +42,7 @@ def greedy(runner) -> tuple[list[torch.Tensor], dict[int, list[int]]]:
 def test_kernel_and_torch_paths_agree(family, dtype, tiny_factory, step_runner, monkeypatch):
     path = tiny_factory(family, dtype=dtype)
     calls: Counter[str] = Counter()
-    for name in KERNELS:
+    for name in WRAPPED:
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
                             lambda *a, _real=real, _name=name, **k: calls.update([_name])
@@ -64,3 +66,38 @@ def test_kernel_and_torch_paths_agree(family, dtype, tiny_factory, step_runner, 
     atol = 0.05 if dtype == "bfloat16" else 1e-4
     for ours, theirs in zip(kernel_logits, torch_logits):
         assert (ours - theirs).abs().max() <= atol
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe", "mixtral"])
+def test_fused_decode_attention_is_the_unfused_path(family, tiny_factory, step_runner,
+                                                    monkeypatch):
+    """Decode attention in one kernel call gives the unfused path's logits bit for bit,
+    and it is taken whenever every token of a batch decodes."""
+    from moeflow.actors.worker import DeviceWorker
+
+    path = tiny_factory(family, dtype="bfloat16")
+    fused = Counter()
+    real = kernels.attention_decode
+    monkeypatch.setattr(kernels, "attention_decode",
+                        lambda *a, **k: fused.update(["call"]) or real(*a, **k))
+
+    def run():
+        llm = LLM(path, devices="cpu:0,cpu:1", dtype="bfloat16")
+        try:
+            return greedy(step_runner(llm))
+        finally:
+            llm.close()
+
+    use_choice(KernelChoice(ALL_ROWS, ALL_ROWS, "test", fp32_rows=ALL_ROWS))
+    try:
+        logits, tokens = run()
+        assert fused["call"] >= STEPS, fused
+        monkeypatch.setattr(DeviceWorker, "_fused_decode", lambda *a: False)
+        fused.clear()
+        unfused_logits, unfused_tokens = run()
+        assert not fused
+    finally:
+        use_choice(None)
+    assert tokens == unfused_tokens
+    for ours, theirs in zip(logits, unfused_logits):
+        assert torch.equal(ours, theirs)

@@ -357,3 +357,95 @@ def test_dispatch_order_matches_torchs_sort():
         kernels.dispatch_order(torch.tensor([0, 5]), 4, 2, 1)
     with pytest.raises(RuntimeError, match="period"):
         kernels.dispatch_order(torch.tensor([0, 1]), 4, 3, 1)
+
+
+def attention_problem(dtype, qk_norm, seed=0, heads=6, kv_heads=2, d=16, dim=40, bias=False):
+    """A decode step of 3 sequences (lengths 1, 17 and 40 with the new token) over a
+    shuffled paged cache: every input of `attention_decode` but the cache, and the cache."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(dtype)
+
+    block, lengths = 8, [1, 17, 40]
+    blocks = torch.randperm(20, generator=gen)[:3 * 5]
+    pool = rand(20 * block, 2 * kv_heads * d)
+    table = blocks.view(3, 5)
+    slots = torch.tensor([int(table[b][(n - 1) // block]) * block + (n - 1) % block
+                          for b, n in enumerate(lengths)])
+    norms = {"none": (None, None), "head": (rand(d) + 1, rand(d) + 1),
+             "full": (rand(heads * d) + 1, rand(kv_heads * d) + 1)}[qk_norm]
+    angles = torch.rand(3, d // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles.cos(),) * 2, 1), torch.cat((-angles.sin(), angles.sin()), 1)
+    width = (heads + 2 * kv_heads) * d
+    args = dict(hidden=rand(3, dim), input_norm=rand(dim) + 1, qkv_w=rand(width, dim, s=0.3),
+                qkv_b=rand(width) if bias else None, q_norm=norms[0], k_norm=norms[1],
+                cos=cos.to(dtype), sin=sin.to(dtype), slots=slots, blocks=blocks,
+                lengths=lengths, block_size=block, heads=heads, kv_heads=kv_heads,
+                window=None, scale=d ** -0.5, o_w=rand(dim, heads * d, s=0.3),
+                o_b=rand(dim) if bias else None, post_norm=rand(dim) + 1, eps=1e-6)
+    return args, pool
+
+
+def unfused_attention(a, pool, isa):
+    """The worker's unfused decode path: the kernels one by one, torch's ops between."""
+    from moeflow.ops.rope import apply_half_rotation
+
+    num, heads, kv_heads = a["hidden"].shape[0], a["heads"], a["kv_heads"]
+    d = a["qkv_w"].shape[0] // (heads + 2 * kv_heads)
+    x = kernels.rms_norm(a["hidden"], a["input_norm"], a["eps"])
+    qkv = kernels.linear(x, a["qkv_w"], a["qkv_b"], isa)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    if a["q_norm"] is not None:
+        q = kernels.rms_norm(q.reshape(-1, a["q_norm"].numel()).contiguous(), a["q_norm"],
+                             a["eps"]).view(num, -1)
+        k = kernels.rms_norm(k.reshape(-1, a["k_norm"].numel()).contiguous(), a["k_norm"],
+                             a["eps"]).view(num, -1)
+    qk = apply_half_rotation(torch.cat((q, k), 1).view(num, -1, d), a["cos"][:, None],
+                             a["sin"][:, None])
+    pool.index_copy_(0, a["slots"], torch.cat((qk[:, heads:].flatten(1), v), dim=1))
+    attn = kernels.paged_decode_attention(qk[:, :heads], pool, a["blocks"], a["lengths"],
+                                          a["block_size"], kv_heads, a["window"], a["scale"],
+                                          isa)
+    resid = a["hidden"] + kernels.linear(attn.flatten(1), a["o_w"], a["o_b"], isa)
+    return resid, kernels.rms_norm(resid, a["post_norm"], a["eps"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_attention_decode_is_bit_exact_with_the_unfused_ops(dtype, qk_norm, bias):
+    """One call gives what the kernels and torch's ops give one by one (the worker's path
+    without it), cache writes included; and it stays close to the torch reference."""
+    args, pool = attention_problem(dtype, qk_norm, seed=len(qk_norm) + bias, bias=bias)
+    ref_pool = pool.clone()
+    ref = kernels.attention_decode_ref(pool=ref_pool, **args)
+    for isa in kernels.isas():
+        fused_pool, unfused_pool = pool.clone(), pool.clone()
+        fused = kernels.attention_decode(pool=fused_pool, isa=isa, **args)
+        unfused = unfused_attention(args, unfused_pool, isa)
+        for got, want in zip(fused, unfused):
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(fused_pool.view(torch.uint8), unfused_pool.view(torch.uint8))
+        written = args["slots"]
+        assert not torch.equal(fused_pool[written], pool[written])  # the new keys landed
+        rows = torch.ones(pool.shape[0], dtype=torch.bool)
+        rows[written] = False
+        assert torch.equal(fused_pool[rows], pool[rows])  # and nothing else moved
+        for got, want in zip(fused, ref):  # sums in another order, through three roundings
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_attention_decode_errors():
+    args, pool = attention_problem(torch.float32, "head")
+    with pytest.raises(RuntimeError, match="slot 999 is outside the cache"):
+        kernels.attention_decode(pool=pool, **{**args, "slots": torch.tensor([0, 1, 999])})
+    with pytest.raises(RuntimeError, match="q_norm and k_norm come together"):
+        kernels.attention_decode(pool=pool, **{**args, "k_norm": None})
+    with pytest.raises(RuntimeError, match="5 query heads and 2 kv heads"):
+        kernels.attention_decode(pool=pool, **{**args, "heads": 5})
+    with pytest.raises(RuntimeError, match="rotation tables"):
+        kernels.attention_decode(pool=pool, **{**args, "cos": args["cos"][:2],
+                                               "sin": args["sin"][:2]})
+    with pytest.raises(RuntimeError, match="is BFloat16, the input Float"):
+        kernels.attention_decode(pool=pool.bfloat16(), **args)

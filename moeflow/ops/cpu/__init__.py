@@ -29,6 +29,11 @@ sums, whichever path a GEMM takes.
     combine(resid, rows, token,        the routed rows summed at their tokens, the shared
             extras)                    experts' outputs and the residual, rounded where
                                        torch's zeros/index_add_/+=/+ store (bit-exact)
+    attention_decode(hidden, ...)      a GQA layer's attention for one new token per
+                                       sequence, in one call: input norm, QKV, q/k norms,
+                                       rotation, the cache write, paged attention, output
+                                       projection, residual and post-norm (bit-exact with
+                                       those ops one by one; ~40 torch ops at decode)
     paged_decode_attention(q, pool,    one new token per sequence against its cached keys,
         blocks, lengths, ...)          read in place from the paged KV cache: per chunk of
                                        32 keys, each key and value widened once for up to 4
@@ -258,6 +263,54 @@ def paged_decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, blocks: torc
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, v)
     return out.to(q.dtype)
+
+
+def attention_decode(hidden: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tensor,
+                     qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
+                     k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                     pool: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
+                     lengths: list[int], block_size: int, heads: int, kv_heads: int,
+                     window: int | None, scale: float, o_w: torch.Tensor,
+                     o_b: torch.Tensor | None, post_norm: torch.Tensor, eps: float,
+                     isa: int = AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step of a GQA attention layer: hidden [T, D] of T sequences, one new token
+    each -> (resid, xn) [T, D], as `attention_decode_ref`'s ops give them. q_norm/k_norm:
+    [d] per head, or [H d]/[K d] over the whole width, or both None; cos/sin: the half
+    rotation tables of the T positions ([T, d] or [T, 1, d], sin signed); pool: the layer's
+    cache (written at slots [T]); blocks, lengths: as `paged_decode_attention`'s."""
+    resid, xn = load().attention_decode(
+        hidden.contiguous(), input_norm, qkv_w, qkv_b, q_norm, k_norm,
+        cos.reshape(cos.shape[0], -1).contiguous(), sin.reshape(sin.shape[0], -1).contiguous(),
+        pool, slots.contiguous(), blocks.contiguous(), lengths, block_size, heads, kv_heads,
+        window, scale, o_w, o_b, post_norm, eps, isa)
+    return resid, xn
+
+
+def attention_decode_ref(hidden: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tensor,
+                         qkv_b: torch.Tensor | None, q_norm: torch.Tensor | None,
+                         k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                         pool: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
+                         lengths: list[int], block_size: int, heads: int, kv_heads: int,
+                         window: int | None, scale: float, o_w: torch.Tensor,
+                         o_b: torch.Tensor | None, post_norm: torch.Tensor, eps: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_decode` in torch ops and the other kernels' refs (writes pool too)."""
+    from moeflow.ops.norm import rms_norm_ref
+    from moeflow.ops.rope import apply_half_rotation
+
+    num, d = hidden.shape[0], qkv_w.shape[0] // (heads + 2 * kv_heads)
+    qkv = linear_ref(rms_norm_ref(hidden, input_norm, eps), qkv_w, qkv_b)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    if q_norm is not None:
+        q = rms_norm_ref(q.reshape(-1, q_norm.numel()), q_norm, eps).view(num, -1)
+        k = rms_norm_ref(k.reshape(-1, k_norm.numel()), k_norm, eps).view(num, -1)
+    qk = torch.cat((q, k), dim=1).view(num, heads + kv_heads, d)
+    qk = apply_half_rotation(qk, cos.reshape(num, 1, d), sin.reshape(num, 1, d))
+    pool.index_copy_(0, slots, torch.cat((qk[:, heads:].flatten(1), v), dim=1))
+    attn = paged_decode_attention_ref(qk[:, :heads], pool, blocks, lengths, block_size,
+                                      kv_heads, window, scale)
+    resid = hidden + linear_ref(attn.flatten(1), o_w, o_b)
+    return resid, rms_norm_ref(resid, post_norm, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

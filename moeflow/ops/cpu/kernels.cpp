@@ -895,6 +895,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
 
 // ---- RMSNorm ---------------------------------------------------------------------
 
+// One row: y = w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T (y may be x)
+template <typename T>
+void norm_row(const T* x, const T* w, int64_t D, double eps, T* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < D; ++i) ss += to_float(x[i]) * to_float(x[i]);
+  const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  for (int64_t i = 0; i < D; ++i) y[i] = T(to_float(w[i]) * round_to<T>(to_float(x[i]) * scale));
+}
+
 // x [R, D] -> w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T: the families'
 // formulation (moeflow/ops/norm.py), in one pass over each row instead of four ops. w is
 // [D], or [G, D] for rows that cycle through G weights (per-head norms: x [T, G, D] seen as
@@ -910,19 +919,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
               "], w ", w.sizes());
   at::Tensor y = at::empty_like(x);
   auto run = [&](auto* xp, auto* wp, auto* yp) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(xp)>>;
     at::parallel_for(0, R, std::max<int64_t>(1, (64 << 10) / (D * 4)), [&](int64_t r0,
                                                                           int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = xp + r * D;
-        const auto* wr = wp + (r % G) * D;
-        float ss = 0.f;
-        for (int64_t i = 0; i < D; ++i) ss += to_float(xr[i]) * to_float(xr[i]);
-        const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-        T* yr = yp + r * D;
-        for (int64_t i = 0; i < D; ++i)
-          yr[i] = T(to_float(wr[i]) * round_to<T>(to_float(xr[i]) * scale));
-      }
+      for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp + (r % G) * D, D, eps, yp + r * D);
     });
   };
   if (x.scalar_type() == at::kBFloat16)
@@ -930,6 +929,132 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   else
     run(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>());
   return y;
+}
+
+// ---- a decode step of a GQA attention layer, in one call ------------------------------
+//
+// At decode, around its three GEMM-sized steps (the QKV and output projections and the
+// paged attention), a layer's attention is some 40 torch ops over one row per sequence:
+// norms, the QKV split, q/k norms, the rotation, the cache write, the residual. Each costs a
+// few microseconds of dispatch for nanoseconds of work (~0.5 ms a layer on a 2-core
+// machine). Here they are one call, rounding where torch's ops store, so the result is
+// bit-exact with the unfused path (the worker's, and the test's).
+
+// hidden [T, D]: T sequences, one new token each -> {resid [T, D], xn [T, D]}:
+//   x = rms_norm(hidden, input_norm); qkv = x . qkv_w^T (+ qkv_b): [T, (H + 2K) d];
+//   q and k normed per head (q_norm, k_norm [d]) or over their whole width ([H d], [K d]),
+//   or not at all (neither given);
+//   q and k rotated: T(T(x * cos) + T(roll(x, d/2) * sin)), cos and signed sin [T, d];
+//   k and v written to pool [S, 2 K d] at slots [T] (int64);
+//   attention over each sequence's cache (paged_decode_attention's blocks and lengths);
+//   resid = T(hidden + attn . o_w^T (+ o_b)); xn = rms_norm(resid, post_norm)
+std::vector<at::Tensor> attention_decode(
+    const at::Tensor& hidden, const at::Tensor& input_norm, const at::Tensor& qkv_w,
+    const c10::optional<at::Tensor>& qkv_b, const c10::optional<at::Tensor>& q_norm,
+    const c10::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& pool, const at::Tensor& slots, const at::Tensor& blocks,
+    at::IntArrayRef lengths, int64_t block_size, int64_t heads, int64_t kv_heads,
+    c10::optional<int64_t> window, double scale, const at::Tensor& o_w,
+    const c10::optional<at::Tensor>& o_b, const at::Tensor& post_norm, double eps,
+    int64_t isa) {
+  check_cpu(hidden, "hidden", 2);
+  check_cpu(cos, "cos", 2);
+  check_cpu(sin, "sin", 2);
+  check_cpu(slots, "slots", 1);
+  check_cpu(pool, "pool", 2);
+  check_cpu(qkv_w, "qkv_w", 2);
+  check_cpu(o_w, "o_w", 2);
+  for (const at::Tensor* t : {&input_norm, &post_norm, &cos, &sin, &pool, &qkv_w, &o_w})
+    check_dtype(hidden, *t, "a weight, table or the cache");
+  const int64_t T = hidden.size(0), D = hidden.size(1);
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 &&
+                  qkv_w.size(0) % (heads + 2 * kv_heads) == 0,
+              "moeflow_cpu.attention_decode: ", heads, " query heads and ", kv_heads,
+              " kv heads for a QKV projection of ", qkv_w.size(0));
+  const int64_t d = qkv_w.size(0) / (heads + 2 * kv_heads), width = qkv_w.size(0);
+  TORCH_CHECK(d > 0 && d % 2 == 0 && qkv_w.size(1) == D && o_w.size(0) == D &&
+                  o_w.size(1) == heads * d && input_norm.numel() == D &&
+                  post_norm.numel() == D,
+              "moeflow_cpu.attention_decode: hidden [", T, ", ", D, "], qkv_w ",
+              qkv_w.sizes(), ", o_w ", o_w.sizes(), " and norms of ", input_norm.numel(),
+              " and ", post_norm.numel(), " do not agree");
+  TORCH_CHECK(cos.size(0) == T && cos.size(1) == d && sin.sizes() == cos.sizes(),
+              "moeflow_cpu.attention_decode: rotation tables ", cos.sizes(), " and ",
+              sin.sizes(), " for ", T, " rows of heads of ", d);
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.size(0) == T &&
+                  pool.size(1) == 2 * kv_heads * d,
+              "moeflow_cpu.attention_decode: ", slots.size(0), " slots for ", T,
+              " rows, cache slots of ", pool.size(1));
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < pool.size(0), "moeflow_cpu.attention_decode: slot ",
+                slot[t], " is outside the cache");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(),
+              "moeflow_cpu.attention_decode: q_norm and k_norm come together");
+  if (q_norm) {
+    check_dtype(hidden, *q_norm, "q_norm");
+    check_dtype(hidden, *k_norm, "k_norm");
+    TORCH_CHECK(q_norm->is_contiguous() && k_norm->is_contiguous() &&
+                    (q_norm->numel() == d || q_norm->numel() == heads * d) &&
+                    (k_norm->numel() == d || k_norm->numel() == kv_heads * d),
+                "moeflow_cpu.attention_decode: q_norm of ", q_norm->numel(), " and k_norm of ",
+                k_norm->numel(), " for heads of ", d);
+  }
+  if (T == 0) return {at::empty_like(hidden), at::empty_like(hidden)};
+  isa = resolve(isa);
+  at::Tensor qkv = linear(rms_norm(hidden, input_norm, eps), qkv_w, qkv_b, isa);
+  at::Tensor q = at::empty({T, heads, d}, hidden.options());
+  auto prepare = [&](auto* qkvp) {
+    using V = std::remove_pointer_t<decltype(qkvp)>;
+    const V* cp = cos.data_ptr<V>();
+    const V* sp = sin.data_ptr<V>();
+    const V* qn = q_norm ? q_norm->data_ptr<V>() : nullptr;
+    const V* kn = k_norm ? k_norm->data_ptr<V>() : nullptr;
+    V* qp = q.data_ptr<V>();
+    V* pp = pool.data_ptr<V>();
+    const int64_t half = d / 2, qk = heads + kv_heads;
+    std::vector<float> x(d);
+    for (int64_t t = 0; t < T; ++t) {
+      V* row = qkvp + t * width;  // H q heads, K k heads, K v heads
+      if (qn) {
+        const int64_t qstep = q_norm->numel() == d ? d : heads * d;
+        for (int64_t i = 0; i < heads * d; i += qstep) norm_row(row + i, qn, qstep, eps, row + i);
+        const int64_t kstep = k_norm->numel() == d ? d : kv_heads * d;
+        for (int64_t i = 0; i < kv_heads * d; i += kstep)
+          norm_row(row + heads * d + i, kn, kstep, eps, row + heads * d + i);
+      }
+      const V* c = cp + t * d;
+      const V* s = sp + t * d;
+      for (int64_t h = 0; h < qk; ++h) {
+        V* head = row + h * d;
+        for (int64_t i = 0; i < d; ++i) x[i] = to_float(head[i]);
+        for (int64_t i = 0; i < d; ++i)
+          head[i] = V(round_to<V>(x[i] * to_float(c[i])) +
+                      round_to<V>(x[(i + half) % d] * to_float(s[i])));
+      }
+      std::copy(row, row + heads * d, qp + t * heads * d);
+      std::copy(row + heads * d, row + width, pp + slot[t] * 2 * kv_heads * d);
+    }
+  };
+  if (hidden.scalar_type() == at::kBFloat16)
+    prepare(qkv.data_ptr<bf16>());
+  else
+    prepare(qkv.data_ptr<float>());
+  at::Tensor attn = paged_decode_attention(q, pool, blocks, lengths, block_size, kv_heads,
+                                           window, scale, isa);
+  at::Tensor o = linear(attn.view({T, heads * d}), o_w, o_b, isa);
+  at::Tensor resid = at::empty_like(hidden);
+  auto add = [&](auto* hp) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
+    const V* op = o.data_ptr<V>();
+    V* rp = resid.data_ptr<V>();
+    for (int64_t i = 0; i < T * D; ++i) rp[i] = V(to_float(hp[i]) + to_float(op[i]));
+  };
+  if (hidden.scalar_type() == at::kBFloat16)
+    add(hidden.data_ptr<bf16>());
+  else
+    add(hidden.data_ptr<float>());
+  return {resid, rms_norm(resid, post_norm, eps)};
 }
 
 // ---- routing bookkeeping ---------------------------------------------------------------
@@ -1041,6 +1166,12 @@ TORCH_LIBRARY(moeflow_cpu, m) {
         "int block_size, int kv_heads, int? window, float scale, int isa) -> Tensor",
         &paged_decode_attention);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("attention_decode(Tensor hidden, Tensor input_norm, Tensor qkv_w, Tensor? qkv_b, "
+        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, Tensor(a!) pool, "
+        "Tensor slots, Tensor blocks, int[] lengths, int block_size, int heads, int kv_heads, "
+        "int? window, float scale, Tensor o_w, Tensor? o_b, Tensor post_norm, float eps, "
+        "int isa) -> Tensor[]",
+        &attention_decode);
   m.def("dispatch_order(Tensor rank, int bins, int period, int top_k) -> Tensor[]",
         &dispatch_order);
   m.def("combine(Tensor resid, Tensor rows, Tensor token, Tensor[] extras) -> Tensor",
