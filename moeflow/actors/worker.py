@@ -54,7 +54,7 @@ from moeflow.ops.experts import (
 )
 from moeflow.ops.norm import rms_norm
 from moeflow.ops.rope import RopeTable, apply_half_rotation, apply_rope
-from moeflow.ops.router import route, router_logits
+from moeflow.ops.router import norm_eps, route, router_logits
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)  # combine's tokens when no routed rows came
 MLA_NORM_EPS = 1e-6  # DeepSeek's latent norms use their class default, not rms_norm_eps
@@ -625,8 +625,17 @@ class DeviceWorker:
         xn, router = _cat([a.xn for a in attns]), layer.router
         logits = router_logits(xn, router, moe, layer.router_bias,  # type: ignore[arg-type]
                                self._linear)
+        xns = [a.xn for a in attns]
+        if self._cpu_ops and moe.router in kernels.ROUTE_MODES:  # route and sort in one call
+            rank, rank_of, identity = self._ranks_of(graph.placement)
+            token, weight, per_rank, ends = kernels.route_dispatch(
+                logits, moe.router, moe.top_k, moe.norm_topk_prob, norm_eps(moe),
+                moe.routed_scaling_factor, None if identity else rank,
+                [x.shape[0] for x in xns])
+            return self._routings(xns, token, weight, per_rank.tolist(), ends, rank_of,
+                                  identity)
         ids, weights = route(logits, moe, layer.score_bias)  # [T, A]
-        return self._dispatch(graph.placement, [a.xn for a in attns], ids, weights)
+        return self._dispatch(graph.placement, xns, ids, weights)
 
     def _dispatch(self, placement: Placement, xns: list[torch.Tensor], ids: torch.Tensor,
                   weights: torch.Tensor) -> list[Routing]:
@@ -643,22 +652,36 @@ class DeviceWorker:
         if self._cpu_ops:
             order, token, per_rank, ends = kernels.dispatch_order(
                 row_rank, num_items * num_experts, num_experts, top_k)
-            ends = ends.view(num_items, num_experts)
         else:
             order = torch.argsort(row_rank, stable=True)  # [N]
             per_rank = torch.bincount(row_rank, minlength=num_items * num_experts)
             ends = torch.cumsum(per_rank.view(num_items, num_experts), 1, dtype=torch.int32)
             token = order // top_k
-        counts = per_rank.tolist()
-        row_sizes = [n * top_k for n in sizes]
-        tokens = _split(token, row_sizes)  # each item's [N_i], tokens of every item
-        row_weights = _split(weights.view(-1).index_select(0, order), row_sizes)
+        if num_items > 1:  # each item's tokens from its first row
+            token = token - self._on_device(index_tensor(
+                [first for first, n in zip(accumulate([0, *sizes]), sizes)
+                 for _ in range(n * top_k)]))
+        return self._routings(xns, token, weights.view(-1).index_select(0, order),
+                              per_rank.tolist(), ends, rank_of, identity)
+
+    def _routings(self, xns: list[torch.Tensor], token: torch.Tensor, weight: torch.Tensor,
+                  counts: list[int], ends: torch.Tensor, rank_of: dict[int, int],
+                  identity: bool) -> list[Routing]:
+        """Each item's Routing from the rows of every item in dispatch order: token [N]
+        (within its item), weight [N], counts [items * E] and ends (by item, then rank)."""
+        num_experts, top_k = self.spec.moe.num_experts, self.spec.moe.top_k
+        if len(xns) == 1:
+            tokens, weights = [token], [weight]
+        else:
+            row_sizes = [x.shape[0] * top_k for x in xns]
+            tokens, weights = _split(token, row_sizes), _split(weight, row_sizes)
+        ends = ends.view(len(xns), num_experts)
         out = []
-        for i, (xn, first) in enumerate(zip(xns, accumulate([0, *sizes]))):
+        for i, xn in enumerate(xns):
             mine = counts[i * num_experts:(i + 1) * num_experts]  # by rank
             by_expert = mine if identity else [mine[rank_of[e]] for e in range(num_experts)]
-            out.append(Routing(xn, tokens[i] - first if first else tokens[i], row_weights[i],
-                               [0, *accumulate(mine)], ends[i], tuple(by_expert)))
+            out.append(Routing(xn, tokens[i], weights[i], [0, *accumulate(mine)], ends[i],
+                               tuple(by_expert)))
         return out
 
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:

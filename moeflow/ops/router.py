@@ -57,7 +57,7 @@ def route(logits: torch.Tensor, moe: MoESpec, bias: torch.Tensor | None = None
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if moe.norm_topk_prob and top_k > 1:
         total = weights.sum(dim=-1, keepdim=True)
-        weights = weights / (total + _norm_eps(moe) if _norm_eps(moe) else total)
+        weights = weights / (total + norm_eps(moe) if norm_eps(moe) else total)
     elif moe.routed_scaling_factor != 1.0:
         weights = weights * moe.routed_scaling_factor
     return ids, weights
@@ -83,6 +83,6 @@ def _noaux_tc(logits: torch.Tensor, moe: MoESpec, bias: torch.Tensor | None
     return ids, weights * moe.routed_scaling_factor
 
 
-def _norm_eps(moe: MoESpec) -> float:
+def norm_eps(moe: MoESpec) -> float:
     # DeepSeek's own code adds 1e-20 to the denominator; the others add nothing.
     return 1e-20 if moe.router == "group_limited" or moe.router_fp32 else 0.0

@@ -449,3 +449,53 @@ def test_attention_decode_errors():
                                                "sin": args["sin"][:2]})
     with pytest.raises(RuntimeError, match="is BFloat16, the input Float"):
         kernels.attention_decode(pool=pool.bfloat16(), **args)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "topk_softmax"])
+def test_route_dispatch_is_bit_exact_with_torchs_routing_and_sort(router):
+    """Routing and dispatch order in one call equal torch's ops and a stable sort, for one
+    item and several (one of them empty), any dispatch rank, and each renormalisation."""
+    gen = torch.Generator().manual_seed(len(router))
+    experts, top_k = 12, 3
+    for norm, eps, scaling in ((True, 0.0, 1.0), (True, 1e-20, 1.0), (False, 0.0, 2.5),
+                               (False, 0.0, 1.0)):
+        for sizes in ([1], [3, 0, 2], [5, 4]):
+            logits = torch.randn(sum(sizes), experts, generator=gen).bfloat16()
+            for rank in (None, torch.randperm(experts, generator=gen)):
+                got = kernels.route_dispatch(logits, router, top_k, norm, eps, scaling, rank,
+                                             sizes)
+                want = kernels.route_dispatch_ref(logits, router, top_k, norm, eps, scaling,
+                                                  rank, sizes)
+                for g, w in zip(got, want):
+                    assert g.dtype == w.dtype or g.dtype == torch.int32
+                    assert torch.equal(g, w.to(g.dtype))
+
+
+def test_route_dispatch_agrees_with_the_router():
+    """Its weights are moeflow.ops.router.route's, in the order of its rows' experts."""
+    from moeflow.models.spec import MoESpec
+    from moeflow.ops.router import norm_eps, route
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 16, generator=gen)
+    for moe in (MoESpec(16, 4, 32, router="softmax_topk", norm_topk_prob=True),
+                MoESpec(16, 2, 32, router="topk_softmax")):
+        ids, weights = route(logits, moe)
+        token, weight, counts, _ = kernels.route_dispatch(
+            logits, moe.router, moe.top_k, moe.norm_topk_prob, norm_eps(moe),
+            moe.routed_scaling_factor, None, [4])
+        assert counts.tolist() == torch.bincount(ids.view(-1), minlength=16).tolist()
+        expert = torch.repeat_interleave(torch.arange(16), counts)
+        for t, w, e in zip(token.tolist(), weight.tolist(), expert.tolist()):
+            assert w == float(weights[t][ids[t] == e][0])
+
+
+def test_route_dispatch_errors():
+    logits = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="items of \\[2\\] rows for 3 rows"):
+        kernels.route_dispatch(logits, "softmax_topk", 2, True, 0.0, 1.0, None, [2])
+    with pytest.raises(RuntimeError, match="top 9 of 8 experts"):
+        kernels.route_dispatch(logits, "softmax_topk", 9, True, 0.0, 1.0, None, [3])
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        kernels.route_dispatch(logits, "softmax_topk", 2, True, 0.0, 1.0,
+                               torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), [3])

@@ -26,6 +26,8 @@ sums, whichever path a GEMM takes.
                    period, top_k)      the order, each row's token, the counts and the
                                        running ends per item, for argsort, bincount, cumsum
                                        and a division
+    route_dispatch(logits, ...)        a gate's top-k (torch's softmax and topk, called
+                                       from C++) and dispatch_order, in one call
     combine(resid, rows, token,        the routed rows summed at their tokens, the shared
             extras)                    experts' outputs and the residual, rounded where
                                        torch's zeros/index_add_/+=/+ store (bit-exact)
@@ -334,6 +336,49 @@ def dispatch_order_ref(rank: torch.Tensor, bins: int, period: int, top_k: int
     counts = torch.bincount(rank, minlength=bins)
     ends = torch.cumsum(counts.view(-1, period), 1, dtype=torch.int32).view(-1)
     return order, order // top_k, counts, ends
+
+
+ROUTE_MODES = {"softmax_topk": 0, "topk_softmax": 1}  # the routers route_dispatch runs
+
+
+def route_dispatch(logits: torch.Tensor, router: str, top_k: int, norm: bool, norm_eps: float,
+                   scaling: float, rank: torch.Tensor | None, sizes: list[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gate's routing and dispatch order in one call: logits [T, E] of items of `sizes`
+    rows each -> (token [N]: each routed row's token within its item; weight [N] fp32;
+    counts [items * E] int64, by item then dispatch rank; ends [items * E] int32, running
+    within each item), N = T * top_k, rows stably sorted by (item, rank). `router` is
+    softmax_topk (renormalised with `norm`, norm_eps added to the sum unless 0, else scaled
+    by `scaling`) or topk_softmax, computed by torch's own ops as moeflow.ops.router's
+    `route` does; rank [E] int64 each expert's dispatch rank (None: the identity)."""
+    token, weight, counts, ends = load().route_dispatch(
+        logits.contiguous(), ROUTE_MODES[router], top_k, norm, norm_eps, scaling,
+        None if rank is None else rank.contiguous(), sizes)
+    return token, weight, counts, ends
+
+
+def route_dispatch_ref(logits: torch.Tensor, router: str, top_k: int, norm: bool,
+                       norm_eps: float, scaling: float, rank: torch.Tensor | None,
+                       sizes: list[int]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if router == "topk_softmax":
+        top, ids = torch.topk(logits.float(), top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+    else:
+        weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+        if norm and top_k > 1:
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total + norm_eps if norm_eps else total)
+        elif scaling != 1.0:
+            weights = weights * scaling
+    experts = logits.shape[1]
+    item = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [T]
+    first = torch.tensor([0, *sizes]).cumsum(0)[item]  # [T]
+    bins = (ids if rank is None else rank[ids]) + item[:, None] * experts  # [T, A]
+    order, _, counts, ends = dispatch_order_ref(bins.view(-1), len(sizes) * experts, experts,
+                                                top_k)
+    token = order // top_k
+    return token - first[token], weights.reshape(-1)[order], counts, ends
 
 
 COMBINE_DTYPES = (torch.bfloat16, torch.float32)

@@ -10,7 +10,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -1104,6 +1110,103 @@ std::vector<at::Tensor> dispatch_order(const at::Tensor& rank, int64_t bins, int
   return {order, token, counts, ends};
 }
 
+// A gate's routing at decode, in one call: router logits [T, E] of the rows of several
+// items (units; sizes [items] rows each) -> the top_k experts of each row and their
+// weights, then the rows in dispatch order. The routing itself is torch's own ops (softmax,
+// topk, the renormalisation, called here without Python between them), so the weights are
+// bit-exact with moeflow/ops/router.py's; the dispatch is `dispatch_order`'s counting sort.
+//   mode 0, softmax_topk: softmax over all experts, the top k, then renormalised (norm,
+//     with norm_eps added to the sum unless 0) or else scaled by `scaling`;
+//   mode 1, topk_softmax: the top k logits, softmax over them.
+// rank [E] (int64): each expert's place in the dispatch order (None: the identity).
+// -> {token [N] (each routed row's token, from its item's first row), weight [N] (fp32),
+//     counts [items * E] (int64, by item then rank), ends [items * E] (int32, running
+//     within each item)}, N = T * top_k, rows sorted by (item, rank) and stable.
+std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, int64_t top_k,
+                                       bool norm, double norm_eps, double scaling,
+                                       const c10::optional<at::Tensor>& rank,
+                                       at::IntArrayRef sizes) {
+  check_cpu(logits, "logits", 2);
+  const int64_t T = logits.size(0), E = logits.size(1), items = sizes.size();
+  TORCH_CHECK(mode == 0 || mode == 1, "moeflow_cpu.route_dispatch: mode ", mode,
+              " is not 0 (softmax_topk) or 1 (topk_softmax)");
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moeflow_cpu.route_dispatch: top ", top_k, " of ", E,
+              " experts");
+  int64_t total_rows = 0;
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n >= 0, "moeflow_cpu.route_dispatch: an item of ", n, " rows");
+    total_rows += n;
+  }
+  TORCH_CHECK(items > 0 && total_rows == T, "moeflow_cpu.route_dispatch: items of ", sizes,
+              " rows for ", T, " rows of logits");
+  if (rank) {
+    check_cpu(*rank, "rank", 1);
+    TORCH_CHECK(rank->scalar_type() == at::kLong && rank->size(0) == E,
+                "moeflow_cpu.route_dispatch: rank must be int64 [", E, "]");
+    const int64_t* r = rank->data_ptr<int64_t>();
+    std::vector<bool> seen(E, false);
+    for (int64_t e = 0; e < E; ++e) {
+      TORCH_CHECK(r[e] >= 0 && r[e] < E && !seen[r[e]],
+                  "moeflow_cpu.route_dispatch: rank is not a permutation of the experts");
+      seen[r[e]] = true;
+    }
+  }
+  const at::Tensor scores = logits.to(at::kFloat);
+  at::Tensor weights, ids;
+  if (mode == 1) {
+    auto top = at::topk(scores, top_k, -1);
+    weights = at::softmax(std::get<0>(top), -1);
+    ids = std::get<1>(top);
+  } else {
+    auto top = at::topk(at::softmax(scores, -1), top_k, -1);
+    weights = std::get<0>(top);
+    ids = std::get<1>(top);
+    if (norm && top_k > 1) {
+      at::Tensor total = at::sum(weights, {-1}, /*keepdim=*/true);
+      weights = at::div(weights, norm_eps != 0.0 ? at::add(total, norm_eps) : total);
+    } else if (scaling != 1.0) {
+      weights = at::mul(weights, scaling);
+    }
+  }
+  ids = ids.contiguous();
+  weights = weights.contiguous();
+  const int64_t N = T * top_k, bins = items * E;
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t* r = rank ? rank->data_ptr<int64_t>() : nullptr;
+  std::vector<int64_t> bin(N), first(T);
+  for (int64_t i = 0, t = 0; i < items; ++i)
+    for (int64_t j = 0; j < sizes[i]; ++j, ++t) {
+      first[t] = t - j;
+      for (int64_t a = 0; a < top_k; ++a)
+        bin[t * top_k + a] = i * E + (r ? r[id[t * top_k + a]] : id[t * top_k + a]);
+    }
+  const at::Tensor index = at::empty({0}, logits.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({bins}, index.options());
+  at::Tensor ends = at::empty({bins}, index.options().dtype(at::kInt));
+  at::Tensor token = at::empty({N}, index.options());
+  at::Tensor weight = at::empty({N}, index.options().dtype(at::kFloat));
+  int64_t* c = counts.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) ++c[bin[n]];
+  std::vector<int64_t> next(bins);
+  int32_t* e = ends.data_ptr<int32_t>();
+  for (int64_t b = 0, start = 0, running = 0; b < bins; ++b) {
+    if (b % E == 0) running = 0;
+    next[b] = start;
+    start += c[b];
+    running += c[b];
+    e[b] = static_cast<int32_t>(running);
+  }
+  const float* w = weights.data_ptr<float>();
+  int64_t* tok = token.data_ptr<int64_t>();
+  float* wt = weight.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t pos = next[bin[n]]++;
+    tok[pos] = n / top_k - first[n / top_k];
+    wt[pos] = w[n];
+  }
+  return {token, weight, counts, ends};
+}
+
 // resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
 // extras [T, D]), rounded to the model dtype where torch's ops store: zeros, index_add_
 // (its sums in fp32), += and + in the families' order
@@ -1174,6 +1277,9 @@ TORCH_LIBRARY(moeflow_cpu, m) {
         &attention_decode);
   m.def("dispatch_order(Tensor rank, int bins, int period, int top_k) -> Tensor[]",
         &dispatch_order);
+  m.def("route_dispatch(Tensor logits, int mode, int top_k, bool norm, float norm_eps, "
+        "float scaling, Tensor? rank, int[] sizes) -> Tensor[]",
+        &route_dispatch);
   m.def("combine(Tensor resid, Tensor rows, Tensor token, Tensor[] extras) -> Tensor",
         &combine);
 }
