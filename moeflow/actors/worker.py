@@ -467,8 +467,10 @@ class DeviceWorker:
         w = self.dense.layers[layer].attn  # type: ignore[union-attr]
         d = b.decode
         assert d is not None
+        normed = a.qk_norm != "none"
         return kernels.attention_decode(
-            hidden, w.input_norm, w.qkv, w.qkv_bias, w.q_norm, w.k_norm,
+            hidden, w.input_norm, w.qkv, w.qkv_bias, w.q_norm if normed else None,
+            w.k_norm if normed else None,
             b.half_cos, b.half_sin, self.kv.pools[layer], b.slots,  # type: ignore[arg-type]
             d.blocks, d.lengths, self.kv.block_size, a.num_heads, a.num_kv_heads,
             self.spec.layers[layer].sliding_window, a.softmax_scale, w.o, w.o_bias,

@@ -359,7 +359,8 @@ def test_dispatch_order_matches_torchs_sort():
         kernels.dispatch_order(torch.tensor([0, 1]), 4, 3, 1)
 
 
-def attention_problem(dtype, qk_norm, seed=0, heads=6, kv_heads=2, d=16, dim=40, bias=False):
+def attention_problem(dtype, qk_norm, seed=0, heads=6, kv_heads=2, d=16, dim=40, bias=False,
+                      window=None):
     """A decode step of 3 sequences (lengths 1, 17 and 40 with the new token) over a
     shuffled paged cache: every input of `attention_decode` but the cache, and the cache."""
     gen = torch.Generator().manual_seed(seed)
@@ -382,7 +383,7 @@ def attention_problem(dtype, qk_norm, seed=0, heads=6, kv_heads=2, d=16, dim=40,
                 qkv_b=rand(width) if bias else None, q_norm=norms[0], k_norm=norms[1],
                 cos=cos.to(dtype), sin=sin.to(dtype), slots=slots, blocks=blocks,
                 lengths=lengths, block_size=block, heads=heads, kv_heads=kv_heads,
-                window=None, scale=d ** -0.5, o_w=rand(dim, heads * d, s=0.3),
+                window=window, scale=d ** -0.5, o_w=rand(dim, heads * d, s=0.3),
                 o_b=rand(dim) if bias else None, post_norm=rand(dim) + 1, eps=1e-6)
     return args, pool
 
@@ -413,11 +414,13 @@ def unfused_attention(a, pool, isa):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_attention_decode_is_bit_exact_with_the_unfused_ops(dtype, qk_norm, bias):
+@pytest.mark.parametrize("bias,window", [(False, None), (True, None), (False, 20)])
+def test_attention_decode_is_bit_exact_with_the_unfused_ops(dtype, qk_norm, bias, window):
     """One call gives what the kernels and torch's ops give one by one (the worker's path
-    without it), cache writes included; and it stays close to the torch reference."""
-    args, pool = attention_problem(dtype, qk_norm, seed=len(qk_norm) + bias, bias=bias)
+    without it), cache writes included; and it stays close to the torch reference. With
+    biases, and with a sliding window shorter than the longest sequence."""
+    args, pool = attention_problem(dtype, qk_norm, seed=len(qk_norm) + bias, bias=bias,
+                                   window=window)
     ref_pool = pool.clone()
     ref = kernels.attention_decode_ref(pool=ref_pool, **args)
     for isa in kernels.isas():
@@ -449,6 +452,12 @@ def test_attention_decode_errors():
                                                "sin": args["sin"][:2]})
     with pytest.raises(RuntimeError, match="is BFloat16, the input Float"):
         kernels.attention_decode(pool=pool.bfloat16(), **args)
+    before = pool.clone()  # a bad block table is refused before the cache is written
+    with pytest.raises(RuntimeError, match="sequence 1 sees 17 keys in 1 blocks of 8"):
+        kernels.attention_decode(pool=pool, **{**args, "blocks": args["blocks"][:3]})
+    with pytest.raises(RuntimeError, match="o_b must be a CPU \\[40\\]"):
+        kernels.attention_decode(pool=pool, **{**args, "o_b": torch.zeros(39)})
+    assert torch.equal(pool, before)
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "topk_softmax"])
@@ -466,8 +475,9 @@ def test_route_dispatch_is_bit_exact_with_torchs_routing_and_sort(router):
                                              sizes)
                 want = kernels.route_dispatch_ref(logits, router, top_k, norm, eps, scaling,
                                                   rank, sizes)
+                assert [g.dtype for g in got] == [torch.int64, torch.float32, torch.int64,
+                                                  torch.int32]
                 for g, w in zip(got, want):
-                    assert g.dtype == w.dtype or g.dtype == torch.int32
                     assert torch.equal(g, w.to(g.dtype))
 
 

@@ -91,6 +91,41 @@ def test_one_routing_sort_for_many_units_equals_one_each(checkpoint):
         assert (got.offsets, got.counts) == (alone.offsets, alone.counts)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_routing_in_one_kernel_call_equals_torchs_route_and_sort(tiny_factory, monkeypatch,
+                                                                 family):
+    """The gate's route_dispatch (softmax_topk renormalised or not, topk_softmax) gives what
+    router.route and the sort give, bit for bit: one unit and several, in a dispatch order
+    that is not the identity."""
+    from moeflow.ops import cpu as kernels
+
+    worker = make_worker(tiny_factory(family))
+    if not worker._cpu_ops:
+        pytest.skip("no CPU kernels here")
+    spec = worker.spec
+    graph = SimpleNamespace(placement=Placement(("cpu:0", "cpu:1"), tuple(
+        e % 2 for e in range(spec.moe.num_experts))))
+    node = Gate(0, DEVICE, 0, (0,), 1)
+    torch.manual_seed(2)
+    attns = [AttnOut(torch.randn(n, spec.hidden_size), torch.randn(n, spec.hidden_size))
+             for n in (3, 1, 4)]
+    calls = []
+    real = kernels.route_dispatch
+    monkeypatch.setattr(kernels, "route_dispatch", lambda *a: calls.append(1) or real(*a))
+    for items in ([(0, graph, node, [(None, attns[0])])],
+                  [(k, graph, node, [(None, a)]) for k, a in enumerate(attns)]):
+        fused = worker.run_group(items)
+        with monkeypatch.context() as m:
+            m.setattr(kernels, "ROUTE_MODES", {})
+            plain = worker.run_group(items)
+        for a, b in zip(fused, plain):
+            assert torch.equal(a.token_of_row, b.token_of_row)
+            assert torch.equal(a.weight_of_row, b.weight_of_row)
+            assert torch.equal(a.ends, b.ends)
+            assert (a.offsets, a.counts) == (b.offsets, b.counts)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("counts", [[[1, 0, 0, 2]], [[0, 3, 0, 1], [2, 0, 0, 1], [0, 0, 0, 4]]])
 def test_cpu_expert_paths_equal_the_grouped_gemm(checkpoint, monkeypatch, padded, counts):

@@ -826,18 +826,13 @@ void attend_one(const T* q, int64_t G, int64_t d, const T* pool, int64_t W,
       out[g * d + i] = T(l[g] > 0.f || std::isnan(l[g]) ? acc[g * d + i] / l[g] : 0.f);
 }
 
-// q [B, H, d]; pool [S, W] of one layer, each slot K key heads then K value heads of d;
-// blocks [B * n] block ids, each sequence's n; lengths [B] keys each sequence sees
-// -> [B, H, d]
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
-                                  const at::Tensor& blocks, at::IntArrayRef lengths,
-                                  int64_t block_size, int64_t kv_heads,
-                                  c10::optional<int64_t> window, double scale, int64_t isa) {
-  check_cpu(q, "q", 3);
-  check_cpu(pool, "pool", 2);
+// B sequences of H query heads of d against a pool of slots of W (K key then K value heads
+// of d): the block table [B * n] and the lengths agree, and every block read is in the pool
+void check_paged(int64_t B, int64_t H, int64_t d, const at::Tensor& pool,
+                 const at::Tensor& blocks, at::IntArrayRef lengths, int64_t block_size,
+                 int64_t kv_heads) {
   check_cpu(blocks, "blocks", 1);
-  check_dtype(q, pool, "pool");
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), W = pool.size(1);
+  const int64_t W = pool.size(1);
   TORCH_CHECK(kv_heads > 0 && H % kv_heads == 0 && W == 2 * kv_heads * d && d > 0 &&
                   block_size > 0,
               "moeflow_cpu.paged_decode_attention: ", H, " query heads of ", d, ", ",
@@ -858,6 +853,22 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
                   "moeflow_cpu.paged_decode_attention: block ", table[b * n + i],
                   " is outside the pool");
   }
+}
+
+// q [B, H, d]; pool [S, W] of one layer, each slot K key heads then K value heads of d;
+// blocks [B * n] block ids, each sequence's n; lengths [B] keys each sequence sees
+// -> [B, H, d]
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
+                                  const at::Tensor& blocks, at::IntArrayRef lengths,
+                                  int64_t block_size, int64_t kv_heads,
+                                  c10::optional<int64_t> window, double scale, int64_t isa) {
+  check_cpu(q, "q", 3);
+  check_cpu(pool, "pool", 2);
+  check_dtype(q, pool, "pool");
+  check_paged(q.size(0), q.size(1), q.size(2), pool, blocks, lengths, block_size, kv_heads);
+  const int64_t B = q.size(0), H = q.size(1), d = q.size(2), W = pool.size(1);
+  const int64_t n = blocks.numel() / B;
+  const int64_t* table = blocks.data_ptr<int64_t>();
   isa = resolve(isa);
   at::Tensor out = at::empty({B, H, d}, q.options());
   const int64_t G = H / kv_heads;
@@ -1000,13 +1011,20 @@ std::vector<at::Tensor> attention_decode(
   if (q_norm) {
     check_dtype(hidden, *q_norm, "q_norm");
     check_dtype(hidden, *k_norm, "k_norm");
-    TORCH_CHECK(q_norm->is_contiguous() && k_norm->is_contiguous() &&
+    TORCH_CHECK(q_norm->device().is_cpu() && k_norm->device().is_cpu() &&
+                    q_norm->is_contiguous() && k_norm->is_contiguous() &&
                     (q_norm->numel() == d || q_norm->numel() == heads * d) &&
                     (k_norm->numel() == d || k_norm->numel() == kv_heads * d),
                 "moeflow_cpu.attention_decode: q_norm of ", q_norm->numel(), " and k_norm of ",
                 k_norm->numel(), " for heads of ", d);
   }
+  if (o_b) check_dtype(hidden, *o_b, "o_b");
+  if (o_b)
+    TORCH_CHECK(o_b->device().is_cpu() && o_b->dim() == 1 && o_b->size(0) == D,
+                "moeflow_cpu.attention_decode: o_b must be a CPU [", D, "]");
   if (T == 0) return {at::empty_like(hidden), at::empty_like(hidden)};
+  // the cache is written below: everything the attention reads is checked first
+  check_paged(T, heads, d, pool, blocks, lengths, block_size, kv_heads);
   isa = resolve(isa);
   at::Tensor qkv = linear(rms_norm(hidden, input_norm, eps), qkv_w, qkv_b, isa);
   at::Tensor q = at::empty({T, heads, d}, hidden.options());
