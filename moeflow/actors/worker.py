@@ -624,10 +624,9 @@ class DeviceWorker:
         assert self.dense is not None
         moe = self.spec.moe
         layer = self.dense.layers[node.layer]
-        xn, router = _cat([a.xn for a in attns]), layer.router
-        logits = router_logits(xn, router, moe, layer.router_bias,  # type: ignore[arg-type]
-                               self._linear)
         xns = [a.xn for a in attns]
+        logits = router_logits(_cat(xns), layer.router, moe,  # type: ignore[arg-type]
+                               layer.router_bias, self._linear)
         if self._cpu_ops and moe.router in kernels.ROUTE_MODES:  # route and sort in one call
             rank, rank_of, identity = self._ranks_of(graph.placement)
             token, weight, per_rank, ends = kernels.route_dispatch(
@@ -659,24 +658,25 @@ class DeviceWorker:
             per_rank = torch.bincount(row_rank, minlength=num_items * num_experts)
             ends = torch.cumsum(per_rank.view(num_items, num_experts), 1, dtype=torch.int32)
             token = order // top_k
-        if num_items > 1:  # each item's tokens from its first row
-            token = token - self._on_device(index_tensor(
-                [first for first, n in zip(accumulate([0, *sizes]), sizes)
-                 for _ in range(n * top_k)]))
         return self._routings(xns, token, weights.view(-1).index_select(0, order),
-                              per_rank.tolist(), ends, rank_of, identity)
+                              per_rank.tolist(), ends, rank_of, identity, relative=False)
 
     def _routings(self, xns: list[torch.Tensor], token: torch.Tensor, weight: torch.Tensor,
                   counts: list[int], ends: torch.Tensor, rank_of: dict[int, int],
-                  identity: bool) -> list[Routing]:
+                  identity: bool, relative: bool = True) -> list[Routing]:
         """Each item's Routing from the rows of every item in dispatch order: token [N]
-        (within its item), weight [N], counts [items * E] and ends (by item, then rank)."""
+        (within its item; without `relative`, among every item's rows), weight [N],
+        counts [items * E] and ends (by item, then rank)."""
         num_experts, top_k = self.spec.moe.num_experts, self.spec.moe.top_k
         if len(xns) == 1:
             tokens, weights = [token], [weight]
         else:
             row_sizes = [x.shape[0] * top_k for x in xns]
             tokens, weights = _split(token, row_sizes), _split(weight, row_sizes)
+            if not relative:  # each item's tokens from its first row
+                sizes = [x.shape[0] for x in xns]
+                tokens = [t - first if first else t
+                          for t, first in zip(tokens, accumulate([0, *sizes]))]
         ends = ends.view(len(xns), num_experts)
         out = []
         for i, xn in enumerate(xns):

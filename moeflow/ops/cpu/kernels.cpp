@@ -1198,11 +1198,11 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
       for (int64_t a = 0; a < top_k; ++a)
         bin[t * top_k + a] = i * E + (r ? r[id[t * top_k + a]] : id[t * top_k + a]);
     }
-  const at::Tensor index = at::empty({0}, logits.options().dtype(at::kLong));
-  at::Tensor counts = at::zeros({bins}, index.options());
-  at::Tensor ends = at::empty({bins}, index.options().dtype(at::kInt));
-  at::Tensor token = at::empty({N}, index.options());
-  at::Tensor weight = at::empty({N}, index.options().dtype(at::kFloat));
+  const auto index = logits.options().dtype(at::kLong);
+  at::Tensor counts = at::zeros({bins}, index);
+  at::Tensor ends = at::empty({bins}, index.dtype(at::kInt));
+  at::Tensor token = at::empty({N}, index);
+  at::Tensor weight = at::empty({N}, index.dtype(at::kFloat));
   int64_t* c = counts.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) ++c[bin[n]];
   std::vector<int64_t> next(bins);
