@@ -52,9 +52,11 @@ or pad; and the kernel must not depend on oneDNN, whose small-row path is the pr
 Threads: torch's own intra-op pool (`at::parallel_for`), so one OpenMP team per process
 and as many threads as torch has (the actor's cores).
 
-The instruction set is chosen at run time by the CPU's features: AVX2 + FMA where present,
-portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so a
-test can run every path the machine has. Without a C++ compiler (or with
+The instruction set is chosen at run time by the CPU's features: AVX-512 BF16 where present
+(bf16 GEMMs multiply bf16 pairs as they are, by vdpbf16ps: 32 products an instruction, the
+input rows kept in bf16, the panels packed as pairs; everything else as on AVX2), AVX2 +
+FMA, portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so
+a test can run every path the machine has. Without a C++ compiler (or with
 MOEFLOW_CPU_KERNELS=off) `available()` is False and the worker keeps torch's path.
 Which path a GEMM takes, by rows per weight, is `moeflow.ops.cpu.choice`'s (measured on
 this machine by `moeflow calibrate --kernels`).
@@ -77,7 +79,7 @@ from typing import Any
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-ISA_NAMES = {0: "portable", 1: "avx2"}
+ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512_bf16"}
 AUTO = -1
 
 _lock = threading.Lock()

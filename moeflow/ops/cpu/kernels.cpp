@@ -4,8 +4,9 @@
 // Shapes: M rows, K input width, N output width; n routed rows, D hidden, F FFN width,
 // G experts. Weights are row-major [N, K] (torch's linear layout); every sum is in fp32.
 //
-// Each op takes `isa` (-1: the best this CPU has; 0: portable C++; 1: AVX2 + FMA) so that
-// tests can run every path the machine has.
+// Each op takes `isa` (-1: the best this CPU has; 0: portable C++; 1: AVX2 + FMA; 2: AVX-512
+// BF16, whose bf16 GEMMs multiply pairs of bf16 by vdpbf16ps, everything else as on 1) so
+// that tests can run every path the machine has.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -53,13 +55,24 @@ constexpr int64_t CHUNK_BYTES = 32 << 10;  // weight bytes per thread, at least
 // 4 and 16 KiB ahead were close, 1-2 KiB too short.
 constexpr int PREFETCH = 8 << 10;
 
-enum Isa : int64_t { PORTABLE = 0, AVX2 = 1 };
+enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512_BF16 = 2 };
 
 int64_t best_isa() {
 #ifdef MOEFLOW_X86
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return PORTABLE;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
+    return AVX512_BF16;
+  return AVX2;
 #endif
   return PORTABLE;
+}
+
+// Whether a GEMM of T multiplies bf16 pairs as they are (vdpbf16ps), its input rows kept in
+// bf16, rather than widening both sides to fp32.
+template <typename T>
+bool pairs_bf16(int64_t isa) {
+  return std::is_same<T, bf16>::value && isa >= AVX512_BF16;
 }
 
 int64_t resolve(int64_t isa) {
@@ -200,21 +213,108 @@ AVX2_FN void tile_avx2(const float* x, int64_t ldx, int mr, const W* w, int64_t 
 }
 #endif
 
+#ifdef MOEFLOW_X86
+// ---- AVX-512 BF16: pairs of bf16 multiplied as they are --------------------------------
+//
+// vdpbf16ps adds to each of 16 fp32 lanes the products of a pair of bf16 from each side
+// (x[k] w[k] + x[k+1] w[k+1]): no widening, 32 products per instruction. The inputs are
+// bf16 already (the model dtype, or a product rounded to it where torch's ops store), so
+// nothing is rounded that the other paths keep; inputs and products below the smallest
+// normal float count as zero (the instruction's DAZ/FTZ).
+#define BF16_FN __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+constexpr int MR_PAIRS = 4;  // input rows per tile: 4 x 4 accumulators of the 32 registers
+
+BF16_FN inline __m512 dot_pairs(__m512 acc, __m512i x, __m512i w) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+
+// 32 columns of R input rows by C weight rows (columns past the mask read as zero)
+template <int R, int C>
+BF16_FN inline __attribute__((always_inline)) void tile_pairs_step(
+    __m512 (&acc)[R][C], const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t k,
+    __mmask32 mask) {
+  __m512i wv[C];
+  for (int j = 0; j < C; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + k);
+  for (int i = 0; i < R; ++i) {
+    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
+    for (int j = 0; j < C; ++j) acc[i][j] = dot_pairs(acc[i][j], xv, wv[j]);
+  }
+}
+
+// The tiles' kernel on pairs: R input rows by C weight rows, 32 columns a step. Its steps
+// prefetch the `span` bytes from `ahead` evenly: a tile read by several row groups spreads
+// the next tile's prefetch over all of them (see tile), so that memory is kept busy while
+// the later groups read the tile from L1.
+template <int R, int C>
+BF16_FN void tile_pairs_fixed(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw,
+                              int64_t K, float* out, const char* ahead, int64_t span) {
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t steps = K / 32;
+  for (int64_t s = 0; s < steps; ++s) {
+    for (const char* a = ahead + span * s / steps; a < ahead + span * (s + 1) / steps; a += 64)
+      _mm_prefetch(a, _MM_HINT_T0);
+    tile_pairs_step<R, C>(acc, x, ldx, w, ldw, s * 32, ~__mmask32(0));
+  }
+  const int64_t body = steps * 32;
+  if (body < K)
+    tile_pairs_step<R, C>(acc, x, ldx, w, ldw, body,
+                          static_cast<__mmask32>((uint64_t(1) << (K - body)) - 1));
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < C; ++j) out[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int R>
+BF16_FN void tile_pairs_rows(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int nr,
+                             int64_t K, float* out, const char* ahead, int64_t span) {
+  switch (nr) {
+    case 4: return tile_pairs_fixed<R, 4>(x, ldx, w, ldw, K, out, ahead, span);
+    case 3: return tile_pairs_fixed<R, 3>(x, ldx, w, ldw, K, out, ahead, span);
+    case 2: return tile_pairs_fixed<R, 2>(x, ldx, w, ldw, K, out, ahead, span);
+    default: return tile_pairs_fixed<R, 1>(x, ldx, w, ldw, K, out, ahead, span);
+  }
+}
+#endif
+
 // out[M][nr] (row stride NR) = x[M, K] . w[nr, K]^T, MR input rows at a time: the nr
-// weight rows come from memory once and from L1 for the other row groups.
+// weight rows come from memory once and from L1 for the other row groups. x in fp32 (in
+// Layout order), or in bf16 on the pairs path.
 template <typename W>
 void tile(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
           int nr, int64_t K, float* out) {
   for (int64_t m = 0; m < M; m += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - m));
 #ifdef MOEFLOW_X86
-    if (isa == AVX2) {
+    if (isa >= AVX2) {
       tile_avx2(x + m * ldx, ldx, mr, w, ldw, nr, K, out + m * NR);
       continue;
     }
 #endif
     tile_portable(x + m * ldx, ldx, mr, w, ldw, nr, K, out + m * NR);
   }
+}
+
+void tile(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t ldw,
+          int nr, int64_t K, float* out) {
+  TORCH_CHECK(isa >= AVX512_BF16, "moeflow_cpu: bf16 inputs need the pairs path");
+#ifdef MOEFLOW_X86
+  // the stream PREFETCH bytes ahead of the tile, shared out among its row groups
+  const int64_t groups = (M + MR_PAIRS - 1) / MR_PAIRS, bytes = nr * K * 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t m = g * MR_PAIRS;
+    const bf16* xm = x + m * ldx;
+    float* om = out + m * NR;
+    const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH + bytes * g / groups;
+    const int64_t span = bytes * (g + 1) / groups - bytes * g / groups;
+    switch (std::min<int64_t>(MR_PAIRS, M - m)) {
+      case 4: tile_pairs_rows<4>(xm, ldx, w, ldw, nr, K, om, ahead, span); break;
+      case 3: tile_pairs_rows<3>(xm, ldx, w, ldw, nr, K, om, ahead, span); break;
+      case 2: tile_pairs_rows<2>(xm, ldx, w, ldw, nr, K, om, ahead, span); break;
+      default: tile_pairs_rows<1>(xm, ldx, w, ldw, nr, K, om, ahead, span); break;
+    }
+  }
+#endif
 }
 
 // ---- many rows per weight: packed panels ----------------------------------------------
@@ -261,6 +361,26 @@ AVX2_FN void panel_micro(const float* x, int64_t ldx, const float* pack, int64_t
 #undef MOEFLOW_STORE
 }
 
+// d[i * PB + j] = r[j][i] for i, j < 8: eight 8-lane rows transposed (any 32-bit lanes)
+AVX2_FN inline void transpose8(const __m256 (&r)[8], float* d) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(d + 0 * PB, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(d + 1 * PB, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(d + 2 * PB, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(d + 3 * PB, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(d + 4 * PB, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(d + 5 * PB, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(d + 6 * PB, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(d + 7 * PB, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
 // pack[k][j] = w[j][k0 + k] for j < nr (0 beyond), k < kc
 template <typename W>
 AVX2_FN void panel_pack(const W* w, int64_t ldw, int nr, int64_t k0, int64_t kc,
@@ -276,23 +396,7 @@ AVX2_FN void panel_pack(const W* w, int64_t ldw, int nr, int64_t k0, int64_t kc,
               reinterpret_cast<const __m128i*>(w + (j + i) * ldw + k0 + k));
           r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
         }
-        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-        float* d = pack + k * PB + j;
-        _mm256_storeu_ps(d + 0 * PB, _mm256_permute2f128_ps(u0, u4, 0x20));
-        _mm256_storeu_ps(d + 1 * PB, _mm256_permute2f128_ps(u1, u5, 0x20));
-        _mm256_storeu_ps(d + 2 * PB, _mm256_permute2f128_ps(u2, u6, 0x20));
-        _mm256_storeu_ps(d + 3 * PB, _mm256_permute2f128_ps(u3, u7, 0x20));
-        _mm256_storeu_ps(d + 4 * PB, _mm256_permute2f128_ps(u0, u4, 0x31));
-        _mm256_storeu_ps(d + 5 * PB, _mm256_permute2f128_ps(u1, u5, 0x31));
-        _mm256_storeu_ps(d + 6 * PB, _mm256_permute2f128_ps(u2, u6, 0x31));
-        _mm256_storeu_ps(d + 7 * PB, _mm256_permute2f128_ps(u3, u7, 0x31));
+        transpose8(r, pack + k * PB + j);
       }
       for (; k < kc; ++k)
         for (int i = 0; i < 8; ++i) pack[k * PB + j + i] = to_float(w[(j + i) * ldw + k0 + k]);
@@ -326,13 +430,82 @@ AVX2_FN void panel_avx2(const float* x, int64_t ldx, int64_t M, const W* w, int6
 }
 #endif
 
+// Panels on pairs: the 16 weight rows' bf16 pairs k-major (pack[k / 2][j], a pair per
+// 32-bit lane, 8 KiB), each input row's pair broadcast to the 16 lanes: one vdpbf16ps per
+// row and pair, PM_PAIRS rows at a time (8 accumulators cover its latency).
+constexpr int PM_PAIRS = 8;
+
+#ifdef MOEFLOW_X86
+// pack[p][j] = the pair w[j][k0 + 2p], w[j][k0 + 2p + 1] for j < nr (0 beyond), p < kc / 2
+// rounded up (an odd last pair's second half 0)
+BF16_FN void panel_pack_pairs(const bf16* w, int64_t ldw, int nr, int64_t k0, int64_t kc,
+                              uint32_t* pack) {
+  const int64_t pairs = (kc + 1) / 2, whole = kc / 2;
+  float* dst = reinterpret_cast<float*>(pack);  // the shuffles move 32-bit lanes as they are
+  int j = 0;
+  for (; j + 8 <= nr; j += 8) {
+    int64_t p = 0;
+    for (; p + 8 <= whole; p += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(w + (j + i) * ldw + k0 + 2 * p));
+      transpose8(r, dst + p * PB + j);
+    }
+    for (; p < pairs; ++p)
+      for (int i = 0; i < 8; ++i) {
+        const bf16* src = w + (j + i) * ldw + k0 + 2 * p;
+        const uint32_t hi = 2 * p + 1 < kc ? src[1].x : 0;
+        pack[p * PB + j + i] = uint32_t(src[0].x) | hi << 16;
+      }
+  }
+  for (; j < PB; ++j)
+    for (int64_t p = 0; p < pairs; ++p) {
+      const bf16* src = w + j * ldw + k0 + 2 * p;
+      pack[p * PB + j] = j >= nr ? 0 : uint32_t(src[0].x) | (2 * p + 1 < kc ? src[1].x : 0) << 16;
+    }
+}
+
+// out[R][PB] += x[R, kc] . pack: the pairs of each input row broadcast against the packed
+// weights; an odd kc's last input is paired with 0. Named accumulators, as panel_micro's.
+template <int R>
+BF16_FN void panel_micro_pairs(const bf16* x, int64_t ldx, const uint32_t* pack, int64_t kc,
+                               float* out) {
+  __m512 c0, c1, c2, c3, c4, c5, c6, c7;
+#define MOEFLOW_ROWS(DO) \
+  DO(0, c0) if (R > 1) DO(1, c1) if (R > 2) DO(2, c2) if (R > 3) DO(3, c3) \
+  if (R > 4) DO(4, c4) if (R > 5) DO(5, c5) if (R > 6) DO(6, c6) if (R > 7) DO(7, c7)
+#define MOEFLOW_LOAD(i, c) { c = _mm512_loadu_ps(out + i * PB); }
+#define MOEFLOW_DOT(i, c) { uint32_t v; std::memcpy(&v, x + i * ldx + 2 * p, 4); \
+                            c = dot_pairs(c, _mm512_set1_epi32(int(v)), wv); }
+#define MOEFLOW_LAST(i, c) { c = dot_pairs(c, _mm512_set1_epi32(x[i * ldx + kc - 1].x), wv); }
+#define MOEFLOW_STORE(i, c) { _mm512_storeu_ps(out + i * PB, c); }
+  c1 = c2 = c3 = c4 = c5 = c6 = c7 = _mm512_setzero_ps();
+  MOEFLOW_ROWS(MOEFLOW_LOAD)
+  const int64_t whole = kc / 2;
+  for (int64_t p = 0; p < whole; ++p) {
+    const __m512i wv = _mm512_loadu_si512(pack + p * PB);
+    MOEFLOW_ROWS(MOEFLOW_DOT)
+  }
+  if (kc % 2) {
+    const __m512i wv = _mm512_loadu_si512(pack + whole * PB);
+    MOEFLOW_ROWS(MOEFLOW_LAST)
+  }
+  MOEFLOW_ROWS(MOEFLOW_STORE)
+#undef MOEFLOW_ROWS
+#undef MOEFLOW_LOAD
+#undef MOEFLOW_DOT
+#undef MOEFLOW_LAST
+#undef MOEFLOW_STORE
+}
+#endif
+
 // out[M][PB] = x[M, K] . w[nr, K]^T (nr <= PB; x in natural layout): packed panels on AVX2,
 // tiles of NR rows elsewhere. pack: KC * PB floats of scratch.
 template <typename W>
 void panel(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
            int nr, int64_t K, float* out, float* pack) {
 #ifdef MOEFLOW_X86
-  if (isa == AVX2) return panel_avx2(x, ldx, M, w, ldw, nr, K, out, pack);
+  if (isa >= AVX2) return panel_avx2(x, ldx, M, w, ldw, nr, K, out, pack);
 #endif
   std::vector<float> part(((M + MR - 1) / MR) * MR * NR);
   for (int j0 = 0; j0 < nr; j0 += NR) {
@@ -341,6 +514,40 @@ void panel(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int6
     for (int64_t m = 0; m < M; ++m)
       for (int j = 0; j < n; ++j) out[m * PB + j0 + j] = part[m * NR + j];
   }
+}
+
+// The same on pairs (x and w bf16).
+void panel(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t ldw,
+           int nr, int64_t K, float* out, float* pack) {
+  TORCH_CHECK(isa >= AVX512_BF16, "moeflow_cpu: bf16 inputs need the pairs path");
+#ifdef MOEFLOW_X86
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(pack);
+  std::fill(out, out + M * PB, 0.f);
+  // the next panel's weights (contiguous when ldw == K) prefetched into L2 a block's share
+  // at a time, so that memory streams while the blocks are multiplied
+  const char* next = reinterpret_cast<const char*>(w + nr * ldw);
+  const int64_t bytes = nr * K * 2;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = std::min<int64_t>(KC, K - k0);
+    for (const char* a = next + bytes * k0 / K; a < next + bytes * (k0 + kc) / K; a += 64)
+      _mm_prefetch(a, _MM_HINT_T1);
+    panel_pack_pairs(w, ldw, nr, k0, kc, pairs);
+    for (int64_t m = 0; m < M; m += PM_PAIRS) {
+      const bf16* xm = x + m * ldx + k0;
+      float* om = out + m * PB;
+      switch (std::min<int64_t>(PM_PAIRS, M - m)) {
+        case 8: panel_micro_pairs<8>(xm, ldx, pairs, kc, om); break;
+        case 7: panel_micro_pairs<7>(xm, ldx, pairs, kc, om); break;
+        case 6: panel_micro_pairs<6>(xm, ldx, pairs, kc, om); break;
+        case 5: panel_micro_pairs<5>(xm, ldx, pairs, kc, om); break;
+        case 4: panel_micro_pairs<4>(xm, ldx, pairs, kc, om); break;
+        case 3: panel_micro_pairs<3>(xm, ldx, pairs, kc, om); break;
+        case 2: panel_micro_pairs<2>(xm, ldx, pairs, kc, om); break;
+        default: panel_micro_pairs<1>(xm, ldx, pairs, kc, om); break;
+      }
+    }
+  }
+#endif
 }
 
 int64_t grain(int64_t tile_bytes) {
@@ -355,20 +562,25 @@ struct Layout {
   int64_t body;
   template <typename W>
   static Layout of(int64_t isa, int64_t K) {
-    return {isa == AVX2 && std::is_same<W, bf16>::value, K / 16 * 16};
+    return {isa >= AVX2 && std::is_same<W, bf16>::value, K / 16 * 16};
   }
   int64_t operator()(int64_t k) const {
     return split && k < body ? (k & ~int64_t(15)) | ((k & 1) << 3) | ((k & 15) >> 1) : k;
   }
 };
 
-template <typename T>
+// Rows of src (through `rows`, or the first n) as a GEMM takes them: widened to fp32 in
+// Layout order, or kept in bf16 (X = T = bf16: a copy).
+template <typename T, typename X>
 void widen_rows(const T* src, int64_t K, const int64_t* rows, int64_t n, Layout at,
-                float* dst) {
+                X* dst) {
   for (int64_t r = 0; r < n; ++r) {
     const T* s = src + (rows ? rows[r] : r) * K;
-    float* d = dst + r * K;
-    for (int64_t k = 0; k < K; ++k) d[at(k)] = to_float(s[k]);
+    X* d = dst + r * K;
+    if (std::is_same<T, X>::value && !at.split)
+      std::copy(s, s + K, d);
+    else
+      for (int64_t k = 0; k < K; ++k) d[at(k)] = X(to_float(s[k]));
   }
 }
 
@@ -392,28 +604,34 @@ void linear_impl(int64_t isa, const at::Tensor& x, const at::Tensor& w,
                  const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const bool wide = M >= WIDE_ROWS;
-  std::vector<float> xf(M * K);
-  widen_rows(x.data_ptr<T>(), K, nullptr, M,
-             wide ? Layout{false, 0} : Layout::of<T>(isa, K), xf.data());
   const T* wp = w.data_ptr<T>();
   const T* bp = bias ? bias->data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
   const int TW = wide ? PB : NR;  // weight rows per task, and the row stride of its sums
   const int64_t out_len = wide ? M * PB : ((M + MR - 1) / MR) * MR * NR;
-  at::parallel_for(0, (N + TW - 1) / TW, grain(TW * K * sizeof(T)), [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(out_len), pack(wide ? KC * PB : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n0 = t * TW;
-      const int nr = static_cast<int>(std::min<int64_t>(TW, N - n0));
-      if (wide)
-        panel(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data(), pack.data());
-      else
-        tile(isa, xf.data(), K, M, wp + n0 * K, K, nr, K, out.data());
-      for (int64_t m = 0; m < M; ++m)
-        for (int j = 0; j < nr; ++j)
-          yp[m * N + n0 + j] = T(out[m * TW + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
-    }
-  });
+  auto run = [&](const auto* xs) {  // x's rows as the path takes them: fp32, or bf16 pairs
+    at::parallel_for(0, (N + TW - 1) / TW, grain(TW * K * sizeof(T)), [&](int64_t t0, int64_t t1) {
+      std::vector<float> out(out_len), pack(wide ? KC * PB : 0);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * TW;
+        const int nr = static_cast<int>(std::min<int64_t>(TW, N - n0));
+        if (wide)
+          panel(isa, xs, K, M, wp + n0 * K, K, nr, K, out.data(), pack.data());
+        else
+          tile(isa, xs, K, M, wp + n0 * K, K, nr, K, out.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int j = 0; j < nr; ++j)
+            yp[m * N + n0 + j] = T(out[m * TW + j] + (bp ? to_float(bp[n0 + j]) : 0.f));
+      }
+    });
+  };
+  if constexpr (std::is_same<T, bf16>::value) {
+    if (pairs_bf16<T>(isa)) return run(x.data_ptr<bf16>());  // as it is
+  }
+  std::vector<float> xf(M * K);
+  widen_rows(x.data_ptr<T>(), K, nullptr, M,
+             wide ? Layout{false, 0} : Layout::of<T>(isa, K), xf.data());
+  run(xf.data());
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -448,8 +666,9 @@ template <typename T>
 inline float round_to(float v) { return static_cast<float>(T(v)); }
 
 // The routed experts of a node: rows expert-major through order, SwiGLU per expert, each
-// row scaled and written back at its place in x.
-template <typename T>
+// row scaled and written back at its place in x. X: the GEMMs' input rows, fp32 or (on the
+// pairs path) bf16.
+template <typename T, typename X>
 void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
                      const std::vector<int64_t>& counts, const at::Tensor& gate_up,
                      const at::Tensor& down, const float* scale, at::Tensor& y) {
@@ -475,8 +694,10 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     any_wide = any_wide || wide[i];
     out_len = std::max(out_len, wide[i] ? rows * PB : ((rows + MR - 1) / MR) * MR * NR);
   }
-  const Layout natural{false, 0}, x_split = Layout::of<T>(isa, D), a_split = Layout::of<T>(isa, F);
-  std::vector<float> xf(n * D);  // [n, D], expert-major
+  constexpr bool pairs = std::is_same<X, bf16>::value;  // natural layout on pairs
+  const Layout natural{false, 0}, x_split = pairs ? natural : Layout::of<T>(isa, D),
+               a_split = pairs ? natural : Layout::of<T>(isa, F);
+  std::vector<X> xf(n * D);  // [n, D], expert-major
   for (int64_t i = 0; i < active; ++i) {
     const int64_t r0 = starts[i], rows = counts[experts[i]];
     widen_rows(x.data_ptr<T>() + (order ? 0 : r0 * D), D, order ? order + r0 : nullptr, rows,
@@ -497,7 +718,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     return tasks;
   };
   // sums[rows][PB or NR] = xs[rows, K] . w[nr, K]^T, on expert i's path
-  auto gemm = [&](int64_t i, const float* xs, int64_t rows, const T* w, int nr, int64_t K,
+  auto gemm = [&](int64_t i, const X* xs, int64_t rows, const T* w, int nr, int64_t K,
                   float* sums, float* pack) {
     if (wide[i])
       panel(isa, xs, K, rows, w, K, nr, K, sums, pack);
@@ -505,7 +726,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       tile(isa, xs, K, rows, w, K, nr, K, sums);
   };
 
-  std::vector<float> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
+  std::vector<X> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
   const T* gu = gate_up.data_ptr<T>();
   const std::vector<Task> up_tasks = tasks_of(F);
   at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
@@ -522,8 +743,8 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       gemm(task.i, xf.data() + r0 * D, rows, w + (F + f0) * D, nr, D, u.data(), pack.data());
       for (int64_t m = 0; m < rows; ++m)
         for (int j = 0; j < nr; ++j)
-          a[(r0 + m) * F + at(f0 + j)] = round_to<T>(
-              round_to<T>(silu(round_to<T>(g[m * tw + j]))) * round_to<T>(u[m * tw + j]));
+          a[(r0 + m) * F + at(f0 + j)] = X(round_to<T>(
+              round_to<T>(silu(round_to<T>(g[m * tw + j]))) * round_to<T>(u[m * tw + j])));
     }
   });
 
@@ -600,10 +821,12 @@ at::Tensor expert_ffn(const at::Tensor& x, const c10::optional<at::Tensor>& orde
   at::Tensor y = at::empty({n, D}, x.options());
   if (n == 0) return y;
   const std::vector<int64_t> c(counts.begin(), counts.end());
-  if (x.scalar_type() == at::kBFloat16)
-    expert_ffn_impl<bf16>(isa, x, order_p, c, gate_up, down, scale_p, y);
+  if (x.scalar_type() != at::kBFloat16)
+    expert_ffn_impl<float, float>(isa, x, order_p, c, gate_up, down, scale_p, y);
+  else if (pairs_bf16<bf16>(isa))
+    expert_ffn_impl<bf16, bf16>(isa, x, order_p, c, gate_up, down, scale_p, y);
   else
-    expert_ffn_impl<float>(isa, x, order_p, c, gate_up, down, scale_p, y);
+    expert_ffn_impl<bf16, float>(isa, x, order_p, c, gate_up, down, scale_p, y);
   return y;
 }
 
@@ -875,7 +1098,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
   auto run = [&](auto* qp, auto* pp, auto* op) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(qp)>>;
 #ifdef MOEFLOW_X86
-    if (isa == AVX2) {
+    if (isa >= AVX2) {
       // a task: one sequence's kv heads, or a share of them where sequences are fewer
       // than threads (a chunk's slots are then read whole, by every head of the share)
       const int64_t threads = at::get_num_threads();
