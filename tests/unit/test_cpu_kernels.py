@@ -271,6 +271,10 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
         path.write_text(json.dumps({**body, "cpu": "another CPU"}))
         choice._measured_choice.cache_clear()
         assert choice.kernel_choice() == choice.default_choice()
+        # measured on this CPU by a build whose kernels took another path: measured again
+        path.write_text(json.dumps({**body, "table": {**body["table"], "isa": "older"}}))
+        choice._measured_choice.cache_clear()
+        assert choice.kernel_choice() == choice.default_choice()
     finally:
         choice._measured_choice.cache_clear()
 

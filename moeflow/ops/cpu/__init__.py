@@ -186,7 +186,8 @@ def isas() -> list[int]:
 
 
 def describe() -> str:
-    """The path in use, for stats lines: `avx2`, `portable`, or why torch's."""
+    """The path in use, for stats lines: `avx512_bf16`, `avx2`, `portable`, or why
+    torch's."""
     ops = load()
     if ops is None:
         return f"torch (kernels unavailable: {error()})"

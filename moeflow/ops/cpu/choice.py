@@ -6,7 +6,7 @@ The crossovers come from the machine that runs: `moeflow calibrate --kernels` ti
 paths on it, for linear layers and for routed experts, and writes the largest row count up
 to which the kernel is the faster at every count (on a CPU without bf16 arithmetic, every
 count when it was still clearly the faster at the most rows measured) into `<kernel cache>/choice.json`, with the CPU it
-was measured on. Without that file, or when it was written on another CPU, the
+was measured on and the kernels' path then (a build with another path measures again). Without that file, or when it was written on another CPU, the
 worker takes a default by the CPU's features: the kernels stream weights near the memory
 bandwidth at a few rows, which no torch path does here, so they always take decode; on
 CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at prefill sizes, and the
@@ -124,7 +124,9 @@ def _measured_choice() -> KernelChoice:
         return KernelChoice(ALL_ROWS, ALL_ROWS, "MOEFLOW_CPU_KERNELS=on", fp32_rows=ALL_ROWS)
     try:
         body = json.loads(choice_path().read_text())
-        if body.get("cpu") == cpu_name():
+        # measured on this CPU, with the kernel path in use now (a newer build may have
+        # another path, whose crossovers differ)
+        if body.get("cpu") == cpu_name() and body.get("table", {}).get("isa") == kernels.describe():
             return KernelChoice(int(body["linear_rows"]), int(body["expert_rows"]),
                                 str(choice_path()), bool(body.get("attention", True)))
     except (OSError, ValueError, KeyError, TypeError):

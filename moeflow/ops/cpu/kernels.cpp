@@ -32,6 +32,11 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define MOEFLOW_X86 1
+// vdpbf16ps's intrinsics and __builtin_cpu_supports("avx512bf16"): GCC 10, clang 11
+#if (defined(__clang__) && __clang_major__ >= 11) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define MOEFLOW_BF16_PAIRS 1
+#endif
 #endif
 
 namespace moeflow_cpu {
@@ -60,9 +65,11 @@ enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512_BF16 = 2 };
 int64_t best_isa() {
 #ifdef MOEFLOW_X86
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return PORTABLE;
+#ifdef MOEFLOW_BF16_PAIRS
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"))
     return AVX512_BF16;
+#endif
   return AVX2;
 #endif
   return PORTABLE;
@@ -213,7 +220,7 @@ AVX2_FN void tile_avx2(const float* x, int64_t ldx, int mr, const W* w, int64_t 
 }
 #endif
 
-#ifdef MOEFLOW_X86
+#ifdef MOEFLOW_BF16_PAIRS
 // ---- AVX-512 BF16: pairs of bf16 multiplied as they are --------------------------------
 //
 // vdpbf16ps adds to each of 16 fp32 lanes the products of a pair of bf16 from each side
@@ -298,7 +305,7 @@ void tile(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int64
 void tile(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t ldw,
           int nr, int64_t K, float* out) {
   TORCH_CHECK(isa >= AVX512_BF16, "moeflow_cpu: bf16 inputs need the pairs path");
-#ifdef MOEFLOW_X86
+#ifdef MOEFLOW_BF16_PAIRS
   // the stream PREFETCH bytes ahead of the tile, shared out among its row groups
   const int64_t groups = (M + MR_PAIRS - 1) / MR_PAIRS, bytes = nr * K * 2;
   for (int64_t g = 0; g < groups; ++g) {
@@ -435,7 +442,7 @@ AVX2_FN void panel_avx2(const float* x, int64_t ldx, int64_t M, const W* w, int6
 // row and pair, PM_PAIRS rows at a time (8 accumulators cover its latency).
 constexpr int PM_PAIRS = 8;
 
-#ifdef MOEFLOW_X86
+#ifdef MOEFLOW_BF16_PAIRS
 // pack[p][j] = the pair w[j][k0 + 2p], w[j][k0 + 2p + 1] for j < nr (0 beyond), p < kc / 2
 // rounded up (an odd last pair's second half 0)
 BF16_FN void panel_pack_pairs(const bf16* w, int64_t ldw, int nr, int64_t k0, int64_t kc,
@@ -520,7 +527,7 @@ void panel(int64_t isa, const float* x, int64_t ldx, int64_t M, const W* w, int6
 void panel(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int64_t ldw,
            int nr, int64_t K, float* out, float* pack) {
   TORCH_CHECK(isa >= AVX512_BF16, "moeflow_cpu: bf16 inputs need the pairs path");
-#ifdef MOEFLOW_X86
+#ifdef MOEFLOW_BF16_PAIRS
   uint32_t* pairs = reinterpret_cast<uint32_t*>(pack);
   std::fill(out, out + M * PB, 0.f);
   // the next panel's weights (contiguous when ldw == K) prefetched into L2 a block's share
