@@ -5,16 +5,17 @@ beyond it.
 The crossovers come from the machine that runs: `moeflow calibrate --kernels` times both
 paths on it, for linear layers and for routed experts, and writes the largest row count up
 to which the kernel is the faster at every count (on a CPU without bf16 arithmetic, every
-count when it was still clearly the faster at the most rows measured) into `<kernel cache>/choice.json`, with the CPU it
-was measured on and the kernels' path then (a build with another path measures again). Without that file, or when it was written on another CPU, the
-worker takes a default by the CPU's features: the kernels stream weights near the memory
-bandwidth at a few rows, which no torch path does here, so they always take decode; on
-CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at prefill sizes, and the
-default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are slow at every size
-(on a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096 rows per weight),
-and the kernels take every size. Without AVX2 the portable path has
-not been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's fp32 GEMMs are
-strong at more; calibration measures bf16 only).
+count when it was still clearly the faster at the most rows measured) into
+`<kernel cache>/choice.json`, with the CPU it was measured on and the kernels' path then
+(a build with another path measures again). Without that file, or when it was written on
+another CPU or path, the worker takes a default by the CPU's features: the kernels stream
+weights near the memory bandwidth at a few rows, which no torch path does here, so they
+always take decode; on CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at
+prefill sizes, and the default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are
+slow at every size (on a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096
+rows per weight), and the kernels take every size. Without AVX2 the portable path has not
+been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's
+fp32 GEMMs are strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
 =off none.
 """
@@ -126,7 +127,8 @@ def _measured_choice() -> KernelChoice:
         body = json.loads(choice_path().read_text())
         # measured on this CPU, with the kernel path in use now (a newer build may have
         # another path, whose crossovers differ)
-        if body.get("cpu") == cpu_name() and body.get("table", {}).get("isa") == kernels.describe():
+        if (body.get("cpu") == cpu_name()
+                and body.get("table", {}).get("isa") == kernels.describe()):
             return KernelChoice(int(body["linear_rows"]), int(body["expert_rows"]),
                                 str(choice_path()), bool(body.get("attention", True)))
     except (OSError, ValueError, KeyError, TypeError):
