@@ -394,17 +394,21 @@ class ActorCore:
         in one batch."""
         picks: list[tuple[int, int, SamplingParams, torch.Generator | None]] = []
         row = 0
+        samplers, seqs, want = self.samplers, unit.bound.seqs, unit.msg.want_logits
         for seq, rows in zip(logits.seqs, logits.rows_per_seq):
             if rows:
-                sampler = self.samplers.get(unit.bound.seqs[seq].seq_id)
+                sampler = samplers.get(seqs[seq].seq_id)
                 if sampler is not None:
                     picks.append((seq, row + rows - 1, *sampler))
-                if unit.msg.want_logits:
+                if want:
                     unit.logits[seq] = logits.values[row:row + rows]
             row += rows
         if not picks:
             return
-        last = logits.values[[row for _, row, _, _ in picks]].cpu()  # [S, V]
+        values = logits.values
+        # a decode step samples every row: the logits as they are, no gather
+        last = (values if len(picks) == len(values) else
+                values[[row for _, row, _, _ in picks]]).cpu()  # [S, V]
         greedy = [i for i, (_, _, params, _) in enumerate(picks) if params.greedy]
         tokens: dict[int, int | None] = {}
         if greedy:

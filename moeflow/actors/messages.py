@@ -53,6 +53,10 @@ class Payload:
     kind: str  # "rows" (dispatch), "partial" (combine), "tensor", "page" (weights)
     meta: dict[str, Any]
     tensors: tuple[torch.Tensor, ...]
+    # the value it was made from, in the process that made it: a receiver in that process
+    # takes it as it is, with no checks (it never left this process); never encoded, so a
+    # payload that came over the wire is rebuilt from its parts and checked
+    value: Any = field(default=None, compare=False, repr=False)
 
 
 # -- messages ------------------------------------------------------------------------

@@ -76,11 +76,12 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
-    """logits [R, V] -> each row's argmax, in two ops for the whole batch; None for a row
-    that `sample` would refuse (NaN, +inf, or every logit -inf)."""
-    best, ids = logits.float().max(dim=-1)  # [R]; a NaN is the max of its row
-    return [i if ok else None
-            for i, ok in zip(ids.tolist(), torch.isfinite(best).tolist())]
+    """logits [R, V] -> each row's argmax, in one op for the whole batch (in the logits'
+    own dtype: widening them first would copy them all); None for a row that `sample`
+    would refuse (NaN, +inf, or every logit -inf)."""
+    best, ids = logits.max(dim=-1)  # [R]; a NaN is the max of its row
+    isfinite = math.isfinite
+    return [i if isfinite(b) else None for i, b in zip(ids.tolist(), best.tolist())]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]

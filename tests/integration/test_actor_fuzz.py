@@ -17,6 +17,7 @@ from moeflow.actors.messages import (
     BATCH, KINDS, Data, Done, MessageError, Payload, Release, RunUnit, decode_all, encode, pack,
 )
 from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.actors.values import Rows, from_payload, to_payload
 from moeflow.actors.plane import connect_curve
 from moeflow.models.families import load_spec
 from moeflow.scheduler import BatchEP, Cluster
@@ -92,6 +93,20 @@ def test_a_batch_carries_its_messages_in_order_and_refuses_a_bad_index():
     for index in ([], [[KINDS[Done], 1]] * 5, [[BATCH, 1]], [[KINDS[Done], 0]], {"a": 1}):
         with pytest.raises(MessageError):
             decode_all([bytes([BATCH]), msgpack.packb(index), *batch[2:3]])
+
+
+def test_a_payload_is_checked_when_it_comes_over_the_wire_and_not_in_its_own_process():
+    rows = Rows("cpu:0", 0, torch.ones(2, 4), torch.tensor([2], dtype=torch.int32), torch.ones(2))
+    sent = to_payload(rows)
+    assert from_payload(sent) is rows  # the receiver in the sender's process takes it as is
+    [arrived] = decode_all(as_bytes(encode(Data(7, 3, sent))))
+    assert arrived.payload.value is None and arrived.payload.meta == sent.meta  # never sent
+    got = from_payload(arrived.payload)
+    assert got is not rows and torch.equal(got.x, rows.x) and torch.equal(got.ends, rows.ends)
+    bad = Rows("cpu:0", 0, torch.ones(2, 4), torch.tensor([3], dtype=torch.int32), torch.ones(2))
+    [arrived] = decode_all(as_bytes(encode(Data(7, 3, to_payload(bad)))))
+    with pytest.raises(MessageError, match="inconsistent rows"):
+        from_payload(arrived.payload)
 
 
 @pytest.fixture(scope="module")
