@@ -21,6 +21,7 @@ from moeflow.actors.kvcache import PagedKVCache
 from moeflow.actors.values import Logits, Routing
 from moeflow.dataflow.graph import Gate, Graph, LMHead, Node, Unit
 from moeflow.models.spec import ModelSpec
+from moeflow.ops.backend import index_tensor
 
 NULL = torch.empty(0)  # the value of every node whose value nobody reads
 NULL_VOCAB = 8  # columns of the zero logits: enough to sample from
@@ -52,10 +53,9 @@ class NullWorker:
         homed = unit.seqs_on(self.device) if seqs is None else tuple(seqs)
         for t in range(sum(unit.seqs[i].num_tokens for i in homed) * moe.top_k):
             counts[t % moe.num_experts] += 1
-        if kv:
-            for i in homed:
-                chunk = unit.seqs[i]
-                self.kv.reserve(chunk.seq_id, chunk.start, chunk.num_tokens)
+        if kv:  # the slots as one tensor, as a DeviceWorker lays them out
+            index_tensor([slot for i in homed for slot in self.kv.reserve_slots(
+                unit.seqs[i].seq_id, unit.seqs[i].start, unit.seqs[i].num_tokens)])
         self._units[key] = _NullUnit(unit, tuple(counts), {}, homed if kv else ())
 
     def end(self, key: Any) -> None:

@@ -41,8 +41,18 @@ class Request:
     stop_scanned: int = 0  # characters of the text searched for stop strings so far
 
     @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def num_ids(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of the prompt and output together, without joining the two
+        (a step reads its few new tokens; a join would copy the whole sequence each step)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
     @property
     def finished(self) -> bool:
@@ -142,7 +152,7 @@ class EngineCore:
     def job_spec(self, job: Job) -> JobSpec:
         """The executor's view of a job: each unit sequence's new token ids, and how to
         sample each request."""
-        tokens = {i: self.requests[c.seq_id].all_ids[c.start:c.start + c.num_tokens]
+        tokens = {i: self.requests[c.seq_id].ids(c.start, c.start + c.num_tokens)
                   for i, c in enumerate(job.unit.seqs)}
         sampling = {c.seq_id: _sampling(self.requests[c.seq_id].params)
                     for c in job.unit.seqs if c.logits != "none"}
@@ -244,7 +254,7 @@ class EngineCore:
             req.stop_scanned = len(text)
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"
-        if len(req.all_ids) >= self.spec.max_position_embeddings:
+        if req.num_ids >= self.spec.max_position_embeddings:
             return "length"
         return None
 

@@ -1,9 +1,15 @@
 """The request book's preemption: evict the newest sequence on a full device, or wait for
-it if it is in flight; never an older idle one in its place."""
+it if it is in flight; never an older idle one in its place. And the token ids a step
+reads of a request."""
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moeflow.ops.sampling import SamplingParams
 from moeflow.scheduler import Cluster, FineEP
 from moeflow.sim import models
 from moeflow.scheduler.requests import RequestBook
+from moeflow.serve.engine import Request
 
 BLOCK = 4
 
@@ -52,3 +58,13 @@ def test_the_newest_in_flight_is_waited_for_not_replaced():
     book.add_output(1)
     book.schedule()  # now 1 is idle: it is the one evicted
     assert book.seqs[1].num_preemptions == 1 and book.seqs[0].num_preemptions == 0
+
+
+@given(st.lists(st.integers(0, 99), max_size=12), st.lists(st.integers(0, 99), max_size=12),
+       st.data())
+def test_a_requests_ids_are_its_prompt_and_output_read_together(prompt, output, data):
+    req = Request(1, prompt, SamplingParams(), 0.0, output_ids=output)
+    joined = prompt + output
+    start = data.draw(st.integers(0, len(joined)))
+    end = data.draw(st.integers(start, len(joined)))
+    assert req.ids(start, end) == joined[start:end] and req.num_ids == len(joined)
