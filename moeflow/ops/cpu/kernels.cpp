@@ -336,6 +336,7 @@ void tile(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int
 constexpr int PB = 16;
 constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take panels
 constexpr int64_t KC = 256;
+constexpr int64_t UP_RUN = 8;  // expert_ffn: gate tiles read in a row, then as many up tiles
 constexpr int PM = 6;
 
 #ifdef MOEFLOW_X86
@@ -738,20 +739,35 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   const std::vector<Task> up_tasks = tasks_of(F);
   at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> g(out_len), u(out_len), pack(any_wide ? KC * PB : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& task = up_tasks[t];
-      const int64_t e = experts[task.i], rows = counts[e], r0 = starts[task.i];
-      const int64_t f0 = task.first, tw = wide[task.i] ? PB : NR;
-      const int nr = task.nr;
-      const Layout at = wide[task.i] ? natural : a_split;
+    // A run of up to UP_RUN tile tasks of one expert reads its gate rows, then its up
+    // rows: gate and up alternating a tile (8 KiB) at a time streamed slower (64 experts,
+    // 8 active, 1 row each: 27.1 -> 29.6 GB/s; 4 rows each: 19.7 -> 24.5)
+    std::vector<float> g(out_len * UP_RUN), u(out_len * UP_RUN), pack(any_wide ? KC * PB : 0);
+    for (int64_t t = t0; t < t1;) {
+      const int64_t i = up_tasks[t].i;
+      int64_t end = t + 1;
+      if (!wide[i])
+        while (end < t1 && end - t < UP_RUN && up_tasks[end].i == i) ++end;
+      const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
+      const int64_t tw = wide[i] ? PB : NR;
+      const Layout at = wide[i] ? natural : a_split;
       const T* w = gu + e * 2 * F * D;
-      gemm(task.i, xf.data() + r0 * D, rows, w + f0 * D, nr, D, g.data(), pack.data());
-      gemm(task.i, xf.data() + r0 * D, rows, w + (F + f0) * D, nr, D, u.data(), pack.data());
-      for (int64_t m = 0; m < rows; ++m)
-        for (int j = 0; j < nr; ++j)
-          a[(r0 + m) * F + at(f0 + j)] = X(round_to<T>(
-              round_to<T>(silu(round_to<T>(g[m * tw + j]))) * round_to<T>(u[m * tw + j])));
+      for (int64_t s = t; s < end; ++s)
+        gemm(i, xf.data() + r0 * D, rows, w + up_tasks[s].first * D, up_tasks[s].nr, D,
+             g.data() + (s - t) * out_len, pack.data());
+      for (int64_t s = t; s < end; ++s)
+        gemm(i, xf.data() + r0 * D, rows, w + (F + up_tasks[s].first) * D, up_tasks[s].nr, D,
+             u.data() + (s - t) * out_len, pack.data());
+      for (int64_t s = t; s < end; ++s) {
+        const float* gs = g.data() + (s - t) * out_len;
+        const float* us = u.data() + (s - t) * out_len;
+        const int64_t f0 = up_tasks[s].first;
+        for (int64_t m = 0; m < rows; ++m)
+          for (int j = 0; j < up_tasks[s].nr; ++j)
+            a[(r0 + m) * F + at(f0 + j)] = X(round_to<T>(
+                round_to<T>(silu(round_to<T>(gs[m * tw + j]))) * round_to<T>(us[m * tw + j])));
+      }
+      t = end;
     }
   });
 
