@@ -46,7 +46,7 @@ from moeflow.ops.attention import decode_attention, decode_mask, prefill_attenti
 from moeflow.ops import cpu as kernels
 from moeflow.ops.cpu.choice import kernel_choice, kernel_takes, linear as cpu_linear
 from moeflow.ops.backend import (
-    SERIAL_ROWS, OneThread, batched_gemms, index_tensor, rows_per_weight,
+    SERIAL_ROWS, OneThread, batched_gemms, index_tensor, keep_freed_memory, rows_per_weight,
 )
 from moeflow.ops.experts import (
     SILU, Activation, ExpertGroup, counts_of, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
@@ -132,6 +132,7 @@ class DeviceWorker:
         self._paged: tuple[Any, list[Page], ExpertGroup] | None = None  # last paged layer
         if self.tdevice.type == "cpu":
             kernel_choice()  # loads (or builds) the CPU kernels now, not in the first step
+            keep_freed_memory()  # no page fault per page of each step's large tensors
         # the routing bookkeeping (dispatch order, combine) in one kernel call each
         self._cpu_ops = self.tdevice.type == "cpu" and kernels.available()
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,3 +263,38 @@ def test_attention_sinks_take_a_share_of_each_softmax():
     # the last token decoding against the five keys gives the prefill's last row
     last = decode_attention(q[None, -1], k[None], v[None], None, 0.3, sinks)
     assert torch.allclose(last[0], with_sinks[-1], atol=1e-5)
+
+
+FREED_BIG_TENSORS = r"""
+from moeflow.ops.backend import keep_freed_memory
+import torch
+kept = keep_freed_memory()
+def faults():
+    return int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[7])  # minflt
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) << 12  # bytes
+big = torch.ones(32 << 20)  # 128 MiB: past what glibc's own threshold ever keeps
+held = resident()
+del big
+returned = (held - resident()) / (128 << 20)
+before = faults()
+for i in range(8):
+    torch.ones((4 + i % 4) << 20)  # 16-28 MiB, allocated, touched, freed
+print(kept, returned, (faults() - before) / (8 * (22 << 20) >> 12))  # faults a page
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_freed_memory_is_kept_for_the_next_tensors():
+    def run(setting: str) -> tuple[bool, float, float]:
+        out = subprocess.run([sys.executable, "-c", FREED_BIG_TENSORS], check=True,
+                             capture_output=True, text=True,
+                             env={**os.environ, "MOEFLOW_KEEP_FREED_MEMORY": setting})
+        kept, returned, per_page = out.stdout.split()
+        return kept == "True", float(returned), float(per_page)
+
+    kept, returned, per_page = run("on")
+    # nothing goes back to the kernel, and the freed pages serve the next tensors
+    assert kept and returned < 0.05 and per_page < 0.2, (returned, per_page)
+    kept, returned, _ = run("off")
+    assert not kept and returned > 0.95  # glibc's own way: the big block goes back
