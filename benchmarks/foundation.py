@@ -18,8 +18,11 @@ decode are llama-bench's pp512 and tg64 (tg64 starts from an empty context, not 
 16 prompt + 64 new tokens. Random token ids for all engines.
 
 Every figure is the median of --repeats rounds after one warm-up round; each round runs
-the engines one after the other, so a drift of the machine hits all alike. Ratios are
-moeflow / transformers and moeflow / llama.cpp.
+the engines one after the other, so a drift of the machine hits all alike. Each engine runs
+in a process of its own (moeflow and transformers in a child each, llama.cpp's tools as
+they are): on the 2-core VM a process that also held another engine's 4 GB of weights
+decoded 15-30 % slower, whichever engine it ran. Ratios are moeflow / transformers and
+moeflow / llama.cpp.
 
     python benchmarks/foundation.py [--json out.json] [--repeats 3] [--devices cpu:0]
                                     [--llama-cpp .cache/llama-cpp/build/bin]
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -183,6 +187,57 @@ def llama_cpp_sampler(llama_dir: Path, checkpoint: Path, threads: int) -> Callab
     return sample
 
 
+SAMPLERS: dict[str, Callable[[Path, str], Callable[[], Sample]]] = {
+    "moeflow": moeflow_sampler,
+    "transformers": lambda path, devices: transformers_sampler(path),
+}
+
+
+def sampler_command(engine: str, checkpoint: Path, devices: str, threads: int) -> list[str]:
+    return [sys.executable, __file__, "--sampler", engine, "--checkpoint", str(checkpoint),
+            "--devices", devices, "--threads", str(threads)]
+
+
+def in_own_process(engine: str, command: list[str]
+                   ) -> tuple[Callable[[], Sample], subprocess.Popen[str]]:
+    """`engine`'s sampler in the child process `command` starts (`sampler_command`, which
+    runs `serve_sampler`), loaded once; each call runs one sample there. Close the child's
+    stdin to end it."""
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    assert child.stdin is not None and child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+
+    def reply() -> str:
+        line = stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {engine} process exited with {child.wait()}")
+        return line
+
+    if reply().strip() != "ready":
+        raise RuntimeError(f"the {engine} process did not start")
+
+    def sample() -> Sample:
+        stdin.write("sample\n")
+        stdin.flush()
+        return {k: float(v) for k, v in json.loads(reply()).items()}
+
+    return sample, child
+
+
+def serve_sampler(engine: str, checkpoint: Path, devices: str) -> int:
+    """The child of `in_own_process`: "ready", then a JSON sample for each line read, on
+    this process's own stdout (whatever the engines print goes to stderr)."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    sample = SAMPLERS[engine](checkpoint, devices)
+    print("ready", file=replies, flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(sample()), file=replies, flush=True)
+    return 0
+
+
 def interleaved(samplers: dict[str, Callable[[], Sample]], repeats: int
                 ) -> dict[str, Sample]:
     """Per engine, each figure's median over `repeats` rounds, after one warm-up round;
@@ -213,9 +268,13 @@ def main() -> int:
     parser.add_argument("--llama-cpp", type=Path, metavar="DIR",
                         help="also run llama.cpp: the folder that benchmarks/llama_cpp.py "
                         "prints (its tools and the checkpoint's GGUF)")
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(args.threads or min(torch.get_num_threads(), 2))
     threads = torch.get_num_threads()
+    if args.sampler:  # a child of in_own_process
+        return serve_sampler(args.sampler, args.checkpoint, args.devices)
 
     ensure_checkpoint(args.checkpoint)
     llama = llama_cpp_sampler(args.llama_cpp, args.checkpoint, threads) if args.llama_cpp \
@@ -225,13 +284,22 @@ def main() -> int:
 
     print("measuring memory bandwidth ...", file=sys.stderr)
     bandwidth, gemv = read_bandwidth(), gemv_bandwidth()
-    print("loading the engines ...", file=sys.stderr)
-    samplers = {"moeflow": moeflow_sampler(args.checkpoint, args.devices),
-                "transformers": transformers_sampler(args.checkpoint)}
-    if llama:
-        samplers["llama.cpp"] = llama
-    print(f"running them in turn, {args.repeats} rounds ...", file=sys.stderr)
-    results = interleaved(samplers, args.repeats)
+    print("loading the engines, each in a process of its own ...", file=sys.stderr)
+    samplers: dict[str, Callable[[], Sample]] = {}
+    children = []
+    try:
+        for engine in SAMPLERS:
+            samplers[engine], child = in_own_process(engine, sampler_command(
+                engine, args.checkpoint, args.devices, threads))
+            children.append(child)
+        if llama:
+            samplers["llama.cpp"] = llama
+        print(f"running them in turn, {args.repeats} rounds ...", file=sys.stderr)
+        results = interleaved(samplers, args.repeats)
+    finally:
+        for child in children:
+            child.stdin.close()  # type: ignore[union-attr]
+            child.wait()
     ours, others = results["moeflow"], [name for name in results if name != "moeflow"]
     ratios = {name: {k: ours[k] / results[name][k] for k in ours} for name in others}
 

@@ -1,6 +1,6 @@
-"""benchmarks/foundation.py's llama.cpp column and benchmarks/llama_cpp.py, without building
-anything: the tools' output parsed as they print it, the engines' rounds interleaved, the
-pre-tokenizer named from tokenizer.json."""
+"""benchmarks/foundation.py's llama.cpp column and its engines' own processes, and
+benchmarks/llama_cpp.py, without building anything: the tools' output parsed as they
+print it, the engines' rounds interleaved, the pre-tokenizer named from tokenizer.json."""
 
 from __future__ import annotations
 
@@ -59,6 +59,36 @@ def test_engines_run_in_turn_and_report_medians() -> None:
                                   "b": sampler("b", [0.0, 10.0, 30.0, 20.0])}, repeats=3)
     assert calls == ["a", "b"] * 4  # a warm-up round (dropped), then 3 rounds
     assert got == {"a": {"decode_bs1_tok_s": 2.0}, "b": {"decode_bs1_tok_s": 20.0}}
+
+
+CHILD = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parents[2] / "benchmarks")!r})
+""" + """
+import foundation
+calls = []
+def fake(path, devices):
+    print("an engine's chatter on stdout")
+    def sample():
+        calls.append(1)
+        print("more chatter")
+        return {"decode_bs1_tok_s": 10.0 * len(calls), "devices": len(devices)}
+    return sample
+foundation.SAMPLERS["fake"] = fake
+sys.exit(foundation.serve_sampler("fake", foundation.Path("."), "cpu:0"))
+"""
+
+
+def test_an_engine_samples_in_a_process_of_its_own() -> None:
+    sample, child = foundation.in_own_process("fake", [sys.executable, "-c", CHILD])
+    try:
+        assert sample() == {"decode_bs1_tok_s": 10.0, "devices": 5.0}
+        assert sample()["decode_bs1_tok_s"] == 20.0  # the same process, loaded once
+    finally:
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
+    with pytest.raises(RuntimeError, match="the fake process exited with 1"):
+        foundation.in_own_process("fake", [sys.executable, "-c", "import sys; sys.exit(1)"])
 
 
 def test_our_tokenizer_is_named_gpt2_and_others_are_refused(tmp_path: Path) -> None:
