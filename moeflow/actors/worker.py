@@ -46,7 +46,8 @@ from moeflow.ops.attention import decode_attention, decode_mask, prefill_attenti
 from moeflow.ops import cpu as kernels
 from moeflow.ops.cpu.choice import kernel_choice, kernel_takes, linear as cpu_linear
 from moeflow.ops.backend import (
-    SERIAL_ROWS, OneThread, batched_gemms, index_tensor, keep_freed_memory, rows_per_weight,
+    SERIAL_ROWS, OneThread, batched_gemms, index_tensor, keep_freed_memory, onednn_enabled,
+    rows_per_weight, use_onednn,
 )
 from moeflow.ops.experts import (
     SILU, Activation, ExpertGroup, counts_of, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
@@ -331,7 +332,23 @@ class DeviceWorker:
         """Run nodes coalesced into one kernel (same kind and layer, same weights, from
         different units): each GEMM reads its weights once for all of them. A single item
         is the plain case. Returns each item's value. `kernel`: routed experts' kernel as
-        the scheduler's on_routing chose it ("grouped" or "dense"), or None."""
+        the scheduler's on_routing chose it ("grouped" or "dense"), or None.
+
+        On the CPU a node's GEMMs pick torch's matmul backend by rows, through its
+        process-wide oneDNN switch; the switch is put back as it was after the node, so
+        other torch code in the process (a model of the user's beside moeflow.LLM) does
+        not run with the node's choice (transformers' bf16 prefill left without oneDNN
+        ran 4.4x slower)."""
+        if self.tdevice.type != "cpu":
+            return self._run_group(items, kernel)
+        onednn = onednn_enabled()
+        try:
+            return self._run_group(items, kernel)
+        finally:
+            use_onednn(onednn)
+
+    def _run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+                   kernel: str | None) -> list[Any]:
         node = items[0][2]
         if isinstance(node, Expert):
             if node.kind == "routed":

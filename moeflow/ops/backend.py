@@ -12,7 +12,8 @@ this project's 2-core AVX-512 machine, streaming 400 cold [768, 1024] weights:
     torch native       32 GB/s   18 GB/s   13 GB/s   10 GB/s   5 GB/s   ~43 GFLOP/s
 
 The switch is torch's process-wide flag, so this is only for code that runs one node at a
-time on a thread (the CPU worker); it costs a C call.
+time on a thread (the CPU worker, which puts it back as it was after each node); it costs a
+C call.
 
 Every torch op also costs about a microsecond of dispatch on this machine whatever its
 size, and a oneDNN call 12-20 us, so decode (a few rows per weight) is mostly overhead:
@@ -51,16 +52,22 @@ def rows_per_weight(rows: int, weight_numel: int | None = None) -> None:
     """Pick the backend for GEMMs in which `rows` input rows meet each weight matrix (of
     `weight_numel` elements, if known: a small weight, like a router's, stays on torch's
     kernels for more rows, as oneDNN's ~12 us per call outweighs their per-row cost)."""
-    _use_onednn(rows > SMALL_GEMM_ROWS and (weight_numel is None
+    use_onednn(rows > SMALL_GEMM_ROWS and (weight_numel is None
                                             or rows * weight_numel > SMALL_GEMM_MACS))
 
 
 def batched_gemms() -> None:
     """Pick the backend for batched GEMMs (bmm), which oneDNN runs faster at any rows."""
-    _use_onednn(True)
+    use_onednn(True)
 
 
-def _use_onednn(want: bool) -> None:
+def onednn_enabled() -> bool:
+    """torch's process-wide switch: whether its CPU matmuls may run on oneDNN."""
+    return bool(torch._C._get_mkldnn_enabled())
+
+
+def use_onednn(want: bool) -> None:
+    """Set torch's process-wide oneDNN switch (see `rows_per_weight`)."""
     if torch._C._get_mkldnn_enabled() != want:
         torch._C._set_mkldnn_enabled(want)
 
