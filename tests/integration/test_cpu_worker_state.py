@@ -7,13 +7,22 @@ import pytest
 import torch
 
 from moeflow.ops import backend
+from moeflow.ops import cpu as kernels
+from moeflow.ops.cpu.choice import ALL_ROWS, KernelChoice
 from moeflow.ops.sampling import SamplingParams
 from moeflow.serve.llm import LLM
 
+# every GEMM on torch's path (which switches the backend by rows), or every one the
+# kernels take on them
+CHOICES = {"torch": KernelChoice(0, 0, "test", attention=False, fp32_rows=0),
+           "kernels": KernelChoice(ALL_ROWS, ALL_ROWS, "test", fp32_rows=ALL_ROWS)}
 
-@pytest.mark.parametrize("kernels", ["on", "off"])
-def test_the_onednn_switch_is_put_back_after_each_node(kernels, tiny_factory, monkeypatch):
-    monkeypatch.setenv("MOEFLOW_CPU_KERNELS", kernels)
+
+@pytest.mark.parametrize("gemms", sorted(CHOICES))
+def test_the_onednn_switch_is_put_back_after_each_node(gemms, tiny_factory, monkeypatch):
+    if gemms == "kernels" and not kernels.available():
+        pytest.skip("no CPU kernels here")
+    monkeypatch.setattr("moeflow.ops.cpu.choice._override", [CHOICES[gemms]])
     path = tiny_factory("qwen3_moe")
     chosen: list[bool] = []
     real = backend.use_onednn
