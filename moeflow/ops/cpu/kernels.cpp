@@ -694,13 +694,14 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   // Each expert on panels from WIDE_ROWS rows, on tiles below (a skewed prefill has both):
   // its rows widened in the layout of its path, its tasks TW weight rows wide.
   std::vector<char> wide(active);
-  int64_t out_len = 0;
+  int64_t out_len = 0, tile_len = 0;  // sums of a task: any expert's, a tiled expert's
   bool any_wide = false;
   for (int64_t i = 0; i < active; ++i) {
     const int64_t rows = counts[experts[i]];
     wide[i] = rows >= WIDE_ROWS;
     any_wide = any_wide || wide[i];
-    out_len = std::max(out_len, wide[i] ? rows * PB : ((rows + MR - 1) / MR) * MR * NR);
+    if (!wide[i]) tile_len = std::max(tile_len, ((rows + MR - 1) / MR) * MR * NR);
+    out_len = std::max(out_len, wide[i] ? rows * PB : tile_len);
   }
   constexpr bool pairs = std::is_same<X, bf16>::value;  // natural layout on pairs
   const Layout natural{false, 0}, x_split = pairs ? natural : Layout::of<T>(isa, D),
@@ -742,7 +743,9 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     // A run of up to UP_RUN tile tasks of one expert reads its gate rows, then its up
     // rows: gate and up alternating a tile (8 KiB) at a time streamed slower (64 experts,
     // 8 active, 1 row each: 27.1 -> 29.6 GB/s; 4 rows each: 19.7 -> 24.5)
-    std::vector<float> g(out_len * UP_RUN), u(out_len * UP_RUN), pack(any_wide ? KC * PB : 0);
+    // (a panel task runs alone: a run's slots are a tiled expert's size)
+    const int64_t run_len = std::max(out_len, tile_len * UP_RUN);
+    std::vector<float> g(run_len), u(run_len), pack(any_wide ? KC * PB : 0);
     for (int64_t t = t0; t < t1;) {
       const int64_t i = up_tasks[t].i;
       int64_t end = t + 1;
@@ -754,13 +757,13 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       const T* w = gu + e * 2 * F * D;
       for (int64_t s = t; s < end; ++s)
         gemm(i, xf.data() + r0 * D, rows, w + up_tasks[s].first * D, up_tasks[s].nr, D,
-             g.data() + (s - t) * out_len, pack.data());
+             g.data() + (s - t) * tile_len, pack.data());
       for (int64_t s = t; s < end; ++s)
         gemm(i, xf.data() + r0 * D, rows, w + (F + up_tasks[s].first) * D, up_tasks[s].nr, D,
-             u.data() + (s - t) * out_len, pack.data());
+             u.data() + (s - t) * tile_len, pack.data());
       for (int64_t s = t; s < end; ++s) {
-        const float* gs = g.data() + (s - t) * out_len;
-        const float* us = u.data() + (s - t) * out_len;
+        const float* gs = g.data() + (s - t) * tile_len;
+        const float* us = u.data() + (s - t) * tile_len;
         const int64_t f0 = up_tasks[s].first;
         for (int64_t m = 0; m < rows; ++m)
           for (int j = 0; j < up_tasks[s].nr; ++j)
