@@ -20,9 +20,9 @@ decode are llama-bench's pp512 and tg64 (tg64 starts from an empty context, not 
 Every figure is the median of --repeats rounds after one warm-up round; each round runs
 the engines one after the other, so a drift of the machine hits all alike. Each engine runs
 in a process of its own (moeflow and transformers in a child each, llama.cpp's tools as
-they are): on the 2-core VM a process that also held another engine's 4 GB of weights
-decoded 15-30 % slower, whichever engine it ran. Ratios are moeflow / transformers and
-moeflow / llama.cpp.
+they are): on the 2-core VM moeflow in a process that also held another engine's 4 GB of
+weights decoded about a quarter slower (44-53 tok/s at batch 1 against 61-68). Ratios are
+moeflow / transformers and moeflow / llama.cpp.
 
     python benchmarks/foundation.py [--json out.json] [--repeats 3] [--devices cpu:0]
                                     [--llama-cpp .cache/llama-cpp/build/bin]

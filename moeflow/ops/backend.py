@@ -28,9 +28,9 @@ large freed blocks back to the kernel (through munmap, or by trimming a thread's
 so the next tensor of that size takes a page fault on every 4 KiB page it touches, and a
 page fault costs several microseconds in a virtual machine. A 512-token prefill of the
 benchmark checkpoint took ~52,000 page faults; gathering its routed rows, [4096, 1024] bf16
-a layer, cost 2-12 ms where the copy alone takes 0.1. Kept, ~16,000 faults and 0.4-1.3 ms
-a gather, and the prefill ran 601-726 tok/s against 545-683 (three processes of each in
-turn, four or five prefills each).
+a layer, cost 2-12 ms where the copy alone takes 0.1. Kept, 16,000-22,000 faults and
+0.4-1.3 ms a gather, and the prefill ran 601-726 tok/s against 500-683 (five processes of
+each in turn, four or five prefills each).
 """
 
 from __future__ import annotations
