@@ -123,6 +123,34 @@ def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype, rows):
     assert_expert_ffn_close(*routed_problem(dtype, rows, d=300, f=70))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_ffn_epilogues_agree_at_extreme_values(dtype):
+    """The SiLU-and-mul and the scaled store of a panel run 8 lanes at a time on AVX2 and
+    up, with a polynomial exp: gate values where exp(-g) nears or passes overflow (g below
+    -87), or underflows, and outputs near the largest floats come out as the portable
+    path's std::exp gives them."""
+    values = torch.tensor([-200.0, -100.0, -89.0, -88.5, -88.0, -87.5, -30.0, -1.0, -1e-3,
+                           0.0, -0.0, 1e-3, 1.0, 30.0, 88.5, 1e18])
+    f = len(values)  # gate = up = x, down = I: each output is silu(x) * x, scaled
+    rows = 2 * 16 + 5  # panels: 16 rows and more
+    x = torch.stack([values.roll(r) for r in range(rows)]).to(dtype)
+    eye = torch.eye(f)
+    gate_up, down = torch.cat((eye, eye))[None].to(dtype), eye[None].to(dtype)
+    scale = torch.linspace(0.5, 2.0, rows)
+    portable = kernels.expert_ffn(x, [rows], gate_up, down, None, scale, 0)
+    xf = x.float()
+    expect = xf * torch.sigmoid(xf) * xf * scale[:, None]  # 0 where exp(-g) overflows
+    expect[xf < -88.72] = 0.0
+    assert torch.isfinite(portable.float()).all()
+    torch.testing.assert_close(portable.float(), expect, rtol=2 ** -6, atol=0)
+    for isa in kernels.isas()[1:]:
+        y = kernels.expert_ffn(x, [rows], gate_up, down, None, scale, isa)
+        assert_close(y, portable)
+        # relative, down to the smallest outputs (assert_close lets |y| < 1e-30 pass)
+        torch.testing.assert_close(y.float(), portable.float(), atol=0,
+                                   rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_expert_ffn_rounds_where_torch_stores():
     """In bf16 the fused op agrees with torch's unfused ops (F.linear, SiLU, mul, scale):
     what a GEMM gives does not depend on the path it took."""

@@ -148,6 +148,65 @@ AVX2_FN inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6
+// polynomial (relative error about 2e-7 over the range), times 2^n through the exponent
+// bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float; a NaN passes
+// through (max and min return their second operand when either is NaN).
+AVX2_FN inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// v rounded to bf16 as c10::BFloat16 rounds (to nearest even; a NaN to 0x7FC0), the bf16's
+// bits in the low half of each 32-bit lane
+AVX2_FN inline __m256i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(
+      _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+      _mm256_set1_epi32(0x7FFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// round_to<T> on 8 lanes: v rounded to T and back
+template <typename T>
+AVX2_FN inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same<T, bf16>::value)
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+  else
+    return v;
+}
+
+// 8 lanes stored as X (v already rounded to X where X is bf16)
+AVX2_FN inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+
+AVX2_FN inline void store8(bf16* p, __m256 v) {
+  const __m256i b = bf16_bits8(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+// g / (1 + exp(-g)) on 8 lanes, for g >= -87 (exp8's range; below it, where exp(-g) comes
+// near overflow, the caller takes std::exp)
+AVX2_FN inline __m256 silu8(__m256 g) {
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f),
+                                        exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
 // R input rows by C weight rows; one row alone keeps two accumulators per weight row so
 // that the FMAs' latency is hidden.
 template <int R, int C, typename W>
@@ -673,6 +732,64 @@ inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(T(v)); }
 
+// silu(g) * u, rounded where torch's unfused ops store
+template <typename T, typename X>
+inline X swiglu_one(float g, float u) {
+  return X(round_to<T>(round_to<T>(silu(round_to<T>(g))) * round_to<T>(u)));
+}
+
+#ifdef MOEFLOW_X86
+// swiglu_row's and scaled_row's whole 8-lane steps: the elements done
+template <typename T, typename X>
+AVX2_FN int swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 gv = round8<T>(_mm256_loadu_ps(g + j));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(gv, _mm256_set1_ps(-87.f), _CMP_LT_OQ))) {
+      for (int i = j; i < j + 8; ++i)  // exp(-g) near or past overflow: as the tail does
+        a[i] = swiglu_one<T, X>(g[i], u[i]);
+      continue;
+    }
+    store8(a + j, round8<T>(_mm256_mul_ps(round8<T>(silu8(gv)),
+                                          round8<T>(_mm256_loadu_ps(u + j)))));
+  }
+  return j;
+}
+
+template <typename T>
+AVX2_FN int scaled_row_avx2(const float* v, int n, float s, T* y) {
+  int j = 0;
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; j + 8 <= n; j += 8)
+    store8(y + j, round8<T>(_mm256_mul_ps(sv, round8<T>(_mm256_loadu_ps(v + j)))));
+  return j;
+}
+#endif
+
+// a[j] = silu(g[j]) * u[j] for j < n, rounded where torch's unfused ops store (see
+// round_to): 8 lanes at a time on AVX2 (exp8: within a few float ulps of std::exp, the
+// scalar tail's), where the prefill's expert FFN spent a seventh of its time in std::exp
+// and the scalar roundings
+template <typename T, typename X>
+void swiglu_row(int64_t isa, const float* g, const float* u, int n, X* a) {
+  int j = 0;
+#ifdef MOEFLOW_X86
+  if (isa >= AVX2) j = swiglu_row_avx2<T>(g, u, n, a);
+#endif
+  for (; j < n; ++j)
+    a[j] = swiglu_one<T, X>(g[j], u[j]);
+}
+
+// y[j] = s * v[j] for j < n, v rounded to T first
+template <typename T>
+void scaled_row(int64_t isa, const float* v, int n, float s, T* y) {
+  int j = 0;
+#ifdef MOEFLOW_X86
+  if (isa >= AVX2) j = scaled_row_avx2<T>(v, n, s, y);
+#endif
+  for (; j < n; ++j) y[j] = T(s * round_to<T>(v[j]));
+}
+
 // The routed experts of a node: rows expert-major through order, SwiGLU per expert, each
 // row scaled and written back at its place in x. X: the GEMMs' input rows, fp32 or (on the
 // pairs path) bf16.
@@ -765,10 +882,14 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
         const float* gs = g.data() + (s - t) * tile_len;
         const float* us = u.data() + (s - t) * tile_len;
         const int64_t f0 = up_tasks[s].first;
-        for (int64_t m = 0; m < rows; ++m)
+        for (int64_t m = 0; m < rows; ++m) {
+          if (!at.split) {  // the row's outputs side by side
+            swiglu_row<T>(isa, gs + m * tw, us + m * tw, up_tasks[s].nr, &a[(r0 + m) * F + f0]);
+            continue;
+          }
           for (int j = 0; j < up_tasks[s].nr; ++j)
-            a[(r0 + m) * F + at(f0 + j)] = X(round_to<T>(
-                round_to<T>(silu(round_to<T>(gs[m * tw + j]))) * round_to<T>(us[m * tw + j])));
+            a[(r0 + m) * F + at(f0 + j)] = swiglu_one<T, X>(gs[m * tw + j], us[m * tw + j]);
+        }
       }
       t = end;
     }
@@ -790,7 +911,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t dest = order ? order[r0 + m] : r0 + m;
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
-        for (int j = 0; j < nr; ++j) yp[dest * D + d0 + j] = T(s * round_to<T>(out[m * tw + j]));
+        scaled_row(isa, out.data() + m * tw, nr, s, yp + dest * D + d0);
       }
     }
   });
@@ -877,28 +998,6 @@ void axpy(float a, const T* v, int64_t d, float* acc) {
 constexpr int64_t KEY_CHUNK = 32;  // keys scored before the running softmax is rescaled
 
 #ifdef MOEFLOW_X86
-// exp(x) for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6
-// polynomial (relative error about 2e-7 over the range), times 2^n through the exponent
-// bits. Inputs are clamped to [-87.3, 88.3], where 2^n stays a normal float; a NaN passes
-// through (max and min return their second operand when either is NaN).
-AVX2_FN inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 constexpr int64_t HEADS_AT_ONCE = 4;  // query heads whose sums stay in registers together
 
 // One chunk of n keys for GB query heads (qg [GB, d] in Layout order, scaled; ag [GB, d]
