@@ -3,10 +3,12 @@ machine, by rows per weight, and save the crossovers the CPU worker then takes
 (moeflow.ops.cpu.choice).
 
     linear     x [M, 1024] . w [1024, 1024]^T, bf16, over cold weights (a pool larger
-               than the last-level cache), M = 1 .. 256: the kernel against torch's
+               than the last-level cache), M = 1 .. 512: the kernel against torch's
                backend for M rows (oneDNN or its native GEMV, ops/backend.py)
-    experts    8 routed experts of D 1024, F 512, bf16, M rows each, M = 1 .. 64: the
-               fused kernel against torch's loop or padded bmm
+    experts    8 routed experts of D 1024, F 512, bf16, M rows each, M = 1 .. 256: the
+               fused kernel against torch's loop or padded bmm (a 512-token prefill
+               of 64 experts, top 8, gives each ~64 rows and its busiest ~100: a table
+               that stopped at 64 could never send such a prefill to the kernel)
 
 The crossover of each is the largest M up to which the kernel was never more than 10 %
 slower at a measured M. Times are the best of a few passes; bandwidth drifts from minute
@@ -27,8 +29,8 @@ from moeflow.ops.attention import widen_on_this_cpu
 from moeflow.ops.cpu.choice import ALL_ROWS, KernelChoice, linear, use_choice
 from moeflow.ops.experts import ExpertGroup, swiglu_batches_cpu
 
-LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-EXPERT_ROWS = (1, 2, 4, 8, 16, 32, 64)
+LINEAR_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+EXPERT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 D, F, G = 1024, 512, 8
 POOL_BYTES = 96 << 20
 
