@@ -156,7 +156,7 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     """Batches of rows, each sorted by expert: xs [n_b, D], counts [batch][G] rows per
     expert, scale [sum n_b] (each row's routed weight) or None -> every row's output
     [sum n_b, D], scaled, batches in order. CPU worker only (it picks torch's process-wide
-    matmul backend). Up to the kernels' crossover in rows per expert, one fused kernel
+    matmul backend). Up to the kernels' crossover in mean rows per expert, one fused kernel
     call (moeflow.ops.cpu.expert_ffn); beyond it, or with biases or GPT-OSS's activation,
     torch's loop or padded bmm. `kernel` "grouped" or "dense" overrides the crossover."""
     per_expert = [sum(c) for c in zip(*counts)]
@@ -165,7 +165,7 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     if (kernel != "dense" and group.act == SILU and group.gate_up_bias is None
             and group.down_bias is None
             and (kernel == "grouped" and kernels.available()
-                 or max(per_expert) <= kernel_choice().expert_limit(x.dtype))
+                 or mean_rows(per_expert) <= kernel_choice().expert_limit(x.dtype))
             and kernel_takes(x, group.gate_up, group.down)):
         return kernels.expert_ffn(x.contiguous(), per_expert, group.gate_up, group.down,
                                   None if len(xs) == 1 else index_tensor(order),
@@ -231,6 +231,13 @@ def swiglu_batches_grouped(xs: list[torch.Tensor], ends: list[torch.Tensor],
     unsorted = torch.empty_like(y)
     unsorted[perm] = y
     return unsorted
+
+
+def mean_rows(per_expert: list[int]) -> float:
+    """Rows per expert among the experts with rows (what the kernel choice compares with
+    its crossover: the GEMMs' work, not their busiest expert's)."""
+    active = sum(1 for n in per_expert if n)
+    return sum(per_expert) / active if active else 0.0
 
 
 def counts_of(ends: torch.Tensor) -> list[int]:

@@ -307,6 +307,46 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
         choice._measured_choice.cache_clear()
 
 
+@pytest.mark.parametrize("flags,isa,widen,expect", [
+    ({"avx2", "avx512_bf16", "amx_bf16"}, 2, False, (16, 16)),  # AMX: oneDNN's tiles
+    ({"avx2", "avx512_bf16"}, 2, False, (256, 128)),  # the kernels' pairs
+    ({"avx2"}, 1, True, (1 << 30, 1 << 30)),  # no bf16 arithmetic: every size
+    ({"sse4_2"}, 0, True, (0, 0)),  # the portable path alone: torch's
+])
+def test_default_choice_by_the_cpus_features(monkeypatch, flags, isa, widen, expect):
+    from moeflow.ops.cpu import choice
+
+    monkeypatch.setattr(choice, "_cpu_info", lambda: ("a CPU", frozenset(flags)))
+    monkeypatch.setattr(choice, "widen_on_this_cpu", lambda: widen)
+    monkeypatch.setattr(kernels, "best_isa", lambda: isa)
+    taken = choice.default_choice()
+    assert (taken.linear_rows, taken.expert_rows) == expect and "default" in taken.source
+
+
+def test_routed_experts_take_the_kernel_by_their_mean_rows(monkeypatch):
+    """The crossover is compared with the experts' mean rows, not their busiest's: one
+    expert of 40 rows and three of 2 (mean 11.5) take the kernel at a crossover of 16."""
+    x, counts, gate_up, down, _, scale = routed_problem(torch.bfloat16, [40, 2, 2, 2], d=64,
+                                                        f=48)
+    calls: list[list[int]] = []
+    fused = kernels.expert_ffn
+
+    def counted(x, counts, *args, **kwargs):
+        calls.append(list(counts))
+        return fused(x, counts, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "expert_ffn", counted)
+    group = ExpertGroup.of(gate_up, down)
+    for limit, taken in ((16, True), (11, False)):
+        use_choice(KernelChoice(16, limit, "test"))
+        try:
+            calls.clear()
+            swiglu_batches_cpu([x], [counts], group, scale)
+            assert calls == ([counts] if taken else [])
+        finally:
+            use_choice(None)
+
+
 def test_crossover_tolerates_noise_but_not_a_loss():
     from moeflow.ops.cpu.calibrate import _crossover
     from moeflow.ops.cpu.choice import ALL_ROWS

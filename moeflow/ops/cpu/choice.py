@@ -10,10 +10,16 @@ count when it was still clearly the faster at the most rows measured) into
 (a build with another path measures again). Without that file, or when it was written on
 another CPU or path, the worker takes a default by the CPU's features: the kernels stream
 weights near the memory bandwidth at a few rows, which no torch path does here, so they
-always take decode; on CPUs with native bf16 (AVX-512 BF16, AMX) oneDNN is the faster at
-prefill sizes, and the default stops at 16 rows; on CPUs without, oneDNN's bf16 GEMMs are
+always take decode; with AMX, oneDNN's tiles are the faster at prefill sizes, and the
+default stops at 16 rows; with AVX-512 BF16 and no AMX, the kernels' bf16-pair panels
+match or beat oneDNN up to a few hundred rows (a 2-core EPYC: linear layers 1.2-1.1x
+oneDNN's speed from 16 to 128 rows, even at 256 and 512; routed experts 1.3-1.1x from 16 to
+64 rows each, even at 128, oneDNN 7 % ahead at 256), and the default stops at 256 rows for
+linear layers and 128 per expert; on CPUs without bf16 arithmetic, oneDNN's bf16 GEMMs are
 slow at every size (on a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096
-rows per weight), and the kernels take every size. Without AVX2 the portable path has not
+rows per weight), and the kernels take every size. A routed-expert GEMM compares the mean
+rows of the experts it runs with the crossover (their busiest may have more: a 512-token
+prefill gives 64 experts ~64 rows each, its busiest 80-200), and takes one path for all. Without AVX2 the portable path has not
 been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's
 fp32 GEMMs are strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
@@ -38,6 +44,8 @@ from moeflow.ops.backend import rows_per_weight
 
 DEFAULT_ROWS = 16
 ALL_ROWS = 1 << 30
+# AVX-512 BF16 without AMX: where the kernels' panels stop beating oneDNN (measured above)
+BF16_PAIRS_LINEAR_ROWS, BF16_PAIRS_EXPERT_ROWS = 256, 128
 # without bf16 arithmetic the kernels' panels beat torch's bf16 GEMMs 4-5x at every size
 # measured (256 to 4,096 rows, and 256 to 1,024 per expert, on a 2-core AVX2 EPYC)
 NO_BF16_ROWS = NO_BF16_EXPERT_ROWS = ALL_ROWS
@@ -67,19 +75,26 @@ class KernelChoice:
                              f"{self.expert_rows}")
 
 
-def cpu_name() -> str:
-    """This CPU, as choice.json records it: model name and the ISA flags kernels use."""
-    model, flags = platform.processor(), set()
+@cache
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and flags, from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor(), frozenset[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and model in ("", "x86_64"):
                 model = value.strip()
             elif key.strip() == "flags":
-                flags = set(value.split())
+                flags = frozenset(value.split())
                 break
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_name() -> str:
+    """This CPU, as choice.json records it: model name and the ISA flags kernels use."""
+    model, flags = _cpu_info()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model} [{' '.join(isa)}] x{os.cpu_count()}"
 
@@ -144,6 +159,9 @@ def default_choice() -> KernelChoice:
     if widen_on_this_cpu():  # no bf16 arithmetic
         return KernelChoice(NO_BF16_ROWS, NO_BF16_EXPERT_ROWS,
                             "default for a CPU without bf16 arithmetic")
+    if kernels.best_isa() >= 2 and "amx_bf16" not in _cpu_info()[1]:  # the pairs path
+        return KernelChoice(BF16_PAIRS_LINEAR_ROWS, BF16_PAIRS_EXPERT_ROWS,
+                            "default for a CPU with AVX-512 BF16 and no AMX")
     return KernelChoice()
 
 
