@@ -6,22 +6,22 @@ The crossovers come from the machine that runs: `moeflow calibrate --kernels` ti
 paths on it, for linear layers and for routed experts, and writes the largest row count up
 to which the kernel is the faster at every count (on a CPU without bf16 arithmetic, every
 count when it was still clearly the faster at the most rows measured) into
-`<kernel cache>/choice.json`, with the CPU it was measured on and the kernels' path then
-(a build with another path measures again). Without that file, or when it was written on
-another CPU or path, the worker takes a default by the CPU's features: the kernels stream
-weights near the memory bandwidth at a few rows, which no torch path does here, so they
-always take decode; with AMX, oneDNN's tiles are the faster at prefill sizes, and the
-default stops at 16 rows; with AVX-512 BF16 and no AMX, the kernels' bf16-pair panels
-match or beat oneDNN up to a few hundred rows (a 2-core EPYC: linear layers 1.2-1.1x
-oneDNN's speed from 16 to 128 rows, even at 256 and 512; routed experts 1.3-1.1x from 16 to
-64 rows each, even at 128, oneDNN 7 % ahead at 256), and the default stops at 256 rows for
-linear layers and 128 per expert; on CPUs without bf16 arithmetic, oneDNN's bf16 GEMMs are
-slow at every size (on a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096
-rows per weight), and the kernels take every size. A routed-expert GEMM compares the mean
-rows of the experts it runs with the crossover (their busiest may have more: a 512-token
-prefill gives 64 experts ~64 rows each, its busiest 80-200), and takes one path for all. Without AVX2 the portable path has not
-been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows (torch's
-fp32 GEMMs are strong at more; calibration measures bf16 only).
+`<kernel cache>/choice.json`, with the CPU it was measured on and the kernels' path then (a build
+with another path measures again). Without that file, or when it was written on another CPU
+or path, the worker takes a default by the CPU's features: the kernels stream weights near
+the memory bandwidth at a few rows, which no torch path does here, so they always take
+decode; with AMX, oneDNN's tiles are the faster at prefill sizes, and the default stops at
+16 rows; with AVX-512 BF16 and no AMX, the kernels' bf16-pair panels match or beat oneDNN
+up to a few hundred rows (a 2-core EPYC: linear layers 1.2-1.1x oneDNN's speed from 16 to
+128 rows, even at 256 and 512; routed experts 1.3-1.1x from 16 to 64 rows each, even at
+128, oneDNN 7 % ahead at 256), and the default stops at 256 rows for linear layers and 128
+per expert; on CPUs without bf16 arithmetic, oneDNN's bf16 GEMMs are slow at every size (on
+a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096 rows per weight), and the
+kernels take every size. A routed-expert GEMM compares the mean rows of the experts it runs
+with the crossover (their busiest may have more: a 512-token prefill gives 64 experts ~64
+rows each, its busiest 80-200), and takes one path for all. Without AVX2 the portable path
+has not been measured against torch, and torch's path stays. fp32 GEMMs stop at 16 rows
+(torch's fp32 GEMMs are strong at more; calibration measures bf16 only).
 MOEFLOW_CPU_KERNELS=on makes every GEMM the kernels can take use them (for tests),
 =off none.
 """
