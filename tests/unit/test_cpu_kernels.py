@@ -215,11 +215,13 @@ def test_worker_linear_takes_the_kernel_up_to_the_crossover(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 37])
+@pytest.mark.parametrize("head_dim", [64, 37, 128])
 @pytest.mark.parametrize("heads", [8, 2, 6, 10, 16])  # 4, 1, 3, 5 and 8 per kv head
 def test_paged_decode_attention_matches_ref(dtype, head_dim, heads):
     """Block tables in any order, lengths from 1 to several blocks (chunks of keys whole
-    and cut), a sliding window; query heads per kv head in one pass and in several."""
+    and cut), a sliding window; query heads per kv head in one pass and in several; head
+    widths in whole 32-column steps and with a masked tail (the pairs path's scores take
+    32 columns a step, its values 32 lanes a pass)."""
     gen = torch.Generator().manual_seed(head_dim)
     batch, kv_heads, block = 4, 2, 16
     pool = torch.randn(40 * block, 2 * kv_heads * head_dim, generator=gen).to(dtype)
