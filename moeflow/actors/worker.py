@@ -151,6 +151,14 @@ class DeviceWorker:
         return (self.tdevice.type == "cpu" and kernel_choice().attention
                 and kernel_takes(q[:, 0], self.kv.pools[0]))
 
+    def _prefill_kernel(self, q: torch.Tensor, seen: int, window: int | None,
+                        sinks: torch.Tensor | None) -> bool:
+        """Whether a GQA prefill's causal attention runs on the CPU kernel (bf16 on AVX-512
+        BF16; no sinks, and a window, if any, that hides none of the `seen` keys)."""
+        return (self._cpu_ops and kernels.best_isa() >= 2 and q.dtype == torch.bfloat16
+                and sinks is None and (window is None or window >= seen)
+                and kernel_choice().prefill_attention)
+
     def _swiglu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
                 ) -> torch.Tensor:
         """A dense MLP or shared expert: x [T, D] -> [T, D]"""
@@ -620,6 +628,10 @@ class DeviceWorker:
                 k, v = unpack(cached[0, :start + n])
             if out is None:
                 out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+            if paged and self._prefill_kernel(q, start + n, window, sinks):
+                out[row0:row0 + n] = kernels.prefill_attention(q[row0:row0 + n], k, v, start,
+                                                               scale)
+                continue
             out[row0:row0 + n] = prefill_attention(q[row0:row0 + n], k, v, start, scale,
                                                    window, sinks)
         assert out is not None

@@ -237,6 +237,48 @@ def test_paged_decode_attention_matches_ref(dtype, head_dim, heads):
             assert_close(out, ref)
 
 
+@pytest.mark.parametrize("n,start,heads,kv_heads,d", [
+    (200, 0, 16, 4, 64),  # blocks of 64 rows and a cut one; 4 query heads per kv head
+    (37, 0, 6, 2, 37),  # an odd head width (a pair completed by 0), 3 per kv head
+    (20, 50, 8, 8, 128),  # after 50 cached keys (a later chunk of a prompt), 1 per kv head
+    (1, 0, 4, 4, 16),
+])
+def test_prefill_attention_matches_ref(n, start, heads, kv_heads, d):
+    """Causal prefill attention on bf16 pairs: as close to the fp32 reference as torch's
+    SDPA is (both round the probabilities to bf16 for the product with V)."""
+    from moeflow.ops.attention import prefill_attention
+
+    if kernels.best_isa() < 2:
+        pytest.skip("the prefill attention kernel needs AVX-512 BF16")
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(n, heads, d, generator=gen).bfloat16()
+    k, v = (torch.randn(start + n, kv_heads, d, generator=gen).bfloat16() for _ in range(2))
+    scale = d ** -0.5
+    ref = kernels.prefill_attention_ref(q, k, v, start, scale).float()
+    out = kernels.prefill_attention(q, k, v, start, scale).float()
+    sdpa = prefill_attention(q, k, v, start, scale).float()
+    err, sdpa_err = (out - ref).abs(), (sdpa - ref).abs()
+    assert err.max() <= max(2 * sdpa_err.max(), 2 ** -6)
+    assert err.mean() <= 2 * sdpa_err.mean() + 1e-6
+    # a row sees only the keys up to its position: later keys change nothing before them
+    k2, v2 = k.clone(), v.clone()
+    k2[start + n - 1], v2[start + n - 1] = 100.0, -100.0
+    again = kernels.prefill_attention(q, k2, v2, start, scale)
+    assert torch.equal(again[:-1], kernels.prefill_attention(q, k, v, start, scale)[:-1])
+
+
+def test_prefill_attention_errors():
+    if kernels.best_isa() < 2:
+        pytest.skip("the prefill attention kernel needs AVX-512 BF16")
+    q, k = torch.randn(4, 8, 16).bfloat16(), torch.randn(4, 2, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="takes bfloat16"):
+        kernels.prefill_attention(q.float(), k.float(), k.float(), 0, 0.25)
+    with pytest.raises(RuntimeError, match="do not agree"):
+        kernels.prefill_attention(q, k, k, 1, 0.25)  # 4 keys for 4 tokens after 1 cached
+    with pytest.raises(RuntimeError, match="needs AVX-512 BF16"):
+        kernels.prefill_attention(q, k, k, 0, 0.25, isa=1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_paged_decode_attention_one_sequence_split_over_threads(dtype):
     """One sequence: its kv heads are shared among the threads; and a NaN stays a NaN."""

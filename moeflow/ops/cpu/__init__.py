@@ -41,6 +41,14 @@ sums, whichever path a GEMM takes.
                                        32 keys, each key and value widened once for up to 4
                                        query heads whose sums stay in registers, the
                                        exponentials 8 at a time, an online softmax in fp32
+                                       (AVX-512 BF16: scores on bf16 pairs, 16 keys' sums
+                                       reduced together)
+    prefill_attention(q, k, v, start,  causal attention of a prompt's new tokens (AVX-512
+                      scale)           BF16 only): blocks of 64 rows of a kv head's query
+                                       heads against the keys they see, on pair panels, the
+                                       probabilities rounded to bf16 for V as torch's CPU
+                                       flash attention rounds them (no `_ref` to 1 ulp:
+                                       tests hold it as close to fp32 as torch's SDPA is)
 
 They are C++ (moeflow/ops/cpu/kernels.cpp), built on first use with torch's
 `cpp_extension` into a cache directory (`~/.cache/moeflow/kernels`, or
@@ -268,6 +276,28 @@ def paged_decode_attention_ref(q: torch.Tensor, pool: torch.Tensor, blocks: torc
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float(), k) * scale, dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, v)
     return out.to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                      scale: float, isa: int = AUTO) -> torch.Tensor:
+    """Causal attention of n new tokens of one sequence at positions start .. start + n - 1:
+    q [n, H, d], k, v [start + n, K, d] (its keys so far, then the new ones), bf16 ->
+    [n, H, d]. AVX-512 BF16 only (`best_isa() >= 2`): blocks of 64 rows against the keys
+    they see, the probabilities rounded to bf16 for the product with V."""
+    return load().prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), start,
+                                    scale, isa)
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                          scale: float) -> torch.Tensor:
+    n, heads, _ = q.shape
+    group = heads // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)  # [L, H, d]
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), kf) * scale
+    pos = torch.arange(start, start + n)[:, None]
+    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > pos, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 
 def attention_decode(hidden: torch.Tensor, input_norm: torch.Tensor, qkv_w: torch.Tensor,

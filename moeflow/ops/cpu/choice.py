@@ -55,13 +55,15 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 @dataclass(frozen=True)
 class KernelChoice:
     """Rows per weight up to which each kind of GEMM runs on the kernels, and whether
-    decode attention does."""
+    decode and prefill attention do."""
 
     linear_rows: int = DEFAULT_ROWS  # bf16
     expert_rows: int = DEFAULT_ROWS  # bf16, rows per expert
     source: str = "default"
     attention: bool = True  # decode attention reads the paged cache in place
     fp32_rows: int = DEFAULT_ROWS  # either kind, in fp32
+    # a prompt's causal attention on the kernel (bf16, AVX-512 BF16), not torch's SDPA
+    prefill_attention: bool = True
 
     def linear_limit(self, dtype: torch.dtype) -> int:
         return self.linear_rows if dtype == torch.bfloat16 else self.fp32_rows
@@ -135,7 +137,7 @@ def _measured_choice() -> KernelChoice:
     mode = kernels.mode()
     if not kernels.available():
         return KernelChoice(0, 0, f"unavailable: {kernels.error()}", attention=False,
-                            fp32_rows=0)
+                            fp32_rows=0, prefill_attention=False)
     if mode == "on":
         return KernelChoice(ALL_ROWS, ALL_ROWS, "MOEFLOW_CPU_KERNELS=on", fp32_rows=ALL_ROWS)
     try:
