@@ -999,6 +999,33 @@ void axpy(float a, const T* v, int64_t d, float* acc) {
 constexpr int64_t KEY_CHUNK = 32;  // keys scored before the running softmax is rescaled
 
 #ifdef MOEFLOW_X86
+// The running softmax of one query head over a chunk's n scores s (room for n rounded up to
+// 8, 32-byte aligned): where the chunk's maximum rises above m, the sums so far (ag [d],
+// l) are rescaled to it; s becomes the exponentials, and their sum is added to l.
+AVX2_FN inline void softmax_chunk(float* s, int64_t n, int64_t d, float* ag, float* m,
+                                  float* l) {
+  const int64_t padded = (n + 7) / 8 * 8;
+  float top = *m;
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+  if (top > *m) {
+    const float c = std::exp(*m - top);
+    *l *= c;
+    for (int64_t i = 0; i < d; ++i) ag[i] *= c;
+    *m = top;
+  }
+  for (int64_t j = n; j < padded; ++j) s[j] = top;  // exp(0): never summed or used
+  const __m256 topv = _mm256_set1_ps(top);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < padded; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), topv));
+    _mm256_store_ps(s + j, e);
+    if (j + 8 <= n) total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum(total);
+  for (int64_t j = n / 8 * 8; j < n; ++j) sum += s[j];
+  *l += sum;
+}
+
 constexpr int64_t HEADS_AT_ONCE = 4;  // query heads whose sums stay in registers together
 
 // One chunk of n keys for GB query heads (qg [GB, d] in Layout order, scaled; ag [GB, d]
@@ -1027,28 +1054,7 @@ AVX2_FN void attend_chunk_avx2(const float* qg, int64_t d, const T* const* keys,
       s[g][j] = sum;
     }
   }
-  const int64_t padded = (n + 7) / 8 * 8;
-  for (int g = 0; g < GB; ++g) {  // the running softmax, rescaled to the chunk's maximum
-    float top = m[g];
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, s[g][j]);
-    if (top > m[g]) {
-      const float c = std::exp(m[g] - top);
-      l[g] *= c;
-      for (int64_t i = 0; i < d; ++i) ag[g * d + i] *= c;
-      m[g] = top;
-    }
-    for (int64_t j = n; j < padded; ++j) s[g][j] = top;  // exp(0): never summed or used
-    const __m256 topv = _mm256_set1_ps(top);
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t j = 0; j < padded; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s[g] + j), topv));
-      _mm256_store_ps(s[g] + j, e);
-      if (j + 8 <= n) total = _mm256_add_ps(total, e);
-    }
-    float sum = hsum(total);
-    for (int64_t j = n / 8 * 8; j < n; ++j) sum += s[g][j];
-    l[g] += sum;
-  }
+  for (int g = 0; g < GB; ++g) softmax_chunk(s[g], n, d, ag + g * d, &m[g], &l[g]);
   for (int64_t i = 0; i < body; i += 16) {  // values, weighted by the exponentials
     __m256 a[GB][2];
     for (int g = 0; g < GB; ++g) {
@@ -1195,28 +1201,7 @@ BF16_FN void attend_chunk_pairs(const bf16* qg, int64_t d, float scale,
       _mm512_store_ps(s[g] + j0, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
     }
   }
-  const int64_t padded = (n + 7) / 8 * 8;
-  for (int g = 0; g < GB; ++g) {  // the running softmax, as attend_chunk_avx2's
-    float top = m[g];
-    for (int64_t j = 0; j < n; ++j) top = std::max(top, s[g][j]);
-    if (top > m[g]) {
-      const float c = std::exp(m[g] - top);
-      l[g] *= c;
-      for (int64_t i = 0; i < d; ++i) ag[g * d + i] *= c;
-      m[g] = top;
-    }
-    for (int64_t j = n; j < padded; ++j) s[g][j] = top;  // exp(0): never summed or used
-    const __m256 topv = _mm256_set1_ps(top);
-    __m256 total = _mm256_setzero_ps();
-    for (int64_t j = 0; j < padded; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s[g] + j), topv));
-      _mm256_store_ps(s[g] + j, e);
-      if (j + 8 <= n) total = _mm256_add_ps(total, e);
-    }
-    float sum = hsum(total);
-    for (int64_t j = n / 8 * 8; j < n; ++j) sum += s[g][j];
-    l[g] += sum;
-  }
+  for (int g = 0; g < GB; ++g) softmax_chunk(s[g], n, d, ag + g * d, &m[g], &l[g]);
   for (int64_t i = 0; i < d; i += 32) {  // values, weighted by the exponentials: 32 lanes of
     const int64_t left = d - i;          // each head's sums in registers
     const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
