@@ -159,17 +159,19 @@ def swiglu_batches_cpu(xs: list[torch.Tensor], counts: list[list[int]], group: E
     matmul backend). Up to the kernels' crossover in mean rows per expert, one fused kernel
     call (moeflow.ops.cpu.expert_ffn); beyond it, or with biases or GPT-OSS's activation,
     torch's loop or padded bmm. `kernel` "grouped" or "dense" overrides the crossover."""
-    per_expert = [sum(c) for c in zip(*counts)]
+    per_expert = counts[0] if len(counts) == 1 else [sum(c) for c in zip(*counts)]
     x = xs[0] if len(xs) == 1 else torch.cat(xs)  # [n, D]
-    order = _expert_major(counts)  # rows of x, expert by expert
     if (kernel != "dense" and group.act == SILU and group.gate_up_bias is None
             and group.down_bias is None
             and (kernel == "grouped" and kernels.available()
                  or mean_rows(per_expert) <= kernel_choice().expert_limit(x.dtype))
             and kernel_takes(x, group.gate_up, group.down)):
+        if scale is not None and scale.dtype != torch.float32:
+            scale = scale.float()
         return kernels.expert_ffn(x.contiguous(), per_expert, group.gate_up, group.down,
-                                  None if len(xs) == 1 else index_tensor(order),
-                                  None if scale is None else scale.float().contiguous())
+                                  None if len(xs) == 1 else index_tensor(_expert_major(counts)),
+                                  None if scale is None else scale.contiguous())
+    order = _expert_major(counts)  # rows of x, expert by expert
     y = _swiglu_batches_torch(x, order, len(xs) > 1, per_expert, group, kernel)
     return y if scale is None else y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
 

@@ -95,8 +95,8 @@ def test_one_routing_sort_for_many_units_equals_one_each(checkpoint):
 def test_routing_in_one_kernel_call_equals_torchs_route_and_sort(tiny_factory, monkeypatch,
                                                                  family):
     """The gate's route_dispatch (softmax_topk renormalised or not, topk_softmax) gives what
-    router.route and the sort give, bit for bit: one unit and several, in a dispatch order
-    that is not the identity."""
+    router.route and the sort give (the weights within a few fp32 ulps): one unit and
+    several, in a dispatch order that is not the identity."""
     from moeflow.ops import cpu as kernels
 
     worker = make_worker(tiny_factory(family))
@@ -120,7 +120,8 @@ def test_routing_in_one_kernel_call_equals_torchs_route_and_sort(tiny_factory, m
             plain = worker.run_group(items)
         for a, b in zip(fused, plain):
             assert torch.equal(a.token_of_row, b.token_of_row)
-            assert torch.equal(a.weight_of_row, b.weight_of_row)
+            torch.testing.assert_close(a.weight_of_row, b.weight_of_row, rtol=8 * 2.0**-24,
+                                       atol=0)
             assert torch.equal(a.ends, b.ends)
             assert (a.offsets, a.counts) == (b.offsets, b.counts)
     assert len(calls) == 2

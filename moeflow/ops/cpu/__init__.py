@@ -26,8 +26,9 @@ sums, whichever path a GEMM takes.
                    period, top_k)      the order, each row's token, the counts and the
                                        running ends per item, for argsort, bincount, cumsum
                                        and a division
-    route_dispatch(logits, ...)        a gate's top-k (torch's softmax and topk, called
-                                       from C++) and dispatch_order, in one call
+    route_dispatch(logits, ...)        a gate's top-k (its own softmax and top-k: no torch
+                                       op, each 10-30 us with its code cold at decode)
+                                       and dispatch_order, in one call
     combine(resid, rows, token,        the routed rows summed at their tokens, the shared
             extras)                    experts' outputs and the residual, rounded where
                                        torch's zeros/index_add_/+=/+ store (bit-exact)
@@ -382,8 +383,10 @@ def route_dispatch(logits: torch.Tensor, router: str, top_k: int, norm: bool, no
     counts [items * E] int64, by item then dispatch rank; ends [items * E] int32, running
     within each item), N = T * top_k, rows stably sorted by (item, rank). `router` is
     softmax_topk (renormalised with `norm`, norm_eps added to the sum unless 0, else scaled
-    by `scaling`) or topk_softmax, computed by torch's own ops as moeflow.ops.router's
-    `route` does; rank [E] int64 each expert's dispatch rank (None: the identity)."""
+    by `scaling`) or topk_softmax, as moeflow.ops.router's `route` computes them (the
+    weights within a few fp32 ulps; among equal scores the lower expert first, where
+    torch.topk's order is open); rank [E] int64 each expert's dispatch rank (None: the
+    identity)."""
     token, weight, counts, ends = load().route_dispatch(
         logits.contiguous(), ROUTE_MODES[router], top_k, norm, norm_eps, scaling,
         None if rank is None else rank.contiguous(), sizes)

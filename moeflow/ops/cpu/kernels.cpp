@@ -11,13 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/add.h>
-#include <ATen/ops/div.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/softmax.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/topk.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -1759,11 +1753,65 @@ std::vector<at::Tensor> dispatch_order(const at::Tensor& rank, int64_t bins, int
   return {order, token, counts, ends};
 }
 
+// x ranks above y: the larger, NaN above any number (as torch.topk ranks them)
+inline bool ranks_above(float x, float y) {
+  return (std::isnan(x) && !std::isnan(y)) || x > y;
+}
+
+// The k of values[E] that rank highest, best first, the lower index first among equals ->
+// their indices and values (k <= E). An insertion into k sorted slots: E is a router's
+// experts (8-256) and k its top-k (1-8).
+void top_k_of(const float* values, int64_t E, int64_t k, int64_t* ids, float* top) {
+  int64_t held = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    const float v = values[i];
+    if (held == k && !ranks_above(v, top[k - 1])) continue;
+    int64_t pos = held < k ? held++ : k - 1;
+    for (; pos > 0 && ranks_above(v, top[pos - 1]); --pos) {
+      top[pos] = top[pos - 1];
+      ids[pos] = ids[pos - 1];
+    }
+    top[pos] = v;
+    ids[pos] = i;
+  }
+}
+
+// One token's routing, from its logits[E] in fp32 (see route_dispatch) -> ids[k], w[k].
+// scratch: E floats.
+void route_row(int64_t mode, const float* logits, int64_t E, int64_t k, bool norm,
+               float norm_eps, float scaling, float* scratch, int64_t* ids, float* w) {
+  if (mode == 1) {  // topk_softmax: the k best logits, a softmax over them
+    top_k_of(logits, E, k, ids, w);
+    const float top = w[0];
+    float total = 0.f;
+    for (int64_t a = 0; a < k; ++a) total += w[a] = std::exp(w[a] - top);
+    for (int64_t a = 0; a < k; ++a) w[a] /= total;
+    return;
+  }
+  float top = logits[0];  // softmax_topk: a softmax over every expert, its k best
+  for (int64_t e = 1; e < E; ++e) top = std::max(top, logits[e]);
+  float total = 0.f;
+  for (int64_t e = 0; e < E; ++e) total += scratch[e] = std::exp(logits[e] - top);
+  for (int64_t e = 0; e < E; ++e) scratch[e] /= total;
+  top_k_of(scratch, E, k, ids, w);
+  if (norm && k > 1) {
+    float kept = 0.f;
+    for (int64_t a = 0; a < k; ++a) kept += w[a];
+    if (norm_eps != 0.f) kept += norm_eps;
+    for (int64_t a = 0; a < k; ++a) w[a] /= kept;
+  } else if (scaling != 1.f) {
+    for (int64_t a = 0; a < k; ++a) w[a] *= scaling;
+  }
+}
+
 // A gate's routing at decode, in one call: router logits [T, E] of the rows of several
 // items (units; sizes [items] rows each) -> the top_k experts of each row and their
-// weights, then the rows in dispatch order. The routing itself is torch's own ops (softmax,
-// topk, the renormalisation, called here without Python between them), so the weights are
-// bit-exact with moeflow/ops/router.py's; the dispatch is `dispatch_order`'s counting sort.
+// weights, then the rows in dispatch order. The routing is moeflow/ops/router.py's, done
+// here without torch's ops: each of them cost 10-30 us at decode, its code cold after the
+// experts' weights streamed through the caches, for a few hundred floats of work. The
+// weights are within a few fp32 ulps of router.py's (exp, and the order of the sums); among
+// equal scores the lower expert ranks first (torch.topk leaves that order open). The
+// dispatch is `dispatch_order`'s counting sort.
 //   mode 0, softmax_topk: softmax over all experts, the top k, then renormalised (norm,
 //     with norm_eps added to the sum unless 0) or else scaled by `scaling`;
 //   mode 1, topk_softmax: the top k logits, softmax over them.
@@ -1800,27 +1848,24 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
       seen[r[e]] = true;
     }
   }
-  const at::Tensor scores = logits.to(at::kFloat);
-  at::Tensor weights, ids;
-  if (mode == 1) {
-    auto top = at::topk(scores, top_k, -1);
-    weights = at::softmax(std::get<0>(top), -1);
-    ids = std::get<1>(top);
-  } else {
-    auto top = at::topk(at::softmax(scores, -1), top_k, -1);
-    weights = std::get<0>(top);
-    ids = std::get<1>(top);
-    if (norm && top_k > 1) {
-      at::Tensor total = at::sum(weights, {-1}, /*keepdim=*/true);
-      weights = at::div(weights, norm_eps != 0.0 ? at::add(total, norm_eps) : total);
-    } else if (scaling != 1.0) {
-      weights = at::mul(weights, scaling);
-    }
-  }
-  ids = ids.contiguous();
-  weights = weights.contiguous();
   const int64_t N = T * top_k, bins = items * E;
-  const int64_t* id = ids.data_ptr<int64_t>();
+  std::vector<int64_t> id(N);
+  std::vector<float> w(N), row(E), scratch(E);
+  const at::Tensor scores = logits.scalar_type() == at::kFloat ||
+                                    logits.scalar_type() == at::kBFloat16
+                                ? logits
+                                : logits.to(at::kFloat);
+  for (int64_t t = 0; t < T; ++t) {
+    if (scores.scalar_type() == at::kBFloat16) {
+      const bf16* l = scores.data_ptr<bf16>() + t * E;
+      for (int64_t e = 0; e < E; ++e) row[e] = static_cast<float>(l[e]);
+    } else {
+      std::copy_n(scores.data_ptr<float>() + t * E, E, row.data());
+    }
+    route_row(mode, row.data(), E, top_k, norm, static_cast<float>(norm_eps),
+              static_cast<float>(scaling), scratch.data(), id.data() + t * top_k,
+              w.data() + t * top_k);
+  }
   const int64_t* r = rank ? rank->data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> bin(N), first(T);
   for (int64_t i = 0, t = 0; i < items; ++i)
@@ -1830,11 +1875,12 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
         bin[t * top_k + a] = i * E + (r ? r[id[t * top_k + a]] : id[t * top_k + a]);
     }
   const auto index = logits.options().dtype(at::kLong);
-  at::Tensor counts = at::zeros({bins}, index);
+  at::Tensor counts = at::empty({bins}, index);
   at::Tensor ends = at::empty({bins}, index.dtype(at::kInt));
   at::Tensor token = at::empty({N}, index);
   at::Tensor weight = at::empty({N}, index.dtype(at::kFloat));
   int64_t* c = counts.data_ptr<int64_t>();
+  std::fill_n(c, bins, 0);
   for (int64_t n = 0; n < N; ++n) ++c[bin[n]];
   std::vector<int64_t> next(bins);
   int32_t* e = ends.data_ptr<int32_t>();
@@ -1845,7 +1891,6 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
     running += c[b];
     e[b] = static_cast<int32_t>(running);
   }
-  const float* w = weights.data_ptr<float>();
   int64_t* tok = token.data_ptr<int64_t>();
   float* wt = weight.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
