@@ -29,6 +29,47 @@ def test_kernels_are_built():
     assert kernels.isas()[0] == 0 and kernels.describe() in kernels.ISA_NAMES.values()
 
 
+def test_a_kernel_call_releases_the_gil():
+    """Another Python thread runs while a kernel runs (the engine's thread must not stall
+    the server's): the main thread watches a worker thread through one long call, and runs
+    through most of it. Holding the GIL, the call would let it run at most a switch
+    interval (5 ms) of a call at least 10 times as long."""
+    import threading
+    import time
+
+    w = torch.randn(4096, 4096)
+    kernels.linear(w[:1], w)  # loaded, and warm
+
+    def watch(rows: int) -> tuple[float, float]:
+        """(how long the main thread saw the call running, how long the call took)"""
+        x = torch.randn(rows, 4096)
+        state = {"inside": False, "took": 0.0}
+
+        def call() -> None:
+            state["inside"] = True
+            start = time.perf_counter()
+            kernels.linear(x, w)
+            state["took"] = time.perf_counter() - start
+            state["inside"] = False
+
+        first = last = 0.0
+        thread = threading.Thread(target=call)
+        thread.start()
+        while thread.is_alive():
+            if state["inside"]:
+                last = time.perf_counter()
+                first = first or last
+        thread.join()
+        return last - first, state["took"]
+
+    for rows in (256, 1024, 4096):  # a call long enough to tell, on any machine
+        watched, took = watch(rows)
+        if took >= 0.05:
+            break
+    assert took >= 0.05, f"a {rows}-row call took {took * 1e3:.1f} ms: too short to tell"
+    assert watched > took / 2, (watched, took)
+
+
 def test_switched_off_the_worker_keeps_torch():
     code = ("from moeflow.ops import cpu; from moeflow.ops.cpu.choice import kernel_choice, "
             "describe; assert not cpu.available(); assert kernel_choice().linear_rows == 0; "

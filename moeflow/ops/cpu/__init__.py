@@ -53,7 +53,9 @@ sums, whichever path a GEMM takes.
 
 They are C++ (moeflow/ops/cpu/kernels.cpp), built on first use with torch's
 `cpp_extension` into a cache directory (`~/.cache/moeflow/kernels`, or
-$MOEFLOW_KERNEL_CACHE) and registered as torch ops; `make install` builds them once.
+$MOEFLOW_KERNEL_CACHE) as a Python module of their own (pybind11, not torch ops: the
+dispatcher's boxing cost 1.5-2.5 us more a call, 6-10 us with its code cold, as at decode);
+`make install` builds them once.
 Why C++ and not torch.compile: the work per call is a few microseconds to a few hundred,
 so the call itself must cost about a microsecond, and the fused expert op needs a loop
 over a variable number of experts with variable rows, which Inductor would recompile for
@@ -77,6 +79,7 @@ to 1 bf16 ulp of it.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
 import platform
@@ -119,8 +122,8 @@ _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
 
 
 def load(verbose: bool = False) -> Any:
-    """The kernels' torch ops (`torch.ops.moeflow_cpu`), built first if needed; None when
-    they are switched off or cannot be built (the reason is in `error()`)."""
+    """The kernels' module (`moeflow_cpu`), built first if needed; None when they are
+    switched off or cannot be built (the reason is in `error()`)."""
     ops = _state.get("ops")  # every op of the CPU worker asks: no lock once loaded
     if ops is not None:
         return ops
@@ -131,8 +134,7 @@ def load(verbose: bool = False) -> Any:
             _state["error"] = "switched off by MOEFLOW_CPU_KERNELS=off"
             return None
         try:
-            _build_or_load(cache_dir() / _build_key(), verbose)
-            _state["ops"] = torch.ops.moeflow_cpu
+            _state["ops"] = _build_or_load(cache_dir() / _build_key(), verbose)
         except Exception as exc:  # no compiler, no ninja, a read-only cache: torch's path
             lines = str(exc).strip().splitlines() or [""]
             _state["error"] = f"{type(exc).__name__}: {lines[-1]}"
@@ -143,23 +145,28 @@ def load(verbose: bool = False) -> Any:
 STALE_LOCK_S = 600  # a build's lock older than this was left by a process that died
 
 
-def _build_or_load(build: Path, verbose: bool) -> None:
+def _build_or_load(build: Path, verbose: bool) -> Any:
     """The build directory is keyed by everything that goes into the library, so a library
     there is loaded as it is; otherwise torch's cpp_extension builds it (under its lock
     file, which a killed build leaves behind: one that old is removed first)."""
     library = build / "moeflow_cpu.so"
     if library.exists():
-        torch.ops.load_library(str(library))
-        return
+        spec = importlib.util.spec_from_file_location("moeflow_cpu", library)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {library}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     from torch.utils import cpp_extension
 
     build.mkdir(parents=True, exist_ok=True)
     lock = build / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)
-    cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)], build_directory=str(build),
-                       extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
-                       is_python_module=False, verbose=verbose)
+    return cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)],
+                              build_directory=str(build), extra_cflags=_CFLAGS,
+                              extra_ldflags=["-fopenmp"], is_python_module=True,
+                              verbose=verbose)
 
 
 def mode() -> str:
