@@ -33,15 +33,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from moeflow.models.checkpoint import CheckpointError
 from moeflow.models.families import FAMILIES, ConfigError
 from moeflow.models.tokenizer import TokenizerError
 from moeflow.scheduler.registry import UnknownScheduler
 from moeflow.serve.config import DTYPES, TRANSPORTS
 
+# a bad checkpoint (moeflow.models.checkpoint.CheckpointError) is a ValueError: naming it
+# here would import torch into every command, `simulate` and `plan` too (~1 s)
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, ConfigError, TokenizerError, UnknownScheduler, ValueError, KeyError,
-    FileNotFoundError)
+    ConfigError, TokenizerError, UnknownScheduler, ValueError, KeyError, FileNotFoundError)
 
 
 def _token_ids(text: str) -> list[int]:

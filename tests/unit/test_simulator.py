@@ -374,3 +374,16 @@ def test_simulate_cli_shows_the_expert_kernels_an_on_routing_chose(tmp_path, cap
     assert "expert kernels (on_routing): dense " in out and f"over {layers} layers" in out
     kernels = json.loads((tmp_path / "m.json").read_text())["kernels"]
     assert len(kernels) == layers and all(set(k) == {"dense"} for k in kernels.values())
+
+
+def test_simulate_does_not_import_torch(tmp_path):
+    """`moeflow simulate` is pure Python: torch's import alone is ~1 s of a short run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from moeflow.cli import main; "
+            "rc = main(['simulate', '--model', 'mixtral-8x7b', '--hardware', 'h100x8', "
+            "'--num-requests', '2', '--trace', sys.argv[1]]); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.json")], check=True,
+                   capture_output=True)
