@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from moeflow.ops import cpu as kernels
 from moeflow.ops.attention import widen_on_this_cpu
 from moeflow.ops.backend import rows_per_weight
+from moeflow.ops.cpuinfo import cpu_info as _cpu_info
 
 DEFAULT_ROWS = 16
 ALL_ROWS = 1 << 30
@@ -75,23 +75,6 @@ class KernelChoice:
         if self.linear_rows < 0 or self.expert_rows < 0:
             raise ValueError(f"row limits must be >= 0, got {self.linear_rows} and "
                              f"{self.expert_rows}")
-
-
-@cache
-def _cpu_info() -> tuple[str, frozenset[str]]:
-    """This CPU's model name and flags, from /proc/cpuinfo where there is one."""
-    model, flags = platform.processor(), frozenset[str]()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", "x86_64"):
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = frozenset(value.split())
-                break
-    except OSError:
-        pass
-    return model, flags
 
 
 def cpu_name() -> str:
