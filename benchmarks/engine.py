@@ -14,8 +14,13 @@
    makespan) per wall second of the whole command, and the command's peak RSS. Mixtral
    8x7B on 8 H100 with 200 requests, DeepSeek-V2 on 8 H200 with 60. Goals: >= 1.0 and
    >= 0.5 simulated s per wall s, <= 1 GB.
+4. Between the kernels: greedy decode on `benchmarks/foundation.py`'s checkpoint (12 layers,
+   64 experts, hidden 1024) on cpu:0, batch 1 and 16: the median step, the time inside its
+   big kernels (the routed experts' FFN, the fused decode attention, the LM head node), and
+   the rest (the gates' routing, the combines, the runtime, every small op between them).
 
-    python benchmarks/engine.py [--json out.json] [--steps 64] [--only runtime,decode,sim]
+    python benchmarks/engine.py [--json out.json] [--steps 64]
+                                [--only runtime,decode,between,sim]
 
 Medians over the steps measured, after warm-up steps.
 """
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +83,10 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
-def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
-                 ) -> list[tuple[float, int]]:
-    """(seconds, nodes run) of each steady-state decode step of `batch` requests."""
+def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8,
+                 inside: Callable[[], float] | None = None) -> list[tuple[float, int, float]]:
+    """(seconds, nodes run, seconds `inside` counted) of each steady-state decode step of
+    `batch` requests; `inside` returns a running total of seconds (0 without one)."""
     params = SamplingParams(max_new_tokens=steps + warmup + 1, ignore_eos=True)
     for i in range(batch):
         core.add_request([3 + i, 4, 5, 6], params)
@@ -91,6 +98,7 @@ def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
         raise RuntimeError(f"prefill failed: {failed[0]}")
     out = []
     for n in range(steps + warmup):
+        counted = inside() if inside is not None else 0.0
         start = time.perf_counter()  # the whole step: schedule and plan, run, complete
         jobs = core.schedule()
         if not jobs:
@@ -99,12 +107,13 @@ def decode_steps(core: EngineCore, batch: int, steps: int, warmup: int = 8
         for job, result in zip(jobs, results):
             core.complete(job, result)
         elapsed = time.perf_counter() - start
+        counted = (inside() if inside is not None else 0.0) - counted
         failed = [r.finish_reason for r in core.requests.values()
                   if (r.finish_reason or "").startswith("error")]
         if failed:
             raise RuntimeError(f"decode failed: {failed[0]}")
         if n >= warmup:
-            out.append((elapsed, sum(len(j.plan.graph.nodes) for j in jobs)))
+            out.append((elapsed, sum(len(j.plan.graph.nodes) for j in jobs), counted))
     for rid in list(core.requests):
         core.abort(rid)
         core.pop_finished(rid)
@@ -135,9 +144,9 @@ def null_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
                     measured = decode_steps(core, batch, steps)
                 finally:
                     run.close()
-                per_node = statistics.median(s / n for s, n in measured)
+                per_node = statistics.median(s / n for s, n, _ in measured)
                 rows.append({"scheduler": scheduler, "batch": batch, "executor": executor,
-                             "nodes_per_step": statistics.median(n for _, n in measured),
+                             "nodes_per_step": statistics.median(n for _, n, _ in measured),
                              "us_per_node": per_node * 1e6})
     return rows
 
@@ -155,13 +164,66 @@ def real_ops(checkpoint: Path, steps: int) -> list[dict[str, Any]]:
             for t in timers:
                 t.seconds = 0.0
             measured = decode_steps(core, batch, steps, warmup=0)
-            wall = sum(s for s, _ in measured)
-            step = statistics.median(s for s, _ in measured)
+            wall = sum(s for s, _, _ in measured)
+            step = statistics.median(s for s, _, _ in measured)
             rows.append({"scheduler": scheduler, "batch": batch,
                          "tok_s": batch / step,  # the median step: robust to a busy moment
                          "ms_per_step": step * 1e3,
-                         "nodes_per_step": statistics.median(n for _, n in measured),
+                         "nodes_per_step": statistics.median(n for _, n, _ in measured),
                          "share_in_ops": sum(t.seconds for t in timers) / wall})
+    return rows
+
+
+class _Inside:
+    """Sums the seconds spent in some callables (module functions or methods), replacing
+    them on their owners until `restore`."""
+
+    def __init__(self, targets: list[tuple[Any, str]]) -> None:
+        self.seconds = 0.0
+        self.originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+        for owner, name, original in self.originals:
+            setattr(owner, name, self._timed(original))
+
+    def _timed(self, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    def restore(self) -> None:
+        for owner, name, original in self.originals:
+            setattr(owner, name, original)
+
+
+def between_kernels(steps: int) -> list[dict[str, Any]]:
+    """Section 4: each step's time in the big kernels and outside them."""
+    from foundation import CHECKPOINT, ensure_checkpoint  # type: ignore[import-not-found]
+
+    from moeflow.actors.worker import DeviceWorker
+    from moeflow.ops import cpu as kernels
+
+    ensure_checkpoint(CHECKPOINT)
+    spec = load_spec(CHECKPOINT)
+    cluster = Cluster.sharded(("cpu:0",), spec.moe.num_experts)
+    workers = load_workers(CHECKPOINT, spec, cluster.placement, torch.bfloat16, 65536)
+    core = EngineCore(spec, InProcessExecutor(workers), make_scheduler("batch-ep"), cluster)
+    rows = []
+    for batch in BATCHES:
+        decode_steps(core, batch, 4)  # warm every shape up
+        inside = _Inside([(kernels, "expert_ffn"), (kernels, "attention_decode"),
+                          (DeviceWorker, "_lm_head")])
+        try:
+            measured = decode_steps(core, batch, steps, inside=lambda: inside.seconds)
+        finally:
+            inside.restore()
+        step = statistics.median(s for s, _, _ in measured)
+        outside = statistics.median(s - k for s, _, k in measured)
+        rows.append({"batch": batch, "ms_per_step": step * 1e3,
+                     "ms_in_big_kernels": statistics.median(k for _, _, k in measured) * 1e3,
+                     "ms_outside": outside * 1e3})
     return rows
 
 
@@ -170,7 +232,7 @@ SIMULATIONS = (  # model, hardware, requests, goal in simulated s per wall s
     ("deepseek-v2", "h200x8", 60, 0.5),
 )
 SIM_RSS_GOAL_MB = 1000.0
-SECTIONS = ("runtime", "decode", "sim")
+SECTIONS = ("runtime", "decode", "between", "sim")
 
 
 def simulator_runs() -> list[dict[str, Any]]:
@@ -214,6 +276,7 @@ def main() -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     nulls: list[dict[str, Any]] = []
     reals: list[dict[str, Any]] = []
+    betweens: list[dict[str, Any]] = []
     sims: list[dict[str, Any]] = []
     if only & {"runtime", "decode"}:
         checkpoint = demo_checkpoint()
@@ -223,6 +286,9 @@ def main() -> int:
     if "decode" in only:
         print("real ops ...", file=sys.stderr)
         reals = real_ops(checkpoint, args.steps)
+    if "between" in only:
+        print("between the kernels ...", file=sys.stderr)
+        betweens = between_kernels(args.steps)
     if "sim" in only:
         print("the simulator ...", file=sys.stderr)
         sims = simulator_runs()
@@ -251,9 +317,18 @@ def main() -> int:
             print(f"| {r['model']} | {r['hardware']} | {r['requests']} | "
                   f"{r['simulated_s']:.2f} | {r['wall_s']:.1f} | {r['sim_s_per_wall_s']:.2f} | "
                   f">= {r['goal']} | {r['peak_rss_mb']:.0f} | {r['trace_mb']:.0f} |")
+    if betweens:
+        print("\n4. between the kernels: greedy decode, benchmarks/foundation.py's checkpoint, "
+              "cpu:0, batch-ep (median steps)")
+        print("| batch | ms/step | in the big kernels | outside them |")
+        print("|---:|---:|---:|---:|")
+        for r in betweens:
+            print(f"| {r['batch']} | {r['ms_per_step']:.2f} | {r['ms_in_big_kernels']:.2f} | "
+                  f"{r['ms_outside']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"null_ops": nulls, "real_ops": reals,
-                                         "simulator": sims}, indent=1))
+                                         "between_kernels": betweens, "simulator": sims},
+                                        indent=1))
     return 0
 
 

@@ -34,10 +34,28 @@ def test_decode_steps_time_the_workers_ops(tiny_factory):
     core, timers = tiny_core(tiny_factory("qwen3_moe", shape=TinyShape(layers=1, experts=4)))
     measured = bench.decode_steps(core, batch=2, steps=3, warmup=1)
     assert len(measured) == 3
-    assert all(seconds > 0 and nodes > 0 for seconds, nodes in measured)
+    assert all(seconds > 0 and nodes > 0 and inside == 0 for seconds, nodes, inside in measured)
     in_ops = sum(t.seconds for t in timers)
     assert 0 < in_ops  # run_group ran, through the timer, with the kernel argument
     assert not core.requests  # the benchmark's requests are gone when it returns
+
+
+def test_decode_steps_count_each_steps_time_inside_what_is_watched(tiny_factory):
+    """Section 4's split: the seconds inside the watched callables, step by step, within
+    the step's own time; the callables are put back afterwards."""
+    from moeflow.actors.worker import DeviceWorker
+
+    core, _ = tiny_core(tiny_factory("qwen3_moe", shape=TinyShape(layers=1, experts=4)))
+    original = DeviceWorker._lm_head
+    inside = bench._Inside([(DeviceWorker, "_lm_head")])
+    try:
+        measured = bench.decode_steps(core, batch=2, steps=3, warmup=1,
+                                      inside=lambda: inside.seconds)
+    finally:
+        inside.restore()
+    assert DeviceWorker._lm_head is original
+    assert len(measured) == 3
+    assert all(0 < inside_s < seconds for seconds, _, inside_s in measured)
 
 
 def test_a_failing_step_stops_the_benchmark(tiny_factory):
