@@ -70,6 +70,27 @@ def test_a_kernel_call_releases_the_gil():
     assert watched > took / 2, (watched, took)
 
 
+def test_old_builds_are_pruned_from_the_cache(tmp_path):
+    """Past the newest KEEP_BUILDS, builds go; never the current one, one being written
+    (a fresh lock), or anything that is not a build (choice.json)."""
+    import time
+
+    now = time.time()
+    names = [f"{i:016x}" for i in range(7)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "moeflow_cpu.so").write_bytes(b"")
+    (tmp_path / names[6] / "lock").write_text("")  # being built
+    for age, name in enumerate(names):  # 0000000000000000 the newest
+        os.utime(tmp_path / name, (now - 60 * age, now - 60 * age))
+    (tmp_path / "choice.json").write_text("{}")
+    current = tmp_path / names[5]  # an old one, just loaded
+    removed = kernels.prune_builds(current, keep=3)
+    assert sorted(p.name for p in removed) == names[2:5]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([*names[:2], names[5], names[6], "choice.json"])
+
+
 def test_switched_off_the_worker_keeps_torch():
     code = ("from moeflow.ops import cpu; from moeflow.ops.cpu.choice import kernel_choice, "
             "describe; assert not cpu.available(); assert kernel_choice().linear_rows == 0; "

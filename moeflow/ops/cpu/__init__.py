@@ -55,7 +55,8 @@ They are C++ (moeflow/ops/cpu/kernels.cpp), built on first use with torch's
 `cpp_extension` into a cache directory (`~/.cache/moeflow/kernels`, or
 $MOEFLOW_KERNEL_CACHE) as a Python module of their own (pybind11, not torch ops: the
 dispatcher's boxing cost 1.5-2.5 us more a call, 6-10 us with its code cold, as at decode);
-`make install` builds them once.
+`make install` builds them once. A build keys its directory by the source, torch and flags;
+the cache keeps the newest KEEP_BUILDS of them.
 Why C++ and not torch.compile: the work per call is a few microseconds to a few hundred,
 so the call itself must cost about a microsecond, and the fused expert op needs a loop
 over a variable number of experts with variable rows, which Inductor would recompile for
@@ -83,6 +84,7 @@ import importlib.util
 import os
 import sys
 import platform
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -163,10 +165,34 @@ def _build_or_load(build: Path, verbose: bool) -> Any:
     lock = build / "lock"
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)
-    return cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)],
-                              build_directory=str(build), extra_cflags=_CFLAGS,
-                              extra_ldflags=["-fopenmp"], is_python_module=True,
-                              verbose=verbose)
+    module = cpp_extension.load(name="moeflow_cpu", sources=[str(SOURCE)],
+                                build_directory=str(build), extra_cflags=_CFLAGS,
+                                extra_ldflags=["-fopenmp"], is_python_module=True,
+                                verbose=verbose)
+    prune_builds(build)
+    return module
+
+
+KEEP_BUILDS = 4  # build directories kept in the cache, the newest, this one among them
+
+
+def prune_builds(current: Path, keep: int = KEEP_BUILDS) -> list[Path]:
+    """Remove the cache's oldest builds beyond `keep` (each source change or torch upgrade
+    makes one, ~1.5 MB), never `current` nor one a build is writing (a fresh lock file).
+    Another install that needed a removed build makes it again on first use. Returns what
+    was removed."""
+    builds = [d for d in current.parent.iterdir()
+              if d.is_dir() and d != current and len(d.name) == 16
+              and all(c in "0123456789abcdef" for c in d.name)]
+    builds.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    removed = []
+    for old in builds[max(keep - 1, 0):]:
+        lock = old / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime <= STALE_LOCK_S:
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def mode() -> str:
