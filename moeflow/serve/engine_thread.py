@@ -65,7 +65,7 @@ class EngineThread(threading.Thread):
         self.commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self.ready: asyncio.Future[Any] = loop.create_future()
         self.core: Any = None
-        self.detok: dict[int, _Detokenizer] = {}
+        self.detok: dict[int, _Detokenizer | None] = {}  # None: not streamed
         self.restarts: list[float] = []  # monotonic times of restarts
         self.builds = 0  # cores built: a trace after a restart goes to a file of its own
         self.last_error: str | None = None
@@ -212,7 +212,7 @@ class EngineThread(threading.Thread):
                 self._resolve(future)
                 return False
             if command == "add":
-                prompt_ids, params, request_id = payload
+                prompt_ids, params, request_id, stream = payload
                 try:
                     if self.core.num_unfinished >= self.config.max_waiting:
                         raise OverloadedError(
@@ -222,7 +222,9 @@ class EngineThread(threading.Thread):
                 except Exception as exc:
                     self._resolve(future, error=exc)
                     continue
-                self.detok[req.request_id] = _Detokenizer(self.core.tokenizer)
+                # None: the request's tokens are not published, only its final event
+                self.detok[req.request_id] = (_Detokenizer(self.core.tokenizer) if stream
+                                              else None)
                 self.metrics.request_started(len(prompt_ids))
                 self._resolve(future, req.request_id)
             elif command == "abort":
@@ -242,9 +244,12 @@ class EngineThread(threading.Thread):
             req = self.core.requests.get(ev.request_id)
             if req is None:
                 continue
+            detok = self.detok.get(ev.request_id)
             if ev.token_id >= 0:
+                self.metrics.token()
+            if ev.token_id >= 0 and detok is not None:  # streamed: a TokenEvent
                 try:
-                    text = self.detok[ev.request_id].step(req.output_ids)
+                    text = detok.step(req.output_ids)
                 except Exception as exc:  # this request's text fails it alone
                     log.warning("request %d: detokenizing failed: %r", ev.request_id, exc)
                     self.core.abort(ev.request_id, f"error: detokenizing failed: "
@@ -254,7 +259,6 @@ class EngineThread(threading.Thread):
                                                       ev.token_id, text,
                                                       ev.finished or req.finished,
                                                       ev.logprobs)))
-                self.metrics.token()
             if ev.finished or req.finished:
                 final = self._finalize(ev.request_id)
                 if final is not None:

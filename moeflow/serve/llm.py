@@ -140,7 +140,7 @@ class LLM:
 
     async def _generate_all(self, batch: list[list[int]], params: SamplingParams
                             ) -> list[Completion]:
-        ids = [await self._async.add(p, params) for p in batch]
+        ids = [await self._async.add(p, params, stream=False) for p in batch]
         return list(await asyncio.gather(*(self._collect(i, p) for i, p in zip(ids, batch))))
 
     async def _collect(self, request_id: int, prompt: list[int]) -> Completion:

@@ -116,3 +116,28 @@ def test_cli_generate_json_graph_and_make_tiny(tmp_path, capsys):
     assert (tmp_path / "g.dot").read_text().startswith("digraph")
     assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.png")]) == 2
     assert cli_main(["graph", str(model), "--out", str(tmp_path / "g.dot"), "--layer", "9"]) == 2
+
+
+def test_a_request_added_without_streaming_gets_only_its_final_event(path):
+    """AsyncEngine.add(stream=False), as LLM.generate adds: no TokenEvents, and the final
+    event is the streamed request's (tokens, text, counts); the engine counts its tokens."""
+    import asyncio
+
+    from moeflow.serve.async_engine import AsyncEngine
+    from moeflow.serve.events import FinalEvent
+
+    async def run() -> tuple[list[list[object]], int]:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1") as engine:
+            seen = []
+            for stream in (True, False):
+                rid = await engine.add(PROMPTS[2], greedy(6), stream=stream)
+                seen.append([event async for event in engine.events(rid)])
+            return seen, engine.metrics.generated_tokens
+
+    (streamed, quiet), generated = asyncio.run(run())
+    assert [type(e).__name__ for e in streamed] == ["TokenEvent"] * 6 + ["FinalEvent"]
+    assert len(quiet) == 1 and isinstance(quiet[0], FinalEvent)
+    a, b = streamed[-1], quiet[0]
+    assert (a.token_ids, a.text, a.finish_reason, a.completion_tokens) == (
+        b.token_ids, b.text, b.finish_reason, b.completion_tokens)
+    assert len(b.token_ids) == 6 and generated == 12
