@@ -155,7 +155,7 @@ class AsyncEngine:
         """Admit a request; returns its id. Its events come from `events(id)`: a TokenEvent
         per token, then the FinalEvent; with `stream=False` only the FinalEvent (for a
         caller that wants the whole completion: no text decoded and no wakeup of this
-        loop per token, which cost the engine's thread ~150 us a step)."""
+        loop per token, which cost the engine's thread 50-200 us a step)."""
         thread = self._running()
         # tokenizing a long text takes a while: off the event loop, which serves everyone
         ids = (await asyncio.to_thread(self.encode, prompt) if isinstance(prompt, str)
