@@ -218,7 +218,10 @@ class OpenAIFrontEnd:
             params = fit_sampling(call, len(prompt_ids),
                                   self.server.engine.spec.max_position_embeddings,
                                   self.server.limits.max_new_tokens, self.defaults)
-            engine_id = await self.server.engine.add(prompt_ids, params)
+            # a whole response without log-probabilities reads the final event alone
+            engine_id = await self.server.engine.add(
+                prompt_ids, params,
+                stream=call.stream or call.sampling.get("logprobs") is not None)
             if self.stopping:  # admitted while shutdown began: it will not run
                 self.server.engine.drop(engine_id)
                 raise EngineStopped("the server is shutting down")
