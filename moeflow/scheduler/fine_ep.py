@@ -32,7 +32,10 @@ not public) and by related work (Lina, AMoE, ExFlow):
   form from what is ready when the actor frees up: small at light load, larger under
   load, but never a whole batch's worth as a barrier would gather. Embedding gathers and
   combines share no weights, but one op over a group costs little more than one over one
-  input, so they coalesce by layer too. A prefill never
+  input, so they coalesce by layer too. An expert group's local tasks ride with its
+  delegated ones only when no other delegated task waits there (the semantics never lets
+  a group's member pass a ready node that ranks before it), so delegated-first holds and
+  the weights still stream once. A prefill never
   merges with decodes, so running requests' tokens do not move at a long prompt's pace.
 """
 
@@ -121,8 +124,10 @@ def delegated(graph: Graph, node: Node) -> bool:
 def merge_key(node: Node, phase: str, is_delegated: bool) -> MergeKey:
     """Nodes with equal keys on one stream share their weights (or, for transfers, their
     link and destination) and may run as one group.
-    Delegated tasks coalesce only with delegated ones: a local task riding along with one
-    would start while another input's delegated task still waits."""
+    An expert group's local and delegated tasks share a key, so its weights stream once for
+    both. Delegated-first holds all the same: the semantics lets a local task join a
+    delegated one's group only when no ready node left out ranks before it, that is, when
+    no other delegated task waits on the stream."""
     role = "delegated" if is_delegated else "local"
     if isinstance(node, Attention):
         return ("attention", node.layer, node.part, phase)
@@ -130,7 +135,7 @@ def merge_key(node: Node, phase: str, is_delegated: bool) -> MergeKey:
         return ("gate", node.layer, phase)
     if isinstance(node, Expert):
         if node.kind == "routed":
-            return ("experts", node.layer, node.experts[0], node.experts[-1], phase, role)
+            return ("experts", node.layer, node.experts[0], node.experts[-1], phase)
         return (node.kind, node.layer, phase)
     if isinstance(node, LMHead):
         return ("lm_head", phase)

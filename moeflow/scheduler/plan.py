@@ -7,8 +7,11 @@ A stream runs one node at a time. Its rule says which ready node goes next:
     ByPriority()     among its ready nodes, the one with the smallest `Plan.priority` key;
     ByPriority(coalesce=True)
                      the same, and every other ready node on the stream with the same
-                     `Plan.merge` key joins it: the group runs as one kernel (weights read
-                     once for all of them) and the stream is busy until all are done.
+                     `Plan.merge` key joins it, unless a ready node left out of the group
+                     has a smaller priority key than its own (joining never lets a node
+                     pass one that ranks before it): the group runs as one kernel
+                     (weights read once for all of them) and the stream is busy until all
+                     are done.
     ByPriority(fifo=True)
                      ties in the key go to the node that became ready first (nodes that
                      became ready at once: in the order their plans were added).

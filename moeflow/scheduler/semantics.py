@@ -5,7 +5,8 @@
     - a stream picks its next node by its rule (InOrder: the next in its sequence, once
       ready; ByPriority: the ready node with the smallest key (on a fifo stream, ties go
       to the node ready first), joined on a coalescing stream by the other ready nodes
-      with its merge key);
+      with its merge key, save any that a ready node left out ranks before: joining
+      never lets a node pass one with a smaller key);
     - a Gate's completion carries the per-expert row counts of its layer;
     - a plan's routed Experts that read the rows of the same gates form one routing (all
       of a layer's, unless the plan cuts the layer's tokens into micro-batches, each with
@@ -296,8 +297,19 @@ class Execution:
         key = self.plans[head[0]].plan.merge[head[1]]
         if key is None:
             return (head,)
-        mates = sorted(h for h in state.heap
-                       if (h[2], h[3]) != head and self.plans[h[2]].plan.merge[h[3]] == key)
+        plans = self.plans
+        mates = []
+        first_left = None  # the smallest key of the ready nodes left out of the group
+        for h in state.heap:
+            if (h[2], h[3]) == head:
+                continue
+            if plans[h[2]].plan.merge[h[3]] == key:
+                mates.append(h)
+            elif first_left is None or h[0] < first_left:
+                first_left = h[0]
+        if first_left is not None:  # joining never lets a node pass one that ranks before it
+            mates = [h for h in mates if not first_left < h[0]]
+        mates.sort()
         return (head, *((p, n) for _, _, p, n in mates))
 
     def startable(self) -> list[Group]:

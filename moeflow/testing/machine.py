@@ -152,10 +152,13 @@ class SemanticsMachine(RuleBasedStateMachine):
         key = self.plans[head[0]].merge[head[1]]
         if key is None:
             return (head,)
-        mates = [(p, i) for p, plan in enumerate(self.plans)
+        ready = [(p, i) for p, plan in enumerate(self.plans)
                  for i, s in enumerate(plan.assignment)
-                 if s == stream and (p, i) != head and plan.merge[i] == key
-                 and self._ready((p, i))]
+                 if s == stream and (p, i) != head and self._ready((p, i))]
+        mates = [t for t in ready if self.plans[t[0]].merge[t[1]] == key]
+        left = [self.plans[t[0]].priority[t[1]] for t in ready if t not in mates]
+        # a mate joins unless a ready node left out ranks strictly before it
+        mates = [t for t in mates if all(k >= self.plans[t[0]].priority[t[1]] for k in left)]
         return (head, *sorted(mates, key=lambda t: self._key(stream, t)))
 
     def _expected_next(self, stream: Stream) -> Task | None:

@@ -57,6 +57,27 @@ def test_priority_stream_picks_the_smallest_ready_key():
     assert len(order) == len(g.nodes)
 
 
+def test_a_node_joins_a_group_only_if_it_passes_no_ready_node_that_ranks_before_it():
+    g = graph()
+    stream = Stream("cpu:0")
+    streams = tuple(stream for _ in g.nodes)
+
+    def plan(key: float, merge: str) -> Plan:
+        return Plan(g, streams, ((stream, ByPriority(coalesce=True)),),
+                    tuple((key,) for _ in g.nodes), tuple((merge,) for _ in g.nodes))
+
+    # each plan's embedding is ready: a (key 0, "x") heads; c shares its merge key but
+    # ranks after b, which is left out of the group: c must not pass b
+    ex = Execution([plan(0.0, "x"), plan(1.0, "y"), plan(2.0, "x")])
+    assert ex.next_group(stream) == ((0, 0),)
+    # c ranking with b: it passes no one that ranks before it, so it joins
+    ex = Execution([plan(0.0, "x"), plan(1.0, "y"), plan(1.0, "x")])
+    assert ex.next_group(stream) == ((0, 0), (2, 0))
+    # nothing left out: every mate joins, whatever its key
+    ex = Execution([plan(0.0, "x"), plan(2.0, "x")])
+    assert ex.next_group(stream) == ((0, 0), (1, 0))
+
+
 def test_gate_counts_arrive_with_completion():
     g = graph()
     ex = Execution([topological_plan(g)])
