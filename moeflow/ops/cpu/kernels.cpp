@@ -289,41 +289,60 @@ BF16_FN inline __m512 dot_pairs(__m512 acc, __m512i x, __m512i w) {
   return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
 }
 
-// 32 columns of R input rows by C weight rows (columns past the mask read as zero)
-template <int R, int C>
-BF16_FN inline __attribute__((always_inline)) void tile_pairs_step(
-    __m512 (&acc)[R][C], const bf16* x, int64_t ldx, const bf16* w, int64_t ldw, int64_t k,
-    __mmask32 mask) {
-  __m512i wv[C];
-  for (int j = 0; j < C; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w + j * ldw + k);
-  for (int i = 0; i < R; ++i) {
-    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
-    for (int j = 0; j < C; ++j) acc[i][j] = dot_pairs(acc[i][j], xv, wv[j]);
-  }
-}
-
-// The tiles' kernel on pairs: R input rows by C weight rows, 32 columns a step. Its steps
-// prefetch the `span` bytes from `ahead` evenly: a tile read by several row groups spreads
-// the next tile's prefetch over all of them (see tile), so that memory is kept busy while
-// the later groups read the tile from L1.
+// The tiles' kernel on pairs: R input rows by C weight rows, 32 columns a step (a last
+// partial step masked: columns past K read as zero). Its steps prefetch the `span` bytes
+// from `ahead` evenly: a tile read by several row groups spreads the next tile's prefetch
+// over all of them (see tile), so that memory is kept busy while the later groups read the
+// tile from L1. The accumulators are named variables, as panel_micro's: as an array
+// acc[R][C], GCC stored all of them to the stack every step, and at 4 x 4 those 16 stores
+// were most of the tile's time (32 rows over 8 experts of D = F = 256: 153-160 -> 103-107 us).
 template <int R, int C>
 BF16_FN void tile_pairs_fixed(const bf16* x, int64_t ldx, const bf16* w, int64_t ldw,
                               int64_t K, float* out, const char* ahead, int64_t span) {
-  __m512 acc[R][C];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) acc[i][j] = _mm512_setzero_ps();
+  static_assert(R >= 1 && R <= 4 && C >= 1 && C <= 4, "tiles of up to 4 x 4");
+  __m512 a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33;
+  a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _mm512_setzero_ps();
+  a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _mm512_setzero_ps();
+#define MOEFLOW_W(j) \
+  const __m512i w##j = C > j ? _mm512_maskz_loadu_epi16(mask, w + j * ldw + k) \
+                             : _mm512_setzero_si512();
+#define MOEFLOW_ROW(i) \
+  if (R > i) { \
+    const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k); \
+    a##i##0 = dot_pairs(a##i##0, xv, w0); \
+    if (C > 1) a##i##1 = dot_pairs(a##i##1, xv, w1); \
+    if (C > 2) a##i##2 = dot_pairs(a##i##2, xv, w2); \
+    if (C > 3) a##i##3 = dot_pairs(a##i##3, xv, w3); \
+  }
+#define MOEFLOW_STEP \
+  { MOEFLOW_W(0) MOEFLOW_W(1) MOEFLOW_W(2) MOEFLOW_W(3) \
+    MOEFLOW_ROW(0) MOEFLOW_ROW(1) MOEFLOW_ROW(2) MOEFLOW_ROW(3) }
   const int64_t steps = K / 32;
   for (int64_t s = 0; s < steps; ++s) {
     for (const char* a = ahead + span * s / steps; a < ahead + span * (s + 1) / steps; a += 64)
       _mm_prefetch(a, _MM_HINT_T0);
-    tile_pairs_step<R, C>(acc, x, ldx, w, ldw, s * 32, ~__mmask32(0));
+    const int64_t k = s * 32;
+    const __mmask32 mask = ~__mmask32(0);
+    MOEFLOW_STEP
   }
   const int64_t body = steps * 32;
-  if (body < K)
-    tile_pairs_step<R, C>(acc, x, ldx, w, ldw, body,
-                          static_cast<__mmask32>((uint64_t(1) << (K - body)) - 1));
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < C; ++j) out[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
+  if (body < K) {
+    const int64_t k = body;
+    const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << (K - body)) - 1);
+    MOEFLOW_STEP
+  }
+#define MOEFLOW_SUMS(i) \
+  if (R > i) { \
+    out[i * NR] = _mm512_reduce_add_ps(a##i##0); \
+    if (C > 1) out[i * NR + 1] = _mm512_reduce_add_ps(a##i##1); \
+    if (C > 2) out[i * NR + 2] = _mm512_reduce_add_ps(a##i##2); \
+    if (C > 3) out[i * NR + 3] = _mm512_reduce_add_ps(a##i##3); \
+  }
+  MOEFLOW_SUMS(0) MOEFLOW_SUMS(1) MOEFLOW_SUMS(2) MOEFLOW_SUMS(3)
+#undef MOEFLOW_W
+#undef MOEFLOW_ROW
+#undef MOEFLOW_STEP
+#undef MOEFLOW_SUMS
 }
 
 template <int R>
@@ -734,7 +753,8 @@ inline X swiglu_one(float g, float u) {
 }
 
 #ifdef MOEFLOW_X86
-// swiglu_row's and scaled_row's whole 8-lane steps: the elements done
+// swiglu_row's and scaled_row's 8-lane steps, a partial last one included: the elements
+// done (all of them)
 template <typename T, typename X>
 AVX2_FN int swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
   int j = 0;
@@ -748,7 +768,22 @@ AVX2_FN int swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
     store8(a + j, round8<T>(_mm256_mul_ps(round8<T>(silu8(gv)),
                                           round8<T>(_mm256_loadu_ps(u + j)))));
   }
-  return j;
+  const int rest = n - j;
+  if (rest > 0) {  // the last few on the lanes too (zeros beside them): the tiles' rows are
+    // 4 wide, and their SiLU-and-mul took a fifth of a decode-sized expert FFN's time scalar
+    alignas(32) float gt[8] = {}, ut[8] = {};
+    std::memcpy(gt, g + j, rest * sizeof(float));
+    std::memcpy(ut, u + j, rest * sizeof(float));
+    const __m256 gv = round8<T>(_mm256_load_ps(gt));
+    if (_mm256_movemask_ps(_mm256_cmp_ps(gv, _mm256_set1_ps(-87.f), _CMP_LT_OQ))) {
+      for (int i = j; i < n; ++i) a[i] = swiglu_one<T, X>(g[i], u[i]);
+      return n;
+    }
+    X out[8];
+    store8(out, round8<T>(_mm256_mul_ps(round8<T>(silu8(gv)), round8<T>(_mm256_load_ps(ut)))));
+    std::memcpy(a + j, out, rest * sizeof(X));
+  }
+  return n;
 }
 
 template <typename T>
@@ -757,7 +792,15 @@ AVX2_FN int scaled_row_avx2(const float* v, int n, float s, T* y) {
   const __m256 sv = _mm256_set1_ps(s);
   for (; j + 8 <= n; j += 8)
     store8(y + j, round8<T>(_mm256_mul_ps(sv, round8<T>(_mm256_loadu_ps(v + j)))));
-  return j;
+  const int rest = n - j;
+  if (rest > 0) {  // the last few on the lanes too, as swiglu_row_avx2's
+    alignas(32) float vt[8] = {};
+    std::memcpy(vt, v + j, rest * sizeof(float));
+    T out[8];
+    store8(out, round8<T>(_mm256_mul_ps(sv, round8<T>(_mm256_load_ps(vt)))));
+    std::memcpy(y + j, out, rest * sizeof(T));
+  }
+  return n;
 }
 #endif
 
@@ -873,6 +916,22 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       for (int64_t s = t; s < end; ++s)
         gemm(i, xf.data() + r0 * D, rows, w + (F + up_tasks[s].first) * D, up_tasks[s].nr, D,
              u.data() + (s - t) * tile_len, pack.data());
+      if (!wide[i] && !at.split) {  // a row's outputs of the run gathered: one pass each
+        const int64_t f0 = up_tasks[t].first;
+        const int width = static_cast<int>(up_tasks[end - 1].first + up_tasks[end - 1].nr - f0);
+        alignas(32) float gr[UP_RUN * NR], ur[UP_RUN * NR];
+        for (int64_t m = 0; m < rows; ++m) {
+          for (int64_t s = t; s < end; ++s) {
+            std::memcpy(gr + (s - t) * NR, g.data() + (s - t) * tile_len + m * NR,
+                        NR * sizeof(float));
+            std::memcpy(ur + (s - t) * NR, u.data() + (s - t) * tile_len + m * NR,
+                        NR * sizeof(float));
+          }
+          swiglu_row<T>(isa, gr, ur, width, &a[(r0 + m) * F + f0]);
+        }
+        t = end;
+        continue;
+      }
       for (int64_t s = t; s < end; ++s) {
         const float* gs = g.data() + (s - t) * tile_len;
         const float* us = u.data() + (s - t) * tile_len;
@@ -895,19 +954,34 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   const std::vector<Task> down_tasks = tasks_of(D);
   at::parallel_for(0, static_cast<int64_t>(down_tasks.size()), grain(NR * F * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> out(out_len), pack(any_wide ? KC * PB : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& task = down_tasks[t];
-      const int64_t e = experts[task.i], rows = counts[e], r0 = starts[task.i];
-      const int64_t d0 = task.first, tw = wide[task.i] ? PB : NR;
-      const int nr = task.nr;
-      gemm(task.i, a.data() + r0 * F, rows, dp + (e * D + d0) * F, nr, F, out.data(),
-           pack.data());
+    // runs of up to UP_RUN tile tasks of one expert, as above, so that a row's outputs are
+    // scaled and stored in one pass (4 at a time, the pass's setup was a third of its cost)
+    std::vector<float> out(std::max(out_len, tile_len * UP_RUN)), pack(any_wide ? KC * PB : 0);
+    alignas(32) float vr[UP_RUN * NR];
+    for (int64_t t = t0; t < t1;) {
+      const int64_t i = down_tasks[t].i;
+      int64_t end = t + 1;
+      if (!wide[i])
+        while (end < t1 && end - t < UP_RUN && down_tasks[end].i == i) ++end;
+      const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
+      const int64_t d0 = down_tasks[t].first, tw = wide[i] ? PB : NR;
+      for (int64_t s = t; s < end; ++s)
+        gemm(i, a.data() + r0 * F, rows, dp + (e * D + down_tasks[s].first) * F,
+             down_tasks[s].nr, F, out.data() + (s - t) * tile_len, pack.data());
+      const int width = static_cast<int>(down_tasks[end - 1].first + down_tasks[end - 1].nr - d0);
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t dest = order ? order[r0 + m] : r0 + m;
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
-        scaled_row(isa, out.data() + m * tw, nr, s, yp + dest * D + d0);
+        const float* v = out.data() + m * tw;
+        if (!wide[i]) {
+          for (int64_t k = t; k < end; ++k)
+            std::memcpy(vr + (k - t) * NR, out.data() + (k - t) * tile_len + m * NR,
+                        NR * sizeof(float));
+          v = vr;
+        }
+        scaled_row(isa, v, width, s, yp + dest * D + d0);
       }
+      t = end;
     }
   });
 }
