@@ -890,6 +890,15 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       tile(isa, xs, K, rows, w, K, nr, K, sums);
   };
 
+  // the end of a run of tasks from t (to at most t1): up to UP_RUN tile tasks of one expert,
+  // a panel task alone
+  auto run_end = [&](const std::vector<Task>& tasks, int64_t t, int64_t t1) {
+    int64_t end = t + 1;
+    if (!wide[tasks[t].i])
+      while (end < t1 && end - t < UP_RUN && tasks[end].i == tasks[t].i) ++end;
+    return end;
+  };
+
   std::vector<X> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
   const T* gu = gate_up.data_ptr<T>();
   const std::vector<Task> up_tasks = tasks_of(F);
@@ -902,10 +911,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     const int64_t run_len = std::max(out_len, tile_len * UP_RUN);
     std::vector<float> g(run_len), u(run_len), pack(any_wide ? KC * PB : 0);
     for (int64_t t = t0; t < t1;) {
-      const int64_t i = up_tasks[t].i;
-      int64_t end = t + 1;
-      if (!wide[i])
-        while (end < t1 && end - t < UP_RUN && up_tasks[end].i == i) ++end;
+      const int64_t i = up_tasks[t].i, end = run_end(up_tasks, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
       const int64_t tw = wide[i] ? PB : NR;
       const Layout at = wide[i] ? natural : a_split;
@@ -959,10 +965,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     std::vector<float> out(std::max(out_len, tile_len * UP_RUN)), pack(any_wide ? KC * PB : 0);
     alignas(32) float vr[UP_RUN * NR];
     for (int64_t t = t0; t < t1;) {
-      const int64_t i = down_tasks[t].i;
-      int64_t end = t + 1;
-      if (!wide[i])
-        while (end < t1 && end - t < UP_RUN && down_tasks[end].i == i) ++end;
+      const int64_t i = down_tasks[t].i, end = run_end(down_tasks, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
       const int64_t d0 = down_tasks[t].first, tw = wide[i] ? PB : NR;
       for (int64_t s = t; s < end; ++s)
