@@ -898,6 +898,11 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       while (end < t1 && end - t < UP_RUN && tasks[end].i == tasks[t].i) ++end;
     return end;
   };
+  // row m of a run's tile outputs (tasks t..end, one slot of tile_len each), side by side
+  auto gather_row = [&](float* dst, const float* slots, int64_t t, int64_t end, int64_t m) {
+    for (int64_t s = t; s < end; ++s)
+      std::memcpy(dst + (s - t) * NR, slots + (s - t) * tile_len + m * NR, NR * sizeof(float));
+  };
 
   std::vector<X> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
   const T* gu = gate_up.data_ptr<T>();
@@ -927,12 +932,8 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
         const int width = static_cast<int>(up_tasks[end - 1].first + up_tasks[end - 1].nr - f0);
         alignas(32) float gr[UP_RUN * NR], ur[UP_RUN * NR];
         for (int64_t m = 0; m < rows; ++m) {
-          for (int64_t s = t; s < end; ++s) {
-            std::memcpy(gr + (s - t) * NR, g.data() + (s - t) * tile_len + m * NR,
-                        NR * sizeof(float));
-            std::memcpy(ur + (s - t) * NR, u.data() + (s - t) * tile_len + m * NR,
-                        NR * sizeof(float));
-          }
+          gather_row(gr, g.data(), t, end, m);
+          gather_row(ur, u.data(), t, end, m);
           swiglu_row<T>(isa, gr, ur, width, &a[(r0 + m) * F + f0]);
         }
         t = end;
@@ -977,9 +978,7 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
         const float* v = out.data() + m * tw;
         if (!wide[i]) {
-          for (int64_t k = t; k < end; ++k)
-            std::memcpy(vr + (k - t) * NR, out.data() + (k - t) * tile_len + m * NR,
-                        NR * sizeof(float));
+          gather_row(vr, out.data(), t, end, m);
           v = vr;
         }
         scaled_row(isa, v, width, s, yp + dest * D + d0);
