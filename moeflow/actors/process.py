@@ -180,7 +180,8 @@ class CoreThread(threading.Thread):
         else:
             self.running_since = 0.0
             events = dict(poller.poll(self.peers.wait_ms()))
-        self.running_since = time.monotonic()
+        if events:  # a wake-up with nothing received is not a step: it stays idle
+            self.running_since = time.monotonic()
         # control first: a unit's RunUnit is admitted before the data its peers sent for it
         if inbox in events:
             while True:
