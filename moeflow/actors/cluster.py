@@ -184,11 +184,13 @@ class CoordinatorCore:
             held = self.plans[name]
             if job.plan_id is not None and job.plan_id in held:
                 brief = brief or RunUnit(job.job_id, None, job.tokens, job.sampling,
-                                         self.want_logits, job.unit, job.plan_id, traced)
+                                         self.want_logits, job.unit, job.plan_id, traced,
+                                         self.routing is not None)
                 out.append((name, brief))
             else:
                 whole = whole or RunUnit(job.job_id, job.plan, job.tokens, job.sampling,
-                                         self.want_logits, job.unit, job.plan_id, traced)
+                                         self.want_logits, job.unit, job.plan_id, traced,
+                                         self.routing is not None)
                 out.append((name, whole))
                 if job.plan_id is not None:
                     held.add(job.plan_id)

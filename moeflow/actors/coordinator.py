@@ -8,7 +8,8 @@ It binds a ROUTER and starts one actor process per device (torch
 threads split so the total stays within the cores). Each actor says Hello with its data
 address; the coordinator tells everyone their peers. A unit's whole plan goes to each
 actor that runs part of it in one RunUnit message; the actors exchange tensors directly
-and send back only UnitPart (sampled token ids), routing counts and heartbeats.
+and send back only UnitPart (sampled token ids) and heartbeats, and each gate's routing
+counts when the coordinator records them (`record_routing`).
 
 The plane is closed to other processes (see moeflow.actors.plane): on one host the ROUTER
 and every actor's data socket are ipc:// sockets in a private 0700 directory of this

@@ -366,7 +366,7 @@ class ActorCore:
         else:
             self._sample(unit, value)
         counts = value.counts if step.gate and isinstance(value, Routing) else None
-        if counts is not None:
+        if counts is not None and unit.msg.want_routing:  # asked only to record them
             out.append(Outgoing(COORDINATOR, RoutingCounts(unit.unit_id, node.layer,  # type: ignore[attr-defined]
                                                            counts)))
         for actor in step.notify:

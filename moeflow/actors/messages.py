@@ -90,6 +90,7 @@ class RunUnit:
     unit: g.Unit | None = None  # None: the plan's own unit
     plan_id: int | None = None
     trace: bool = False  # time the nodes and arrivals; they come back with the UnitPart
+    want_routing: bool = False  # each gate's rows per expert, as RoutingCounts
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,9 @@ class UnitPart:
 
 @dataclass(frozen=True)
 class RoutingCounts:
+    """A gate's rows per expert, for a RunUnit that asked (`want_routing`: the coordinator
+    records them)."""
+
     unit_id: int
     layer: int
     counts: tuple[int, ...]
@@ -330,7 +334,7 @@ def encode(msg: Message) -> list[Any]:
                   "sampling": [[k, v] for k, v in msg.sampling.items()],
                   "want_logits": msg.want_logits, "plan_id": msg.plan_id,
                   "unit": None if msg.unit is None else unit_to_wire(msg.unit),
-                  "trace": msg.trace}
+                  "trace": msg.trace, "want_routing": msg.want_routing}
     elif isinstance(msg, Data):
         p = msg.payload
         header = {"unit_id": msg.unit_id, "node_id": msg.node_id, "kind": p.kind,
@@ -428,7 +432,8 @@ def _build(cls: type, h: dict[str, Any], frames: list[Any]) -> Message:
                        {int(k): [int(t) for t in v] for k, v in h["tokens"]},
                        {int(k): dict(v) for k, v in h["sampling"]}, bool(h["want_logits"]),
                        None if h["unit"] is None else unit_from_wire(h["unit"]),
-                       None if plan_id is None else int(plan_id), bool(h.get("trace", False)))
+                       None if plan_id is None else int(plan_id), bool(h.get("trace", False)),
+                       bool(h.get("want_routing", False)))
     if cls is Data:
         if h["kind"] not in ("rows", "partial", "tensor", "page") or not isinstance(h["meta"], dict):
             raise MessageError(f"bad Data payload kind {h['kind']!r}")

@@ -138,3 +138,28 @@ def test_cli_generate_over_zmq(tiny_factory, capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["token_ids"] == list(expected.token_ids)
+
+
+@pytest.mark.timeout(300)
+def test_gates_report_their_counts_only_to_a_coordinator_that_records_them(tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), spec.moe.num_experts)
+    workers = load_workers(path, spec, cluster.placement, torch.float32, 4096)
+    recorded = {}
+    for record in (False, True):
+        inproc = InProcessExecutor(workers, record_routing=record)
+        replies = []
+        take = inproc._to_coordinator
+        inproc._to_coordinator = lambda out: (replies.append(type(out.msg).__name__),
+                                              take(out))[1]
+        record_generation(inproc, spec, BatchEP(), cluster, PROMPTS, STEPS)
+        assert ("RoutingCounts" in replies) == record  # a message a gate, only when asked
+        recorded[record] = inproc.routing
+    assert recorded[False] is None
+    tokens = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (STEPS - 1)  # prompts, fed back
+    assert sorted(recorded[True]) == list(range(spec.num_layers))
+    assert all(sum(c) == tokens * spec.moe.top_k for c in recorded[True].values())
+    with ZmqExecutor(str(path), cluster.placement, "float32", 4096, record_routing=True) as zmq:
+        record_generation(zmq, spec, BatchEP(), cluster, PROMPTS, STEPS)
+        assert zmq.routing == recorded[True]
