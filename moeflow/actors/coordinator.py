@@ -62,7 +62,7 @@ from moeflow.actors.messages import (
 )
 from moeflow.actors.plane import (
     Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, is_loopback, make_runtime_dir,
-    remove_runtime_dir, require_curve, serve_curve, user_id,
+    recv_frames, remove_runtime_dir, require_curve, send_frames, serve_curve, user_id,
 )
 from moeflow.actors.process import ActorConfig, launch_message
 from moeflow.actors.tracing import RealTrace
@@ -225,12 +225,12 @@ class ZmqExecutor:
     def _send(self, name: str, msg: object) -> None:
         self._flush()  # after the RunUnits submitted before it, in order
         with contextlib.suppress(zmq.ZMQError):  # an unreachable actor is caught by liveness
-            self.router.send_multipart([name.encode(), *encode(msg)], copy=False)  # type: ignore[arg-type]
+            send_frames(self.router, [name.encode(), *encode(msg)])
 
     def _receive(self) -> tuple[list[Any], str]:
         """The next messages (one, or a batch's) and the actor they came from; none if
         they were dropped."""
-        parts = self.router.recv_multipart(copy=False)
+        parts = recv_frames(self.router)
         name = parts[0].bytes.decode(errors="replace")
         # the ZAP handler named the connection after the actor whose key it holds
         owner = user_id(parts[1]) if len(parts) > 1 else name
@@ -282,7 +282,7 @@ class ZmqExecutor:
         outbox, self.outbox = self.outbox, {}
         for name, encoded in outbox.items():
             with contextlib.suppress(zmq.ZMQError):  # an unreachable actor: liveness sees it
-                self.router.send_multipart([name.encode(), *pack(encoded)], copy=False)
+                send_frames(self.router, [name.encode(), *pack(encoded)])
 
     def drop_plans(self, plan_ids: list[int]) -> None:
         """Cached plans that will not run again: each actor holding one forgets it."""

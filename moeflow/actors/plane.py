@@ -127,6 +127,32 @@ def connect_curve(sock: zmq.Socket[Any], own: KeyPair, server_public: str) -> No
     sock.curve_serverkey = server_public.encode()
 
 
+_SEND = zmq.backend.Socket.send  # pyzmq's own, below its Python layer
+_RECV = zmq.backend.Socket.recv
+_MORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: list[Any], flags: int = 0) -> None:
+    """`sock.send_multipart(frames, flags, copy=False)` (the same copy threshold), without
+    pyzmq's Python layer: its checks and enum arithmetic per frame cost ~2 us of a small
+    frame's ~3 (34 frames: 108 -> 35 us to send). A multipart message is atomic: once its
+    first frame is taken, so are the others."""
+    flags = int(flags)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _SEND(sock, frame, flags | _MORE if i < last else flags, False, False)
+
+
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
+    """`sock.recv_multipart(flags, copy=False)`: Frames, read without pyzmq's Python layer
+    (a `getsockopt` per frame to learn whether more follow)."""
+    flags = int(flags)
+    parts = [_RECV(sock, flags, False, False)]
+    while parts[-1].more:
+        parts.append(_RECV(sock, flags, False, False))
+    return parts
+
+
 def user_id(frame: Any) -> str | None:
     """The name the ZAP handler gave the connection a received frame came on."""
     try:
@@ -282,7 +308,7 @@ class PeerLinks:
             self.count("no_peer")
             return
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK if to in self.stuck else 0, copy=False)
+            send_frames(sock, frames, zmq.NOBLOCK if to in self.stuck else 0)
             self.stuck.discard(to)
         except zmq.Again:
             if to not in self.stuck:

@@ -50,8 +50,8 @@ from moeflow.actors.messages import (
     pack,
 )
 from moeflow.actors.plane import (
-    Faults, Gatekeeper, PeerLinks, PlaneKeys, connect_curve, ipc_address, remove_runtime_dir,
-    serve_curve,
+    Faults, Gatekeeper, PeerLinks, PlaneKeys, connect_curve, ipc_address, recv_frames,
+    remove_runtime_dir, serve_curve,
 )
 
 log = logging.getLogger("moeflow.actor")
@@ -186,7 +186,7 @@ class CoreThread(threading.Thread):
         if inbox in events:
             while True:
                 try:
-                    parts = inbox.recv_multipart(zmq.NOBLOCK, copy=False)
+                    parts = recv_frames(inbox, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if not parts[0].bytes:
@@ -195,7 +195,7 @@ class CoreThread(threading.Thread):
         if data in events:
             while True:
                 try:
-                    parts = data.recv_multipart(zmq.NOBLOCK, copy=False)
+                    parts = recv_frames(data, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._deliver(parts, data_plane=True)
