@@ -753,10 +753,9 @@ inline X swiglu_one(float g, float u) {
 }
 
 #ifdef MOEFLOW_X86
-// swiglu_row's and scaled_row's 8-lane steps, a partial last one included: the elements
-// done (all of them)
+// swiglu_row and scaled_row on 8 lanes, a partial last step included
 template <typename T, typename X>
-AVX2_FN int swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
+AVX2_FN void swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
   int j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 gv = round8<T>(_mm256_loadu_ps(g + j));
@@ -777,17 +776,16 @@ AVX2_FN int swiglu_row_avx2(const float* g, const float* u, int n, X* a) {
     const __m256 gv = round8<T>(_mm256_load_ps(gt));
     if (_mm256_movemask_ps(_mm256_cmp_ps(gv, _mm256_set1_ps(-87.f), _CMP_LT_OQ))) {
       for (int i = j; i < n; ++i) a[i] = swiglu_one<T, X>(g[i], u[i]);
-      return n;
+      return;
     }
     X out[8];
     store8(out, round8<T>(_mm256_mul_ps(round8<T>(silu8(gv)), round8<T>(_mm256_load_ps(ut)))));
     std::memcpy(a + j, out, rest * sizeof(X));
   }
-  return n;
 }
 
 template <typename T>
-AVX2_FN int scaled_row_avx2(const float* v, int n, float s, T* y) {
+AVX2_FN void scaled_row_avx2(const float* v, int n, float s, T* y) {
   int j = 0;
   const __m256 sv = _mm256_set1_ps(s);
   for (; j + 8 <= n; j += 8)
@@ -800,32 +798,28 @@ AVX2_FN int scaled_row_avx2(const float* v, int n, float s, T* y) {
     store8(out, round8<T>(_mm256_mul_ps(sv, round8<T>(_mm256_load_ps(vt)))));
     std::memcpy(y + j, out, rest * sizeof(T));
   }
-  return n;
 }
 #endif
 
 // a[j] = silu(g[j]) * u[j] for j < n, rounded where torch's unfused ops store (see
 // round_to): 8 lanes at a time on AVX2 (exp8: within a few float ulps of std::exp, the
-// scalar tail's), where the prefill's expert FFN spent a seventh of its time in std::exp
+// scalar path's), where the prefill's expert FFN spent a seventh of its time in std::exp
 // and the scalar roundings
 template <typename T, typename X>
 void swiglu_row(int64_t isa, const float* g, const float* u, int n, X* a) {
-  int j = 0;
 #ifdef MOEFLOW_X86
-  if (isa >= AVX2) j = swiglu_row_avx2<T>(g, u, n, a);
+  if (isa >= AVX2) return swiglu_row_avx2<T>(g, u, n, a);
 #endif
-  for (; j < n; ++j)
-    a[j] = swiglu_one<T, X>(g[j], u[j]);
+  for (int j = 0; j < n; ++j) a[j] = swiglu_one<T, X>(g[j], u[j]);
 }
 
 // y[j] = s * v[j] for j < n, v rounded to T first
 template <typename T>
 void scaled_row(int64_t isa, const float* v, int n, float s, T* y) {
-  int j = 0;
 #ifdef MOEFLOW_X86
-  if (isa >= AVX2) j = scaled_row_avx2<T>(v, n, s, y);
+  if (isa >= AVX2) return scaled_row_avx2<T>(v, n, s, y);
 #endif
-  for (; j < n; ++j) y[j] = T(s * round_to<T>(v[j]));
+  for (int j = 0; j < n; ++j) y[j] = T(s * round_to<T>(v[j]));
 }
 
 // The routed experts of a node: rows expert-major through order, SwiGLU per expert, each
