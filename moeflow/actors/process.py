@@ -47,7 +47,7 @@ import zmq.asyncio
 
 from moeflow.actors.messages import (
     KINDS, Data, Done, Heartbeat, Hello, MessageError, Peers, Shutdown, decode_all, encode,
-    pack,
+    encode_many,
 )
 from moeflow.actors.plane import (
     Faults, Gatekeeper, PeerLinks, PlaneKeys, connect_curve, ipc_address, recv_frames,
@@ -232,14 +232,14 @@ class CoreThread(threading.Thread):
 
     def _send(self, outgoing: list[Any]) -> None:
         """Each destination's messages, in order, as one batch."""
-        by_destination: dict[str, list[list[Any]]] = {}
+        by_destination: dict[str, list[Any]] = {}
         for out in outgoing:
-            by_destination.setdefault(out.to, []).append(encode(out.msg))
-        for to, encoded in by_destination.items():
+            by_destination.setdefault(out.to, []).append(out.msg)
+        for to, msgs in by_destination.items():
             if to == "":
-                self.post_control(pack(encoded))
+                self.post_control(encode_many(msgs))
             else:
-                self.peers.send(to, pack(encoded))
+                self.peers.send(to, encode_many(msgs))
 
     def dropped_so_far(self) -> dict[str, int]:
         counts = dict(self.dropped)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from moeflow.actors.coordinator import ZmqExecutor
 from moeflow.actors.messages import (
-    BATCH, KINDS, Data, Done, MessageError, Payload, Release, RunUnit, decode_all, encode, pack,
+    BATCH, DATA_RUN, KINDS, RUN_BYTES, Data, Done, MessageError, Payload, Release, RunUnit,
+    decode_all, encode, encode_many, pack,
 )
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.values import Rows, from_payload, to_payload
@@ -31,6 +32,14 @@ VALID = [
     encode(Done(7, 1)),
     encode(Release((1, 2))),
 ]
+# a run: two units' rows for one peer, as one entry
+RUN = encode_many([
+    Data(7, 3, Payload("rows", {"home": "cpu:0", "start": 0},
+                       (torch.ones(2, 4), torch.tensor([2], dtype=torch.int32), torch.ones(2))),
+         (2, 0)),
+    Data(8, 3, Payload("rows", {"home": "cpu:0", "start": 2},
+                       (torch.ones(1, 4), torch.tensor([1], dtype=torch.int32), torch.ones(1))),
+         (0, 1))])
 
 
 def as_bytes(frames) -> list[bytes]:
@@ -43,7 +52,7 @@ def malformed(draw: st.DrawFn) -> list[bytes]:
                                  "wrong tensor size", "missing frames", "extra frames",
                                  "wrong field types", "header not a map", "wrong socket",
                                  "bad batch"]))
-    base = as_bytes(draw(st.sampled_from(VALID)))
+    base = as_bytes(draw(st.sampled_from([*VALID, RUN])))
     if kind == "random":
         return draw(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
     if kind == "unknown kind":
@@ -93,6 +102,66 @@ def test_a_batch_carries_its_messages_in_order_and_refuses_a_bad_index():
     for index in ([], [[KINDS[Done], 1]] * 5, [[BATCH, 1]], [[KINDS[Done], 0]], {"a": 1}):
         with pytest.raises(MessageError):
             decode_all([bytes([BATCH]), msgpack.packb(index), *batch[2:3]])
+
+
+def rows(unit: int, n: int, width: int = 4, counts: tuple[int, ...] | None = (1, 1)) -> Data:
+    x = torch.arange(unit * 100, unit * 100 + n * width, dtype=torch.float32).view(n, width)
+    weights = torch.full((n,), unit / 10)
+    return Data(unit, 3, Payload("rows", {"home": "cpu:0", "start": unit},
+                                 (x, torch.tensor([n], dtype=torch.int32), weights)), counts)
+
+
+def same(a: Data, b: Data) -> bool:
+    return ((a.unit_id, a.node_id, a.counts, a.payload.kind, a.payload.meta)
+            == (b.unit_id, b.node_id, b.counts, b.payload.kind, b.payload.meta)
+            and len(a.payload.tensors) == len(b.payload.tensors)
+            and all(x.dtype == y.dtype and torch.equal(x, y)
+                    for x, y in zip(a.payload.tensors, b.payload.tensors)))
+
+
+def test_consecutive_small_data_alike_travel_as_one_run_and_arrive_as_they_were_sent():
+    big = rows(9, RUN_BYTES // 16 + 1)  # more bytes than a run takes: it goes alone
+    partial = [Data(u, 4, Payload("partial", {"start": 0}, (torch.full((u, 4), float(u)),)))
+               for u in (1, 2)]
+    msgs = [rows(1, 2), rows(2, 0, counts=None), rows(3, 3), Done(3, 1), rows(4, 1),
+            rows(5, 1, width=8), big, rows(6, 2), *partial, Release((1,))]
+    frames = as_bytes(encode_many(msgs))
+    index = msgpack.unpackb(frames[1])
+    # rows 1-3 | Done | rows 4 | rows 5 (other width) | big | rows 6 | the partials | Release
+    assert [k for k, _ in index] == [DATA_RUN, KINDS[Done], KINDS[Data], KINDS[Data],
+                                     KINDS[Data], KINDS[Data], DATA_RUN, KINDS[Release]]
+    assert index[0][1] == 1 + 3  # one header, a frame per tensor position
+    got = decode_all(frames)
+    assert len(got) == len(msgs)
+    for a, b in zip(got, msgs):
+        assert same(a, b) if isinstance(b, Data) else a == b
+    assert from_payload(got[2].payload).ends.tolist() == [3]  # a run's rows are checked
+    single = as_bytes(encode_many([rows(1, 2), rows(2, 1)]))  # a run alone, not in a batch
+    assert single[0] == bytes([DATA_RUN]) and all(
+        same(a, b) for a, b in zip(decode_all(single), [rows(1, 2), rows(2, 1)]))
+    assert encode_many([rows(1, 2)])[0] == bytes([KINDS[Data]])  # one Data: as itself
+
+
+def test_a_malformed_run_is_refused():
+    frames = as_bytes(encode_many([rows(1, 2), rows(2, 1)]))
+    header = msgpack.unpackb(frames[1], raw=False)
+    member = header["members"][0]
+    bad_headers = [
+        dict(header, kind="page"), dict(header, members=[]), dict(header, members="x"),
+        dict(header, members=[[*member[:4], [2, 1]], *header["members"][1:]]),  # 2 tensors
+        dict(header, members=[[*member[:4], [3, 1, 1]], *header["members"][1:]]),  # rows
+        dict(header, members=[[*member[:4], [-1, 1, 1]], *header["members"][1:]]),
+        dict(header, members=[[*member[:3], [-1], member[4]], *header["members"][1:]]),
+        dict(header, members=[[1.5, *member[1:]], *header["members"][1:]]),
+        dict(header, tensors=header["tensors"][:2]), [1, 2],
+    ]
+    for bad in bad_headers:
+        with pytest.raises(MessageError):
+            decode_all([frames[0], msgpack.packb(bad), *frames[2:]])
+    with pytest.raises(MessageError):  # a frame whose size its description does not match
+        decode_all([*frames[:2], frames[2] + b"\0\0\0\0", *frames[3:]])
+    with pytest.raises(MessageError):
+        decode_all(frames[:1])
 
 
 def test_a_payload_is_checked_when_it_comes_over_the_wire_and_not_in_its_own_process():
