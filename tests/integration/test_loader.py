@@ -3,7 +3,9 @@ kind of bad input fails with a message that names the file and the key or field.
 
 from __future__ import annotations
 
+import gc
 import json
+import mmap
 import shutil
 import struct
 from pathlib import Path
@@ -16,6 +18,7 @@ from moeflow.cli import main as cli_main
 from moeflow.models.checkpoint import Checkpoint, CheckpointError
 from moeflow.models.families import ConfigError, load_spec
 from moeflow.models.tiny import make_tiny
+from moeflow.models import weights
 from moeflow.models.weights import WeightLoader
 from moeflow.serve.llm import LLM, NoTokenizerError
 
@@ -68,6 +71,51 @@ def test_weights_view_the_mapped_file_without_copying(tiny_factory):
     # a fused q/k/v matrix is the one copy those bytes get
     assert dense.layers[0].attn.qkv.data_ptr() != ckpt.get(
         "model.layers.0.self_attn.q_proj.weight").data_ptr()
+
+
+def vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of the mapping of this process that holds `address` (None: none does)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="transparent huge pages are Linux's")
+def test_streamed_weights_sit_on_memory_advised_for_huge_pages(monkeypatch, tiny_factory):
+    path = tiny_factory("qwen3_moe")
+    spec = load_spec(path)
+    monkeypatch.setattr(weights, "HUGE_MIN", 1)  # the tiny model's weights count as large
+
+    ckpt = Checkpoint(path)
+
+    def load(huge: bool):
+        monkeypatch.setenv("MOEFLOW_HUGE_PAGES", "on" if huge else "off")
+        loader = WeightLoader(spec, ckpt, torch.float32)
+        dense, stack = loader.dense(), loader.experts(1, (0, 1, 2))
+        attn = dense.layers[0].attn
+        return {"qkv": attn.qkv, "o": attn.o, "lm_head": dense.lm_head,
+                "gate_up": stack.gate_up, "down": stack.down, "embed": dense.embed}
+
+    huge, plain = load(True), load(False)
+    for name, t in huge.items():
+        assert torch.equal(t, plain[name]), name
+        assert ("hg" in vm_flags(t.data_ptr())) == (name != "embed"), name  # a gather: as is
+        assert "hg" not in vm_flags(plain[name].data_ptr()), name
+    # the o projection and the LM head leave the checkpoint's mapping only for huge pages
+    for name, key in (("o", "model.layers.0.self_attn.o_proj.weight"),
+                      ("lm_head", "lm_head.weight"), ("embed", "model.embed_tokens.weight")):
+        assert plain[name].data_ptr() == ckpt.get(key).data_ptr(), name
+    address = huge["gate_up"].data_ptr()
+    del huge, t
+    gc.collect()
+    assert vm_flags(address) is None or "hg" not in vm_flags(address)  # unmapped when freed
 
 
 def test_unknown_family(ckpt):
