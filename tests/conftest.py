@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny checkpoints built once per session, Hypothesis profiles, and the
-`gpu` marker's skip."""
+"""Shared fixtures: tiny checkpoints built once per session, Hypothesis profiles, the
+`gpu` marker's skip, and a look at a mapping's flags (`vm_flags`)."""
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +81,24 @@ class StepRunner:
 @pytest.fixture
 def step_runner() -> Callable[[Any], StepRunner]:
     return StepRunner
+
+
+def _vm_flags(address: int) -> list[str] | None:
+    """The VmFlags of this process's mapping that holds `address` (None: none does); "hg"
+    among them: advised for transparent huge pages."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+@pytest.fixture
+def vm_flags() -> Callable[[int], list[str] | None]:
+    if not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("transparent huge pages are Linux's")
+    return _vm_flags

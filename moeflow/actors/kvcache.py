@@ -6,7 +6,9 @@ Tokens live in fixed-size blocks of a per-layer pool; each sequence owns a list 
 
 Per layer the pool is [slots, W] with W the cached width of one token: K and V of every
 key/value head for GQA, the compressed latent plus rope key for MLA. Pools live on the
-worker's device; slot indices are computed on the CPU and moved once per unit.
+worker's device (a CPU's, once 2 MiB or more, on memory advised for huge pages, as the
+weights: `moeflow.models.weights.host_empty`); slot indices are computed on the CPU and
+moved once per unit.
 
 A decode step reads whole blocks: `block_table` lays a batch's block tables out padded,
 and `read_blocks` gathers them, with no per-token index to build.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeflow.models.weights import host_empty
 from moeflow.ops.backend import index_tensor
 
 DEFAULT_BLOCK_SIZE = 16
@@ -72,7 +75,11 @@ class PagedKVCache:
             return
         slots = num_blocks * self.block_size
         for layer, pool in enumerate(self.pools):
-            grown = torch.zeros(slots, self.width, dtype=self.dtype, device=self.device)
+            if self.device.type == "cpu":  # on huge pages when large: decode attention reads
+                # each sequence's blocks wherever they lie, a TLB miss per 4 KiB otherwise
+                grown = host_empty((slots, self.width), self.dtype).zero_()
+            else:
+                grown = torch.zeros(slots, self.width, dtype=self.dtype, device=self.device)
             grown[: pool.shape[0]] = pool
             self.pools[layer] = grown
         self.blocked = [p.view(-1, self.block_size, self.width) for p in self.pools]

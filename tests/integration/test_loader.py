@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import json
-import mmap
 import shutil
 import struct
 from pathlib import Path
@@ -73,22 +72,8 @@ def test_weights_view_the_mapped_file_without_copying(tiny_factory):
         "model.layers.0.self_attn.q_proj.weight").data_ptr()
 
 
-def vm_flags(address: int) -> list[str] | None:
-    """The VmFlags of the mapping of this process that holds `address` (None: none does)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(x, 16) for x in head.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
-    return None
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists() or not hasattr(mmap, "MADV_HUGEPAGE"),
-                    reason="transparent huge pages are Linux's")
-def test_streamed_weights_sit_on_memory_advised_for_huge_pages(monkeypatch, tiny_factory):
+def test_streamed_weights_sit_on_memory_advised_for_huge_pages(monkeypatch, tiny_factory,
+                                                               vm_flags):
     path = tiny_factory("qwen3_moe")
     spec = load_spec(path)
     monkeypatch.setattr(weights, "HUGE_MIN", 1)  # the tiny model's weights count as large

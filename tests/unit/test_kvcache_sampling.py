@@ -9,6 +9,21 @@ from moeflow.actors.kvcache import KVCacheFull, PagedKVCache
 from moeflow.ops.sampling import SamplingError, SamplingParams, make_generator, sample
 
 
+def test_a_large_cpu_pool_sits_on_memory_advised_for_huge_pages(vm_flags, monkeypatch):
+    kv = PagedKVCache(num_layers=2, width=512, dtype=torch.bfloat16, max_tokens=8192,
+                      block_size=16, initial_tokens=2048)  # 2 MiB a layer
+    assert all("hg" in vm_flags(p.data_ptr()) for p in kv.pools)
+    slots = kv.reserve(1, 0, 4096)  # grows to 4 MiB a layer, still zeroed past the old
+    assert all("hg" in vm_flags(p.data_ptr()) for p in kv.pools)
+    assert kv.pools[0].shape[0] == 4096 and not kv.pools[1].any()
+    kv.write(0, slots, torch.ones(4096, 512, dtype=torch.bfloat16))
+    assert kv.pools[0].sum().item() == 4096 * 512
+    monkeypatch.setenv("MOEFLOW_HUGE_PAGES", "off")
+    small = PagedKVCache(num_layers=1, width=512, dtype=torch.bfloat16, max_tokens=4096,
+                         block_size=16, initial_tokens=2048)
+    assert "hg" not in vm_flags(small.pools[0].data_ptr())
+
+
 def test_cache_grows_reuses_freed_blocks_and_refuses_past_its_budget():
     kv = PagedKVCache(num_layers=2, width=3, dtype=torch.float32, max_tokens=64,
                       block_size=4, initial_tokens=8)
