@@ -39,7 +39,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 HUGE_PAGE = 2 << 20
-HUGE_MIN = HUGE_PAGE  # bytes: a host weight this large goes on memory advised as huge pages
+HUGE_MIN = HUGE_PAGE  # bytes: a host tensor this large goes on memory advised as huge pages
 
 
 def huge_pages_for(nbytes: int) -> bool:
@@ -50,11 +50,12 @@ def huge_pages_for(nbytes: int) -> bool:
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """`torch.empty` for a weight read from host memory: one of HUGE_MIN bytes or more is
-    an anonymous mapping advised for transparent huge pages (Linux; elsewhere, or with
-    MOEFLOW_HUGE_PAGES=off, plain torch.empty). Decode streams each weight once per token,
-    a few MB at a time, from memory the previous kernel left the TLB cold for: on 2 MiB
-    pages a walk covers 512 times the bytes (see the module's docstring for the figures)."""
+    """`torch.empty` for a tensor kernels read from host memory (a weight, a KV pool): one
+    of HUGE_MIN bytes or more is an anonymous mapping advised for transparent huge pages
+    (Linux; elsewhere, or with MOEFLOW_HUGE_PAGES=off, plain torch.empty). Decode streams
+    each weight once per token, a few MB at a time, from memory the previous kernel left the
+    TLB cold for: on 2 MiB pages a walk covers 512 times the bytes (see the module's
+    docstring for the figures)."""
     nbytes = prod(shape) * dtype.itemsize
     if not huge_pages_for(nbytes):
         return torch.empty(shape, dtype=dtype)
