@@ -68,7 +68,10 @@ The instruction set is chosen at run time by the CPU's features: AVX-512 BF16 wh
 (bf16 GEMMs multiply bf16 pairs as they are, by vdpbf16ps: 32 products an instruction, the
 input rows kept in bf16, the panels packed as pairs; everything else as on AVX2), AVX2 +
 FMA, portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so
-a test can run every path the machine has. Without a C++ compiler (or with
+a test can run every path the machine has; the row-wise pieces that the fused ops share with
+the unfused path (the norms, the rotation, residual adds, combine's sums) take 8 lanes
+wherever the CPU has AVX2, whatever `isa` says, so that both agree bit for bit. Without a
+C++ compiler (or with
 MOEFLOW_CPU_KERNELS=off) `available()` is False and the worker keeps torch's path.
 Which path a GEMM takes, by rows per weight, is `moeflow.ops.cpu.choice`'s (measured on
 this machine by `moeflow calibrate --kernels`).

@@ -1607,13 +1607,103 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
 
 // ---- RMSNorm ---------------------------------------------------------------------
 
+#ifdef MOEFLOW_X86
+// 8 consecutive elements as fp32
+AVX2_FN inline __m256 widen8(const float* p) { return _mm256_loadu_ps(p); }
+
+AVX2_FN inline __m256 widen8(const bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+template <typename T>
+AVX2_FN void norm_row_avx2(const T* x, const T* w, int64_t D, double eps, T* y) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 v = widen8(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (int64_t j = i; j < D; ++j) ss += to_float(x[j]) * to_float(x[j]);
+  const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (i = 0; i + 8 <= D; i += 8)
+    store8(y + i, _mm256_mul_ps(widen8(w + i), round8<T>(_mm256_mul_ps(widen8(x + i), sv))));
+  for (; i < D; ++i) y[i] = T(to_float(w[i]) * round_to<T>(to_float(x[i]) * scale));
+}
+
+// y[i] = T(a[i] + b[i]) (y may be a)
+template <typename T>
+AVX2_FN void add_row_avx2(const T* a, const T* b, int64_t n, T* y) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(y + i, _mm256_add_ps(widen8(a + i), widen8(b + i)));
+  for (; i < n; ++i) y[i] = T(to_float(a[i]) + to_float(b[i]));
+}
+
+// one head rotated in place, d / 2 a multiple of 8: x[i] c[i] + x[i +- d/2] s[i], each
+// product rounded to bf16, as torch's q * cos + rotate_half(q) * sin stores them (bf16
+// only: in fp32 nothing between the products and their sum would keep the compiler from
+// fusing them, and torch rounds each)
+AVX2_FN void rotate_head_avx2(bf16* head, const bf16* c, const bf16* s, int64_t d) {
+  using T = bf16;
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; i += 8) {
+    const __m256 lo = widen8(head + i), hi = widen8(head + half + i);
+    const __m256 out_lo = _mm256_add_ps(round8<T>(_mm256_mul_ps(lo, widen8(c + i))),
+                                        round8<T>(_mm256_mul_ps(hi, widen8(s + i))));
+    const __m256 out_hi = _mm256_add_ps(round8<T>(_mm256_mul_ps(hi, widen8(c + half + i))),
+                                        round8<T>(_mm256_mul_ps(lo, widen8(s + half + i))));
+    store8(head + i, out_lo);
+    store8(head + half + i, out_hi);
+  }
+}
+#endif
+
+// The rows of a decode step's norms, rotations and residuals are a few thousand elements
+// each, bf16 rounded one by one: on 8 lanes where the CPU has AVX2 (whatever isa a kernel
+// was asked for, so that the unfused ops and the fused ones agree bit for bit): a 16-row
+// attention_decode (hidden 1024, 16 + 2 x 4 heads of 64) spent ~180 us outside its GEMMs
+// and attention one element at a time, ~95 so. combine's loops likewise.
+
 // One row: y = w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T (y may be x)
 template <typename T>
 void norm_row(const T* x, const T* w, int64_t D, double eps, T* y) {
+#ifdef MOEFLOW_X86
+  static const bool vector = best_isa() >= AVX2;
+  if (vector) return norm_row_avx2(x, w, D, eps, y);
+#endif
   float ss = 0.f;
   for (int64_t i = 0; i < D; ++i) ss += to_float(x[i]) * to_float(x[i]);
   const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
   for (int64_t i = 0; i < D; ++i) y[i] = T(to_float(w[i]) * round_to<T>(to_float(x[i]) * scale));
+}
+
+// y[i] = T(a[i] + b[i])
+template <typename T>
+void add_row(const T* a, const T* b, int64_t n, T* y) {
+#ifdef MOEFLOW_X86
+  static const bool vector = best_isa() >= AVX2;
+  if (vector) return add_row_avx2(a, b, n, y);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] = T(to_float(a[i]) + to_float(b[i]));
+}
+
+// one head rotated in place: x[i] c[i] + x[(i + d/2) % d] s[i] (s carries rotate_half's
+// sign), each product rounded to T; `x` a scratch row of d floats
+template <typename T>
+void rotate_head(T* head, const T* c, const T* s, int64_t d, float* x) {
+#ifdef MOEFLOW_X86
+  if constexpr (std::is_same<T, bf16>::value) {
+    static const bool vector = best_isa() >= AVX2;
+    if (vector && d % 16 == 0) return rotate_head_avx2(head, c, s, d);
+  }
+#endif
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) x[i] = to_float(head[i]);
+  for (int64_t i = 0; i < d; ++i)
+    head[i] = T(round_to<T>(x[i] * to_float(c[i])) + round_to<T>(x[(i + half) % d] *
+                                                                 to_float(s[i])));
 }
 
 // x [R, D] -> w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T: the families'
@@ -1731,7 +1821,7 @@ std::vector<at::Tensor> attention_decode(
     const V* kn = k_norm ? k_norm->data_ptr<V>() : nullptr;
     V* qp = q.data_ptr<V>();
     V* pp = pool.data_ptr<V>();
-    const int64_t half = d / 2, qk = heads + kv_heads;
+    const int64_t qk = heads + kv_heads;
     std::vector<float> x(d);
     for (int64_t t = 0; t < T; ++t) {
       V* row = qkvp + t * width;  // H q heads, K k heads, K v heads
@@ -1744,13 +1834,7 @@ std::vector<at::Tensor> attention_decode(
       }
       const V* c = cp + t * d;
       const V* s = sp + t * d;
-      for (int64_t h = 0; h < qk; ++h) {
-        V* head = row + h * d;
-        for (int64_t i = 0; i < d; ++i) x[i] = to_float(head[i]);
-        for (int64_t i = 0; i < d; ++i)
-          head[i] = V(round_to<V>(x[i] * to_float(c[i])) +
-                      round_to<V>(x[(i + half) % d] * to_float(s[i])));
-      }
+      for (int64_t h = 0; h < qk; ++h) rotate_head(row + h * d, c, s, d, x.data());
       std::copy(row, row + heads * d, qp + t * heads * d);
       std::copy(row + heads * d, row + width, pp + slot[t] * 2 * kv_heads * d);
     }
@@ -1765,9 +1849,7 @@ std::vector<at::Tensor> attention_decode(
   at::Tensor resid = at::empty_like(hidden);
   auto add = [&](auto* hp) {
     using V = std::remove_const_t<std::remove_pointer_t<decltype(hp)>>;
-    const V* op = o.data_ptr<V>();
-    V* rp = resid.data_ptr<V>();
-    for (int64_t i = 0; i < T * D; ++i) rp[i] = V(to_float(hp[i]) + to_float(op[i]));
+    add_row(hp, o.data_ptr<V>(), T * D, resid.data_ptr<V>());
   };
   if (hidden.scalar_type() == at::kBFloat16)
     add(hidden.data_ptr<bf16>());
@@ -1974,6 +2056,37 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
 // resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
 // extras [T, D]), rounded to the model dtype where torch's ops store: zeros, index_add_
 // (its sums in fp32), += and + in the families' order
+#ifdef MOEFLOW_X86
+// combine's loops on 8 lanes: the same sums in the same order, so the same bits (adds only:
+// nothing for the compiler to fuse)
+template <typename V>
+AVX2_FN void combine_avx2(const V* rp, const V* src, const int64_t* tok, int64_t N,
+                          const std::vector<const V*>& extras, int64_t n, int64_t D,
+                          float* out, V* yp) {
+  for (int64_t i = 0; i < N; ++i) {
+    float* o = out + tok[i] * D;
+    const V* s = src + i * D;
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_loadu_ps(o + d), widen8(s + d)));
+    for (; d < D; ++d) o[d] += to_float(s[d]);
+  }
+  int64_t k = 0;
+  if (N) {
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, round8<V>(_mm256_loadu_ps(out + k)));
+    for (; k < n; ++k) out[k] = round_to<V>(out[k]);
+  }
+  for (const V* s : extras) {
+    for (k = 0; k + 8 <= n; k += 8)
+      _mm256_storeu_ps(out + k, round8<V>(_mm256_add_ps(_mm256_loadu_ps(out + k), widen8(s + k))));
+    for (; k < n; ++k) out[k] = round_to<V>(out[k] + to_float(s[k]));
+  }
+  for (k = 0; k + 8 <= n; k += 8)
+    store8(yp + k, _mm256_add_ps(widen8(rp + k), _mm256_loadu_ps(out + k)));
+  for (; k < n; ++k) yp[k] = V(to_float(rp[k]) + out[k]);
+}
+#endif
+
 at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Tensor& token,
                    at::TensorList extras) {
   check_cpu(resid, "resid", 2);
@@ -2001,6 +2114,13 @@ at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Te
     using V = std::remove_const_t<std::remove_pointer_t<decltype(rp)>>;
     std::vector<float> out(T * D, 0.f);
     const V* src = N ? rows.data_ptr<V>() : nullptr;
+    std::vector<const V*> more;
+    for (const at::Tensor& x : extras) more.push_back(x.data_ptr<V>());
+#ifdef MOEFLOW_X86
+    static const bool vector = best_isa() >= AVX2;
+    if (vector)
+      return combine_avx2(rp, src, tok, N, more, T * D, D, out.data(), yp);
+#endif
     for (int64_t i = 0; i < N; ++i) {
       float* o = out.data() + tok[i] * D;
       const V* s = src + i * D;
@@ -2008,10 +2128,8 @@ at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Te
     }
     if (N)  // index_add_ sums a reduced-precision tensor's rows in fp32, and stores once
       for (int64_t k = 0; k < T * D; ++k) out[k] = round_to<V>(out[k]);
-    for (const at::Tensor& x : extras) {
-      const V* s = x.data_ptr<V>();
+    for (const V* s : more)
       for (int64_t k = 0; k < T * D; ++k) out[k] = round_to<V>(out[k] + to_float(s[k]));
-    }
     for (int64_t k = 0; k < T * D; ++k) yp[k] = V(to_float(rp[k]) + out[k]);
   };
   if (resid.scalar_type() == at::kBFloat16)
