@@ -235,14 +235,34 @@ SIM_RSS_GOAL_MB = 1000.0
 SECTIONS = ("runtime", "decode", "between", "sim")
 
 
+# `python -m moeflow ARGS...` that writes its peak RSS (VmHWM, KiB) to a file at exit. wait4's
+# ru_maxrss will not do: it keeps the high-water mark of the process across its exec, and
+# the child starts as a copy of this process, which the sections before may have grown to
+# GBs (a 1.5 GB parent: ru_maxrss 1,511 MB for a child whose VmHWM was 11 MB)
+PEAK_RSS = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(out, "w").write(line.split()[1])
+atexit.register(peak)
+runpy.run_module("moeflow", run_name="__main__", alter_sys=True)
+"""
+
+
 def simulator_runs() -> list[dict[str, Any]]:
     """Each setting of SIMULATIONS as one `moeflow simulate --trace` command, measured from
-    outside: wall time of the command, its peak RSS (wait4 reports the child's own)."""
+    outside: wall time of the command, and its peak RSS (its own VmHWM, where /proc has it;
+    else what wait4 reports, which may include this process's)."""
     rows = []
     for model, hardware, num_requests, goal in SIMULATIONS:
         with tempfile.TemporaryDirectory() as tmp:
             trace, metrics = Path(tmp) / "out.json", Path(tmp) / "metrics.json"
-            command = [sys.executable, "-m", "moeflow", "simulate", "--model", model,
+            peak = Path(tmp) / "peak"
+            launch = ([sys.executable, "-c", PEAK_RSS, str(peak)]
+                      if Path("/proc/self/status").exists() else [sys.executable, "-m", "moeflow"])
+            command = [*launch, "simulate", "--model", model,
                        "--hardware", hardware, "--scheduler", "batch-ep",
                        "--workload", "poisson:rate=20", "--num-requests", str(num_requests),
                        "--trace", str(trace), "--json", str(metrics)]
@@ -255,7 +275,7 @@ def simulator_runs() -> list[dict[str, Any]]:
             if child.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} exited with {child.returncode}")
             makespan = json.loads(metrics.read_text())["metrics"]["makespan"]
-            rss_mb = usage.ru_maxrss / 1024  # KiB on Linux
+            rss_mb = (int(peak.read_text()) if peak.exists() else usage.ru_maxrss) / 1024  # KiB
             rows.append({"model": model, "hardware": hardware, "requests": num_requests,
                          "simulated_s": makespan, "wall_s": wall,
                          "sim_s_per_wall_s": makespan / wall, "goal": goal,

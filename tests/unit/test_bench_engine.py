@@ -67,3 +67,16 @@ def test_a_failing_step_stops_the_benchmark(tiny_factory):
     timers[0].inner = broken
     with pytest.raises(RuntimeError, match="failed: error"):
         bench.decode_steps(core, batch=1, steps=2, warmup=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_the_simulators_peak_rss_is_its_own_not_this_process(monkeypatch):
+    """wait4's ru_maxrss keeps a process's high-water mark across its exec, so a child of a
+    big process reported the parent's size; the benchmark reads the child's own VmHWM."""
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident: this process is > 600 MB
+    monkeypatch.setattr(bench, "SIMULATIONS", (("olmoe-1b-7b", "h100x8", 2, 0.5),))
+    [row] = bench.simulator_runs()
+    assert row["simulated_s"] > 0 and row["trace_mb"] > 0
+    assert 10 < row["peak_rss_mb"] < 500, row
+    del ballast
