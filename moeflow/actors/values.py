@@ -43,6 +43,7 @@ class Routing:
     offsets: list[int]  # [E+1] first row of each dispatch rank
     ends: torch.Tensor  # [E] int32: offsets[1:], for grouped matmul
     counts: tuple[int, ...]  # rows per expert id
+    rows: torch.Tensor | None = None  # [N, D] xn's row of each routed row, if gathered
 
 
 @dataclass

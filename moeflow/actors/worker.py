@@ -655,16 +655,18 @@ class DeviceWorker:
         moe = self.spec.moe
         layer = self.dense.layers[node.layer]
         xns = [a.xn for a in attns]
-        logits = router_logits(_cat(xns), layer.router, moe,  # type: ignore[arg-type]
+        x = _cat(xns)
+        logits = router_logits(x, layer.router, moe,  # type: ignore[arg-type]
                                layer.router_bias, self._linear)
-        if self._cpu_ops and moe.router in kernels.ROUTE_MODES:  # route and sort in one call
+        if self._cpu_ops and moe.router in kernels.ROUTE_MODES:  # route and sort in one call,
+            # and gather the routed rows: each dispatch takes a slice of them
             rank, rank_of, identity = self._ranks_of(graph.placement)
-            token, weight, per_rank, ends = kernels.route_dispatch(
+            token, weight, per_rank, ends, rows = kernels.route_dispatch(
                 logits, moe.router, moe.top_k, moe.norm_topk_prob, norm_eps(moe),
                 moe.routed_scaling_factor, None if identity else rank,
-                [x.shape[0] for x in xns])
+                [x.shape[0] for x in xns], x)
             return self._routings(xns, token, weight, per_rank.tolist(), ends, rank_of,
-                                  identity)
+                                  identity, rows=rows)
         ids, weights = route(logits, moe, layer.score_bias)  # [T, A]
         return self._dispatch(graph.placement, xns, ids, weights)
 
@@ -693,16 +695,21 @@ class DeviceWorker:
 
     def _routings(self, xns: list[torch.Tensor], token: torch.Tensor, weight: torch.Tensor,
                   counts: list[int], ends: torch.Tensor, rank_of: dict[int, int],
-                  identity: bool, relative: bool = True) -> list[Routing]:
+                  identity: bool, relative: bool = True, rows: torch.Tensor | None = None
+                  ) -> list[Routing]:
         """Each item's Routing from the rows of every item in dispatch order: token [N]
         (within its item; without `relative`, among every item's rows), weight [N],
-        counts [items * E] and ends (by item, then rank)."""
+        counts [items * E] and ends (by item, then rank), and the routed rows [N, D] if
+        gathered."""
         num_experts, top_k = self.spec.moe.num_experts, self.spec.moe.top_k
+        rows_of: list[torch.Tensor | None] = [rows] if rows is not None else [None] * len(xns)
         if len(xns) == 1:
             tokens, weights = [token], [weight]
         else:
             row_sizes = [x.shape[0] * top_k for x in xns]
             tokens, weights = _split(token, row_sizes), _split(weight, row_sizes)
+            if rows is not None:
+                rows_of = list(_split(rows, row_sizes))
             if not relative:  # each item's tokens from its first row
                 sizes = [x.shape[0] for x in xns]
                 tokens = [t - first if first else t
@@ -716,18 +723,21 @@ class DeviceWorker:
             mine = counts[i * num_experts:(i + 1) * num_experts]  # by rank
             by_expert = mine if identity else [mine[rank_of[e]] for e in range(num_experts)]
             out.append(Routing(xn, tokens[i], weights[i], [0, *accumulate(mine)], ends_of[i],
-                               tuple(by_expert)))
+                               tuple(by_expert), rows_of[i]))
         return out
 
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
         _, rank, _ = self._ranks_of(graph.placement)
         r0, r1 = rank[group[0]], rank[group[-1]] + 1
         start, end = routing.offsets[r0], routing.offsets[r1]
+        gathered = routing.rows
         if r1 - r0 == len(routing.offsets) - 1:  # every expert: no slice (a torch op each)
-            return Rows(home, 0, routing.xn.index_select(0, routing.token_of_row),
+            return Rows(home, 0, gathered if gathered is not None else
+                        routing.xn.index_select(0, routing.token_of_row),
                         routing.ends, routing.weight_of_row)
         ends = routing.ends[r0:r1] - start if start else routing.ends[r0:r1]
-        x = routing.xn.index_select(0, routing.token_of_row[start:end])  # [n, D]
+        x = (gathered[start:end] if gathered is not None  # [n, D]
+             else routing.xn.index_select(0, routing.token_of_row[start:end]))
         return Rows(home, start, x, ends, routing.weight_of_row[start:end])
 
     def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:

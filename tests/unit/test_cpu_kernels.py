@@ -673,10 +673,18 @@ def test_route_dispatch_agrees_with_torchs_routing_and_sort(router):
                 if dtype == torch.float32:
                     logits += torch.rand(logits.shape, generator=gen) / 8
                 for rank in (None, torch.randperm(experts, generator=gen)):
-                    got = kernels.route_dispatch(logits, router, top_k, norm, eps, scaling,
-                                                 rank, sizes)
+                    x = torch.randn(sum(sizes), 7, generator=gen).to(dtype)
+                    *got, rows = kernels.route_dispatch(logits, router, top_k, norm, eps,
+                                                        scaling, rank, sizes, x)
                     want = kernels.route_dispatch_ref(logits, router, top_k, norm, eps,
                                                       scaling, rank, sizes)
+                    # the routed rows in dispatch order: row n is its token's, item by item
+                    first = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+                    item = torch.repeat_interleave(torch.arange(len(sizes)),
+                                                   torch.tensor(sizes) * top_k)
+                    assert torch.equal(rows, x[want[0] + first[item]])
+                    assert kernels.route_dispatch(logits, router, top_k, norm, eps, scaling,
+                                                  rank, sizes)[4] is None
                     assert [g.dtype for g in got] == [torch.int64, torch.float32,
                                                       torch.int64, torch.int32]
                     for name, g, w in zip(("token", "weight", "counts", "ends"), got, want):
@@ -692,13 +700,13 @@ def test_route_dispatch_ranks_the_lower_expert_first_among_equals(router):
     them is open); a NaN logit ranks above any number, as torch.topk ranks it (after a
     softmax over every expert, a NaN makes the whole row NaN)."""
     logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5, 1.0]])
-    token, weight, counts, _ = kernels.route_dispatch(logits, router, 3, True, 0.0, 1.0,
-                                                      None, [1])
+    token, weight, counts, _, _ = kernels.route_dispatch(logits, router, 3, True, 0.0, 1.0,
+                                                         None, [1])
     assert counts.tolist() == [0, 1, 1, 1, 0, 0]
     assert token.tolist() == [0, 0, 0]
     torch.testing.assert_close(weight, torch.full((3,), 1 / 3))
     nan = torch.tensor([[0.0, float("nan"), 2.0, 1.0]])
-    _, _, counts, _ = kernels.route_dispatch(nan, router, 2, True, 0.0, 1.0, None, [1])
+    _, _, counts, _, _ = kernels.route_dispatch(nan, router, 2, True, 0.0, 1.0, None, [1])
     assert counts.tolist() == ([0, 1, 1, 0] if router == "topk_softmax" else [1, 1, 0, 0])
 
 
@@ -713,7 +721,7 @@ def test_route_dispatch_agrees_with_the_router():
     for moe in (MoESpec(16, 4, 32, router="softmax_topk", norm_topk_prob=True),
                 MoESpec(16, 2, 32, router="topk_softmax")):
         ids, weights = route(logits, moe)
-        token, weight, counts, _ = kernels.route_dispatch(
+        token, weight, counts, _, _ = kernels.route_dispatch(
             logits, moe.router, moe.top_k, moe.norm_topk_prob, norm_eps(moe),
             moe.routed_scaling_factor, None, [4])
         assert counts.tolist() == torch.bincount(ids.view(-1), minlength=16).tolist()
@@ -731,3 +739,6 @@ def test_route_dispatch_errors():
     with pytest.raises(RuntimeError, match="not a permutation"):
         kernels.route_dispatch(logits, "softmax_topk", 2, True, 0.0, 1.0,
                                torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]), [3])
+    with pytest.raises(RuntimeError, match="x has 2 rows for 3 rows of logits"):
+        kernels.route_dispatch(logits, "softmax_topk", 2, True, 0.0, 1.0, None, [3],
+                               torch.zeros(2, 4))

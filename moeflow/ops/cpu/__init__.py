@@ -28,7 +28,8 @@ sums, whichever path a GEMM takes.
                                        and a division
     route_dispatch(logits, ...)        a gate's top-k (its own softmax and top-k: no torch
                                        op, each 10-30 us with its code cold at decode)
-                                       and dispatch_order, in one call
+                                       and dispatch_order, in one call; and the routed
+                                       rows gathered in dispatch order, if given them
     combine(resid, rows, token,        the routed rows summed at their tokens, the shared
             extras)                    experts' outputs and the residual, rounded where
                                        torch's zeros/index_add_/+=/+ store (bit-exact)
@@ -412,8 +413,10 @@ ROUTE_MODES = {"softmax_topk": 0, "topk_softmax": 1}  # the routers route_dispat
 
 
 def route_dispatch(logits: torch.Tensor, router: str, top_k: int, norm: bool, norm_eps: float,
-                   scaling: float, rank: torch.Tensor | None, sizes: list[int]
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   scaling: float, rank: torch.Tensor | None, sizes: list[int],
+                   x: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              torch.Tensor | None]:
     """A gate's routing and dispatch order in one call: logits [T, E] of items of `sizes`
     rows each -> (token [N]: each routed row's token within its item; weight [N] fp32;
     counts [items * E] int64, by item then dispatch rank; ends [items * E] int32, running
@@ -422,11 +425,13 @@ def route_dispatch(logits: torch.Tensor, router: str, top_k: int, norm: bool, no
     by `scaling`) or topk_softmax, as moeflow.ops.router's `route` computes them (the
     weights within a few fp32 ulps; among equal scores the lower expert first, where
     torch.topk's order is open); rank [E] int64 each expert's dispatch rank (None: the
-    identity)."""
-    token, weight, counts, ends = load().route_dispatch(
-        logits.contiguous(), ROUTE_MODES[router], top_k, norm, norm_eps, scaling,
-        None if rank is None else rank.contiguous(), sizes)
-    return token, weight, counts, ends
+    identity). With x [T, D] (the rows the logits are of), also the routed rows [N, D] in
+    dispatch order (row n: x's row of token n, item by item), else None: a dispatch is then
+    a slice of them, where an index_select each cost a few torch ops."""
+    out = load().route_dispatch(logits.contiguous(), ROUTE_MODES[router], top_k, norm,
+                                norm_eps, scaling, None if rank is None else rank.contiguous(),
+                                sizes, None if x is None else x.contiguous())
+    return out[0], out[1], out[2], out[3], out[4] if len(out) > 4 else None
 
 
 def route_dispatch_ref(logits: torch.Tensor, router: str, top_k: int, norm: bool,

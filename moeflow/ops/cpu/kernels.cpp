@@ -1974,8 +1974,14 @@ void route_row(int64_t mode, const float* logits, int64_t E, int64_t k, bool nor
 std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, int64_t top_k,
                                        bool norm, double norm_eps, double scaling,
                                        const c10::optional<at::Tensor>& rank,
-                                       at::IntArrayRef sizes) {
+                                       at::IntArrayRef sizes,
+                                       const c10::optional<at::Tensor>& x) {
   check_cpu(logits, "logits", 2);
+  if (x) {
+    check_cpu(*x, "x", 2);
+    TORCH_CHECK(x->size(0) == logits.size(0), "moeflow_cpu.route_dispatch: x has ",
+                x->size(0), " rows for ", logits.size(0), " rows of logits");
+  }
   const int64_t T = logits.size(0), E = logits.size(1), items = sizes.size();
   TORCH_CHECK(mode == 0 || mode == 1, "moeflow_cpu.route_dispatch: mode ", mode,
               " is not 0 (softmax_topk) or 1 (topk_softmax)");
@@ -2045,12 +2051,22 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
   }
   int64_t* tok = token.data_ptr<int64_t>();
   float* wt = weight.data_ptr<float>();
+  std::vector<int64_t> row_of(x ? N : 0);  // position -> the row of x it routes
   for (int64_t n = 0; n < N; ++n) {
     const int64_t pos = next[bin[n]]++;
     tok[pos] = n / top_k - first[n / top_k];
     wt[pos] = w[n];
+    if (x) row_of[pos] = n / top_k;
   }
-  return {token, weight, counts, ends};
+  if (!x) return {token, weight, counts, ends};
+  // the routed rows themselves, in dispatch order: each dispatch is then a slice of them
+  const int64_t D = x->size(1), bytes = D * x->element_size();
+  at::Tensor rows = at::empty({N, D}, x->options());
+  const char* src = static_cast<const char*>(x->data_ptr());
+  char* dst = static_cast<char*>(rows.data_ptr());
+  for (int64_t pos = 0; pos < N; ++pos)
+    std::memcpy(dst + pos * bytes, src + row_of[pos] * bytes, bytes);
+  return {token, weight, counts, ends, rows};
 }
 
 // resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
@@ -2170,7 +2186,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dispatch_order", &dispatch_order, arg("rank"), arg("bins"), arg("period"),
         arg("top_k"), free);
   m.def("route_dispatch", &route_dispatch, arg("logits"), arg("mode"), arg("top_k"),
-        arg("norm"), arg("norm_eps"), arg("scaling"), arg("rank"), arg("sizes"), free);
+        arg("norm"), arg("norm_eps"), arg("scaling"), arg("rank"), arg("sizes"), arg("x"),
+        free);
   m.def("combine",
         [](const at::Tensor& resid, const at::Tensor& rows, const at::Tensor& token,
            const std::vector<at::Tensor>& extras) { return combine(resid, rows, token, extras); },
