@@ -655,8 +655,8 @@ class DeviceWorker:
         moe = self.spec.moe
         layer = self.dense.layers[node.layer]
         xns = [a.xn for a in attns]
-        x = _cat(xns)
-        logits = router_logits(x, layer.router, moe,  # type: ignore[arg-type]
+        every = _cat(xns)  # every item's rows
+        logits = router_logits(every, layer.router, moe,  # type: ignore[arg-type]
                                layer.router_bias, self._linear)
         if self._cpu_ops and moe.router in kernels.ROUTE_MODES:  # route and sort in one call,
             # and gather the routed rows: each dispatch takes a slice of them
@@ -664,7 +664,7 @@ class DeviceWorker:
             token, weight, per_rank, ends, rows = kernels.route_dispatch(
                 logits, moe.router, moe.top_k, moe.norm_topk_prob, norm_eps(moe),
                 moe.routed_scaling_factor, None if identity else rank,
-                [x.shape[0] for x in xns], x)
+                [x.shape[0] for x in xns], every)
             return self._routings(xns, token, weight, per_rank.tolist(), ends, rank_of,
                                   identity, rows=rows)
         ids, weights = route(logits, moe, layer.score_bias)  # [T, A]
