@@ -390,7 +390,7 @@ def encode_many(msgs: list[Message]) -> list[Any]:
     for msg in msgs:
         key, nbytes = _run_key(msg)
         if run and (key != run_key or run_bytes + nbytes > RUN_BYTES or len(run) == MAX_BATCH):
-            encoded.append(_encode_run(run) if len(run) > 1 else encode(run[0]))
+            encoded.append(_encode_run(run))
             run = []
         if key is None:
             encoded.append(encode(msg))
@@ -400,7 +400,7 @@ def encode_many(msgs: list[Message]) -> list[Any]:
         run.append(msg)  # type: ignore[arg-type]
         run_bytes += nbytes
     if run:
-        encoded.append(_encode_run(run) if len(run) > 1 else encode(run[0]))
+        encoded.append(_encode_run(run))
     return pack(encoded)
 
 
@@ -423,6 +423,9 @@ def _run_key(msg: Message) -> tuple[Any, int]:
 
 
 def _encode_run(run: list[Data]) -> list[Any]:
+    """A run's frames; a single Data as itself."""
+    if len(run) == 1:
+        return encode(run[0])
     frames: list[Any] = []
     metas: list[Any] = []
     for i in range(len(run[0].payload.tensors)):

@@ -1666,12 +1666,17 @@ AVX2_FN void rotate_head_avx2(bf16* head, const bf16* c, const bf16* s, int64_t 
 // attention_decode (hidden 1024, 16 + 2 x 4 heads of 64) spent ~180 us outside its GEMMs
 // and attention one element at a time, ~95 so. combine's loops likewise.
 
+// Whether the row-wise pieces take 8 lanes: the CPU's features, not a call's isa
+inline bool row_lanes() {
+  static const bool avx2 = best_isa() >= AVX2;
+  return avx2;
+}
+
 // One row: y = w * T(x * rsqrt(mean(x^2) + eps)), the product rounded to T (y may be x)
 template <typename T>
 void norm_row(const T* x, const T* w, int64_t D, double eps, T* y) {
 #ifdef MOEFLOW_X86
-  static const bool vector = best_isa() >= AVX2;
-  if (vector) return norm_row_avx2(x, w, D, eps, y);
+  if (row_lanes()) return norm_row_avx2(x, w, D, eps, y);
 #endif
   float ss = 0.f;
   for (int64_t i = 0; i < D; ++i) ss += to_float(x[i]) * to_float(x[i]);
@@ -1683,8 +1688,7 @@ void norm_row(const T* x, const T* w, int64_t D, double eps, T* y) {
 template <typename T>
 void add_row(const T* a, const T* b, int64_t n, T* y) {
 #ifdef MOEFLOW_X86
-  static const bool vector = best_isa() >= AVX2;
-  if (vector) return add_row_avx2(a, b, n, y);
+  if (row_lanes()) return add_row_avx2(a, b, n, y);
 #endif
   for (int64_t i = 0; i < n; ++i) y[i] = T(to_float(a[i]) + to_float(b[i]));
 }
@@ -1695,8 +1699,7 @@ template <typename T>
 void rotate_head(T* head, const T* c, const T* s, int64_t d, float* x) {
 #ifdef MOEFLOW_X86
   if constexpr (std::is_same<T, bf16>::value) {
-    static const bool vector = best_isa() >= AVX2;
-    if (vector && d % 16 == 0) return rotate_head_avx2(head, c, s, d);
+    if (row_lanes() && d % 16 == 0) return rotate_head_avx2(head, c, s, d);
   }
 #endif
   const int64_t half = d / 2;
@@ -2069,9 +2072,6 @@ std::vector<at::Tensor> route_dispatch(const at::Tensor& logits, int64_t mode, i
   return {token, weight, counts, ends, rows};
 }
 
-// resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
-// extras [T, D]), rounded to the model dtype where torch's ops store: zeros, index_add_
-// (its sums in fp32), += and + in the families' order
 #ifdef MOEFLOW_X86
 // combine's loops on 8 lanes: the same sums in the same order, so the same bits (adds only:
 // nothing for the compiler to fuse)
@@ -2103,6 +2103,9 @@ AVX2_FN void combine_avx2(const V* rp, const V* src, const int64_t* tok, int64_t
 }
 #endif
 
+// resid [T, D] + (rows [N, D] added at their tokens [N], one after another, then each of
+// extras [T, D]), rounded to the model dtype where torch's ops store: zeros, index_add_
+// (its sums in fp32), += and + in the families' order
 at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Tensor& token,
                    at::TensorList extras) {
   check_cpu(resid, "resid", 2);
@@ -2133,9 +2136,7 @@ at::Tensor combine(const at::Tensor& resid, const at::Tensor& rows, const at::Te
     std::vector<const V*> more;
     for (const at::Tensor& x : extras) more.push_back(x.data_ptr<V>());
 #ifdef MOEFLOW_X86
-    static const bool vector = best_isa() >= AVX2;
-    if (vector)
-      return combine_avx2(rp, src, tok, N, more, T * D, D, out.data(), yp);
+    if (row_lanes()) return combine_avx2(rp, src, tok, N, more, T * D, D, out.data(), yp);
 #endif
     for (int64_t i = 0; i < N; ++i) {
       float* o = out.data() + tok[i] * D;
