@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from itertools import compress, repeat, starmap
+from itertools import combinations, compress, repeat, starmap
 from operator import lt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +27,9 @@ from pathlib import Path
 
 from moeflow.dataflow.graph import Placement
 
+# a token of equal weights picks one of the subsets of k experts where there are at most
+# this many (Mixtral's 28 of 8 choose 2), else draws a sample of k
+SUBSETS = 4096
 
 class WorkloadError(ValueError):
     pass
@@ -131,6 +134,8 @@ class _Weights:
     inverse: list[float]  # 1 / weight of each live expert
     ones: bool  # every weight is 1
     cut: float | None  # ones, many live experts: a key the top-k keys almost surely exceed
+    # ones, few subsets of k live experts: each of them, for a token to pick one of
+    subsets: list[tuple[int, ...]] | None
 
 
 class Routing:
@@ -192,7 +197,10 @@ class Routing:
             # but about once in 10^5 tokens or less, and then `_winners` sorts every key
             margin = 3 * self.top_k + 4
             cut = 1.0 - margin / len(live) if ones and len(live) >= 4 * margin else None
-            drawn = self._layer_weights[key] = _Weights(weights, live, inverse, ones, cut)
+            subsets = (list(combinations(live, self.top_k))
+                       if ones and math.comb(len(live), self.top_k) <= SUBSETS else None)
+            drawn = self._layer_weights[key] = _Weights(weights, live, inverse, ones, cut,
+                                                        subsets)
         if num_tokens <= 64:
             return self._exact(drawn, num_tokens)
         return self._approximate(drawn.weights, num_tokens)
@@ -201,10 +209,16 @@ class Routing:
         """Each token picks top-k distinct experts, weighted without replacement: the k
         largest keys r^(1/w), r uniform, one per expert of positive weight (ties go to the
         larger expert id, as in a reverse sort of (key, expert); -1 for the others). With
-        equal weights that is a uniform sample of k, drawn as one."""
+        equal weights that is a uniform sample of k, drawn as one: one of the subsets of k
+        where they are few (SUBSETS), else `random.sample`."""
         counts = [0] * self.num_experts
         live, inverse, ones = w.live, w.inverse, w.ones  # r ** 1.0 is r
         k, rand = self.top_k, self.rng.random
+        if w.subsets is not None:
+            for subset in self.rng.choices(w.subsets, k=num_tokens):
+                for e in subset:
+                    counts[e] += 1
+            return tuple(counts)
         if ones and len(live) >= k:  # equal weights: k distinct experts, uniformly
             sample = self.rng.sample
             for _ in range(num_tokens):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 
 import pytest
 
@@ -13,7 +15,7 @@ from moeflow.sim import hardware, models
 from moeflow.sim.cost import CostModel
 from moeflow.sim.hardware import HardwareError
 from moeflow.sim.simulator import SimulationError, Simulator, percentile
-from moeflow.sim.workload import Lengths, Routing, SimRequest, WorkloadError, requests
+from moeflow.sim.workload import SUBSETS, Lengths, Routing, SimRequest, WorkloadError, requests
 
 PUBLISHED = {  # (total, active) parameters in billions, from the models' own cards
     "mixtral-8x7b": (46.7, 12.9), "mixtral-8x22b": (141, 39), "dbrx": (132, 36),
@@ -309,7 +311,10 @@ def test_routing_draws_as_a_full_sort_of_keys_does():
         live = [e for e, w in enumerate(weights) if w > 0]
         for _ in range(num_tokens):
             if all(weights[e] == 1.0 for e in live) and len(live) >= r.top_k:
-                picked = rng.sample(live, r.top_k)  # equal weights: a uniform sample of k
+                # equal weights: a uniform sample of k, one of the few subsets of k
+                picked = (rng.choices(list(itertools.combinations(live, r.top_k)))[0]
+                          if math.comb(len(live), r.top_k) <= SUBSETS
+                          else rng.sample(live, r.top_k))
             else:
                 keys = [(rng.random() ** (1.0 / w) if w > 0 else -1.0, e)
                         for e, w in enumerate(weights)]
