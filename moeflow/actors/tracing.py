@@ -157,6 +157,7 @@ class RealTrace:
         lanes = self._lanes(plan)
         nodes = plan.graph.nodes
         origin, arrivals = self.origin, job.arrivals
+        written: list[Any] = []  # (lane, job, start, end) per node, for the writer
         for node_id, start, end in job.spans:
             if not (0 <= node_id < len(nodes) and math.isfinite(start) and end >= start):
                 self.num_bad += 1  # not a span of this plan: nothing to draw
@@ -170,7 +171,7 @@ class RealTrace:
                                 "written", self.path, self.max_nodes)
                 self.num_dropped += 1
                 continue
-            self.writer.add(lanes[node_id], job_id, start, end)
+            written += (lanes[node_id], job_id, start, end)
             self.num_nodes += 1
             resource = self._resource(plan, node_id)
             coverage = self.busy.get(resource)
@@ -179,6 +180,7 @@ class RealTrace:
             coverage.add(start, end)
             self.first = start if self.first is None else min(self.first, start)
             self.last = end if self.last is None else max(self.last, end)
+        self.writer.add(written)
         self.num_jobs += 1
         before = min((j.began for j in self.jobs.values()),
                      default=time.monotonic() - origin)

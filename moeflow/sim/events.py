@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 _ARRIVAL = (-1, -1)  # the task of a request's arrival in the event heap
 TABLES_BEYOND_CACHE = 4  # tables kept for plans the plan cache no longer holds
+SINK_BATCH = 1 << 13  # nodes handed to a trace sink at a time
 Entry = tuple[float, int, tuple[int, int], Any]  # (time, order, task, its BoundUnit or None)
 
 
@@ -50,8 +51,10 @@ class TraceSink(Protocol):
                 ) -> Any:
         """What `add` gets for this node; called once per node of each plan a run meets."""
 
-    def add(self, lane: Any, job: int, start: float, end: float) -> None:
-        """A node of unit `job` (its plan index) runs from `start` to `end`."""
+    def add(self, events: list[Any]) -> None:
+        """Nodes that started since the last call, in the order they did, as flat (lane,
+        job, start, end) quadruples: the lane `prepare` gave the node, the plan index of its
+        unit, and its start and end in seconds. The list is the sink's to keep."""
 
     def close(self, result: SimResult) -> None:
         """The run is over: finish the output."""
@@ -84,6 +87,8 @@ class Run:
         self.tables: OrderedDict[int, PlanTable] = OrderedDict()  # id(plan) -> its table
         self.columns: dict[int, TraceColumns] = {}  # id(plan) -> how its nodes show
         self.sink_lanes: dict[int, list[Any]] = {}  # id(plan) -> the sink's, per node
+        # nodes started that the sink has not been handed yet (see TraceSink.add)
+        self.to_sink: list[Any] | None = None if sink is None else []
         self.heap: list[Entry] = []  # node finishes and arrivals
         self.seq = itertools.count()
         self.now = 0.0
@@ -115,6 +120,9 @@ class Run:
 
     def go(self) -> SimResult:
         self._loop()
+        if self.sink is not None and self.to_sink:
+            self.sink.add(self.to_sink)
+            self.to_sink = []
         preemptions = sum(s.num_preemptions for s in self.book)
         peak_by_device = dict(zip(self.devices, self.peak))
         busy = {r: self.busy[i] for r, i in self.resources.items() if self.ran[i]}
@@ -130,6 +138,7 @@ class Run:
         heapq.heapify(heap)
         self.seq = seq = itertools.count(len(heap))
         pop, push, record, sink = heapq.heappop, heapq.heappush, self.record, self.sink
+        to_sink = self.to_sink
         finish, start_startable = execution.finish, execution.start_startable
         act, base, peak, busy = self.activations, self.base, self.peak, self.busy
         budget = self.budget
@@ -183,8 +192,8 @@ class Run:
                 table = u.table
                 rid = table.rid[node_id]
                 busy[rid] = busy[rid] + end - now  # as busy_of adds
-                if sink is not None:
-                    sink.add(u.lanes[node_id], task[0], now, end)  # type: ignore[index]
+                if to_sink is not None:
+                    to_sink += (u.lanes[node_id], task[0], now, end)  # type: ignore[index]
                 dev = table.out_dev[node_id]
                 if dev >= 0:  # its output is held until its last consumer finishes
                     nbytes = u.held[node_id] = u.nbytes[node_id]
@@ -196,6 +205,9 @@ class Run:
                         self._violation(dev, total)
                 push(heap, (end, next(seq), task, u))
                 num_events += 1
+            if to_sink is not None and len(to_sink) >= 4 * SINK_BATCH:
+                sink.add(to_sink)  # type: ignore[union-attr]
+                self.to_sink = to_sink = []
             if not heap and book.has_unfinished():
                 self._stuck()
         self.num_events += num_events
@@ -335,8 +347,8 @@ class Run:
             u = self.units[index]
             if self.record:
                 self._record(task, u, duration, gid, started)
-            if self.sink is not None:
-                self.sink.add(u.lanes[node_id], index, now, end)  # type: ignore[index]
+            if self.to_sink is not None:
+                self.to_sink += (u.lanes[node_id], index, now, end)  # type: ignore[index]
             dev = u.table.out_dev[node_id]
             if dev >= 0:
                 u.held[node_id] = nbytes

@@ -9,57 +9,62 @@ ChromeWriter    the Chrome Trace Event Format of `moeflow.sim.trace.to_chrome`, 
                 line as it happens, into "<path>.part", renamed to <path> by `close`, which
                 appends the lanes' names, the requests-in-flight counter and the metrics.
                 Lanes are numbered as they first appear; their sort indices put actors in
-                natural order and compute before send, as `to_chrome` does.
+                natural order and compute before send, as `to_chrome` does. The event
+                lines are formatted by a child process on another core
+                (`moeflow.sim.tracelines`): the run hands it four numbers per node.
 TimelineWriter  the HTML timeline of `moeflow.sim.trace.to_html`, drawn from a bounded
                 window: it keeps only the events of the leading time window that holds the
                 first `max_events` to start, and counts the rest (the header says so).
 
-Pure but for the file each writes.
+Pure but for the file each writes (and the process that formats a Chrome trace's lines).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+from array import array
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from moeflow.sim.results import SimResult, TraceEvent
 from moeflow.sim.trace import (
-    FORMATS, US, _fills, _in_flight, _meta, _resources, _split, _stream_key, _summary,
+    FORMATS, _fills, _in_flight, _meta, _resources, _split, _stream_key, _summary,
     _Window, legend_key, page,
 )
-
-BUFFER = 1 << 20  # bytes written at a time
-DURATIONS_KEPT = 1 << 16  # formatted durations kept for reuse
-
+from moeflow.sim.tracelines import EVENTS, LANES, message
 
 class ChromeWriter:
+    """See the module docstring. The event lines are formatted by a child process
+    (`moeflow.sim.tracelines`) on another core; `add` only buffers four numbers."""
+
     def __init__(self, path: str | os.PathLike[str], title: str = "") -> None:
         self.path = Path(path)
         self.title = title
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.part = self.path.with_name(self.path.name + ".part")
-        self.file: IO[str] = self.part.open("w", encoding="utf-8", buffering=BUFFER)
-        self.file.write('{"traceEvents":[\n')
-        self.write: Callable[[str], Any] = self.file.write
+        with self.part.open("w", encoding="utf-8") as file:
+            file.write('{"traceEvents":[\n')
+        self.lines = _LineWriter(self.part)
         self.lanes: dict[str, tuple[int, int]] = {}  # resource -> (pid, tid)
         self.pids: dict[str, int] = {}  # actor -> pid
         self.quoted: dict[Any, str] = {}  # names, kinds and layers as JSON
-        self.prepared: dict[tuple[Any, ...], tuple[str, str, str]] = {}  # plans share nodes
-        self.start = -1.0  # the last event's start, and its "ts"
-        self.ts = ""
-        self.durs: dict[float, str] = {}  # seconds -> "dur"
+        self.prepared: dict[tuple[Any, ...], int] = {}  # plans share nodes -> lane number
+        self.fresh: list[tuple[str, str, str]] = []  # lanes the formatter has not been sent
 
     def prepare(self, resource: str, name: str, kind: str, node: int, layer: int | None
-                ) -> tuple[str, str, str]:
-        """The fixed parts of this node's event line."""
+                ) -> int:
+        """The number of this node's lane: the fixed parts of its event line."""
         key = (resource, name, kind, node, layer)
-        parts = self.prepared.get(key)
-        if parts is None:
-            parts = self.prepared[key] = self._parts(*key)
-        return parts
+        lane = self.prepared.get(key)
+        if lane is None:
+            lane = self.prepared[key] = len(self.prepared)
+            self.fresh.append(self._parts(*key))
+        return lane
 
     def _parts(self, resource: str, name: str, kind: str, node: int, layer: int | None
                ) -> tuple[str, str, str]:
@@ -77,19 +82,13 @@ class ChromeWriter:
                 f',"pid":{lane[0]},"tid":{lane[1]},"args":{{"job":',
                 f',"node":{node},"layer":{quoted[layer]}}}}},\n')
 
-    def add(self, lane: tuple[str, str, str], job: int, start: float, end: float) -> None:
-        # Times to the nanosecond, as `to_chrome` rounds them (NS_DIGITS). Formatting a float
-        # is most of the cost, so each is formatted once: nodes start together in runs, and
-        # a run has few distinct durations
-        if start != self.start:
-            self.start = start
-            self.ts = f"{start * US:.3f}"
-        dur = self.durs.get(end - start)
-        if dur is None:
-            if len(self.durs) >= DURATIONS_KEPT:
-                self.durs.clear()
-            dur = self.durs[end - start] = f"{(end - start) * US:.3f}"
-        self.write(f'{lane[0]}{self.ts},"dur":{dur}{lane[1]}{job}{lane[2]}')
+    def add(self, events: list[Any]) -> None:
+        """Nodes that ran, as flat (lane, job, start, end) quadruples (see TraceSink)."""
+        if self.fresh:
+            self.lines.send(LANES, json.dumps(self.fresh).encode())
+            self.fresh = []
+        if events:
+            self.lines.send(EVENTS, array("d", events).tobytes())
 
     def close(self, result: SimResult) -> None:
         """Append lanes, counter and metrics; the file at `path` is complete."""
@@ -113,18 +112,68 @@ class ChromeWriter:
                          _meta("thread_sort_index", pid, tid, sort_index=rank)]
         meta += counters
         tail = ",\n".join(json.dumps(m, separators=(",", ":"), allow_nan=False) for m in meta)
-        self.write(tail or '{"name":"trace","ph":"M","pid":0,"tid":0,"args":{}}')
-        # every event line ends in a comma: something must follow the last
-        self.write('\n],"displayTimeUnit":"ms","metadata":')
-        self.write(json.dumps(summary, separators=(",", ":"), allow_nan=False))
-        self.write("}\n")
-        self.file.close()
+        self.add([])
+        self.lines.close()
+        with self.part.open("a", encoding="utf-8") as file:
+            file.write(tail or '{"name":"trace","ph":"M","pid":0,"tid":0,"args":{}}')
+            # every event line ends in a comma: something must follow the last
+            file.write('\n],"displayTimeUnit":"ms","metadata":')
+            file.write(json.dumps(summary, separators=(",", ":"), allow_nan=False))
+            file.write("}\n")
         os.replace(self.part, self.path)
 
     def abort(self) -> None:
         """The run failed: drop what was written."""
-        self.file.close()
+        self.lines.kill()
         self.part.unlink(missing_ok=True)
+
+
+class _LineWriter:
+    """The child process that formats event lines onto the end of `part`
+    (`moeflow.sim.tracelines`), and the pipe to it."""
+
+    def __init__(self, part: Path) -> None:
+        root = str(Path(__file__).resolve().parents[2])  # where moeflow imports from
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.errors = tempfile.TemporaryFile()
+        with part.open("ab") as out:
+            self.child = subprocess.Popen(
+                [sys.executable, "-m", "moeflow.sim.tracelines"], stdin=subprocess.PIPE,
+                stdout=out, stderr=self.errors, env=env, bufsize=0)  # a message, a write
+        assert self.child.stdin is not None
+        self.pipe = self.child.stdin
+
+    def send(self, kind: bytes, payload: bytes) -> None:
+        try:
+            self.pipe.write(message(kind, payload))
+        except (BrokenPipeError, ValueError):  # it exited, or the pipe was closed
+            raise RuntimeError(f"the trace's line writer exited early{self._said()}") from None
+
+    def close(self) -> None:
+        """Wait for every line to be written; raise if the writer failed."""
+        with contextlib.suppress(BrokenPipeError):
+            self.pipe.close()
+        code = self.child.wait()
+        if code != 0:
+            raise RuntimeError(f"the trace's line writer failed (exit status {code})"
+                               f"{self._said()}")
+        self.errors.close()
+
+    def _said(self) -> str:
+        """The last line the writer wrote to stderr, if any, as ": <line>"."""
+        if self.errors.closed:
+            return ""
+        self.errors.seek(0)
+        said = self.errors.read().decode(errors="replace").strip()
+        return f": {said.splitlines()[-1]}" if said else ""
+
+    def kill(self) -> None:
+        self.child.kill()
+        with contextlib.suppress(BrokenPipeError):
+            self.pipe.close()
+        self.child.wait()
+        self.errors.close()
 
 
 class TimelineWriter:
@@ -147,22 +196,24 @@ class TimelineWriter:
                 ) -> tuple[str, str, str, int, int | None, str]:
         return resource, name, kind, node, layer, legend_key(kind, name)
 
-    def add(self, lane: tuple[str, str, str, int, int | None, str], job: int, start: float,
-            end: float) -> None:
-        resource, name, kind, node, layer, key = lane
-        self.num_events += 1
-        if end > self.last:
-            self.last = end
-        self.resources.add(resource)
-        self.keys.add(key)
-        if self.next_start is not None:
-            return
-        if self.cut is not None and start > self.cut:  # the window is full
-            self.next_start = start
-            return
-        self.kept.append(TraceEvent(resource, name, kind, job, node, layer, start, end))
-        if len(self.kept) == self.max_events:
-            self.cut = start  # and every later event that starts then
+    def add(self, events: list[Any]) -> None:
+        """Nodes that ran, as flat (lane, job, start, end) quadruples (see TraceSink)."""
+        it = iter(events)
+        for lane, job, start, end in zip(it, it, it, it):
+            resource, name, kind, node, layer, key = lane
+            self.num_events += 1
+            if end > self.last:
+                self.last = end
+            self.resources.add(resource)
+            self.keys.add(key)
+            if self.next_start is not None:
+                continue
+            if self.cut is not None and start > self.cut:  # the window is full
+                self.next_start = start
+                continue
+            self.kept.append(TraceEvent(resource, name, kind, job, node, layer, start, end))
+            if len(self.kept) == self.max_events:
+                self.cut = start  # and every later event that starts then
 
     def window(self) -> _Window:
         """What `moeflow.sim.trace.to_html` would draw of the whole trace."""

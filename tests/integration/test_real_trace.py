@@ -175,7 +175,8 @@ def test_a_trace_that_cannot_be_written_stops_and_fails_nothing(tmp_path, caplog
     trace.end(1)  # two nodes written, two that are not spans of the plan
     trace.begin(2, plan)
     trace.part(UnitPart(2, "cpu:0", {}, spans=((0, 3.0, 4.0),)))
-    trace.writer.file.close()  # the disk went away, say
+    trace.writer.lines.child.kill()  # the disk went away, say, and the writer with it
+    trace.writer.lines.child.wait()
     trace.end(2)
     assert trace.closed and "cannot be written" in caplog.text
     trace.close()

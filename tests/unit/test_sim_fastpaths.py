@@ -14,7 +14,10 @@ from moeflow.scheduler import BatchEP
 from moeflow.sim import hardware, models
 from moeflow.sim.cost import CostModel, RowCosts
 from moeflow.sim.simulator import Simulator
-from moeflow.sim.tracefile import DURATIONS_KEPT, ChromeWriter
+from array import array
+
+from moeflow.sim.tracefile import ChromeWriter
+from moeflow.sim.tracelines import DURATIONS_KEPT, EVENTS, LANES, Lines, message, serve
 from moeflow.sim.workload import Lengths, Routing, _winners, requests
 
 
@@ -57,18 +60,52 @@ def test_row_costs_are_the_cost_models():
     assert costs.row_bytes == spec.hidden_size * cost.b
 
 
-def test_chrome_writer_formats_each_time_once_and_keeps_few(tmp_path: Path):
-    writer = ChromeWriter(tmp_path / "t.json")
-    lane = writer.prepare("cuda:0/compute", "Gate L0", "Gate", 3, 0)
+def test_trace_lines_format_each_time_once_and_keep_few():
+    out: list[str] = []
+    lines = Lines(out.append)
+    lines.add_lanes([("<", "|", ">\n")])
     events = [(0.5, 0.5 + 1e-6), (0.5, 0.5 + 2e-6), (0.5, 0.5 + 1e-6), (0.75, 0.75 + 1e-6)]
     events += [(1.0, 1.0 + i * 1e-9) for i in range(DURATIONS_KEPT + 5)]
-    for start, end in events:
-        writer.add(lane, 7, start, end)
-    assert len(writer.durs) <= DURATIONS_KEPT
-    writer.file.close()
-    lines = (tmp_path / "t.json.part").read_text().splitlines()[1:]
-    got = [(e["ts"], e["dur"]) for e in (json.loads(line.rstrip(",")) for line in lines)]
-    assert got == [(round(s * 1e6, 3), round((e - s) * 1e6, 3)) for s, e in events]
+    lines.add(array("d", [x for start, end in events for x in (0, 7, start, end)]))
+    assert len(lines.durs) <= DURATIONS_KEPT
+    got = [line.removeprefix("<").removesuffix(">\n").split("|") for line in out]
+    assert all(job == "7" for _, job in got)
+    assert [tuple(map(float, ts.split(',"dur":'))) for ts, _ in got] == [
+        (round(s * 1e6, 3), round((e - s) * 1e6, 3)) for s, e in events]
+
+
+def test_trace_lines_refuse_a_cut_or_unknown_message():
+    import io
+
+    whole = message(LANES, b'[["a","b","c"]]') + message(EVENTS, array("d", [0, 1, 0, 1]).tobytes())
+    out: list[str] = []
+    serve(io.BytesIO(whole), out.append)
+    assert out == ["a0.000,\"dur\":1000000.000b1c"]
+    for bad in (whole[:-3], whole[:4], message(b"X", b"")):
+        try:
+            serve(io.BytesIO(bad), [].append)
+        except ValueError as exc:
+            assert "ended inside" in str(exc) or "unknown" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was taken")
+
+
+def test_chrome_writer_hands_lines_to_its_child_in_order(tmp_path: Path):
+    writer = ChromeWriter(tmp_path / "t.json")
+    a = writer.prepare("cuda:0/compute", "Gate L0", "Gate", 3, 0)
+    b = writer.prepare("cuda:1/send", 'a "b"', "Transfer", 4, None)
+    assert writer.prepare("cuda:0/compute", "Gate L0", "Gate", 3, 0) == a
+    events = [((a, b)[i % 2], i, i * 1e-6, i * 1e-6 + (i % 3) * 1e-9) for i in range(5000)]
+    for batch in (events[:1], events[1:4000], [], events[4000:]):
+        writer.add([x for event in batch for x in event])
+    writer.finish([], {"x": 1})
+    doc = json.loads((tmp_path / "t.json").read_text())
+    got = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert [(e["name"], e["args"]["job"], e["ts"], e["dur"]) for e in got] == [
+        (("Gate L0", 'a "b"')[i % 2], i, round(s * 1e6, 3), round((e - s) * 1e6, 3))
+        for i, (_, _, s, e) in enumerate(events)]
+    assert doc["metadata"] == {"x": 1}
+    assert not (tmp_path / "t.json.part").exists()
 
 
 class ByHomes(BatchEP):
@@ -94,3 +131,20 @@ def test_a_plan_replays_for_units_of_another_shape_on_the_same_homes():
     assert len({id(j.plan) for j in shared.jobs}) < len({j.unit for j in shared.jobs})
     assert shared.metrics == fresh.metrics and shared.timings == fresh.timings
     assert shared.trace == fresh.trace and shared.durations == fresh.durations
+
+
+def test_chrome_writer_says_so_when_its_line_writer_dies(tmp_path: Path):
+    writer = ChromeWriter(tmp_path / "t.json")
+    lane = writer.prepare("cuda:0/compute", "Gate L0", "Gate", 3, 0)
+    writer.lines.child.kill()
+    writer.lines.child.wait()
+    try:
+        writer.add([lane, 0, 0.0, 1e-6])
+        writer.finish([], {})
+    except RuntimeError as exc:
+        assert "line writer" in str(exc)
+    else:
+        raise AssertionError("a dead line writer went unnoticed")
+    assert not (tmp_path / "t.json").exists()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

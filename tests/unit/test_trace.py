@@ -323,7 +323,7 @@ def test_a_streamed_chrome_trace_is_the_recorded_one(tmp_path: Path) -> None:
 
 def test_a_streamed_chrome_trace_is_complete_only_once_closed(tmp_path: Path) -> None:
     writer = ChromeWriter(tmp_path / "run.json")
-    writer.add(writer.prepare("cuda:0/compute", 'a "b"', "Gate", 3, None), 0, 0.0, 1e-6)
+    writer.add([writer.prepare("cuda:0/compute", 'a "b"', "Gate", 3, None), 0, 0.0, 1e-6])
     assert not (tmp_path / "run.json").exists()
     writer.abort()
     assert list(tmp_path.iterdir()) == []
