@@ -177,6 +177,19 @@ def test_expert_ffn_matches_ref(dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_ffn_reads_long_runs_split_among_threads(dtype):
+    """Tiled experts with many weight tiles each (a run is an expert's tiles in a thread's
+    chunk), the chunks of two threads cutting through an expert."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in ([1, 3, 0, 2], [2, 1], [5]):
+            assert_expert_ffn_close(*routed_problem(dtype, rows, d=160, f=131, seed=len(rows)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [[20, 0, 17, 33, 1], [40, 2, 3, 16, 15], [16]])
 def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype, rows):
     """Prefill-sized: an expert with 16 rows or more takes packed panels of 16 weight rows,

@@ -409,7 +409,6 @@ void tile(int64_t isa, const bf16* x, int64_t ldx, int64_t M, const bf16* w, int
 constexpr int PB = 16;
 constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take panels
 constexpr int64_t KC = 256;
-constexpr int64_t UP_RUN = 8;  // expert_ffn: gate tiles read in a row, then as many up tiles
 constexpr int PM = 6;
 
 #ifdef MOEFLOW_X86
@@ -884,14 +883,21 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       tile(isa, xs, K, rows, w, K, nr, K, sums);
   };
 
-  // the end of a run of tasks from t (to at most t1): up to UP_RUN tile tasks of one expert,
-  // a panel task alone
+  // The end of a run of tasks from t (to at most t1): a tiled expert's tasks in the chunk,
+  // a panel task alone. A run reads all its gate rows, then all its up rows (or its down
+  // rows), and only then writes its outputs. Runs of at most 8 tile tasks streamed slower,
+  // about as much slower as against plain GEMVs over the same weights: 64 experts of D
+  // 1024, F 384, 8 active, side by side in one process, this against runs of 8: 1.16-1.22x
+  // at 1-2 rows per expert and 1.06x at 4 on one thread, 1.09-1.16x at 1-4 rows and 1.07x
+  // at 12 on two, the same at 24 (panels).
   auto run_end = [&](const std::vector<Task>& tasks, int64_t t, int64_t t1) {
     int64_t end = t + 1;
     if (!wide[tasks[t].i])
-      while (end < t1 && end - t < UP_RUN && tasks[end].i == tasks[t].i) ++end;
+      while (end < t1 && tasks[end].i == tasks[t].i) ++end;
     return end;
   };
+  // the most tasks a tiled expert has in a pass over `width` weight rows: a run's slots
+  auto longest_run = [&](int64_t width) { return (width + NR - 1) / NR; };
   // row m of a run's tile outputs (tasks t..end, one slot of tile_len each), side by side
   auto gather_row = [&](float* dst, const float* slots, int64_t t, int64_t end, int64_t m) {
     for (int64_t s = t; s < end; ++s)
@@ -903,12 +909,13 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   const std::vector<Task> up_tasks = tasks_of(F);
   at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    // A run of up to UP_RUN tile tasks of one expert reads its gate rows, then its up
-    // rows: gate and up alternating a tile (8 KiB) at a time streamed slower (64 experts,
-    // 8 active, 1 row each: 27.1 -> 29.6 GB/s; 4 rows each: 19.7 -> 24.5)
-    // (a panel task runs alone: a run's slots are a tiled expert's size)
-    const int64_t run_len = std::max(out_len, tile_len * UP_RUN);
+    // A run of an expert's tile tasks reads its gate rows, then its up rows: gate and up
+    // alternating a tile (8 KiB) at a time streamed slower (64 experts, 8 active, 1 row
+    // each: 27.1 -> 29.6 GB/s with runs of 8; 4 rows each: 19.7 -> 24.5), and so did runs
+    // of 8 (see run_end). A panel task runs alone: its slots are a tiled expert's size.
+    const int64_t run = longest_run(F), run_len = std::max(out_len, tile_len * run);
     std::vector<float> g(run_len), u(run_len), pack(any_wide ? KC * PB : 0);
+    std::vector<float> gr(run * NR), ur(run * NR);  // a row's outputs of a run
     for (int64_t t = t0; t < t1;) {
       const int64_t i = up_tasks[t].i, end = run_end(up_tasks, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
@@ -924,11 +931,10 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       if (!wide[i] && !at.split) {  // a row's outputs of the run gathered: one pass each
         const int64_t f0 = up_tasks[t].first;
         const int width = static_cast<int>(up_tasks[end - 1].first + up_tasks[end - 1].nr - f0);
-        alignas(32) float gr[UP_RUN * NR], ur[UP_RUN * NR];
         for (int64_t m = 0; m < rows; ++m) {
-          gather_row(gr, g.data(), t, end, m);
-          gather_row(ur, u.data(), t, end, m);
-          swiglu_row<T>(isa, gr, ur, width, &a[(r0 + m) * F + f0]);
+          gather_row(gr.data(), g.data(), t, end, m);
+          gather_row(ur.data(), u.data(), t, end, m);
+          swiglu_row<T>(isa, gr.data(), ur.data(), width, &a[(r0 + m) * F + f0]);
         }
         t = end;
         continue;
@@ -955,10 +961,11 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   const std::vector<Task> down_tasks = tasks_of(D);
   at::parallel_for(0, static_cast<int64_t>(down_tasks.size()), grain(NR * F * sizeof(T)),
                    [&](int64_t t0, int64_t t1) {
-    // runs of up to UP_RUN tile tasks of one expert, as above, so that a row's outputs are
-    // scaled and stored in one pass (4 at a time, the pass's setup was a third of its cost)
-    std::vector<float> out(std::max(out_len, tile_len * UP_RUN)), pack(any_wide ? KC * PB : 0);
-    alignas(32) float vr[UP_RUN * NR];
+    // runs of an expert's tile tasks, as above, so that a row's outputs are scaled and
+    // stored in one pass (4 at a time, the pass's setup was a third of its cost)
+    const int64_t run = longest_run(D);
+    std::vector<float> out(std::max(out_len, tile_len * run)), pack(any_wide ? KC * PB : 0);
+    std::vector<float> vr(run * NR);
     for (int64_t t = t0; t < t1;) {
       const int64_t i = down_tasks[t].i, end = run_end(down_tasks, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
@@ -972,8 +979,8 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
         const float* v = out.data() + m * tw;
         if (!wide[i]) {
-          gather_row(vr, out.data(), t, end, m);
-          v = vr;
+          gather_row(vr.data(), out.data(), t, end, m);
+          v = vr.data();
         }
         scaled_row(isa, v, width, s, yp + dest * D + d0);
       }
