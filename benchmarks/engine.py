@@ -235,17 +235,20 @@ SIM_RSS_GOAL_MB = 1000.0
 SECTIONS = ("runtime", "decode", "between", "sim")
 
 
-# `python -m moeflow ARGS...` that writes its peak RSS (VmHWM, KiB) to a file at exit. wait4's
-# ru_maxrss will not do: it keeps the high-water mark of the process across its exec, and
-# the child starts as a copy of this process, which the sections before may have grown to
-# GBs (a 1.5 GB parent: ru_maxrss 1,511 MB for a child whose VmHWM was 11 MB)
+# `python -m moeflow ARGS...` that writes its peak RSS (VmHWM, KiB) to a file at exit, and
+# the largest of the children it waited for (the Chrome trace's line writer): their sum
+# bounds the pair's. wait4's ru_maxrss will not do for the command itself: it keeps the
+# high-water mark of the process across its exec, and the child starts as a copy of this
+# process, which the sections before may have grown to GBs (a 1.5 GB parent: ru_maxrss
+# 1,511 MB for a child whose VmHWM was 11 MB)
 PEAK_RSS = """
-import atexit, runpy, sys
+import atexit, resource, runpy, sys
 out = sys.argv.pop(1)
 def peak():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
-            open(out, "w").write(line.split()[1])
+            children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            open(out, "w").write(f"{line.split()[1]} {children}")
 atexit.register(peak)
 runpy.run_module("moeflow", run_name="__main__", alter_sys=True)
 """
@@ -253,8 +256,9 @@ runpy.run_module("moeflow", run_name="__main__", alter_sys=True)
 
 def simulator_runs() -> list[dict[str, Any]]:
     """Each setting of SIMULATIONS as one `moeflow simulate --trace` command, measured from
-    outside: wall time of the command, and its peak RSS (its own VmHWM, where /proc has it;
-    else what wait4 reports, which may include this process's)."""
+    outside: wall time of the command, and its peak RSS (its own VmHWM plus its largest
+    child's, where /proc has it; else what wait4 reports, which may include this
+    process's)."""
     rows = []
     for model, hardware, num_requests, goal in SIMULATIONS:
         with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +279,8 @@ def simulator_runs() -> list[dict[str, Any]]:
             if child.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} exited with {child.returncode}")
             makespan = json.loads(metrics.read_text())["metrics"]["makespan"]
-            rss_mb = (int(peak.read_text()) if peak.exists() else usage.ru_maxrss) / 1024  # KiB
+            rss_mb = (sum(map(int, peak.read_text().split())) if peak.exists()
+                      else usage.ru_maxrss) / 1024  # KiB
             rows.append({"model": model, "hardware": hardware, "requests": num_requests,
                          "simulated_s": makespan, "wall_s": wall,
                          "sim_s_per_wall_s": makespan / wall, "goal": goal,
