@@ -38,9 +38,10 @@ from moeflow.sim.trace import (
 )
 from moeflow.sim.tracelines import EVENTS, LANES, message
 
+
 class ChromeWriter:
     """See the module docstring. The event lines are formatted by a child process
-    (`moeflow.sim.tracelines`) on another core; `add` only buffers four numbers."""
+    (`moeflow.sim.tracelines`) on another core; `add` hands it the numbers."""
 
     def __init__(self, path: str | os.PathLike[str], title: str = "") -> None:
         self.path = Path(path)
@@ -112,8 +113,12 @@ class ChromeWriter:
                          _meta("thread_sort_index", pid, tid, sort_index=rank)]
         meta += counters
         tail = ",\n".join(json.dumps(m, separators=(",", ":"), allow_nan=False) for m in meta)
-        self.add([])
-        self.lines.close()
+        try:  # every line written
+            self.add([])
+            self.lines.close()
+        except Exception:
+            self.abort()  # no part file left behind
+            raise
         with self.part.open("a", encoding="utf-8") as file:
             file.write(tail or '{"name":"trace","ph":"M","pid":0,"tid":0,"args":{}}')
             # every event line ends in a comma: something must follow the last

@@ -145,6 +145,5 @@ def test_chrome_writer_says_so_when_its_line_writer_dies(tmp_path: Path):
         assert "line writer" in str(exc)
     else:
         raise AssertionError("a dead line writer went unnoticed")
-    assert not (tmp_path / "t.json").exists()
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    writer.abort()  # and aborting again is harmless
