@@ -138,12 +138,12 @@ def test_chrome_writer_says_so_when_its_line_writer_dies(tmp_path: Path):
     lane = writer.prepare("cuda:0/compute", "Gate L0", "Gate", 3, 0)
     writer.lines.child.kill()
     writer.lines.child.wait()
-    try:
-        writer.add([lane, 0, 0.0, 1e-6])
-        writer.finish([], {})
-    except RuntimeError as exc:
-        assert "line writer" in str(exc)
-    else:
-        raise AssertionError("a dead line writer went unnoticed")
-    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    for call in (lambda: writer.add([lane, 0, 0.0, 1e-6]), lambda: writer.finish([], {})):
+        try:
+            call()
+        except RuntimeError as exc:
+            assert "line writer" in str(exc)
+        else:
+            raise AssertionError("a dead line writer went unnoticed")
+    assert list(tmp_path.iterdir()) == []  # finishing failed: nothing left behind
     writer.abort()  # and aborting again is harmless
