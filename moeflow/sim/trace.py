@@ -36,11 +36,11 @@ from typing import Any
 
 from moeflow.dataflow.render import _CSS, _MONO, KIND_FILLS, _band_tint, _x
 from moeflow.sim.simulator import Metrics, SimResult, TraceEvent
+from moeflow.sim.tracelines import US  # Chrome trace times are in microseconds
 
 FORMATS = (".json", ".html", ".htm")
 STREAM_ORDER = ("compute", "send", "recv")  # then any other stream, in natural order
 OTHER_FILLS = ("#fee391", "#bcbddc", "#fc9272", "#9ebcda", "#d9d9d9")  # kinds render lacks
-US = 1e6  # Chrome trace times are in microseconds
 NS_DIGITS = 3  # written to the nanosecond, a trace viewer's resolution (17 digits cost 2x)
 
 

@@ -27,7 +27,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-US = 1e6  # Chrome trace times are in microseconds (moeflow.sim.trace.US)
+US = 1e6  # Chrome trace times are in microseconds (moeflow.sim.trace uses this one)
 BUFFER = 1 << 20  # bytes written at a time
 DURATIONS_KEPT = 1 << 16  # formatted durations kept for reuse
 HEADER = 9  # kind, length

@@ -887,8 +887,8 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   // a panel task alone. A run reads all its gate rows, then all its up rows (or its down
   // rows), and only then writes its outputs. Runs of at most 8 tile tasks streamed slower,
   // about as much slower as against plain GEMVs over the same weights: 64 experts of D
-  // 1024, F 384, 8 active, side by side in one process, this against runs of 8: 1.16-1.22x
-  // at 1-2 rows per expert and 1.06x at 4 on one thread, 1.09-1.16x at 1-4 rows and 1.07x
+  // 1024, F 384, 8 active, side by side in one process, this against runs of 8: 1.08-1.22x
+  // at 1-2 rows per expert and 1.06x at 4 on one thread, 1.08-1.16x at 1-4 rows and 1.07x
   // at 12 on two, the same at 24 (panels).
   auto run_end = [&](const std::vector<Task>& tasks, int64_t t, int64_t t1) {
     int64_t end = t + 1;
