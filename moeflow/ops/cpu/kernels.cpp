@@ -52,7 +52,12 @@ constexpr int64_t CHUNK_BYTES = 32 << 10;  // weight bytes per thread, at least
 // of a plain read. Measured on a 2-core EPYC (AVX2): 1 row against the experts of a
 // 64-expert, D 1024, F 384 layer, 6.9-7.2 GB/s before, 11-13 GB/s with 8 KiB ahead, the
 // 32000 x 1024 LM head 8.6-9.2 before, 14.6-15.3 after (a torch sum reads 9-12 GB/s);
-// 4 and 16 KiB ahead were close, 1-2 KiB too short.
+// 4 and 16 KiB ahead were close, 1-2 KiB too short. On the AVX-512 BF16 EPYC, 4 and 16 KiB
+// were 1-6 % slower than 8 for the expert FFN at 1 row. Near the end of a run of an expert's
+// rows the prefetch runs past it, into weights no one reads next; sending it to the start of
+// the thread's next run instead (the next expert's rows) streamed slower, not faster: 0.82x
+// on one thread at 1 row (both builds in one process, alternated, in either order), 0.94x on
+// two; stopping it at the run's end was as slow.
 constexpr int PREFETCH = 8 << 10;
 
 enum Isa : int64_t { PORTABLE = 0, AVX2 = 1, AVX512_BF16 = 2 };
