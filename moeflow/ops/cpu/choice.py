@@ -14,7 +14,8 @@ decode; with AMX, oneDNN's tiles are the faster at prefill sizes, and the defaul
 16 rows; with AVX-512 BF16 and no AMX, the kernels' bf16-pair panels match or beat oneDNN
 up to a few hundred rows (a 2-core EPYC: linear layers 1.2-1.1x oneDNN's speed from 16 to
 128 rows, even at 256 and 512; routed experts 1.3-1.1x from 16 to 64 rows each, even at
-128, oneDNN 7 % ahead at 256), and the default stops at 256 rows for linear layers and 128
+128, oneDNN 7 % ahead at 256; measured with panels from 16 rows, where the pairs now take
+tiles up to 64, faster still), and the default stops at 256 rows for linear layers and 128
 per expert; on CPUs without bf16 arithmetic, oneDNN's bf16 GEMMs are slow at every size (on
 a 2-core AVX2 EPYC the kernels were 2.5-5x faster from 8 to 4,096 rows per weight), and the
 kernels take every size. A routed-expert GEMM compares the mean rows of the experts it runs
