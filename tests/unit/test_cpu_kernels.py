@@ -192,6 +192,23 @@ def test_expert_ffn_reads_long_runs_split_among_threads(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_ffn_splits_long_runs_of_wide_tiles(dtype):
+    """A run of an expert's tiles keeps its sums in at most 256 KiB: with 63 rows (a tile's
+    sums 1 KiB, 260 tiles a run) and 1,100 weight rows a pass (275 tiles), gate/up and down
+    split an expert's run in two (and the chunks of two threads cut them too). Every
+    value positive: sums of a thousand terms that cancel to near 0 would be many ulps of
+    their small result apart on any path (the sums' order differs), split or not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, counts, gate_up, down, order, scale = routed_problem(dtype, [63, 2, 0, 40], d=1100,
+                                                               f=1100, seed=3)
+        assert_expert_ffn_close(x.abs(), counts, gate_up.abs(), down.abs(), order, scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [[20, 0, 17, 33, 1], [40, 2, 3, 16, 15], [16],
                                   [70, 3, 64, 63, 0]])
 def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype, rows):

@@ -423,6 +423,7 @@ constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take pane
 // 16-24 rows, 1.01-1.05 at 32-64, 1.10 at 96; expert FFNs (D 1024, F 384) 0.79-0.88 at 16,
 // 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert, 1.02-1.03 at 128.
 constexpr int64_t WIDE_ROWS_PAIRS = 64;
+constexpr int64_t RUN_BYTES = 256 << 10;  // the expert FFN's tile sums of a run, at most
 
 // the rows per weight from which a GEMM takes panels, on pairs or not
 constexpr int64_t wide_rows(bool pairs) { return pairs ? WIDE_ROWS_PAIRS : WIDE_ROWS; }
@@ -907,15 +908,22 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   // about as much slower as against plain GEMVs over the same weights: 64 experts of D
   // 1024, F 384, 8 active, side by side in one process, this against runs of 8: 1.08-1.22x
   // at 1-2 rows per expert and 1.06x at 4 on one thread, 1.08-1.16x at 1-4 rows and 1.07x
-  // at 12 on two, the same at 24 (panels).
+  // at 12 on two, the same at 24 (panels). A run's outputs wait in slots of tile_len
+  // floats, at most RUN_BYTES of them: with tiles up to 64 rows, an expert of Mixtral's
+  // F 14336 would hold 3.6 MB of gate sums (and as many of up sums) a thread, zeroed each
+  // call; the runs of the benchmark's shapes (F 384, D 1024) stay whole.
+  const int64_t most_tasks =
+      std::max<int64_t>(1, RUN_BYTES / std::max<int64_t>(1, tile_len * sizeof(float)));
   auto run_end = [&](const std::vector<Task>& tasks, int64_t t, int64_t t1) {
     int64_t end = t + 1;
     if (!wide[tasks[t].i])
-      while (end < t1 && tasks[end].i == tasks[t].i) ++end;
+      while (end < t1 && end - t < most_tasks && tasks[end].i == tasks[t].i) ++end;
     return end;
   };
-  // the most tasks a tiled expert has in a pass over `width` weight rows: a run's slots
-  auto longest_run = [&](int64_t width) { return (width + NR - 1) / NR; };
+  // the most tasks a run has in a pass over `width` weight rows: its slots
+  auto longest_run = [&](int64_t width) {
+    return std::min<int64_t>((width + NR - 1) / NR, most_tasks);
+  };
   // row m of a run's tile outputs (tasks t..end, one slot of tile_len each), side by side
   auto gather_row = [&](float* dst, const float* slots, int64_t t, int64_t end, int64_t m) {
     for (int64_t s = t; s < end; ++s)
