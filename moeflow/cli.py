@@ -451,9 +451,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             low, high = cpu_kernel_band(choice.expert_rows)
             eps = (f"the grouped kernel below {low:.0f} rows per expert, a GEMM per expert "
                    f"above {high:.0f}")
+        panels = (f"; on bf16 pairs, packed panels from {choice.panel_rows} rows per weight, "
+                  f"tiles below" if choice.panel_rows else "")
         print(f"wrote {path}: the kernels ({table['isa']}) take linear layers up to "
               f"{rows(choice.linear_rows)} and routed experts up to "
-              f"{rows(choice.expert_rows)} per expert (eps: {eps})")
+              f"{rows(choice.expert_rows)} per expert (eps: {eps}){panels}")
     if args.out is None:
         return 0
     from moeflow.sim.calibrate import calibrate

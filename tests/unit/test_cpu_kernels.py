@@ -425,16 +425,22 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "POOL_BYTES", 1 << 20)
     monkeypatch.setattr(calibrate, "LINEAR_ROWS", (1, 4))
     monkeypatch.setattr(calibrate, "EXPERT_ROWS", (1, 2))
+    monkeypatch.setattr(calibrate, "PANEL_ROWS", (2, 4))
+    pairs = kernels.best_isa() >= 2  # only the bf16 pairs choose between tiles and panels
+    before = kernels.panel_rows()
     lines: list[str] = []
     measured, table = calibrate.calibrate_kernels(quick=True, log=lines.append)
-    assert len(lines) == 4 and len(table["linear"]["kernel_s"]) == 2
+    assert len(lines) == (6 if pairs else 4) and len(table["linear"]["kernel_s"]) == 2
     assert measured.linear_rows in (0, 1, 4, choice.ALL_ROWS)
     assert measured.expert_rows in (0, 1, 2, choice.ALL_ROWS)
-    path = choice.save_choice(choice.KernelChoice(3, 5, "calibrated"), table)
+    assert measured.panel_rows in ((2, 4, 8) if pairs else (0,))
+    assert kernels.panel_rows() == before  # measuring leaves the process's setting be
+    path = choice.save_choice(choice.KernelChoice(3, 5, "calibrated", panel_rows=40), table)
     try:
         assert path == tmp_path / "choice.json"
         taken = choice.kernel_choice()
         assert (taken.linear_rows, taken.expert_rows, taken.source) == (3, 5, str(path))
+        assert taken.panel_rows == 40 and kernels.panel_rows() == 40  # the kernels take it
         body = json.loads(path.read_text())
         path.write_text(json.dumps({**body, "cpu": "another CPU"}))
         choice._measured_choice.cache_clear()
@@ -445,6 +451,29 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
         assert choice.kernel_choice() == choice.default_choice()
     finally:
         choice._measured_choice.cache_clear()
+        kernels.set_panel_rows(before)
+
+
+def test_panel_rows_choose_the_path_not_the_result():
+    """The bf16 pairs take tiles below `panel_rows` rows per weight and packed panels from
+    there: either way within 1 ulp of the reference, and a bad setting is refused."""
+    before = kernels.panel_rows()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(20, 259, generator=gen).bfloat16()
+    w = torch.randn(37, 259, generator=gen).bfloat16()
+    gate_up = (torch.randn(2, 2 * 37, 259, generator=gen) / 16).bfloat16()
+    down = (torch.randn(2, 259, 37, generator=gen) / 6).bfloat16()
+    try:
+        for rows in (1, 20, 21, 1 << 40):  # panels, panels, tiles, tiles
+            kernels.set_panel_rows(rows)
+            assert kernels.panel_rows() == rows
+            assert_close(kernels.linear(x, w), kernels.linear_ref(x, w))
+            assert_close(kernels.expert_ffn(x, [12, 8], gate_up, down),
+                         kernels.expert_ffn_ref(x, [12, 8], gate_up, down), ulp=2)
+        with pytest.raises(RuntimeError, match="at least 1"):
+            kernels.set_panel_rows(0)
+    finally:
+        kernels.set_panel_rows(before)
 
 
 @pytest.mark.parametrize("flags,isa,widen,expect", [

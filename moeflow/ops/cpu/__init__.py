@@ -233,6 +233,21 @@ def isas() -> list[int]:
     return list(range(best_isa() + 1))
 
 
+def panel_rows() -> int:
+    """Rows per weight from which bf16 GEMMs on pairs (AVX-512 BF16) take packed panels
+    rather than tiles, in this process (the other paths: from 16); 0 without kernels."""
+    ops = load()
+    return 0 if ops is None else int(ops.panel_rows())
+
+
+def set_panel_rows(rows: int) -> None:
+    """Set `panel_rows` for this process (the CPU worker sets it from its kernel choice,
+    `moeflow calibrate --kernels` while it measures); nothing without kernels."""
+    ops = load()
+    if ops is not None:
+        ops.set_panel_rows(rows)
+
+
 def describe() -> str:
     """The path in use, for stats lines: `avx512_bf16`, `avx2`, `portable`, or why
     torch's."""

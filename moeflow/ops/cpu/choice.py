@@ -65,6 +65,9 @@ class KernelChoice:
     fp32_rows: int = DEFAULT_ROWS  # either kind, in fp32
     # a prompt's causal attention on the kernel (bf16, AVX-512 BF16), not torch's SDPA
     prefill_attention: bool = True
+    # rows per weight from which the kernels' GEMMs on bf16 pairs take panels, not tiles
+    # (kernels.panel_rows); 0: the kernels' own default
+    panel_rows: int = 0
 
     def linear_limit(self, dtype: torch.dtype) -> int:
         return self.linear_rows if dtype == torch.bfloat16 else self.fp32_rows
@@ -73,9 +76,9 @@ class KernelChoice:
         return self.expert_rows if dtype == torch.bfloat16 else self.fp32_rows
 
     def __post_init__(self) -> None:
-        if self.linear_rows < 0 or self.expert_rows < 0:
-            raise ValueError(f"row limits must be >= 0, got {self.linear_rows} and "
-                             f"{self.expert_rows}")
+        if self.linear_rows < 0 or self.expert_rows < 0 or self.panel_rows < 0:
+            raise ValueError(f"row limits must be >= 0, got {self.linear_rows}, "
+                             f"{self.expert_rows} and {self.panel_rows}")
 
 
 def cpu_name() -> str:
@@ -93,7 +96,8 @@ def save_choice(choice: KernelChoice, table: dict[str, object]) -> Path:
     path = choice_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"cpu": cpu_name(), "linear_rows": choice.linear_rows,
-            "expert_rows": choice.expert_rows, "attention": choice.attention, "table": table}
+            "expert_rows": choice.expert_rows, "attention": choice.attention,
+            "panel_rows": choice.panel_rows, "table": table}
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(body, indent=1) + "\n")
     os.replace(partial, path)  # a reader sees the old file or the new one, never half
@@ -108,6 +112,13 @@ def use_choice(choice: KernelChoice | None) -> None:
     """Make `kernel_choice()` return `choice` in this process (None: the measured one
     again); for calibration and tests."""
     _override[:] = [] if choice is None else [choice]
+    if choice is not None:
+        _set_panel_rows(choice)
+
+
+def _set_panel_rows(choice: KernelChoice) -> None:
+    if choice.panel_rows:
+        kernels.set_panel_rows(choice.panel_rows)
 
 
 def kernel_choice() -> KernelChoice:
@@ -130,8 +141,11 @@ def _measured_choice() -> KernelChoice:
         # another path, whose crossovers differ)
         if (body.get("cpu") == cpu_name()
                 and body.get("table", {}).get("isa") == kernels.describe()):
-            return KernelChoice(int(body["linear_rows"]), int(body["expert_rows"]),
-                                str(choice_path()), bool(body.get("attention", True)))
+            measured = KernelChoice(int(body["linear_rows"]), int(body["expert_rows"]),
+                                    str(choice_path()), bool(body.get("attention", True)),
+                                    panel_rows=int(body.get("panel_rows", 0)))
+            _set_panel_rows(measured)
+            return measured
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return default_choice()
@@ -159,8 +173,10 @@ def describe() -> str:
     def rows(n: int) -> str:
         return "any rows" if n >= ALL_ROWS else f"{n} rows"
 
+    panels = (f", on panels from {kernels.panel_rows()} rows" if kernels.best_isa() >= 2
+              else "")
     return (f"{kernels.describe()} kernels for bf16 GEMMs up to {rows(c.linear_rows)} "
-            f"(linear) / {rows(c.expert_rows)} per expert ({c.source})")
+            f"(linear) / {rows(c.expert_rows)} per expert{panels} ({c.source})")
 
 
 def kernel_takes(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:

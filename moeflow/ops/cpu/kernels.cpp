@@ -17,6 +17,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -421,12 +422,24 @@ constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take pane
 // the 32000 x 1024 LM head 0.67-0.74 at 16-32 rows, 0.85 at 48, 0.92 at 64, 0.98 at 96,
 // 1.02-1.08 at 128-256 (one thread and two alike); 1 MB of weights in cache 0.88-0.97 at
 // 16-24 rows, 1.01-1.05 at 32-64, 1.10 at 96; expert FFNs (D 1024, F 384) 0.79-0.88 at 16,
-// 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert, 1.02-1.03 at 128.
+// 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert, 1.02-1.03 at 128. That is the
+// default; `moeflow calibrate --kernels` measures this CPU's and the worker sets it
+// (set_panel_rows) for the process.
 constexpr int64_t WIDE_ROWS_PAIRS = 64;
+std::atomic<int64_t> panel_rows_pairs{WIDE_ROWS_PAIRS};
 constexpr int64_t RUN_BYTES = 256 << 10;  // the expert FFN's tile sums of a run, at most
 
 // the rows per weight from which a GEMM takes panels, on pairs or not
-constexpr int64_t wide_rows(bool pairs) { return pairs ? WIDE_ROWS_PAIRS : WIDE_ROWS; }
+inline int64_t wide_rows(bool pairs) {
+  return pairs ? panel_rows_pairs.load(std::memory_order_relaxed) : WIDE_ROWS;
+}
+
+int64_t panel_rows() { return panel_rows_pairs.load(); }
+
+void set_panel_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 1, "moeflow_cpu.set_panel_rows: rows must be at least 1, got ", rows);
+  panel_rows_pairs.store(rows);
+}
 constexpr int64_t KC = 256;
 constexpr int PM = 6;
 
@@ -2203,6 +2216,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using py::arg;
   const auto free = py::call_guard<py::gil_scoped_release>();
   m.def("best_isa", &best_isa);
+  m.def("panel_rows", &panel_rows);
+  m.def("set_panel_rows", &set_panel_rows, arg("rows"));
   m.def("linear", &linear, arg("x"), arg("w"), arg("bias"), arg("isa"), free);
   m.def("expert_ffn", &expert_ffn, arg("x"), arg("order"), arg("counts"), arg("gate_up"),
         arg("down"), arg("scale"), arg("isa"), free);
