@@ -131,6 +131,9 @@ class DeviceWorker:
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
         self._expert_groups: dict[tuple[int, tuple[int, ...]], ExpertGroup] = {}
         self._paged: tuple[Any, list[Page], ExpertGroup] | None = None  # last paged layer
+        # (layer, dtype) -> whether the kernels take that layer's attention weights and cache
+        # (asked once: 10 tensors' checks cost ~4 us a layer at every decode step)
+        self._fusable: dict[tuple[int, torch.dtype], bool] = {}
         if self.tdevice.type == "cpu":
             kernel_choice()  # loads (or builds) the CPU kernels now, not in the first step
             keep_freed_memory()  # no page fault per page of each step's large tensors
@@ -481,9 +484,14 @@ class DeviceWorker:
                 and w.sinks is None and a.qk_norm in ("none", "head", "full")):
             return False
         choice = kernel_choice()
-        return (choice.attention and hidden.shape[0] <= choice.linear_limit(hidden.dtype)
-                and kernel_takes(hidden, w.input_norm, w.qkv, w.qkv_bias, w.o, w.o_bias,
-                                 w.post_norm, w.q_norm, w.k_norm, self.kv.pools[layer]))
+        if not (choice.attention and hidden.shape[0] <= choice.linear_limit(hidden.dtype)):
+            return False
+        fusable = self._fusable.get((layer, hidden.dtype))
+        if fusable is None:  # the weights are the layer's for good; a grown pool is alike
+            fusable = self._fusable[(layer, hidden.dtype)] = kernel_takes(
+                hidden, w.input_norm, w.qkv, w.qkv_bias, w.o, w.o_bias, w.post_norm,
+                w.q_norm, w.k_norm, self.kv.pools[layer])
+        return fusable and kernel_takes(hidden)
 
     def _fused_attention(self, layer: int, hidden: torch.Tensor, b: _Batch
                          ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from moeflow.actors.kvcache import KVCacheFull, PagedKVCache
-from moeflow.ops.sampling import SamplingError, SamplingParams, make_generator, sample
+from moeflow.ops.sampling import (
+    SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
+)
 
 
 def test_a_large_cpu_pool_sits_on_memory_advised_for_huge_pages(vm_flags, monkeypatch):
@@ -61,6 +63,24 @@ def test_greedy_and_seeded_sampling():
     assert {sample(logits, top1, make_generator(top1)) for _ in range(10)} == {1}
     nucleus = SamplingParams(temperature=1.0, top_p=0.5, seed=2)
     assert {sample(logits, nucleus, make_generator(nucleus)) for _ in range(30)} <= {1, 3}
+
+
+def test_greedy_tokens_take_the_first_maximum_and_refuse_what_sample_refuses():
+    """A batch's argmax in one op: fp32 on the CPU through numpy, other dtypes through
+    torch's max, with the same answers (the first of equal maxima; None for a row with a
+    NaN, a +inf, or nothing but -inf)."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=gen)
+    logits[0, 17] = logits[0, 250] = 40.0  # a tie: the first
+    logits[1, 3] = float("nan")
+    logits[2, 99] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, :] = 0.0  # all equal: the first
+    want = [17, None, None, None, 0, int(logits[5].argmax())]
+    assert greedy_tokens(logits) == want
+    assert greedy_tokens(logits.double()) == want  # torch's path
+    every_other = logits[:, ::2]  # a strided view
+    assert greedy_tokens(every_other) == greedy_tokens(every_other.double())
 
 
 @pytest.mark.parametrize("kwargs,match", [
