@@ -69,7 +69,8 @@ The instruction set is chosen at run time by the CPU's features: AVX-512 BF16 wh
 (bf16 GEMMs multiply bf16 pairs as they are, by vdpbf16ps: 32 products an instruction, the
 input rows kept in bf16, the panels packed as pairs; the tiles, as dense in vdpbf16ps as the
 panels and streaming their weights as they multiply, take GEMMs up to 64 rows per weight,
-not 16; everything else as on AVX2), AVX2 +
+not 16, or up to where `moeflow calibrate --kernels` measured panels to take over
+(`panel_rows`); everything else as on AVX2), AVX2 +
 FMA, portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so
 a test can run every path the machine has; the row-wise pieces that the fused ops share with
 the unfused path (the norms, the rotation, residual adds, combine's sums) take 8 lanes
