@@ -87,8 +87,7 @@ def greedy_tokens(logits: torch.Tensor) -> list[int | None]:
         ids = a.argmax(axis=-1)  # [R]; the first NaN of a row, as torch's max gives it
         best = a[numpy.arange(a.shape[0]), ids]
     else:
-        best_t, ids_t = logits.max(dim=-1)  # [R]; a NaN is the max of its row
-        ids, best = ids_t, best_t
+        best, ids = logits.max(dim=-1)  # [R]; a NaN is the max of its row
     isfinite = math.isfinite
     return [i if isfinite(b) else None for i, b in zip(ids.tolist(), best.tolist())]
 
