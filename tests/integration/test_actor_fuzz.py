@@ -70,9 +70,15 @@ def malformed(draw: st.DrawFn) -> list[bytes]:
     if kind == "wrong field types":
         header = msgpack.unpackb(base[1], raw=False)
         key = draw(st.sampled_from(sorted(header)))
-        header[key] = draw(st.one_of(st.text(max_size=5), st.floats(allow_nan=True),
-                                     st.lists(st.integers(-2**31, 2**31), max_size=3), st.none(),
-                                     st.integers(-2**63, 2**64 - 1)))
+        value = draw(st.one_of(st.text(max_size=5), st.floats(allow_nan=True),
+                               st.lists(st.integers(-2**31, 2**31), max_size=3), st.none(),
+                               st.integers(-2**63, 2**64 - 1)))
+        if key == "unit_id" and isinstance(value, int) and 0 <= value < 2**32:
+            # a well-formed message for a unit the check below runs is not malformed: an
+            # actor holds it until that unit comes, and fails the unit on its bad content,
+            # as it should. Such ids are left alone.
+            value += 2**32
+        header[key] = value
         return [base[0], msgpack.packb(header), *base[2:]]
     if kind == "header not a map":
         return [base[0], msgpack.packb(draw(st.lists(st.integers(-2**31, 2**31), max_size=3)))]
