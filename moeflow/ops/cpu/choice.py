@@ -112,13 +112,21 @@ def use_choice(choice: KernelChoice | None) -> None:
     """Make `kernel_choice()` return `choice` in this process (None: the measured one
     again); for calibration and tests."""
     _override[:] = [] if choice is None else [choice]
-    if choice is not None:
-        _set_panel_rows(choice)
+    _set_panel_rows(_measured_choice() if choice is None else choice)
+
+
+_kernels_panel_rows: list[int] = []  # the kernels' own default, once a choice changed it
 
 
 def _set_panel_rows(choice: KernelChoice) -> None:
+    """The kernels take `choice`'s panel rows, or their own default when it has none (an
+    override that set some, then cleared, leaves nothing behind)."""
     if choice.panel_rows:
+        if not _kernels_panel_rows:
+            _kernels_panel_rows.append(kernels.panel_rows())
         kernels.set_panel_rows(choice.panel_rows)
+    elif _kernels_panel_rows:
+        kernels.set_panel_rows(_kernels_panel_rows[0])
 
 
 def kernel_choice() -> KernelChoice:

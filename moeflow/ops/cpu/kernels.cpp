@@ -419,11 +419,11 @@ constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take pane
 // in vdpbf16ps as the panels, and they stream the weights while they multiply, where a
 // panel reads its block before it multiplies it: tiles stay the faster well past 16 rows.
 // A 2-core EPYC (AVX-512 BF16), both in one process, alternated, tiles' time over panels':
-// the 32000 x 1024 LM head 0.67-0.74 at 16-32 rows, 0.85 at 48, 0.92 at 64, 0.98 at 96,
-// 1.02-1.08 at 128-256 (one thread and two alike); 1 MB of weights in cache 0.88-0.97 at
-// 16-24 rows, 1.01-1.05 at 32-64, 1.10 at 96; expert FFNs (D 1024, F 384) 0.79-0.88 at 16,
-// 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert, 1.02-1.03 at 128. That is the
-// default; `moeflow calibrate --kernels` measures this CPU's and the worker sets it
+// the 32000 x 1024 LM head 0.67-0.75 at 16-32 rows, 0.84-0.85 at 48, 0.92-0.93 at 64, 0.98
+// at 96, 1.02-1.08 at 128-256 (one thread and two alike); 1 MB of weights in cache
+// 0.88-0.97 at 16-24 rows, 0.97-1.05 at 32-64, 1.09-1.10 at 96; expert FFNs (D 1024,
+// F 384) 0.79-0.88 at 16, 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert,
+// 1.02-1.03 at 128. That is the default; `moeflow calibrate --kernels` measures this CPU's and the worker sets it
 // (set_panel_rows) for the process.
 constexpr int64_t WIDE_ROWS_PAIRS = 64;
 std::atomic<int64_t> panel_rows_pairs{WIDE_ROWS_PAIRS};
