@@ -6,7 +6,8 @@ Values flowing along data edges:
     Attention(pre)          PreOut(hidden [T, D], qkv [T, *]: rotated q and k, and v)
     Transfer(qkv)           its qkv [T, *]
     Attention(core)         attention output [T, H*v], as is Transfer(hidden)
-    Transfer(weights)       Page: a contiguous group of one layer's routed experts
+    Transfer(weights)       Page: a contiguous group of one layer's routed experts, whole
+                            or a slice of each one's intermediate width
     Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
     Transfer(dispatch)      Rows for one expert group from one home
     Expert(routed)          ExpertOut: weighted output rows per home
@@ -77,13 +78,15 @@ class PreOut:
 @dataclass
 class Page:
     """Routed experts `experts` of one layer (contiguous in the dispatch order), as their
-    owner stacks them."""
+    owner stacks them: whole (`columns` None), or the columns [start, end) of each one's
+    intermediate width F (its gate and up rows, its down columns; f = end - start)."""
 
     experts: tuple[int, ...]
-    gate_up: torch.Tensor  # [G, 2F, D]
-    down: torch.Tensor  # [G, D, F]
-    gate_up_bias: torch.Tensor | None = None  # [G, 2F]
+    gate_up: torch.Tensor  # [G, 2F, D], or [G, 2f, D]: the gate rows, then the up rows
+    down: torch.Tensor  # [G, D, F], or [G, D, f]
+    gate_up_bias: torch.Tensor | None = None  # [G, 2F] or [G, 2f]
     down_bias: torch.Tensor | None = None  # [G, D]
+    columns: tuple[int, int] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         biases = () if self.gate_up_bias is None else (self.gate_up_bias, self.down_bias)
@@ -110,7 +113,9 @@ def payload_to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Page) and value.gate_up.device != device:
-        return Page(value.experts, *(t.to(device) for t in value.tensors()))
+        tensors = [t.to(device) for t in value.tensors()]
+        return Page(value.experts, *tensors, *[None] * (4 - len(tensors)),
+                    columns=value.columns)  # type: ignore[misc]
     return value
 
 
@@ -124,7 +129,10 @@ def to_payload(value: Any) -> Payload:
     if isinstance(value, torch.Tensor):
         return Payload("tensor", {}, (value,), value)
     if isinstance(value, Page):
-        return Payload("page", {"experts": list(value.experts)}, value.tensors(), value)
+        meta: dict[str, Any] = {"experts": list(value.experts)}
+        if value.columns is not None:
+            meta["columns"] = list(value.columns)
+        return Payload("page", meta, value.tensors(), value)
     raise TypeError(f"cannot send a {type(value).__name__}")
 
 
@@ -147,11 +155,16 @@ def from_payload(payload: Payload) -> Any:
             return t[0]
         if payload.kind == "page" and len(t) in (2, 4):
             experts = tuple(int(e) for e in meta["experts"])
+            columns = meta.get("columns")
+            span = None if columns is None else (int(columns[0]), int(columns[1]))
             if t[0].dim() != 3 or t[1].dim() != 3 or not t[0].shape[0] == t[1].shape[0] \
-                    == len(experts):
-                raise MessageError(f"inconsistent page: experts {list(experts)}, gate_up "
-                                   f"{list(t[0].shape)}, down {list(t[1].shape)}")
-            return Page(experts, *t)
+                    == len(experts) or t[0].shape[1] != 2 * t[1].shape[2] \
+                    or (span is not None and not 0 <= span[0] < span[1] == span[0]
+                        + t[1].shape[2]):
+                raise MessageError(f"inconsistent page: experts {list(experts)}, columns "
+                                   f"{span}, gate_up {list(t[0].shape)}, down "
+                                   f"{list(t[1].shape)}")
+            return Page(experts, *t, columns=span)
     except (KeyError, TypeError, ValueError) as exc:
         raise MessageError(f"bad {payload.kind} payload: {exc}") from None
     raise MessageError(f"bad {payload.kind} payload with {len(t)} tensors")

@@ -40,6 +40,7 @@ from moeflow.dataflow.graph import (
     Transfer,
     Unit,
 )
+from moeflow.dataflow.offload import page_columns
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import DenseWeights, ExpertStack, to_device
 from moeflow.ops.attention import decode_attention, decode_mask, prefill_attention
@@ -378,7 +379,8 @@ class DeviceWorker:
             return self._lm_head([(self._units[k], n.seqs if g.micro_batched else None,
                                    inputs[0][1]) for k, g, n, inputs in items])
         if isinstance(node, Transfer) and node.payload == "weights":
-            return [self._page(n.layer, n.experts) for _, _, n, _ in items]  # type: ignore[union-attr]
+            return [self._page(n.layer, n.experts, n.part)  # type: ignore[union-attr]
+                    for _, _, n, _ in items]
         # the rest are small ops over few rows when decoding: on one thread
         rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
                    for k, _, _, inputs in items)
@@ -428,17 +430,30 @@ class DeviceWorker:
         resid = pre.hidden + self._linear(out, w.o, w.o_bias)
         return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
 
-    def _page(self, layer: int, experts: tuple[int, ...]) -> Page:
-        """Weight page: experts of `layer` this device owns, contiguous in its stack."""
+    def _page(self, layer: int, experts: tuple[int, ...], part: tuple[int, int] = (0, 1)
+              ) -> Page:
+        """Weight page: experts of `layer` this device owns, contiguous in its stack; whole
+        (views of the stack), or slice `part` (k, n) of each one's intermediate width
+        (`page_columns`), copied out."""
         stack = self.experts[layer]
         first = self._stack_pos[layer][experts[0]]
         if stack.experts[first:first + len(experts)] != experts:
             raise RuntimeError(f"{self.device} holds experts {stack.experts} of layer {layer}: "
                                f"a page of {experts} is not a contiguous run of them")
         rows = slice(first, first + len(experts))
-        return Page(experts, stack.gate_up[rows], stack.down[rows],
-                    None if stack.gate_up_bias is None else stack.gate_up_bias[rows],
-                    None if stack.down_bias is None else stack.down_bias[rows])
+        gate_up, down = stack.gate_up[rows], stack.down[rows]
+        gate_up_bias = None if stack.gate_up_bias is None else stack.gate_up_bias[rows]
+        down_bias = None if stack.down_bias is None else stack.down_bias[rows]
+        if part == (0, 1):
+            return Page(experts, gate_up, down, gate_up_bias, down_bias)
+        width = down.shape[2]
+        start, end = page_columns(part, width)
+        gate_up = torch.cat((gate_up[:, start:end], gate_up[:, width + start:width + end]), 1)
+        if gate_up_bias is not None:
+            gate_up_bias = torch.cat((gate_up_bias[:, start:end],
+                                      gate_up_bias[:, width + start:width + end]), 1)
+        return Page(experts, gate_up, down[:, :, start:end].contiguous(), gate_up_bias,
+                    down_bias, columns=(start, end))
 
     def _attention(self, layer: int, keys: list[Any], hiddens: list[torch.Tensor],
                    batches: list[_Batch] | None = None) -> list[AttnOut]:
@@ -816,14 +831,17 @@ class DeviceWorker:
         if self._paged is not None and self._paged[0] == ident:
             return self._paged[2]
         self._paged = None  # free the last layer's before stacking this one
-        paged = {e: (p, j) for p in pages for j, e in enumerate(p.experts)}
+        paged: dict[int, list[tuple[Page, int]]] = {}  # expert -> (page, index in it)
+        for p in pages:
+            for j, e in enumerate(p.experts):
+                paged.setdefault(e, []).append((p, j))
         own = self.experts.get(layer)
         pos = self._stack_pos.get(layer, {})
+        moe = self.spec.moe
         parts: list[tuple[torch.Tensor, ...]] = []
         for e in experts:
             if e in paged:
-                p, j = paged[e]
-                parts.append(tuple(t[j] for t in p.tensors()))
+                parts.append(_expert_from_pages(e, layer, paged[e], moe.intermediate_size))
             elif own is not None and e in pos:
                 k = pos[e]
                 parts.append(tuple(t[k] for t in (own.gate_up, own.down, own.gate_up_bias,
@@ -833,7 +851,6 @@ class DeviceWorker:
                                    f"nor received a page of it")
         stacked = [torch.stack(ts) for ts in zip(*parts)]
         biases = stacked[2:] if len(stacked) == 4 else [None, None]
-        moe = self.spec.moe
         group = ExpertGroup.of(stacked[0], stacked[1], biases[0], biases[1],
                                SILU if moe.swiglu_limit is None
                                else Activation(moe.swiglu_limit, moe.swiglu_alpha))
@@ -914,6 +931,34 @@ class DeviceWorker:
         logits = self._linear(x, self.dense.lm_head).float()
         return [Logits(seqs, rows, values)
                 for (seqs, rows), values in zip(shapes, _split(logits, picked))]
+
+
+def _expert_from_pages(expert: int, layer: int, held: list[tuple[Page, int]], width: int
+                       ) -> tuple[torch.Tensor, ...]:
+    """One expert's weights (gate_up, down[, biases]) from the pages holding it: one whole,
+    or slices that tile its intermediate width, joined in column order (views of a whole
+    page; one copy of slices, as stacking the group copies a whole one)."""
+    if len(held) == 1 and held[0][0].columns is None:
+        page, j = held[0]
+        return tuple(t[j] for t in page.tensors())
+    held = sorted(held, key=lambda pj: (pj[0].columns or (0, 0))[0])
+    at = 0
+    for page, _ in held:
+        if page.columns is None or page.columns[0] != at:
+            raise RuntimeError(f"the pages of expert {expert} of layer {layer} hold columns "
+                               f"{[p.columns for p, _ in held]}: they do not tile its width")
+        at = page.columns[1]
+    if at != width:
+        raise RuntimeError(f"the pages of expert {expert} of layer {layer} hold columns "
+                           f"{[p.columns for p, _ in held]} of its {width}")
+    gates = [p.gate_up[j, :p.down.shape[2]] for p, j in held]
+    ups = [p.gate_up[j, p.down.shape[2]:] for p, j in held]
+    out = [torch.cat(gates + ups), torch.cat([p.down[j] for p, j in held], 1)]
+    if held[0][0].gate_up_bias is not None:
+        out.append(torch.cat([p.gate_up_bias[j, :p.down.shape[2]] for p, j in held]  # type: ignore[index]
+                             + [p.gate_up_bias[j, p.down.shape[2]:] for p, j in held]))  # type: ignore[index]
+        out.append(held[0][0].down_bias[held[0][1]])  # type: ignore[index]
+    return tuple(out)
 
 
 def _rows_of(inputs: list[tuple[Node, Any]]) -> int:

@@ -11,7 +11,8 @@ Node kinds. Each node runs on one `device`; a Transfer runs from `src` to `dst`.
     Expert      routed experts (a group of them, on their owner), a shared expert, or a
                 dense MLP
     Transfer    bytes moving between devices: dispatch / combine of routed rows, hidden
-                states, KV, weight pages
+                states, KV, weight pages (a page: `experts`, whole or, with `part` (k, n),
+                the k-th of n slices of each one's intermediate width)
     Combine     residual + shared + routed partial outputs -> the layer's output
     LMHead      final norm and vocabulary projection for the rows that need logits
 
@@ -199,6 +200,13 @@ class Transfer:
     num_bytes: int | None = None
     experts: tuple[int, ...] = ()
     stage: int = 0
+    part: tuple[int, int] = (0, 1)  # a weight page: slice k of n of its experts' FFN width
+
+    def __post_init__(self) -> None:
+        k, n = self.part
+        if not 0 <= k < n:
+            raise GraphError(f"a transfer's part must be (k, n) with 0 <= k < n, got "
+                             f"{self.part}")
 
     @property
     def device(self) -> str:

@@ -19,10 +19,12 @@ With `cpu_attention=False` (FlexGen's schedule) attention stays whole on the GPU
 KV cache there.
 
 Weights. The experts the placement gives the GPU are resident. Every other owner's experts
-of a layer are cut into `pages` contiguous pages (at most one per expert), each a
-`Transfer(weights, owner->gpu, experts=page, stage=p)`; every routed Expert of the layer
-reads all of them, so the layer's weights are in place before any of its micro-batches
-runs its experts. Pages land in a double buffer of two layers, used by MoE-layer parity: a
+of a layer are cut into `pages` pages of near-equal size, each a `Transfer(weights,
+owner->gpu, experts=..., stage=p, part=...)`: contiguous groups of whole experts while the
+owner has at least as many experts as pages, else every expert cut along its FFN's
+intermediate width, page k holding slice k of `pages` of each (`part=(k, pages)`; see
+`page_columns`). Every routed Expert of the layer reads all of them, so the layer's
+weights are in place before any of its micro-batches runs its experts. Pages land in a double buffer of two layers, used by MoE-layer parity: a
 page of an MoE layer may overwrite its half only after every Expert of the MoE layer two
 before it is done (a `war` edge from each of them), so at most two layers' pages are on
 the GPU at once. The first two MoE layers' pages wait (a `control` edge) for the GPU's
@@ -52,7 +54,7 @@ class OffloadCut:
                          unit order); together they hold every sequence once
     cpu_attention        attention's core on the host over a host KV cache (CGOPipe), or
                          all of attention on the GPU (FlexGen)
-    pages                weight pages per offloading owner and layer"""
+    pages                weight pages per offloading owner and layer (`offloaded_pages`)"""
 
     gpu: str
     host: str
@@ -84,15 +86,32 @@ class OffloadNodes:
     head: tuple[int, ...]  # LMHead per micro-batch
 
 
-def offloaded_pages(placement: Placement, gpu: str, pages: int) -> list[tuple[str, tuple[int, ...]]]:
-    """A layer's weight pages: (owner, experts) for every owner but the GPU, each owner's
-    experts cut into `pages` contiguous groups (fewer when it has fewer experts)."""
-    out: list[tuple[str, tuple[int, ...]]] = []
+Page = tuple[str, tuple[int, ...], tuple[int, int]]  # owner, experts, part (k, n)
+
+
+def offloaded_pages(placement: Placement, gpu: str, pages: int, width: int) -> list[Page]:
+    """A layer's weight pages, `pages` per owner but the GPU: (owner, experts, part). An
+    owner with at least `pages` experts sends contiguous groups of whole experts (part
+    (0, 1)); one with fewer sends every expert in each page, page k holding slice k of
+    `pages` of each one's intermediate width `width` (no more slices than columns)."""
+    out: list[Page] = []
     for owner in placement.owners():
-        if owner != gpu:
-            out.extend((owner, group) for group in split_groups(placement.experts_of(owner),
-                                                                pages))
+        if owner == gpu:
+            continue
+        experts = placement.experts_of(owner)
+        if len(experts) >= pages:
+            out.extend((owner, group, (0, 1)) for group in split_groups(experts, pages))
+        else:
+            n = max(1, min(pages, width))
+            out.extend((owner, experts, (k, n)) for k in range(n))
     return out
+
+
+def page_columns(part: tuple[int, int], width: int) -> tuple[int, int]:
+    """The columns [start, end) of an expert's intermediate width (its gate and up rows,
+    its down columns) that part (k, n) of it holds: near-equal, contiguous, in order."""
+    k, n = part
+    return width * k // n, width * (k + 1) // n
 
 
 def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
@@ -113,7 +132,7 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
                          f"unit's {len(unit.seqs)} sequences exactly once")
     split = cut.cpu_attention and host != gpu
     everything = placement.dispatch_order()
-    page_list = offloaded_pages(placement, gpu, cut.pages)
+    page_list = offloaded_pages(placement, gpu, cut.pages, spec.moe.intermediate_size)
 
     a = spec.attention
     act = DTYPE_BYTES.get(spec.dtype, 2)  # activations stay in the model's dtype
@@ -138,9 +157,9 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
     for layer, layer_spec in enumerate(spec.layers):
         layer_pages: list[int] = []
         if layer_spec.mlp != "dense":
-            for p, (owner, group) in enumerate(page_list):
+            for p, (owner, group, part) in enumerate(page_list):
                 page = b.add(Transfer, src=owner, dst=gpu, layer=layer, payload="weights",
-                             experts=group, stage=p)
+                             experts=group, stage=p, part=part)
                 if len(moe_routed) >= 2:  # its buffer half held the MoE layer two back's
                     for expert in moe_routed[-2]:
                         b.edge(expert, page, "war")

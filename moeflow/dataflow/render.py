@@ -192,6 +192,8 @@ def _label(unit: Unit, n: Node) -> tuple[str, str]:
     if isinstance(n, Transfer):
         experts = f" e{_ranges(n.experts)}" if n.experts else ""
         stage = f" · stage {n.stage}" if n.stage else ""
+        if n.part != (0, 1):
+            stage += f" · slice {n.part[0] + 1}/{n.part[1]}"
         # A size known only after the gate (None) is left out.
         size = "" if n.num_bytes is None else f" · {_num_bytes(n.num_bytes)}"
         return f"Transfer {n.payload} {n.src}→{n.dst}", f"L{n.layer}{experts}{stage}{size}"

@@ -24,7 +24,8 @@ cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
   step k = (layer i, micro-batch j), the post-attention chain of k, then PreAttn of step
   k+2 (the CPU works two micro-batches ahead; a prologue issues steps 0 and 1); the host
   attends in step order; its h2d stream interleaves the hidden state of (i, j) with weight
-  page j of layer i+1 (a layer's pages: `pages`, by default one per micro-batch).
+  page j of layer i+1 (a layer's pages: `pages`, by default one per micro-batch; whole
+  experts while they last, else slices of every expert: `moeflow.dataflow.offload`).
 - Weight pages go into a double buffer of two layers by layer parity: a page of layer i
   waits (a write-after-read edge) for every expert of layer i-2.
 
@@ -40,9 +41,8 @@ KV it kept fail.
 
 What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
 simulate` only (`generate` and `serve` take 3 micro-batches), prefill on the GPU with
-the KV moved to the host
-(here prefill takes the same CPU-attention path), a pinned relay between host memory and
-the GPU, and pages smaller than an expert.
+the KV moved to the host (here prefill takes the same CPU-attention path), and a pinned
+relay between host memory and the GPU.
 """
 
 from __future__ import annotations

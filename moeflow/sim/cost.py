@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
+from moeflow.dataflow.offload import page_columns
 from moeflow.models.spec import DTYPE_BYTES, ModelSpec
 from moeflow.sim.hardware import DeviceSpec, Hardware
 
@@ -131,8 +132,11 @@ class CostModel:
             return self.routed_cost(sum(rows), sum(1 for r in rows if r),
                                     self.pipelined(graph, node), kernel)
         if isinstance(node, Transfer):
-            if node.payload == "weights":  # a page of routed experts
-                return NodeCost(0, len(node.experts) * s.expert_params() * wb, 0, kernels)
+            if node.payload == "weights":  # a page of routed experts, or of slices of them
+                width = s.moe.intermediate_size
+                start, end = page_columns(node.part, width)
+                return NodeCost(0, len(node.experts) * s.expert_params() * wb * (end - start)
+                                / width, 0, kernels)
             if node.num_bytes is not None:  # sized when compiled (activations to the host)
                 return NodeCost(0, node.num_bytes, 0, kernels if node.num_bytes else 0)
             return NodeCost(0, sum(rows) * d * b, 0, kernels if sum(rows) else 0)

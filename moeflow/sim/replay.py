@@ -177,7 +177,8 @@ class PlanTable:
                     group[-1].append(i)
                     continue
                 cost_key: Hashable = (kind, node.src == node.dst, node.dst,  # type: ignore
-                                      node.payload, len(experts), node.num_bytes)  # type: ignore
+                                      node.payload, len(experts), node.num_bytes,  # type: ignore
+                                      node.part)  # type: ignore[union-attr]
                 seqs: tuple[int, ...] = ()
             else:
                 device = node.device

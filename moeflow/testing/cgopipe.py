@@ -11,7 +11,8 @@
       ended (dense layers have no pages); so the GPU never holds more than two layers'
       pages;
     - the pages tile the layer's offloaded experts exactly: in every MoE layer the pages hold
-      each expert the GPU does not own once, and no other.
+      each expert the GPU does not own once (whole, or every slice k of n of it once), and
+      no other.
 
 Not checked, because not built: "a pinned slot is refilled only after its previous GPU copy
 finished" (a page is one copy; there is no pinned relay yet).
@@ -34,20 +35,28 @@ _PARTS = ("pre", "qkv", "core", "hidden", "post")
 def graph_problems(graph: Graph, gpu: str) -> list[str]:
     """The pages of every MoE layer tile its offloaded experts exactly."""
     out: list[str] = []
-    offloaded = {e for _, group in offloaded_pages(graph.placement, gpu, 1) for e in group}
-    pages: dict[int, list[int]] = {}
+    offloaded = {e for _, group, _ in offloaded_pages(graph.placement, gpu, 1, 1)
+                 for e in group}
+    pages: dict[int, dict[int, list[tuple[int, int]]]] = {}  # layer -> expert -> its parts
     moe_layers = {n.layer for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"}
     for node in graph.nodes:
         if isinstance(node, Transfer) and node.payload == "weights":
             if node.dst != gpu:
                 out.append(f"a weight page of layer {node.layer} goes to {node.dst}, "
                            f"not the GPU {gpu}")
-            pages.setdefault(node.layer, []).extend(node.experts)
+            held = pages.setdefault(node.layer, {})
+            for e in node.experts:
+                held.setdefault(e, []).append(node.part)
     for layer in sorted(moe_layers | set(pages)):
-        held = pages.get(layer, [])
+        held = pages.get(layer, {})
         if sorted(held) != sorted(offloaded):
             out.append(f"layer {layer}: the pages hold experts {sorted(held)[:8]}, the GPU "
                        f"does not own {sorted(offloaded)[:8]}")
+        for e, parts in sorted(held.items()):
+            n = parts[0][1]
+            if sorted(parts) != [(k, n) for k in range(n)]:
+                out.append(f"layer {layer}: the pages hold parts {sorted(parts)[:8]} of "
+                           f"expert {e}, not each of its {n} once")
     return out
 
 

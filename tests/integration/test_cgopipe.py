@@ -37,7 +37,16 @@ class FourMicroBatches(CGOPipe):
         super().__init__(micro_batches=4, pages=3)
 
 
-@pytest.mark.parametrize("policy", [CGOPipe, FourMicroBatches, FlexGen])
+class SlicedPages(CGOPipe):
+    """More pages than the host has experts: each page holds a slice of every one."""
+
+    name = "cgopipe-sliced"
+
+    def __init__(self) -> None:
+        super().__init__(micro_batches=4, pages=6)
+
+
+@pytest.mark.parametrize("policy", [CGOPipe, FourMicroBatches, SlicedPages, FlexGen])
 def test_cgopipe_and_flexgen_pass_the_whole_suite_with_invariant_8(policy):
     check_scheduler(policy, max_examples=30, real_examples=3)
 
@@ -114,7 +123,11 @@ def test_cgopipe_and_flexgen_match_batch_ep_in_process(family, tiny_factory):
     pages = [n for n in graph.nodes if isinstance(n, Transfer) and n.payload == "weights"]
     assert {e for p in pages for e in p.experts} == set(cluster.placement.experts_of("cpu:1"))
     assert len({n.seqs for n in graph.nodes if hasattr(n, "seqs")}) == 4  # micro-batches
-    for scheduler in (CGOPipe(), policy, FlexGen()):
+    sliced = [n for n in SlicedPages().plan(unit, spec, cluster).graph.nodes
+              if isinstance(n, Transfer) and n.payload == "weights"]
+    first = [p.part for p in sliced if p.layer == sliced[0].layer]
+    assert first == [(k, 6) for k in range(6)]  # 4 experts to page: 6 slices of each
+    for scheduler in (CGOPipe(), policy, SlicedPages(), FlexGen()):
         assert_same(generate(inproc(), spec, scheduler, cluster), reference)
 
 
@@ -128,6 +141,7 @@ def test_cgopipe_matches_batch_ep_across_actor_processes(tiny_factory):
         BatchEP(), cluster)
     with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True) as zmq:
         assert_same(generate(zmq, spec, CGOPipe(), cluster), reference)
+        assert_same(generate(zmq, spec, SlicedPages(), cluster), reference)  # pages by slices
         assert_same(generate(zmq, spec, FlexGen(), cluster), reference)
 
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 import pytest
 
 from moeflow.dataflow.check import problems
-from moeflow.dataflow.graph import Attention, Expert, GraphError, SeqChunk, Unit
-from moeflow.dataflow.offload import OffloadCut, compile_offload
+from moeflow.dataflow.graph import (
+    Attention, Expert, Graph, GraphError, SeqChunk, Transfer, Unit,
+)
+from moeflow.dataflow.offload import OffloadCut, compile_offload, offloaded_pages, page_columns
 from moeflow.models.families import spec_from_config
 from moeflow.models.tiny import TinyShape, tiny_config
 from moeflow.scheduler import Cluster
 from moeflow.scheduler.cgopipe import CGOPipe, FlexGen, algorithm2
+from moeflow.sim.cost import CostModel
+from moeflow.sim.hardware import load as load_hardware
 from moeflow.sim.simulator import Simulator
 from moeflow.sim.workload import Routing, SimRequest
-from moeflow.testing.cgopipe import invariant_8
+from moeflow.testing.cgopipe import graph_problems, invariant_8
 from moeflow.testing.strategies import tight_hardware
 
 SPEC = spec_from_config(tiny_config("qwen3_moe", TinyShape(layers=4, experts=8, top_k=2)),
@@ -62,6 +66,43 @@ def test_the_offloaded_graph_is_a_correct_forward_pass_with_pages_that_tile_the_
             assert war == two_back
     cores = [n for n in graph.nodes if isinstance(n, Attention) and n.part == "core"]
     assert {c.device for c in cores} == {"cpu:1"} and len(cores) == 3 * SPEC.num_layers
+
+
+def test_pages_are_whole_experts_while_they_last_then_slices_of_every_expert():
+    placement = CLUSTER.placement  # cpu:1 owns experts 4-7
+    assert offloaded_pages(placement, "cpu:0", 2, 10) == [
+        ("cpu:1", (4, 5), (0, 1)), ("cpu:1", (6, 7), (0, 1))]
+    assert offloaded_pages(placement, "cpu:0", 4, 10) == [
+        ("cpu:1", (e,), (0, 1)) for e in (4, 5, 6, 7)]
+    sliced = offloaded_pages(placement, "cpu:0", 6, 10)
+    assert sliced == [("cpu:1", (4, 5, 6, 7), (k, 6)) for k in range(6)]
+    columns = [page_columns(part, 10) for _, _, part in sliced]
+    assert columns[0][0] == 0 and columns[-1][1] == 10  # they tile the width, in order,
+    assert all(a[1] == b[0] for a, b in zip(columns, columns[1:]))  # near-equal
+    assert {end - start for start, end in columns} == {1, 2}
+    # never more slices than columns
+    assert len(offloaded_pages(placement, "cpu:0", 6, 3)) == 3
+    with pytest.raises(GraphError, match="part must be"):
+        Transfer(0, "cpu:1", "cpu:0", 0, "weights", experts=(4,), part=(2, 2))
+
+
+def test_sliced_pages_tile_every_offloaded_expert_and_cost_their_share():
+    unit = decode([7, 9, 11, 13, 15])
+    cut = OffloadCut("cpu:0", "cpu:1", algorithm2(unit, 5, None), pages=5)
+    graph, ids = compile_offload(SPEC, unit, CLUSTER.placement, cut)
+    assert problems(graph, SPEC) == [] and graph_problems(graph, "cpu:0") == []
+    pages = [graph.nodes[p] for p in ids.pages[0]]
+    assert [p.part for p in pages] == [(k, 5) for k in range(5)]
+    assert all(p.experts == (4, 5, 6, 7) for p in pages)
+    cost = CostModel(SPEC, load_hardware("t4"))
+    whole = cost.cost(graph, Transfer(0, "cpu:1", "cpu:0", 0, "weights", experts=(4, 5, 6, 7)))
+    assert sum(cost.cost(graph, p).bytes for p in pages) == pytest.approx(whole.bytes)
+    # a page that lost a slice, or holds one twice, is caught
+    broken = graph.nodes[:ids.pages[0][0]] + (
+        Transfer(ids.pages[0][0], "cpu:1", "cpu:0", 0, "weights", experts=(4, 5, 6, 7),
+                 part=(1, 5)),) + graph.nodes[ids.pages[0][0] + 1:]
+    lost = Graph(graph.unit, graph.placement, broken, graph.edges, graph.num_layers)
+    assert any("not each of its 5 once" in p for p in graph_problems(lost, "cpu:0"))
 
 
 def test_the_offloaded_graph_refuses_what_it_cannot_run():
@@ -178,3 +219,24 @@ def test_null_workers_run_cgopipe_through_the_whole_runtime():
         core.step()
     assert [len(r.output_ids) for r in requests] == [4] * 5
     assert not executor.workers["cpu:1"].kv.seqs  # the host freed every request's KV
+
+
+def test_a_sliced_page_travels_with_its_columns_and_a_wrong_one_is_refused():
+    import torch
+
+    from moeflow.actors.messages import Data, MessageError, decode_all, encode
+    from moeflow.actors.values import Page, from_payload, to_payload
+
+    def wire(page: Page) -> Page:  # as the frames arrive: buffers of bytes
+        frames = [bytearray(f) for f in encode(Data(1, 2, to_payload(page)))]
+        return from_payload(decode_all(frames)[0].payload)  # type: ignore[attr-defined]
+
+    page = Page((4, 5), torch.randn(2, 6, 8), torch.randn(2, 8, 3), columns=(3, 6))
+    back = wire(page)
+    assert back.columns == (3, 6) and back.experts == (4, 5)
+    assert torch.equal(back.gate_up, page.gate_up) and torch.equal(back.down, page.down)
+    assert wire(Page((4,), torch.randn(1, 6, 8), torch.randn(1, 8, 3))).columns is None
+    for columns in ((3, 5), (-1, 2), (4, 4)):  # 3 columns sent, whatever it says
+        bad = Page((4, 5), page.gate_up, page.down, columns=columns)
+        with pytest.raises(MessageError, match="inconsistent page"):
+            wire(bad)
