@@ -10,7 +10,8 @@ the nodes on its own streams:
                                    node, or nodes coalesced into one kernel
     run(group) -> [value]          run one (the shell decides on which thread)
     finish(task, value) -> [Outgoing]
-        A finished Transfer becomes a Data message to its destination actor; any other
+        A finished Transfer becomes a Data message to each destination actor (a
+        dispatch or combine to several sends each its own part); any other
         node whose successor lives on another actor becomes a Done notice to it. A
         finished LMHead is sampled for the requests this actor homes. When every node of a
         unit that runs here is done, a UnitPart (token ids, no tensors unless asked) goes
@@ -47,7 +48,7 @@ from moeflow.actors.messages import (
 )
 from moeflow.actors.values import Logits, Routing, from_payload, payload_to, to_payload
 from moeflow.actors.worker import DeviceWorker
-from moeflow.dataflow.graph import Attention, Gate, LMHead, Node, Transfer, Unit
+from moeflow.dataflow.graph import FAN_PAYLOADS, Attention, Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.base import checked_adjustments
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, SemanticsError, Task
@@ -85,6 +86,8 @@ class Step:
     notify: tuple[str, ...]  # other actors waiting on it with no data: told by Done
     gate: bool
     dispatch: bool  # a dispatch to another actor: its Data carries the gate's counts
+    dsts: tuple[str, ...]  # SEND: the actors it goes to
+    fan: bool  # its value is a part per destination (a dispatch or combine)
 
 
 class Program:
@@ -98,9 +101,10 @@ class Program:
                 steps.append(None)
                 continue
             inputs = graph.inputs(node.id)
-            sends = isinstance(node, Transfer) and node.dst != actor
+            dsts = node.dsts if isinstance(node, Transfer) else ()
+            sends = bool(dsts) and dsts != (actor,)
             effect = SEND if sends else SAMPLE if isinstance(node, LMHead) else KEEP
-            told = {node.dst} if isinstance(node, Transfer) else set()
+            told = set(dsts)
             notify = []
             for succ in graph.succs(node.id):
                 other = plan.assignment[succ].actor
@@ -109,7 +113,8 @@ class Program:
                     notify.append(other)
             steps.append(Step(node, inputs, tuple(graph.nodes[p] for p in inputs), effect,
                               tuple(notify), isinstance(node, Gate),
-                              sends and node.payload == "dispatch"))  # type: ignore[union-attr]
+                              sends and node.payload == "dispatch",  # type: ignore[union-attr]
+                              dsts, bool(dsts) and node.payload in FAN_PAYLOADS))  # type: ignore[union-attr]
         self.plan = plan
         self.steps = tuple(steps)
         # sequences whose KV lives here: where their attention (or its core) runs; a
@@ -358,11 +363,12 @@ class ActorCore:
             uses[p] -= 1
             if uses[p] == 0:
                 values.pop(p, None)
-        if step.effect == KEEP:
-            values[task[1]] = value
+        if step.effect == KEEP:  # a transfer to its own device: its one part
+            values[task[1]] = value[0] if step.fan else value
         elif step.effect == SEND:
-            out.append(Outgoing(node.dst, Data(unit.unit_id, task[1],  # type: ignore[attr-defined]
-                                               to_payload(value), sent_counts)))
+            for dst, part in zip(step.dsts, value) if step.fan else ((step.dsts[0], value),):
+                out.append(Outgoing(dst, Data(unit.unit_id, task[1], to_payload(part),
+                                              sent_counts)))
         else:
             self._sample(unit, value)
         counts = value.counts if step.gate and isinstance(value, Routing) else None

@@ -19,7 +19,7 @@ import torch
 
 from moeflow.actors.kvcache import PagedKVCache
 from moeflow.actors.values import Logits, Routing
-from moeflow.dataflow.graph import Gate, Graph, LMHead, Node, Unit
+from moeflow.dataflow.graph import FAN_PAYLOADS, Gate, Graph, LMHead, Node, Transfer, Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.ops.backend import index_tensor
 
@@ -89,4 +89,6 @@ class NullWorker:
                 logits = state.logits[seqs] = Logits(
                     seqs, rows, torch.zeros(sum(rows), NULL_VOCAB))
             return logits
+        if isinstance(node, Transfer) and node.payload in FAN_PAYLOADS:
+            return (NULL,) * len(node.dsts)  # a part per destination
         return NULL

@@ -94,7 +94,8 @@ class _Job:
     plan: Plan
     began: float  # since the trace's time zero: none of its spans starts before
     spans: list[tuple[int, float, float]] = field(default_factory=list)
-    arrivals: dict[int, float] = field(default_factory=dict)  # node -> first heard of
+    # a transfer -> when the last of its destinations heard of it
+    arrivals: dict[int, float] = field(default_factory=dict)
 
 
 class RealTrace:
@@ -131,10 +132,10 @@ class RealTrace:
             return
         job.spans.extend(msg.spans)
         nodes = job.plan.graph.nodes
-        for node, when in msg.arrivals:  # a transfer's: when its destination took it in
+        for node, when in msg.arrivals:  # a transfer's: when its destinations took it in
             if (0 <= node < len(nodes) and isinstance(nodes[node], Transfer)
-                    and nodes[node].dst == msg.actor  # type: ignore[attr-defined]
-                    and when < job.arrivals.get(node, math.inf)):
+                    and msg.actor in nodes[node].dsts  # type: ignore[attr-defined]
+                    and when > job.arrivals.get(node, -math.inf)):  # the last of them
                 job.arrivals[node] = when
 
     def end(self, job_id: int) -> None:

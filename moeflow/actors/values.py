@@ -9,9 +9,10 @@ Values flowing along data edges:
     Transfer(weights)       Page: a contiguous group of one layer's routed experts, whole
                             or a slice of each one's intermediate width
     Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
-    Transfer(dispatch)      Rows for one expert group from one home
+    Transfer(dispatch)      a Rows per destination: one home's rows for the expert group
+                            that destination owns (each sent on its own)
     Expert(routed)          ExpertOut: weighted output rows per home
-    Transfer(combine)       Partial rows for one home
+    Transfer(combine)       a Partial per destination home: its rows of the group
     Expert(shared / dense)  [T, D]
     LMHead                  Logits [R, V] (fp32)
 

@@ -39,6 +39,7 @@ from moeflow.dataflow.graph import (
     Placement,
     Transfer,
     Unit,
+    dispatch_groups,
 )
 from moeflow.dataflow.offload import page_columns
 from moeflow.models.spec import ModelSpec
@@ -128,6 +129,9 @@ class DeviceWorker:
         self._units: dict[Any, _UnitState] = {}
         self._groups: dict[tuple[Any, ...], _Batch] = {}  # merged decode batches, by unit keys
         self._ranks: dict[Placement, tuple[torch.Tensor, dict[int, int], bool]] = {}
+        # a dispatch's experts by destination, by (placement, destinations, experts)
+        self._dispatch_groups: dict[tuple[Placement, tuple[str, ...], tuple[int, ...]],
+                                    tuple[tuple[int, ...], ...]] = {}
         self._stack_pos: dict[int, dict[int, int]] = {
             layer: {e: j for j, e in enumerate(stack.experts)} for layer, stack in experts.items()}
         self._expert_groups: dict[tuple[int, tuple[int, ...]], ExpertGroup] = {}
@@ -764,11 +768,16 @@ class DeviceWorker:
         return Rows(home, start, x, ends, routing.weight_of_row[start:end])
 
     def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:
+        """A transfer's value: a dispatch's or combine's, a part per destination."""
         value = inputs[0][1]
         if node.payload == "dispatch":
-            return self._rows(graph, value, node.src, node.experts)
+            groups = self._dispatch_groups.get((graph.placement, node.dsts, node.experts))
+            if groups is None:
+                groups = self._dispatch_groups[(graph.placement, node.dsts, node.experts)] = \
+                    dispatch_groups(node, graph.placement)
+            return tuple(self._rows(graph, value, node.src, group) for group in groups)
         if node.payload == "combine":
-            return value.parts[node.dst]
+            return tuple(value.parts[d] for d in node.dsts)
         if node.payload == "qkv":
             return value.qkv
         return value

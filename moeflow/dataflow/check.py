@@ -60,7 +60,7 @@ class _Checker:
                 self.routed.setdefault(n.layer, []).append(n)
 
     def label(self, n: Node) -> str:
-        where = f"{n.src}->{n.dst}" if isinstance(n, Transfer) else n.device
+        where = f"{n.src}->{','.join(n.dsts)}" if isinstance(n, Transfer) else n.device
         layer = getattr(n, "layer", None)
         return f"{type(n).__name__}#{n.id}({'' if layer is None else f'L{layer} '}{where})"
 
@@ -103,19 +103,21 @@ class _Checker:
     def devices_and_transfers(self) -> None:
         devices = self.graph.placement.devices
         for n in self.nodes:
-            for d in ((n.src, n.dst) if isinstance(n, Transfer) else (n.device,)):
+            for d in ((n.src, *n.dsts) if isinstance(n, Transfer) else (n.device,)):
                 if d not in devices:
                     self.out.append(f"{self.label(n)} runs on {d}, not in the placement")
             if not isinstance(n, Transfer):
                 continue
             for src in self.reads(n):
-                if src.device != n.src and not (isinstance(src, Transfer) and src.dst == n.src):
+                if src.device != n.src and not (isinstance(src, Transfer)
+                                                and n.src in src.dsts):
                     self.out.append(f"{self.label(n)} reads {self.label(src)}, not on {n.src}")
             for succ in self.graph.succs(n.id):
                 dst = self.nodes[succ]
-                if n.id in self.graph.inputs(succ) and getattr(dst, "device", None) != n.dst \
-                        and not (isinstance(dst, Transfer) and dst.src == n.dst):
-                    self.out.append(f"{self.label(n)} feeds {self.label(dst)}, not on {n.dst}")
+                if n.id in self.graph.inputs(succ) and getattr(dst, "device", None) \
+                        not in n.dsts and not (isinstance(dst, Transfer) and dst.src in n.dsts):
+                    self.out.append(f"{self.label(n)} feeds {self.label(dst)}, not on "
+                                    f"{' or '.join(n.dsts)}")
 
     def home_chain(self, home: str, seqs: tuple[int, ...]) -> None:
         embeds, heads = self.chain(Embed, None, home, seqs), self.chain(LMHead, None, home, seqs)

@@ -2,14 +2,16 @@
 
 Per layer and per home device h (a device serving some of the unit's sequences):
 
-    Attention(h) -> Gate(h) -> Transfer(dispatch, h->d) -> Expert(d, group)
-                                                                   |
-                    Combine(h) <- Transfer(combine, d->h) <--------+
+    Attention(h) -> Gate(h) -> Transfer(dispatch, h->owners) -> Expert(d, group)
+                                                                       |
+                    Combine(h) <- Transfer(combine, d->homes) <--------+
                  (Combine(h) also reads Attention(h) for the residual, Gate(h) for the row
                   order, and Expert(h, shared) when the model has a shared expert)
 
 Rows routed to experts that h itself owns skip the transfers. An owner's Expert node for a
-group takes the rows of every home at once. A dense layer is Attention -> Expert(dense) ->
+group takes the rows of every home at once. Each home's dispatch is one Transfer to every
+other owner (its part of the all-to-all), and each owner's combine one Transfer back to
+every other home. A dense layer is Attention -> Expert(dense) ->
 Combine. The first layer reads Embed(h); LMHead(h) reads the last Combine.
 
 The Cut says how a policy wants the graph cut:
@@ -86,9 +88,11 @@ def compile(spec: ModelSpec, unit: Unit, placement: Placement,
     context = {h: sum(unit.seqs[i].start + unit.seqs[i].num_tokens for i in seqs[h])
                for h in homes}
     order = placement.dispatch_order()
-    groups = [(owner, group) for owner in placement.owners()
-              for group in split_groups(tuple(e for e in order if placement.owner(e) == owner),
-                                        cut.expert_stages)]
+    groups = {owner: split_groups(tuple(e for e in order if placement.owner(e) == owner),
+                                  cut.expert_stages) for owner in placement.owners()}
+    # per stage: each owner with a group in it, and that group
+    stages = [[(owner, g[stage]) for owner, g in groups.items() if stage < len(g)]
+              for stage in range(max(map(len, groups.values()), default=0))]
 
     b = _Builder()
     prev = {h: b.add(Embed, device=h, seqs=seqs[h], num_tokens=tokens[h]) for h in homes}
@@ -110,20 +114,26 @@ def compile(spec: ModelSpec, unit: Unit, placement: Placement,
             gate = {h: b.add(Gate, attn[h], device=h, layer=layer, seqs=seqs[h],
                              num_tokens=tokens[h]) for h in homes}
             partials: dict[str, list[int]] = {h: [] for h in homes}
-            stage_of_owner: dict[str, int] = {}
-            for owner, group in groups:
-                stage = stage_of_owner.get(owner, 0)
-                stage_of_owner[owner] = stage + 1
-                sources = [gate[h] if h == owner else
-                           b.add(Transfer, gate[h], src=h, dst=owner, layer=layer,
-                                 payload="dispatch", experts=group, stage=stage)
-                           for h in homes]
-                expert = b.add(Expert, *sources, device=owner, layer=layer, experts=group,
-                               stage=stage)
+            for stage, owned in enumerate(stages):
+                dispatch: dict[str, int] = {}  # home -> its dispatch to the other owners
                 for h in homes:
-                    partials[h].append(expert if h == owner else b.add(
-                        Transfer, expert, src=owner, dst=h, layer=layer, payload="combine",
-                        experts=group, stage=stage))
+                    others = [(owner, group) for owner, group in owned if owner != h]
+                    if others:
+                        dispatch[h] = b.add(
+                            Transfer, gate[h], src=h, dsts=tuple(o for o, _ in others),
+                            layer=layer, payload="dispatch",
+                            experts=tuple(e for _, group in others for e in group),
+                            stage=stage)
+                for owner, group in owned:
+                    sources = [gate[h] if h == owner else dispatch[h] for h in homes]
+                    expert = b.add(Expert, *sources, device=owner, layer=layer, experts=group,
+                                   stage=stage)
+                    others_home = tuple(h for h in homes if h != owner)
+                    back = (b.add(Transfer, expert, src=owner, dsts=others_home, layer=layer,
+                                  payload="combine", experts=group, stage=stage)
+                            if others_home else -1)
+                    for h in homes:
+                        partials[h].append(expert if h == owner else back)
             for h in homes:
                 shared = ([b.add(Expert, attn[h], device=h, layer=layer, kind="shared",
                                  num_tokens=tokens[h])]

@@ -4,7 +4,7 @@ Everything here is plain frozen data whose `repr` is valid Python (evaluate it w
 `from moeflow.dataflow import *` in scope), so a failing case found by a property test can
 be pasted into a regression test as it is.
 
-Node kinds. Each node runs on one `device`; a Transfer runs from `src` to `dst`.
+Node kinds. Each node runs on one `device`; a Transfer runs from `src` to its `dsts`.
     Embed       token ids -> hidden, for the sequences homed on a device
     Attention   input norm, attention over the KV cache, residual add, post-attention norm
     Gate        router: top-k experts per token; its completion carries per-expert counts
@@ -12,7 +12,11 @@ Node kinds. Each node runs on one `device`; a Transfer runs from `src` to `dst`.
                 dense MLP
     Transfer    bytes moving between devices: dispatch / combine of routed rows, hidden
                 states, KV, weight pages (a page: `experts`, whole or, with `part` (k, n),
-                the k-th of n slices of each one's intermediate width)
+                the k-th of n slices of each one's intermediate width). A dispatch or
+                combine goes to several devices at once, one device's part of an
+                all-to-all: a dispatch sends each destination the rows of the experts it
+                owns among `experts`; a combine returns its experts' outputs to each
+                destination home. Every other transfer has one destination.
     Combine     residual + shared + routed partial outputs -> the layer's output
     LMHead      final norm and vocabulary projection for the rows that need logits
 
@@ -190,11 +194,14 @@ class Expert:
     stage: int = 0
 
 
+FAN_PAYLOADS = ("dispatch", "combine")  # the payloads that may go to several devices
+
+
 @dataclass(frozen=True, slots=True)
 class Transfer:
     id: int
     src: str
-    dst: str
+    dsts: tuple[str, ...]
     layer: int
     payload: Payload
     num_bytes: int | None = None
@@ -207,10 +214,28 @@ class Transfer:
         if not 0 <= k < n:
             raise GraphError(f"a transfer's part must be (k, n) with 0 <= k < n, got "
                              f"{self.part}")
+        if not isinstance(self.dsts, tuple) or not self.dsts \
+                or len(set(self.dsts)) != len(self.dsts) or (
+                len(self.dsts) > 1 and (self.payload not in FAN_PAYLOADS
+                                        or self.src in self.dsts)):
+            raise GraphError(f"a {self.payload} transfer from {self.src} goes to one device, "
+                             f"or (a dispatch or combine) to distinct others; got {self.dsts}")
 
     @property
     def device(self) -> str:
         return self.src
+
+    @property
+    def dst(self) -> str:
+        """The destination of a transfer that has one."""
+        if len(self.dsts) != 1:
+            raise GraphError(f"transfer {self.id} goes to {len(self.dsts)} devices")
+        return self.dsts[0]
+
+
+def dispatch_groups(node: Transfer, placement: Placement) -> tuple[tuple[int, ...], ...]:
+    """A dispatch's experts by destination: those each of its `dsts` owns, in order."""
+    return tuple(tuple(e for e in node.experts if placement.owner(e) == d) for d in node.dsts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +384,8 @@ class Graph:
         for n in self.nodes:
             if isinstance(n, Transfer):
                 seen.setdefault(n.src)
-                seen.setdefault(n.dst)
+                for d in n.dsts:
+                    seen.setdefault(d)
             else:
                 seen.setdefault(n.device)
         return tuple(seen)

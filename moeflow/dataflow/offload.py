@@ -158,7 +158,7 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
         layer_pages: list[int] = []
         if layer_spec.mlp != "dense":
             for p, (owner, group, part) in enumerate(page_list):
-                page = b.add(Transfer, src=owner, dst=gpu, layer=layer, payload="weights",
+                page = b.add(Transfer, src=owner, dsts=(gpu,), layer=layer, payload="weights",
                              experts=group, stage=p, part=part)
                 if len(moe_routed) >= 2:  # its buffer half held the MoE layer two back's
                     for expert in moe_routed[-2]:
@@ -175,11 +175,11 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
             if split:
                 first = b.add(Attention, prev[j], device=gpu, num_context=context[j],
                               part="pre", **common)
-                sent = b.add(Transfer, first, src=gpu, dst=host, layer=layer, payload="qkv",
+                sent = b.add(Transfer, first, src=gpu, dsts=(host,), layer=layer, payload="qkv",
                              num_bytes=tokens[j] * qkv_row)
                 attended = b.add(Attention, sent, device=host, num_context=context[j],
                                  part="core", **common)
-                returned = b.add(Transfer, attended, src=host, dst=gpu, layer=layer,
+                returned = b.add(Transfer, attended, src=host, dsts=(gpu,), layer=layer,
                                  payload="hidden", num_bytes=tokens[j] * out_row)
                 last = b.add(Attention, returned, first, device=gpu, num_context=context[j],
                              part="post", **common)

@@ -148,7 +148,7 @@ def _device(node: Node) -> str:
 
 def _devices(graph: Graph, nodes: Iterable[Node]) -> tuple[str, ...]:
     """Devices with a selected node (or a Transfer's destination), placement order first."""
-    used = {d for n in nodes for d in ((n.src, n.dst) if isinstance(n, Transfer)
+    used = {d for n in nodes for d in ((n.src, *n.dsts) if isinstance(n, Transfer)
                                        else (n.device,))}
     order = dict.fromkeys(graph.placement.devices + graph.devices())
     return tuple(d for d in order if d in used)
@@ -196,7 +196,8 @@ def _label(unit: Unit, n: Node) -> tuple[str, str]:
             stage += f" · slice {n.part[0] + 1}/{n.part[1]}"
         # A size known only after the gate (None) is left out.
         size = "" if n.num_bytes is None else f" · {_num_bytes(n.num_bytes)}"
-        return f"Transfer {n.payload} {n.src}→{n.dst}", f"L{n.layer}{experts}{stage}{size}"
+        return (f"Transfer {n.payload} {n.src}→{','.join(n.dsts)}",
+                f"L{n.layer}{experts}{stage}{size}")
     if isinstance(n, Expert):
         if n.kind == "routed":
             return (f"Expert L{n.layer} e{_ranges(n.experts)}",
@@ -307,7 +308,7 @@ def _layout(graph: Graph, sel: _Selection) -> _Layout:
         # Barycentre of the inputs already placed keeps edges short and uncrossed.
         ys = [boxes[p].y + NODE_H / 2 for p in preds[i]]
         node = graph.nodes[i]
-        hint = devices.index(node.dst) if isinstance(node, Transfer) else band_of[i]
+        hint = devices.index(node.dsts[0]) if isinstance(node, Transfer) else band_of[i]
         return (sum(ys) / len(ys) if ys else 0.0, hint, i)
 
     for (c, b), ids in sorted(cells.items()):

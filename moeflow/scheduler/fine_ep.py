@@ -8,8 +8,8 @@ not public) and by related work (Lina, AMoE, ExFlow):
   token) is its own unit, homed on one device (where its attention and KV cache live;
   new requests go to the device with the most free KV cache).
 - At an MoE layer, the rows that need a remote expert go point to point to the expert's
-  owner as a delegated expert task; the owner computes it and returns the outputs, and
-  the home combines them. No collectives, no global barrier: units are independent, so
+  owner as a delegated expert task (one dispatch from the home, a message to each owner);
+  the owner computes it and returns the outputs, and the home combines them. No collectives, no global barrier: units are independent, so
   actors may sit at different layers.
 - Layer-wise overlap: while an input waits for remote results at layer l, its actor runs
   other inputs' ready work.
@@ -141,7 +141,7 @@ def merge_key(node: Node, phase: str, is_delegated: bool) -> MergeKey:
         return ("lm_head", phase)
     if isinstance(node, Transfer):  # sent together, they reach the peer together and the
         # tasks they feed there coalesce too
-        return ("transfer", node.src, node.dst, node.layer, node.payload, phase, role)
+        return ("transfer", node.src, *node.dsts, node.layer, node.payload, phase, role)
     if isinstance(node, Embed):  # no weights shared, but one gather for all beats many
         return ("embed", phase)
     if isinstance(node, Combine):

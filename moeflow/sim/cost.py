@@ -244,11 +244,12 @@ class CostModel:
 
     def time_of(self, node: Node, c: NodeCost) -> float:
         if isinstance(node, Transfer):
-            if node.src == node.dst:
+            if node.dsts == (node.src,):
                 return 0.0
             if node.payload in HOST_PAYLOADS:
                 return self.hw.host_link.time(c.bytes)
-            return self.hw.link.time(c.bytes)
+            # a message to each destination (a dispatch or combine may go to several)
+            return self.hw.link.time(c.bytes, len(node.dsts))
         if c.kernels == 0:
             return 0.0
         roof = self._roofs.get(node.device)
@@ -311,9 +312,10 @@ class RowCosts:
         self.row_bytes = cost.spec.hidden_size * cost.b  # of a row of the hidden state
         # (rows, hit, pipelined, kernel) -> s
         self._routed: dict[tuple[int, int, bool, str | None], float] = {}
-        # transfers' seconds by rows, [0] between devices and [1] within one: read these
-        # first, `moved` fills them
-        self.moved_seconds: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        # transfers' seconds by (rows, destinations), [0] between devices and [1] within
+        # one: read these first, `moved` fills them
+        self.moved_seconds: tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]] \
+            = ({}, {})
 
     def routed(self, graph: Graph, node: Expert, rows: Sequence[int],
                kernel: str | None = None) -> float:
@@ -324,8 +326,9 @@ class RowCosts:
         return duration
 
     def moved(self, graph: Graph, node: Transfer, num_rows: int) -> float:
-        cache = self.moved_seconds[node.src == node.dst]
-        duration = cache.get(num_rows)
+        cache = self.moved_seconds[node.dsts == (node.src,)]
+        key = (num_rows, len(node.dsts))
+        duration = cache.get(key)
         if duration is None:
-            duration = cache[num_rows] = self.cost.duration(graph, node, (num_rows,))
+            duration = cache[key] = self.cost.duration(graph, node, (num_rows,))
         return duration

@@ -29,7 +29,7 @@ from moeflow.scheduler.requests import Job, RequestBook, SchedulingError
 from moeflow.scheduler.semantics import Execution, SemanticsError
 from moeflow.sim.cost import NodeCost, RowCosts
 from moeflow.sim.replay import (
-    GATE, STATIC, BoundUnit, PlanTable, TraceColumns, node_label,
+    GATE, RETURNED, STATIC, BoundUnit, PlanTable, TraceColumns, node_label,
 )
 from moeflow.sim.results import Metrics, RequestTiming, SimResult, SimulationError, TraceEvent
 from moeflow.sim.workload import SimRequest
@@ -363,11 +363,21 @@ class Run:
 
     def _late(self, u: BoundUnit, task: tuple[int, int]) -> float:
         """The duration of a node its unit could not size when bound: a gate draws its rows
-        as it starts; a routed Expert whose kernel the scheduler picks is sized on it as it
+        as it starts; a combine is sized by its homes' gates, which have all drawn when its
+        experts ran; a routed Expert whose kernel the scheduler picks is sized on it as it
         starts; a node sized by a gate that has not drawn breaks precedence."""
         node_id = task[1]
-        if u.table.code[node_id] == GATE:
+        code = u.table.code[node_id]
+        if code == GATE:
             return u.draw(node_id, self.sim.routing)
+        if code == RETURNED:
+            num_rows = u.returned(node_id)
+            if num_rows is None:
+                self._rows(u, node_id)  # raises: a gate it needs has not drawn
+            u.nbytes[node_id] = num_rows * self.costs.row_bytes  # type: ignore[operator]
+            duration = u.dur[node_id] = self.costs.moved(u.graph, u.nodes[node_id],  # type: ignore[arg-type]
+                                                         num_rows)  # type: ignore[arg-type]
+            return duration
         rows = self._rows(u, node_id)  # raises if its gate has not drawn
         node = u.nodes[node_id]
         if self.costs.adjusted and isinstance(node, Expert) and node.kind == "routed":

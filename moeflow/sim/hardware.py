@@ -77,8 +77,9 @@ class LinkSpec:
     bandwidth: float
     latency: float = 5e-6
 
-    def time(self, num_bytes: float) -> float:
-        return 0.0 if num_bytes <= 0 else self.latency + num_bytes / self.bandwidth
+    def time(self, num_bytes: float, messages: int = 1) -> float:
+        """`num_bytes` in `messages` messages, one after another."""
+        return 0.0 if num_bytes <= 0 else messages * self.latency + num_bytes / self.bandwidth
 
 
 HOST = "cpu"  # the host's device name in a simulated node of GPUs

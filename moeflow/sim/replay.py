@@ -41,7 +41,8 @@ from moeflow.sim.workload import Routing
 STATIC = 0  # its sizes alone (bound from the unit): the same for every node of its slot
 GATE = 1  # static, and it draws its layer's per-expert counts when it starts
 ROUTED = 2  # routed experts: the rows the gates of its layer sent them
-MOVED = 3  # a dispatch or combine transfer: the rows of its home's gate for its experts
+MOVED = 3  # a dispatch: the rows of its home's gate for its experts
+RETURNED = 4  # a combine: its experts' rows, from the gates of the homes it returns them to
 
 
 def bind(node: Node, unit: Unit, seqs: tuple[int, ...]) -> Node:
@@ -96,24 +97,32 @@ class PlanTable:
     """Flat per-node arrays of one plan, by node id."""
 
     plan: Plan
-    code: tuple[int, ...]  # STATIC, GATE, ROUTED or MOVED
+    code: tuple[int, ...]  # STATIC, GATE, ROUTED, MOVED or RETURNED
     slot: tuple[int, ...]  # STATIC and GATE: index in `slots`; else -1
     # a node of each cost, its sequences, and its home if they are all its home's (then a
     # unit of another shape binds its own sequences there)
     slots: tuple[tuple[Node, tuple[int, ...], str | None], ...]
-    out_dev: tuple[int, ...]  # the device (index) its output lives on; -1: not tracked
+    # the device (index) its output is held on; -1: not tracked. A transfer's rows are
+    # held on its destination, or on its sender when it has several (its part of an
+    # all-to-all: the send buffer)
+    out_dev: tuple[int, ...]
+    # RETURNED -> the gates whose rows its experts took, and the gate of the home it does
+    # not return them to (its sender's own, -1 if none): it moves the difference
+    returned_of: dict[int, tuple[tuple[int, ...], int]]
     resource: tuple[str, ...]  # its stream, "actor/stream"
     rid: tuple[int, ...]  # its stream's number in the `resources` given to `of`
     stream_ids: tuple[int, ...]  # the numbers of the streams the plan uses
     inputs: tuple[tuple[int, ...], ...]  # data inputs
     uses: tuple[int, ...]  # data edges reading its output
     roots: tuple[int, ...]  # nodes without predecessors
-    gates: tuple[tuple[int, ...], ...]  # ROUTED: the gates of its layer; MOVED: its home's
-    span: tuple[tuple[int, int] | None, ...]  # ROUTED, MOVED: its experts as a range, if so
+    gates: tuple[tuple[int, ...], ...]  # ROUTED: the gates of its layer; MOVED: its home's;
+    # RETURNED: those of the homes it goes to
+    span: tuple[tuple[int, int] | None, ...]  # ROUTED, MOVED, RETURNED: its experts as a
+    # range, if they are one
     gate_nodes: tuple[int, ...]  # every GATE
-    # gate -> the MOVED nodes its draw sizes, by the experts they move rows of (a dispatch
-    # and its combine move the same): (their slice of the gate's counts if a range, whether
-    # they stay on one device, one of them, all of them)
+    # gate -> the MOVED nodes its draw sizes, by the experts they move rows of: (their
+    # slice of the gate's counts if a range, whether they stay on one device, one of them,
+    # all of them). A combine (RETURNED) is sized as it starts, its homes' gates all drawn
     moved_of: dict[int, tuple[tuple[slice | None, bool, Transfer, tuple[int, ...]], ...]]
     # the gates whose rows routed experts take (a layer's, or a micro-batch's) -> those
     # ROUTED nodes, and each gate -> the groups of gates it is in
@@ -145,6 +154,7 @@ class PlanTable:
         routed_of: dict[tuple[int, ...], list[int]] = {}
         n = len(nodes)
         code, slot, out_dev = [STATIC] * n, [-1] * n, [-1] * n
+        returned_of: dict[int, tuple[tuple[int, ...], int]] = {}
         gates: list[tuple[int, ...]] = [()] * n
         span: list[tuple[int, int] | None] = [None] * n
         rebindable = True
@@ -159,16 +169,25 @@ class PlanTable:
                         if experts == tuple(range(experts[0], experts[-1] + 1)) else None)
                 span[i] = bounds  # type: ignore[assignment]
             if kind is Transfer:
-                out_dev[i] = device_index.get(node.dst, -1)  # type: ignore[union-attr]
-                if node.payload in ("dispatch", "combine"):  # type: ignore[union-attr]
-                    home = node.src if node.payload == "dispatch" else node.dst  # type: ignore
+                dsts = node.dsts  # type: ignore[union-attr]
+                out_dev[i] = device_index.get(dsts[0] if len(dsts) == 1 else node.src, -1)  # type: ignore
+                if node.payload == "combine":  # type: ignore[union-attr]
+                    code[i] = RETURNED
+                    gates[i] = tuple(gate_at[(node.layer, h)] for h in dsts)  # type: ignore
+                    if len(dsts) == 1:
+                        returned_of[i] = (gates[i], -1)
+                    else:  # every home's rows but its sender's own
+                        returned_of[i] = (graph.gates_read(graph.inputs(i)[0]),
+                                          gate_at.get((node.layer, node.src), -1))  # type: ignore
+                    continue
+                if node.payload == "dispatch":  # type: ignore[union-attr]
                     code[i] = MOVED
-                    gate = gate_at[(node.layer, home)]  # type: ignore[union-attr]
+                    gate = gate_at[(node.layer, node.src)]  # type: ignore[union-attr]
                     gates[i] = (gate,)
                     by_rows = moved_of.get(gate)
                     if by_rows is None:
                         by_rows = moved_of[gate] = {}
-                    same = node.src == node.dst  # type: ignore[union-attr]
+                    same = dsts == (node.src,)  # type: ignore[union-attr]
                     group = by_rows.get((id(experts), same))
                     if group is None:
                         bounds = span[i]
@@ -176,7 +195,7 @@ class PlanTable:
                             slice(*bounds) if bounds else None, same, node, []]
                     group[-1].append(i)
                     continue
-                cost_key: Hashable = (kind, node.src == node.dst, node.dst,  # type: ignore
+                cost_key: Hashable = (kind, dsts == (node.src,), dsts,  # type: ignore
                                       node.payload, len(experts), node.num_bytes,  # type: ignore
                                       node.part)  # type: ignore[union-attr]
                 seqs: tuple[int, ...] = ()
@@ -237,6 +256,7 @@ class PlanTable:
                 inputs[edge.dst].append(edge.src)
                 uses[edge.src] += 1
         return PlanTable(plan, tuple(code), tuple(slot), tuple(slots), tuple(out_dev),
+                         returned_of,
                          resource, tuple(map(numbers.__getitem__, resource)),
                          tuple(map(numbers.__getitem__, names)),
                          tuple(map(tuple, inputs)), tuple(uses),
@@ -323,7 +343,7 @@ class BoundUnit:
         for rows, same, first, moved in self.table.moved_of.get(node_id, ()):
             num_rows = (sum(counts[rows]) if rows is not None else
                         sum(counts[e] for e in first.experts))
-            seconds = known[same].get(num_rows)
+            seconds = known[same].get((num_rows, len(first.dsts)))
             if seconds is None:
                 seconds = moved_time(graph, first, num_rows)
             size = num_rows * row_bytes
@@ -345,6 +365,26 @@ class BoundUnit:
             if not costs.adjusted:  # else sized as it starts, on the kernel chosen
                 dur[routed] = costs.routed(self.graph, self.nodes[routed], rows)  # type: ignore
             nbytes[routed] = sum(rows) * costs.row_bytes
+
+    def returned(self, node_id: int) -> int | None:
+        """The rows a combine (RETURNED) moves; None if a gate it needs has not drawn."""
+        gates, own = self.table.returned_of[node_id]
+        if own >= 0 and own not in self.counts:
+            return None
+        counts = self.layer_rows.get(gates)
+        if counts is None:
+            if any(g not in self.counts for g in gates):
+                return None
+            counts = self.layer_rows[gates] = (
+                self.counts[gates[0]] if len(gates) == 1 else
+                tuple(map(sum, zip(*(self.counts[g] for g in gates)))))
+        span = self.table.span[node_id]
+        experts = self.nodes[node_id].experts  # type: ignore[union-attr]
+        total = sum(counts[span[0]:span[1]]) if span else sum(counts[e] for e in experts)
+        if own >= 0:
+            mine = self.counts[own]
+            total -= sum(mine[span[0]:span[1]]) if span else sum(mine[e] for e in experts)
+        return total
 
     def rows(self, node_id: int) -> tuple[int, ...] | None:
         """Rows per expert of a routed Expert or a dispatch/combine Transfer; None if a
@@ -371,7 +411,7 @@ class BoundUnit:
 
 def node_label(node: Node) -> str:
     if isinstance(node, Transfer):
-        return f"{node.payload} {node.src}->{node.dst} L{node.layer}"
+        return f"{node.payload} {node.src}->{','.join(node.dsts)} L{node.layer}"
     if isinstance(node, Expert):
         what = node.kind if node.kind != "routed" else (
             f"e{node.experts[0]}-{node.experts[-1]}" if node.experts else "e-")

@@ -45,25 +45,37 @@ class Lines:
         self.start = -1.0  # the last event's start, and its "ts"
         self.ts = ""
         self.durs: dict[float, str] = {}  # seconds -> "dur"
+        self.jobs: dict[float, str] = {}  # job -> its number as written
 
     def add_lanes(self, lanes: list[tuple[str, str, str]]) -> None:
         self.lanes.extend(map(tuple, lanes))  # type: ignore[arg-type]
 
     def add(self, events: array[float]) -> None:
-        """Write the events of `events`, flat (lane, job, start, end) quadruples."""
-        lanes, durs, write = self.lanes, self.durs, self.write
+        """Write the events of `events`, flat (lane, job, start, end) quadruples, in one
+        write."""
+        lanes, durs, jobs = self.lanes, self.durs, self.jobs
+        out: list[str] = []
+        line = out.append
+        last, ts = self.start, self.ts
         it = iter(events)
         for lane, job, start, end in zip(it, it, it, it):
-            if start != self.start:
-                self.start = start
-                self.ts = f"{start * US:.3f}"
+            if start != last:
+                last = start
+                ts = f"{start * US:.3f}"
             dur = durs.get(end - start)
             if dur is None:
                 if len(durs) >= DURATIONS_KEPT:
                     durs.clear()
                 dur = durs[end - start] = f"{(end - start) * US:.3f}"
-            head, middle, tail = lanes[int(lane)]
-            write(f'{head}{self.ts},"dur":{dur}{middle}{int(job)}{tail}')
+            parts = lanes[int(lane)]
+            number = jobs.get(job)
+            if number is None:
+                if len(jobs) >= DURATIONS_KEPT:
+                    jobs.clear()
+                number = jobs[job] = str(int(job))
+            line(f'{parts[0]}{ts},"dur":{dur}{parts[1]}{number}{parts[2]}')
+        self.start, self.ts = last, ts
+        self.write("".join(out))
 
 
 def message(kind: bytes, payload: bytes) -> bytes:

@@ -10,7 +10,8 @@
       the dispatch of the next stage overlaps the GEMM of this one;
     - each (token, expert) pair is sent and returned exactly once: every home other than
       the owner has exactly one dispatch to and one combine from each group, carrying
-      exactly that group's experts, and no transfer carries rows of no group;
+      exactly that group's experts, and no transfer carries rows of no group (a dispatch
+      or combine to several devices counts once for each);
     - PN = 1 below the enabling threshold: `enabling_rule(policy)`, which needs the
       policy's costs (`EPS.conformance_checks` adds it with the policy's own);
     - the kernel choice never changes results: not checked yet (eps has no kernel choice
@@ -25,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from moeflow.dataflow.graph import Expert, Graph, Transfer
+from moeflow.dataflow.graph import Expert, Graph, Transfer, dispatch_groups
 from moeflow.scheduler.base import Cluster
 from moeflow.scheduler.plan import InOrder, Plan
 
@@ -64,11 +65,9 @@ def plan_problems(plan: Plan) -> list[str]:
     homes = graph.unit.homes(placement.devices)
     out: list[str] = []
     transfers: dict[_Route, int] = {}
-    for node in graph.nodes:
-        if isinstance(node, Transfer) and node.payload in ("dispatch", "combine"):
-            route: _Route = (node.layer, node.payload, node.src, node.dst, node.experts,
-                             node.stage)
-            transfers[route] = transfers.get(route, 0) + 1
+    for node, dst, experts in _routes(graph):
+        route: _Route = (node.layer, node.payload, node.src, dst, experts, node.stage)
+        transfers[route] = transfers.get(route, 0) + 1
     matched: set[_Route] = set()
     pn = num_stages(graph)
     if not 1 <= pn <= num_experts:
@@ -160,11 +159,9 @@ def stage_order_problems(plan: Plan, start: dict[int, float], end: dict[int, flo
     for groups in routed_groups(graph).values():
         for g in groups:
             stage_of[(g.layer, g.device, g.experts)] = g
-    for node in graph.nodes:
-        if not (isinstance(node, Transfer) and node.payload in ("dispatch", "combine")):
-            continue
-        owner = node.dst if node.payload == "dispatch" else node.src
-        found = stage_of.get((node.layer, owner, node.experts))
+    for node, dst, experts in _routes(graph):
+        owner = dst if node.payload == "dispatch" else node.src
+        found = stage_of.get((node.layer, owner, experts))
         if found is None or node.id not in start or found.id not in start:
             continue
         g = found
@@ -173,8 +170,21 @@ def stage_order_problems(plan: Plan, start: dict[int, float], end: dict[int, flo
                        f"{start[g.id]:.9f}, before its dispatch from {node.src} ended "
                        f"({end[node.id]:.9f})")
         if node.payload == "combine" and start[node.id] < end[g.id] - _SLACK:
-            out.append(f"layer {node.layer}: combine({g.stage}) {owner}->{node.dst} started "
+            out.append(f"layer {node.layer}: combine({g.stage}) {owner}->{dst} started "
                        f"at {start[node.id]:.9f}, before its GEMM ended ({end[g.id]:.9f})")
+    return out
+
+
+def _routes(graph: Graph) -> list[tuple[Transfer, str, tuple[int, ...]]]:
+    """Every dispatch and combine, by destination: (the transfer, a destination, the
+    experts whose rows it takes there)."""
+    out = []
+    for node in graph.nodes:
+        if isinstance(node, Transfer) and node.payload == "dispatch":
+            out.extend((node, dst, group) for dst, group in
+                       zip(node.dsts, dispatch_groups(node, graph.placement)))
+        elif isinstance(node, Transfer) and node.payload == "combine":
+            out.extend((node, dst, node.experts) for dst in node.dsts)
     return out
 
 

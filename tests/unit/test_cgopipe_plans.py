@@ -83,7 +83,7 @@ def test_pages_are_whole_experts_while_they_last_then_slices_of_every_expert():
     # never more slices than columns
     assert len(offloaded_pages(placement, "cpu:0", 6, 3)) == 3
     with pytest.raises(GraphError, match="part must be"):
-        Transfer(0, "cpu:1", "cpu:0", 0, "weights", experts=(4,), part=(2, 2))
+        Transfer(0, "cpu:1", ("cpu:0",), 0, "weights", experts=(4,), part=(2, 2))
 
 
 def test_sliced_pages_tile_every_offloaded_expert_and_cost_their_share():
@@ -95,11 +95,11 @@ def test_sliced_pages_tile_every_offloaded_expert_and_cost_their_share():
     assert [p.part for p in pages] == [(k, 5) for k in range(5)]
     assert all(p.experts == (4, 5, 6, 7) for p in pages)
     cost = CostModel(SPEC, load_hardware("t4"))
-    whole = cost.cost(graph, Transfer(0, "cpu:1", "cpu:0", 0, "weights", experts=(4, 5, 6, 7)))
+    whole = cost.cost(graph, Transfer(0, "cpu:1", ("cpu:0",), 0, "weights", experts=(4, 5, 6, 7)))
     assert sum(cost.cost(graph, p).bytes for p in pages) == pytest.approx(whole.bytes)
     # a page that lost a slice, or holds one twice, is caught
     broken = graph.nodes[:ids.pages[0][0]] + (
-        Transfer(ids.pages[0][0], "cpu:1", "cpu:0", 0, "weights", experts=(4, 5, 6, 7),
+        Transfer(ids.pages[0][0], "cpu:1", ("cpu:0",), 0, "weights", experts=(4, 5, 6, 7),
                  part=(1, 5)),) + graph.nodes[ids.pages[0][0] + 1:]
     lost = Graph(graph.unit, graph.placement, broken, graph.edges, graph.num_layers)
     assert any("not each of its 5 once" in p for p in graph_problems(lost, "cpu:0"))

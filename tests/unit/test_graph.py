@@ -9,6 +9,7 @@ from moeflow.dataflow import (
     SeqChunk, Transfer, Unit, compile, split_groups,
 )
 from moeflow.dataflow import graph as graph_module
+from moeflow.dataflow.graph import dispatch_groups
 from moeflow.models.families import spec_from_config
 from moeflow.models.tiny import tiny_config
 
@@ -38,9 +39,29 @@ def test_sharded_experts_add_dispatch_and_combine_transfers():
     experts = [n for n in layer0 if isinstance(n, Expert)]
     assert [e.experts for e in experts] == [(0, 1), (2, 3), (4, 5), (6, 7)]
     transfers = [n for n in layer0 if isinstance(n, Transfer)]
-    assert sorted((t.payload, t.src, t.dst) for t in transfers) == sorted(
-        [("dispatch", "cpu:0", d) for d in devices[1:]] + [("combine", d, "cpu:0") for d in devices[1:]])
+    # the home's dispatch goes to every other owner at once; each owner's combine comes back
+    assert sorted((t.payload, t.src, t.dsts, t.experts) for t in transfers) == sorted(
+        [("dispatch", "cpu:0", devices[1:], (2, 3, 4, 5, 6, 7))]
+        + [("combine", d, ("cpu:0",), e.experts) for d, e in zip(devices[1:], experts[1:])])
+    [dispatch] = [t for t in transfers if t.payload == "dispatch"]
+    assert dispatch_groups(dispatch, g.placement) == ((2, 3), (4, 5), (6, 7))
     assert all(t.num_bytes is None for t in transfers)  # sized by the gate at run time
+    with pytest.raises(GraphError, match="goes to 3 devices"):
+        dispatch.dst  # noqa: B018
+
+
+def test_two_homes_exchange_with_one_transfer_per_device_and_layer():
+    devices = ("cpu:0", "cpu:1", "cpu:2")
+    g = compile(spec(), unit("cpu:0", "cpu:1", "cpu:2"), Placement.sharded(devices, 8))
+    transfers = [n for n in g.layer_nodes(0) if isinstance(n, Transfer)]
+    # each home dispatches once to the two other owners; each owner combines once back
+    assert sorted((t.payload, t.src, t.dsts) for t in transfers) == sorted(
+        [("dispatch", d, tuple(o for o in devices if o != d)) for d in devices]
+        + [("combine", d, tuple(o for o in devices if o != d)) for d in devices])
+    with pytest.raises(GraphError, match="goes to one device"):
+        Transfer(0, "cpu:0", ("cpu:1", "cpu:2"), 0, "qkv")
+    with pytest.raises(GraphError, match="goes to one device"):
+        Transfer(0, "cpu:0", ("cpu:0", "cpu:2"), 0, "dispatch")
 
 
 def test_two_homes_share_each_owners_expert_node():
@@ -62,8 +83,11 @@ def test_expert_stages_split_each_owner_into_contiguous_groups():
     g = compile(spec(), unit("cpu:0"), Placement.sharded(("cpu:0", "cpu:1"), 8),
                 Cut(expert_stages=2))
     groups = [(e.device, e.stage, e.experts) for e in g.of_kind(Expert) if e.layer == 0]
-    assert groups == [("cpu:0", 0, (0, 1)), ("cpu:0", 1, (2, 3)),
-                      ("cpu:1", 0, (4, 5)), ("cpu:1", 1, (6, 7))]
+    assert groups == [("cpu:0", 0, (0, 1)), ("cpu:1", 0, (4, 5)),  # stage by stage
+                      ("cpu:0", 1, (2, 3)), ("cpu:1", 1, (6, 7))]
+    dispatches = [(t.stage, t.dsts, t.experts) for t in g.of_kind(Transfer)
+                  if t.layer == 0 and t.payload == "dispatch"]
+    assert dispatches == [(0, ("cpu:1",), (4, 5)), (1, ("cpu:1",), (6, 7))]
     assert split_groups((0, 1, 2), 5) == [(0,), (1,), (2,)]
 
 

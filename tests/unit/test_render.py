@@ -224,8 +224,8 @@ def odd_graph() -> Graph:
     unit = Unit((SeqChunk(0, 0, 2, ODD_A),))
     nodes: tuple[Node, ...] = (
         Embed(0, ODD_A, (0,), 2), Attention(1, ODD_A, 0, (0,), 2, 2), Gate(2, ODD_A, 0, (0,), 2),
-        Transfer(3, ODD_A, ODD_B, 0, "dispatch", 4096, (0,)), Expert(4, ODD_B, 0, (0,)),
-        Transfer(5, ODD_B, ODD_A, 0, "combine", None, (0,)), Combine(6, ODD_A, 0, (0,), 2),
+        Transfer(3, ODD_A, (ODD_B,), 0, "dispatch", 4096, (0,)), Expert(4, ODD_B, 0, (0,)),
+        Transfer(5, ODD_B, (ODD_A,), 0, "combine", None, (0,)), Combine(6, ODD_A, 0, (0,), 2),
         LMHead(7, ODD_A, (0,), 1))
     edges = tuple(Edge(i, i + 1) for i in range(7)) + (
         Edge(1, 6), Edge(2, 6), Edge(0, 4, "war"), Edge(1, 3, "control"))

@@ -68,7 +68,9 @@ def test_trace_lines_format_each_time_once_and_keep_few():
     events += [(1.0, 1.0 + i * 1e-9) for i in range(DURATIONS_KEPT + 5)]
     lines.add(array("d", [x for start, end in events for x in (0, 7, start, end)]))
     assert len(lines.durs) <= DURATIONS_KEPT
-    got = [line.removeprefix("<").removesuffix(">\n").split("|") for line in out]
+    assert len(out) == 1  # one write for the batch
+    got = [line.removeprefix("<").removesuffix(">\n").split("|")
+           for line in out[0].splitlines(keepends=True)]
     assert all(job == "7" for _, job in got)
     assert [tuple(map(float, ts.split(',"dur":'))) for ts, _ in got] == [
         (round(s * 1e6, 3), round((e - s) * 1e6, 3)) for s, e in events]

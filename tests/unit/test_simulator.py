@@ -277,8 +277,8 @@ def test_memory_grows_with_requests_not_with_events():
         tracemalloc.stop()
         return high, result.num_events
 
-    short, short_events = peak("fixed:32")
-    long, long_events = peak("fixed:160")
+    short, short_events = peak("fixed:64")  # the plan cache is full by then
+    long, long_events = peak("fixed:320")
     assert long_events > 4 * short_events
     assert long < 1.2 * short
 
@@ -392,3 +392,33 @@ def test_simulate_does_not_import_torch(tmp_path):
             "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.json")], check=True,
                    capture_output=True)
+
+
+def test_every_row_dispatched_to_other_devices_comes_back_in_their_combines():
+    """A dispatch goes to every other owner at once, a combine back to every other home:
+    sized from different gates (a dispatch by its home's, a combine by all the others'),
+    the rows they move still balance in each layer of each step."""
+    from moeflow.dataflow.graph import Transfer
+
+    hw = hardware.load("h100x4")
+    burst = requests("burst", 8, Lengths.parse("fixed:16"), Lengths.parse("fixed:4"))
+    result = sim("olmoe-1b-7b", hw).run(burst)  # every device a home
+    link, row_bytes = hw.link, models.load("olmoe-1b-7b").hidden_size * 2
+    moved: dict[tuple[int, int, str], float] = {}
+    fans = 0
+    for (job, node_id), seconds in result.durations.items():
+        node = result.jobs[job].plan.graph.nodes[node_id]
+        if isinstance(node, Transfer) and node.payload in ("dispatch", "combine"):
+            fans += len(node.dsts) > 1
+            rows = ((seconds - len(node.dsts) * link.latency) * link.bandwidth / row_bytes
+                    if seconds else 0.0)
+            key = (job, node.layer, node.payload)
+            moved[key] = moved.get(key, 0.0) + rows
+    assert fans  # transfers to several devices were there
+    assert {h for job in result.jobs for h in job.unit.homes(hw.device_names())} == set(
+        hw.device_names())
+    layers = {(job, layer) for job, layer, _ in moved}
+    assert any(moved.get((j, layer, "dispatch"), 0) > 0 for j, layer in layers)
+    for job, layer in layers:
+        assert moved.get((job, layer, "dispatch"), 0.0) == pytest.approx(
+            moved.get((job, layer, "combine"), 0.0), rel=1e-6, abs=1e-6)
