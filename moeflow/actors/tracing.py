@@ -15,9 +15,10 @@ coordinator writes its nodes, a line each:
 
 - a node run by an actor spans its run (the members of a coalesced group share one span);
 - between actor processes, a Transfer spans from its start on the sender to when its
-  receiver took it in: the bytes move on ZeroMQ's I/O thread while the sender's core
-  thread goes on computing, so a send lane overlapping the compute lane beside it is real
-  overlap (`send_overlap` measures it). The span is an upper bound on the wire time: a
+  receiver took it in (the last of them, for a dispatch or combine to several): the bytes
+  move on ZeroMQ's I/O thread while the sender's core thread goes on computing, so a send
+  lane overlapping the compute lane beside it is real overlap (`send_overlap` measures
+  it). The span is an upper bound on the wire time: a
   receiver busy computing takes a message in after its current node. In one process a
   Transfer hands its tensors over by reference, and spans its run alone.
 
