@@ -25,7 +25,9 @@ functions `check(case, result) -> list[str]` gets them run on every simulated ca
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -188,9 +190,11 @@ def check_simulated(scheduler_cls: type[Scheduler], case: Case,
 
 @functools.lru_cache(maxsize=None)
 def _tiny_checkpoint(family: str, layers: int, experts: int, top_k: int) -> Path:
+    """A tiny checkpoint of this shape, built once per process and removed at its exit."""
     from moeflow.models.tiny import make_tiny
 
     out = Path(tempfile.mkdtemp(prefix=f"moeflow-conformance-{family}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     case = ModelCase(family, layers, experts, top_k)
     return make_tiny(family, out, case.shape, tokenizer=False)
 

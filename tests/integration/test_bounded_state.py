@@ -103,3 +103,18 @@ def test_cached_plans_are_dropped_everywhere_once_evicted(tiny_factory):
             assert len(actor.plans) <= 2
     finally:
         executor.close()
+
+
+def test_the_conformance_suite_removes_its_checkpoints_when_the_process_exits(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("from moeflow.testing.conformance import _tiny_checkpoint; "
+            "print(_tiny_checkpoint('qwen3_moe', 1, 4, 2))")
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the checkpoint goes under tmp_path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True, timeout=120)
+    made = out.stdout.strip()
+    assert made.startswith(str(tmp_path))  # it was built there
+    assert list(tmp_path.iterdir()) == []  # and removed at exit
