@@ -114,9 +114,8 @@ def payload_to(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, Page) and value.gate_up.device != device:
-        tensors = [t.to(device) for t in value.tensors()]
-        return Page(value.experts, *tensors, *[None] * (4 - len(tensors)),
-                    columns=value.columns)  # type: ignore[misc]
+        return Page(value.experts, *(t.to(device) for t in value.tensors()),
+                    columns=value.columns)
     return value
 
 

@@ -944,9 +944,9 @@ class DeviceWorker:
 
 def _expert_from_pages(expert: int, layer: int, held: list[tuple[Page, int]], width: int
                        ) -> tuple[torch.Tensor, ...]:
-    """One expert's weights (gate_up, down[, biases]) from the pages holding it: one whole,
-    or slices that tile its intermediate width, joined in column order (views of a whole
-    page; one copy of slices, as stacking the group copies a whole one)."""
+    """One expert's weights (gate_up, down[, biases]) from the pages holding it: one whole
+    (views of it), or slices that tile its intermediate width, joined in column order (a
+    copy, before stacking the group copies them again)."""
     if len(held) == 1 and held[0][0].columns is None:
         page, j = held[0]
         return tuple(t[j] for t in page.tensors())

@@ -24,12 +24,13 @@ owner->gpu, experts=..., stage=p, part=...)`: contiguous groups of whole experts
 owner has at least as many experts as pages, else every expert cut along its FFN's
 intermediate width, page k holding slice k of `pages` of each (`part=(k, pages)`; see
 `page_columns`). Every routed Expert of the layer reads all of them, so the layer's
-weights are in place before any of its micro-batches runs its experts. Pages land in a double buffer of two layers, used by MoE-layer parity: a
-page of an MoE layer may overwrite its half only after every Expert of the MoE layer two
-before it is done (a `war` edge from each of them), so at most two layers' pages are on
-the GPU at once. The first two MoE layers' pages wait (a `control` edge) for the GPU's
-first Embed: a peer holds messages for a unit it has not started only up to a size. The pinned
-relay of the paper (CPU -> pinned -> GPU) is not a node of its own: a page is one copy.
+weights are in place before any of its micro-batches runs its experts. Pages land in a
+double buffer of two layers, used by MoE-layer parity: a page of an MoE layer may
+overwrite its half only after every Expert of the MoE layer two before it is done (a `war`
+edge from each of them), so at most two layers' pages are on the GPU at once. The first
+two MoE layers' pages wait (a `control` edge) for the GPU's first Embed: a peer holds
+messages for a unit it has not started only up to a size. The pinned relay of the paper
+(CPU -> pinned -> GPU) is not a node of its own: a page is one copy.
 
 The micro-batches and the order streams issue their nodes in are the policy's
 (`moeflow.scheduler.cgopipe`); this module only builds the graph.

@@ -373,10 +373,11 @@ class Run:
         if code == RETURNED:
             num_rows = u.returned(node_id)
             if num_rows is None:
-                self._rows(u, node_id)  # raises: a gate it needs has not drawn
-            u.nbytes[node_id] = num_rows * self.costs.row_bytes  # type: ignore[operator]
+                raise SimulationError(f"{node_label(u.nodes[node_id])} started before the "
+                                      f"gates of its homes ran: the plan breaks precedence")
+            u.nbytes[node_id] = num_rows * self.costs.row_bytes
             duration = u.dur[node_id] = self.costs.moved(u.graph, u.nodes[node_id],  # type: ignore[arg-type]
-                                                         num_rows)  # type: ignore[arg-type]
+                                                         num_rows)
             return duration
         rows = self._rows(u, node_id)  # raises if its gate has not drawn
         node = u.nodes[node_id]

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 US = 1e6  # Chrome trace times are in microseconds (moeflow.sim.trace uses this one)
 BUFFER = 1 << 20  # bytes written at a time
 DURATIONS_KEPT = 1 << 16  # formatted durations kept for reuse
+JOBS_KEPT = 1 << 16  # formatted job numbers kept for reuse
 HEADER = 9  # kind, length
 LANES, EVENTS = b"L", b"E"
 
@@ -70,7 +71,7 @@ class Lines:
             parts = lanes[int(lane)]
             number = jobs.get(job)
             if number is None:
-                if len(jobs) >= DURATIONS_KEPT:
+                if len(jobs) >= JOBS_KEPT:
                     jobs.clear()
                 number = jobs[job] = str(int(job))
             line(f'{parts[0]}{ts},"dur":{dur}{parts[1]}{number}{parts[2]}')

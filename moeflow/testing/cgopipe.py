@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 from moeflow.dataflow.graph import Attention, Expert, Graph, Transfer
-from moeflow.dataflow.offload import offloaded_pages
 
 _SLACK = 1e-12
 _PARTS = ("pre", "qkv", "core", "hidden", "post")
@@ -35,8 +34,8 @@ _PARTS = ("pre", "qkv", "core", "hidden", "post")
 def graph_problems(graph: Graph, gpu: str) -> list[str]:
     """The pages of every MoE layer tile its offloaded experts exactly."""
     out: list[str] = []
-    offloaded = {e for _, group, _ in offloaded_pages(graph.placement, gpu, 1, 1)
-                 for e in group}
+    offloaded = {e for e in range(graph.placement.num_experts)
+                 if graph.placement.owner(e) != gpu}
     pages: dict[int, dict[int, list[tuple[int, int]]]] = {}  # layer -> expert -> its parts
     moe_layers = {n.layer for n in graph.nodes if isinstance(n, Expert) and n.kind == "routed"}
     for node in graph.nodes:
