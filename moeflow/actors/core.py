@@ -46,7 +46,9 @@ from moeflow.actors.messages import (
     Abort, Data, Done, DropPlans, Message, MessageError, NodeFailed, Release, RoutingCounts, RunUnit,
     UnitPart,
 )
-from moeflow.actors.values import Logits, Routing, from_payload, payload_to, to_payload
+from moeflow.actors.values import (
+    Inputs, Logits, Routing, from_payload, payload_to, to_payload,
+)
 from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import FAN_PAYLOADS, Attention, Gate, LMHead, Node, Transfer, Unit
 from moeflow.scheduler.base import checked_adjustments
@@ -81,7 +83,7 @@ class Step:
 
     node: Node
     inputs: tuple[int, ...]  # nodes whose values it reads, in edge order
-    input_nodes: tuple[Node, ...]
+    roles: tuple[tuple[str, tuple[tuple[Node, int], ...]], ...]  # the same, by role
     effect: int  # KEEP its value for local successors, SEND it (a Transfer out), or SAMPLE
     notify: tuple[str, ...]  # other actors waiting on it with no data: told by Done
     gate: bool
@@ -101,6 +103,8 @@ class Program:
                 steps.append(None)
                 continue
             inputs = graph.inputs(node.id)
+            roles = tuple((role, tuple((graph.nodes[p], p) for p in ids))
+                          for role, ids in graph.roles(node.id).items())
             dsts = node.dsts if isinstance(node, Transfer) else ()
             sends = bool(dsts) and dsts != (actor,)
             effect = SEND if sends else SAMPLE if isinstance(node, LMHead) else KEEP
@@ -111,7 +115,7 @@ class Program:
                 if other != actor and other not in told:
                     told.add(other)
                     notify.append(other)
-            steps.append(Step(node, inputs, tuple(graph.nodes[p] for p in inputs), effect,
+            steps.append(Step(node, inputs, roles, effect,
                               tuple(notify), isinstance(node, Gate),
                               sends and node.payload == "dispatch",  # type: ignore[union-attr]
                               dsts, bool(dsts) and node.payload in FAN_PAYLOADS))  # type: ignore[union-attr]
@@ -308,12 +312,12 @@ class ActorCore:
             groups.sort(key=lambda g: self.execution.stream_of(g[0]).name == "compute")
         return groups
 
-    def node_inputs(self, task: Task) -> tuple[Any, list[tuple[Any, Any]]]:
+    def node_inputs(self, task: Task) -> tuple[Any, Inputs]:
         unit = self.by_index[task[0]]
         step = unit.program.steps[task[1]]
         assert step is not None, f"task {task} runs on another actor"
         values = unit.values
-        return step.node, [(n, values[p]) for n, p in zip(step.input_nodes, step.inputs)]
+        return step.node, {role: [(n, values[p]) for n, p in read] for role, read in step.roles}
 
     def run(self, group: Group) -> list[Any]:
         """Run a started node, or a coalesced group as one kernel; returns their values."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moeflow.actors.kvcache import PagedKVCache
-from moeflow.actors.values import Logits, Routing
+from moeflow.actors.values import Inputs, Logits, Routing
 from moeflow.dataflow.graph import FAN_PAYLOADS, Gate, Graph, LMHead, Node, Transfer, Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.ops.backend import index_tensor
@@ -71,7 +71,7 @@ class NullWorker:
     def release(self, seq_id: int) -> None:
         self.kv.free(seq_id)
 
-    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+    def run_group(self, items: list[tuple[Any, Graph, Node, Inputs]],
                   kernel: str | None = None) -> list[Any]:
         return [self._value(key, graph, node) for key, graph, node, _ in items]
 

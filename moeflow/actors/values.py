@@ -17,6 +17,8 @@ Values flowing along data edges:
     LMHead                  Logits [R, V] (fp32)
 
 Shapes: T tokens, D hidden, N routed rows, R logit rows, V vocab, G experts of a group.
+A node reads them as `Inputs`: by the role its kind reads each in
+(moeflow.dataflow.graph.input_role), never by the order of its edges.
 `to_payload` / `from_payload` turn a Transfer's value into a message payload and back
 (checked), `payload_to` moves a received one to the receiving worker's device.
 """
@@ -29,6 +31,10 @@ from typing import Any
 import torch
 
 from moeflow.actors.messages import MessageError, Payload
+from moeflow.dataflow.graph import Node
+
+# a node's inputs: per role, (producer node, value) in edge order
+Inputs = dict[str, list[tuple[Node, Any]]]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """DeviceWorker: one device's share of a model, and the ops that run each node kind on it.
 
 A worker holds the dense weights (if it serves requests), the routed experts it owns, and
-the KV cache of the sequences homed on it. `run(key, node, inputs)` executes one graph node
-with real ops; `key` names the unit in flight (several may be in flight at once), whose
+the KV cache of the sequences homed on it. `run(key, graph, node, inputs)` executes one graph
+node with real ops, reading its inputs by role (`Inputs`), never by edge order; `key` names the unit in flight (several may be in flight at once), whose
 per-unit state `begin` prepared: its tokens, cache slots, RoPE tables and KV block tables,
 so that a decode step's nodes do little more than their GEMMs. Nodes coalesced from several
 units run as one: units that only decode share one attention batch, merged once for every
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from moeflow.actors.kvcache import PagedKVCache
 from moeflow.actors.values import (
-    AttnOut, ExpertOut, Logits, Page, Partial, PreOut, Routing, Rows,
+    AttnOut, ExpertOut, Inputs, Logits, Page, Partial, PreOut, Routing, Rows,
 )
 from moeflow.dataflow.graph import (
     Attention,
@@ -340,10 +340,10 @@ class DeviceWorker:
 
     # -- nodes ---------------------------------------------------------------------
 
-    def run(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
+    def run(self, key: Any, graph: Graph, node: Node, inputs: Inputs) -> Any:
         return self.run_group([(key, graph, node, inputs)])[0]
 
-    def run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+    def run_group(self, items: list[tuple[Any, Graph, Node, Inputs]],
                   kernel: str | None = None) -> list[Any]:
         """Run nodes coalesced into one kernel (same kind and layer, same weights, from
         different units): each GEMM reads its weights once for all of them. A single item
@@ -363,13 +363,13 @@ class DeviceWorker:
         finally:
             use_onednn(onednn)
 
-    def _run_group(self, items: list[tuple[Any, Graph, Node, list[tuple[Node, Any]]]],
+    def _run_group(self, items: list[tuple[Any, Graph, Node, Inputs]],
                    kernel: str | None) -> list[Any]:
         node = items[0][2]
         if isinstance(node, Expert):
             if node.kind == "routed":
                 return self._routed([(g, n, inputs) for _, g, n, inputs in items], kernel)
-            return self._dense_mlp(node, [inputs[0][1].xn for _, _, _, inputs in items])
+            return self._dense_mlp(node, [inputs["attn"][0][1].xn for _, _, _, inputs in items])
         if isinstance(node, Attention):
             if node.part != "full":
                 return [self._attention_part(k, n, inputs, g.micro_batched)
@@ -378,10 +378,10 @@ class DeviceWorker:
                      for k, g, n, _ in items] \
                 if any(g.micro_batched for _, g, _, _ in items) else None
             return self._attention(node.layer, [k for k, _, _, _ in items],
-                                   [inputs[0][1] for _, _, _, inputs in items], micro)
+                                   [inputs["hidden"][0][1] for _, _, _, inputs in items], micro)
         if isinstance(node, LMHead):
             return self._lm_head([(self._units[k], n.seqs if g.micro_batched else None,
-                                   inputs[0][1]) for k, g, n, inputs in items])
+                                   inputs["hidden"][0][1]) for k, g, n, inputs in items])
         if isinstance(node, Transfer) and node.payload == "weights":
             return [self._page(n.layer, n.experts, n.part)  # type: ignore[union-attr]
                     for _, _, n, _ in items]
@@ -390,10 +390,11 @@ class DeviceWorker:
                    for k, _, _, inputs in items)
         with OneThread(self.tdevice.type == "cpu" and rows <= SERIAL_ROWS):
             if isinstance(node, Gate):
-                return self._gate(items[0][1], node, [inputs[0][1] for _, _, _, inputs in items])
+                return self._gate(items[0][1], node,
+                                  [inputs["attn"][0][1] for _, _, _, inputs in items])
             return [self._single(k, g, n, inputs) for k, g, n, inputs in items]
 
-    def _single(self, key: Any, graph: Graph, node: Node, inputs: list[tuple[Node, Any]]) -> Any:
+    def _single(self, key: Any, graph: Graph, node: Node, inputs: Inputs) -> Any:
         if isinstance(node, Transfer):
             return self._transfer(graph, node, inputs)
         if isinstance(node, Combine):
@@ -406,7 +407,7 @@ class DeviceWorker:
                                self.dense.embed)
         raise TypeError(f"cannot run node {node!r}")
 
-    def _attention_part(self, key: Any, node: Attention, inputs: list[tuple[Node, Any]],
+    def _attention_part(self, key: Any, node: Attention, inputs: Inputs,
                         micro: bool) -> PreOut | AttnOut | torch.Tensor:
         """Attention cut in three for a host that keeps the KV cache (CGOPipe):
             pre   hidden [T, D] -> PreOut: input norm, QKV, q/k norms, RoPE
@@ -420,17 +421,17 @@ class DeviceWorker:
         w = self.dense.layers[node.layer].attn
         batch = self._sub(key, node.seqs)[1] if micro else self._units[key].batch
         if node.part == "pre":
-            hidden = inputs[0][1]
+            hidden = inputs["hidden"][0][1]
             x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
             q, k, v = self._gqa_qkv(batch, node.layer, self._linear(x, w.qkv, w.qkv_bias))
             return PreOut(hidden, torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1))
         if node.part == "core":
-            qkv = inputs[0][1]
+            qkv = inputs["qkv"][0][1]
             q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=1)
             return self._gqa_attend(batch, node.layer, q.unflatten(1, (a.num_heads, -1)),
                                     k.unflatten(1, (a.num_kv_heads, -1)),
                                     v.unflatten(1, (a.num_kv_heads, -1)))
-        out, pre = inputs[0][1], inputs[1][1]
+        out, pre = inputs["core"][0][1], inputs["pre"][0][1]
         resid = pre.hidden + self._linear(out, w.o, w.o_bias)
         return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps))
 
@@ -767,9 +768,10 @@ class DeviceWorker:
              else routing.xn.index_select(0, routing.token_of_row[start:end]))
         return Rows(home, start, x, ends, routing.weight_of_row[start:end])
 
-    def _transfer(self, graph: Graph, node: Transfer, inputs: list[tuple[Node, Any]]) -> Any:
+    def _transfer(self, graph: Graph, node: Transfer, inputs: Inputs) -> Any:
         """A transfer's value: a dispatch's or combine's, a part per destination."""
-        value = inputs[0][1]
+        (read,) = inputs.values()  # one input, in its payload's role
+        value = read[0][1]
         if node.payload == "dispatch":
             groups = self._dispatch_groups.get((graph.placement, node.dsts, node.experts))
             if groups is None:
@@ -782,7 +784,7 @@ class DeviceWorker:
             return value.qkv
         return value
 
-    def _routed(self, items: list[tuple[Graph, Expert, list[tuple[Node, Any]]]],
+    def _routed(self, items: list[tuple[Graph, Expert, Inputs]],
                 kernel: str | None = None) -> list[ExpertOut]:
         """The rows every item (unit) sends to these experts, from every home, through the
         experts at once; each item gets back its own rows."""
@@ -791,10 +793,8 @@ class DeviceWorker:
         batches: list[Rows] = []
         pages: list[Page] = []
         for i, (graph, n, inputs) in enumerate(items):
-            for src, value in inputs:
-                if isinstance(value, Page):
-                    pages.append(value)
-                    continue
+            pages.extend(value for _, value in inputs.get("pages", ()))
+            for src, value in inputs["rows"]:
                 batches.append(value if isinstance(value, Rows)
                                else self._rows(graph, value, src.device, n.experts))
                 owners.append(i)
@@ -880,20 +880,13 @@ class DeviceWorker:
                 out = torch.sigmoid(F.linear(xn, lw.shared_gate)) * out
         return _split(out, xns)
 
-    def _combine(self, node: Combine, inputs: list[tuple[Node, Any]]) -> torch.Tensor:
-        attn: AttnOut = inputs[0][1]
-        routing: Routing | None = None
-        partials: list[Partial] = []
-        extra: list[torch.Tensor] = []
-        for src, value in inputs[1:]:
-            if isinstance(src, Gate):
-                routing = value
-            elif isinstance(value, ExpertOut):
-                partials.append(value.parts[node.device])
-            elif isinstance(value, Partial):
-                partials.append(value)
-            else:  # shared expert or dense MLP output
-                extra.append(value)
+    def _combine(self, node: Combine, inputs: Inputs) -> torch.Tensor:
+        attn: AttnOut = inputs["attn"][0][1]
+        routing: Routing | None = inputs["routing"][0][1] if "routing" in inputs else None
+        partials: list[Partial] = [  # a routed Expert's own, or a combine Transfer's part
+            value.parts[node.device] if isinstance(value, ExpertOut) else value
+            for _, value in inputs.get("partials", ())]
+        extra: list[torch.Tensor] = [value for _, value in inputs.get("mlp", ())]
         # accumulate in the model dtype, as the families' own implementations do
         rows = token = None
         if routing is not None and partials:
@@ -970,14 +963,13 @@ def _expert_from_pages(expert: int, layer: int, held: list[tuple[Page, int]], wi
     return tuple(out)
 
 
-def _rows_of(inputs: list[tuple[Node, Any]]) -> int:
-    """Tokens a gate, combine or dispatch works on, read from its first input (a replayed
-    plan's node may have been compiled for another unit)."""
-    value = inputs[0][1]
-    if isinstance(value, Routing):
-        return int(value.xn.shape[0])
-    if isinstance(value, AttnOut):
-        return int(value.resid.shape[0])
+def _rows_of(inputs: Inputs) -> int:
+    """Tokens a gate, combine or dispatch works on, read from its input (a replayed plan's
+    node may have been compiled for another unit)."""
+    if "attn" in inputs:
+        return int(inputs["attn"][0][1].resid.shape[0])
+    if "routing" in inputs:
+        return int(inputs["routing"][0][1].xn.shape[0])
     return 0
 
 

@@ -15,13 +15,16 @@ checked against what the model needs, whatever shape it chose:
     - every home's Combine reads its Attention (residual), its Gate (row order), every expert
       group's output (directly, or through a combine Transfer to the home), and its shared
       expert when the model has one;
-    - every Transfer reads a node on its source device and feeds nodes on its destination.
+    - every Transfer reads a node on its source device and feeds nodes on its destination;
+    - every node's inputs fill the roles its kind reads them in (`graph.input_roles`): say,
+      a Combine reads one residual, and at most one Gate.
 """
 
 from __future__ import annotations
 
 from moeflow.dataflow.graph import (
-    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Transfer,
+    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Transfer, input_role,
+    input_roles,
 )
 from moeflow.models.spec import ModelSpec
 
@@ -94,11 +97,32 @@ class _Checker:
                 self.out.append(f"home {home} has no Embed")
             for embed in embeds:
                 self.home_chain(home, embed.seqs)  # type: ignore[union-attr]
+        self.roles()  # after the forward pass's own gaps, which say more
         return self.out
 
     def chain(self, kind: type, layer: int | None, device: str, seqs: tuple[int, ...]
               ) -> list[Node]:
         return [n for n in self.on(kind, layer, device) if n.seqs == seqs]  # type: ignore[union-attr]
+
+    def roles(self) -> None:
+        """Every node's inputs fill the roles its kind reads (`input_roles`), each as many
+        times as it takes."""
+        for n in self.nodes:
+            arity = input_roles(n)
+            filled: dict[str, int] = {}
+            for p in self.graph.inputs(n.id):
+                role = input_role(n, self.nodes[p])
+                if role is None or role not in arity:
+                    self.out.append(f"{self.label(n)} reads {self.label(self.nodes[p])}, an "
+                                    f"input it has no role for")
+                else:
+                    filled[role] = filled.get(role, 0) + 1
+            for role, (least, most) in arity.items():
+                k = filled.get(role, 0)
+                if k < least or (most is not None and k > most):
+                    want = f"{least}" if least == most else \
+                        f"at least {least}" if most is None else f"{least} to {most}"
+                    self.out.append(f"{self.label(n)} reads {k} {role} input(s), takes {want}")
 
     def devices_and_transfers(self) -> None:
         devices = self.graph.placement.devices

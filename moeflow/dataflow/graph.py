@@ -259,6 +259,100 @@ Node = Union[Embed, Attention, Gate, Expert, Transfer, Combine, LMHead]
 NODE_KINDS: tuple[type, ...] = (Embed, Attention, Gate, Expert, Transfer, Combine, LMHead)
 
 
+# -- what each node kind reads: its inputs by role ---------------------------------------
+#
+# A node's data inputs are named by role, from the kind of node that produced each one; the
+# worker reads them by name, never by the order the compiler added the edges in, and
+# `check.problems` refuses a node whose inputs do not fill its kind's roles. Per kind (and
+# attention part, expert kind or payload): role -> (fewest, most) inputs it takes (most:
+# None for any number), each role filled by the producers `input_role` names.
+#
+#   Attention full, pre     hidden: Embed or Combine (the layer's input)
+#   Attention core          qkv: the Transfer(qkv) of its pre part
+#   Attention post          core: the Transfer(hidden) back from the core;
+#                           pre: its pre part (the residual)
+#   Gate                    attn: Attention (full or post)
+#   Expert routed           rows: Gate (its own device's) or Transfer(dispatch), one per home;
+#                           pages: Transfer(weights), experts it does not hold
+#   Expert shared, dense    attn: Attention
+#   Transfer dispatch       routing: Gate;  combine: out: routed Expert
+#   Transfer qkv            pre: Attention(pre);  hidden: core: Attention(core)
+#   Transfer kv             attn: the Attention that wrote the KV
+#   Transfer weights        (nothing: a page of weights held at its source)
+#   Combine                 attn: Attention (the residual); routing: Gate (the row order, in
+#                           an MoE layer); partials: routed Expert or Transfer(combine);
+#                           mlp: shared or dense Expert
+#   LMHead                  hidden: Combine
+
+Role = Literal["hidden", "qkv", "core", "pre", "attn", "routing", "rows", "pages", "out",
+               "partials", "mlp"]
+Arity = tuple[int, Union[int, None]]
+_ONE: Arity = (1, 1)
+
+
+def input_roles(node: "Node") -> dict[Role, Arity]:
+    """The roles a node of this kind reads its inputs in, with how many each takes."""
+    if isinstance(node, Attention):
+        return {"qkv": _ONE} if node.part == "core" else \
+            {"core": _ONE, "pre": _ONE} if node.part == "post" else {"hidden": _ONE}
+    if isinstance(node, Gate):
+        return {"attn": _ONE}
+    if isinstance(node, Expert):
+        return {"rows": (1, None), "pages": (0, None)} if node.kind == "routed" \
+            else {"attn": _ONE}
+    if isinstance(node, Transfer):
+        return _TRANSFER_ROLES.get(node.payload, {})
+    if isinstance(node, Combine):
+        return {"attn": _ONE, "routing": (0, 1), "partials": (0, None), "mlp": (0, None)}
+    if isinstance(node, LMHead):
+        return {"hidden": _ONE}
+    return {}  # Embed: token ids, from the unit
+
+
+_TRANSFER_ROLES: dict[str, dict[Role, Arity]] = {
+    "dispatch": {"routing": _ONE}, "combine": {"out": _ONE}, "qkv": {"pre": _ONE},
+    "hidden": {"core": _ONE}, "kv": {"attn": _ONE}, "weights": {},
+}
+
+
+_TRANSFER_SOURCES: dict[str, tuple[type, Role]] = {
+    "dispatch": (Gate, "routing"), "combine": (Expert, "out"), "qkv": (Attention, "pre"),
+    "hidden": (Attention, "core"), "kv": (Attention, "attn"),
+}
+
+
+def input_role(node: "Node", src: "Node") -> Role | None:
+    """The role in which `node` reads `src`'s value; None where its kind reads no such input."""
+    if isinstance(node, Attention):
+        if node.part == "core":
+            return "qkv" if isinstance(src, Transfer) and src.payload == "qkv" else None
+        if node.part == "post":
+            if isinstance(src, Transfer) and src.payload == "hidden":
+                return "core"
+            return "pre" if isinstance(src, Attention) and src.part == "pre" else None
+        return "hidden" if isinstance(src, (Embed, Combine)) else None
+    if isinstance(node, Gate) or (isinstance(node, Expert) and node.kind != "routed"):
+        return "attn" if isinstance(src, Attention) and src.part in ("full", "post") else None
+    if isinstance(node, Expert):
+        if isinstance(src, Gate) or (isinstance(src, Transfer) and src.payload == "dispatch"):
+            return "rows"
+        return "pages" if isinstance(src, Transfer) and src.payload == "weights" else None
+    if isinstance(node, Transfer):
+        want = _TRANSFER_SOURCES.get(node.payload)
+        return want[1] if want is not None and isinstance(src, want[0]) else None
+    if isinstance(node, Combine):
+        if isinstance(src, Attention):
+            return "attn"
+        if isinstance(src, Gate):
+            return "routing"
+        if isinstance(src, Expert):
+            return "partials" if src.kind == "routed" else "mlp"
+        return "partials" if isinstance(src, Transfer) and src.payload == "combine" else None
+    if isinstance(node, LMHead):
+        return "hidden" if isinstance(src, Combine) else None
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Edge:
     src: int
@@ -326,6 +420,19 @@ class Graph:
     def inputs(self, node_id: int) -> tuple[int, ...]:
         """Predecessors whose outputs this node reads, in edge order."""
         return self._data_preds[node_id]
+
+    def roles(self, node_id: int) -> dict[Role, tuple[int, ...]]:
+        """The node's inputs by the role it reads them in (`input_role`), each role's in edge
+        order; an input its kind has no role for raises GraphError."""
+        node = self.nodes[node_id]
+        out: dict[Role, tuple[int, ...]] = {}
+        for p in self._data_preds[node_id]:
+            role = input_role(node, self.nodes[p])
+            if role is None:
+                raise GraphError(f"{type(node).__name__} {node_id} has no input role for "
+                                 f"{type(self.nodes[p]).__name__} {p}")
+            out[role] = out.get(role, ()) + (p,)
+        return out
 
     def succs(self, node_id: int) -> tuple[int, ...]:
         return self._succs[node_id]

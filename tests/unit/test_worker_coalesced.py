@@ -34,7 +34,8 @@ def attention(worker: DeviceWorker, keys: list[int], hiddens: list[torch.Tensor]
               ) -> list[AttnOut]:
     node = Attention(0, DEVICE, 0, (0,), 1, 1)
     graph = SimpleNamespace(micro_batched=False)  # one chain per device, as compile makes
-    return worker.run_group([(k, graph, node, [(None, h)]) for k, h in zip(keys, hiddens)])
+    return worker.run_group([(k, graph, node, {"hidden": [(None, h)]})
+                             for k, h in zip(keys, hiddens)])
 
 
 def test_coalesced_attention_equals_one_unit_at_a_time(checkpoint):
@@ -80,9 +81,10 @@ def test_one_routing_sort_for_many_units_equals_one_each(checkpoint):
     torch.manual_seed(1)
     attns = [AttnOut(torch.randn(n, spec.hidden_size), torch.randn(n, spec.hidden_size))
              for n in (3, 1, 4)]
-    together = worker.run_group([(k, graph, node, [(None, a)]) for k, a in enumerate(attns)])
+    together = worker.run_group([(k, graph, node, {"attn": [(None, a)]})
+                                 for k, a in enumerate(attns)])
     for k, a in enumerate(attns):
-        [alone] = worker.run_group([(k, graph, node, [(None, a)])])
+        [alone] = worker.run_group([(k, graph, node, {"attn": [(None, a)]})])
         got = together[k]
         assert torch.equal(got.token_of_row, alone.token_of_row)
         # router logits over more rows may round differently in the last bit
@@ -112,8 +114,8 @@ def test_routing_in_one_kernel_call_equals_torchs_route_and_sort(tiny_factory, m
     calls = []
     real = kernels.route_dispatch
     monkeypatch.setattr(kernels, "route_dispatch", lambda *a: calls.append(1) or real(*a))
-    for items in ([(0, graph, node, [(None, attns[0])])],
-                  [(k, graph, node, [(None, a)]) for k, a in enumerate(attns)]):
+    for items in ([(0, graph, node, {"attn": [(None, attns[0])]})],
+                  [(k, graph, node, {"attn": [(None, a)]}) for k, a in enumerate(attns)]):
         fused = worker.run_group(items)
         with monkeypatch.context() as m:
             m.setattr(kernels, "ROUTE_MODES", {})
