@@ -121,6 +121,9 @@ class Program:
                               dsts, bool(dsts) and node.payload in FAN_PAYLOADS))  # type: ignore[union-attr]
         self.plan = plan
         self.steps = tuple(steps)
+        # per node: 0 on a stream the plan runs first when one thread runs every stream
+        lead = set(plan.lead)
+        self.rank = tuple(0 if s.name in lead else 1 for s in plan.assignment)
         # sequences whose KV lives here: where their attention (or its core) runs; a
         # device that runs a sequence's projections with its KV elsewhere lays it out
         # without KV (CGOPipe's GPU and host)
@@ -305,11 +308,12 @@ class ActorCore:
 
     def start_tasks(self) -> list[Group]:
         """Start what every idle stream may start now (a node, or a coalesced group of
-        them) and return those groups, transfers first: when one thread runs every stream,
-        data a peer waits for should leave before local compute starts. Run and finish each."""
+        them) and return those groups, those on the plan's `lead` streams first (one
+        thread runs every stream here). Run and finish each."""
         groups = self.execution.start_startable()
         if len(groups) > 1:
-            groups.sort(key=lambda g: self.execution.stream_of(g[0]).name == "compute")
+            by_index = self.by_index
+            groups.sort(key=lambda g: by_index[g[0][0]].program.rank[g[0][1]])
         return groups
 
     def node_inputs(self, task: Task) -> tuple[Any, Inputs]:

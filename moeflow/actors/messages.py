@@ -274,6 +274,7 @@ def plan_to_wire(plan: Plan) -> dict[str, Any]:
         "assign": [index[s] for s in plan.assignment], "rules": rules,
         "priority": [list(k) for k in plan.priority],
         "merge": [None if k is None else list(k) for k in plan.merge],
+        "lead": list(plan.lead),
     }
 
 
@@ -317,7 +318,8 @@ def plan_from_wire(data: Any) -> Plan:
                       for r in data["rules"])
         priority = tuple(tuple(float(x) for x in k) for k in data["priority"])
         merge = tuple(None if k is None else tuple(k) for k in data["merge"])
-        return Plan(graph, assignment, rules, priority, merge)
+        lead = tuple(str(name) for name in data["lead"])
+        return Plan(graph, assignment, rules, priority, merge, lead)
     except MessageError:
         raise
     except Exception as exc:  # any malformed structure: refuse it with its reason

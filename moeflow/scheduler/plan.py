@@ -16,6 +16,12 @@ A stream runs one node at a time. Its rule says which ready node goes next:
                      ties in the key go to the node that became ready first (nodes that
                      became ready at once: in the order their plans were added).
 
+Between streams, the plan orders only what one thread must serialise: an actor that runs
+all its streams on one thread runs the nodes that start at the same moment on its `lead`
+streams first (by default its transfers: data a peer waits for leaves before local compute
+starts), then the others, in the order they started. Where streams really run at once (the
+simulator's, CUDA streams) nothing is serialised, and `lead` changes nothing.
+
 Plans are plain frozen data with a valid-Python `repr`.
 """
 
@@ -52,6 +58,9 @@ PriorityKey = tuple[float, ...]
 MergeKey = Union[tuple[Union[str, int, float], ...], None]
 
 
+LEAD = ("send", "h2d", "d2h")  # transfers before compute
+
+
 class PlanError(ValueError):
     """A Plan does not fit its graph: a node without a stream, a stream without a rule, an
     InOrder sequence that is not exactly the stream's nodes."""
@@ -64,6 +73,7 @@ class Plan:
     rules: tuple[tuple[Stream, Rule], ...]
     priority: tuple[PriorityKey, ...] = ()
     merge: tuple[MergeKey, ...] = ()  # per node, for coalescing streams (None: never merges)
+    lead: tuple[str, ...] = LEAD  # stream names run first where one thread runs them all
 
     def __post_init__(self) -> None:
         n = len(self.graph.nodes)
@@ -121,5 +131,5 @@ def topological_plan(graph: Graph) -> Plan:
                 tuple((s, InOrder(tuple(o))) for s, o in sorted(orders.items())))
 
 
-__all__ = ["ByPriority", "GraphError", "InOrder", "MergeKey", "Plan", "PlanError", "PriorityKey",
+__all__ = ["LEAD", "ByPriority", "GraphError", "InOrder", "MergeKey", "Plan", "PlanError", "PriorityKey",
            "Rule", "Stream", "node_stream", "topological_plan"]
