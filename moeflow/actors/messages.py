@@ -61,7 +61,7 @@ class MessageError(ValueError):
 class Payload:
     """What a Transfer carries: a kind, small plain fields, and tensors."""
 
-    kind: str  # "rows" (dispatch), "partial" (combine), "tensor", "page" (weights)
+    kind: str  # "tensor", or a value kind that travels (moeflow.actors.values.TRAVELS)
     meta: dict[str, Any]
     tensors: tuple[torch.Tensor, ...]
     # the value it was made from, in the process that made it: a receiver in that process

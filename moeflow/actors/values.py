@@ -20,13 +20,14 @@ Shapes: T tokens, D hidden, N routed rows, R logit rows, V vocab, G experts of a
 A node reads them as `Inputs`: by the role its kind reads each in
 (moeflow.dataflow.graph.input_role), never by the order of its edges.
 `to_payload` / `from_payload` turn a Transfer's value into a message payload and back
-(checked), `payload_to` moves a received one to the receiving worker's device.
+(checked), `payload_to` moves a received one to the receiving worker's device: each value
+that travels declares its own codec (`Travels`), listed once in TRAVELS.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -64,11 +65,48 @@ class Rows:
     ends: torch.Tensor  # [G] int32 cumulative row ends per expert of the group
     weights: torch.Tensor  # [n] fp32
 
+    KIND: ClassVar[str] = "rows"
+
+    def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+        return {"home": self.home, "start": self.start}, (self.x, self.ends, self.weights)
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], t: tuple[torch.Tensor, ...]) -> Rows:
+        if len(t) != 3:
+            raise MessageError(f"bad rows payload with {len(t)} tensors")
+        x, ends, weights = t
+        if (x.dim() != 2 or ends.dtype != torch.int32 or weights.shape != (x.shape[0],)
+                or (len(ends) and int(ends[-1]) != x.shape[0])):
+            raise MessageError(f"inconsistent rows: x {list(x.shape)}, ends "
+                               f"{list(ends.shape)}, weights {list(weights.shape)}")
+        return cls(str(meta["home"]), int(meta["start"]), x, ends, weights)
+
+    def to(self, device: torch.device) -> Rows:
+        if self.x.device == device:
+            return self
+        return Rows(self.home, self.start, self.x.to(device, non_blocking=True),
+                    self.ends.to(device, non_blocking=True),
+                    self.weights.to(device, non_blocking=True))
+
 
 @dataclass
 class Partial:
     start: int
     y: torch.Tensor  # [n, D] weighted expert outputs
+
+    KIND: ClassVar[str] = "partial"
+
+    def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+        return {"start": self.start}, (self.y,)
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], t: tuple[torch.Tensor, ...]) -> Partial:
+        if len(t) != 1 or t[0].dim() != 2:
+            raise MessageError(f"bad partial payload: {len(t)} tensors, expected one of rows")
+        return cls(int(meta["start"]), t[0])
+
+    def to(self, device: torch.device) -> Partial:
+        return self if self.y.device == device else Partial(self.start, self.y.to(device))
 
 
 @dataclass
@@ -95,9 +133,38 @@ class Page:
     down_bias: torch.Tensor | None = None  # [G, D]
     columns: tuple[int, int] | None = None
 
+    KIND: ClassVar[str] = "page"
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         biases = () if self.gate_up_bias is None else (self.gate_up_bias, self.down_bias)
         return (self.gate_up, self.down, *biases)  # type: ignore[return-value]
+
+    def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+        meta: dict[str, Any] = {"experts": list(self.experts)}
+        if self.columns is not None:
+            meta["columns"] = list(self.columns)
+        return meta, self.tensors()
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], t: tuple[torch.Tensor, ...]) -> Page:
+        if len(t) not in (2, 4):
+            raise MessageError(f"bad page payload with {len(t)} tensors")
+        experts = tuple(int(e) for e in meta["experts"])
+        columns = meta.get("columns")
+        span = None if columns is None else (int(columns[0]), int(columns[1]))
+        if t[0].dim() != 3 or t[1].dim() != 3 or not t[0].shape[0] == t[1].shape[0] \
+                == len(experts) or t[0].shape[1] != 2 * t[1].shape[2] \
+                or (span is not None and not 0 <= span[0] < span[1] == span[0]
+                    + t[1].shape[2]):
+            raise MessageError(f"inconsistent page: experts {list(experts)}, columns "
+                               f"{span}, gate_up {list(t[0].shape)}, down "
+                               f"{list(t[1].shape)}")
+        return cls(experts, *t, columns=span)
+
+    def to(self, device: torch.device) -> Page:
+        if self.gate_up.device == device:
+            return self
+        return Page(self.experts, *(t.to(device) for t in self.tensors()), columns=self.columns)
 
 
 @dataclass
@@ -107,70 +174,60 @@ class Logits:
     values: torch.Tensor  # [R, V] fp32
 
 
+class Travels(Protocol):
+    """A value a Transfer carries, and its codec: its payload kind, its plain fields and
+    tensors (`encode`), itself rebuilt from them and checked (`decode`), and itself on
+    another device (`to`). A new kind of value that travels is a class with these, listed
+    in TRAVELS; a plain tensor travels as the kind "tensor"."""
+
+    KIND: ClassVar[str]
+
+    def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]: ...
+
+    @classmethod
+    def decode(cls, meta: dict[str, Any], tensors: tuple[torch.Tensor, ...]) -> Any: ...
+
+    def to(self, device: torch.device) -> Any: ...
+
+
+TRAVELS: dict[str, type[Travels]] = {c.KIND: c for c in (Rows, Partial, Page)}
+_TRAVELS_BY_TYPE: dict[type, type[Travels]] = {c: c for c in TRAVELS.values()}
+
+
 def payload_to(value: Any, device: torch.device) -> Any:
     """A received Transfer value, moved to this worker's device if it is elsewhere."""
-    if isinstance(value, Rows):
-        if value.x.device == device:
-            return value
-        return Rows(value.home, value.start, value.x.to(device, non_blocking=True),
-                    value.ends.to(device, non_blocking=True),
-                    value.weights.to(device, non_blocking=True))
-    if isinstance(value, Partial):
-        return value if value.y.device == device else Partial(value.start, value.y.to(device))
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    if isinstance(value, Page) and value.gate_up.device != device:
-        return Page(value.experts, *(t.to(device) for t in value.tensors()),
-                    columns=value.columns)
-    return value
+    return value.to(device) if type(value) in _TRAVELS_BY_TYPE else value
 
 
 def to_payload(value: Any) -> Payload:
     """A Transfer's value as a message payload (no copy)."""
-    if isinstance(value, Rows):
-        return Payload("rows", {"home": value.home, "start": value.start},
-                       (value.x, value.ends, value.weights), value)
-    if isinstance(value, Partial):
-        return Payload("partial", {"start": value.start}, (value.y,), value)
     if isinstance(value, torch.Tensor):
         return Payload("tensor", {}, (value,), value)
-    if isinstance(value, Page):
-        meta: dict[str, Any] = {"experts": list(value.experts)}
-        if value.columns is not None:
-            meta["columns"] = list(value.columns)
-        return Payload("page", meta, value.tensors(), value)
-    raise TypeError(f"cannot send a {type(value).__name__}")
+    codec = _TRAVELS_BY_TYPE.get(type(value))
+    if codec is None:
+        raise TypeError(f"cannot send a {type(value).__name__}")
+    meta, tensors = value.encode()
+    return Payload(codec.KIND, meta, tensors, value)
 
 
 def from_payload(payload: Payload) -> Any:
     """The value a Transfer carried: checked, unless this process made it."""
     if payload.value is not None:
         return payload.value
-    t, meta = payload.tensors, payload.meta
+    t = payload.tensors
+    if payload.kind == "tensor":
+        if len(t) != 1:
+            raise MessageError(f"bad tensor payload with {len(t)} tensors")
+        return t[0]
+    codec = TRAVELS.get(payload.kind)
+    if codec is None:
+        raise MessageError(f"unknown payload kind {payload.kind!r} (known: tensor, "
+                           f"{', '.join(TRAVELS)})")
     try:
-        if payload.kind == "rows" and len(t) == 3:
-            x, ends, weights = t
-            if (x.dim() != 2 or ends.dtype != torch.int32 or weights.shape != (x.shape[0],)
-                    or (len(ends) and int(ends[-1]) != x.shape[0])):
-                raise MessageError(f"inconsistent rows: x {list(x.shape)}, ends "
-                                   f"{list(ends.shape)}, weights {list(weights.shape)}")
-            return Rows(str(meta["home"]), int(meta["start"]), x, ends, weights)
-        if payload.kind == "partial" and len(t) == 1 and t[0].dim() == 2:
-            return Partial(int(meta["start"]), t[0])
-        if payload.kind == "tensor" and len(t) == 1:
-            return t[0]
-        if payload.kind == "page" and len(t) in (2, 4):
-            experts = tuple(int(e) for e in meta["experts"])
-            columns = meta.get("columns")
-            span = None if columns is None else (int(columns[0]), int(columns[1]))
-            if t[0].dim() != 3 or t[1].dim() != 3 or not t[0].shape[0] == t[1].shape[0] \
-                    == len(experts) or t[0].shape[1] != 2 * t[1].shape[2] \
-                    or (span is not None and not 0 <= span[0] < span[1] == span[0]
-                        + t[1].shape[2]):
-                raise MessageError(f"inconsistent page: experts {list(experts)}, columns "
-                                   f"{span}, gate_up {list(t[0].shape)}, down "
-                                   f"{list(t[1].shape)}")
-            return Page(experts, *t, columns=span)
-    except (KeyError, TypeError, ValueError) as exc:
+        return codec.decode(payload.meta, t)
+    except MessageError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise MessageError(f"bad {payload.kind} payload: {exc}") from None
-    raise MessageError(f"bad {payload.kind} payload with {len(t)} tensors")
