@@ -128,7 +128,8 @@ class Program:
         # device that runs a sequence's projections with its KV elsewhere lays it out
         # without KV (CGOPipe's GPU and host)
         kv = {i for node in graph.nodes if isinstance(node, Attention) and node.part in
-              ("full", "core") and plan.assignment[node.id].actor == actor for i in node.seqs}
+              ("full", "core", "store") and plan.assignment[node.id].actor == actor
+              for i in node.seqs}
         self.kv_seqs: tuple[int, ...] | None = tuple(sorted(kv)) if any(
             isinstance(n, Attention) and n.part != "full" for n in graph.nodes) else None
 

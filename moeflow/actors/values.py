@@ -5,6 +5,9 @@ Values flowing along data edges:
     Attention               AttnOut(resid [T, D], xn [T, D])
     Attention(pre)          PreOut(hidden [T, D], qkv [T, *]: rotated q and k, and v)
     Transfer(qkv)           its qkv [T, *]
+    Attention(prefill)      AttnOut, with the new tokens' keys and values kv [T, 2K d]
+    Transfer(kv)            its kv [T, 2K d]
+    Attention(store)        None (it writes the KV cache)
     Attention(core)         attention output [T, H*v], as is Transfer(hidden)
     Transfer(weights)       Page: a contiguous group of one layer's routed experts, whole
                             or a slice of each one's intermediate width
@@ -42,6 +45,7 @@ Inputs = dict[str, list[tuple[Node, Any]]]
 class AttnOut:
     resid: torch.Tensor  # [T, D] residual stream after attention
     xn: torch.Tensor  # [T, D] its post-attention norm: the FFN input
+    kv: torch.Tensor | None = None  # [T, 2K d] a prefill part's keys and values, for the cache
 
 
 @dataclass

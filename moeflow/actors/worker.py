@@ -408,11 +408,15 @@ class DeviceWorker:
         raise TypeError(f"cannot run node {node!r}")
 
     def _attention_part(self, key: Any, node: Attention, inputs: Inputs,
-                        micro: bool) -> PreOut | AttnOut | torch.Tensor:
+                        micro: bool) -> PreOut | AttnOut | torch.Tensor | None:
         """Attention cut in three for a host that keeps the KV cache (CGOPipe):
             pre   hidden [T, D] -> PreOut: input norm, QKV, q/k norms, RoPE
             core  qkv -> [T, H d]: the KV-cache write and attention, where the cache lives
-            post  (core's output, PreOut) -> AttnOut: output projection, residual, norm"""
+            post  (core's output, PreOut) -> AttnOut: output projection, residual, norm
+        or, for whole fresh prompts, in two:
+            prefill  hidden [T, D] -> AttnOut with their keys and values (kv [T, 2K d]):
+                     all of attention over the prompts' own keys, keeping no cache
+            store    kv -> None: written into the cache, where it lives"""
         assert self.dense is not None
         spec, a = self.spec, self.spec.attention
         if a.kind == "mla":
@@ -425,6 +429,18 @@ class DeviceWorker:
             x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
             q, k, v = self._gqa_qkv(batch, node.layer, self._linear(x, w.qkv, w.qkv_bias))
             return PreOut(hidden, torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1))
+        if node.part == "prefill":
+            hidden = inputs["hidden"][0][1]
+            x = rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
+            q, k, v = self._gqa_qkv(batch, node.layer, self._linear(x, w.qkv, w.qkv_bias))
+            kv = torch.cat((k, v), dim=1).flatten(1)  # [T, 2K d], as the cache holds them
+            out = self._attend(batch, node.layer, q, (k, v), None, a.softmax_scale,
+                               paged=a.num_kv_heads).flatten(1)
+            resid = hidden + self._linear(out, w.o, w.o_bias)
+            return AttnOut(resid, rms_norm(resid, w.post_norm, spec.rms_norm_eps), kv)
+        if node.part == "store":
+            self.kv.write(node.layer, batch.slots, inputs["kv"][0][1])
+            return None
         if node.part == "core":
             qkv = inputs["qkv"][0][1]
             q, k, v = qkv.split([a.q_width, a.kv_width, a.kv_width], dim=1)
@@ -782,6 +798,8 @@ class DeviceWorker:
             return tuple(value.parts[d] for d in node.dsts)
         if node.payload == "qkv":
             return value.qkv
+        if node.payload == "kv":
+            return value.kv
         return value
 
     def _routed(self, items: list[tuple[Graph, Expert, Inputs]],

@@ -8,7 +8,8 @@ checked against what the model needs, whatever shape it chose:
     - every home chains Embed -> Attention(0) -> ... -> Combine(L-1) -> LMHead, each layer
       reading the previous one (a home may hold several such chains, one per micro-batch:
       a chain is the nodes of one `seqs`); an attention cut into pre -> core -> post reads
-      through each part, the core perhaps on another device;
+      through each part, the core perhaps on another device; a prefill part's keys and
+      values reach one store part, where the sequences' cache is;
     - in an MoE layer, every routed expert appears in exactly one Expert node that reads a
       chain's Gate (directly on its own device, or through a dispatch Transfer from the
       home), on a device that owns it or that reads it as a weight page;
@@ -153,9 +154,11 @@ class _Checker:
         for layer, layer_spec in enumerate(self.spec.layers):
             attn = [a for a in self.graph.nodes if isinstance(a, Attention)
                     and a.layer == layer and a.seqs == seqs
-                    and (a.device == home or a.part == "core")]
-            firsts = [a for a in attn if a.part in ("full", "pre") and a.device == home]
-            lasts = [a for a in attn if a.part in ("full", "post") and a.device == home]
+                    and (a.device == home or a.part in ("core", "store"))]
+            firsts = [a for a in attn if a.part in ("full", "pre", "prefill")
+                      and a.device == home]
+            lasts = [a for a in attn if a.part in ("full", "post", "prefill")
+                     and a.device == home]
             combines = self.chain(Combine, layer, home, seqs)
             if len(firsts) != 1 or len(lasts) != 1 or len(combines) != 1:
                 self.out.append(f"home {home} sequences {seqs} layer {layer}: expected one "
@@ -167,6 +170,8 @@ class _Checker:
                 self.out.append(f"{self.label(first)} does not read {self.label(previous)}")
             if first is not last:
                 self.split_attention(first, last, [a for a in attn if a.part == "core"])
+            elif first.part == "prefill":
+                self.prefill_stored(first, [a for a in attn if a.part == "store"])
             if last not in self.sources(combine):
                 self.out.append(f"{self.label(combine)} does not read the residual from "
                                 f"{self.label(last)}")
@@ -195,6 +200,14 @@ class _Checker:
         if pre not in self.sources(post):
             self.out.append(f"{self.label(post)} does not read the residual from "
                             f"{self.label(pre)}")
+
+    def prefill_stored(self, prefill: Node, stores: list[Node]) -> None:
+        """A prefill's keys and values reach one store, where the sequences' cache is."""
+        if len(stores) != 1:
+            self.out.append(f"{self.label(prefill)} keeps no cache and has {len(stores)} "
+                            f"stores of its keys and values, one expected")
+        elif prefill not in self.sources(stores[0]):
+            self.out.append(f"{self.label(stores[0])} does not read {self.label(prefill)}")
 
     def moe_layer(self, layer: int, home: str, seqs: tuple[int, ...], last: Node,
                   combine: Node) -> None:

@@ -7,6 +7,12 @@ be pasted into a regression test as it is.
 Node kinds. Each node runs on one `device`; a Transfer runs from `src` to its `dsts`.
     Embed       token ids -> hidden, for the sequences homed on a device
     Attention   input norm, attention over the KV cache, residual add, post-attention norm
+                (`part` "full"); or one part of it where the KV cache lives on another
+                device (CGOPipe): "pre" (norm, QKV, RoPE), "core" (cache write and
+                attention, where the cache is), "post" (output projection, residual, norm);
+                or, for whole fresh prompts, "prefill" (all of it over the prompts' own
+                keys, keeping no cache) and "store" (their keys and values written into the
+                cache, where it is)
     Gate        router: top-k experts per token; its completion carries per-expert counts
     Expert      routed experts (a group of them, on their owner), a shared expert, or a
                 dense MLP
@@ -37,7 +43,7 @@ from typing import Literal, Union
 EdgeKind = Literal["data", "war", "control"]
 ExpertKind = Literal["routed", "shared", "dense"]
 Payload = Literal["dispatch", "combine", "hidden", "kv", "weights", "qkv"]
-AttentionPart = Literal["full", "pre", "core", "post"]
+AttentionPart = Literal["full", "pre", "core", "post", "prefill", "store"]
 LogitsMode = Literal["last", "all", "none"]
 
 
@@ -267,25 +273,28 @@ NODE_KINDS: tuple[type, ...] = (Embed, Attention, Gate, Expert, Transfer, Combin
 # attention part, expert kind or payload): role -> (fewest, most) inputs it takes (most:
 # None for any number), each role filled by the producers `input_role` names.
 #
-#   Attention full, pre     hidden: Embed or Combine (the layer's input)
+#   Attention full, pre,    hidden: Embed or Combine (the layer's input)
+#     prefill
 #   Attention core          qkv: the Transfer(qkv) of its pre part
 #   Attention post          core: the Transfer(hidden) back from the core;
 #                           pre: its pre part (the residual)
-#   Gate                    attn: Attention (full or post)
+#   Attention store         kv: the Transfer(kv) of a prefill part
+#   Gate                    attn: Attention (full, post or prefill)
 #   Expert routed           rows: Gate (its own device's) or Transfer(dispatch), one per home;
 #                           pages: Transfer(weights), experts it does not hold
-#   Expert shared, dense    attn: Attention
+#   Expert shared, dense    attn: Attention (full, post or prefill)
 #   Transfer dispatch       routing: Gate;  combine: out: routed Expert
 #   Transfer qkv            pre: Attention(pre);  hidden: core: Attention(core)
-#   Transfer kv             attn: the Attention that wrote the KV
+#   Transfer kv             attn: Attention(prefill), the keys and values it made
 #   Transfer weights        (nothing: a page of weights held at its source)
 #   Combine                 attn: Attention (the residual); routing: Gate (the row order, in
 #                           an MoE layer); partials: routed Expert or Transfer(combine);
 #                           mlp: shared or dense Expert
 #   LMHead                  hidden: Combine
 
-Role = Literal["hidden", "qkv", "core", "pre", "attn", "routing", "rows", "pages", "out",
-               "partials", "mlp"]
+Role = Literal["hidden", "qkv", "core", "pre", "kv", "attn", "routing", "rows", "pages",
+               "out", "partials", "mlp"]
+_ATTN_OUT = ("full", "post", "prefill")  # the parts whose value is the layer's AttnOut
 Arity = tuple[int, Union[int, None]]
 _ONE: Arity = (1, 1)
 
@@ -293,8 +302,7 @@ _ONE: Arity = (1, 1)
 def input_roles(node: "Node") -> dict[Role, Arity]:
     """The roles a node of this kind reads its inputs in, with how many each takes."""
     if isinstance(node, Attention):
-        return {"qkv": _ONE} if node.part == "core" else \
-            {"core": _ONE, "pre": _ONE} if node.part == "post" else {"hidden": _ONE}
+        return _ATTENTION_ROLES.get(node.part, {"hidden": _ONE})
     if isinstance(node, Gate):
         return {"attn": _ONE}
     if isinstance(node, Expert):
@@ -309,6 +317,9 @@ def input_roles(node: "Node") -> dict[Role, Arity]:
     return {}  # Embed: token ids, from the unit
 
 
+_ATTENTION_ROLES: dict[str, dict[Role, Arity]] = {
+    "core": {"qkv": _ONE}, "post": {"core": _ONE, "pre": _ONE}, "store": {"kv": _ONE},
+}
 _TRANSFER_ROLES: dict[str, dict[Role, Arity]] = {
     "dispatch": {"routing": _ONE}, "combine": {"out": _ONE}, "qkv": {"pre": _ONE},
     "hidden": {"core": _ONE}, "kv": {"attn": _ONE}, "weights": {},
@@ -319,6 +330,7 @@ _TRANSFER_SOURCES: dict[str, tuple[type, Role]] = {
     "dispatch": (Gate, "routing"), "combine": (Expert, "out"), "qkv": (Attention, "pre"),
     "hidden": (Attention, "core"), "kv": (Attention, "attn"),
 }
+_TRANSFER_PARTS: dict[str, str] = {"qkv": "pre", "hidden": "core", "kv": "prefill"}
 
 
 def input_role(node: "Node", src: "Node") -> Role | None:
@@ -326,23 +338,28 @@ def input_role(node: "Node", src: "Node") -> Role | None:
     if isinstance(node, Attention):
         if node.part == "core":
             return "qkv" if isinstance(src, Transfer) and src.payload == "qkv" else None
+        if node.part == "store":
+            return "kv" if isinstance(src, Transfer) and src.payload == "kv" else None
         if node.part == "post":
             if isinstance(src, Transfer) and src.payload == "hidden":
                 return "core"
             return "pre" if isinstance(src, Attention) and src.part == "pre" else None
         return "hidden" if isinstance(src, (Embed, Combine)) else None
     if isinstance(node, Gate) or (isinstance(node, Expert) and node.kind != "routed"):
-        return "attn" if isinstance(src, Attention) and src.part in ("full", "post") else None
+        return "attn" if isinstance(src, Attention) and src.part in _ATTN_OUT else None
     if isinstance(node, Expert):
         if isinstance(src, Gate) or (isinstance(src, Transfer) and src.payload == "dispatch"):
             return "rows"
         return "pages" if isinstance(src, Transfer) and src.payload == "weights" else None
     if isinstance(node, Transfer):
         want = _TRANSFER_SOURCES.get(node.payload)
-        return want[1] if want is not None and isinstance(src, want[0]) else None
+        if want is None or not isinstance(src, want[0]):
+            return None
+        part = _TRANSFER_PARTS.get(node.payload)  # the attention part it carries from
+        return want[1] if part is None or src.part == part else None  # type: ignore[union-attr]
     if isinstance(node, Combine):
         if isinstance(src, Attention):
-            return "attn"
+            return "attn" if src.part in _ATTN_OUT else None
         if isinstance(src, Gate):
             return "routing"
         if isinstance(src, Expert):

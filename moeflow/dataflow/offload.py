@@ -15,6 +15,15 @@ another's CPU attention and transfers (MoE-Lightning's CGOPipe, arXiv 2411.11217
         Gate -> Expert(routed, every expert) [-> Expert(shared)] -> Combine
     -> LMHead(j)
 
+A micro-batch of whole fresh prompts (each sequence from position 0) is a prefill: its
+attention runs on the GPU over the prompts' own keys, and only the keys and values go to
+the host's cache (the host attending a long prompt would be the slowest step of all):
+
+        Attention(prefill, gpu)        the whole attention, keeping no cache
+        Transfer(kv, gpu->host)        the new tokens' keys and values
+        Attention(store, host)         written into the host's KV cache
+        (the GPU's chain goes on from the prefill part: Gate -> ...)
+
 With `cpu_attention=False` (FlexGen's schedule) attention stays whole on the GPU, with the
 KV cache there.
 
@@ -77,10 +86,12 @@ class OffloadNodes:
 
     embed: tuple[int, ...]  # per micro-batch
     pre: tuple[tuple[int, ...], ...]  # [layer][micro-batch]: Attention pre (full without
-    # CPU attention)
-    qkv: tuple[tuple[int, ...], ...]  # Transfer(qkv), or -1 without CPU attention
-    core: tuple[tuple[int, ...], ...]  # Attention core, or -1
-    back: tuple[tuple[int, ...], ...]  # Transfer(hidden), or -1
+    # CPU attention, prefill for a micro-batch of fresh prompts)
+    qkv: tuple[tuple[int, ...], ...]  # Transfer(qkv) (a prefill's: kv), or -1 without CPU
+    # attention
+    core: tuple[tuple[int, ...], ...]  # Attention core (a prefill's: store), or -1
+    back: tuple[tuple[int, ...], ...]  # Transfer(hidden), or -1 (without CPU attention, or
+    # for a prefill)
     post: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][micro-batch]: post, gate,
     # experts, combine (what runs on the GPU after attention)
     pages: tuple[tuple[int, ...], ...]  # [layer]: its weight pages, in load order
@@ -137,7 +148,8 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
 
     a = spec.attention
     act = DTYPE_BYTES.get(spec.dtype, 2)  # activations stay in the model's dtype
-    qkv_row, out_row = (a.q_width + 2 * a.kv_width) * act, a.o_width * act
+    qkv_row, out_row, kv_row = ((a.q_width + 2 * a.kv_width) * act, a.o_width * act,
+                                2 * a.kv_width * act)
     b = _Builder()
     tokens = [sum(unit.seqs[i].num_tokens for i in mb) for mb in cut.micro_batches]
     context = [sum(unit.seqs[i].start + unit.seqs[i].num_tokens for i in mb)
@@ -173,7 +185,15 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
         for j, mb in enumerate(cut.micro_batches):
             common = dict(layer=layer, seqs=mb, num_tokens=tokens[j])
             chain: list[int] = []
-            if split:
+            if split and all(unit.seqs[i].start == 0 for i in mb):  # prefill on the GPU
+                first = last = b.add(Attention, prev[j], device=gpu, num_context=context[j],
+                                     part="prefill", **common)
+                sent = b.add(Transfer, first, src=gpu, dsts=(host,), layer=layer, payload="kv",
+                             num_bytes=tokens[j] * kv_row)
+                attended = b.add(Attention, sent, device=host, num_context=context[j],
+                                 part="store", **common)
+                returned = -1
+            elif split:
                 first = b.add(Attention, prev[j], device=gpu, num_context=context[j],
                               part="pre", **common)
                 sent = b.add(Transfer, first, src=gpu, dsts=(host,), layer=layer, payload="qkv",

@@ -18,8 +18,11 @@ cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
   (default 3: the fewest that keep the pipeline full) of them.
 - Per layer and micro-batch: PreAttn (norm, QKV, RoPE) on the GPU, q/k/v to the host,
   attention over the host's KV cache on the host, its output back, PostAttn (O-proj,
-  residual, norm), router and experts on the GPU. MLA models (DeepSeek-V2/V3) keep
-  attention whole on the GPU: its latent cache is not cut yet.
+  residual, norm), router and experts on the GPU. A micro-batch of whole fresh prompts is
+  prefilled on the GPU instead: all of its attention there, over the prompts' own keys,
+  and only their keys and values go to the host's cache (d2h, then a store on the host),
+  in the same slots of the issue order. MLA models (DeepSeek-V2/V3) keep attention whole
+  on the GPU: its latent cache is not cut yet.
 - The issue order is the paper's, one static order per stream (InOrder): on the GPU, for
   step k = (layer i, micro-batch j), the post-attention chain of k, then PreAttn of step
   k+2 (the CPU works two micro-batches ahead; a prologue issues steps 0 and 1); the host
@@ -40,9 +43,9 @@ actor gets the same `kv_cache_tokens`); if the host's actor restarts, the reques
 KV it kept fail.
 
 What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
-simulate` only (`generate` and `serve` take 3 micro-batches), prefill on the GPU with
-the KV moved to the host (here prefill takes the same CPU-attention path), and a pinned
-relay between host memory and the GPU.
+simulate` only (`generate` and `serve` take 3 micro-batches); a prompt cut into chunks is
+prefilled on the GPU for its first chunk only (later chunks attend over the host's cache,
+through the CPU-attention path); and a pinned relay between host memory and the GPU.
 """
 
 from __future__ import annotations
@@ -112,8 +115,10 @@ class CGOPipe(Scheduler):
         return algorithm2(unit, self.micro_batches, self.micro_batch_size)
 
     def plan_key(self, unit: Unit) -> Hashable:
-        # token counts too: the activations sent to the host are sized when compiled
-        return (unit_shape(unit), self.split(unit), tuple(s.num_tokens for s in unit.seqs))
+        # token counts too: the activations sent to the host are sized when compiled; and
+        # which sequences start fresh: a micro-batch of them is prefilled on the GPU
+        return (unit_shape(unit), self.split(unit), tuple(s.num_tokens for s in unit.seqs),
+                tuple(s.start == 0 for s in unit.seqs))
 
     # -- planning --------------------------------------------------------------------
 

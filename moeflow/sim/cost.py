@@ -58,7 +58,7 @@ GEMM_SMS, DEVICE_SMS = 116, 132
 GEMM_SM_SHARE = GEMM_SMS / DEVICE_SMS
 # what crosses a device's link to its host (PCIe): weight pages, activations to and from
 # CPU attention
-HOST_PAYLOADS = ("weights", "qkv", "hidden")
+HOST_PAYLOADS = ("weights", "qkv", "hidden", "kv")
 FP8 = ("fp8", "float8")  # accepted names; hardware presets key its FLOP/s "float8"
 
 
@@ -200,13 +200,16 @@ class CostModel:
             weights = d * qkv_width + d
             return NodeCost(2 * t * weights, weights * self.wb, t, 5,
                             t * (4 * d + 3 * qkv_width) * b)
+        if node.part == "store":  # a prefill's keys and values written into the cache
+            return NodeCost(0, 0, t, 1, 2 * t * 2 * a.kv_width * b)
         if node.part == "core":  # cache write, attention over the cache
             return NodeCost(0, 0, t, 4, t * 2 * qkv_width * b + kv_bytes, attention)
         if node.part == "post":  # output projection, residual, post norm
             weights = a.o_width * d + d
             return NodeCost(2 * t * weights, weights * self.wb, t, 3,
                             t * (6 * d + a.o_width) * b)
-        # norms, q/k/v, rope, cache write, output projection, residual, post norm
+        # norms, q/k/v, rope, cache write, output projection, residual, post norm (a
+        # prefill part: its keys and values handed on for the cache instead)
         act = t * (10 * d + 2 * qkv_width) * b
         return NodeCost(flops, proj * self.wb, t, KERNELS[Attention], act + kv_bytes, attention)
 

@@ -71,9 +71,10 @@ def output_bytes(spec: ModelSpec, dtype_bytes: int, node: Node) -> float:
         # in memory its policy reserved (Scheduler.reserved_weights)
         return 0 if node.payload == "weights" else node.num_bytes or 0
     tokens = getattr(node, "num_tokens", 0)
-    if isinstance(node, Attention) and node.part in ("pre", "core"):
+    if isinstance(node, Attention) and node.part in ("pre", "core", "prefill", "store"):
         a = spec.attention
-        width = d + a.q_width + 2 * a.kv_width if node.part == "pre" else a.o_width
+        width = {"pre": d + a.q_width + 2 * a.kv_width, "core": a.o_width,
+                 "prefill": 2 * d + 2 * a.kv_width, "store": 0}[node.part]
         return tokens * width * dtype_bytes
     factor = 2 if isinstance(node, Attention) else 1
     if isinstance(node, Gate):

@@ -2,7 +2,8 @@
 
     - each micro-batch follows PreAttn -> QKV to the host -> CPU attention -> hidden back
       -> PostAttn: in every layer, each part of a micro-batch's attention ends before the
-      next starts (event times);
+      next starts (event times); a micro-batch of fresh prompts follows prefill on the GPU
+      -> its keys and values to the host -> stored in the host's cache;
     - every weight page of layer i is resident before the layer's experts run: every page
       ends before any routed Expert of layer i starts (PostAttn of the paper holds the MoE
       FFN; here the router and the experts are nodes of their own, after the O-projection);
@@ -29,6 +30,7 @@ from moeflow.dataflow.graph import Attention, Expert, Graph, Transfer
 
 _SLACK = 1e-12
 _PARTS = ("pre", "qkv", "core", "hidden", "post")
+_PREFILL_PARTS = ("prefill", "kv", "store")
 
 
 def graph_problems(graph: Graph, gpu: str) -> list[str]:
@@ -73,7 +75,7 @@ def invariant_8(case: Any, result: Any) -> list[str]:
         for node in graph.nodes:
             if isinstance(node, Attention) and node.part != "full":
                 name = node.part
-            elif isinstance(node, Transfer) and node.payload in ("qkv", "hidden"):
+            elif isinstance(node, Transfer) and node.payload in ("qkv", "hidden", "kv"):
                 name = node.payload
             elif isinstance(node, Transfer) and node.payload == "weights":
                 pages.setdefault(node.layer, []).append(node.id)
@@ -86,13 +88,14 @@ def invariant_8(case: Any, result: Any) -> list[str]:
             seqs = _seqs_of(graph, node.id)
             parts.setdefault((node.layer, seqs), {}).setdefault(name, []).append(node.id)
         for (layer, seqs), found in sorted(parts.items()):
-            chain = [found.get(p, []) for p in _PARTS]
-            if any(len(c) != 1 for c in chain):
+            names = _PREFILL_PARTS if "prefill" in found else _PARTS
+            chain = [found.get(p, []) for p in names]
+            if any(len(c) != 1 for c in chain) or len(found) != len(names):
                 out.append(f"unit {j} layer {layer} micro-batch {seqs}: attention parts "
-                           f"{ {p: len(c) for p, c in zip(_PARTS, chain)} }, one of each "
-                           f"expected")
+                           f"{ {p: len(c) for p, c in found.items()} }, one of each of "
+                           f"{', '.join(names)} expected")
                 continue
-            for (a, na), (b, nb) in zip(zip(_PARTS, chain), zip(_PARTS[1:], chain[1:])):
+            for (a, na), (b, nb) in zip(zip(names, chain), zip(names[1:], chain[1:])):
                 if events[(j, na[0])][1] > events[(j, nb[0])][0] + _SLACK:
                     out.append(f"unit {j} layer {layer} micro-batch {seqs}: {b} started "
                                f"before {a} ended")

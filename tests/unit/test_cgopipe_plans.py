@@ -240,3 +240,68 @@ def test_a_sliced_page_travels_with_its_columns_and_a_wrong_one_is_refused():
         bad = Page((4, 5), page.gate_up, page.down, columns=columns)
         with pytest.raises(MessageError, match="inconsistent page"):
             wire(bad)
+
+
+def test_fresh_prompts_are_prefilled_on_the_gpu_and_only_their_kv_goes_to_the_host():
+    """A micro-batch of whole fresh prompts: prefill on the GPU, Transfer(kv) to the host, a
+    store there; a micro-batch with a sequence already under way keeps CPU attention."""
+    unit = Unit((SeqChunk(0, 0, 12, "cpu:0"), SeqChunk(1, 0, 9, "cpu:0"),
+                 SeqChunk(2, 30, 1, "cpu:0"), SeqChunk(3, 8, 4, "cpu:0")))
+    cut = OffloadCut("cpu:0", "cpu:1", ((0,), (1,), (2, 3)), pages=3)
+    graph, ids = compile_offload(SPEC, unit, CLUSTER.placement, cut)
+    assert problems(graph, SPEC) == []
+    a = SPEC.attention
+    for layer in range(SPEC.num_layers):
+        for j, mb in enumerate(cut.micro_batches):
+            first, sent, kept = (graph.nodes[i] for i in (ids.pre[layer][j], ids.qkv[layer][j],
+                                                          ids.core[layer][j]))
+            if mb == (2, 3):  # decode and a later chunk: attention over the host's cache
+                assert (first.part, sent.payload, kept.part) == ("pre", "qkv", "core")
+                assert ids.back[layer][j] >= 0
+                continue
+            assert (first.device, first.part) == ("cpu:0", "prefill")
+            assert (sent.src, sent.dsts, sent.payload) == ("cpu:0", ("cpu:1",), "kv")
+            assert sent.num_bytes == first.num_tokens * 2 * a.kv_width * 4  # fp32 activations
+            assert (kept.device, kept.part) == ("cpu:1", "store")
+            assert ids.back[layer][j] == -1
+            assert graph.roles(ids.post[layer][j][0])["attn"] == (first.id,)  # the Gate
+    plan = CGOPipe(micro_batches=3).plan(unit, SPEC, CLUSTER)  # Algorithm 2's micro-batches
+    fresh = sum(all(unit.seqs[i].start == 0 for i in mb) for mb in algorithm2(unit, 3, None))
+    assert fresh >= 1 and sum(isinstance(n, Attention) and n.part == "prefill"
+                              for n in plan.graph.nodes) == fresh * SPEC.num_layers
+
+
+def test_a_prefill_whose_keys_reach_no_store_is_caught():
+    unit = Unit((SeqChunk(0, 0, 5, "cpu:0"),))
+    cut = OffloadCut("cpu:0", "cpu:1", ((0,),), pages=1)
+    graph, ids = compile_offload(SPEC, unit, CLUSTER.placement, cut)
+    store = ids.core[0][0]
+    lost = Graph(graph.unit, graph.placement, graph.nodes,
+                 tuple(e for e in graph.edges if e.dst != store), graph.num_layers)
+    found = "; ".join(problems(lost, SPEC))
+    assert f"Attention#{store}(L0 cpu:1) does not read Attention#{ids.pre[0][0]}" in found
+    assert "reads 0 kv input(s), takes 1" in found
+
+
+def test_prefill_on_the_gpu_is_simulated_with_its_kv_on_the_host_link():
+    requests = [SimRequest(0.0, 48, 4) for _ in range(4)]
+    policy = CGOPipe(micro_batches=2)
+    hw = tight_hardware(SPEC, CLUSTER.placement, 64, 512, 16,
+                        reserved=policy.reserved_weights(SPEC, CLUSTER))
+    sim = Simulator(SPEC, hw, policy, Routing.parse("uniform", 8, 2, SPEC.num_layers),
+                    placement=CLUSTER.placement, max_batch_tokens=512, max_seqs=16)
+    result = sim.run(requests)
+    assert len(result.timings) == 4 and not result.memory_violations
+    assert invariant_8(None, result) == []
+    first = result.jobs[0].plan.graph
+
+    def what(node):
+        return node.payload if isinstance(node, Transfer) else getattr(node, "part", None)
+
+    kinds = {(ev.resource, type(first.nodes[ev.node]).__name__, what(first.nodes[ev.node]))
+             for ev in result.trace if ev.job == 0}
+    assert ("cpu:0/compute", "Attention", "prefill") in kinds
+    assert ("cpu:0/d2h", "Transfer", "kv") in kinds
+    assert ("cpu:1/compute", "Attention", "store") in kinds
+    assert not any(part in ("pre", "core", "post") for _, kind, part in kinds
+                   if kind == "Attention")
