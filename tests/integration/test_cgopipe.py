@@ -187,6 +187,31 @@ def test_the_readme_cgopipe_examples_run_and_the_trace_has_four_lanes(tiny_facto
     assert lanes == {"cuda:0/compute", "cuda:0/d2h", "cpu/compute", "cpu/h2d"}
 
 
+def test_the_readme_long_prompt_figures_are_what_the_simulator_prints():
+    """The README's long-prompt command, as written: the makespan it states, with the host
+    nearly idle (every prompt prefilled on the GPU, only its KV sent over)."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [command] = [" ".join(c.split()) for c in re.findall(r"`(moeflow simulate [^`]*)`", readme)
+                 if "--prompt-len fixed:2048" in c]
+    stated = re.search(r"attending every prompt and take ([0-9.]+) s now", readme)
+    assert stated is not None
+    argv = shlex.split(command)
+    run = subprocess.run([sys.executable, "-m", "moeflow.cli", *argv[1:]], capture_output=True,
+                         text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    makespan = re.search(r"makespan\s+([0-9.]+) s", run.stdout)
+    host = re.search(r"cpu/compute (\d+)%", run.stdout)
+    assert makespan is not None and host is not None, run.stdout
+    assert f"{float(makespan.group(1)):.1f}" == stated.group(1)
+    assert int(host.group(1)) <= 5
+
+
 def test_a_gpu_memory_cap_sets_the_resident_experts_and_holds(tiny_factory):
     from moeflow.serve.build import build_engine_core
     from moeflow.serve.config import EngineConfig
