@@ -30,6 +30,7 @@ that travels declares its own codec (`Travels`), listed once in TRAVELS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -61,18 +62,36 @@ class Routing:
 
 @dataclass
 class Rows:
-    """Routed rows of one home for one contiguous expert group."""
+    """Routed rows of one home for one contiguous expert group. How many rows go to each of
+    its experts is held as a tensor of cumulative ends (what a grouped GEMM on a GPU takes,
+    and what travels) or as a list of counts (what the CPU kernels take: made from the
+    gate's offsets with no tensor op); each is made from the other when asked for."""
 
     home: str
     start: int  # first row within the home's dispatch order
     x: torch.Tensor  # [n, D]
-    ends: torch.Tensor  # [G] int32 cumulative row ends per expert of the group
+    ends: torch.Tensor | None  # [G] int32 cumulative row ends per expert of the group
     weights: torch.Tensor  # [n] fp32
+    counts: list[int] | None = None  # [G] rows per expert of the group
 
     KIND: ClassVar[str] = "rows"
 
+    def row_ends(self) -> torch.Tensor:
+        if self.ends is None:
+            assert self.counts is not None, "Rows holds its ends or its counts"
+            self.ends = torch.tensor(list(accumulate(self.counts)), dtype=torch.int32,
+                                     device=self.x.device)
+        return self.ends
+
+    def row_counts(self) -> list[int]:
+        if self.counts is None:
+            assert self.ends is not None, "Rows holds its ends or its counts"
+            ends = self.ends.tolist()
+            self.counts = [b - a for a, b in zip([0, *ends], ends)]
+        return self.counts
+
     def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
-        return {"home": self.home, "start": self.start}, (self.x, self.ends, self.weights)
+        return {"home": self.home, "start": self.start}, (self.x, self.row_ends(), self.weights)
 
     @classmethod
     def decode(cls, meta: dict[str, Any], t: tuple[torch.Tensor, ...]) -> Rows:
@@ -89,8 +108,8 @@ class Rows:
         if self.x.device == device:
             return self
         return Rows(self.home, self.start, self.x.to(device, non_blocking=True),
-                    self.ends.to(device, non_blocking=True),
-                    self.weights.to(device, non_blocking=True))
+                    None if self.ends is None else self.ends.to(device, non_blocking=True),
+                    self.weights.to(device, non_blocking=True), self.counts)
 
 
 @dataclass

@@ -16,6 +16,7 @@ d head dim, V vocab, E experts.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -52,7 +53,7 @@ from moeflow.ops.backend import (
     rows_per_weight, use_onednn,
 )
 from moeflow.ops.experts import (
-    SILU, Activation, ExpertGroup, counts_of, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
+    SILU, Activation, ExpertGroup, swiglu, swiglu_batches_cpu, swiglu_batches_grouped,
     swiglu_cpu,
 )
 from moeflow.ops.norm import rms_norm
@@ -773,16 +774,22 @@ class DeviceWorker:
     def _rows(self, graph: Graph, routing: Routing, home: str, group: tuple[int, ...]) -> Rows:
         _, rank, _ = self._ranks_of(graph.placement)
         r0, r1 = rank[group[0]], rank[group[-1]] + 1
-        start, end = routing.offsets[r0], routing.offsets[r1]
+        offsets = routing.offsets
+        start, end = offsets[r0], offsets[r1]
+        whole = r1 - r0 == len(offsets) - 1  # every expert: no slice (a torch op each)
         gathered = routing.rows
-        if r1 - r0 == len(routing.offsets) - 1:  # every expert: no slice (a torch op each)
-            return Rows(home, 0, gathered if gathered is not None else
-                        routing.xn.index_select(0, routing.token_of_row),
-                        routing.ends, routing.weight_of_row)
-        ends = routing.ends[r0:r1] - start if start else routing.ends[r0:r1]
-        x = (gathered[start:end] if gathered is not None  # [n, D]
-             else routing.xn.index_select(0, routing.token_of_row[start:end]))
-        return Rows(home, start, x, ends, routing.weight_of_row[start:end])
+        if gathered is not None:
+            x = gathered if whole else gathered[start:end]  # [n, D]
+        else:
+            x = routing.xn.index_select(0, routing.token_of_row if whole
+                                        else routing.token_of_row[start:end])
+        weights = routing.weight_of_row if whole else routing.weight_of_row[start:end]
+        if self.tdevice.type == "cpu":  # the CPU kernels take counts: from the offsets
+            return Rows(home, start, x, None, weights,
+                        list(map(operator.sub, offsets[r0 + 1:r1 + 1], offsets[r0:r1])))
+        ends = routing.ends if whole else (
+            routing.ends[r0:r1] - start if start else routing.ends[r0:r1])
+        return Rows(home, start, x, ends, weights)
 
     def _transfer(self, graph: Graph, node: Transfer, inputs: Inputs) -> Any:
         """A transfer's value: a dispatch's or combine's, a part per destination."""
@@ -826,10 +833,10 @@ class DeviceWorker:
                  else self._expert_group(node.layer, node.experts))
         xs, scale = [b.x for b in batches], _cat([b.weights for b in batches])
         if self.tdevice.type == "cpu":
-            y = swiglu_batches_cpu(xs, [counts_of(b.ends) for b in batches], group, scale,
+            y = swiglu_batches_cpu(xs, [b.row_counts() for b in batches], group, scale,
                                    kernel)
         else:
-            y = swiglu_batches_grouped(xs, [b.ends for b in batches], group, kernel)
+            y = swiglu_batches_grouped(xs, [b.row_ends() for b in batches], group, kernel)
             y.mul_(scale.to(y.dtype)[:, None])  # in the model dtype
         for i, b, part in zip(owners, batches, _split(y, sizes)):
             outs[i].parts[b.home] = Partial(b.start, part)

@@ -48,3 +48,14 @@ def test_unknown_and_malformed_payloads_are_refused_with_their_reason():
                                                         torch.zeros(1, 4, 2))))
     with pytest.raises(TypeError, match="cannot send a dict"):
         to_payload({})
+
+
+def test_rows_made_from_counts_travel_with_their_ends():
+    """A CPU worker's Rows hold rows per expert as counts (no tensor op); what travels is
+    the cumulative ends, and the receiver reads the same counts back."""
+    rows = Rows("cpu:0", 4, torch.randn(6, 4), None, torch.rand(6), [2, 0, 3, 1])
+    assert torch.equal(to_payload(rows).tensors[1], torch.tensor([2, 2, 5, 6],
+                                                                  dtype=torch.int32))
+    back = _over_the_wire(rows)
+    assert back.counts is None and back.row_counts() == [2, 0, 3, 1]
+    assert torch.equal(back.x, rows.x) and back.start == 4
