@@ -124,9 +124,9 @@ class Program:
         # per node: 0 on a stream the plan runs first when one thread runs every stream
         lead = set(plan.lead)
         self.rank = tuple(0 if s.name in lead else 1 for s in plan.assignment)
-        # sequences whose KV lives here: where their attention (or its core) runs; a
-        # device that runs a sequence's projections with its KV elsewhere lays it out
-        # without KV (CGOPipe's GPU and host)
+        # sequences whose KV lives here: where their attention (or its core, or a
+        # prefill's store) runs; a device that runs a sequence's projections with its KV
+        # elsewhere lays it out without KV (CGOPipe's GPU and host)
         kv = {i for node in graph.nodes if isinstance(node, Attention) and node.part in
               ("full", "core", "store") and plan.assignment[node.id].actor == actor
               for i in node.seqs}
@@ -234,7 +234,11 @@ class ActorCore:
             if msg.plan is None:
                 return [Outgoing(COORDINATOR, NodeFailed(
                     unit_id, self.name, f"unknown plan {msg.plan_id}"))]
-            program = Program(msg.plan, self.name)
+            try:  # a node with an input it has no role for, say: the unit fails
+                program = Program(msg.plan, self.name)
+            except Exception as exc:
+                return [Outgoing(COORDINATOR, NodeFailed(
+                    unit_id, self.name, f"{type(exc).__name__}: {exc}"))]
             if msg.plan_id is not None:
                 self.plans[msg.plan_id] = program
         plan = program.plan
@@ -322,7 +326,14 @@ class ActorCore:
         step = unit.program.steps[task[1]]
         assert step is not None, f"task {task} runs on another actor"
         values = unit.values
-        return step.node, {role: [(n, values[p]) for n, p in read] for role, read in step.roles}
+        inputs: Inputs = {}
+        for role, read in step.roles:  # a loop, and one input without a comprehension:
+            if len(read) == 1:  # ~0.2 us a node fewer (one node in a step takes ~8 us)
+                n, p = read[0]
+                inputs[role] = [(n, values[p])]
+            else:
+                inputs[role] = [(n, values[p]) for n, p in read]
+        return step.node, inputs
 
     def run(self, group: Group) -> list[Any]:
         """Run a started node, or a coalesced group as one kernel; returns their values."""

@@ -15,7 +15,9 @@ cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
 - Each unit is cut into micro-batches by MoE-Lightning's Algorithm 2: sequences sorted by
   length, longest first, each put in the micro-batch with the fewest tokens so far, a
   micro-batch closed at `micro_batch_size` sequences. Without a size, `micro_batches`
-  (default 3: the fewest that keep the pipeline full) of them.
+  (default 3: the fewest that keep the pipeline full) of them. A unit that mixes fresh
+  prompts with sequences under way (continuous batching) has each group cut apart, so the
+  fresh prompts' micro-batches are prefilled on the GPU (below).
 - Per layer and micro-batch: PreAttn (norm, QKV, RoPE) on the GPU, q/k/v to the host,
   attention over the host's KV cache on the host, its output back, PostAttn (O-proj,
   residual, norm), router and experts on the GPU. A micro-batch of whole fresh prompts is
@@ -62,12 +64,13 @@ from moeflow.scheduler.plan import InOrder, Plan, Stream
 LOOKAHEAD = 2  # PreAttn of step k + 2 follows PostAttn of step k
 
 
-def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int | None
-               ) -> tuple[tuple[int, ...], ...]:
-    """MoE-Lightning's Algorithm 2: the unit's sequences (indices) in micro-batches, longest
-    first into the one with the fewest tokens; each micro-batch, and the micro-batches by
-    their first sequence, in unit order."""
-    n = len(unit.seqs)
+def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int | None,
+               seqs: Sequence[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """MoE-Lightning's Algorithm 2: the unit's sequences (indices; or those of `seqs`) in
+    micro-batches, longest first into the one with the fewest tokens; each micro-batch,
+    and the micro-batches by their first sequence, in unit order."""
+    picked = range(len(unit.seqs)) if seqs is None else seqs
+    n = len(picked)
     if micro_batch_size is not None:
         count = -(-n // micro_batch_size)
         cap = micro_batch_size
@@ -76,8 +79,8 @@ def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int 
         cap = -(-n // count)
     batches: list[list[int]] = [[] for _ in range(count)]
     tokens = [0] * count
-    lengths = {i: s.start + s.num_tokens for i, s in enumerate(unit.seqs)}
-    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+    lengths = {i: unit.seqs[i].start + unit.seqs[i].num_tokens for i in picked}
+    for i in sorted(picked, key=lambda i: (-lengths[i], i)):
         j = min((j for j in range(count) if len(batches[j]) < cap),
                 key=lambda j: (tokens[j], j))
         batches[j].append(i)
@@ -112,7 +115,16 @@ class CGOPipe(Scheduler):
         return BatchEP().form_units(waiting, running, only_gpu)
 
     def split(self, unit: Unit) -> tuple[tuple[int, ...], ...]:
-        return algorithm2(unit, self.micro_batches, self.micro_batch_size)
+        """Algorithm 2's micro-batches, fresh prompts apart from the sequences under way
+        (each group cut as Algorithm 2 cuts a unit): a micro-batch of fresh prompts is
+        prefilled on the GPU, one that mixes in a sequence under way attends on the host."""
+        fresh = [i for i, s in enumerate(unit.seqs) if s.start == 0]
+        if not fresh or len(fresh) == len(unit.seqs):
+            return algorithm2(unit, self.micro_batches, self.micro_batch_size)
+        rest = [i for i, s in enumerate(unit.seqs) if s.start > 0]
+        return tuple(sorted(
+            algorithm2(unit, self.micro_batches, self.micro_batch_size, fresh)
+            + algorithm2(unit, self.micro_batches, self.micro_batch_size, rest)))
 
     def plan_key(self, unit: Unit) -> Hashable:
         # token counts too: the activations sent to the host are sized when compiled; and

@@ -16,11 +16,11 @@ A stream runs one node at a time. Its rule says which ready node goes next:
                      ties in the key go to the node that became ready first (nodes that
                      became ready at once: in the order their plans were added).
 
-Between streams, the plan orders only what one thread must serialise: an actor that runs
-all its streams on one thread runs the nodes that start at the same moment on its `lead`
+Between streams, the plan orders only what one thread must serialise: an actor runs all
+its streams on one thread, and runs the nodes that start at the same moment on its `lead`
 streams first (by default its transfers: data a peer waits for leaves before local compute
-starts), then the others, in the order they started. Where streams really run at once (the
-simulator's, CUDA streams) nothing is serialised, and `lead` changes nothing.
+starts), then the others, in the order they started. The simulator's streams run at once:
+there `lead` changes nothing.
 
 Plans are plain frozen data with a valid-Python `repr`.
 """
@@ -101,6 +101,9 @@ class Plan:
         for stream in rules:
             if stream not in members:
                 raise PlanError(f"stream {stream} has a rule but no nodes")
+        if not isinstance(self.lead, tuple) or not all(
+                isinstance(name, str) and name for name in self.lead):
+            raise PlanError(f"lead must be a tuple of stream names, got {self.lead!r}")
 
     def rule(self, stream: Stream) -> Rule:
         return dict(self.rules)[stream]

@@ -98,3 +98,21 @@ def test_a_node_that_does_not_fill_its_roles_is_refused():
     assert "an input it has no role for" in "; ".join(problems(wrong, spec))
     with pytest.raises(GraphError, match="no input role"):
         wrong.roles(lm_head)
+
+
+def test_an_actor_fails_a_unit_whose_plan_has_a_node_without_its_roles():
+    from moeflow.actors.core import COORDINATOR, ActorCore
+    from moeflow.actors.messages import NodeFailed, RunUnit
+    from moeflow.actors.null import NullWorker
+    from moeflow.scheduler import topological_plan
+
+    spec, graph = _graph()
+    lm_head = graph.nodes[-1]
+    gate = next(n for n in graph.nodes if isinstance(n, Gate) and n.device == lm_head.device)
+    wrong = Graph(graph.unit, graph.placement, graph.nodes,
+                  graph.edges + (Edge(gate.id, lm_head.id),), graph.num_layers)
+    core = ActorCore(lm_head.device, NullWorker(lm_head.device, spec))
+    [out] = core.handle(RunUnit(7, topological_plan(wrong), {0: [1, 2, 3], 1: [4, 5]}, {}))
+    assert out.to == COORDINATOR and isinstance(out.msg, NodeFailed)
+    assert out.msg.unit_id == 7 and "no input role" in out.msg.error
+    assert not core.units and not core.execution.plans
