@@ -15,9 +15,7 @@ cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
 - Each unit is cut into micro-batches by MoE-Lightning's Algorithm 2: sequences sorted by
   length, longest first, each put in the micro-batch with the fewest tokens so far, a
   micro-batch closed at `micro_batch_size` sequences. Without a size, `micro_batches`
-  (default 3: the fewest that keep the pipeline full) of them. A unit that mixes fresh
-  prompts with sequences under way (continuous batching) has each group cut apart, so the
-  fresh prompts' micro-batches are prefilled on the GPU (below).
+  (default 3: the fewest that keep the pipeline full) of them.
 - Per layer and micro-batch: PreAttn (norm, QKV, RoPE) on the GPU, q/k/v to the host,
   attention over the host's KV cache on the host, its output back, PostAttn (O-proj,
   residual, norm), router and experts on the GPU. A micro-batch of whole fresh prompts is
@@ -44,10 +42,17 @@ host). The real engine admits by the GPU's KV pool, the same size as the host's 
 actor gets the same `kv_cache_tokens`); if the host's actor restarts, the requests whose
 KV it kept fail.
 
+Only a micro-batch of fresh prompts alone is prefilled on the GPU: one that shares its
+micro-batch with a request under way (continuous batching mixes them), or a prompt's later
+chunk, attends on the host. Cutting fresh prompts into micro-batches apart from the rest
+was measured and left out: in MoE-Lightning's S1 (simulated, `benchmarks/cgopipe.py`) it
+cost 11-13 % of throughput at generation 32 (Algorithm 2 no longer balances the
+micro-batches' tokens, and the GPU takes attention the host did in their shadow), and
+on a stream of 2048-token prompts it gained under 1 % (the link bounds both).
+
 What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
-simulate` only (`generate` and `serve` take 3 micro-batches); a prompt cut into chunks is
-prefilled on the GPU for its first chunk only (later chunks attend over the host's cache,
-through the CPU-attention path); and a pinned relay between host memory and the GPU.
+simulate` only (`generate` and `serve` take 3 micro-batches); and a pinned relay between
+host memory and the GPU.
 """
 
 from __future__ import annotations
@@ -115,16 +120,7 @@ class CGOPipe(Scheduler):
         return BatchEP().form_units(waiting, running, only_gpu)
 
     def split(self, unit: Unit) -> tuple[tuple[int, ...], ...]:
-        """Algorithm 2's micro-batches, fresh prompts apart from the sequences under way
-        (each group cut as Algorithm 2 cuts a unit): a micro-batch of fresh prompts is
-        prefilled on the GPU, one that mixes in a sequence under way attends on the host."""
-        fresh = [i for i, s in enumerate(unit.seqs) if s.start == 0]
-        if not fresh or len(fresh) == len(unit.seqs):
-            return algorithm2(unit, self.micro_batches, self.micro_batch_size)
-        rest = [i for i, s in enumerate(unit.seqs) if s.start > 0]
-        return tuple(sorted(
-            algorithm2(unit, self.micro_batches, self.micro_batch_size, fresh)
-            + algorithm2(unit, self.micro_batches, self.micro_batch_size, rest)))
+        return algorithm2(unit, self.micro_batches, self.micro_batch_size)
 
     def plan_key(self, unit: Unit) -> Hashable:
         # token counts too: the activations sent to the host are sized when compiled; and
