@@ -69,13 +69,12 @@ from moeflow.scheduler.plan import InOrder, Plan, Stream
 LOOKAHEAD = 2  # PreAttn of step k + 2 follows PostAttn of step k
 
 
-def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int | None,
-               seqs: Sequence[int] | None = None) -> tuple[tuple[int, ...], ...]:
-    """MoE-Lightning's Algorithm 2: the unit's sequences (indices; or those of `seqs`) in
-    micro-batches, longest first into the one with the fewest tokens; each micro-batch,
-    and the micro-batches by their first sequence, in unit order."""
-    picked = range(len(unit.seqs)) if seqs is None else seqs
-    n = len(picked)
+def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int | None
+               ) -> tuple[tuple[int, ...], ...]:
+    """MoE-Lightning's Algorithm 2: the unit's sequences (indices) in micro-batches, longest
+    first into the one with the fewest tokens; each micro-batch, and the micro-batches by
+    their first sequence, in unit order."""
+    n = len(unit.seqs)
     if micro_batch_size is not None:
         count = -(-n // micro_batch_size)
         cap = micro_batch_size
@@ -84,8 +83,8 @@ def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int 
         cap = -(-n // count)
     batches: list[list[int]] = [[] for _ in range(count)]
     tokens = [0] * count
-    lengths = {i: unit.seqs[i].start + unit.seqs[i].num_tokens for i in picked}
-    for i in sorted(picked, key=lambda i: (-lengths[i], i)):
+    lengths = {i: s.start + s.num_tokens for i, s in enumerate(unit.seqs)}
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
         j = min((j for j in range(count) if len(batches[j]) < cap),
                 key=lambda j: (tokens[j], j))
         batches[j].append(i)
