@@ -37,6 +37,7 @@ import torch
 
 from moeflow.actors.messages import MessageError, Payload
 from moeflow.dataflow.graph import Node
+from moeflow.ops.experts import counts_of
 
 # a node's inputs: per role, (producer node, value) in edge order
 Inputs = dict[str, list[tuple[Node, Any]]]
@@ -86,8 +87,7 @@ class Rows:
     def row_counts(self) -> list[int]:
         if self.counts is None:
             assert self.ends is not None, "Rows holds its ends or its counts"
-            ends = self.ends.tolist()
-            self.counts = [b - a for a, b in zip([0, *ends], ends)]
+            self.counts = counts_of(self.ends)
         return self.counts
 
     def encode(self) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
@@ -214,25 +214,24 @@ class Travels(Protocol):
 
 
 TRAVELS: dict[str, type[Travels]] = {c.KIND: c for c in (Rows, Partial, Page)}
-_TRAVELS_BY_TYPE: dict[type, type[Travels]] = {c: c for c in TRAVELS.values()}
+_TRAVELLING = frozenset(TRAVELS.values())
 
 
 def payload_to(value: Any, device: torch.device) -> Any:
     """A received Transfer value, moved to this worker's device if it is elsewhere."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    return value.to(device) if type(value) in _TRAVELS_BY_TYPE else value
+    return value.to(device) if type(value) in _TRAVELLING else value
 
 
 def to_payload(value: Any) -> Payload:
     """A Transfer's value as a message payload (no copy)."""
     if isinstance(value, torch.Tensor):
         return Payload("tensor", {}, (value,), value)
-    codec = _TRAVELS_BY_TYPE.get(type(value))
-    if codec is None:
+    if type(value) not in _TRAVELLING:
         raise TypeError(f"cannot send a {type(value).__name__}")
     meta, tensors = value.encode()
-    return Payload(codec.KIND, meta, tensors, value)
+    return Payload(value.KIND, meta, tensors, value)
 
 
 def from_payload(payload: Payload) -> Any:

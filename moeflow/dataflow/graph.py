@@ -308,8 +308,9 @@ def input_roles(node: "Node") -> dict[Role, Arity]:
     if isinstance(node, Expert):
         return {"rows": (1, None), "pages": (0, None)} if node.kind == "routed" \
             else {"attn": _ONE}
-    if isinstance(node, Transfer):
-        return _TRANSFER_ROLES.get(node.payload, {})
+    if isinstance(node, Transfer):  # one input, of its payload's source (weights: none)
+        source = _TRANSFER_SOURCES.get(node.payload)
+        return {} if source is None else {source[1]: _ONE}
     if isinstance(node, Combine):
         return {"attn": _ONE, "routing": (0, 1), "partials": (0, None), "mlp": (0, None)}
     if isinstance(node, LMHead):
@@ -320,17 +321,12 @@ def input_roles(node: "Node") -> dict[Role, Arity]:
 _ATTENTION_ROLES: dict[str, dict[Role, Arity]] = {
     "core": {"qkv": _ONE}, "post": {"core": _ONE, "pre": _ONE}, "store": {"kv": _ONE},
 }
-_TRANSFER_ROLES: dict[str, dict[Role, Arity]] = {
-    "dispatch": {"routing": _ONE}, "combine": {"out": _ONE}, "qkv": {"pre": _ONE},
-    "hidden": {"core": _ONE}, "kv": {"attn": _ONE}, "weights": {},
+# per payload: the kind of node a transfer reads, its role, and (from an Attention) its part
+_TRANSFER_SOURCES: dict[str, tuple[type, Role, str | None]] = {
+    "dispatch": (Gate, "routing", None), "combine": (Expert, "out", None),
+    "qkv": (Attention, "pre", "pre"), "hidden": (Attention, "core", "core"),
+    "kv": (Attention, "attn", "prefill"),
 }
-
-
-_TRANSFER_SOURCES: dict[str, tuple[type, Role]] = {
-    "dispatch": (Gate, "routing"), "combine": (Expert, "out"), "qkv": (Attention, "pre"),
-    "hidden": (Attention, "core"), "kv": (Attention, "attn"),
-}
-_TRANSFER_PARTS: dict[str, str] = {"qkv": "pre", "hidden": "core", "kv": "prefill"}
 
 
 def input_role(node: "Node", src: "Node") -> Role | None:
@@ -352,11 +348,11 @@ def input_role(node: "Node", src: "Node") -> Role | None:
             return "rows"
         return "pages" if isinstance(src, Transfer) and src.payload == "weights" else None
     if isinstance(node, Transfer):
-        want = _TRANSFER_SOURCES.get(node.payload)
-        if want is None or not isinstance(src, want[0]):
+        source = _TRANSFER_SOURCES.get(node.payload)
+        if source is None or not isinstance(src, source[0]):
             return None
-        part = _TRANSFER_PARTS.get(node.payload)  # the attention part it carries from
-        return want[1] if part is None or src.part == part else None  # type: ignore[union-attr]
+        _, role, part = source
+        return role if part is None or src.part == part else None  # type: ignore[union-attr]
     if isinstance(node, Combine):
         if isinstance(src, Attention):
             return "attn" if src.part in _ATTN_OUT else None

@@ -145,14 +145,18 @@ def test_the_gpu_issues_pre_attention_two_steps_ahead():
     assert {n.payload for n in h2d} == {"weights", "hidden"}
 
 
-@pytest.mark.parametrize("policy", [CGOPipe(), CGOPipe(micro_batches=2), FlexGen()])
-def test_the_simulator_runs_the_four_resources_side_by_side(policy):
-    requests = [SimRequest(0.0, 24, 6) for _ in range(6)]
+def simulate(policy, requests):
+    """`requests` simulated under `policy` on a GPU sized for 64 KV blocks: (hardware, result)."""
     hw = tight_hardware(SPEC, CLUSTER.placement, 64, 512, 16,
                         reserved=policy.reserved_weights(SPEC, CLUSTER))
     sim = Simulator(SPEC, hw, policy, Routing.parse("uniform", 8, 2, SPEC.num_layers),
                     placement=CLUSTER.placement, max_batch_tokens=512, max_seqs=16)
-    result = sim.run(requests)
+    return hw, sim.run(requests)
+
+
+@pytest.mark.parametrize("policy", [CGOPipe(), CGOPipe(micro_batches=2), FlexGen()])
+def test_the_simulator_runs_the_four_resources_side_by_side(policy):
+    _, result = simulate(policy, [SimRequest(0.0, 24, 6) for _ in range(6)])
     assert len(result.timings) == 6 and not result.memory_violations
     assert invariant_8(None, result) == []
     lanes = {ev.resource for ev in result.trace}
@@ -285,13 +289,7 @@ def test_a_prefill_whose_keys_reach_no_store_is_caught():
 
 
 def test_prefill_on_the_gpu_is_simulated_with_its_kv_on_the_host_link():
-    requests = [SimRequest(0.0, 48, 4) for _ in range(4)]
-    policy = CGOPipe(micro_batches=2)
-    hw = tight_hardware(SPEC, CLUSTER.placement, 64, 512, 16,
-                        reserved=policy.reserved_weights(SPEC, CLUSTER))
-    sim = Simulator(SPEC, hw, policy, Routing.parse("uniform", 8, 2, SPEC.num_layers),
-                    placement=CLUSTER.placement, max_batch_tokens=512, max_seqs=16)
-    result = sim.run(requests)
+    hw, result = simulate(CGOPipe(micro_batches=2), [SimRequest(0.0, 48, 4) for _ in range(4)])
     assert len(result.timings) == 4 and not result.memory_violations
     assert invariant_8(None, result) == []
     first = result.jobs[0].plan.graph
