@@ -267,8 +267,13 @@ def assert_same_generation(run: tuple[dict[int, list[int]], dict[int, list[Any]]
                            reference: tuple[dict[int, list[int]], dict[int, list[Any]]],
                            atol: float = 1e-4) -> None:
     """Two `record_generation` results agree: the same tokens, and every step's logits
-    within `atol` (invariant 5 between two policies)."""
+    within `atol` (invariant 5 between two policies). A run in which some request made no
+    token (its unit failed) agrees with nothing, not even another such run."""
     (tokens, logits), (ref_tokens, ref_logits) = run, reference
+    for name, made in (("the run", tokens), ("the reference", ref_tokens)):
+        empty = sorted(rid for rid, out in made.items() if not out)
+        if empty or not made:
+            raise ConformanceError(f"in {name}, requests {empty} made no token")
     if tokens != ref_tokens:
         raise ConformanceError(f"tokens differ: {tokens} against {ref_tokens}")
     _same_logits(logits, ref_logits, atol, "")
