@@ -2,10 +2,12 @@
 
 Each setting runs the same prefill-heavy workload through the simulator (`moeflow.sim`, the
 roofline cost model with the hardware preset's figures) under `batch-ep` (no pipelining)
-and under `eps` with PN chosen from `RooflineStageCosts` of that model, hardware and dtype
-(as `moeflow simulate --scheduler eps` does). The workload: a burst of 4096-token prompts,
-1 output token each, prefilled in steps of `max_batch_tokens` tokens (4096 per GPU);
-routing uniform. Prefill throughput = prompt tokens / makespan.
+and under `eps` with PN and M (micro-batches) chosen from `RooflineStageCosts` of that
+model, hardware and dtype (as `moeflow simulate --scheduler eps` does). The workload: a
+burst of 4096-token prompts, 1 output token each, prefilled in steps of `max_batch_tokens`
+tokens (4096 per GPU; eps takes them in halves, two per GPU, `EPS.chunk_limit`); routing
+uniform. Prefill throughput = prompt tokens / makespan. Column `M = 1` is eps with the
+expert stages alone (no micro-batches), the paper's pipeline.
 
     DeepSeek-V2   h800x8  fp8        paper +21.8 % (100K -> 121.8K tok/s); our goal >= +25 %
     Mixtral-8x7B  h800x4  bfloat16   paper +32.2 %
@@ -115,14 +117,17 @@ def simulate(setting: Setting, scheduler: Scheduler, num_requests: int
 
 
 def choice_of(setting: Setting, eps: EPS) -> Any:
-    """The StageChoice eps makes for one full prefill step of this setting."""
+    """The StageChoice eps makes for one full prefill step of this setting, as eps forms
+    it (`EPS.chunk_limit`: each GPU two halves of prompts)."""
     spec = models.load(setting.model)
     hw = hardware.load(setting.hardware)
     devices = hw.device_names()
     from moeflow.scheduler.base import Cluster
 
     cluster = Cluster.sharded(devices, spec.moe.num_experts)
-    unit = Unit(tuple(SeqChunk(i, 0, TOKENS_PER_GPU, d) for i, d in enumerate(devices)))
+    half = TOKENS_PER_GPU // 2
+    unit = Unit(tuple(SeqChunk(2 * i + j, 0, half, d) for i, d in enumerate(devices)
+                      for j in range(2)))
     return eps.choice(unit, spec, cluster)
 
 
@@ -136,6 +141,8 @@ def run(quick: bool) -> dict[str, Any]:
         eps = EPS(costs=costs, kernel_band=None)
         base = prefill_throughput(s, BatchEP(), num_requests)
         ours = prefill_throughput(s, eps, num_requests)
+        staged = prefill_throughput(s, EPS(costs=costs, kernel_band=None, micro_batches=1),
+                                    num_requests)
         # and with the paper's band, as a GPU run of eps would choose
         banded, kernels = simulate(s, EPS(costs=costs), num_requests)
         choice = choice_of(s, eps)
@@ -144,6 +151,7 @@ def run(quick: bool) -> dict[str, Any]:
         rows.append({"setting": f"{s.model} {s.hardware} {s.dtype or 'bf16'}",
                      "batch_ep_tok_s": base, "eps_tok_s": ours, "gain": ours / base - 1,
                      "paper_gain": s.paper_gain, "pn": choice.stages, "reason": choice.reason,
+                     "micro_batches": choice.micro_batches, "gain_stages_only": staged / base - 1,
                      "paper_pn": s.paper_pn, "gain_at_paper_pn": at_paper_pn / base - 1,
                      "pn_target": choice.target, "comm_s": choice.comm_s,
                      "gemm_s": choice.gemm_s, "k_s": costs.stage_overhead_s, "note": s.note,
@@ -169,11 +177,12 @@ def table(result: dict[str, Any]) -> str:
              f"1 output token, {result['tokens_per_gpu_per_step']} tokens/GPU per step "
              f"(simulated)",
              f"{'setting':28} {'batch-ep tok/s':>14} {'eps tok/s':>12} {'ours':>8} "
-             f"{'paper':>8}  PN  {'at paper PN':>14}  (PN*, reason)"]
+             f"{'paper':>8}  PN  M  {'M = 1':>7}  {'at paper PN':>14}  (PN*, reason)"]
     for r in result["settings"]:
         paper = f"{r['paper_gain']:+.1%}" if r["paper_gain"] is not None else "-"
         lines.append(f"{r['setting']:28} {r['batch_ep_tok_s']:>14,.0f} {r['eps_tok_s']:>12,.0f} "
-                     f"{r['gain']:>+8.1%} {paper:>8}  {r['pn']:>2}  "
+                     f"{r['gain']:>+8.1%} {paper:>8}  {r['pn']:>2} {r['micro_batches']:>2}  "
+                     f"{r['gain_stages_only']:>+7.1%}  "
                      f"{r['gain_at_paper_pn']:>+8.1%} (PN {r['paper_pn']})  ({r['pn_target']:.2f}, "
                      f"{r['reason']}; T_comm {r['comm_s'] * 1e6:.0f} us, T_comp "
                      f"{r['gemm_s'] * 1e6:.0f} us, k {r['k_s'] * 1e6:.0f} us)")
@@ -220,9 +229,10 @@ def run_real(trace_dir: str | None = None) -> list[dict[str, Any]]:
     prompts = [[rng.randrange(3, spec.vocab_size) for _ in range(REAL_PROMPT_LEN)]
                for _ in range(REAL_PROMPTS)]
     policies: dict[str, Scheduler] = {"batch-ep": BatchEP(), "eps": EPS(),
-                                      "eps, PN 2": EPS(stages=2)}
+                                      "eps, PN 2": EPS(stages=2),
+                                      "eps, M 2": EPS(micro_batches=2)}
     seconds: dict[str, list[float]] = {name: [] for name in policies}
-    stages: dict[str, int] = {}
+    stages: dict[str, tuple[int, int]] = {}  # PN, M of its last unit
     traces: dict[str, str] = {}
     out_dir = trace_dir or tempfile.mkdtemp(prefix="moeflow-eps-traces-")
     os.makedirs(out_dir, exist_ok=True)
@@ -236,7 +246,8 @@ def run_real(trace_dir: str | None = None) -> list[dict[str, Any]]:
         while core.has_unfinished():
             for job in core.schedule():
                 if isinstance(policy, EPS):
-                    stages[name] = policy.chosen_stages(job.unit, spec, cluster)
+                    chosen = policy.choice(job.unit, spec, cluster)
+                    stages[name] = (chosen.stages, chosen.micro_batches)
                 [result] = executor.run_many([core.job_spec(job)])
                 core.complete(job, result)
         for rid in list(core.requests):
@@ -262,7 +273,8 @@ def run_real(trace_dir: str | None = None) -> list[dict[str, Any]]:
         lanes = send_overlap(traces[name])
         send = sum(a["send_s"] for a in lanes.values())
         hidden = sum(a["overlap_s"] for a in lanes.values())
-        rows.append({"policy": name, "pn": stages.get(name, 1),
+        pn, m = stages.get(name, (1, 1))
+        rows.append({"policy": name, "pn": pn, "micro_batches": m,
                      "tok_s": tokens / statistics.median(runs),
                      "ratio": base / statistics.median(runs), "trace": traces[name],
                      "send_s": send, "send_overlapped_s": hidden,
@@ -289,7 +301,8 @@ def main() -> int:
         print(f"\nfor real: {REAL_PROMPTS} prompts of {REAL_PROMPT_LEN} tokens on 2 CPU actor "
               f"processes, medians of {REAL_ROUNDS} alternating rounds")
         for r in result["real"]:
-            print(f"  {r['policy']:10} PN {r['pn']}: {r['tok_s']:>8,.0f} prompt tok/s  "
+            print(f"  {r['policy']:10} PN {r['pn']} M {r['micro_batches']}: "
+                  f"{r['tok_s']:>8,.0f} prompt tok/s  "
                   f"{r['ratio']:.2f}x batch-ep; traced round: transfers in flight "
                   f"{r['send_s']:.2f} s, {r['send_overlapped']:.0%} of it while their sender "
                   f"computed ({r['trace']})")

@@ -198,6 +198,7 @@ class Expert:
     kind: ExpertKind = "routed"
     num_tokens: int = 0
     stage: int = 0
+    micro_batch: int = 0  # whose rows it takes, where the unit is cut into micro-batches
 
 
 FAN_PAYLOADS = ("dispatch", "combine")  # the payloads that may go to several devices
@@ -214,6 +215,7 @@ class Transfer:
     experts: tuple[int, ...] = ()
     stage: int = 0
     part: tuple[int, int] = (0, 1)  # a weight page: slice k of n of its experts' FFN width
+    micro_batch: int = 0  # a dispatch's or combine's micro-batch (see Expert)
 
     def __post_init__(self) -> None:
         k, n = self.part
@@ -492,6 +494,18 @@ class Graph:
         micro-batch of its sequences (each node's `seqs` then names its micro-batch)."""
         devices = [n.device for n in self.nodes if isinstance(n, Embed)]
         return len(devices) != len(set(devices))
+
+    @cached_property
+    def micro_batch_of_seq(self) -> dict[int, int]:
+        """Each sequence's micro-batch: the chain it is in on its home (the compilers build
+        the chains in micro-batch order, so a device's m-th Embed starts micro-batch m)."""
+        count: dict[str, int] = {}
+        out: dict[int, int] = {}
+        for node in self.nodes:
+            if isinstance(node, Embed):
+                m = count[node.device] = count.get(node.device, -1) + 1
+                out.update((i, m) for i in node.seqs)
+        return out
 
     def of_kind(self, kind: type) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if isinstance(n, kind))

@@ -211,16 +211,16 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
                 sent = attended = returned = -1
             if layer_spec.mlp == "dense":
                 mlp = b.add(Expert, last, device=gpu, layer=layer, kind="dense",
-                            num_tokens=tokens[j])
+                            num_tokens=tokens[j], micro_batch=j)
                 combine = b.add(Combine, last, mlp, device=gpu, **common)
                 chain += [mlp, combine]
             else:
                 gate = b.add(Gate, last, device=gpu, **common)
                 expert = b.add(Expert, gate, *layer_pages, device=gpu, layer=layer,
-                               experts=everything)
+                               experts=everything, micro_batch=j)
                 routed[layer].append(expert)
                 shared = ([b.add(Expert, last, device=gpu, layer=layer, kind="shared",
-                                 num_tokens=tokens[j])]
+                                 num_tokens=tokens[j], micro_batch=j)]
                           if spec.moe.shared_intermediate_size else [])
                 combine = b.add(Combine, last, gate, expert, *shared, device=gpu, **common)
                 chain += [gate, expert, *shared, combine]

@@ -35,10 +35,11 @@ class BatchEP(Scheduler):
                 load[r.home] += 1
         chunks: list[SeqChunk] = []
         tokens_left = budget.max_tokens
+        most = self.chunk_limit(waiting, running, budget)
         for r in running:
             if tokens_left <= 0 or len(chunks) >= budget.max_seqs:
                 break
-            chunk = advance(r, r.home, tokens_left, free, budget.kv_block_size)
+            chunk = advance(r, r.home, min(tokens_left, most), free, budget.kv_block_size)
             if chunk is not None:
                 chunks.append(chunk)
                 tokens_left -= chunk.num_tokens
@@ -46,13 +47,19 @@ class BatchEP(Scheduler):
             if tokens_left <= 0 or len(chunks) >= budget.max_seqs or not load:
                 break
             home = min(load, key=lambda d: (load[d], -free[d]))
-            chunk = advance(r, home, tokens_left, free, budget.kv_block_size)
+            chunk = advance(r, home, min(tokens_left, most), free, budget.kv_block_size)
             if chunk is None:
                 break  # first come, first served: do not let later requests overtake
             chunks.append(chunk)
             load[home] += 1
             tokens_left -= chunk.num_tokens
         return [Unit(tuple(chunks))] if chunks else []
+
+    def chunk_limit(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
+                    budget: Budget) -> int:
+        """The most tokens of one sequence a unit takes (a prompt longer is prefilled in
+        chunks): all of the budget."""
+        return budget.max_tokens
 
     def plan_key(self, unit: Unit) -> Hashable:
         # the graph's structure depends only on which devices serve the unit; its sequences,

@@ -17,7 +17,7 @@ Mixtral, DBRX and DeepSeek-V2) hides an MoE layer's all-to-all behind its expert
   a divisor of E. The paper used PN = 5 for DeepSeek-V2 and 2 for Mixtral and DBRX.
 
 What moeflow does (`EPS(stages=None, costs=None, eps0=0.32, eps1=0.03,
-kernel_band=(128, 256))`):
+kernel_band=(128, 256), micro_batches=None)`):
 
 - Batching as batch-ep (`BatchEP.form_units`: one batch step at a time, long prompts
   prefilled in chunks of the token budget), and a barrier at every layer.
@@ -45,6 +45,24 @@ kernel_band=(128, 256))`):
   unit in the bucket, and pipelining never starts below the threshold (both ratios only
   fall as m grows).
 
+- Tokens split by rows (two-batch overlap): where every home holds at least two
+  sequences, `Cut(micro_batches=2)` cuts each home's sequences (by count, in unit order)
+  into two micro-batches, each its own chain Embed -> ... -> LMHead with its own gates,
+  dispatches, expert GEMMs and combines (a barrier per micro-batch). Per layer each device
+  issues micro-batch 0's attention, gate, shared expert and dispatches, then micro-batch
+  1's, then the GEMMs of 0 and of 1, and each micro-batch's Combine just before its
+  attention of the next layer: micro-batch 1 attends while 0's rows cross the links, and
+  0's GEMMs run while 1's do, so the all-to-all hides behind attention too. The policy
+  takes it instead of the stages (PN = 1 then) where the enabling rule holds for the rows
+  cut in two (N·S(m/N)/S(m) <= 1 + eps0 and N·G(m/N, E)/G(m, E) <= 1 + eps1, N = 2) and
+  the modelled layer is faster so (`micro_pays`: max(T_comm, (T_comp + T_rest)/share) + 2k
+  against the staged layer plus T_rest, T_rest the layer's attention, gate, shared expert
+  and combine as `StageCosts.rest_s` gives it, and every kernel on the SM share, since all
+  of them run beside communication). To give every home two sequences, `chunk_limit` takes
+  a long prompt in halves of a home's share of the budget while there are requests enough
+  (twice the homes) to pair up. `micro_batches=M` fixes M instead (at most a home's
+  sequences); a fixed `stages` alone keeps one micro-batch.
+
 - The SM partition (the paper capped the GEMM at 116 of 132 SMs, leaving 16 for
   communication) is the simulator's to charge (`moeflow.sim.cost.GEMM_SM_SHARE`); a
   StageCosts that states it (`pipelined_gemm_share`, as `moeflow.sim.eps_costs`'s does)
@@ -67,8 +85,8 @@ kernel_band=(128, 256))`):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from moeflow.dataflow.compiler import Cut, compile
@@ -76,7 +94,7 @@ from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
 from moeflow.models.spec import ModelSpec
-from moeflow.scheduler.base import DENSE, GROUPED, Cluster, unit_shape
+from moeflow.scheduler.base import DENSE, GROUPED, Budget, Cluster, RequestView, unit_shape
 from moeflow.scheduler.batch_ep import BatchEP
 from moeflow.scheduler.plan import InOrder, Plan, PlanError, Stream, node_stream
 
@@ -91,7 +109,10 @@ class StageCosts(Protocol):
     """What the enabling rule and PN* need to know about a layer's costs.
 
     Optional: `pipelined_gemm_share`, the fraction of the GEMM's unpipelined throughput it
-    keeps while communication runs beside it (the SM partition; 1.0 when absent)."""
+    keeps while communication runs beside it (the SM partition; 1.0 when absent); and
+    `rest_s(tokens)`, the rest of a layer's compute on a home of `tokens` prefill tokens
+    (attention, gate, shared expert, combine), which micro-batches hide communication
+    behind too (0 when absent)."""
 
     @property
     def stage_overhead_s(self) -> float:
@@ -194,6 +215,15 @@ class LayerLoad:
         return max((costs.gemm_s(rows / stages, n // stages) for rows, _, n in self.owners),
                    default=0.0)
 
+    def row_ratios(self, costs: StageCosts, parts: int) -> tuple[float, float]:
+        """N·S(m/N)/S(m) and N·G(m/N, E)/G(m, E) at N = `parts`: the rows cut into parts,
+        each over every expert (micro-batches)."""
+        s = self.comm_s(costs)
+        g = self.gemm_s(costs)
+        cut = max((costs.gemm_s(rows / parts, n) for rows, _, n in self.owners), default=0.0)
+        return (parts * self.comm_s(costs, parts) / s if s > 0 else 1.0,
+                parts * cut / g if g > 0 else 1.0)
+
     def ratios(self, costs: StageCosts, stages: int) -> tuple[float, float]:
         """N·S(m/N)/S(m) and N·G(m/N, E/N)/G(m, E) at N = `stages` (1.0 where the
         unsplit time is zero: nothing to split)."""
@@ -215,7 +245,8 @@ class StageChoice:
     gemm_ratio: float  # N·G(m/N, E/N)/G(m, E)
     reason: str  # "fixed", "pipelined", "below the enabling threshold", "PN* rounds to 1",
     # "nothing to overlap" (no rows cross a link), "the experts of some owner do not split",
-    # "the SM partition costs more than the overlap saves"
+    # "the SM partition costs more than the overlap saves", "micro-batched"
+    micro_batches: int = 1  # M: the unit's sequences cut into M chains (two-batch overlap)
 
 
 def checked_band(band: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -247,12 +278,16 @@ class EPS(BatchEP):
 
     def __init__(self, stages: int | None = None, costs: StageCosts | None = None,
                  eps0: float = EPS0, eps1: float = EPS1,
-                 kernel_band: tuple[float, float] | None = KERNEL_BAND) -> None:
+                 kernel_band: tuple[float, float] | None = KERNEL_BAND,
+                 micro_batches: int | None = None) -> None:
         if stages is not None and stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
+        if micro_batches is not None and micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         if eps0 < 0 or eps1 < 0:
             raise ValueError(f"eps0 and eps1 must be >= 0, got {eps0}, {eps1}")
         self.stages = stages
+        self.micro_batches = micro_batches
         self.costs = costs
         self.eps0 = eps0
         self.eps1 = eps1
@@ -274,15 +309,27 @@ class EPS(BatchEP):
             out[group] = kernel
         return out
 
+    def chunk_limit(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
+                    budget: Budget) -> int:
+        """Half a home's share of the budget while there are requests enough to give every
+        home two sequences (long prompts then prefill in halves that pair up as micro-batches),
+        else all of it."""
+        homes = max(len(budget.free_kv_blocks), 1)
+        if self.micro_batches == 1 or (self.micro_batches is None and self.stages is not None) \
+                or len(waiting) + len(running) < 2 * homes:
+            return budget.max_tokens
+        return max(1, budget.max_tokens // (2 * homes))
+
     def plan_key(self, unit: Unit) -> Hashable:
         if self.stages is not None:
             return unit_shape(unit)
         return (unit_shape(unit), token_bucket(unit.num_tokens))
 
     def plan(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> Plan:
-        stages = self.chosen_stages(unit, model, cluster)
+        chosen = self.choice(unit, model, cluster)
         return pipelined_plan(compile(model, unit, cluster.placement,
-                                      Cut(expert_stages=stages, barrier=True)))
+                                      Cut(expert_stages=chosen.stages, barrier=True,
+                                          micro_batches=chosen.micro_batches)))
 
     def chosen_stages(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> int:
         """PN for `unit`: its plan cuts each owner's experts into this many stages."""
@@ -304,6 +351,42 @@ class EPS(BatchEP):
         return comm <= 1 + self.eps0 and gemm <= 1 + self.eps1
 
     def choice(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> StageChoice:
+        """PN and M for `unit`: the stages as the paper chooses them, then micro-batches
+        instead where every home holds two sequences and the modelled layer is faster so
+        (`micro_pays`)."""
+        staged = self.stage_choice(unit, model, cluster)
+        homes = unit.homes(cluster.placement.devices)
+        most = min(len(unit.seqs_on(h)) for h in homes)
+        if self.micro_batches is not None:
+            return replace(staged, micro_batches=max(1, min(self.micro_batches, most)))
+        if self.stages is not None or most < 2 or staged.comm_s <= 0:
+            return staged
+        costs = self.stage_costs(model)
+        load = self.load(unit, model, cluster, staged.num_tokens)
+        comm_ratio, gemm_ratio = load.row_ratios(costs, 2)
+        if comm_ratio > 1 + self.eps0 or gemm_ratio > 1 + self.eps1:
+            return staged
+        rest = float(getattr(costs, "rest_s", lambda _: 0.0)(staged.num_tokens / len(homes)))
+        if not self.micro_pays(staged, costs, rest):
+            return staged
+        return StageChoice(1, staged.num_tokens, staged.comm_s, staged.gemm_s, staged.target,
+                           comm_ratio, gemm_ratio, "micro-batched", 2)
+
+    @staticmethod
+    def micro_pays(staged: StageChoice, costs: StageCosts, rest: float) -> bool:
+        """Whether two micro-batches, max(T_comm, (T_comp + T_rest)/share) + 2k (each hides
+        its all-to-all behind the other's whole layer, every kernel beside communication),
+        beat the layer as `staged` runs it (`pays`'s pipelined time, or T_comm + T_comp + k,
+        plus T_rest)."""
+        share = float(getattr(costs, "pipelined_gemm_share", 1.0))
+        comm, gemm, k, n = staged.comm_s, staged.gemm_s, costs.stage_overhead_s, staged.stages
+        slowed = gemm / share
+        base = (max(comm, slowed) + min(comm, slowed) / n + k * n if n > 1
+                else comm + gemm + k) + rest
+        return max(comm, (gemm + rest) / share) + 2 * k < base
+
+    def stage_choice(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> StageChoice:
+        """PN for `unit` as the paper chooses it (see the module docstring)."""
         costs = self.stage_costs(model)
         tokens = token_bucket(unit.num_tokens)
         load = self.load(unit, model, cluster, tokens)
@@ -357,14 +440,43 @@ class EPS(BatchEP):
         return [rule(cls())]
 
 
-def issue_key(graph: Graph, node: Node) -> tuple[int, int, int, int]:
-    """Where a node goes in the pipeline's one issue order: by layer; in a layer attention,
-    gate, shared expert, then stage slots (dispatch(p) and GEMM(p) in slot p, combine(p) in
-    slot p+1, after dispatch(p+1)), then the combine."""
+def issue_key(graph: Graph, node: Node, m: int = 0, micro_batches: int = 1
+              ) -> tuple[int, ...]:
+    """Where a node of micro-batch `m` goes in the pipeline's one issue order.
+
+    One micro-batch: by layer; in a layer attention, gate, shared expert, then stage slots
+    (dispatch(p) and GEMM(p) in slot p, combine(p) in slot p+1, after dispatch(p+1)), then
+    the combine.
+
+    M micro-batches (two-batch overlap): per layer, the fronts of micro-batches 0..M-1
+    (attention, gate, shared expert, and their dispatches), then their GEMMs with the
+    combines they send, then each micro-batch's Combine just before its front of the next
+    layer: on a device, micro-batch 1's attention runs while micro-batch 0's rows cross the
+    links, and micro-batch 0's GEMMs while micro-batch 1's do."""
     if isinstance(node, Embed):
-        return (-1, 0, 0, 0)
+        return (-1, m, 0, 0, 0)
     if isinstance(node, LMHead):
-        return (graph.num_layers, 0, 0, 0)
+        return (2 * micro_batches * (graph.num_layers + 1), 0, 0, 0, 0)
+    if micro_batches == 1:
+        return (0, *_one_batch_key(node))
+    layer = node.layer
+    front, back = 2 * micro_batches * layer + m, 2 * micro_batches * layer + micro_batches + m
+    if isinstance(node, Combine):  # before the next layer's front of its micro-batch
+        return (front + 2 * micro_batches, 0, 0, 0, 0)
+    if isinstance(node, Attention):
+        return (front, 1, 0, 0, 0)
+    if isinstance(node, Gate):
+        return (front, 2, 0, 0, 0)
+    if isinstance(node, Expert):
+        return (back, 0, node.stage, 0, 0) if node.kind == "routed" else (front, 3, 0, 0, 0)
+    if isinstance(node, Transfer) and node.payload == "dispatch":
+        return (front, 4, node.stage, 0, 0)
+    if isinstance(node, Transfer) and node.payload == "combine":
+        return (back, 0, node.stage, 1, 0)
+    raise PlanError(f"eps has no place in its pipeline for {node!r}")
+
+
+def _one_batch_key(node: Node) -> tuple[int, int, int, int]:
     if isinstance(node, Attention):
         return (node.layer, 0, 0, 0)
     if isinstance(node, Gate):
@@ -380,11 +492,25 @@ def issue_key(graph: Graph, node: Node) -> tuple[int, int, int, int]:
     raise PlanError(f"eps has no place in its pipeline for {node!r}")
 
 
+def micro_batches_of(graph: Graph) -> tuple[int, dict[int, int]]:
+    """M, and each node's micro-batch by id: an Expert's or Transfer's field, a node with
+    sequences its sequences' (`Graph.micro_batch_of_seq`)."""
+    of_seq = graph.micro_batch_of_seq
+    out = {}
+    for node in graph.nodes:
+        if isinstance(node, (Expert, Transfer)):
+            out[node.id] = node.micro_batch
+        elif node.seqs:
+            out[node.id] = of_seq[node.seqs[0]]
+    return max(of_seq.values(), default=0) + 1, out
+
+
 def pipelined_plan(graph: Graph) -> Plan:
     """Every node on its default stream (compute; a transfer on its sender's `send`), each
     stream issuing in `issue_key` order (ties in topological order)."""
     topo = {node_id: i for i, node_id in enumerate(graph.topological_order())}
-    keys = [issue_key(graph, node) for node in graph.nodes]
+    micro_batches, of = micro_batches_of(graph)
+    keys = [issue_key(graph, node, of.get(node.id, 0), micro_batches) for node in graph.nodes]
     for edge in graph.edges:  # the order must extend the graph's, or streams could deadlock
         if keys[edge.src] > keys[edge.dst]:
             raise PlanError(f"eps would issue node {edge.dst} before its predecessor "

@@ -28,7 +28,11 @@ expert GEMM and take SMs from it. The paper (arXiv 2410.12247, H800) capped the 
 stay link-bound), HBM contention between the two, other kernels (attention, shared
 experts) that also run while communication does, wave quantization (the share is taken
 as linear), and a memory-bound GEMM (the share scales FLOP/s, not bandwidth). GPUs other
-than H800/H100/H200 take the same fraction. Unpipelined plans (batch-ep) keep every SM.
+than H800/H100/H200 take the same fraction. A plan with micro-batches whose experts are
+spread over several GPUs (eps's two-batch overlap) runs every kernel beside communication,
+so there every compute node, attention included, gets the share. Unpipelined plans
+(batch-ep) keep every SM, and so do a GPU's micro-batches beside its host (cgopipe: its
+copies run on copy engines).
 
 The kernel of a routed Expert, as the scheduler's `on_routing` chose it: "grouped" (the
 default) is one launch over the group's experts; "dense" launches a GEMM per expert that has
@@ -42,7 +46,7 @@ Pure: plain arithmetic on ModelSpec and Hardware.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
@@ -104,6 +108,7 @@ class CostModel:
         self._roofs: dict[str, tuple[DeviceSpec, float, float]] = {}
         self._placement: Placement | None = None
         self._owned: dict[str, int] = {}  # device -> experts it owns under `_placement`
+        self._exchanging: dict[Placement, bool] = {}  # bounded: the run's placements
 
     # -- per node ------------------------------------------------------------------
 
@@ -113,12 +118,34 @@ class CostModel:
         Transfer, the rows it handles per expert of its group. `unit` is the one the node's
         sizes are bound to when a plan is replayed for another unit than its graph's.
         `kernel`: a routed Expert's ("grouped", "dense" or None: grouped)."""
+        c = self.bare_cost(graph, node, rows, unit, kernel)
+        if (c.sm_share == 1.0 and self.sm_share < 1.0 and graph.micro_batched
+                and not isinstance(node, Transfer) and self.exchanging(graph.placement)):
+            # micro-batches overlap one's compute with another's all-to-all: every kernel
+            # runs beside the communication kernels (the SM partition)
+            return replace(c, sm_share=self.sm_share)
+        return c
+
+    def exchanging(self, placement: Placement) -> bool:
+        """Whether experts are spread over several GPUs (their all-to-all runs on SMs;
+        copies to and from a host run on copy engines)."""
+        known = self._exchanging.get(placement)
+        if known is None:
+            gpus = {d for d in placement.owners() if self.hw.spec(d).kind == "gpu"}
+            known = self._exchanging[placement] = len(gpus) > 1
+        return known
+
+    def bare_cost(self, graph: Graph | None, node: Node, rows: Sequence[int] = (),
+                  unit: Unit | None = None, kernel: str | None = None) -> NodeCost:
+        """`cost` on all of the device's SMs (`graph` may be None where `unit` is given and
+        the node is no routed Expert)."""
         s, b, wb, d = self.spec, self.b, self.wb, self.spec.hidden_size
         kernels = KERNELS[type(node)]
         if isinstance(node, Embed):
             return NodeCost(0, 0, node.num_tokens, kernels, node.num_tokens * d * b * 2)
         if isinstance(node, Attention):
-            return self._attention(graph.unit if unit is None else unit, node)
+            assert graph is not None or unit is not None
+            return self._attention(graph.unit if unit is None else unit, node)  # type: ignore
         if isinstance(node, Gate):
             e, t = s.moe.num_experts, node.num_tokens
             return NodeCost(2 * t * d * e, e * d * wb, t, kernels, t * (d * b + 3 * e * 4))
@@ -129,6 +156,7 @@ class CostModel:
                 t = node.num_tokens
                 return NodeCost(2 * t * params, params * wb, t, kernels,
                                 t * (2 * d + 6 * width) * b)
+            assert graph is not None
             return self.routed_cost(sum(rows), sum(1 for r in rows if r),
                                     self.pipelined(graph, node), kernel)
         if isinstance(node, Transfer):
@@ -265,7 +293,7 @@ class CostModel:
             efficiency = c.rows / (c.rows + dev.gemm_half_rows) if c.rows else 1.0
         compute = c.flops / (peak * c.sm_share * max(efficiency, 1e-9))
         if c.attention_flops:
-            compute += c.attention_flops / attention_peak
+            compute += c.attention_flops / (attention_peak * c.sm_share)
         memory = c.bytes / dev.mem_bandwidth
         elementwise = c.activation_bytes / (dev.activation_bandwidth or dev.mem_bandwidth)
         return c.kernels * dev.launch_overhead + max(compute, memory) + elementwise

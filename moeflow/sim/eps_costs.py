@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from moeflow.dataflow.graph import Expert
+from moeflow.dataflow.graph import Attention, Combine, Expert, Gate, Node, SeqChunk, Unit
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Scheduler
 from moeflow.scheduler.eps import EPS
@@ -63,6 +63,21 @@ class RooflineStageCosts:
             return 0.0
         c = self.cost.routed_cost(rows, max(experts, 1))
         return self.cost.time_of(_ROUTED, c) - c.kernels * self.cost.hw.device.launch_overhead
+
+
+    def rest_s(self, tokens: float) -> float:
+        """The rest of an MoE layer's compute on a home of `tokens` tokens, as one fresh
+        prompt: attention, gate, shared expert (if any) and combine, on all SMs."""
+        t = max(int(tokens), 1)
+        spec, dev = self.cost.spec, self.cost.hw.device_names()[0]
+        layer = spec.moe_layers[0] if spec.moe_layers else 0
+        unit = Unit((SeqChunk(0, 0, t, dev),))
+        nodes: list[Node] = [Attention(0, dev, layer, (0,), t, t), Gate(0, dev, layer, (0,), t),
+                             Combine(0, dev, layer, (0,), t)]
+        if spec.moe.shared_intermediate_size:
+            nodes.append(Expert(0, dev, layer, kind="shared", num_tokens=t))
+        return sum(self.cost.time_of(n, self.cost.bare_cost(None, n, unit=unit))
+                   for n in nodes)
 
 
 _ROUTED = Expert(0, "", 0)  # time_of reads only the node's kind

@@ -139,11 +139,13 @@ class PlanTable:
         graph = plan.graph
         unit, nodes = graph.unit, graph.nodes
         device_index = {d: i for i, d in enumerate(devices)}
-        gate_at: dict[tuple[int, str], int] = {}
+        # (layer, device, micro-batch) -> its gate
+        gate_at: dict[tuple[int, str, int], int] = {}
         layer_gates: dict[int, list[int]] = {}
+        of_seq = graph.micro_batch_of_seq
         for node in nodes:
             if type(node) is Gate:
-                gate_at[(node.layer, node.device)] = node.id
+                gate_at[(node.layer, node.device, of_seq[node.seqs[0]])] = node.id
                 layer_gates.setdefault(node.layer, []).append(node.id)
         layer_gate_tuples = {layer: tuple(g) for layer, g in layer_gates.items()}
         slot_of: dict[tuple[Hashable, int], int] = {}  # (cost key, id(seqs)) -> slot
@@ -174,16 +176,19 @@ class PlanTable:
                 out_dev[i] = device_index.get(dsts[0] if len(dsts) == 1 else node.src, -1)  # type: ignore
                 if node.payload == "combine":  # type: ignore[union-attr]
                     code[i] = RETURNED
-                    gates[i] = tuple(gate_at[(node.layer, h)] for h in dsts)  # type: ignore
+                    gates[i] = tuple(gate_at[(node.layer, h, node.micro_batch)]  # type: ignore
+                                     for h in dsts)
                     if len(dsts) == 1:
                         returned_of[i] = (gates[i], -1)
                     else:  # every home's rows but its sender's own
                         returned_of[i] = (graph.gates_read(graph.inputs(i)[0]),
-                                          gate_at.get((node.layer, node.src), -1))  # type: ignore
+                                          gate_at.get((node.layer, node.src,  # type: ignore
+                                                      node.micro_batch), -1))  # type: ignore
                     continue
                 if node.payload == "dispatch":  # type: ignore[union-attr]
                     code[i] = MOVED
-                    gate = gate_at[(node.layer, node.src)]  # type: ignore[union-attr]
+                    gate = gate_at[(node.layer, node.src,  # type: ignore[union-attr]
+                                    node.micro_batch)]  # type: ignore[union-attr]
                     gates[i] = (gate,)
                     by_rows = moved_of.get(gate)
                     if by_rows is None:

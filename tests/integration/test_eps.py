@@ -1,6 +1,7 @@
 """eps: passes the conformance suite with invariant 7 (adversarial routing included), with
-PN chosen by the enabling rule and with PN forced above 1, and gives batch-ep's logits and
-greedy tokens with PN = 2 and 4, in process for every family and across actor processes."""
+PN chosen by the enabling rule, with PN forced above 1 and with two micro-batches, and gives
+batch-ep's logits and greedy tokens with PN = 2 and 4 and with two micro-batches (alone and
+with PN = 2), in process for every family and across actor processes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from moeflow.models.families import load_spec
 from moeflow.scheduler import EPS, AnalyticCosts, BatchEP, Cluster
 from moeflow.testing import check_scheduler
 from moeflow.testing.conformance import assert_same_generation, record_generation
-from moeflow.testing.eps import num_stages
+from moeflow.testing.eps import num_micro_batches, num_stages
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
             "gpt_oss")
@@ -42,7 +43,14 @@ class CheapStages(EPS):
                                              stage_overhead_s=1e-7))
 
 
-@pytest.mark.parametrize("policy", [EPS, TwoStages, CheapStages])
+class TwoMicroBatches(EPS):
+    name = "eps-2x2"
+
+    def __init__(self) -> None:
+        super().__init__(stages=2, micro_batches=2)
+
+
+@pytest.mark.parametrize("policy", [EPS, TwoStages, CheapStages, TwoMicroBatches])
 def test_eps_passes_the_whole_suite_with_invariant_7(policy):
     check_scheduler(policy, max_examples=30, real_examples=3)
 
@@ -71,6 +79,13 @@ def test_eps_matches_batch_ep_in_process(family, tiny_factory):
         eps = EPS(stages=stages)
         assert num_stages(eps.plan(unit, spec, cluster).graph) == stages
         assert_same(generate(inproc(), spec, eps, cluster), reference)
+    # two sequences on each home: two chains, each pipelined or not
+    pairs = Unit(tuple(SeqChunk(i, 0, 4, ("cpu:0", "cpu:1")[i % 2]) for i in range(4)))
+    for stages in (1, 2):
+        eps = EPS(stages=stages, micro_batches=2)
+        graph = eps.plan(pairs, spec, cluster).graph
+        assert (num_stages(graph), num_micro_batches(graph)) == (stages, 2)
+        assert_same(generate(inproc(), spec, eps, cluster), reference)
 
 
 @pytest.mark.timeout(300)
@@ -83,6 +98,7 @@ def test_eps_matches_batch_ep_across_actor_processes(tiny_factory):
         BatchEP(), cluster)
     with ZmqExecutor(str(path), cluster.placement, "float32", 4096, want_logits=True) as zmq:
         assert_same(generate(zmq, spec, EPS(stages=2), cluster), reference)
+        assert_same(generate(zmq, spec, EPS(micro_batches=2), cluster), reference)
 
 
 class Recorded(EPS):

@@ -8,7 +8,10 @@ import dataclasses
 
 import pytest
 
-from moeflow.dataflow.graph import Edge, Expert, Graph, SeqChunk, Transfer, Unit
+from moeflow.dataflow.compiler import Cut, compile
+from moeflow.dataflow.graph import (
+    Edge, Embed, Expert, Graph, GraphError, SeqChunk, Transfer, Unit,
+)
 from moeflow.models.families import spec_from_config
 from moeflow.models.tiny import TinyShape, tiny_config
 from moeflow.scheduler import EPS, AnalyticCosts, Cluster, InOrder, make_scheduler
@@ -18,7 +21,7 @@ from moeflow.sim.simulator import Simulator
 from moeflow.sim.workload import Routing, SimRequest
 from moeflow.testing import ConformanceError
 from moeflow.testing.conformance import Case, check_simulated, policy_checks, simulate
-from moeflow.testing.eps import invariant_7, num_stages, plan_problems
+from moeflow.testing.eps import invariant_7, num_micro_batches, num_stages, plan_problems
 from moeflow.testing.strategies import ClusterCase, ModelCase, WorkloadCase, tight_hardware
 
 # `make demo`'s checkpoint: Qwen3-MoE, 16 experts (top-4) of width 256 on two CPU actors
@@ -377,3 +380,145 @@ def test_the_simulator_runs_experts_on_the_kernel_on_routing_chose():
     batch = Simulator(spec, hw, make_scheduler("batch-ep"), routing,
                       max_batch_tokens=32768).run(requests)
     assert batch.kernels == {}
+
+
+# -- micro-batches (two-batch overlap) ------------------------------------------------------
+
+PAIRS_CASE = dataclasses.replace(CASE, workload=dataclasses.replace(
+    CASE.workload, requests=tuple(SimRequest(0.0, 6, 2) for _ in range(4)), kv_blocks=8))
+
+
+def pairs(tokens: int, devices: tuple[str, ...]) -> Unit:
+    """Two sequences of `tokens` prompt tokens on each of `devices`."""
+    return Unit(tuple(SeqChunk(2 * i + j, 0, tokens, d) for i, d in enumerate(devices)
+                      for j in range(2)))
+
+
+def test_micro_batches_cut_each_homes_sequences_into_chains_of_their_own():
+    spec = ModelCase("qwen3_moe", 2, 8, 2).spec
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), 8)
+    unit = Unit((SeqChunk(0, 0, 3, "cpu:0"), SeqChunk(1, 0, 2, "cpu:1"),
+                 SeqChunk(2, 0, 4, "cpu:0"), SeqChunk(3, 0, 1, "cpu:0")))
+    graph = compile(spec, unit, cluster.placement, Cut(barrier=True, micro_batches=2))
+    assert graph.micro_batched
+    # cpu:0's sequences 0, 2, 3 in two chains (by count, in unit order); cpu:1's one in one
+    assert graph.micro_batch_of_seq == {0: 0, 2: 1, 3: 1, 1: 0}
+    assert sorted((n.device, n.seqs) for n in graph.nodes if isinstance(n, Embed)) == \
+        [("cpu:0", (0,)), ("cpu:0", (2, 3)), ("cpu:1", (1,))]
+    for n in graph.nodes:
+        if isinstance(n, Expert) and n.kind == "routed":  # rows of its own micro-batch only
+            homes = {graph.nodes[g].device for g in graph.gates_read(n.id)}
+            assert homes == ({"cpu:0", "cpu:1"} if n.micro_batch == 0 else {"cpu:0"})
+            assert {graph.micro_batch_of_seq[graph.nodes[g].seqs[0]]
+                    for g in graph.gates_read(n.id)} == {n.micro_batch}
+    one = compile(spec, unit, cluster.placement, Cut(barrier=True, micro_batches=1))
+    assert one == compile(spec, unit, cluster.placement, Cut(barrier=True))
+    assert not one.micro_batched
+    with pytest.raises(GraphError, match="micro_batches must be >= 1"):
+        Cut(micro_batches=0)
+
+
+def test_two_micro_batches_overlap_one_anothers_transfers_in_the_issue_order():
+    spec = ModelCase("qwen2_moe", 2, 8, 2).spec  # with a shared expert
+    cluster = Cluster.sharded(("cpu:0", "cpu:1"), 8)
+    plan = EPS(micro_batches=2).plan(pairs(8, cluster.devices), spec, cluster)
+    assert num_micro_batches(plan.graph) == 2 and plan_problems(plan) == []
+    [compute] = [s for s in plan.streams() if s.actor == "cpu:0" and s.name == "compute"]
+    [send] = [s for s in plan.streams() if s.actor == "cpu:0" and s.name == "send"]
+    of_seq = plan.graph.micro_batch_of_seq
+
+    def label(n):
+        if isinstance(n, (Expert, Transfer)):
+            kind = n.kind if isinstance(n, Expert) else n.payload
+            return f"{kind}{n.micro_batch}"
+        return f"{type(n).__name__}{of_seq[n.seqs[0]]}"
+
+    def layer(stream, at):
+        return [label(plan.graph.nodes[i]) for i in plan.rule(stream).order
+                if getattr(plan.graph.nodes[i], "layer", None) == at]
+
+    # micro-batch 1 attends while micro-batch 0's rows cross; 0's GEMM runs while 1's do;
+    # each Combine comes just before its micro-batch's attention of the next layer
+    assert layer(compute, 0) == ["Attention0", "Gate0", "shared0", "Attention1", "Gate1",
+                                 "shared1", "routed0", "routed1", "Combine0", "Combine1"]
+    order = [(label(plan.graph.nodes[i]), getattr(plan.graph.nodes[i], "layer", None))
+             for i in plan.rule(compute).order]
+    at = order.index(("Combine0", 0))
+    assert order[at - 1:at + 4] == [("routed1", 0), ("Combine0", 0), ("Attention0", 1),
+                                    ("Gate0", 1), ("shared0", 1)]
+    assert layer(send, 0) == ["dispatch0", "dispatch1", "combine0", "combine1"]
+
+
+class SerialMicroBatches(EPS):
+    """Broken: two micro-batches, each layer's run one after the other (micro-batch 0's
+    GEMMs before micro-batch 1 attends): correct, but nothing overlaps."""
+
+    name = "eps-serial-micro-batches"
+
+    def __init__(self) -> None:
+        super().__init__(micro_batches=2)
+
+    def plan(self, unit, model, cluster):
+        plan = super().plan(unit, model, cluster)
+        g = plan.graph
+        of_seq = g.micro_batch_of_seq
+        topo = {node: i for i, node in enumerate(g.topological_order())}
+
+        def key(i):
+            n = g.nodes[i]
+            m = n.micro_batch if isinstance(n, (Expert, Transfer)) else of_seq.get(
+                (getattr(n, "seqs", None) or (0,))[0], 0)
+            layer = getattr(n, "layer", -1 if isinstance(n, Embed) else g.num_layers)
+            return (layer, m, topo[i])
+
+        rules = tuple((s, InOrder(tuple(sorted(r.order, key=key)))) for s, r in plan.rules)
+        return dataclasses.replace(plan, rules=rules)
+
+
+def test_eps_keeps_invariant_7_with_two_micro_batches():
+    cls = type("TwoByTwo", (EPS,), {"name": "eps-2x2",
+                                    "__init__": lambda self: EPS.__init__(self, micro_batches=2)})
+    check_simulated(cls, PAIRS_CASE, policy_checks(cls))
+    _, result = simulate(cls, PAIRS_CASE)
+    assert {num_micro_batches(job.plan.graph) for job in result.jobs} == {2}
+
+
+def test_invariant_7_catches_micro_batches_that_do_not_overlap():
+    with pytest.raises(ConformanceError, match=r"invariant 7: unit 0: cpu:\d/compute issues "
+                                               r"the GEMMs of layer 0 micro-batch 0 before "
+                                               r"micro-batch 1's attention"):
+        check_simulated(SerialMicroBatches, PAIRS_CASE, policy_checks(SerialMicroBatches))
+
+
+def test_micro_batches_are_chosen_only_where_every_home_holds_two_sequences():
+    devices = ("cpu:0", "cpu:1")
+    cluster = Cluster.sharded(devices, DEMO.moe.num_experts)
+    eps = EPS()
+    assert eps.choice(pairs(2048, devices), DEMO, cluster).micro_batches == 2
+    assert eps.choice(pairs(2048, devices), DEMO, cluster).reason == "micro-batched"
+    assert eps.choice(prefill(8192, devices), DEMO, cluster).micro_batches == 1  # one each
+    decode = Unit(tuple(SeqChunk(i, 9, 1, devices[i % 2]) for i in range(8)))
+    assert eps.choice(decode, DEMO, cluster).micro_batches == 1  # below the threshold
+    assert EPS(stages=2).choice(pairs(2048, devices), DEMO, cluster).micro_batches == 1
+    fixed = EPS(micro_batches=3).choice(pairs(2048, devices), DEMO, cluster)
+    assert fixed.micro_batches == 2  # no more than the sequences of a home
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        EPS(micro_batches=0)
+
+
+def test_eps_takes_long_prompts_in_halves_only_when_every_home_gets_two():
+    from moeflow.scheduler.base import Budget, RequestView
+
+    def views(n, computed=0):
+        return [RequestView(i, 4096, computed, 0, 1, 0.0)
+                for i in range(n)]
+
+    budget = Budget(8192, 64, {"cpu:0": 1024, "cpu:1": 1024}, 16)
+    [unit] = EPS().form_units(views(4), [], budget)
+    assert [s.num_tokens for s in unit.seqs] == [2048] * 4
+    assert sorted(s.home for s in unit.seqs) == ["cpu:0", "cpu:0", "cpu:1", "cpu:1"]
+    [unit] = EPS().form_units(views(3), [], budget)  # too few to pair up: whole budget
+    assert [s.num_tokens for s in unit.seqs] == [4096, 4096]
+    for whole in (EPS(micro_batches=1), EPS(stages=2), make_scheduler("batch-ep")):
+        [unit] = whole.form_units(views(4), [], budget)
+        assert [s.num_tokens for s in unit.seqs] == [4096, 4096]
