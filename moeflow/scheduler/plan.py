@@ -104,6 +104,13 @@ class Plan:
         if not isinstance(self.lead, tuple) or not all(
                 isinstance(name, str) and name for name in self.lead):
             raise PlanError(f"lead must be a tuple of stream names, got {self.lead!r}")
+        if len(set(self.lead)) != len(self.lead):
+            raise PlanError(f"lead names a stream twice: {self.lead!r}")
+        names = {stream.name for stream in rules}
+        unknown = [name for name in self.lead if name not in names and name not in LEAD]
+        if unknown:  # a misspelt name would lead nothing, silently
+            raise PlanError(f"lead names {unknown}, which no stream of the plan has (its "
+                            f"streams: {sorted(names)})")
 
     def rule(self, stream: Stream) -> Rule:
         return dict(self.rules)[stream]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from moeflow.actors.inproc import InProcessExecutor, load_workers
 from moeflow.actors.messages import plan_from_wire, plan_to_wire
 from moeflow.models.families import load_spec
 from moeflow.scheduler import Cluster, FineEP
-from moeflow.scheduler.plan import LEAD
+from moeflow.scheduler.plan import LEAD, PlanError
 from moeflow.testing.conformance import assert_same_generation, record_generation
 
 PROMPTS = [[5, 17, 33, 2, 99], [8, 9, 10], [300, 301, 302, 40]]
@@ -73,3 +74,8 @@ def test_lead_travels_with_the_plan():
     assert plan.lead == LEAD
     moved = dataclasses.replace(plan, lead=("compute", "send"))
     assert plan_from_wire(plan_to_wire(moved)).lead == ("compute", "send")
+    # a name no stream of the plan has (nor a default one) would lead nothing: refused
+    with pytest.raises(PlanError, match=r"lead names \['sned'\], which no stream"):
+        dataclasses.replace(plan, lead=("sned",))
+    with pytest.raises(PlanError, match="lead names a stream twice"):
+        dataclasses.replace(plan, lead=("compute", "compute"))
