@@ -341,6 +341,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from moeflow.sim import hardware, models
     from moeflow.scheduler.registry import make_scheduler
     from moeflow.scheduler.cgopipe import CGOPipe
+    from moeflow.scheduler.eps import EPS
     from moeflow.sim.eps_costs import with_hardware_costs
     from moeflow.sim.offload import offload_layout
     from moeflow.sim.simulator import SimulationError, Simulator
@@ -371,8 +372,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
              f"{len(reqs)} requests")
     sink = open_trace(args.trace, title) if args.trace else None  # streams as it runs
     bar = Progress(len(reqs), "simulating")
+    shapes = _EpsShapes() if isinstance(scheduler, EPS) else None
     try:
-        result = sim.run(reqs, progress=bar.update, record=False, sink=sink)
+        result = sim.run(reqs, progress=bar.update, record=False, sink=sink,
+                         on_plan=shapes.see if shapes is not None else None)
     except BaseException:
         if sink is not None:
             sink.abort()
@@ -387,6 +390,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("expert kernels (on_routing): " + ", ".join(
             f"{kernel} {n:,} expert groups" for kernel, n in sorted(totals.items()))
             + f" over {len(result.kernels)} layers")
+    if shapes is not None:
+        print(f"eps: units run {shapes.summary()}")
     if sink is not None:
         sink.close(result)
         print(f"wrote {args.trace} ({result.num_events} events)")
@@ -398,6 +403,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
              "kernels": {str(layer): k for layer, k in sorted(result.kernels.items())}},
             indent=2, default=float))
     return 0
+
+
+class _EpsShapes:
+    """How eps ran the units of a simulation: how many with PN stages, with M micro-batches
+    (per plan, looked up once; the lookups kept are bounded)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, int], int] = {}
+        self._of_plan: dict[int, tuple[int, int]] = {}
+
+    def see(self, job: Any) -> None:
+        from moeflow.dataflow.graph import Expert
+
+        key = job.plan_id if job.plan_id is not None else id(job.plan)
+        shape = self._of_plan.get(key)
+        if shape is None:
+            if len(self._of_plan) > 256:
+                self._of_plan.clear()
+            graph = job.plan.graph
+            stages = max((n.stage + 1 for n in graph.nodes
+                          if isinstance(n, Expert) and n.kind == "routed"), default=1)
+            shape = (stages, max(graph.micro_batch_of_seq.values(), default=0) + 1)
+            self._of_plan[key] = shape
+        self.counts[shape] = self.counts.get(shape, 0) + 1
+
+    def summary(self) -> str:
+        def name(pn: int, m: int) -> str:
+            if m > 1:
+                return f"in {m} micro-batches" + (f" of PN {pn}" if pn > 1 else "")
+            return f"with PN {pn}" if pn > 1 else "unpipelined"
+
+        return ", ".join(f"{n:,} {name(pn, m)}" for (pn, m), n in
+                         sorted(self.counts.items(), key=lambda kv: -kv[1]))
 
 
 def _hrm_cgopipe(spec: Any, hardware_name: str, reqs: list[Any], max_seqs: int) -> Any:

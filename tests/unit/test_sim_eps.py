@@ -159,6 +159,13 @@ def test_simulate_eps_through_the_cli(capsys):
                  "fixed:1024", "--output-len", "fixed:2"]) == 0
     out = capsys.readouterr().out
     assert "mixtral-8x7b on h800x4, eps" in out and "requests            4" in out
+    assert "eps: units run 2 unpipelined" in out  # a prefill step and a decode step
+    # DeepSeek-V2 on 8 H800: a burst of long prompts in halves, two micro-batches a step
+    assert main(["simulate", "--model", "deepseek-v2", "--hardware", "h800x8", "--dtype", "fp8",
+                 "--scheduler", "eps", "--workload", "burst", "--num-requests", "16",
+                 "--prompt-len", "fixed:4096", "--output-len", "fixed:1",
+                 "--max-batch-tokens", "32768"]) == 0
+    assert "eps: units run 2 in 2 micro-batches" in capsys.readouterr().out
 
 
 def test_deepseek_v3_simulates_at_its_own_shape(capsys):
