@@ -19,8 +19,8 @@ The Cut says how a policy wants the graph cut:
                    dispatch -> GEMM -> combine stage (EPS-MoE pipelining);
     barrier        every device finishes layer l before any device starts layer l+1 (the
                    collective all-to-all of batch expert parallelism; per micro-batch);
-    micro_batches  cut each home's sequences (in unit order, by count) into up to that many
-                   micro-batches, each its own chain Embed -> ... -> LMHead with its own
+    micro_batches  deal each home's sequences (prefills, then decodes, in turn: `cut_seqs`)
+                   into up to that many micro-batches, each its own chain Embed -> ... -> LMHead with its own
                    gates, transfers, expert GEMMs and combines (`micro_batch` names its
                    Expert and Transfer nodes), so that a policy can overlap one micro-batch's
                    compute with another's transfers. Chains are built in micro-batch order
@@ -86,12 +86,15 @@ class _Builder:
         self.edges.append(Edge(src, dst, kind))
 
 
-def cut_seqs(seqs: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
-    """`seqs` (one home's, in unit order) cut into at most `parts` contiguous, non-empty
-    micro-batches of near-equal counts (fewer when there are fewer sequences)."""
+def cut_seqs(unit: Unit, seqs: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
+    """`seqs` (one home's) dealt into at most `parts` non-empty micro-batches (fewer when
+    there are fewer sequences), each in unit order: the prefill chunks first, then the
+    decodes, in turn, so that each micro-batch holds near equal counts of each (what a
+    cached plan's structure may depend on: the phases, not the token counts)."""
     n = min(parts, len(seqs))
-    bounds = [len(seqs) * m // n for m in range(n + 1)]
-    return [seqs[bounds[m]:bounds[m + 1]] for m in range(n)]
+    prefills = [i for i in seqs if not (unit.seqs[i].num_tokens == 1 and unit.seqs[i].start)]
+    order = prefills + [i for i in seqs if i not in set(prefills)]
+    return [tuple(sorted(order[m::n])) for m in range(n)]
 
 
 def compile(spec: ModelSpec, unit: Unit, placement: Placement,
@@ -107,7 +110,7 @@ def compile(spec: ModelSpec, unit: Unit, placement: Placement,
     stages = [[(owner, g[stage]) for owner, g in groups.items() if stage < len(g)]
               for stage in range(max(map(len, groups.values()), default=0))]
     # per micro-batch: the homes taking part, each with its sequences of it
-    cuts = {h: cut_seqs(unit.seqs_on(h), cut.micro_batches) for h in homes}
+    cuts = {h: cut_seqs(unit, unit.seqs_on(h), cut.micro_batches) for h in homes}
     b = _Builder()
     for m in range(cut.micro_batches):
         part = {h: c[m] for h, c in cuts.items() if m < len(c)}

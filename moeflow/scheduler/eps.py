@@ -59,9 +59,10 @@ kernel_band=(128, 256), micro_batches=None)`):
   against the staged layer plus T_rest, T_rest the layer's attention, gate, shared expert
   and combine as `StageCosts.rest_s` gives it, and every kernel on the SM share, since all
   of them run beside communication). To give every home two sequences, `chunk_limit` takes
-  a long prompt in halves of a home's share of the budget while there are requests enough
-  (twice the homes) to pair up. `micro_batches=M` fixes M instead (at most a home's
-  sequences); a fixed `stages` alone keeps one micro-batch.
+  a long prompt in halves of a home's share of the budget while there are prompts enough
+  to prefill (twice the homes) to pair up. `micro_batches=M` fixes M instead (at most the
+  fewest sequences a home holds), with PN then chosen at a micro-batch's tokens; a fixed
+  `stages` alone keeps one micro-batch.
 
 - The SM partition (the paper capped the GEMM at 116 of 132 SMs, leaving 16 for
   communication) is the simulator's to charge (`moeflow.sim.cost.GEMM_SM_SHARE`); a
@@ -246,7 +247,8 @@ class StageChoice:
     reason: str  # "fixed", "pipelined", "below the enabling threshold", "PN* rounds to 1",
     # "nothing to overlap" (no rows cross a link), "the experts of some owner do not split",
     # "the SM partition costs more than the overlap saves", "micro-batched"
-    micro_batches: int = 1  # M: the unit's sequences cut into M chains (two-batch overlap)
+    micro_batches: int = 1  # M: the unit's sequences cut into M chains (two-batch overlap);
+    # where eps chose M > 1 itself, the ratios above are at N = M, the rows cut in M
 
 
 def checked_band(band: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -311,12 +313,14 @@ class EPS(BatchEP):
 
     def chunk_limit(self, waiting: Sequence[RequestView], running: Sequence[RequestView],
                     budget: Budget) -> int:
-        """Half a home's share of the budget while there are requests enough to give every
-        home two sequences (long prompts then prefill in halves that pair up as micro-batches),
-        else all of it."""
+        """Half a home's share of the budget while there are prompts enough to prefill (two
+        per home) for the halves to pair up as micro-batches, else all of it (a lone long
+        prompt among decodes is not cut for nothing)."""
         homes = max(len(budget.free_kv_blocks), 1)
-        if self.micro_batches == 1 or (self.micro_batches is None and self.stages is not None) \
-                or len(waiting) + len(running) < 2 * homes:
+        if self.micro_batches == 1 or (self.micro_batches is None and self.stages is not None):
+            return budget.max_tokens
+        prefilling = sum(1 for r in (*waiting, *running) if r.num_pending > 1)
+        if prefilling < 2 * homes:
             return budget.max_tokens
         return max(1, budget.max_tokens // (2 * homes))
 
@@ -354,11 +358,13 @@ class EPS(BatchEP):
         """PN and M for `unit`: the stages as the paper chooses them, then micro-batches
         instead where every home holds two sequences and the modelled layer is faster so
         (`micro_pays`)."""
-        staged = self.stage_choice(unit, model, cluster)
         homes = unit.homes(cluster.placement.devices)
         most = min(len(unit.seqs_on(h)) for h in homes)
         if self.micro_batches is not None:
-            return replace(staged, micro_batches=max(1, min(self.micro_batches, most)))
+            m = max(1, min(self.micro_batches, most))
+            share = None if m == 1 else max(1, token_bucket(unit.num_tokens) // m)
+            return replace(self.stage_choice(unit, model, cluster, share), micro_batches=m)
+        staged = self.stage_choice(unit, model, cluster)
         if self.stages is not None or most < 2 or staged.comm_s <= 0:
             return staged
         costs = self.stage_costs(model)
@@ -385,10 +391,12 @@ class EPS(BatchEP):
                 else comm + gemm + k) + rest
         return max(comm, (gemm + rest) / share) + 2 * k < base
 
-    def stage_choice(self, unit: Unit, model: ModelSpec, cluster: Cluster) -> StageChoice:
-        """PN for `unit` as the paper chooses it (see the module docstring)."""
+    def stage_choice(self, unit: Unit, model: ModelSpec, cluster: Cluster,
+                     tokens: int | None = None) -> StageChoice:
+        """PN for `unit` as the paper chooses it (see the module docstring), at `tokens`
+        (default: the unit's bucket; a micro-batch's share of it when micro-batched)."""
         costs = self.stage_costs(model)
-        tokens = token_bucket(unit.num_tokens)
+        tokens = token_bucket(unit.num_tokens) if tokens is None else tokens
         load = self.load(unit, model, cluster, tokens)
         divisors = load.divisors() or (1,)
         comm, gemm = load.comm_s(costs), load.gemm_s(costs)

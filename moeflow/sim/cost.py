@@ -29,8 +29,9 @@ stay link-bound), HBM contention between the two, other kernels (attention, shar
 experts) that also run while communication does, wave quantization (the share is taken
 as linear), and a memory-bound GEMM (the share scales FLOP/s, not bandwidth). GPUs other
 than H800/H100/H200 take the same fraction. A plan with micro-batches whose experts are
-spread over several GPUs (eps's two-batch overlap) runs every kernel beside communication,
-so there every compute node, attention included, gets the share. Unpipelined plans
+spread over several GPUs (eps's two-batch overlap) runs its kernels beside communication,
+so there every compute node, attention included, gets the share (a dense layer's, the
+embedding and the LM head too, a slight overcharge: nothing crosses a link then). Unpipelined plans
 (batch-ep) keep every SM, and so do a GPU's micro-batches beside its host (cgopipe: its
 copies run on copy engines).
 
@@ -122,7 +123,10 @@ class CostModel:
         if (c.sm_share == 1.0 and self.sm_share < 1.0 and graph.micro_batched
                 and not isinstance(node, Transfer) and self.exchanging(graph.placement)):
             # micro-batches overlap one's compute with another's all-to-all: every kernel
-            # runs beside the communication kernels (the SM partition)
+            # runs beside the communication kernels (the SM partition). A node's cost is
+            # shared by its kind's nodes of every layer (moeflow.sim.replay), so a dense
+            # layer's, the embedding's and the LM head's are charged it too (a slight
+            # overcharge: nothing crosses a link then)
             return replace(c, sm_share=self.sm_share)
         return c
 
@@ -262,7 +266,8 @@ class CostModel:
         return NodeCost(sum(c.flops for c in costs), max(c.bytes for c in costs),
                         sum(c.rows for c in costs), max(c.kernels for c in costs),
                         sum(c.activation_bytes for c in costs),
-                        sum(c.attention_flops for c in costs))
+                        sum(c.attention_flops for c in costs),
+                        min(c.sm_share for c in costs))
 
     def duration(self, graph: Graph, node: Node, rows: Sequence[int] = (),
                  kernel: str | None = None) -> float:

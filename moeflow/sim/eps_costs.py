@@ -67,7 +67,11 @@ class RooflineStageCosts:
 
     def rest_s(self, tokens: float) -> float:
         """The rest of an MoE layer's compute on a home of `tokens` tokens, as one fresh
-        prompt: attention, gate, shared expert (if any) and combine, on all SMs."""
+        prompt: attention, gate, shared expert (if any) and combine, on all SMs. A plan is
+        shared by the units of its shape and token bucket, whatever their starts, so this
+        takes no start: for a burst of prompts taken in halves, two per home, one prompt of
+        a home's tokens is what the two steps attend on average (the first halves less,
+        the second halves, over their first halves too, more)."""
         t = max(int(tokens), 1)
         spec, dev = self.cost.spec, self.cost.hw.device_names()[0]
         layer = spec.moe_layers[0] if spec.moe_layers else 0

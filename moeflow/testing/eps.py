@@ -274,8 +274,8 @@ def enabling_rule(policy: EPS) -> Check:
                     out.append(f"invariant 7: unit {j} runs M={m} micro-batches below the "
                                f"enabling threshold: N·S(m/N)/S(m) = {comm:.3f}, "
                                f"N·G(m/N,E)/G(m,E) = {gemm:.3f}")
-            if policy.stages is None and pn > 1:
-                load = policy.load(job.unit, spec, cluster, job.unit.num_tokens)
+            if policy.stages is None and pn > 1:  # judged at a micro-batch's tokens
+                load = policy.load(job.unit, spec, cluster, job.unit.num_tokens // m)
                 comm, gemm = load.ratios(costs, pn)
                 if comm > 1 + policy.eps0 or gemm > 1 + policy.eps1:
                     out.append(f"invariant 7: unit {j} runs PN={pn} below the enabling "

@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from moeflow.dataflow.compiler import Cut, compile
+from moeflow.dataflow.compiler import Cut, compile, cut_seqs
 from moeflow.dataflow.graph import (
     Edge, Embed, Expert, Graph, GraphError, SeqChunk, Transfer, Unit,
 )
@@ -401,10 +401,14 @@ def test_micro_batches_cut_each_homes_sequences_into_chains_of_their_own():
                  SeqChunk(2, 0, 4, "cpu:0"), SeqChunk(3, 0, 1, "cpu:0")))
     graph = compile(spec, unit, cluster.placement, Cut(barrier=True, micro_batches=2))
     assert graph.micro_batched
-    # cpu:0's sequences 0, 2, 3 in two chains (by count, in unit order); cpu:1's one in one
-    assert graph.micro_batch_of_seq == {0: 0, 2: 1, 3: 1, 1: 0}
+    # cpu:0's sequences 0, 2, 3 dealt into two chains in turn; cpu:1's one in one
+    assert graph.micro_batch_of_seq == {0: 0, 2: 1, 3: 0, 1: 0}
     assert sorted((n.device, n.seqs) for n in graph.nodes if isinstance(n, Embed)) == \
-        [("cpu:0", (0,)), ("cpu:0", (2, 3)), ("cpu:1", (1,))]
+        [("cpu:0", (0, 3)), ("cpu:0", (2,)), ("cpu:1", (1,))]
+    # prefills and decodes dealt apart: each micro-batch gets one of each
+    mixed = Unit((SeqChunk(0, 5, 1, "cpu:0"), SeqChunk(1, 7, 1, "cpu:0"),
+                  SeqChunk(2, 0, 9, "cpu:0"), SeqChunk(3, 0, 9, "cpu:0")))
+    assert cut_seqs(mixed, (0, 1, 2, 3), 2) == [(0, 2), (1, 3)]
     for n in graph.nodes:
         if isinstance(n, Expert) and n.kind == "routed":  # rows of its own micro-batch only
             homes = {graph.nodes[g].device for g in graph.gates_read(n.id)}
@@ -502,6 +506,9 @@ def test_micro_batches_are_chosen_only_where_every_home_holds_two_sequences():
     assert EPS(stages=2).choice(pairs(2048, devices), DEMO, cluster).micro_batches == 1
     fixed = EPS(micro_batches=3).choice(pairs(2048, devices), DEMO, cluster)
     assert fixed.micro_batches == 2  # no more than the sequences of a home
+    # PN, where it is left to the rule, is chosen at a micro-batch's share of the tokens
+    assert EPS().stage_choice(pairs(256, devices), DEMO, cluster).stages == 2
+    assert EPS(micro_batches=2).choice(pairs(256, devices), DEMO, cluster).stages == 1
     with pytest.raises(ValueError, match="micro_batches must be >= 1"):
         EPS(micro_batches=0)
 
@@ -522,3 +529,9 @@ def test_eps_takes_long_prompts_in_halves_only_when_every_home_gets_two():
     for whole in (EPS(micro_batches=1), EPS(stages=2), make_scheduler("batch-ep")):
         [unit] = whole.form_units(views(4), [], budget)
         assert [s.num_tokens for s in unit.seqs] == [4096, 4096]
+    # a lone prompt among decodes: nothing to pair it with, so it is not cut
+    decoding = [dataclasses.replace(v, seq_id=10 + v.seq_id, home=("cpu:0", "cpu:1")[i % 2])
+                for i, v in enumerate(views(3, computed=4096))]
+    decoding = [dataclasses.replace(v, num_output=1) for v in decoding]
+    [unit] = EPS().form_units(views(1), decoding, budget)
+    assert [s.num_tokens for s in unit.seqs] == [1, 1, 1, 4096]
