@@ -20,11 +20,11 @@ The Cut says how a policy wants the graph cut:
     barrier        every device finishes layer l before any device starts layer l+1 (the
                    collective all-to-all of batch expert parallelism; per micro-batch);
     micro_batches  deal each home's sequences (prefills, then decodes, in turn: `cut_seqs`)
-                   into up to that many micro-batches, each its own chain Embed -> ... -> LMHead with its own
-                   gates, transfers, expert GEMMs and combines (`micro_batch` names its
-                   Expert and Transfer nodes), so that a policy can overlap one micro-batch's
-                   compute with another's transfers. Chains are built in micro-batch order
-                   (`Graph.micro_batch_of_seq`).
+                   into up to that many micro-batches, each its own chain Embed -> ... ->
+                   LMHead with its own gates, transfers, expert GEMMs and combines
+                   (`micro_batch` names its Expert and Transfer nodes), so that a policy can
+                   overlap one micro-batch's compute with another's transfers. Chains are
+                   built in micro-batch order (`Graph.micro_batch_of_seq`).
 """
 
 from __future__ import annotations

@@ -31,9 +31,9 @@ as linear), and a memory-bound GEMM (the share scales FLOP/s, not bandwidth). GP
 than H800/H100/H200 take the same fraction. A plan with micro-batches whose experts are
 spread over several GPUs (eps's two-batch overlap) runs its kernels beside communication,
 so there every compute node, attention included, gets the share (a dense layer's, the
-embedding and the LM head too, a slight overcharge: nothing crosses a link then). Unpipelined plans
-(batch-ep) keep every SM, and so do a GPU's micro-batches beside its host (cgopipe: its
-copies run on copy engines).
+embedding and the LM head too, a slight overcharge: nothing crosses a link then).
+Unpipelined plans (batch-ep) keep every SM, and so do a GPU's micro-batches beside its host
+(cgopipe: its copies run on copy engines).
 
 The kernel of a routed Expert, as the scheduler's `on_routing` chose it: "grouped" (the
 default) is one launch over the group's experts; "dense" launches a GEMM per expert that has
