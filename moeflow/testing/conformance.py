@@ -317,6 +317,10 @@ def check_results(scheduler_cls: type[Scheduler], case: Case, atol: float = 1e-4
     steps = max(1, min(4, max(r.output for r in case.workload.requests)))
     got = run_for_real(scheduler_cls(), case, prompts, steps)
     ref = run_for_real(_Reference(), case, prompts, steps)
+    made = sum(1 for rows in ref.values() if rows)
+    if made != len(prompts):  # else a fault in both runs would compare nothing with nothing
+        raise ConformanceError(f"invariant 5: the reference run made logits for {made} of "
+                               f"{len(prompts)} requests")
     _same_logits(got, ref, atol, "invariant 5: ")
 
 
