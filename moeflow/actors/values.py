@@ -9,8 +9,10 @@ Values flowing along data edges:
     Transfer(kv)            its kv [T, 2K d]
     Attention(store)        None (it writes the KV cache)
     Attention(core)         attention output [T, H*v], as is Transfer(hidden)
-    Transfer(weights)       Page: a contiguous group of one layer's routed experts, whole
-                            or a slice of each one's intermediate width
+    Transfer(pin)           Page: a contiguous group of one layer's routed experts, whole
+                            or a slice of each one's intermediate width, copied into the
+                            owner's pinned relay
+    Transfer(weights)       that Page, from the relay
     Gate                    Routing (rows sorted by dispatch order, their tokens and weights)
     Transfer(dispatch)      a Rows per destination: one home's rows for the expert group
                             that destination owns (each sent on its own)

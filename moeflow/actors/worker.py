@@ -17,7 +17,7 @@ d head dim, V vocab, E experts.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
@@ -383,9 +383,11 @@ class DeviceWorker:
         if isinstance(node, LMHead):
             return self._lm_head([(self._units[k], n.seqs if g.micro_batched else None,
                                    inputs["hidden"][0][1]) for k, g, n, inputs in items])
-        if isinstance(node, Transfer) and node.payload == "weights":
-            return [self._page(n.layer, n.experts, n.part)  # type: ignore[union-attr]
+        if isinstance(node, Transfer) and node.payload == "pin":
+            return [_pinned(self._page(n.layer, n.experts, n.part))  # type: ignore[union-attr]
                     for _, _, n, _ in items]
+        if isinstance(node, Transfer) and node.payload == "weights":  # from the relay
+            return [inputs["pinned"][0][1] for _, _, _, inputs in items]
         # the rest are small ops over few rows when decoding: on one thread
         rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
                    for k, _, _, inputs in items)
@@ -958,6 +960,22 @@ class DeviceWorker:
         logits = self._linear(x, self.dense.lm_head).float()
         return [Logits(seqs, rows, values)
                 for (seqs, rows), values in zip(shapes, _split(logits, picked))]
+
+
+def _pinned(page: Page) -> Page:
+    """A page copied into the pinned relay: page-locked host memory where CUDA can use it
+    (its copy to the GPU then runs asynchronously at the link's speed), else a plain copy
+    (a CPU-only machine has no pinned memory; the copy stands in for it)."""
+    pin = torch.cuda.is_available()
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.pin_memory() if pin and t.device.type == "cpu" else t.clone()
+
+    return replace(page, gate_up=copy(page.gate_up), down=copy(page.down),
+                               gate_up_bias=copy(page.gate_up_bias),
+                               down_bias=copy(page.down_bias))
 
 
 def _expert_from_pages(expert: int, layer: int, held: list[tuple[Page, int]], width: int

@@ -42,7 +42,7 @@ from typing import Literal, Union
 
 EdgeKind = Literal["data", "war", "control"]
 ExpertKind = Literal["routed", "shared", "dense"]
-Payload = Literal["dispatch", "combine", "hidden", "kv", "weights", "qkv"]
+Payload = Literal["dispatch", "combine", "hidden", "kv", "weights", "qkv", "pin"]
 AttentionPart = Literal["full", "pre", "core", "post", "prefill", "store"]
 LogitsMode = Literal["last", "all", "none"]
 
@@ -288,14 +288,16 @@ NODE_KINDS: tuple[type, ...] = (Embed, Attention, Gate, Expert, Transfer, Combin
 #   Transfer dispatch       routing: Gate;  combine: out: routed Expert
 #   Transfer qkv            pre: Attention(pre);  hidden: core: Attention(core)
 #   Transfer kv             attn: Attention(prefill), the keys and values it made
-#   Transfer weights        (nothing: a page of weights held at its source)
+#   Transfer pin            (nothing: a page of weights held at its source, copied into a
+#                           pinned relay slot there)
+#   Transfer weights        pinned: the Transfer(pin) of its page
 #   Combine                 attn: Attention (the residual); routing: Gate (the row order, in
 #                           an MoE layer); partials: routed Expert or Transfer(combine);
 #                           mlp: shared or dense Expert
 #   LMHead                  hidden: Combine
 
 Role = Literal["hidden", "qkv", "core", "pre", "kv", "attn", "routing", "rows", "pages",
-               "out", "partials", "mlp"]
+               "out", "partials", "mlp", "pinned"]
 _ATTN_OUT = ("full", "post", "prefill")  # the parts whose value is the layer's AttnOut
 Arity = tuple[int, Union[int, None]]
 _ONE: Arity = (1, 1)
@@ -324,10 +326,11 @@ _ATTENTION_ROLES: dict[str, dict[Role, Arity]] = {
     "core": {"qkv": _ONE}, "post": {"core": _ONE, "pre": _ONE}, "store": {"kv": _ONE},
 }
 # per payload: the kind of node a transfer reads, its role, and (from an Attention) its part
+# or (from a Transfer) its payload
 _TRANSFER_SOURCES: dict[str, tuple[type, Role, str | None]] = {
     "dispatch": (Gate, "routing", None), "combine": (Expert, "out", None),
     "qkv": (Attention, "pre", "pre"), "hidden": (Attention, "core", "core"),
-    "kv": (Attention, "attn", "prefill"),
+    "kv": (Attention, "attn", "prefill"), "weights": (Transfer, "pinned", "pin"),
 }
 
 
@@ -353,8 +356,11 @@ def input_role(node: "Node", src: "Node") -> Role | None:
         source = _TRANSFER_SOURCES.get(node.payload)
         if source is None or not isinstance(src, source[0]):
             return None
-        _, role, part = source
-        return role if part is None or src.part == part else None  # type: ignore[union-attr]
+        _, role, tag = source  # from an Attention its part, from a Transfer its payload
+        if tag is None:
+            return role
+        return role if getattr(src, "payload" if isinstance(src, Transfer) else "part") == tag \
+            else None
     if isinstance(node, Combine):
         if isinstance(src, Attention):
             return "attn" if src.part in _ATTN_OUT else None

@@ -38,8 +38,13 @@ double buffer of two layers, used by MoE-layer parity: a page of an MoE layer ma
 overwrite its half only after every Expert of the MoE layer two before it is done (a `war`
 edge from each of them), so at most two layers' pages are on the GPU at once. The first
 two MoE layers' pages wait (a `control` edge) for the GPU's first Embed: a peer holds
-messages for a unit it has not started only up to a size. The pinned relay of the paper
-(CPU -> pinned -> GPU) is not a node of its own: a page is one copy.
+messages for a unit it has not started only up to a size.
+
+The pinned relay (CPU -> pinned -> GPU, as the paper moves weights): a page is first copied,
+on its owner, into one of `relay_slots` pinned slots (`Transfer(pin, owner->owner)`, the
+owner's `pin` stream), and the copy to the GPU (`Transfer(weights)`) reads it from there.
+Pages take the slots in turn, in layer order: a page's pin waits (a `war` edge) for the
+copy to the GPU of the page `relay_slots` before it, the slot's last user.
 
 The micro-batches and the order streams issue their nodes in are the policy's
 (`moeflow.scheduler.cgopipe`); this module only builds the graph.
@@ -56,6 +61,9 @@ from moeflow.dataflow.graph import (
 from moeflow.models.spec import DTYPE_BYTES, ModelSpec
 
 
+RELAY_SLOTS = 2  # pinned slots: a page is copied into one while the one before crosses
+
+
 @dataclass(frozen=True, slots=True)
 class OffloadCut:
     """gpu, host         the device that runs the model and the one that holds what the
@@ -64,19 +72,23 @@ class OffloadCut:
                          unit order); together they hold every sequence once
     cpu_attention        attention's core on the host over a host KV cache (CGOPipe), or
                          all of attention on the GPU (FlexGen)
-    pages                weight pages per offloading owner and layer (`offloaded_pages`)"""
+    pages                weight pages per offloading owner and layer (`offloaded_pages`)
+    relay_slots          pinned slots of the relay each page passes through"""
 
     gpu: str
     host: str
     micro_batches: tuple[tuple[int, ...], ...]
     cpu_attention: bool = True
     pages: int = 1
+    relay_slots: int = RELAY_SLOTS
 
     def __post_init__(self) -> None:
         if not self.micro_batches or any(not mb for mb in self.micro_batches):
             raise GraphError("micro-batches must be non-empty, and at least one")
         if self.pages < 1:
             raise GraphError(f"pages must be >= 1, got {self.pages}")
+        if self.relay_slots < 1:
+            raise GraphError(f"relay_slots must be >= 1, got {self.relay_slots}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +179,18 @@ def compile_offload(spec: ModelSpec, unit: Unit, placement: Placement,
     pages: list[tuple[int, ...]] = []
     routed: list[list[int]] = []
     moe_routed: list[list[int]] = []  # per MoE layer in order: its routed experts
+    sent_pages: list[int] = []  # every page's copy to the GPU, in order: the relay's users
     for layer, layer_spec in enumerate(spec.layers):
         layer_pages: list[int] = []
         if layer_spec.mlp != "dense":
             for p, (owner, group, part) in enumerate(page_list):
-                page = b.add(Transfer, src=owner, dsts=(gpu,), layer=layer, payload="weights",
-                             experts=group, stage=p, part=part)
+                pinned = b.add(Transfer, src=owner, dsts=(owner,), layer=layer, payload="pin",
+                               experts=group, stage=p, part=part)
+                if len(sent_pages) >= cut.relay_slots:  # its slot's last page has gone
+                    b.edge(sent_pages[-cut.relay_slots], pinned, "war")
+                page = b.add(Transfer, pinned, src=owner, dsts=(gpu,), layer=layer,
+                             payload="weights", experts=group, stage=p, part=part)
+                sent_pages.append(page)
                 if len(moe_routed) >= 2:  # its buffer half held the MoE layer two back's
                     for expert in moe_routed[-2]:
                         b.edge(expert, page, "war")

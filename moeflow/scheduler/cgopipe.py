@@ -31,12 +31,17 @@ cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
   experts while they last, else slices of every expert: `moeflow.dataflow.offload`).
 - Weight pages go into a double buffer of two layers by layer parity: a page of layer i
   waits (a write-after-read edge) for every expert of layer i-2.
+- Each page passes through the host's pinned relay (`moeflow.dataflow.offload`): copied
+  into one of two pinned slots on the owner's `pin` stream, in page order, a slot refilled
+  once its last page has crossed to the GPU, so the copy of page j+2 runs while page j+1
+  crosses and the GPU computes with page j.
 
 flexgen (`FlexGen()`): the same batching, one micro-batch, attention whole on the GPU with
 its KV cache there, and each layer's offloaded experts streamed as one page, the next
 layer's while this one computes.
 
-For the simulator, `reserved_weights` sets the GPU's double buffer aside and `kv_devices`
+For the simulator, `reserved_weights` sets the GPU's double buffer and the host's pinned
+relay aside and `kv_devices`
 puts the KV cache on the host (`moeflow.sim.offload` lays out the node: one GPU and its
 host). The real engine admits by the GPU's KV pool, the same size as the host's (every
 actor gets the same `kv_cache_tokens`); if the host's actor restarts, the requests whose
@@ -51,8 +56,7 @@ micro-batches' tokens, and the GPU takes attention the host did in their shadow)
 on a stream of 2048-token prompts it gained under 1 % (the link bounds both).
 
 What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
-simulate` only (`generate` and `serve` take 3 micro-batches); and a pinned relay between
-host memory and the GPU.
+simulate` only (`generate` and `serve` take 3 micro-batches).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 from moeflow.dataflow.graph import Graph, GraphError, Placement, Unit
-from moeflow.dataflow.offload import OffloadCut, OffloadNodes, compile_offload
+from moeflow.dataflow.offload import RELAY_SLOTS, OffloadCut, OffloadNodes, compile_offload
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.base import Budget, Cluster, RequestView, Scheduler, unit_shape
 from moeflow.scheduler.batch_ep import BatchEP
@@ -137,13 +141,20 @@ class CGOPipe(Scheduler):
                           self.pages or (len(split) if self.cpu_attention else 1))
 
     def reserved_weights(self, model: ModelSpec, cluster: Cluster) -> dict[str, int]:
-        """The GPU's double buffer: two layers of the experts it pages in."""
+        """The GPU's double buffer: two layers of the experts it pages in; and on each
+        owner that pages experts in, its pinned relay: `RELAY_SLOTS` pages, each taken as
+        a whole layer of its experts (a unit of one micro-batch pages a layer at once)."""
         gpu = cluster.devices[0]
         offloaded = sum(1 for e in range(cluster.placement.num_experts)
                         if cluster.placement.owner(e) != gpu)
         if not offloaded or not model.moe_layers:
             return {}
-        return {gpu: 2 * offloaded * model.expert_params()}
+        out = {gpu: 2 * offloaded * model.expert_params()}
+        for owner in cluster.placement.owners():
+            if owner != gpu:
+                out[owner] = out.get(owner, 0) + RELAY_SLOTS * len(
+                    cluster.placement.experts_of(owner)) * model.expert_params()
+        return out
 
     def capped_placement(self, model: ModelSpec, devices: Sequence[str], weight_bytes: int,
                          gpu_memory: float) -> Placement:
@@ -162,7 +173,7 @@ class CGOPipe(Scheduler):
         host = len(devices) - 1
         for resident in range(num_experts, -1, -1):
             placement = Placement(devices, (0,) * resident + (host,) * (num_experts - resident))
-            buffer = sum(self.reserved_weights(model, Cluster(devices, placement)).values())
+            buffer = self.reserved_weights(model, Cluster(devices, placement)).get(devices[0], 0)
             need = dense + resident * per_expert + buffer * weight_bytes
             if need <= gpu_memory:
                 return placement
@@ -212,13 +223,17 @@ def pipeline_plan(graph: Graph, ids: OffloadNodes, cut: OffloadCut) -> Plan:
 
     def pages(layer: int, slot: int | None) -> None:
         """Layer `layer`'s pages (those for micro-batch slot `slot`, or all), each on its
-        owner's h2d stream."""
+        owner's h2d stream, after its copy into the pinned relay on the owner's pin stream
+        (pins go in the pages' order: each waits for its slot's last page to cross)."""
         if layer >= layers:
             return
         page_ids = ids.pages[layer]
         for p, page in enumerate(page_ids):
             if slot is None or p * n // len(page_ids) == slot:
-                issue(page, Stream(graph.nodes[page].src, "h2d"))  # type: ignore[union-attr]
+                owner = graph.nodes[page].src  # type: ignore[union-attr]
+                for pin in graph.inputs(page):
+                    issue(pin, Stream(owner, "pin"))
+                issue(page, Stream(owner, "h2d"))
 
     def pre(k: int) -> None:
         i, j = divmod(k, n)

@@ -164,7 +164,8 @@ class CostModel:
             return self.routed_cost(sum(rows), sum(1 for r in rows if r),
                                     self.pipelined(graph, node), kernel)
         if isinstance(node, Transfer):
-            if node.payload == "weights":  # a page of routed experts, or of slices of them
+            if node.payload in ("weights", "pin"):  # a page of routed experts, or of slices
+                # of them (to the GPU, or into the pinned relay on its owner)
                 width = s.moe.intermediate_size
                 start, end = page_columns(node.part, width)
                 return NodeCost(0, len(node.experts) * s.expert_params() * wb * (end - start)
@@ -280,6 +281,8 @@ class CostModel:
 
     def time_of(self, node: Node, c: NodeCost) -> float:
         if isinstance(node, Transfer):
+            if node.payload == "pin":  # a copy in its owner's memory: read, then written
+                return 2 * c.bytes / self.hw.spec(node.src).mem_bandwidth
             if node.dsts == (node.src,):
                 return 0.0
             if node.payload in HOST_PAYLOADS:

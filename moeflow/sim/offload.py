@@ -43,7 +43,7 @@ def offload_layout(spec: ModelSpec, hw: Hardware, scheduler: Scheduler, dtype: s
         devices, (1,) * num_experts)))
     for r in range(num_experts, -1, -1):  # the most experts that fit, down to none
         placement = Placement(devices, (0,) * r + (1,) * (num_experts - r))
-        buffer = sum(scheduler.reserved_weights(spec, Cluster(devices, placement)).values())
+        buffer = scheduler.reserved_weights(spec, Cluster(devices, placement)).get(gpu, 0)
         free = budget - fixed - r * per_expert - buffer * cost.wb
         if free >= 0 and (not kv_on_gpu or r == 0 or
                           free >= gpu_kv_share * (budget - fixed - buffer * cost.wb)):

@@ -68,8 +68,9 @@ def output_bytes(spec: ModelSpec, dtype_bytes: int, node: Node) -> float:
     if isinstance(node, LMHead):
         return node.num_rows * spec.vocab_size * 4
     if isinstance(node, Transfer):  # activations sized when compiled; a weight page lands
-        # in memory its policy reserved (Scheduler.reserved_weights)
-        return 0 if node.payload == "weights" else node.num_bytes or 0
+        # in memory its policy reserved (Scheduler.reserved_weights: the GPU's double buffer,
+        # the host's pinned relay)
+        return 0 if node.payload in ("weights", "pin") else node.num_bytes or 0
     tokens = getattr(node, "num_tokens", 0)
     if isinstance(node, Attention) and node.part in ("pre", "core", "prefill", "store"):
         a = spec.attention

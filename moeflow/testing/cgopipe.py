@@ -15,8 +15,11 @@
       each expert the GPU does not own once (whole, or every slice k of n of it once), and
       no other.
 
-Not checked, because not built: "a pinned slot is refilled only after its previous GPU copy
-finished" (a page is one copy; there is no pinned relay yet).
+    - a pinned slot is refilled only after its previous GPU copy finished: on each owner,
+      pages pass through its relay of `RELAY_SLOTS` slots in order (layer, then page), and
+      the copy into the relay of page k starts only after the copy to the GPU of page
+      k - RELAY_SLOTS ended (so the relay never holds more than its slots); every page
+      sent to the GPU comes from such a copy of itself.
 
 Nodes are matched by their fields (layer, part, seqs, payload, experts), not by the graph's
 edges, so a graph that lost an edge shows as an event out of order.
@@ -27,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeflow.dataflow.graph import Attention, Expert, Graph, Transfer
+from moeflow.dataflow.offload import RELAY_SLOTS
 
 _SLACK = 1e-12
 _PARTS = ("pre", "qkv", "core", "hidden", "post")
@@ -69,6 +73,7 @@ def invariant_8(case: Any, result: Any) -> list[str]:
         graph = job.plan.graph
         gpu = job.plan.assignment[0].actor  # the first node, an Embed, runs on the GPU
         out.extend(f"unit {j}: {p}" for p in graph_problems(graph, gpu))
+        out.extend(f"unit {j}: {p}" for p in relay_problems(graph, events, j))
         parts: dict[tuple[int, tuple[int, ...]], dict[str, list[int]]] = {}
         pages: dict[int, list[int]] = {}
         experts: dict[int, list[int]] = {}
@@ -117,6 +122,33 @@ def invariant_8(case: Any, result: Any) -> list[str]:
     return out[:20]
 
 
+def relay_problems(graph: Graph, events: dict[tuple[int, int], tuple[float, float]],
+                   job: int) -> list[str]:
+    """The pinned relay (see the module docstring), in event times of unit `job`."""
+    out: list[str] = []
+    sent: dict[str, list[Transfer]] = {}  # owner -> its pages to the GPU, in relay order
+    for node in graph.nodes:
+        if isinstance(node, Transfer) and node.payload == "weights":
+            sent.setdefault(node.src, []).append(node)
+            pins = [graph.nodes[p] for p in graph.inputs(node.id)]
+            if [(p.payload, p.src, p.dsts, p.layer, p.experts, p.part)  # type: ignore
+                    for p in pins] != [("pin", node.src, (node.src,), node.layer,
+                                        node.experts, node.part)]:
+                out.append(f"layer {node.layer}: page {node.stage} to the GPU does not come "
+                           f"from its copy in the pinned relay")
+    for owner, pages in sent.items():
+        pages.sort(key=lambda n: (n.layer, n.stage))
+        for k in range(RELAY_SLOTS, len(pages)):
+            pins = graph.inputs(pages[k].id)
+            gone = events.get((job, pages[k - RELAY_SLOTS].id))
+            refill = events.get((job, pins[0])) if pins else None
+            if gone is not None and refill is not None and refill[0] < gone[1] - _SLACK:
+                out.append(f"{owner}: layer {pages[k].layer} page {pages[k].stage} was copied "
+                           f"into its pinned slot before layer {pages[k - RELAY_SLOTS].layer} "
+                           f"page {pages[k - RELAY_SLOTS].stage} had left it for the GPU")
+    return out
+
+
 def _seqs_of(graph: Graph, node_id: int) -> tuple[int, ...]:
     """A node's micro-batch: its own `seqs`, or a transfer's source's."""
     for _ in range(4):
@@ -128,4 +160,4 @@ def _seqs_of(graph: Graph, node_id: int) -> tuple[int, ...]:
     return ()
 
 
-__all__ = ["graph_problems", "invariant_8"]
+__all__ = ["graph_problems", "invariant_8", "relay_problems"]

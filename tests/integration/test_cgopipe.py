@@ -5,6 +5,8 @@ processes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -52,16 +54,33 @@ def test_cgopipe_and_flexgen_pass_the_whole_suite_with_invariant_8(policy):
 
 
 class PrefetchesEverything(CGOPipe):
-    """Broken: loads every layer's pages at once, with no write-after-read edges, so a page
-    overwrites its buffer half while the layer two back still reads it."""
+    """Broken: loads every layer's pages at once, with no write-after-read edges on them,
+    so a page overwrites its buffer half while the layer two back still reads it."""
 
     name = "prefetches-everything"
 
     def plan(self, unit, model, cluster):
         graph = super().plan(unit, model, cluster).graph
-        edges = tuple(e for e in graph.edges if e.kind != "war")
+        edges = tuple(e for e in graph.edges if e.kind != "war"  # the double buffer's
+                      or getattr(graph.nodes[e.dst], "payload", None) == "pin")
         return topological_plan(Graph(graph.unit, graph.placement, graph.nodes, edges,
                                       graph.num_layers))
+
+
+class OverfillsTheRelay(CGOPipe):
+    """Broken: copies pages into the pinned relay without waiting for a slot to free (no
+    write-after-read edges into its copies), so a slot is refilled while its page is still
+    crossing to the GPU."""
+
+    name = "overfills-the-relay"
+
+    def plan(self, unit, model, cluster):
+        plan = super().plan(unit, model, cluster)
+        g = plan.graph
+        edges = tuple(e for e in g.edges if not (
+            e.kind == "war" and getattr(g.nodes[e.dst], "payload", None) == "pin"))
+        return dataclasses.replace(plan, graph=Graph(g.unit, g.placement, g.nodes, edges,
+                                                     g.num_layers))
 
 
 class IgnoresMemory(CGOPipe):
@@ -88,6 +107,13 @@ def test_a_page_that_overwrites_a_layer_in_use_is_caught():
         check_simulated(PrefetchesEverything, three_layer_case(),
                         policy_checks(PrefetchesEverything))
     assert "overwrote its buffer half before layer 0's experts were done" in str(excinfo.value)
+
+
+def test_a_relay_slot_refilled_before_its_page_has_crossed_is_caught():
+    with pytest.raises(ConformanceError) as excinfo:
+        check_simulated(OverfillsTheRelay, three_layer_case(),
+                        policy_checks(OverfillsTheRelay))
+    assert "was copied into its pinned slot before layer" in str(excinfo.value)
 
 
 def test_a_cgopipe_that_overruns_the_kv_budget_is_caught():
@@ -184,7 +210,7 @@ def test_the_readme_cgopipe_examples_run_and_the_trace_has_four_lanes(tiny_facto
     actors = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     lanes = {f"{actors[e['pid']]}/{e['args']['name']}" for e in events
              if e.get("name") == "thread_name"}
-    assert lanes == {"cuda:0/compute", "cuda:0/d2h", "cpu/compute", "cpu/h2d"}
+    assert lanes == {"cuda:0/compute", "cuda:0/d2h", "cpu/compute", "cpu/h2d", "cpu/pin"}
 
 
 def test_the_readme_long_prompt_figures_are_what_the_simulator_prints():

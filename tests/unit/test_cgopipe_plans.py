@@ -156,14 +156,15 @@ def simulate(policy, requests):
 
 @pytest.mark.parametrize("policy", [CGOPipe(), CGOPipe(micro_batches=2), FlexGen()])
 def test_the_simulator_runs_the_four_resources_side_by_side(policy):
+    # (and the host's pin stream: its copies into the pinned relay)
     _, result = simulate(policy, [SimRequest(0.0, 24, 6) for _ in range(6)])
     assert len(result.timings) == 6 and not result.memory_violations
     assert invariant_8(None, result) == []
     lanes = {ev.resource for ev in result.trace}
     if isinstance(policy, FlexGen):
-        assert lanes == {"cpu:0/compute", "cpu:1/h2d"}
+        assert lanes == {"cpu:0/compute", "cpu:1/h2d", "cpu:1/pin"}
         return
-    assert lanes == {"cpu:0/compute", "cpu:0/d2h", "cpu:1/compute", "cpu:1/h2d"}
+    assert lanes == {"cpu:0/compute", "cpu:0/d2h", "cpu:1/compute", "cpu:1/h2d", "cpu:1/pin"}
     gpu = [(ev.start, ev.end) for ev in result.trace if ev.resource == "cpu:0/compute"]
     host = [(ev.start, ev.end) for ev in result.trace if ev.resource == "cpu:1/compute"]
     # CPU attention of one micro-batch runs while the GPU computes another's
@@ -171,7 +172,9 @@ def test_the_simulator_runs_the_four_resources_side_by_side(policy):
 
 
 def test_the_gpu_reserves_two_layers_of_the_experts_it_pages_in():
-    assert CGOPipe().reserved_weights(SPEC, CLUSTER) == {"cpu:0": 2 * 4 * SPEC.expert_params()}
+    # and the host two pinned relay slots, each a layer of the experts it sends
+    assert CGOPipe().reserved_weights(SPEC, CLUSTER) == {"cpu:0": 2 * 4 * SPEC.expert_params(),
+                                                         "cpu:1": 2 * 4 * SPEC.expert_params()}
     alone = Cluster.sharded(("cpu:0",), 8)
     assert CGOPipe().reserved_weights(SPEC, alone) == {}
 
@@ -190,10 +193,12 @@ def test_a_dense_layer_between_moe_layers_keeps_the_double_buffer_by_moe_layer()
         for page in ids.pages[layer]:
             war = {e.src for e in graph.edges if e.dst == page and e.kind == "war"}
             assert war == routed[two_back]
-    for layer in (0, 1):  # the first pages wait for the GPU to have the unit
-        for page in ids.pages[layer]:
+    for layer in (0, 1):  # the first pages wait for the GPU to have the unit (and each
+        for page in ids.pages[layer]:  # reads its copy in the pinned relay)
+            [pin] = graph.inputs(page)
+            assert graph.nodes[pin].payload == "pin"
             assert {(e.src, e.kind) for e in graph.edges if e.dst == page} == {
-                (ids.embed[0], "control")}
+                (ids.embed[0], "control"), (pin, "data")}
 
 
 def test_each_micro_batch_costs_its_own_shared_expert_in_the_simulator():
