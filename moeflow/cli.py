@@ -414,18 +414,14 @@ class _EpsShapes:
         self._of_plan: dict[int, tuple[int, int]] = {}
 
     def see(self, job: Any) -> None:
-        from moeflow.dataflow.graph import Expert
+        from moeflow.scheduler.eps import shape_of
 
         key = job.plan_id if job.plan_id is not None else id(job.plan)
         shape = self._of_plan.get(key)
         if shape is None:
             if len(self._of_plan) > 256:
                 self._of_plan.clear()
-            graph = job.plan.graph
-            stages = max((n.stage + 1 for n in graph.nodes
-                          if isinstance(n, Expert) and n.kind == "routed"), default=1)
-            shape = (stages, max(graph.micro_batch_of_seq.values(), default=0) + 1)
-            self._of_plan[key] = shape
+            shape = self._of_plan[key] = shape_of(job.plan.graph)
         self.counts[shape] = self.counts.get(shape, 0) + 1
 
     def summary(self) -> str:

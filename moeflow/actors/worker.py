@@ -974,8 +974,7 @@ def _pinned(page: Page) -> Page:
         return t.pin_memory() if pin and t.device.type == "cpu" else t.clone()
 
     return replace(page, gate_up=copy(page.gate_up), down=copy(page.down),
-                               gate_up_bias=copy(page.gate_up_bias),
-                               down_bias=copy(page.down_bias))
+                   gate_up_bias=copy(page.gate_up_bias), down_bias=copy(page.down_bias))
 
 
 def _expert_from_pages(expert: int, layer: int, held: list[tuple[Page, int]], width: int

@@ -513,6 +513,11 @@ class Graph:
                 out.update((i, m) for i in node.seqs)
         return out
 
+    @property
+    def num_micro_batches(self) -> int:
+        """M: the most chains a home's sequences are cut into (1 for a graph without)."""
+        return max(self.micro_batch_of_seq.values(), default=0) + 1
+
     def of_kind(self, kind: type) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if isinstance(n, kind))
 

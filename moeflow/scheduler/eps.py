@@ -46,8 +46,8 @@ kernel_band=(128, 256), micro_batches=None)`):
   fall as m grows).
 
 - Tokens split by rows (two-batch overlap): where every home holds at least two
-  sequences, `Cut(micro_batches=2)` cuts each home's sequences (by count, in unit order)
-  into two micro-batches, each its own chain Embed -> ... -> LMHead with its own gates,
+  sequences, `Cut(micro_batches=2)` deals each home's sequences (its prefill chunks, then
+  its decodes, in turn: `moeflow.dataflow.compiler.cut_seqs`) into two micro-batches, each its own chain Embed -> ... -> LMHead with its own gates,
   dispatches, expert GEMMs and combines (a barrier per micro-batch). Per layer each device
   issues micro-batch 0's attention, gate, shared expert and dispatches, then micro-batch
   1's, then the GEMMs of 0 and of 1, and each micro-batch's Combine just before its
@@ -510,7 +510,14 @@ def micro_batches_of(graph: Graph) -> tuple[int, dict[int, int]]:
             out[node.id] = node.micro_batch
         elif node.seqs:
             out[node.id] = of_seq[node.seqs[0]]
-    return max(of_seq.values(), default=0) + 1, out
+    return graph.num_micro_batches, out
+
+
+def shape_of(graph: Graph) -> tuple[int, int]:
+    """(PN, M) of an eps graph: its expert stages and its micro-batches."""
+    stages = max((n.stage + 1 for n in graph.nodes
+                  if isinstance(n, Expert) and n.kind == "routed"), default=1)
+    return stages, graph.num_micro_batches
 
 
 def pipelined_plan(graph: Graph) -> Plan:

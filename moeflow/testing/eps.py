@@ -64,7 +64,7 @@ def num_stages(graph: Graph) -> int:
 
 def num_micro_batches(graph: Graph) -> int:
     """M: the chains a home's sequences are cut into (1 for a graph without)."""
-    return max(graph.micro_batch_of_seq.values(), default=0) + 1
+    return graph.num_micro_batches
 
 
 def homes_of(graph: Graph) -> dict[tuple[int, int], tuple[str, ...]]:
