@@ -114,11 +114,14 @@ class DeviceWorker:
                  kv_tokens: int = 65536) -> None:
         self.device = device
         self.tdevice = torch_device_of(device)
+        # asked at every node: torch's device.type builds a string each time (~0.4 us hot,
+        # a few us with its code cold between decode kernels)
+        self._cpu = self.tdevice.type == "cpu"
         self.spec = spec
         self.dtype = dtype
         self.dense = dense
         self.experts = experts
-        if self.tdevice.type != "cpu":
+        if not self._cpu:
             if dense is not None:
                 to_device(dense, self.tdevice)
             for stack in experts.values():
@@ -140,24 +143,24 @@ class DeviceWorker:
         # (layer, dtype) -> whether the kernels take that layer's attention weights and cache
         # (asked once: 10 tensors' checks cost ~4 us a layer at every decode step)
         self._fusable: dict[tuple[int, torch.dtype], bool] = {}
-        if self.tdevice.type == "cpu":
+        if self._cpu:
             kernel_choice()  # loads (or builds) the CPU kernels now, not in the first step
             keep_freed_memory()  # no page fault per page of each step's large tensors
         # the routing bookkeeping (dispatch order, combine) in one kernel call each
-        self._cpu_ops = self.tdevice.type == "cpu" and kernels.available()
+        self._cpu_ops = self._cpu and kernels.available()
 
     def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
-        if self.tdevice.type == "cpu":
+        if self._cpu:
             rows_per_weight(rows, None if weight is None else weight.numel())
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """x [T, K], w [N, K] -> [T, N]; on the CPU, the kernel or torch backend for T rows."""
-        return cpu_linear(x, w, bias) if self.tdevice.type == "cpu" else F.linear(x, w, bias)
+        return cpu_linear(x, w, bias) if self._cpu else F.linear(x, w, bias)
 
     def _paged_kernel(self, q: torch.Tensor) -> bool:
         """Whether decode attention reads the paged cache in place (moeflow.ops.cpu)."""
-        return (self.tdevice.type == "cpu" and kernel_choice().attention
+        return (self._cpu and kernel_choice().attention
                 and kernel_takes(q[:, 0], self.kv.pools[0]))
 
     def _prefill_kernel(self, q: torch.Tensor, seen: int, window: int | None,
@@ -171,7 +174,7 @@ class DeviceWorker:
     def _swiglu(self, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
                 ) -> torch.Tensor:
         """A dense MLP or shared expert: x [T, D] -> [T, D]"""
-        return swiglu_cpu(x, gate_up, down) if self.tdevice.type == "cpu" else swiglu(
+        return swiglu_cpu(x, gate_up, down) if self._cpu else swiglu(
             x, gate_up, down)
 
     # -- units ---------------------------------------------------------------------
@@ -288,7 +291,7 @@ class DeviceWorker:
                        self._on_device(index_tensor(blocks)), masks)
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.tdevice.type == "cpu" else t.to(self.tdevice)
+        return t if self._cpu else t.to(self.tdevice)
 
     def _group_batch(self, keys: list[Any]) -> _Batch | None:
         """The batch of a group of units: a unit's own, or, when several units all only
@@ -356,7 +359,7 @@ class DeviceWorker:
         other torch code in the process (a model of the user's beside moeflow.LLM) does
         not run with the node's choice (transformers' bf16 prefill left without oneDNN
         ran 4.4x slower)."""
-        if self.tdevice.type != "cpu":
+        if not self._cpu:
             return self._run_group(items, kernel)
         onednn = onednn_enabled()
         try:
@@ -391,7 +394,7 @@ class DeviceWorker:
         # the rest are small ops over few rows when decoding: on one thread
         rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
                    for k, _, _, inputs in items)
-        with OneThread(self.tdevice.type == "cpu" and rows <= SERIAL_ROWS):
+        with OneThread(self._cpu and rows <= SERIAL_ROWS):
             if isinstance(node, Gate):
                 return self._gate(items[0][1], node,
                                   [inputs["attn"][0][1] for _, _, _, inputs in items])
@@ -653,11 +656,11 @@ class DeviceWorker:
             out[d.rows] = res
         elif d is not None:
             longest = max(d.lengths)
-            with OneThread(self.tdevice.type == "cpu" and d.blocks.numel() <= SERIAL_ROWS):
+            with OneThread(self._cpu and d.blocks.numel() <= SERIAL_ROWS):
                 cached = self.kv.read_blocks(layer, d.blocks, len(d.lengths))  # [B, W*block, *]
             k, v = unpack(cached if cached.shape[1] == longest else cached[:, :longest])
             mask = d.masks[window]
-            if self.tdevice.type == "cpu":
+            if self._cpu:
                 batched_gemms()  # the matmul kernel's, and MLA's expansion of the cache
             if d.rows is None:  # every token decodes
                 return decode_attention(q, k, v, mask, scale, sinks)
@@ -786,7 +789,7 @@ class DeviceWorker:
             x = routing.xn.index_select(0, routing.token_of_row if whole
                                         else routing.token_of_row[start:end])
         weights = routing.weight_of_row if whole else routing.weight_of_row[start:end]
-        if self.tdevice.type == "cpu":  # the CPU kernels take counts: from the offsets
+        if self._cpu:  # the CPU kernels take counts: from the offsets
             return Rows(home, start, x, None, weights,
                         list(map(operator.sub, offsets[r0 + 1:r1 + 1], offsets[r0:r1])))
         ends = routing.ends if whole else (
@@ -834,7 +837,7 @@ class DeviceWorker:
         group = (self._paged_group(node.layer, node.experts, pages) if pages
                  else self._expert_group(node.layer, node.experts))
         xs, scale = [b.x for b in batches], _cat([b.weights for b in batches])
-        if self.tdevice.type == "cpu":
+        if self._cpu:
             y = swiglu_batches_cpu(xs, [b.row_counts() for b in batches], group, scale,
                                    kernel)
         else:

@@ -116,7 +116,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     8 query / 2 kv heads of 32, ~96 at 16 / 4 of 64 (measured on an AVX-512 BF16 machine,
     bf16). On CPUs without bf16 arithmetic (`widen_on_this_cpu`), bf16 inputs are widened
     to fp32 and go through the fused kernel."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and widen_on_this_cpu():
+    if q.dtype == torch.bfloat16 and q.is_cpu and widen_on_this_cpu():
         if sinks is None:
             return _sdpa(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
         return _attend(q.float(), k.float(), v.float(), mask, scale, sinks).to(q.dtype)

@@ -14,7 +14,7 @@ from moeflow.ops import cpu as kernels
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] (or broadcastable to x: [G, D] for per-head weights of x
     [..., G, D]) -> [..., D]"""
-    if (x.device.type == "cpu" and weight.dtype == x.dtype and 1 <= weight.dim() <= 2
+    if (x.is_cpu and weight.dtype == x.dtype and 1 <= weight.dim() <= 2
             and weight.shape == x.shape[x.dim() - weight.dim():]
             and x.dtype in (torch.bfloat16, torch.float32) and kernels.available()):
         d = x.shape[-1]

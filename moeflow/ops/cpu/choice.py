@@ -189,7 +189,7 @@ def describe() -> str:
 
 def kernel_takes(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether the kernels take x [rows, K] with these weights (None: an absent bias)."""
-    return (x.dtype in KERNEL_DTYPES and x.dim() == 2 and x.device.type == "cpu"
+    return (x.dtype in KERNEL_DTYPES and x.dim() == 2 and x.is_cpu
             and all(w is None or (w.dtype == x.dtype and w.is_contiguous()) for w in weights))
 
 
