@@ -90,6 +90,13 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="cgopipe/flexgen: weights the first device (the GPU) may hold, "
                              "e.g. 512KB or 2GB; the other experts are paged in from the last")
+    parser.add_argument("--hardware", metavar="NAME|FILE",
+                        help="cgopipe: the machine, as `simulate` takes it (t4, l4, h100, or "
+                             "a `moeflow calibrate` file); HRM's policy search on it sets "
+                             "the micro-batch size")
+    parser.add_argument("--lengths", metavar="PROMPT:GEN",
+                        help="with --hardware: the mean prompt and generated tokens HRM "
+                             "plans for (serve: default 77:128; generate: this prompt's)")
     parser.add_argument("--trace", metavar="FILE.json",
                         help="write a Chrome trace of every node the actors run (open it in "
                              "ui.perfetto.dev; the first 2 million); complete when the engine "
@@ -102,7 +109,7 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> Any:
     return EngineConfig(args.model_dir, args.scheduler, args.devices, args.dtype,
                         args.transport, args.kv_cache_tokens, args.max_batch_tokens,
                         args.max_seqs, gpu_memory=args.gpu_memory, trace=args.trace,
-                        **extra)
+                        hardware=args.hardware, **{"lengths": args.lengths, **extra})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="search the CGOPipe policy for a GPU too small for the "
                                        "weights (MoE-Lightning's HRM)")
     plan.add_argument("--model", default="mixtral-8x7b", help="a model preset")
-    plan.add_argument("--hardware", default="t4", help="a GPU with its host: t4 or l4")
+    plan.add_argument("--hardware", default="t4",
+                      help="a GPU with its host: t4 or l4 (HRM's own figures), another "
+                           "simulator preset (h100, ...), or a `moeflow calibrate` file")
     plan.add_argument("--cpu-cores", type=_positive, default=None,
                       help="host cores (default: the preset's)")
     plan.add_argument("--cpu-memory", default=None,
@@ -283,8 +292,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    extra: dict[str, Any] = {}
+    if args.hardware is not None:  # HRM plans for this request, and says what it chose
+        _show_policy()
+        if args.lengths is None:
+            extra["lengths"] = (_prompt_tokens(args), max(2, args.max_new_tokens))
     llm = LLM(_engine_config(args, max_waiting=1 << 30,
-                             record_routing=bool(args.record_routing)))
+                             record_routing=bool(args.record_routing), **extra))
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     with llm:
         [out] = llm.generate(prompt, sampling=params)
@@ -305,6 +319,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"dtype {llm.dtype}".replace("torch.", "") + _kernel_note(args.devices),
               file=sys.stderr)
     return 0
+
+
+def _show_policy() -> None:
+    """What a searched policy chose (the "moeflow.policy" log), on stderr."""
+    import logging
+
+    log = logging.getLogger("moeflow.policy")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _prompt_tokens(args: argparse.Namespace) -> int:
+    """The prompt's length in tokens (its text through the checkpoint's tokenizer)."""
+    if args.prompt is None:
+        return max(1, len(args.prompt_ids))
+    from moeflow.models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer: give --prompt-ids")
+    return max(1, len(tokenizer.encode(args.prompt)))
 
 
 def _kernel_note(devices: str) -> str:
@@ -358,7 +395,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     scheduler = with_hardware_costs(make_scheduler(args.scheduler), spec, hw, args.dtype)
     placement = homes = None
     if type(scheduler) is CGOPipe:
-        scheduler = _hrm_cgopipe(spec, hw.name, reqs, args.max_seqs)
+        scheduler = _hrm_cgopipe(spec, hw, reqs, args.max_seqs)
     if isinstance(scheduler, CGOPipe):  # one GPU and its host, experts paged in
         placement, homes = offload_layout(spec, hw, scheduler, args.dtype,
                                           args.max_batch_tokens, args.max_seqs)
@@ -434,30 +471,27 @@ class _EpsShapes:
                          sorted(self.counts.items(), key=lambda kv: -kv[1]))
 
 
-def _hrm_cgopipe(spec: Any, hardware_name: str, reqs: list[Any], max_seqs: int) -> Any:
-    """cgopipe with the micro-batch size of HRM's policy for this workload's mean lengths,
-    where HRM has the hardware (t4, l4); else as it comes (3 micro-batches)."""
+def _hrm_cgopipe(spec: Any, hw: Any, reqs: list[Any], max_seqs: int) -> Any:
+    """cgopipe with the micro-batch size of HRM's policy on this hardware (HRM's own
+    figures for t4 and l4) for this workload's mean lengths."""
     from statistics import fmean
 
-    from moeflow.scheduler.cgopipe import CGOPipe
     from moeflow.sim.hrm import PRESETS, HRMError, Workload
-    from moeflow.sim.hrm_search import load_system, search
+    from moeflow.sim.hrm_search import hrm_cgopipe, system_of
 
-    if hardware_name not in PRESETS:
-        print(f"cgopipe: no HRM preset for {hardware_name}; 3 micro-batches", file=sys.stderr)
-        return CGOPipe()
     workload = Workload(max(1, round(fmean(r.prompt for r in reqs))),
                         max(2, round(fmean(r.output for r in reqs))))
     try:
-        policy = search(spec, load_system(hardware_name), workload).policy
+        system = PRESETS.get(hw.name) or system_of(hw, spec.dtype)
     except HRMError as exc:
-        print(f"cgopipe: HRM found no policy ({exc}); 3 micro-batches", file=sys.stderr)
+        from moeflow.scheduler.cgopipe import CGOPipe
+
+        print(f"cgopipe: no HRM system for {hw.name} ({exc}); 3 micro-batches",
+              file=sys.stderr)
         return CGOPipe()
-    mu = min(policy.micro_batch_size, max_seqs)
-    print(f"cgopipe: HRM's policy for prompts of {workload.prompt_len} and {workload.gen_len} "
-          f"new tokens: N={policy.batch_size} μ={policy.micro_batch_size}; micro-batches of "
-          f"{mu} (--max-seqs {max_seqs} caps the batch)", file=sys.stderr)
-    return CGOPipe(micro_batch_size=mu)
+    scheduler, line = hrm_cgopipe(spec, system, workload, max_seqs)
+    print(line, file=sys.stderr)
+    return scheduler
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -55,8 +55,9 @@ cost 11-13 % of throughput at generation 32 (Algorithm 2 no longer balances the
 micro-batches' tokens, and the GPU takes attention the host did in their shadow), and
 on a stream of 2048-token prompts it gained under 1 % (the link bounds both).
 
-What is not built yet: the HRM policy search choosing N and μ is read by `moeflow
-simulate` only (`generate` and `serve` take 3 micro-batches).
+The micro-batch size comes from HRM's policy search (`moeflow.sim.hrm_search.hrm_cgopipe`)
+where the machine is described: `moeflow simulate` on its hardware, the engine given
+`EngineConfig.hardware` (`moeflow.serve.build.searched_cgopipe`); else 3 micro-batches.
 """
 
 from __future__ import annotations

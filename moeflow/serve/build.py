@@ -9,6 +9,7 @@ processes over ZeroMQ (`transport="zmq"`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,13 @@ from moeflow.scheduler.base import Cluster, Scheduler, routes
 from moeflow.scheduler.cgopipe import CGOPipe
 from moeflow.scheduler.eps import EPS, cpu_kernel_band
 from moeflow.scheduler.registry import make_scheduler
-from moeflow.serve.config import TRANSPORTS, EngineConfig
+from moeflow.serve.config import DEFAULT_LENGTHS, TRANSPORTS, EngineConfig
 from moeflow.serve.engine import EngineCore
 
 if TYPE_CHECKING:
     from moeflow.actors.coordinator import ZmqExecutor
+
+policy_log = logging.getLogger("moeflow.policy")  # what a searched policy chose
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str) -> torch.dtype:
@@ -55,7 +58,9 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
         crossover = kernel_choice().expert_limit(dtype)
         scheduler.kernel_band = (cpu_kernel_band(crossover) if 0 < crossover < ALL_ROWS
                                  else None)
-    cluster = make_cluster(config, spec, scheduler, dtype)
+    cluster = make_cluster(config, spec, scheduler, dtype)  # a cap too small: refused here
+    if config.hardware is not None:
+        scheduler = searched_cgopipe(config, spec, scheduler, dtype)
     executor = make_executor(config.transport, path, spec, cluster, dtype,
                              config.kv_cache_tokens, config.record_routing, want_logits,
                              config.faults, config.trace, scheduler)
@@ -66,6 +71,33 @@ def build_engine_core(config: EngineConfig | str | Path, *, want_logits: bool = 
     except BaseException:
         executor.close()  # its actor processes, its trace
         raise
+
+
+def searched_cgopipe(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,
+                     dtype: torch.dtype) -> CGOPipe:
+    """cgopipe with the micro-batch size of HRM's policy on `config.hardware` for
+    `config.lengths`, its GPU's memory the `gpu_memory` cap where there is one; logged on
+    the "moeflow.policy" logger. HRM's memory model is its own: where it keeps every
+    expert on the GPU (r_w = 1) the cap may still page some in."""
+    if not (isinstance(config.scheduler, str) and type(scheduler) is CGOPipe):
+        name = config.scheduler if isinstance(config.scheduler, str) else type(scheduler).__name__
+        raise ValueError(f"hardware is what cgopipe's policy search runs on: it takes "
+                         f"scheduler='cgopipe', not {name!r} (a CGOPipe given as an object "
+                         f"keeps its own micro-batches)")
+    from moeflow.sim.hrm import Workload
+    from moeflow.sim.hrm_search import hrm_cgopipe, load_system, with_gpu_memory
+
+    assert config.hardware is not None
+    system = load_system(config.hardware, str(dtype).removeprefix("torch."))
+    if config.gpu_memory is not None:  # less the embedding and the LM head, which the cap
+        # holds and HRM's model of the GPU's weights leaves out
+        outside = (spec.vocab_size * spec.hidden_size * dtype.itemsize
+                   * (1 if spec.tie_word_embeddings else 2))
+        system = with_gpu_memory(system, float(config.gpu_memory) - outside)
+    lengths = config.lengths if isinstance(config.lengths, tuple) else DEFAULT_LENGTHS
+    chosen, line = hrm_cgopipe(spec, system, Workload(*lengths), config.max_seqs)
+    policy_log.info("%s", line)
+    return chosen
 
 
 def make_cluster(config: EngineConfig, spec: ModelSpec, scheduler: Scheduler,

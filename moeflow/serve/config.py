@@ -26,7 +26,13 @@ class EngineConfig:
     device (the GPU) may hold; the experts beyond it stay on the last (its host) and are
     paged in. `trace`: a path ending in .json: a Chrome trace of every node the actors run
     (moeflow.actors.tracing), complete once the engine stops; after an engine restart the
-    trace goes on in FILE.restartN.json, and the file before it is kept."""
+    trace goes on in FILE.restartN.json, and the file before it is kept.
+    `hardware` (cgopipe named as "cgopipe" only): the machine the engine runs on, as the
+    simulator describes it (a preset such as "t4" or "h100", or a `moeflow calibrate` file;
+    on a CPU-only machine its CPU stands for the GPU and the host alike): MoE-Lightning's
+    HRM searches the policy for it and `lengths`, and cgopipe takes its micro-batch size;
+    the GPU's memory is `gpu_memory` when capped. `lengths` ("PROMPT:GEN", or a pair): the
+    mean prompt and generated tokens HRM plans for (default 77:128, MTBench-like)."""
 
     model: str
     scheduler: Any = "batch-ep"
@@ -41,6 +47,8 @@ class EngineConfig:
     faults: str = ""
     gpu_memory: str | float | None = None
     trace: str | None = None
+    hardware: str | None = None
+    lengths: str | tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         from moeflow.actors.inproc import parse_devices  # the command line imports this module
@@ -66,8 +74,36 @@ class EngineConfig:
             object.__setattr__(self, "gpu_memory", size)
         if self.faults and self.transport != "zmq":
             raise ValueError("faults are injected into actor processes: use transport='zmq'")
+        if self.lengths is not None:
+            object.__setattr__(self, "lengths", parse_lengths(self.lengths))
+            if self.hardware is None:
+                raise ValueError("lengths are what HRM plans cgopipe's policy for: give the "
+                                 "hardware it searches on too")
+        if self.hardware is not None:
+            object.__setattr__(self, "hardware", str(self.hardware))
         if self.trace is not None:
             object.__setattr__(self, "trace", str(self.trace))
             if not self.trace.lower().endswith(".json"):
                 raise ValueError(f"trace must be a path ending in .json (a Chrome trace), "
                                  f"got {self.trace!r}")
+
+
+DEFAULT_LENGTHS = (77, 128)  # HRM's workload when none is given: MTBench's mean prompt
+
+
+def parse_lengths(value: str | tuple[int, int]) -> tuple[int, int]:
+    """"PROMPT:GEN" or (prompt, gen) -> (prompt >= 1, gen >= 2) mean tokens."""
+    if isinstance(value, str):
+        parts = value.split(":")
+        try:
+            pair = tuple(int(p) for p in parts)
+        except ValueError:
+            pair = ()
+    else:
+        pair = tuple(value)
+    if (len(pair) != 2 or not all(isinstance(n, int) for n in pair)
+            or pair[0] < 1 or pair[1] < 2):
+        raise ValueError(f"lengths must be PROMPT:GEN mean tokens, a prompt >= 1 and >= 2 "
+                         f"generated (HRM counts the decode steps after the first), got "
+                         f"{value!r}")
+    return pair[0], pair[1]

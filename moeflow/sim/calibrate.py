@@ -137,7 +137,7 @@ def calibrate(quick: bool = False, log: Callable[[str], None] = lambda _: None) 
                         {"bfloat16": bf16, "float16": bf16, "float32": fp32}, bandwidth,
                         float(memory), launch_overhead=overhead, gemm_half_rows=half_rows,
                         gemv_rows=SMALL_GEMM_ROWS - 1, activation_bandwidth=activations,
-                        attention_flops=attention)
+                        attention_flops=attention, cores=threads)
     # virtual devices in one process hand tensors over by reference: a copy at most
     link = LinkSpec(bandwidth * 2, 2e-6)
     return Hardware("cpu-calibrated", device, 1, link, link, float(memory),

@@ -40,6 +40,7 @@ class DeviceSpec:
                       at mem_bandwidth whatever its FLOPs (0: none)
     activation_bandwidth  bytes/s of elementwise passes over activations (0: mem_bandwidth)
     attention_flops   FLOP/s of the attention kernel itself (0: peak)
+    cores             a CPU's cores (0: not stated); HRM's host model reads them
     """
 
     name: str
@@ -52,6 +53,7 @@ class DeviceSpec:
     gemv_rows: float = 0.0
     activation_bandwidth: float = 0.0
     attention_flops: float = 0.0
+    cores: int = 0
 
     def __post_init__(self) -> None:
         if self.mem_bandwidth <= 0 or self.memory <= 0:
@@ -60,6 +62,8 @@ class DeviceSpec:
             raise HardwareError(f"{self.name}: peak_flops needs positive entries")
         if self.launch_overhead < 0 or self.gemm_half_rows < 0:
             raise HardwareError(f"{self.name}: overheads must be >= 0")
+        if self.cores < 0:
+            raise HardwareError(f"{self.name}: cores must be >= 0, got {self.cores}")
 
     def flops_for(self, dtype: str) -> float:
         if dtype in self.peak_flops:
@@ -157,7 +161,8 @@ def _host(name: str, cores: int, tflops: float, bandwidth: float, memory: float)
     flops = tflops * TERA
     return DeviceSpec(f"{name} ({cores} cores)", "cpu", {"bfloat16": flops, "float16": flops,
                                                          "float32": flops},
-                      bandwidth, memory, launch_overhead=5e-6, gemm_half_rows=4.0)
+                      bandwidth, memory, launch_overhead=5e-6, gemm_half_rows=4.0,
+                      cores=cores)
 
 
 def _server_host(memory: float) -> DeviceSpec:

@@ -8,15 +8,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from moeflow import units
 from moeflow.models.spec import ModelSpec
+from moeflow.sim.hardware import HOST, Hardware, HardwareError
 from moeflow.sim.hrm import (
     CPU_FRACTION, Estimate, GIB, GPU_FRACTION, HRMError, MTBENCH_PROMPT, PLACEMENTS,
-    PRESETS, Policy, System, TERA, Workload, check_fits, estimate, _memory, _require, _terms,
+    PRESETS, CpuSpec, GpuSpec, Policy, System, TERA, Workload, check_fits, estimate, _memory,
+    _require, _terms,
 )
+
+if TYPE_CHECKING:
+    from moeflow.scheduler.cgopipe import CGOPipe
 
 @dataclass(frozen=True, slots=True)
 class SearchResult:
@@ -37,23 +42,24 @@ def search(model: ModelSpec, system: System, workload: Workload, *,
            placements: tuple[tuple[bool, bool], ...] = PLACEMENTS,
            micro_batch_size: int | None = None, num_micro_batches: int | None = None,
            min_micro_batches: int = 1, gpu_fraction: float = GPU_FRACTION,
-           cpu_fraction: float = CPU_FRACTION) -> SearchResult:
+           cpu_fraction: float = CPU_FRACTION, max_batch: int | None = None) -> SearchResult:
     """The fitting policy of highest HRM throughput. For each placement (A_g, F_g), a MILP
     over μ, n_ub (integers), r_w, r_c (continuous) minimises T / N by Dinkelbach's method;
     the integers found are then fixed and the rest solved again as an exact LP.
     `micro_batch_size` and `num_micro_batches` pin those integers (the artifact's --gbs
-    and --num-gb)."""
+    and --num-gb); `max_batch` bounds N (an engine's cap on the requests of a batch)."""
     _require(min_micro_batches >= 1, f"min_micro_batches must be >= 1, got {min_micro_batches}")
+    _require(max_batch is None or max_batch >= 1, f"max_batch must be >= 1, got {max_batch}")
     budgets = (gpu_fraction * system.gpu.memory, cpu_fraction * system.cpu.memory)
     best: Estimate | None = None
     tried, solves = [], 0
     for ag, fg in placements:
         policy, n = _solve(model, system, workload, ag, fg, micro_batch_size,
-                           num_micro_batches, min_micro_batches, *budgets)
+                           num_micro_batches, min_micro_batches, *budgets, max_batch)
         solves += n
         if policy is not None and (micro_batch_size is None or num_micro_batches is None):
             policy, n = _solve(model, system, workload, ag, fg, policy.micro_batch_size,
-                               policy.num_micro_batches, 1, *budgets)
+                               policy.num_micro_batches, 1, *budgets, max_batch)
             solves += n
         if policy is None:
             continue
@@ -84,7 +90,7 @@ def _no_fit(model: ModelSpec, system: System, workload: Workload, gpu_budget: fl
 
 def _solve(model: ModelSpec, system: System, workload: Workload, ag: bool, fg: bool,
            mu_pin: int | None, nub_pin: int | None, min_ub: int, gpu_budget: float,
-           cpu_budget: float) -> tuple[Policy | None, int]:
+           cpu_budget: float, max_batch: int | None = None) -> tuple[Policy | None, int]:
     """The best policy of one placement, or None; and the MILPs solved.
 
     Variables: μ (integer); n_ub's bits z_b (binary) and w_b = μ z_b (integer, linked by
@@ -101,7 +107,9 @@ def _solve(model: ModelSpec, system: System, workload: Workload, ag: bool, fg: b
     mu_max = int((gpu_budget - t.gpu_const - w2 + max(0.0, w2 - t.ffn_total)) // (
         t.inter_mu + max(ag * t.kv_buf_mu + t.decode_act_tok, t.prefill_act_mu + t.prompt_tok)))
     n_max = int(min(cpu_budget / (t.prompt_tok + (not ag) * t.kv_tok),
-                    gpu_budget / t.decode_act_tok))
+                    gpu_budget / t.decode_act_tok, max_batch or float("inf")))
+    mu_max = min(mu_max, n_max)  # μ <= N: a smaller big-M for the w_b rows (a small
+    # model's μ_max in the millions put their μ within the solver's tolerances)
     mu_lo, mu_max = mu_pin or 1, min(mu_max, mu_pin or mu_max)
     if mu_max < mu_lo or n_max < 1:
         return None, 0
@@ -127,6 +135,8 @@ def _solve(model: ModelSpec, system: System, workload: Workload, ag: bool, fg: b
         row(-mu_max, inf, {f"w{b}": 1, "mu": -1, f"z{b}": -mu_max})
     if nub_pin is None:
         row(min_ub, inf, nub(1))
+    if max_batch is not None:
+        row(-inf, max_batch, num(1))
     row(-inf, 0, {"cg": 1}, num(-1))
     row(0, inf, {"tp": 1}, num(-ms * t.proj_flops_tok / gpu.peak_flops))
     row(0, inf, {"tp": 1}, nub(-ms * t.proj_bytes_ub / gpu.mem_bandwidth))
@@ -231,6 +241,8 @@ def _dinkelbach(milp: Any, bounds: Any, constraints: Any, integrality: Any, n_we
         if res.x is None:
             break
         n_val, t_val = float(n_weights @ res.x), float(res.x[t_index])
+        if n_val < 0.5:  # N >= 1 held only within tolerances: no usable point
+            break
         if t_val / n_val < best_ratio:
             best, best_ratio = res.x, t_val / n_val
         if lam > 0 and t_val - lam * n_val >= -1e-9 * t_val:
@@ -249,10 +261,65 @@ def parse_bytes(text: str | float) -> float:
         raise HRMError(str(exc)) from None
 
 
-def load_system(name: str) -> System:
-    if name not in PRESETS:
-        raise HRMError(f"no HRM preset for {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
+def load_system(name: str, dtype: str = "bfloat16") -> System:
+    """HRM's own preset (t4, l4: the artifact's figures), else `system_of` the simulator's
+    hardware of that name or file."""
+    if name in PRESETS:
+        return PRESETS[name]
+    from moeflow.sim.hardware import load
+
+    try:
+        hardware = load(name)
+    except HardwareError as exc:
+        raise HRMError(f"{exc}; HRM's own presets: {', '.join(sorted(PRESETS))}") from None
+    return system_of(hardware, dtype)
+
+
+def system_of(hardware: Hardware, dtype: str = "bfloat16") -> System:
+    """HRM's System for a machine as the simulator describes it (a preset, or a `moeflow
+    calibrate` file): its first device as the GPU, its host as the CPU, over the host
+    link. A machine of CPUs alone is what the engine's CPU actors make of it: its CPU
+    stands for both (the first device's actor is the GPU, the last's its host), over the
+    link between devices; the host's memory is the machine's."""
+    device = hardware.device
+    gpu_node = device.kind == "gpu"
+    host = hardware.spec(HOST) if gpu_node else device
+    try:
+        gpu_flops, cpu_flops = device.flops_for(dtype), host.flops_for(dtype)
+    except HardwareError as exc:
+        raise HRMError(str(exc)) from None
+    link = hardware.host_link if gpu_node else hardware.link
+    return System(hardware.name,
+                  GpuSpec(device.name, gpu_flops, device.mem_bandwidth, device.memory),
+                  CpuSpec(host.name, max(host.cores, 1), cpu_flops, host.mem_bandwidth,
+                          hardware.memory_of(HOST) if gpu_node else device.memory),
+                  link.bandwidth)
+
+
+def with_gpu_memory(system: System, weights: float) -> System:
+    """`system` whose GPU may hold `weights` bytes (the engine's `gpu_memory` cap): HRM
+    budgets GPU_FRACTION of a GPU's memory, so the GPU is given weights / GPU_FRACTION."""
+    _require(weights > 0, f"GPU memory must be > 0, got {weights}")
+    return replace(system, gpu=replace(system.gpu, memory=weights / GPU_FRACTION))
+
+
+def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: int
+                ) -> tuple[CGOPipe, str]:
+    """cgopipe with the micro-batch size μ of HRM's policy for `workload` on `system`,
+    among the policies of cgopipe's placement (attention on the CPU, the FFN on the GPU),
+    its batch at most `max_seqs` (the engine's cap), and a line that says what was chosen; where HRM finds no policy, cgopipe as it comes (3 micro-batches) and why."""
+    from moeflow.scheduler.cgopipe import CGOPipe
+
+    try:
+        policy = search(model, system, workload, placements=((False, True),),
+                        max_batch=max_seqs).policy
+    except HRMError as exc:
+        return CGOPipe(), f"cgopipe: HRM found no policy on {system.name} ({exc}); 3 micro-batches"
+    return CGOPipe(micro_batch_size=policy.micro_batch_size), (
+        f"cgopipe: HRM's policy on {system.name} for prompts of {workload.prompt_len} and "
+        f"{workload.gen_len} new tokens, at most {max_seqs} requests a batch: "
+        f"N={policy.batch_size} μ={policy.micro_batch_size} r_w={policy.weights_gpu:.3f}; "
+        f"micro-batches of {policy.micro_batch_size}")
 
 
 def format_estimate(est: Estimate, model: ModelSpec, system: System, workload: Workload) -> str:

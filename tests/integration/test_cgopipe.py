@@ -194,7 +194,7 @@ def test_the_readme_cgopipe_examples_run_and_the_trace_has_four_lanes(tiny_facto
                if "--scheduler cgopipe" in b]
     lines = [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()
              if line.split("#")[0].strip()]
-    assert len(lines) == 2
+    assert len(lines) == 3
     path = tiny_factory("qwen3_moe")
     for line in lines:
         command = line.replace("/tmp/tiny", str(path)).replace(
@@ -206,6 +206,8 @@ def test_the_readme_cgopipe_examples_run_and_the_trace_has_four_lanes(tiny_facto
                              stdin=subprocess.DEVNULL)
         assert run.returncode == 0, (line, run.stderr[-3000:])
         assert run.stdout.strip()
+        if "--hardware t4" in line:  # the policy HRM searched, said
+            assert re.search(r"HRM's policy on t4 .* μ=\d+", run.stderr), run.stderr
     events = json.loads((tmp_path / "cgopipe.json").read_text())["traceEvents"]
     actors = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
     lanes = {f"{actors[e['pid']]}/{e['args']['name']}" for e in events
@@ -272,3 +274,45 @@ def test_a_gpu_memory_cap_sets_the_resident_experts_and_holds(tiny_factory):
         build_engine_core(EngineConfig(str(path), "batch-ep", "cpu:0,cpu:1", gpu_memory="1GB"))
     with pytest.raises(ValueError, match="not a memory size"):
         EngineConfig(str(path), "cgopipe", "cpu:0,cpu:1", gpu_memory="lots")
+
+
+def test_cgopipe_named_with_hardware_takes_hrms_policy(tiny_factory, caplog):
+    """EngineConfig(hardware=...): HRM searches cgopipe's policy on that machine, the GPU's
+    memory the cap; the engine runs with its micro-batch size and gives batch-ep's
+    tokens. Another scheduler with hardware is refused."""
+    import logging
+
+    from moeflow.models.tiny import TinyShape
+    from moeflow.serve.build import build_engine_core
+    from moeflow.serve.config import EngineConfig
+    from moeflow.sim import hrm
+    from moeflow.sim.hrm_search import search, with_gpu_memory
+
+    path = tiny_factory("qwen3_moe", shape=TinyShape(layers=4))
+    spec = load_spec(path)
+    cap = 1_000_000  # 2 of 8 experts resident
+    embed_and_head = 2 * spec.vocab_size * spec.hidden_size * 4  # HRM leaves them out
+    want = search(spec, with_gpu_memory(hrm.PRESETS["t4"], cap - embed_and_head),
+                  hrm.Workload(5, 6), placements=((False, True),), max_batch=4).policy
+    assert want.micro_batch_size < 4  # the prompts run in several micro-batches
+    with caplog.at_level(logging.INFO, logger="moeflow.policy"):
+        core = build_engine_core(EngineConfig(str(path), "cgopipe", "cpu:0,cpu:1", "float32",
+                                              gpu_memory=cap, hardware="t4",
+                                              lengths="5:6", max_seqs=4))
+    assert type(core.scheduler) is CGOPipe
+    assert core.scheduler.micro_batch_size == want.micro_batch_size
+    assert f"N={want.batch_size} μ={want.micro_batch_size}" in caplog.text
+    assert core.cluster.placement.experts_of("cpu:1")  # paged: the cap holds
+    tokens = generate(core.executor, spec, core.scheduler, core.cluster)[0]
+    reference = build_engine_core(EngineConfig(str(path), "batch-ep", "cpu:0,cpu:1",
+                                               "float32"))
+    assert tokens == generate(reference.executor, spec, reference.scheduler,
+                              reference.cluster)[0]
+    for scheduler, memory in (("batch-ep", None), ("flexgen", cap),
+                              (CGOPipe(micro_batch_size=2), cap)):
+        with pytest.raises(ValueError, match="hardware is what cgopipe's policy search"):
+            build_engine_core(EngineConfig(str(path), scheduler, "cpu:0,cpu:1", "float32",
+                                           gpu_memory=memory, hardware="t4"))
+    with pytest.raises(ValueError, match="unknown hardware 'h99'"):
+        build_engine_core(EngineConfig(str(path), "cgopipe", "cpu:0,cpu:1", "float32",
+                                       gpu_memory=cap, hardware="h99"))

@@ -213,8 +213,69 @@ def test_plan_report():
     assert "MoE FFN" in text and "binding roof" in text
     with pytest.raises(hrm.HRMError, match="no policy fits"):
         hrm_search.plan_report("mixtral-8x7b", "t4", cpu_cores=8, cpu_memory="96GB")
-    with pytest.raises(hrm.HRMError, match="presets: l4, t4"):
-        hrm_search.plan_report("mixtral-8x7b", "h100")
+    with pytest.raises(hrm.HRMError, match="HRM's own presets: l4, t4"):
+        hrm_search.plan_report("mixtral-8x7b", "h99")
+    # the simulator's hardware: an H100 and its server host
+    assert "HRM plan: mixtral-8x7b on H100-SXM5-80GB (75 GiB) + host (112 cores" in \
+        hrm_search.plan_report("mixtral-8x7b", "h100", gen=32)
+
+
+def test_the_system_of_the_simulators_hardware(tmp_path):
+    from moeflow.sim import hardware
+
+    h100 = hrm_search.system_of(hardware.load("h100"))
+    assert h100.gpu.memory == 80e9 and h100.gpu.peak_flops == 989.5e12
+    assert h100.cpu.num_cores == 112 and h100.cpu.memory == 512e9
+    assert h100.link_bandwidth == hardware.load("h100").host_link.bandwidth
+    t4 = hrm_search.load_system("t4")  # HRM's own figures, not the data sheet's
+    assert t4 is hrm.PRESETS["t4"]
+    # a machine of CPUs alone (as `moeflow calibrate` writes it): its CPU is both
+    cpu = hardware.DeviceSpec("cpu-2t", "cpu", {"bfloat16": 3e11, "float32": 1e11}, 4e10,
+                              24e9, cores=2)
+    path = tmp_path / "cpu.json"
+    path.write_text(hardware.Hardware("here", cpu, 1, hardware.LinkSpec(8e10),
+                                      hardware.LinkSpec(8e10), 24e9).to_json())
+    here = hrm_search.load_system(str(path))
+    assert here.gpu == hrm.GpuSpec("cpu-2t", 3e11, 4e10, 24e9)
+    assert here.cpu == hrm.CpuSpec("cpu-2t", 2, 3e11, 4e10, 24e9)
+    assert here.link_bandwidth == 8e10
+    assert hrm_search.load_system(str(path), "float32").gpu.peak_flops == 1e11
+    with pytest.raises(hrm.HRMError, match="no peak FLOP/s for float16"):
+        hrm_search.load_system(str(path), "float16")
+    capped = hrm_search.with_gpu_memory(here, 9e6)
+    assert capped.gpu.memory * hrm.GPU_FRACTION == pytest.approx(9e6)
+    assert capped.cpu == here.cpu
+
+
+@solver
+def test_a_batch_cap_bounds_the_policy_and_a_tiny_model_solves():
+    """max_batch bounds N; a model a thousand times smaller than its GPU (its μ bound in
+    the millions) still gives a policy (the big-M rows once lost N within tolerances)."""
+    model, work = models.load("mixtral-8x7b"), hrm.Workload(hrm.MTBENCH_PROMPT, 128)
+    capped = hrm_search.search(model, hrm.PRESETS["t4"], work, max_batch=256)
+    assert capped.policy.batch_size <= 256
+    assert capped.throughput < s1().throughput
+    assert hrm_search.search(TINY, hrm.PRESETS["t4"], TINY_WORK,
+                             max_batch=64).policy.batch_size <= 64
+    with pytest.raises(hrm.HRMError, match="max_batch must be >= 1"):
+        hrm_search.search(model, hrm.PRESETS["t4"], work, max_batch=0)
+
+
+@solver
+def test_hrm_cgopipe_takes_mu_of_cgopipes_placement():
+    from moeflow.scheduler.cgopipe import CGOPipe
+
+    model, work = models.load("mixtral-8x7b"), hrm.Workload(hrm.MTBENCH_PROMPT, 128)
+    scheduler, line = hrm_search.hrm_cgopipe(model, hrm.PRESETS["t4"], work, 256)
+    found = hrm_search.search(model, hrm.PRESETS["t4"], work, placements=((False, True),),
+                              max_batch=256).policy
+    assert type(scheduler) is CGOPipe
+    assert scheduler.micro_batch_size == found.micro_batch_size
+    assert f"N={found.batch_size} μ={found.micro_batch_size}" in line
+    # no policy fits: cgopipe as it comes, and why
+    small = hrm.PRESETS["t4"].with_host(num_cores=8, memory=1e9)
+    scheduler, line = hrm_search.hrm_cgopipe(model, small, work, 256)
+    assert scheduler.micro_batch_size is None and "found no policy" in line
 
 
 def test_parse_bytes():
