@@ -57,17 +57,48 @@ class MessageError(ValueError):
 # -- payloads moved by Transfer nodes ------------------------------------------------
 
 
-@dataclass(frozen=True)
 class Payload:
-    """What a Transfer carries: a kind, small plain fields, and tensors."""
+    """What a Transfer carries: a kind (`"tensor"`, or a value kind that travels:
+    moeflow.actors.values.TRAVELS), small plain fields (`meta`) and `tensors`.
 
-    kind: str  # "tensor", or a value kind that travels (moeflow.actors.values.TRAVELS)
-    meta: dict[str, Any]
-    tensors: tuple[torch.Tensor, ...]
-    # the value it was made from, in the process that made it: a receiver in that process
-    # takes it as it is, with no checks (it never left this process); never encoded, so a
-    # payload that came over the wire is rebuilt from its parts and checked
-    value: Any = field(default=None, compare=False, repr=False)
+    `value`: the value it was made from, in the process that made it. A receiver in that
+    process takes it as it is, with no checks (it never left this process); it is never
+    encoded, so a payload that came over the wire is rebuilt from its parts and checked.
+    Made from a value (meta and tensors None), the parts are encoded only when first read:
+    a delivery within the process never reads them (a dispatch's rows once built an index
+    tensor at every layer for nothing)."""
+
+    __slots__ = ("kind", "_meta", "_tensors", "value")
+
+    def __init__(self, kind: str, meta: dict[str, Any] | None,
+                 tensors: tuple[torch.Tensor, ...] | None, value: Any = None) -> None:
+        if (meta is None or tensors is None) and value is None:
+            raise ValueError("a payload needs its meta and tensors, or the value to encode")
+        self.kind, self._meta, self._tensors, self.value = kind, meta, tensors, value
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._encode()
+        assert self._meta is not None
+        return self._meta
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        if self._tensors is None:
+            self._encode()
+        assert self._tensors is not None
+        return self._tensors
+
+    def _encode(self) -> None:
+        value = self.value
+        if isinstance(value, torch.Tensor):
+            self._meta, self._tensors = {}, (value,)
+        else:
+            self._meta, self._tensors = value.encode()
+
+    def __repr__(self) -> str:
+        return f"Payload({self.kind!r}, {self.meta!r}, <{len(self.tensors)} tensors>)"
 
 
 # -- messages ------------------------------------------------------------------------

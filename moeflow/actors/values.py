@@ -232,8 +232,7 @@ def to_payload(value: Any) -> Payload:
         return Payload("tensor", {}, (value,), value)
     if type(value) not in _TRAVELLING:
         raise TypeError(f"cannot send a {type(value).__name__}")
-    meta, tensors = value.encode()
-    return Payload(value.KIND, meta, tensors, value)
+    return Payload(value.KIND, None, None, value)  # encoded if it leaves the process
 
 
 def from_payload(payload: Payload) -> Any:
