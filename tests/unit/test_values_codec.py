@@ -59,3 +59,18 @@ def test_rows_made_from_counts_travel_with_their_ends():
     back = _over_the_wire(rows)
     assert back.counts is None and back.row_counts() == [2, 0, 3, 1]
     assert torch.equal(back.x, rows.x) and back.start == 4
+
+
+def test_a_payload_made_from_a_value_encodes_it_only_when_its_parts_are_read():
+    """Within a process the receiver takes the value itself: sending builds nothing (a
+    dispatch's Rows held as counts makes no ends tensor); over the wire, the parts are the
+    value's encoding, made once."""
+    rows = Rows("cpu:0", 2, torch.randn(3, 4), None, torch.rand(3), counts=[1, 2])
+    sent = to_payload(rows)
+    assert from_payload(sent) is rows and rows.ends is None
+    meta, tensors = sent.meta, sent.tensors
+    assert meta == {"home": "cpu:0", "start": 2} and sent.tensors is tensors
+    assert torch.equal(tensors[1], torch.tensor([1, 3], dtype=torch.int32))
+    assert "rows" in repr(sent) and "3 tensors" in repr(sent)
+    with pytest.raises(ValueError, match="needs its meta and tensors"):
+        Payload("rows", None, None)
