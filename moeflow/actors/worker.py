@@ -2,8 +2,9 @@
 
 A worker holds the dense weights (if it serves requests), the routed experts it owns, and
 the KV cache of the sequences homed on it. `run(key, graph, node, inputs)` executes one graph
-node with real ops, reading its inputs by role (`Inputs`), never by edge order; `key` names the unit in flight (several may be in flight at once), whose
-per-unit state `begin` prepared: its tokens, cache slots, RoPE tables and KV block tables,
+node with real ops, reading its inputs by role (`Inputs`), never by edge order, on the op its
+kind names (`_run_<kind>`, moeflow.dataflow.kinds); `key` names the unit in flight (several
+may be in flight at once), whose per-unit state `begin` prepared: its tokens, cache slots, RoPE tables and KV block tables,
 so that a decode step's nodes do little more than their GEMMs. Nodes coalesced from several
 units run as one: units that only decode share one attention batch, merged once for every
 layer, and one routing sort.
@@ -42,6 +43,7 @@ from moeflow.dataflow.graph import (
     Unit,
     dispatch_groups,
 )
+from moeflow.dataflow.kinds import KINDS
 from moeflow.dataflow.offload import page_columns
 from moeflow.models.spec import ModelSpec
 from moeflow.models.weights import DenseWeights, ExpertStack, to_device
@@ -108,6 +110,9 @@ class _UnitState:
     subs: dict[tuple[int, ...], tuple[torch.Tensor, _Batch]] = field(default_factory=dict)
 
 
+Item = tuple[Any, Graph, Node, Inputs]  # a node to run: its unit's key, graph, node, inputs
+
+
 class DeviceWorker:
     def __init__(self, device: str, spec: ModelSpec, dtype: torch.dtype,
                  dense: DenseWeights | None, experts: dict[int, ExpertStack],
@@ -148,6 +153,8 @@ class DeviceWorker:
             keep_freed_memory()  # no page fault per page of each step's large tensors
         # the routing bookkeeping (dispatch order, combine) in one kernel call each
         self._cpu_ops = self._cpu and kernels.available()
+        # each kind's op, as its declaration names it
+        self._ops = {cls: getattr(self, kind.op) for cls, kind in KINDS.items()}
 
     def _gemm_rows(self, rows: int, weight: torch.Tensor | None = None) -> None:
         if self._cpu:
@@ -367,51 +374,79 @@ class DeviceWorker:
         finally:
             use_onednn(onednn)
 
-    def _run_group(self, items: list[tuple[Any, Graph, Node, Inputs]],
-                   kernel: str | None) -> list[Any]:
+    def _run_group(self, items: list[Item], kernel: str | None) -> list[Any]:
+        """The group on the op its kind names (moeflow.dataflow.kinds)."""
+        op = self._ops.get(type(items[0][2]))
+        if op is None:
+            raise TypeError(f"cannot run node {items[0][2]!r}")
+        return op(items, kernel)  # type: ignore[no-any-return]
+
+    # each kind's op, as KINDS names it: a group of (key, graph, node, inputs) -> values
+
+    def _run_experts(self, items: list[Item], kernel: str | None) -> list[Any]:
         node = items[0][2]
-        if isinstance(node, Expert):
-            if node.kind == "routed":
-                return self._routed([(g, n, inputs) for _, g, n, inputs in items], kernel)
-            return self._dense_mlp(node, [inputs["attn"][0][1].xn for _, _, _, inputs in items])
-        if isinstance(node, Attention):
-            if node.part != "full":
-                return [self._attention_part(k, n, inputs, g.micro_batched)
-                        for k, g, n, inputs in items]
-            micro = [self._sub(k, n.seqs)[1] if g.micro_batched else self._units[k].batch
-                     for k, g, n, _ in items] \
-                if any(g.micro_batched for _, g, _, _ in items) else None
-            return self._attention(node.layer, [k for k, _, _, _ in items],
-                                   [inputs["hidden"][0][1] for _, _, _, inputs in items], micro)
-        if isinstance(node, LMHead):
-            return self._lm_head([(self._units[k], n.seqs if g.micro_batched else None,
-                                   inputs["hidden"][0][1]) for k, g, n, inputs in items])
-        if isinstance(node, Transfer) and node.payload == "pin":
-            return [_pinned(self._page(n.layer, n.experts, n.part))  # type: ignore[union-attr]
-                    for _, _, n, _ in items]
-        if isinstance(node, Transfer) and node.payload == "weights":  # from the relay
+        assert isinstance(node, Expert)
+        if node.kind == "routed":
+            routed = [(g, n, inputs) for _, g, n, inputs in items]
+            return self._routed(routed, kernel)  # type: ignore[arg-type]
+        return self._dense_mlp(node, [inputs["attn"][0][1].xn for _, _, _, inputs in items])
+
+    def _run_attention(self, items: list[Item], kernel: str | None) -> list[Any]:
+        node = items[0][2]
+        assert isinstance(node, Attention)
+        if node.part != "full":
+            return [self._attention_part(k, n, inputs, g.micro_batched)  # type: ignore[arg-type]
+                    for k, g, n, inputs in items]
+        micro = [self._sub(k, n.seqs)[1] if g.micro_batched  # type: ignore[union-attr]
+                 else self._units[k].batch for k, g, n, _ in items] \
+            if any(g.micro_batched for _, g, _, _ in items) else None
+        return self._attention(node.layer, [k for k, _, _, _ in items],
+                               [inputs["hidden"][0][1] for _, _, _, inputs in items], micro)
+
+    def _run_lm_heads(self, items: list[Item], kernel: str | None) -> list[Any]:
+        return self._lm_head([(self._units[k],
+                               n.seqs if g.micro_batched else None,  # type: ignore[union-attr]
+                               inputs["hidden"][0][1]) for k, g, n, inputs in items])
+
+    def _run_transfers(self, items: list[Item], kernel: str | None) -> list[Any]:
+        node = items[0][2]
+        assert isinstance(node, Transfer)
+        if node.payload == "pin":
+            return [_pinned(self._page(t.layer, t.experts, t.part))
+                    for t in (n for _, _, n, _ in items) if isinstance(t, Transfer)]
+        if node.payload == "weights":  # from the relay
             return [inputs["pinned"][0][1] for _, _, _, inputs in items]
-        # the rest are small ops over few rows when decoding: on one thread
+        with self._serial(items):
+            return [self._transfer(g, n, inputs)  # type: ignore[arg-type]
+                    for _, g, n, inputs in items]
+
+    def _run_gates(self, items: list[Item], kernel: str | None) -> list[Any]:
+        with self._serial(items):
+            return self._gate(items[0][1], items[0][2],  # type: ignore[arg-type]
+                              [inputs["attn"][0][1] for _, _, _, inputs in items])
+
+    def _run_combines(self, items: list[Item], kernel: str | None) -> list[Any]:
+        with self._serial(items):
+            return [self._combine(n, inputs)  # type: ignore[arg-type]
+                    for _, _, n, inputs in items]
+
+    def _run_embeds(self, items: list[Item], kernel: str | None) -> list[Any]:
+        assert self.dense is not None
+        out = []
+        with self._serial(items):
+            for key, graph, node, _ in items:
+                ids = self._units[key].token_ids
+                pick = (self._sub(key, node.seqs)[0]  # type: ignore[union-attr]
+                        if graph.micro_batched else None)
+                out.append(F.embedding(ids if pick is None else ids.index_select(0, pick),
+                                       self.dense.embed))
+        return out
+
+    def _serial(self, items: list[Item]) -> OneThread:
+        """Small ops over few rows (a decode's) run on one thread."""
         rows = sum(_rows_of(inputs) if inputs else len(self._units[k].token_ids)
                    for k, _, _, inputs in items)
-        with OneThread(self._cpu and rows <= SERIAL_ROWS):
-            if isinstance(node, Gate):
-                return self._gate(items[0][1], node,
-                                  [inputs["attn"][0][1] for _, _, _, inputs in items])
-            return [self._single(k, g, n, inputs) for k, g, n, inputs in items]
-
-    def _single(self, key: Any, graph: Graph, node: Node, inputs: Inputs) -> Any:
-        if isinstance(node, Transfer):
-            return self._transfer(graph, node, inputs)
-        if isinstance(node, Combine):
-            return self._combine(node, inputs)
-        if isinstance(node, Embed):
-            assert self.dense is not None
-            ids = self._units[key].token_ids
-            pick = self._sub(key, node.seqs)[0] if graph.micro_batched else None
-            return F.embedding(ids if pick is None else ids.index_select(0, pick),
-                               self.dense.embed)
-        raise TypeError(f"cannot run node {node!r}")
+        return OneThread(self._cpu and rows <= SERIAL_ROWS)
 
     def _attention_part(self, key: Any, node: Attention, inputs: Inputs,
                         micro: bool) -> PreOut | AttnOut | torch.Tensor | None:

@@ -26,6 +26,10 @@ Node kinds. Each node runs on one `device`; a Transfer runs from `src` to its `d
     Combine     residual + shared + routed partial outputs -> the layer's output
     LMHead      final norm and vocabulary projection for the rows that need logits
 
+Each kind is declared in one place, `moeflow.dataflow.kinds`: its inputs by role, the sizes a
+replayed plan binds, its memory effect, its cost and op (by the methods that run them), and
+its payloads' codecs.
+
 Edges are dependencies: `data` (read after write), `war` (write after read, for reused
 buffers), and `control` (ordering with no data, e.g. a barrier).
 
@@ -267,111 +271,27 @@ Node = Union[Embed, Attention, Gate, Expert, Transfer, Combine, LMHead]
 NODE_KINDS: tuple[type, ...] = (Embed, Attention, Gate, Expert, Transfer, Combine, LMHead)
 
 
-# -- what each node kind reads: its inputs by role ---------------------------------------
-#
-# A node's data inputs are named by role, from the kind of node that produced each one; the
-# worker reads them by name, never by the order the compiler added the edges in, and
-# `check.problems` refuses a node whose inputs do not fill its kind's roles. Per kind (and
-# attention part, expert kind or payload): role -> (fewest, most) inputs it takes (most:
-# None for any number), each role filled by the producers `input_role` names.
-#
-#   Attention full, pre,    hidden: Embed or Combine (the layer's input)
-#     prefill
-#   Attention core          qkv: the Transfer(qkv) of its pre part
-#   Attention post          core: the Transfer(hidden) back from the core;
-#                           pre: its pre part (the residual)
-#   Attention store         kv: the Transfer(kv) of a prefill part
-#   Gate                    attn: Attention (full, post or prefill)
-#   Expert routed           rows: Gate (its own device's) or Transfer(dispatch), one per home;
-#                           pages: Transfer(weights), experts it does not hold
-#   Expert shared, dense    attn: Attention (full, post or prefill)
-#   Transfer dispatch       routing: Gate;  combine: out: routed Expert
-#   Transfer qkv            pre: Attention(pre);  hidden: core: Attention(core)
-#   Transfer kv             attn: Attention(prefill), the keys and values it made
-#   Transfer pin            (nothing: a page of weights held at its source, copied into a
-#                           pinned relay slot there)
-#   Transfer weights        pinned: the Transfer(pin) of its page
-#   Combine                 attn: Attention (the residual); routing: Gate (the row order, in
-#                           an MoE layer); partials: routed Expert or Transfer(combine);
-#                           mlp: shared or dense Expert
-#   LMHead                  hidden: Combine
+# -- what each node kind reads: its inputs by role (declared in `kinds`) -------------------
 
 Role = Literal["hidden", "qkv", "core", "pre", "kv", "attn", "routing", "rows", "pages",
                "out", "partials", "mlp", "pinned"]
-_ATTN_OUT = ("full", "post", "prefill")  # the parts whose value is the layer's AttnOut
 Arity = tuple[int, Union[int, None]]
-_ONE: Arity = (1, 1)
 
 
 def input_roles(node: "Node") -> dict[Role, Arity]:
-    """The roles a node of this kind reads its inputs in, with how many each takes."""
-    if isinstance(node, Attention):
-        return _ATTENTION_ROLES.get(node.part, {"hidden": _ONE})
-    if isinstance(node, Gate):
-        return {"attn": _ONE}
-    if isinstance(node, Expert):
-        return {"rows": (1, None), "pages": (0, None)} if node.kind == "routed" \
-            else {"attn": _ONE}
-    if isinstance(node, Transfer):  # one input, of its payload's source (weights: none)
-        source = _TRANSFER_SOURCES.get(node.payload)
-        return {} if source is None else {source[1]: _ONE}
-    if isinstance(node, Combine):
-        return {"attn": _ONE, "routing": (0, 1), "partials": (0, None), "mlp": (0, None)}
-    if isinstance(node, LMHead):
-        return {"hidden": _ONE}
-    return {}  # Embed: token ids, from the unit
+    """The roles a node of this kind reads its inputs in, with how many each takes
+    (`moeflow.dataflow.kinds`)."""
+    from moeflow.dataflow.kinds import KINDS
 
-
-_ATTENTION_ROLES: dict[str, dict[Role, Arity]] = {
-    "core": {"qkv": _ONE}, "post": {"core": _ONE, "pre": _ONE}, "store": {"kv": _ONE},
-}
-# per payload: the kind of node a transfer reads, its role, and (from an Attention) its part
-# or (from a Transfer) its payload
-_TRANSFER_SOURCES: dict[str, tuple[type, Role, str | None]] = {
-    "dispatch": (Gate, "routing", None), "combine": (Expert, "out", None),
-    "qkv": (Attention, "pre", "pre"), "hidden": (Attention, "core", "core"),
-    "kv": (Attention, "attn", "prefill"), "weights": (Transfer, "pinned", "pin"),
-}
+    return KINDS[type(node)].roles(node)
 
 
 def input_role(node: "Node", src: "Node") -> Role | None:
-    """The role in which `node` reads `src`'s value; None where its kind reads no such input."""
-    if isinstance(node, Attention):
-        if node.part == "core":
-            return "qkv" if isinstance(src, Transfer) and src.payload == "qkv" else None
-        if node.part == "store":
-            return "kv" if isinstance(src, Transfer) and src.payload == "kv" else None
-        if node.part == "post":
-            if isinstance(src, Transfer) and src.payload == "hidden":
-                return "core"
-            return "pre" if isinstance(src, Attention) and src.part == "pre" else None
-        return "hidden" if isinstance(src, (Embed, Combine)) else None
-    if isinstance(node, Gate) or (isinstance(node, Expert) and node.kind != "routed"):
-        return "attn" if isinstance(src, Attention) and src.part in _ATTN_OUT else None
-    if isinstance(node, Expert):
-        if isinstance(src, Gate) or (isinstance(src, Transfer) and src.payload == "dispatch"):
-            return "rows"
-        return "pages" if isinstance(src, Transfer) and src.payload == "weights" else None
-    if isinstance(node, Transfer):
-        source = _TRANSFER_SOURCES.get(node.payload)
-        if source is None or not isinstance(src, source[0]):
-            return None
-        _, role, tag = source  # from an Attention its part, from a Transfer its payload
-        if tag is None:
-            return role
-        return role if getattr(src, "payload" if isinstance(src, Transfer) else "part") == tag \
-            else None
-    if isinstance(node, Combine):
-        if isinstance(src, Attention):
-            return "attn" if src.part in _ATTN_OUT else None
-        if isinstance(src, Gate):
-            return "routing"
-        if isinstance(src, Expert):
-            return "partials" if src.kind == "routed" else "mlp"
-        return "partials" if isinstance(src, Transfer) and src.payload == "combine" else None
-    if isinstance(node, LMHead):
-        return "hidden" if isinstance(src, Combine) else None
-    return None
+    """The role in which `node` reads `src`'s value; None where its kind reads no such input
+    (`moeflow.dataflow.kinds`)."""
+    from moeflow.dataflow.kinds import KINDS
+
+    return KINDS[type(node)].role(node, src)
 
 
 @dataclass(frozen=True, slots=True)

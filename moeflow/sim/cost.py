@@ -52,12 +52,13 @@ from dataclasses import dataclass, replace
 from moeflow.dataflow.graph import (
     Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Placement, Transfer, Unit,
 )
+from moeflow.dataflow.kinds import KINDS
 from moeflow.dataflow.offload import page_columns
 from moeflow.models.spec import DTYPE_BYTES, ModelSpec
 from moeflow.sim.hardware import DeviceSpec, Hardware
 
-# Kernels (GPU launches / CPU op dispatches) a node of each kind issues.
-KERNELS = {Embed: 1, Attention: 12, Gate: 6, Expert: 5, Combine: 3, LMHead: 3, Transfer: 1}
+# Kernels (GPU launches / CPU op dispatches) a node of each kind issues, as its kind declares
+KERNELS = {cls: kind.launches for cls, kind in KINDS.items()}
 # EPS-MoE (arXiv 2410.12247) on H800: the expert GEMM on 116 of 132 SMs while pipelining
 GEMM_SMS, DEVICE_SMS = 116, 132
 GEMM_SM_SHARE = GEMM_SMS / DEVICE_SMS
@@ -110,6 +111,8 @@ class CostModel:
         self._placement: Placement | None = None
         self._owned: dict[str, int] = {}  # device -> experts it owns under `_placement`
         self._exchanging: dict[Placement, bool] = {}  # bounded: the run's placements
+        # each kind's cost method, as its declaration names it
+        self._by_kind = {cls: getattr(self, kind.cost) for cls, kind in KINDS.items()}
 
     # -- per node ------------------------------------------------------------------
 
@@ -142,46 +145,68 @@ class CostModel:
     def bare_cost(self, graph: Graph | None, node: Node, rows: Sequence[int] = (),
                   unit: Unit | None = None, kernel: str | None = None) -> NodeCost:
         """`cost` on all of the device's SMs (`graph` may be None where `unit` is given and
-        the node is no routed Expert)."""
-        s, b, wb, d = self.spec, self.b, self.wb, self.spec.hidden_size
-        kernels = KERNELS[type(node)]
-        if isinstance(node, Embed):
-            return NodeCost(0, 0, node.num_tokens, kernels, node.num_tokens * d * b * 2)
-        if isinstance(node, Attention):
-            assert graph is not None or unit is not None
-            return self._attention(graph.unit if unit is None else unit, node)  # type: ignore
-        if isinstance(node, Gate):
-            e, t = s.moe.num_experts, node.num_tokens
-            return NodeCost(2 * t * d * e, e * d * wb, t, kernels, t * (d * b + 3 * e * 4))
-        if isinstance(node, Expert):
-            if node.kind != "routed":
-                params = s.dense_params() if node.kind == "dense" else s.shared_params()
-                width = params // (3 * d) if d else 0
-                t = node.num_tokens
-                return NodeCost(2 * t * params, params * wb, t, kernels,
-                                t * (2 * d + 6 * width) * b)
-            assert graph is not None
-            return self.routed_cost(sum(rows), sum(1 for r in rows if r),
-                                    self.pipelined(graph, node), kernel)
-        if isinstance(node, Transfer):
-            if node.payload in ("weights", "pin"):  # a page of routed experts, or of slices
-                # of them (to the GPU, or into the pinned relay on its owner)
-                width = s.moe.intermediate_size
-                start, end = page_columns(node.part, width)
-                return NodeCost(0, len(node.experts) * s.expert_params() * wb * (end - start)
-                                / width, 0, kernels)
-            if node.num_bytes is not None:  # sized when compiled (activations to the host)
-                return NodeCost(0, node.num_bytes, 0, kernels if node.num_bytes else 0)
-            return NodeCost(0, sum(rows) * d * b, 0, kernels if sum(rows) else 0)
-        if isinstance(node, Combine):
+        the node is no routed Expert): the method its kind names (moeflow.dataflow.kinds)."""
+        method = self._by_kind.get(type(node))
+        if method is None:
+            raise TypeError(f"no cost for {node!r}")
+        return method(graph, node, rows, unit, kernel)  # type: ignore[no-any-return]
+
+    # each kind's work, as KINDS names it: (graph, node, rows, unit, kernel) -> NodeCost
+
+    def _embed_cost(self, graph: Graph | None, node: Embed, rows: Sequence[int],
+                    unit: Unit | None, kernel: str | None) -> NodeCost:
+        return NodeCost(0, 0, node.num_tokens, KERNELS[Embed],
+                        node.num_tokens * self.spec.hidden_size * self.b * 2)
+
+    def _attention_cost(self, graph: Graph | None, node: Attention, rows: Sequence[int],
+                        unit: Unit | None, kernel: str | None) -> NodeCost:
+        assert graph is not None or unit is not None
+        return self._attention(graph.unit if unit is None else unit, node)  # type: ignore
+
+    def _gate_cost(self, graph: Graph | None, node: Gate, rows: Sequence[int],
+                   unit: Unit | None, kernel: str | None) -> NodeCost:
+        e, t, d = self.spec.moe.num_experts, node.num_tokens, self.spec.hidden_size
+        return NodeCost(2 * t * d * e, e * d * self.wb, t, KERNELS[Gate],
+                        t * (d * self.b + 3 * e * 4))
+
+    def _expert_cost(self, graph: Graph | None, node: Expert, rows: Sequence[int],
+                     unit: Unit | None, kernel: str | None) -> NodeCost:
+        s, d = self.spec, self.spec.hidden_size
+        if node.kind != "routed":
+            params = s.dense_params() if node.kind == "dense" else s.shared_params()
+            width = params // (3 * d) if d else 0
             t = node.num_tokens
-            return NodeCost(0, 0, t, kernels, (s.moe.top_k + 3) * t * d * b)
-        if isinstance(node, LMHead):
-            r = node.num_rows
-            head = s.vocab_size * d
-            return NodeCost(2 * r * head, head * wb, max(r, 1), kernels,
-                            r * (2 * d * b + s.vocab_size * 4))
-        raise TypeError(f"no cost for {node!r}")
+            return NodeCost(2 * t * params, params * self.wb, t, KERNELS[Expert],
+                            t * (2 * d + 6 * width) * self.b)
+        assert graph is not None
+        return self.routed_cost(sum(rows), sum(1 for r in rows if r),
+                                self.pipelined(graph, node), kernel)
+
+    def _transfer_cost(self, graph: Graph | None, node: Transfer, rows: Sequence[int],
+                       unit: Unit | None, kernel: str | None) -> NodeCost:
+        s, launches = self.spec, KERNELS[Transfer]
+        if node.payload in ("weights", "pin"):  # a page of routed experts, or of slices of
+            # them (to the GPU, or into the pinned relay on its owner)
+            width = s.moe.intermediate_size
+            start, end = page_columns(node.part, width)
+            return NodeCost(0, len(node.experts) * s.expert_params() * self.wb * (end - start)
+                            / width, 0, launches)
+        if node.num_bytes is not None:  # sized when compiled (activations to the host)
+            return NodeCost(0, node.num_bytes, 0, launches if node.num_bytes else 0)
+        return NodeCost(0, sum(rows) * s.hidden_size * self.b, 0, launches if sum(rows) else 0)
+
+    def _combine_cost(self, graph: Graph | None, node: Combine, rows: Sequence[int],
+                      unit: Unit | None, kernel: str | None) -> NodeCost:
+        t = node.num_tokens
+        return NodeCost(0, 0, t, KERNELS[Combine],
+                        (self.spec.moe.top_k + 3) * t * self.spec.hidden_size * self.b)
+
+    def _lm_head_cost(self, graph: Graph | None, node: LMHead, rows: Sequence[int],
+                      unit: Unit | None, kernel: str | None) -> NodeCost:
+        r, d, b = node.num_rows, self.spec.hidden_size, self.b
+        head = self.spec.vocab_size * d
+        return NodeCost(2 * r * head, head * self.wb, max(r, 1), KERNELS[LMHead],
+                        r * (2 * d * b + self.spec.vocab_size * 4))
 
     def routed_cost(self, total: float, active: int, pipelined: bool = False,
                     kernel: str | None = None) -> NodeCost:

@@ -307,7 +307,8 @@ def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: 
                 ) -> tuple[CGOPipe, str]:
     """cgopipe with the micro-batch size μ of HRM's policy for `workload` on `system`,
     among the policies of cgopipe's placement (attention on the CPU, the FFN on the GPU),
-    its batch at most `max_seqs` (the engine's cap), and a line that says what was chosen; where HRM finds no policy, cgopipe as it comes (3 micro-batches) and why."""
+    its batch at most `max_seqs` (the engine's cap), and a line that says what was chosen;
+    where HRM finds no policy, cgopipe as it comes (3 micro-batches) and why."""
     from moeflow.scheduler.cgopipe import CGOPipe
 
     try:

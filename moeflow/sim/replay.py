@@ -25,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Hashable, Sequence
-from operator import attrgetter
 from typing import Any
 
-from moeflow.dataflow.graph import (
-    Attention, Combine, Embed, Expert, Gate, Graph, LMHead, Node, Transfer, Unit,
-)
+from moeflow.dataflow.graph import Attention, Expert, Gate, Graph, Node, Transfer, Unit
+from moeflow.dataflow.kinds import KINDS
 from moeflow.models.spec import ModelSpec
 from moeflow.scheduler.plan import Plan
 from moeflow.scheduler.requests import Job
@@ -47,51 +45,19 @@ RETURNED = 4  # a combine: its experts' rows, from the gates of the homes it ret
 
 def bind(node: Node, unit: Unit, seqs: tuple[int, ...]) -> Node:
     """`node` with the sequences and sizes `compile` gives it for `unit`, where it serves the
-    sequences `seqs` of the unit (by index): tokens, context and logit rows."""
-    if isinstance(node, LMHead):
-        return dataclasses.replace(node, seqs=seqs, num_rows=sum(
-            unit.seqs[i].num_logit_rows for i in seqs))
-    tokens = sum(unit.seqs[i].num_tokens for i in seqs)
-    if isinstance(node, Attention):
-        context = sum(unit.seqs[i].start + unit.seqs[i].num_tokens for i in seqs)
-        return dataclasses.replace(node, seqs=seqs, num_tokens=tokens, num_context=context)
-    if isinstance(node, (Embed, Gate, Combine)):
-        return dataclasses.replace(node, seqs=seqs, num_tokens=tokens)
-    if isinstance(node, Expert) and node.kind != "routed":
-        return dataclasses.replace(node, num_tokens=tokens)
-    return node
+    sequences `seqs` of the unit (by index): tokens, context and logit rows (its kind's
+    `bind`, moeflow.dataflow.kinds)."""
+    return KINDS[type(node)].bind(node, unit, seqs)  # type: ignore[no-any-return]
 
 
 def output_bytes(spec: ModelSpec, dtype_bytes: int, node: Node) -> float:
-    """Bytes a node with static sizes leaves on its device for its consumers."""
-    d = spec.hidden_size
-    if isinstance(node, LMHead):
-        return node.num_rows * spec.vocab_size * 4
-    if isinstance(node, Transfer):  # activations sized when compiled; a weight page lands
-        # in memory its policy reserved (Scheduler.reserved_weights: the GPU's double buffer,
-        # the host's pinned relay)
-        return 0 if node.payload in ("weights", "pin") else node.num_bytes or 0
-    tokens = getattr(node, "num_tokens", 0)
-    if isinstance(node, Attention) and node.part in ("pre", "core", "prefill", "store"):
-        a = spec.attention
-        width = {"pre": d + a.q_width + 2 * a.kv_width, "core": a.o_width,
-                 "prefill": 2 * d + 2 * a.kv_width, "store": 0}[node.part]
-        return tokens * width * dtype_bytes
-    factor = 2 if isinstance(node, Attention) else 1
-    if isinstance(node, Gate):
-        factor = 1 + spec.moe.top_k
-    if isinstance(node, (Embed, Combine, Expert, Attention, Gate)):
-        return factor * tokens * d * dtype_bytes
-    return 0.0
+    """Bytes a node with static sizes leaves on its device for its consumers (its kind's
+    `output_bytes`)."""
+    return KINDS[type(node)].output_bytes(spec, dtype_bytes, node)
 
 
 # a static node's sizes, those `bind` sets, by its kind
-_SIZES: dict[type, Any] = {
-    Embed: attrgetter("num_tokens"), Attention: attrgetter("num_tokens", "num_context"),
-    Gate: attrgetter("num_tokens"), Expert: attrgetter("num_tokens"),
-    Combine: attrgetter("num_tokens"), LMHead: attrgetter("num_rows"),
-    Transfer: lambda node: (),
-}
+_SIZES: dict[type, Any] = {cls: kind.sizes for cls, kind in KINDS.items()}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

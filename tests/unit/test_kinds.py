@@ -1,0 +1,67 @@
+"""Each node kind is declared in one place (moeflow.dataflow.kinds): every kind is there, what
+each declaration names exists where it runs, and each payload's codec is known."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from moeflow.actors.null import NullWorker
+from moeflow.actors.values import TRAVELS, Page, Partial, Rows
+from moeflow.actors.worker import DeviceWorker
+from moeflow.dataflow import graph
+from moeflow.dataflow.kinds import KINDS, kind_of
+from moeflow.sim import hardware, models
+from moeflow.sim.cost import KERNELS, CostModel
+
+
+def test_every_kind_is_declared_and_what_it_names_exists():
+    assert set(KINDS) == set(graph.NODE_KINDS)
+    for cls, kind in KINDS.items():
+        assert kind.node is cls
+        assert callable(getattr(DeviceWorker, kind.op)), (cls, kind.op)
+        assert callable(getattr(CostModel, kind.cost)), (cls, kind.cost)
+        assert KERNELS[cls] == kind.launches >= 1
+    # the null worker runs every kind, instantly
+    assert callable(NullWorker.run_group)
+
+
+def test_every_payload_travels_in_a_known_codec():
+    payloads = set(typing.get_args(graph.Payload))
+    travels = KINDS[graph.Transfer].travels
+    assert set(travels) == payloads
+    assert set(travels.values()) <= {"tensor", *TRAVELS}
+    # the values the worker hands on for them are those codecs'
+    assert (Rows.KIND, Partial.KIND, Page.KIND) == (travels["dispatch"], travels["combine"],
+                                                    travels["weights"])
+    assert all(kind.travels == {} for cls, kind in KINDS.items() if cls is not graph.Transfer)
+
+
+def test_sizes_bind_and_memory_come_from_the_kind():
+    """A compiled graph's nodes bound to their own unit come back unchanged (what a replayed
+    plan relies on), and each kind's memory effect is what its value holds."""
+    from moeflow.dataflow import Cut, Placement, SeqChunk, Unit, compile
+    from moeflow.sim.replay import bind, output_bytes
+
+    spec = models.load("mixtral-8x7b")
+    placement = Placement.sharded(("cuda:0", "cuda:1"), spec.moe.num_experts)
+    unit = Unit((SeqChunk(0, 0, 7, "cuda:0"), SeqChunk(1, 5, 1, "cuda:1")))
+    g = compile(spec, unit, placement, Cut())
+    for node in g.nodes:
+        seqs = getattr(node, "seqs", ())
+        if isinstance(node, graph.Expert) and node.kind != "routed":
+            seqs = unit.seqs_on(node.device)
+        assert bind(node, unit, seqs) == node
+        assert kind_of(node).sizes(node) is not None
+        held = output_bytes(spec, 2, node)
+        if isinstance(node, graph.LMHead):
+            assert held == node.num_rows * spec.vocab_size * 4
+        elif isinstance(node, graph.Gate):
+            assert held == (1 + spec.moe.top_k) * node.num_tokens * spec.hidden_size * 2
+    # a kind's cost is the method it names
+    cost = CostModel(spec, hardware.load("h100x8"))
+    gate = next(n for n in g.nodes if isinstance(n, graph.Gate))
+    assert cost.bare_cost(g, gate) == cost._gate_cost(g, gate, (), None, None)
+    with pytest.raises(TypeError, match="no cost for"):
+        cost.bare_cost(g, object())  # type: ignore[arg-type]
