@@ -51,6 +51,7 @@ from moeflow.actors.values import (
 )
 from moeflow.actors.worker import DeviceWorker
 from moeflow.dataflow.graph import FAN_PAYLOADS, Attention, Gate, LMHead, Node, Transfer, Unit
+from moeflow.dataflow.kinds import KINDS
 from moeflow.scheduler.base import checked_adjustments
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, SemanticsError, Task
@@ -75,6 +76,7 @@ class Outgoing:
 
 # what finishing a node does with its value
 KEEP, SEND, SAMPLE = 0, 1, 2
+TRAVELS_AS = KINDS[Transfer].travels  # payload -> the codec it is declared to travel in
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class Step:
     dispatch: bool  # a dispatch to another actor: its Data carries the gate's counts
     dsts: tuple[str, ...]  # SEND: the actors it goes to
     fan: bool  # its value is a part per destination (a dispatch or combine)
+    codec: str = ""  # SEND: the codec its payload's kind declares it travels in
 
 
 class Program:
@@ -115,10 +118,11 @@ class Program:
                 if other != actor and other not in told:
                     told.add(other)
                     notify.append(other)
-            steps.append(Step(node, inputs, roles, effect,
-                              tuple(notify), isinstance(node, Gate),
-                              sends and node.payload == "dispatch",  # type: ignore[union-attr]
-                              dsts, bool(dsts) and node.payload in FAN_PAYLOADS))  # type: ignore[union-attr]
+            payload = node.payload if isinstance(node, Transfer) else ""
+            steps.append(Step(node, inputs, roles, effect, tuple(notify), isinstance(node, Gate),
+                              sends and payload == "dispatch", dsts,
+                              bool(dsts) and payload in FAN_PAYLOADS,
+                              TRAVELS_AS[payload] if sends else ""))
         self.plan = plan
         self.steps = tuple(steps)
         # per node: 0 on a stream the plan runs first when one thread runs every stream
@@ -387,8 +391,11 @@ class ActorCore:
             values[task[1]] = value[0] if step.fan else value
         elif step.effect == SEND:
             for dst, part in zip(step.dsts, value) if step.fan else ((step.dsts[0], value),):
-                out.append(Outgoing(dst, Data(unit.unit_id, task[1], to_payload(part),
-                                              sent_counts)))
+                payload = to_payload(part)
+                if payload.kind != step.codec:  # the kind's declaration (dataflow.kinds)
+                    raise TypeError(f"{node!r} made a {payload.kind} value; its payload "
+                                    f"travels as {step.codec}")
+                out.append(Outgoing(dst, Data(unit.unit_id, task[1], payload, sent_counts)))
         else:
             self._sample(unit, value)
         counts = value.counts if step.gate and isinstance(value, Routing) else None

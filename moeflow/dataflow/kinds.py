@@ -18,7 +18,8 @@ in `KINDS`, which says everything else the layers ask of it:
                   (nodes of several units as one kernel); the null worker runs every kind
                   instantly.
     travels       for a Transfer, the codec each payload's value crosses to another device
-                  in (`moeflow.actors.values.TRAVELS`; "tensor": a plain tensor).
+                  in (`moeflow.actors.values.TRAVELS`; "tensor": a plain tensor); an actor
+                  fails the unit of a transfer whose value is of another.
 
 A new kind adds its dataclass to `graph` and its NodeKind here; the cost and op it names
 are written where they run. tests/unit/test_kinds.py checks that every kind is declared,

@@ -65,3 +65,34 @@ def test_sizes_bind_and_memory_come_from_the_kind():
     assert cost.bare_cost(g, gate) == cost._gate_cost(g, gate, (), None, None)
     with pytest.raises(TypeError, match="no cost for"):
         cost.bare_cost(g, object())  # type: ignore[arg-type]
+
+
+def test_a_transfer_handing_on_another_codec_than_its_kind_declares_fails_its_unit(
+        tiny_factory, monkeypatch):
+    """The codec a payload is declared to travel in is held to: a dispatch whose value is a
+    bare tensor fails its request with the reason, and the engine goes on."""
+    import torch
+
+    from moeflow.ops.sampling import SamplingParams
+    from moeflow.serve.build import build_engine_core
+
+    core = build_engine_core(tiny_factory("qwen3_moe"), devices="cpu:0,cpu:1")
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+
+    def finish(request):  # type: ignore[no-untyped-def]
+        while core.has_unfinished():
+            core.step()
+        return request.finish_reason
+
+    real = DeviceWorker._transfer
+
+    def wrong(self, graph, node, inputs):  # type: ignore[no-untyped-def]
+        value = real(self, graph, node, inputs)
+        return tuple(torch.zeros(1) for _ in value) if node.payload == "dispatch" else value
+
+    monkeypatch.setattr(DeviceWorker, "_transfer", wrong)
+    reason = finish(core.add_request([5, 6, 7], params))
+    assert reason is not None and "made a tensor value; its payload travels as rows" in reason
+    monkeypatch.setattr(DeviceWorker, "_transfer", real)
+    assert finish(core.add_request([5, 6, 7], params)) == "length"
+    core.executor.close()
