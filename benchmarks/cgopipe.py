@@ -33,10 +33,13 @@ ignored), batched as batch-ep batches. Policies, alternating, `--rounds` rounds:
               layer's while this one computes
     cgopipe   3 micro-batches; attention's core on the host over the host's KV cache, the
               GPU two micro-batches ahead; pages per micro-batch
+    cgopipe, HRM  the same with HRM's micro-batch size for this machine (`moeflow calibrate
+              --quick`, its CPU standing for the GPU and the host) and this load, as
+              `--hardware FILE` gives it
     batch-ep  expert parallelism over both actors (no paging): for reference
 
 Throughput is generated tokens per wall second of the whole run (prefill included, as
-MoE-Lightning counts it); medians. Both paging policies must give the same tokens, and the
+MoE-Lightning counts it); medians. Every policy must give the same tokens, and the
 run checks that they do.
 
     python benchmarks/cgopipe.py [--only sim,real,attention] [--requests 24] [--gen 32] [--rounds 3]
@@ -211,6 +214,20 @@ def run_attention(repeats: int = 5) -> list[dict[str, Any]]:
              "threads": torch.get_num_threads()}, *rows]
 
 
+def hrm_here(spec: Any, requests: int, gen: int) -> CGOPipe:
+    """cgopipe with HRM's policy for this machine (`moeflow calibrate --quick`, its CPU
+    standing for the GPU and the host) and this load, as `--hardware FILE` gives it."""
+    from moeflow.sim.calibrate import calibrate
+    from moeflow.sim.hrm import Workload
+    from moeflow.sim.hrm_search import hrm_cgopipe, system_of
+
+    print("calibrating this machine for HRM ...", file=sys.stderr)
+    system = system_of(calibrate(quick=True), "bfloat16")
+    policy, line = hrm_cgopipe(spec, system, Workload(PROMPT_LEN, gen), requests)
+    print(line, file=sys.stderr)
+    return policy
+
+
 def run_real(requests: int, gen: int, rounds: int) -> dict[str, Any]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from engine import DEVICES, demo_checkpoint
@@ -228,6 +245,7 @@ def run_real(requests: int, gen: int, rounds: int) -> dict[str, Any]:
     prompts = [[rng.randrange(3, spec.vocab_size) for _ in range(PROMPT_LEN)]
                for _ in range(requests)]
     policies: dict[str, Scheduler] = {"flexgen": FlexGen(), "cgopipe": CGOPipe(),
+                                      "cgopipe, HRM": hrm_here(spec, requests, gen),
                                       "batch-ep": BatchEP()}
     seconds: dict[str, list[float]] = {name: [] for name in policies}
     outputs: dict[str, list[list[int]]] = {}
@@ -249,7 +267,7 @@ def run_real(requests: int, gen: int, rounds: int) -> dict[str, Any]:
                     core.pop_finished(rid)
                 print(f"round {r + 1}/{rounds} {name}: {seconds[name][-1]:.1f} s",
                       file=sys.stderr)
-    same = outputs["flexgen"] == outputs["cgopipe"] == outputs["batch-ep"]
+    same = all(out == outputs["batch-ep"] for out in outputs.values())
     tokens = requests * gen
     rows = [{"policy": name, "tok_s": tokens / statistics.median(runs),
              "seconds": runs} for name, runs in seconds.items()]
@@ -307,7 +325,7 @@ def main() -> int:
     print("| policy | tok/s | vs flexgen |\n|---|---:|---:|")
     for row in real["rows"]:
         print(f"| {row['policy']} | {row['tok_s']:,.1f} | {row['vs_flexgen']:.2f}x |")
-    print(f"same tokens from all three: {real['same_tokens']}")
+    print(f"same tokens from all four: {real['same_tokens']}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2)
