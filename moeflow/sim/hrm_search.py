@@ -312,15 +312,25 @@ def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: 
     from moeflow.scheduler.cgopipe import CGOPipe
 
     try:
-        policy = search(model, system, workload, placements=((False, True),),
-                        max_batch=max_seqs).policy
+        found = search(model, system, workload, placements=((False, True),),
+                       max_batch=max_seqs)
     except HRMError as exc:
         return CGOPipe(), f"cgopipe: HRM found no policy on {system.name} ({exc}); 3 micro-batches"
-    return CGOPipe(micro_batch_size=policy.micro_batch_size), (
-        f"cgopipe: HRM's policy on {system.name} for prompts of {workload.prompt_len} and "
-        f"{workload.gen_len} new tokens, at most {max_seqs} requests a batch: "
-        f"N={policy.batch_size} μ={policy.micro_batch_size} r_w={policy.weights_gpu:.3f}; "
-        f"micro-batches of {policy.micro_batch_size}")
+    policy = found.policy
+    line = (f"cgopipe: HRM's policy on {system.name} for prompts of {workload.prompt_len} "
+            f"and {workload.gen_len} new tokens, at most {max_seqs} requests a batch: "
+            f"N={policy.batch_size} μ={policy.micro_batch_size} r_w={policy.weights_gpu:.3f}, "
+            f"{_rate(found.throughput)} tok/s predicted; micro-batches of "
+            f"{policy.micro_batch_size}")
+    best = search(model, system, workload, max_batch=max_seqs)  # any placement
+    if best.policy.attention_on_gpu and best.throughput > 1.05 * found.throughput:
+        line += (f" (HRM predicts {_rate(best.throughput)} tok/s with attention on the GPU, "
+                 f"flexgen's placement)")
+    return CGOPipe(micro_batch_size=policy.micro_batch_size), line
+
+
+def _rate(tok_s: float) -> str:
+    return f"{tok_s:,.0f}" if tok_s >= 100 else f"{tok_s:.3g}"
 
 
 def format_estimate(est: Estimate, model: ModelSpec, system: System, workload: Workload) -> str:

@@ -272,6 +272,11 @@ def test_hrm_cgopipe_takes_mu_of_cgopipes_placement():
     assert type(scheduler) is CGOPipe
     assert scheduler.micro_batch_size == found.micro_batch_size
     assert f"N={found.batch_size} μ={found.micro_batch_size}" in line
+    assert "tok/s predicted" in line and "flexgen's placement" not in line
+    # where HRM's best placement is another (attention on the GPU), the line says so
+    _, toy_line = hrm_search.hrm_cgopipe(TINY, tiny_system(), TINY_WORK, 64)
+    best = hrm_search.search(TINY, tiny_system(), TINY_WORK, max_batch=64)
+    assert best.policy.attention_on_gpu and "with attention on the GPU, flexgen's" in toy_line
     # no policy fits: cgopipe as it comes, and why
     small = hrm.PRESETS["t4"].with_host(num_cores=8, memory=1e9)
     scheduler, line = hrm_search.hrm_cgopipe(model, small, work, 256)
