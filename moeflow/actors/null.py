@@ -18,12 +18,18 @@ from typing import Any
 import torch
 
 from moeflow.actors.kvcache import PagedKVCache
-from moeflow.actors.values import Inputs, Logits, Routing
+from moeflow.actors.values import Inputs, Logits, Page, Partial, Routing, Rows
 from moeflow.dataflow.graph import FAN_PAYLOADS, Gate, Graph, LMHead, Node, Transfer, Unit
+from moeflow.dataflow.kinds import KINDS
 from moeflow.models.spec import ModelSpec
 from moeflow.ops.backend import index_tensor
 
 NULL = torch.empty(0)  # the value of every node whose value nobody reads
+# a transfer's, in the codec its payload is declared to travel in (moeflow.dataflow.kinds)
+_NULL_SENT = {"tensor": NULL, "rows": Rows("", 0, torch.empty(0, 0),
+                                          torch.empty(0, dtype=torch.int32), NULL),
+              "partial": Partial(0, torch.empty(0, 0))}
+_TRAVELS_AS = KINDS[Transfer].travels
 NULL_VOCAB = 8  # columns of the zero logits: enough to sample from
 
 
@@ -89,6 +95,10 @@ class NullWorker:
                 logits = state.logits[seqs] = Logits(
                     seqs, rows, torch.zeros(sum(rows), NULL_VOCAB))
             return logits
-        if isinstance(node, Transfer) and node.payload in FAN_PAYLOADS:
-            return (NULL,) * len(node.dsts)  # a part per destination
+        if isinstance(node, Transfer):
+            codec = _TRAVELS_AS[node.payload]
+            value = (Page(node.experts, *(torch.empty(len(node.experts), 0, 0),) * 2)
+                     if codec == "page" else _NULL_SENT[codec])
+            # a dispatch or combine: a part per destination
+            return (value,) * len(node.dsts) if node.payload in FAN_PAYLOADS else value
         return NULL
