@@ -4,10 +4,10 @@ A worker holds the dense weights (if it serves requests), the routed experts it 
 the KV cache of the sequences homed on it. `run(key, graph, node, inputs)` executes one graph
 node with real ops, reading its inputs by role (`Inputs`), never by edge order, on the op its
 kind names (`_run_<kind>`, moeflow.dataflow.kinds); `key` names the unit in flight (several
-may be in flight at once), whose per-unit state `begin` prepared: its tokens, cache slots, RoPE tables and KV block tables,
-so that a decode step's nodes do little more than their GEMMs. Nodes coalesced from several
-units run as one: units that only decode share one attention batch, merged once for every
-layer, and one routing sort.
+may be in flight at once), whose per-unit state `begin` prepared: its tokens, cache slots,
+RoPE tables and KV block tables, so that a decode step's nodes do little more than their
+GEMMs. Nodes coalesced from several units run as one: units that only decode share one
+attention batch, merged once for every layer, and one routing sort.
 
 The values flowing along data edges are in `values.py`.
 
