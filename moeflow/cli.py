@@ -476,13 +476,13 @@ def _hrm_cgopipe(spec: Any, hw: Any, reqs: list[Any], max_seqs: int) -> Any:
     figures for t4 and l4) for this workload's mean lengths."""
     from statistics import fmean
 
-    from moeflow.sim.hrm import PRESETS, HRMError, Workload
-    from moeflow.sim.hrm_search import hrm_cgopipe, system_of
+    from moeflow.sim.hrm import HRMError, Workload
+    from moeflow.sim.hrm_search import hrm_cgopipe, system_for
 
     workload = Workload(max(1, round(fmean(r.prompt for r in reqs))),
                         max(2, round(fmean(r.output for r in reqs))))
     try:
-        system = PRESETS.get(hw.name) or system_of(hw, spec.dtype)
+        system = system_for(hw, spec.dtype)
     except HRMError as exc:
         from moeflow.scheduler.cgopipe import CGOPipe
 

@@ -92,8 +92,9 @@ def cut_seqs(unit: Unit, seqs: tuple[int, ...], parts: int) -> list[tuple[int, .
     decodes, in turn, so that each micro-batch holds near equal counts of each (what a
     cached plan's structure may depend on: the phases, not the token counts)."""
     n = min(parts, len(seqs))
-    prefills = [i for i in seqs if not (unit.seqs[i].num_tokens == 1 and unit.seqs[i].start)]
-    order = prefills + [i for i in seqs if i not in set(prefills)]
+    decoding = [unit.seqs[i].num_tokens == 1 and unit.seqs[i].start > 0 for i in seqs]
+    order = ([i for i, d in zip(seqs, decoding) if not d]
+             + [i for i, d in zip(seqs, decoding) if d])
     return [tuple(sorted(order[m::n])) for m in range(n)]
 
 

@@ -86,10 +86,6 @@ class NodeKind:
     travels: dict[str, str] = dataclasses.field(default_factory=dict)  # payload -> codec
 
 
-def kind_of(node: Node) -> NodeKind:
-    return KINDS[type(node)]
-
-
 # -- inputs by role ---------------------------------------------------------------------
 
 _ATTENTION_ROLES: dict[str, dict[Role, Arity]] = {

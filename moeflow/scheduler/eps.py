@@ -47,8 +47,8 @@ kernel_band=(128, 256), micro_batches=None)`):
 
 - Tokens split by rows (two-batch overlap): where every home holds at least two
   sequences, `Cut(micro_batches=2)` deals each home's sequences (its prefill chunks, then
-  its decodes, in turn: `moeflow.dataflow.compiler.cut_seqs`) into two micro-batches, each its own chain Embed -> ... -> LMHead with its own gates,
-  dispatches, expert GEMMs and combines (a barrier per micro-batch). Per layer each device
+  its decodes, in turn: `moeflow.dataflow.compiler.cut_seqs`) into two micro-batches, each
+  its own chain Embed -> ... -> LMHead with its own gates, dispatches, expert GEMMs and combines (a barrier per micro-batch). Per layer each device
   issues micro-batch 0's attention, gate, shared expert and dispatches, then micro-batch
   1's, then the GEMMs of 0 and of 1, and each micro-batch's Combine just before its
   attention of the next layer: micro-batch 1 attends while 0's rows cross the links, and

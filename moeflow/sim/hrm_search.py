@@ -262,8 +262,7 @@ def parse_bytes(text: str | float) -> float:
 
 
 def load_system(name: str, dtype: str = "bfloat16") -> System:
-    """HRM's own preset (t4, l4: the artifact's figures), else `system_of` the simulator's
-    hardware of that name or file."""
+    """`system_for` the simulator's hardware of that name or file."""
     if name in PRESETS:
         return PRESETS[name]
     from moeflow.sim.hardware import load
@@ -272,7 +271,13 @@ def load_system(name: str, dtype: str = "bfloat16") -> System:
         hardware = load(name)
     except HardwareError as exc:
         raise HRMError(f"{exc}; HRM's own presets: {', '.join(sorted(PRESETS))}") from None
-    return system_of(hardware, dtype)
+    return system_for(hardware, dtype)
+
+
+def system_for(hardware: Hardware, dtype: str = "bfloat16") -> System:
+    """HRM's own preset for a node of one T4 or L4 (the artifact's figures), else
+    `system_of` it."""
+    return PRESETS.get(hardware.name) or system_of(hardware, dtype)
 
 
 def system_of(hardware: Hardware, dtype: str = "bfloat16") -> System:
@@ -322,7 +327,11 @@ def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: 
             f"N={policy.batch_size} μ={policy.micro_batch_size} r_w={policy.weights_gpu:.3f}, "
             f"{_rate(found.throughput)} tok/s predicted; micro-batches of "
             f"{policy.micro_batch_size}")
-    best = search(model, system, workload, max_batch=max_seqs)  # any placement
+    try:  # the other placements (cgopipe's was searched above)
+        best = search(model, system, workload, max_batch=max_seqs,
+                      placements=tuple(p for p in PLACEMENTS if p != (False, True)))
+    except HRMError:  # none of them fits
+        best = found
     if best.policy.attention_on_gpu and best.throughput > 1.05 * found.throughput:
         line += (f" (HRM predicts {_rate(best.throughput)} tok/s with attention on the GPU, "
                  f"flexgen's placement)")
