@@ -45,8 +45,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _token_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    try:  # every field an integer: "1,,2" is a typo, not [1, 2]
+        ids = [int(t) for t in text.replace(" ", "").split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if not ids:
@@ -312,6 +312,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         Path(args.record_routing).write_text(json.dumps(llm.routing_recording()) + "\n")
+    if (out.finish_reason or "").startswith("error"):  # what it made is shown; the
+        # failure too, and the exit status says so
+        print(f"moeflow generate: {out.finish_reason}", file=sys.stderr)
+        return 1
     if args.stats:
         print(f"prefill: {len(out.prompt_token_ids)} tokens in {out.ttft_s * 1e3:.1f} ms "
               f"({out.prefill_tokens_per_s:.0f} tok/s); decode: {len(out.token_ids)} tokens, "
@@ -388,7 +392,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = models.load(args.model)
     hw = hardware.load(args.hardware)
     routing = Routing.parse(args.routing, spec.moe.num_experts, spec.moe.top_k,
-                            spec.num_layers, seed=args.seed)
+                            spec.num_layers, seed=args.seed, moe_layers=spec.moe_layers)
     reqs = requests(args.workload, args.num_requests, Lengths.parse(args.prompt_len),
                     Lengths.parse(args.output_len), seed=args.seed)
     # eps chooses PN with the cost model's own figures for this hardware and dtype
@@ -419,6 +423,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise
     print(title)
     print(result.metrics.table())
+    context = spec.max_position_embeddings
+    long = sum(1 for r in reqs if r.prompt + r.output > context)
+    if long:  # simulated all the same: the cost model has no context limit
+        print(f"note: {long} of {len(reqs)} requests run past the model's context of "
+              f"{context:,} tokens (a server would refuse them)")
     if result.kernels:  # a scheduler's on_routing chose routed experts' kernels
         totals: dict[str, int] = {}
         for chosen in result.kernels.values():
@@ -498,6 +507,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.out is None and not args.kernels:
         raise ValueError("say what to calibrate: --out FILE (the simulator's description "
                          "of this CPU) and/or --kernels (the CPU worker's kernel choice)")
+    if args.out is not None:  # found before minutes of measuring, not after
+        _check_writable(args.out)
     if args.kernels:
         from moeflow.ops import cpu
         from moeflow.ops.cpu.calibrate import calibrate_kernels
@@ -538,6 +549,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"{d.mem_bandwidth / 1e9:.1f} GB/s, {d.launch_overhead * 1e6:.1f} us per op, "
           f"GEMM half-rate at {d.gemm_half_rows:.0f} rows")
     return 0
+
+
+def _check_writable(path: str) -> None:
+    """ValueError unless a file can be written at `path`."""
+    import os
+    from pathlib import Path
+
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise ValueError(f"--out {path}: is a directory")
+    if not parent.is_dir():
+        raise ValueError(f"--out {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {path}: not writable")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -610,7 +636,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json_out} ({len(result['records'])} requests)")
-    return 0
+    summary = result["summary"]
+    return 1 if summary["num_errors"] == summary["num_requests"] else 0  # nothing served
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -250,6 +250,18 @@ class ActorCore:
         bound = graph.unit if msg.unit is None else msg.unit
         homed = bool(bound.seqs_on(self.name))
         kv_seqs = program.kv_seqs
+        # samplers live where the logits are sampled, the request's home, and are released
+        # there with its KV cache; made before anything is reserved, so that a request's
+        # bad parameters fail its unit and leave nothing behind
+        homes = {s.seq_id for s in bound.seqs if s.home == self.name}
+        try:
+            for seq_id, params in msg.sampling.items():
+                if seq_id in homes and seq_id not in self.samplers:
+                    p = SamplingParams(**params)
+                    self.samplers[seq_id] = (p, make_generator(p))
+        except Exception as exc:
+            return [Outgoing(COORDINATOR, NodeFailed(
+                unit_id, self.name, f"sampling parameters: {type(exc).__name__}: {exc}"))]
         try:
             if kv_seqs is not None:  # attention cut in parts: KV where their cores run
                 homed = homed or bool(kv_seqs)
@@ -261,13 +273,6 @@ class ActorCore:
                 self.worker.begin(unit_id, bound, msg.tokens)
         except Exception as exc:
             return [Outgoing(COORDINATOR, NodeFailed(unit_id, self.name, f"{exc}"))]
-        # samplers live where the logits are sampled, the request's home, and are released
-        # there with its KV cache
-        homes = {s.seq_id for s in bound.seqs if s.home == self.name}
-        for seq_id, params in msg.sampling.items():
-            if seq_id in homes and seq_id not in self.samplers:
-                p = SamplingParams(**params)
-                self.samplers[seq_id] = (p, make_generator(p))
         index = self.execution.add(plan, owns=self.owns)
         unit = _Unit(unit_id, index, msg, plan, program, bound, uses=list(graph.data_uses),
                      homed=homed)

@@ -279,9 +279,11 @@ def make_tiny(family: str, out_dir: str | Path, shape: TinyShape = TinyShape(), 
     if mxfp4 and family != "gpt_oss":
         raise ValueError(f"MXFP4 experts are gpt_oss's format, not {family}'s")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
     config = tiny_config(family, shape, dtype, **config_overrides)
-    spec = spec_from_config(config, str(out / "config.json"))
+    spec = spec_from_config(config, str(out / "config.json"))  # a bad shape leaves no
+    out.mkdir(parents=True, exist_ok=True)  # directory behind
     state = random_state(spec, seed, torch_dtype(dtype))
     if mxfp4:
         state = _mxfp4_experts(spec, state)

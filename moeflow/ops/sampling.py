@@ -13,18 +13,30 @@ request alone.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy
 import torch
 
 MAX_NEW_TOKENS_LIMIT = 1 << 20
+MAX_SEED = (1 << 64) - 1  # a torch.Generator's seed is 64 bits
 MAX_LOGPROBS = 20  # the most likely tokens a request may ask to see per position
 # a sampled token's log-probability, and the top-k tokens' (id, log-probability)
 Logprobs = tuple[float, tuple[tuple[int, float], ...]]
 # below this temperature the distribution is one-hot to fp32 precision for any logit gap
 # that matters (a gap of 1e-3 becomes 100 nats): sample greedily instead of dividing by it
 TEMPERATURE_FLOOR = 1e-5
+
+
+def _integer(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def _real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
 
 
 class SamplingError(ValueError):
@@ -44,21 +56,44 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
 
     def __post_init__(self) -> None:
+        # types first: a bool is not a count, a str not a list of stops; a bad value here
+        # is the caller's error, found before any request state exists
+        _integer("max_new_tokens", self.max_new_tokens)
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], "
                              f"got {self.max_new_tokens}")
+        _real("temperature", self.temperature)
         if not 0.0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        _real("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _integer("top_k", self.top_k)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if any(not s for s in self.stop):
+        if self.seed is not None:
+            _integer("seed", self.seed)
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        # one stop string alone is a stop string, not its characters
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) for s in stop):
+            raise TypeError(f"stop must be a string or strings, got {self.stop!r}")
+        if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
+        object.__setattr__(self, "stop", stop)
+        stop_ids = tuple(self.stop_token_ids)
+        for token in stop_ids:
+            _integer("stop_token_ids", token)
+            if token < 0:
+                raise ValueError(f"stop_token_ids must be >= 0, got {token}")
+        object.__setattr__(self, "stop_token_ids", stop_ids)
 
     @property
     def greedy(self) -> bool:

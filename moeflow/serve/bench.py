@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 BACKENDS = ("zmq", "openai")
 QUANTILES = (50, 90, 99)
+MAX_REASONS = 5  # distinct failure messages a summary lists
 SLO_METRICS = ("ttft", "tpot", "e2e")
 DEFAULT_VOCAB = 1000  # prompts' id range when /health names no vocab_size
 
@@ -364,7 +365,12 @@ def summarize(records: list[Record], elapsed: float,
         out.update({f"p{q}": percentile(values, q) if values else None for q in QUANTILES})
         return out
 
+    reasons: dict[str, int] = {}  # why requests failed, the commonest first
+    for r in records:
+        if r.error is not None:
+            reasons[r.error] = reasons.get(r.error, 0) + 1
     return {"num_requests": len(records), "num_errors": len(records) - len(good),
+            "errors": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:MAX_REASONS]),
             "duration_s": duration, "input_tokens": sum(r.prompt_tokens for r in good),
             "output_tokens": output_tokens, "output_tokens_per_s": rate(output_tokens),
             "requests_per_s": rate(len(good)),
@@ -389,6 +395,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"goodput: {summary['goodput_requests_per_s']:.2f} req/s "
                      f"({summary['num_goodput_requests']} of {summary['num_requests']} "
                      f"requests meet {slos})")
+    for reason, count in summary.get("errors", {}).items():
+        lines.append(f"error x{count}: {reason}")
     columns = ("mean", *(f"p{q}" for q in QUANTILES))
     lines.append(f"{'':10}" + "".join(f"{c:>10}" for c in columns))
     for name in ("ttft", "tpot", "itl", "e2e"):

@@ -56,6 +56,17 @@ class EngineConfig:
 
         object.__setattr__(self, "model", str(self.model))
         object.__setattr__(self, "devices", parse_devices(self.devices))
+        gpus = [int(d.partition(":")[2]) for d in self.devices if d.startswith("cuda")]
+        if gpus:  # found here, before any weight loads or actor starts
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0:
+                raise ValueError(f"device cuda:{gpus[0]} needs CUDA, which this machine "
+                                 f"lacks (or this torch build has no CUDA): use cpu:N")
+            if max(gpus) >= count:
+                raise ValueError(f"device cuda:{max(gpus)} is not on this machine: it has "
+                                 f"{count} GPU(s), cuda:0..cuda:{count - 1}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.transport not in TRANSPORTS:

@@ -41,7 +41,7 @@ from moeflow.serve import protocol as p
 from moeflow.serve.events import EngineStopped, Event, FinalEvent, OverloadedError
 from moeflow.serve.chat import ChatTemplate, ChatTemplateError, GenerationDefaults
 from moeflow.serve.openai_schema import (
-    ApiError, Call, Fields, bad, check_names, fit_sampling, json_brief, parse_call,
+    ApiError, Call, Fields, bad, check_model, check_names, fit_sampling, json_brief, parse_call,
     parse_messages,
 )
 from moeflow.serve.asgi import PROMETHEUS_TYPE, HttpEndpoint
@@ -163,6 +163,7 @@ class OpenAIFrontEnd:
         report = (await self.server.health_report()).wire()
         report.pop("type", None)
         report.pop("id", None)
+        report["model"] = self.model_name  # the name requests give, as /v1/models says
         return _json(report, 200 if report["status"] == "ok" else 503)
 
     async def metrics(self, request: Any) -> Any:
@@ -187,6 +188,7 @@ class OpenAIFrontEnd:
             fields = {"model", "prompt", "messages", "add_generation_prompt",
                       "add_special_tokens"}
             check_names(obj, fields)
+            check_model(obj, self.model_name)  # optional here, but not another's
             if ("prompt" in obj) == ("messages" in obj):
                 raise bad("prompt", "give exactly one of prompt and messages")
             if "prompt" in obj:
@@ -280,12 +282,14 @@ class OpenAIFrontEnd:
     async def _read_json(self, request: Any) -> dict[str, Any]:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body has {size} bytes; at most {MAX_BODY_BYTES}")
+            raise ApiError(413, f"the body has {size} bytes; at most {MAX_BODY_BYTES}", None,
+                           "body_too_large")
         parts, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > MAX_BODY_BYTES:
-                raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+                raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", None,
+                               "body_too_large")
             parts.append(chunk)
         body = b"".join(parts)
         try:
@@ -378,7 +382,8 @@ class OpenAIFrontEnd:
         if event is not None:
             num_prompt, num_tokens = event.prompt_tokens, event.completion_tokens
         if reason.startswith("error"):
-            yield sse_json(ApiError(500, reason, None, "internal").body())
+            yield sse_json(ApiError(500, reason.removeprefix("error: "), None,
+                                    "internal").body())
         else:
             yield chunks.last(text, reason, last_id, last_lp)
             if call.include_usage:
@@ -429,7 +434,8 @@ class OpenAIFrontEnd:
             usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
         else:
             if final.error:
-                return self._error(ApiError(500, final.error, None, "internal"), admitted=True)
+                return self._error(ApiError(500, final.error.removeprefix("error: "), None,
+                                            "internal"), admitted=True)
             reason, text, usage, ids = (final.finish_reason, final.text, final.usage,
                                         final.token_ids)
         usage = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}

@@ -140,7 +140,14 @@ class LLM:
 
     async def _generate_all(self, batch: list[list[int]], params: SamplingParams
                             ) -> list[Completion]:
-        ids = [await self._async.add(p, params, stream=False) for p in batch]
+        ids: list[int] = []
+        try:
+            for prompt in batch:
+                ids.append(await self._async.add(prompt, params, stream=False))
+        except BaseException:  # the queue is full, say: what was admitted is withdrawn
+            for request_id in ids:
+                self._async.drop(request_id)
+            raise
         return list(await asyncio.gather(*(self._collect(i, p) for i, p in zip(ids, batch))))
 
     async def _collect(self, request_id: int, prompt: list[int]) -> Completion:
@@ -162,6 +169,9 @@ class LLM:
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a text, a list of token ids, or a list of those, "
+                        f"got {type(prompts).__name__}")
     items = list(prompts)
     if not items:
         raise ValueError("no prompts given")

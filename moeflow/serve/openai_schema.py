@@ -110,6 +110,18 @@ def bad(param: str | None, message: str, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code or p.INVALID_REQUEST)
 
 
+def check_model(obj: dict[str, Any], model_name: str) -> str:
+    """The request's `model`, where it names one, is the one served here (404 if not);
+    returns it (`model_name` where it names none)."""
+    if "model" not in obj:
+        return model_name
+    model = Fields(obj).string("model")
+    if model != model_name:
+        raise ApiError(404, f"model: {model!r} is not served here (this server serves "
+                            f"{model_name!r})", "model", "model_not_found")
+    return model
+
+
 def parse_call(obj: dict[str, Any], chat: bool, *, model_name: str, max_new_tokens: int,
                defaults: GenerationDefaults, render: Callable[[Any, bool], str]) -> Call:
     """A request body (a JSON object) -> the Call it asks for; ApiError otherwise.
@@ -126,10 +138,7 @@ def parse_call(obj: dict[str, Any], chat: bool, *, model_name: str, max_new_toke
     check = Fields(obj)
     if "model" not in obj:
         raise bad("model", "model: missing (GET /v1/models lists this server's)")
-    model = check.string("model")
-    if model != model_name:
-        raise ApiError(404, f"model: {model!r} is not served here (this server serves "
-                            f"{model_name!r})", "model", "model_not_found")
+    model = check_model(obj, model_name)
     text = ids = None
     if chat:
         if "messages" not in obj:

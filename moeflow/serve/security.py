@@ -23,7 +23,14 @@ class SecurityError(ValueError):
 
 
 def check_bind(address: str, curve: bool) -> None:
-    """SecurityError unless `address` is loopback or CURVE is on."""
+    """SecurityError unless `address` is loopback or CURVE is on; ValueError if it is no
+    zmq endpoint at all."""
+    scheme, sep, rest = address.partition("://")
+    port = rest.rpartition(":")[2]
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest or (
+            scheme == "tcp" and not (port.isdigit() or port == "*")):
+        raise ValueError(f"not a zmq endpoint: {address!r}; bind e.g. tcp://127.0.0.1:5555 "
+                         f"or ipc:///tmp/moeflow.sock")
     if not curve and not is_loopback(address):
         raise SecurityError(
             f"refusing to bind {address}: it is reachable from other machines and the "

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -53,14 +56,12 @@ def search(model: ModelSpec, system: System, workload: Workload, *,
     budgets = (gpu_fraction * system.gpu.memory, cpu_fraction * system.cpu.memory)
     best: Estimate | None = None
     tried, solves = [], 0
-    for ag, fg in placements:
-        policy, n = _solve(model, system, workload, ag, fg, micro_batch_size,
-                           num_micro_batches, min_micro_batches, *budgets, max_batch)
+    with solver_output_to_stderr():
+        found = [_best_of(model, system, workload, ag, fg, micro_batch_size,
+                          num_micro_batches, min_micro_batches, budgets, max_batch)
+                 for ag, fg in placements]
+    for (ag, fg), (policy, n) in zip(placements, found):
         solves += n
-        if policy is not None and (micro_batch_size is None or num_micro_batches is None):
-            policy, n = _solve(model, system, workload, ag, fg, policy.micro_batch_size,
-                               policy.num_micro_batches, 1, *budgets, max_batch)
-            solves += n
         if policy is None:
             continue
         est = check_fits(estimate(model, system, workload, policy, gpu_fraction, cpu_fraction))
@@ -70,6 +71,54 @@ def search(model: ModelSpec, system: System, workload: Workload, *,
     if best is None:
         raise HRMError(_no_fit(model, system, workload, *budgets))
     return SearchResult(best, solves, tuple(tried))
+
+
+def _best_of(model: ModelSpec, system: System, workload: Workload, ag: bool, fg: bool,
+             micro_batch_size: int | None, num_micro_batches: int | None,
+             min_micro_batches: int, budgets: tuple[float, float], max_batch: int | None
+             ) -> tuple[Policy | None, int]:
+    """One placement's best policy (its integers found, then the rest solved exactly), and
+    the MILPs solved."""
+    policy, solves = _solve(model, system, workload, ag, fg, micro_batch_size,
+                            num_micro_batches, min_micro_batches, *budgets, max_batch)
+    if policy is not None and (micro_batch_size is None or num_micro_batches is None):
+        policy, n = _solve(model, system, workload, ag, fg, policy.micro_batch_size,
+                           policy.num_micro_batches, 1, *budgets, max_batch)
+        solves += n
+    return policy, solves
+
+
+@contextlib.contextmanager
+def solver_output_to_stderr() -> Iterator[None]:
+    """The process's stdout (fd 1) goes to stderr meanwhile. HiGHS (scipy's `milp`) may
+    printf a debug line in a MIP solve whatever its log options (HiGHS 1.7-1.12: "Highs
+    MipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"); off stdout, it
+    cannot break what `moeflow plan` or `generate --json` print there. C's buffered stdout
+    is flushed before fd 1 comes back."""
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to protect
+        yield
+        return
+    libc = _libc()
+    sys.stdout.flush()
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        if libc is not None:
+            libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _no_fit(model: ModelSpec, system: System, workload: Workload, gpu_budget: float,

@@ -5,10 +5,11 @@ Arrivals       poisson:rate=R       exponential gaps, R requests/s
                burst                everyone at time 0
                trace:PATH           one JSON object per line: {"arrival": s, "prompt": n,
                                     "output": n} (lengths optional: then drawn)
-Lengths        fixed:N | uniform:A-B | lognormal:MEAN,SIGMA (clipped to >= 1)
+Lengths        fixed:N | uniform:A-B | lognormal:MEAN,SIGMA (draws clipped to >= 1)
 Routing        uniform              each token picks top-k distinct experts uniformly
                zipf:s=S             expert popularity ~ 1/rank^S (a fresh ranking per layer)
                recorded:PATH        per-layer expert frequencies recorded from a real run
+                                    of the model simulated (every layer that routes)
                remote               adversarial: tokens only pick experts their home lacks
 
 Everything draws from one seeded random.Random, so a workload replays exactly.
@@ -30,6 +31,9 @@ from moeflow.dataflow.graph import Placement
 # a token of equal weights picks one of the subsets of k experts where there are at most
 # this many (Mixtral's 28 of 8 choose 2), else draws a sample of k
 SUBSETS = 4096
+MAX_MEAN_LENGTH = 1e7  # tokens
+MAX_SIGMA = 4.0  # a lognormal length's: e^(4 * 6) times the median six sigmas out
+MAX_ZIPF_S = 50.0  # past it, popularity underflows: 256 ** -50 ~ 1e-120 still counts
 
 class WorkloadError(ValueError):
     pass
@@ -52,20 +56,22 @@ class Lengths:
     def parse(text: str) -> Lengths:
         kind, _, arg = text.partition(":")
         try:
-            if kind == "fixed":
+            if kind == "fixed" and int(arg) >= 1:
                 return Lengths("fixed", int(arg))
             if kind == "uniform":
                 lo, hi = arg.split("-")
-                if int(lo) > int(hi):
-                    raise ValueError
-                return Lengths("uniform", int(lo), int(hi))
+                if 1 <= int(lo) <= int(hi):
+                    return Lengths("uniform", int(lo), int(hi))
             if kind == "lognormal":
-                mean, sigma = arg.split(",")
-                return Lengths("lognormal", float(mean), float(sigma))
+                mean, sigma = (float(x) for x in arg.split(","))
+                # finite, so that no draw is infinite: lengths of a token or more
+                if 1 <= mean <= MAX_MEAN_LENGTH and 0 <= sigma <= MAX_SIGMA:
+                    return Lengths("lognormal", mean, sigma)
         except ValueError:
             pass
-        raise WorkloadError(f"bad length distribution {text!r}: expected fixed:N, "
-                            f"uniform:A-B or lognormal:MEAN,SIGMA")
+        raise WorkloadError(f"bad length distribution {text!r}: expected fixed:N (N >= 1), "
+                            f"uniform:A-B (1 <= A <= B) or lognormal:MEAN,SIGMA (1 <= MEAN "
+                            f"<= {MAX_MEAN_LENGTH:,.0f}, 0 <= SIGMA <= {MAX_SIGMA})")
 
     def draw(self, rng: random.Random) -> int:
         if self.kind == "fixed":
@@ -95,8 +101,8 @@ def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
             rate = float(params["rate"])
         except (KeyError, ValueError):
             raise WorkloadError(f"poisson arrivals need rate=R, got {arrivals!r}") from None
-        if rate <= 0:
-            raise WorkloadError(f"poisson rate must be > 0, got {rate}")
+        if not 0 < rate < math.inf:
+            raise WorkloadError(f"poisson rate must be finite and > 0, got {rate}")
         t, times = 0.0, []
         for _ in range(num_requests):
             t += rng.expovariate(rate)
@@ -109,20 +115,31 @@ def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
 
 def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
            limit: int) -> list[SimRequest]:
+    """One JSON object a line: `arrival` (seconds, >= 0), and `prompt` and `output` in
+    tokens (>= 1; drawn from the lengths given where absent)."""
     out = []
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         raise WorkloadError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, say
+        raise WorkloadError(f"{path}: cannot read the trace ({exc})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            out.append(SimRequest(float(row["arrival"]), int(row.get("prompt") or prompt.draw(rng)),
-                                  int(row.get("output") or output.draw(rng))))
+            arrival = float(row["arrival"])
+            lengths = [int(row[key]) if row.get(key) is not None else dist.draw(rng)
+                       for key, dist in (("prompt", prompt), ("output", output))]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(f"{path}:{n}: bad trace line ({exc})") from None
+        if not 0 <= arrival < math.inf or min(lengths) < 1:
+            raise WorkloadError(f"{path}:{n}: bad trace line (arrival must be finite and "
+                                f">= 0, prompt and output >= 1 token): {line.strip()[:200]}")
+        out.append(SimRequest(arrival, *lengths))
+    if not out:
+        raise WorkloadError(f"{path}: the trace has no requests")
     out.sort(key=lambda r: r.arrival)
     return out[:limit] if limit > 0 else out
 
@@ -164,17 +181,27 @@ class Routing:
 
     @staticmethod
     def parse(text: str, num_experts: int, top_k: int, num_layers: int,
-              seed: int = 0) -> Routing:
+              seed: int = 0, moe_layers: Sequence[int] | None = None) -> Routing:
+        """`moe_layers`: the layers that route, which a recording must cover (by default
+        every layer)."""
+        if moe_layers is None:
+            moe_layers = range(num_layers)
         kind, _, arg = text.partition(":")
         if kind in ("uniform", "remote"):
             return Routing(kind, num_experts, top_k, num_layers, seed)
         if kind == "zipf":
             params = dict(p.split("=", 1) for p in arg.split(",") if "=" in p)
-            return Routing("zipf", num_experts, top_k, num_layers, seed,
-                           zipf_s=float(params.get("s", 1.0)))
+            try:
+                zipf_s = float(params.get("s", 1.0))
+            except ValueError:
+                zipf_s = math.nan
+            if not 0 <= zipf_s <= MAX_ZIPF_S:  # NaN too
+                raise WorkloadError(f"bad routing {text!r}: zipf's exponent s must be a "
+                                    f"number in [0, {MAX_ZIPF_S}]")
+            return Routing("zipf", num_experts, top_k, num_layers, seed, zipf_s=zipf_s)
         if kind == "recorded":
             return Routing("recorded", num_experts, top_k, num_layers, seed,
-                           frequencies=load_recording(Path(arg), num_experts))
+                           frequencies=load_recording(Path(arg), num_experts, moe_layers))
         raise WorkloadError(f"unknown routing {text!r}: expected uniform, zipf:s=S, "
                             f"recorded:PATH or remote")
 
@@ -275,18 +302,33 @@ def _winners(keys: list[float], live: list[int], k: int, cut: float | None) -> l
     return list(compress(live, map(kth.__le__, keys)))
 
 
-def load_recording(path: Path, num_experts: int) -> dict[int, list[float]]:
+def load_recording(path: Path, num_experts: int, moe_layers: Sequence[int]
+                   ) -> dict[int, list[float]]:
     """{"layers": {"0": [count per expert], ...}} as `moeflow generate --record-routing`
-    writes it."""
+    writes it, of a model with `num_experts` experts routing in `moe_layers`."""
     try:
         data = json.loads(path.read_text())
         layers = {int(k): [float(x) for x in v] for k, v in data["layers"].items()}
     except FileNotFoundError:
         raise WorkloadError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"{path}: cannot read the recording ({exc})") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise WorkloadError(f"{path}: not a routing recording ({exc})") from None
     for layer, counts in layers.items():
         if len(counts) != num_experts:
             raise WorkloadError(f"{path}: layer {layer} has {len(counts)} experts, the model "
                                 f"{num_experts}")
+        if any(not 0 <= c < math.inf for c in counts):
+            raise WorkloadError(f"{path}: layer {layer}: counts must be finite and >= 0")
+    if sorted(layers) != sorted(moe_layers):  # a recording of another model
+        raise WorkloadError(f"{path} records layers {_span(sorted(layers))}; the model routes "
+                            f"in layers {_span(sorted(moe_layers))}: record the model "
+                            f"simulated")
     return layers
+
+
+def _span(layers: Sequence[int]) -> str:
+    if layers and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ", ".join(map(str, layers)) or "none"

@@ -301,6 +301,7 @@ def test_sixteen_concurrent_streams_are_complete_and_well_formed(server, name):
 def test_health_metrics_tokenize_version(server, client, name):
     report = health(server)
     assert report["status"] == "ok" and report["vocab_size"] > 0
+    assert report["model"] == name  # the name a request gives, as /v1/models lists it
     import urllib.request
 
     with urllib.request.urlopen(server.http_url + "/metrics", timeout=30) as reply:
@@ -311,6 +312,14 @@ def test_health_metrics_tokenize_version(server, client, name):
     tokens = json.loads(_post(client, "/tokenize", {"messages": [
         {"role": "user", "content": "hi"}]}))
     assert tokens["count"] == len(tokens["tokens"]) > 1
+    assert json.loads(_post(client, "/tokenize", {"model": name, "prompt": "hi"}))["count"]
+    status, reply = _raw(server.http_url + "/tokenize",
+                         json.dumps({"model": "gpt-4", "prompt": "hi"}).encode())
+    assert status == 404 and json.loads(reply)["error"]["code"] == "model_not_found"
+    status, reply = _announced(server.http_url, "/v1/completions", 9 << 20)
+    assert status == 413 and json.loads(reply)["error"]["code"] == "body_too_large"
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=30) as reply:
+        assert 'moeflow:request_rejected_total{code="body_too_large"}' in reply.read().decode()
 
 
 def test_a_public_address_needs_an_api_key(model, tmp_path):
@@ -365,6 +374,25 @@ def _post(client: openai.OpenAI, path: str, body: dict, key: str | None = None) 
                                      headers=headers)
     with urllib.request.urlopen(request, timeout=30) as reply:
         return reply.read().decode()
+
+
+def _announced(base: str, path: str, size: int) -> tuple[int, bytes]:
+    """POST headers announcing a body of `size` bytes, and the reply, no body sent: a
+    server that refuses by the header answers at once."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("content-type", "application/json")
+        conn.putheader("content-length", str(size))
+        conn.endheaders()
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
 
 
 def _raw(url: str, body: bytes | None) -> tuple[int, bytes]:

@@ -1,0 +1,249 @@
+"""Bad input gets a clear error where it enters, and leaves nothing behind: sampling
+parameters, the command line's arguments, simulated workloads, the Python API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from moeflow.cli import main as cli_main
+from moeflow.ops.sampling import SamplingParams
+from moeflow.sim.workload import Lengths, Routing, WorkloadError, requests
+from moeflow.units import parse_bytes
+
+SIM = ["simulate", "--model", "mixtral-8x7b", "--hardware", "h100x8", "--num-requests", "2"]
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    ({"seed": 1 << 64}, ValueError, "seed must be in"),
+    ({"seed": -1}, ValueError, "seed must be in"),
+    ({"seed": "x"}, TypeError, "seed must be an integer"),
+    ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an integer"),
+    ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an integer"),
+    ({"top_k": 2.5}, TypeError, "top_k must be an integer"),
+    ({"logprobs": True}, TypeError, "logprobs must be an integer"),
+    ({"temperature": "1"}, TypeError, "temperature must be a number"),
+    ({"top_p": None}, TypeError, "top_p must be a number"),
+    ({"ignore_eos": "no"}, TypeError, "ignore_eos must be a bool"),
+    ({"stop": [1]}, TypeError, "stop must be a string or strings"),
+    ({"stop": ""}, ValueError, "non-empty"),
+    ({"stop_token_ids": [-1]}, ValueError, "stop_token_ids must be >= 0"),
+    ({"stop_token_ids": [1.5]}, TypeError, "stop_token_ids must be an integer"),
+])
+def test_sampling_params_refuse_bad_values_when_made(fields, error, match):
+    with pytest.raises(error, match=match):
+        SamplingParams(**fields)
+
+
+def test_sampling_params_take_a_stop_string_whole_and_numpy_integers():
+    assert SamplingParams(stop="ab").stop == ("ab",)
+    assert SamplingParams(stop=["ab", "c"]).stop == ("ab", "c")
+    params = SamplingParams(seed=numpy.int64(7), max_new_tokens=numpy.int32(3),
+                            temperature=numpy.float32(0.5), stop_token_ids=[numpy.int64(2)])
+    assert params.seed == 7 and params.max_new_tokens == 3
+    assert SamplingParams(seed=(1 << 64) - 1).seed == (1 << 64) - 1
+
+
+def test_an_actor_fails_the_unit_of_bad_sampling_fields_and_keeps_nothing():
+    """The front ends check sampling fields; an actor handed bad ones anyway fails that unit
+    (it once raised out of the actor and took the engine down) and reserves nothing."""
+    from moeflow.actors.core import COORDINATOR, ActorCore
+    from moeflow.actors.messages import NodeFailed, RunUnit
+    from moeflow.actors.null import NullWorker
+    from moeflow.dataflow import Cut, Placement, SeqChunk, Unit, compile
+    from moeflow.models.families import spec_from_config
+    from moeflow.models.tiny import tiny_config
+    from moeflow.scheduler import topological_plan
+
+    spec = spec_from_config(tiny_config("qwen3_moe"))
+    unit = Unit((SeqChunk(0, 0, 3, "cpu:0"),))
+    plan = topological_plan(compile(spec, unit, Placement.sharded(("cpu:0",), 8), Cut()))
+    core = ActorCore("cpu:0", NullWorker("cpu:0", spec))
+    [out] = core.handle(RunUnit(3, plan, {0: [1, 2, 3]}, {0: {"seed": 1 << 64}}))
+    assert out.to == COORDINATOR and isinstance(out.msg, NodeFailed)
+    assert "seed" in out.msg.error
+    assert not core.units and not core.execution.plans and not core.samplers
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--workload", "poisson:rate=nan"], "poisson rate must be finite"),
+    (["--workload", "poisson:rate=inf"], "poisson rate must be finite"),
+    (["--prompt-len", "lognormal:inf,1"], "bad length distribution"),
+    (["--prompt-len", "lognormal:0,1"], "bad length distribution"),
+    (["--prompt-len", "lognormal:100,nan"], "bad length distribution"),
+    (["--prompt-len", "fixed:0"], "bad length distribution"),
+    (["--output-len", "fixed:-3"], "bad length distribution"),
+    (["--output-len", "uniform:0-4"], "bad length distribution"),
+    (["--routing", "zipf:s=nan"], "zipf's exponent"),
+    (["--routing", "zipf:s=1e400"], "zipf's exponent"),
+    (["--routing", "zipf:s=abc"], "zipf's exponent"),
+    (["--workload", "trace:/"], "cannot read the trace"),
+])
+def test_simulate_refuses_bad_workloads_in_one_line(args, match, capsys):
+    assert cli_main([*SIM, *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"arrival": 0, "output": 0}', "prompt and output >= 1"),
+    ('{"arrival": -1}', "arrival must be finite"),
+    ('{"arrival": NaN}', "arrival must be finite"),
+    ('{"arrival": 0, "prompt": "x"}', "bad trace line"),
+])
+def test_a_trace_line_out_of_range_is_refused(tmp_path, line, match):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0.5, "prompt": 4, "output": 2}\n' + line + "\n")
+    with pytest.raises(WorkloadError, match=match):
+        requests(f"trace:{trace}", 0, Lengths.parse("fixed:4"), Lengths.parse("fixed:2"))
+    trace.write_text("\n")
+    with pytest.raises(WorkloadError, match="no requests"):
+        requests(f"trace:{trace}", 0, Lengths.parse("fixed:4"), Lengths.parse("fixed:2"))
+    trace.write_text('{"arrival": 0.5}\n')  # lengths absent: drawn
+    [req] = requests(f"trace:{trace}", 0, Lengths.parse("fixed:4"), Lengths.parse("fixed:2"))
+    assert (req.prompt, req.output) == (4, 2)
+
+
+def test_a_routing_recording_of_another_model_is_refused(tmp_path):
+    rec = tmp_path / "routing.json"
+    rec.write_text(json.dumps({"layers": {"0": [1, 2, 3, 4], "1": [4, 3, 2, 1]}}))
+    assert Routing.parse(f"recorded:{rec}", 4, 1, 2, moe_layers=[0, 1]).weights[1][0] == 4
+    with pytest.raises(WorkloadError, match="records layers 0-1; the model routes in "
+                                            "layers 0-31"):
+        Routing.parse(f"recorded:{rec}", 4, 1, 32)
+    with pytest.raises(WorkloadError, match="routes in layers 1-2"):
+        Routing.parse(f"recorded:{rec}", 4, 1, 3, moe_layers=[1, 2])
+
+
+def test_simulate_says_when_requests_run_past_the_context(capsys):
+    assert cli_main([*SIM, "--prompt-len", "fixed:40000", "--output-len", "fixed:2"]) == 0
+    assert "2 of 2 requests run past the model's context of 32,768 tokens" in (
+        capsys.readouterr().out)
+
+
+def test_memory_sizes_take_plain_bytes_and_refuse_the_rest():
+    assert parse_bytes("1048576") == parse_bytes("1MiB") == 1 << 20
+    assert parse_bytes(" 2 GB ") == 2e9 and parse_bytes(512) == 512.0
+    for bad in ("12XB", "", "GB", float("nan"), float("inf"), True, None):
+        with pytest.raises(ValueError, match="not a memory size"):
+            parse_bytes(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_devices_on_a_machine_without_cuda_are_a_clear_error(tiny_factory, capsys):
+    from moeflow.serve.config import EngineConfig
+
+    with pytest.raises(ValueError, match="cuda:0 needs CUDA, which this machine lacks"):
+        EngineConfig("unused", devices="cpu:0,cuda:0")
+    path = tiny_factory("qwen3_moe")
+    assert cli_main(["generate", str(path), "--prompt-ids", "1,2", "--devices", "cuda:0"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_generate_says_when_the_request_failed_and_exits_nonzero(tiny_factory, monkeypatch,
+                                                                 capsys):
+    import moeflow.serve.llm as llm_module
+
+    path = tiny_factory("qwen3_moe")
+    real = llm_module.LLM.generate
+
+    def failing(self, prompts, *args, **kwargs):  # the engine ends the request in error
+        [out] = real(self, prompts, *args, **kwargs)
+        return [llm_module.Completion(out.request_id, out.prompt_token_ids, out.token_ids[:1],
+                                      "", "error: the device failed", out.ttft_s, out.e2e_s)]
+
+    monkeypatch.setattr(llm_module.LLM, "generate", failing)
+    assert cli_main(["generate", str(path), "--prompt-ids", "1,2,3",
+                     "--max-new-tokens", "2"]) == 1
+    assert "error: the device failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ids", ["1,,2", "1,2,", ",", "1,x"])
+def test_generate_refuses_malformed_prompt_ids(tiny_factory, ids, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["generate", str(tiny_factory("qwen3_moe")), "--prompt-ids", ids])
+    assert exit_.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+
+
+def test_calibrate_checks_where_it_writes_before_it_measures(tmp_path, capsys):
+    for out, match in ((tmp_path / "no" / "x.json", "no directory"),
+                       (tmp_path, "is a directory")):
+        assert cli_main(["calibrate", "--quick", "--out", str(out)]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_make_tiny_refuses_a_file_and_leaves_nothing_for_a_bad_shape(tmp_path, capsys):
+    existing = tmp_path / "config.json"
+    existing.write_text("{}")
+    assert cli_main(["make-tiny", "qwen3_moe", str(existing)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    out = tmp_path / "bad"
+    assert cli_main(["make-tiny", "qwen3_moe", str(out), "--experts", "1"]) == 2
+    assert not out.exists()
+
+
+def test_llm_withdraws_what_it_admitted_when_the_queue_fills(tiny_factory):
+    import time
+
+    from moeflow.serve.async_engine import OverloadedError
+    from moeflow.serve.llm import LLM
+
+    with LLM(str(tiny_factory("qwen3_moe")), max_waiting=2) as llm:
+        with pytest.raises(OverloadedError):
+            llm.generate([[1, 2], [3, 4], [5, 6]], max_new_tokens=2000)
+        deadline = time.monotonic() + 60
+        while llm._async.num_active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert llm._async.num_active == 0 and not llm._async._streams
+        assert len(llm.generate([1, 2], max_new_tokens=2)[0].token_ids) == 2
+        for bad in (None, 5):
+            with pytest.raises(TypeError, match="prompts must be"):
+                llm.generate(bad)  # type: ignore[arg-type]
+
+
+def test_a_bench_summary_says_why_requests_failed():
+    from moeflow.serve.bench import Record, format_summary, summarize
+
+    records = [Record(0, 0.0, 5, 2), Record(1, 0.0, 5, 2), Record(2, 0.0, 5, 2)]
+    records[0].error = records[1].error = "prompt_too_long: 5000 tokens"
+    records[2].error = "not finished"
+    summary = summarize(records, 1.0)
+    assert summary["errors"] == {"prompt_too_long: 5000 tokens": 2, "not finished": 1}
+    text = format_summary(summary)
+    assert "error x2: prompt_too_long: 5000 tokens" in text and "error x1: not finished" in text
+
+
+def test_a_zmq_bind_that_is_no_endpoint_says_so():
+    from moeflow.serve.security import SecurityError, check_bind
+
+    for address in ("garbage", "tcp://127.0.0.1", "udp://127.0.0.1:5", "tcp://127.0.0.1:x"):
+        with pytest.raises(ValueError, match="not a zmq endpoint") as info:
+            check_bind(address, curve=False)
+        assert not isinstance(info.value, SecurityError)
+    check_bind("tcp://127.0.0.1:5555", curve=False)
+    check_bind("ipc:///tmp/x.sock", curve=False)
+    with pytest.raises(SecurityError, match="reachable from other machines"):
+        check_bind("tcp://0.0.0.0:5555", curve=False)
+
+
+def test_what_the_solver_prints_goes_to_stderr_not_stdout(capfd):
+    """HiGHS may printf a debug line mid-search; stdout carries `plan`'s report and
+    `generate --json`'s object, so the search keeps it off stdout."""
+    import ctypes
+    import os
+
+    from moeflow.sim.hrm_search import solver_output_to_stderr
+
+    libc = ctypes.CDLL(None)
+    print("before", flush=True)
+    with solver_output_to_stderr():
+        libc.printf(b"from C\n")  # buffered by C's stdio, as HiGHS's printf is
+        os.write(1, b"from fd 1\n")
+    print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert out.split() == ["before", "after"]
+    assert "from C" in err and "from fd 1" in err
