@@ -103,7 +103,11 @@ def run_sim(gens: tuple[int, ...]) -> list[dict[str, Any]]:
                         Lengths.parse(f"fixed:{gen}"), seed=0)
         # cgopipe prefills a micro-batch at a time, as HRM's memory model budgets it
         chunk = -(-mu * MTBENCH_PROMPT // 1024) * 1024
-        tok_s, resident = throughput(CGOPipe(micro_batch_size=mu), reqs, n, chunk)
+        # HRM's micro-batches as the engine takes them (`hrm_cgopipe`): μ requests, a step
+        # of decodes alone in 3 of up to μ prompts' tokens
+        tok_s, resident = throughput(
+            CGOPipe(micro_batches=found.num_micro_batches, micro_batch_size=mu,
+                    micro_batch_tokens=mu * MTBENCH_PROMPT), reqs, n, chunk)
         row: dict[str, Any] = {"gen": gen, "policy": f"N={n} μ={mu} n_ub={n // mu}",
                                "cgopipe": tok_s, "cgopipe_tokens_per_step": chunk,
                                "cgopipe_resident_experts": resident}

@@ -9,13 +9,27 @@ GPU's own are resident, every other owner's are paged in, layer by layer, as
 Under a GPU memory cap (`EngineConfig.gpu_memory`, `--gpu-memory`), `capped_placement`
 keeps on the GPU as many experts as fit beside its dense weights and the double buffer.
 
-cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None)`):
+cgopipe (`CGOPipe(micro_batches=None, micro_batch_size=None, pages=None,
+micro_batch_tokens=None)`):
 - Batching as batch-ep (one step at a time, every running request plus what the budgets
   admit, long prompts in chunks), all homed on the GPU.
 - Each unit is cut into micro-batches by MoE-Lightning's Algorithm 2: sequences sorted by
   length, longest first, each put in the micro-batch with the fewest tokens so far, a
   micro-batch closed at `micro_batch_size` sequences. Without a size, `micro_batches`
   (default 3: the fewest that keep the pipeline full) of them.
+- A unit of decodes alone, given `micro_batch_tokens` too (HRM's policy gives both: μ
+  and μ·s, its μ prompts of the mean prompt length s, the prefill chunk its memory model
+  sizes a micro-batch by), takes as many micro-batches as that budget of new tokens
+  needs, and at least the 3 that keep the pipeline full (or `micro_batches`, HRM's
+  n_ub, if fewer), Algorithm 2 filling them (`pack_by_tokens`). A decoding request has
+  one new token, so those micro-batches hold up to s times μ requests: each micro-batch
+  reads every expert on the GPU, and fewer of them leave the GPU under the link's time.
+  In MoE-Lightning's S1 (simulated, `benchmarks/cgopipe.py`, generation 32 / 64 / 128 /
+  256) the decode steps had been bound by the GPU (18 micro-batches of μ, 5.61 s a step
+  against the link's 5.31 s at 128); with 3, cgopipe went from 332.2 / 420.6 / 395.1 /
+  278.3 tok/s to 337.0 / 432.3 / 409.2 / 284.6. Packing units with prompts by tokens as
+  well gained 1-3 % more there, but put a long prompt's chunk beside a decode, its
+  attention then on the host (a stream of 2048-token prompts 1.6 % slower): left out.
 - Per layer and micro-batch: PreAttn (norm, QKV, RoPE) on the GPU, q/k/v to the host,
   attention over the host's KV cache on the host, its output back, PostAttn (O-proj,
   residual, norm), router and experts on the GPU. A micro-batch of whole fresh prompts is
@@ -55,9 +69,11 @@ cost 11-13 % of throughput at generation 32 (Algorithm 2 no longer balances the
 micro-batches' tokens, and the GPU takes attention the host did in their shadow), and
 on a stream of 2048-token prompts it gained under 1 % (the link bounds both).
 
-The micro-batch size comes from HRM's policy search (`moeflow.sim.hrm_search.hrm_cgopipe`)
-where the machine is described: `moeflow simulate` on its hardware, the engine given
-`EngineConfig.hardware` (`moeflow.serve.build.searched_cgopipe`); else 3 micro-batches.
+The micro-batches come from HRM's policy search (`moeflow.sim.hrm_search.hrm_cgopipe`:
+`micro_batch_size` μ, `micro_batch_tokens` μ·s and `micro_batches` n_ub) where the
+machine is described:
+`moeflow simulate` on its hardware, the engine given `EngineConfig.hardware`
+(`moeflow.serve.build.searched_cgopipe`); else 3 micro-batches.
 """
 
 from __future__ import annotations
@@ -97,18 +113,48 @@ def algorithm2(unit: Unit, num_micro_batches: int | None, micro_batch_size: int 
     return tuple(sorted(tuple(sorted(b)) for b in batches if b))
 
 
+def pack_by_tokens(unit: Unit, budget: int, most: int) -> tuple[tuple[int, ...], ...]:
+    """Algorithm 2 with a budget of new tokens per micro-batch in place of a count of
+    requests: as many micro-batches as the budget needs and, where the host attends (some
+    sequence is under way), at least the LOOKAHEAD + 1 that keep the pipeline full (or
+    `most`, if fewer); sequences longest first, each into the lightest micro-batch that
+    still has room for its new tokens, a new micro-batch where none has (a sequence over
+    the budget alone). Micro-batches, and their sequences, in unit order."""
+    n = len(unit.seqs)
+    new = [s.num_tokens for s in unit.seqs]
+    least = min(LOOKAHEAD + 1, most) if any(s.start > 0 for s in unit.seqs) else 1
+    count = max(1, min(n, max(least, -(-sum(new) // budget))))
+    batches: list[list[int]] = [[] for _ in range(count)]
+    tokens, room = [0] * count, [budget] * count
+    lengths = [s.start + s.num_tokens for s in unit.seqs]
+    for i in sorted(range(n), key=lambda i: (-lengths[i], i)):
+        fits = [j for j in range(len(batches)) if room[j] >= new[i]]
+        if not fits:
+            batches.append([])
+            tokens.append(0)
+            room.append(budget)
+            fits = [len(batches) - 1]
+        j = min(fits, key=lambda j: (tokens[j], j))
+        batches[j].append(i)
+        tokens[j] += lengths[i]
+        room[j] -= new[i]
+    return tuple(sorted(tuple(sorted(b)) for b in batches if b))
+
+
 class CGOPipe(Scheduler):
     name = "cgopipe"
     cpu_attention = True
 
     def __init__(self, micro_batches: int | None = None, micro_batch_size: int | None = None,
-                 pages: int | None = None) -> None:
+                 pages: int | None = None, micro_batch_tokens: int | None = None) -> None:
         for label, value in (("micro_batches", micro_batches),
-                             ("micro_batch_size", micro_batch_size), ("pages", pages)):
+                             ("micro_batch_size", micro_batch_size), ("pages", pages),
+                             ("micro_batch_tokens", micro_batch_tokens)):
             if value is not None and value < 1:
                 raise ValueError(f"{label} must be >= 1, got {value}")
         self.micro_batches = micro_batches
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.pages = pages
 
     # -- batching --------------------------------------------------------------------
@@ -124,6 +170,10 @@ class CGOPipe(Scheduler):
         return BatchEP().form_units(waiting, running, only_gpu)
 
     def split(self, unit: Unit) -> tuple[tuple[int, ...], ...]:
+        if self.micro_batch_tokens is not None and all(
+                s.num_tokens == 1 and s.start > 0 for s in unit.seqs):  # decodes alone
+            return pack_by_tokens(unit, self.micro_batch_tokens,
+                                  self.micro_batches or LOOKAHEAD + 1)
         return algorithm2(unit, self.micro_batches, self.micro_batch_size)
 
     def plan_key(self, unit: Unit) -> Hashable:
@@ -265,4 +315,4 @@ def pipeline_plan(graph: Graph, ids: OffloadNodes, cut: OffloadCut) -> Plan:
                 tuple((s, InOrder(tuple(o))) for s, o in sorted(orders.items())))
 
 
-__all__ = ["CGOPipe", "FlexGen", "algorithm2", "pipeline_plan"]
+__all__ = ["CGOPipe", "FlexGen", "algorithm2", "pack_by_tokens", "pipeline_plan"]

@@ -359,11 +359,14 @@ def with_gpu_memory(system: System, weights: float) -> System:
 
 def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: int
                 ) -> tuple[CGOPipe, str]:
-    """cgopipe with the micro-batch size μ of HRM's policy for `workload` on `system`,
-    among the policies of cgopipe's placement (attention on the CPU, the FFN on the GPU),
-    its batch at most `max_seqs` (the engine's cap), and a line that says what was chosen;
-    where HRM finds no policy, cgopipe as it comes (3 micro-batches) and why."""
-    from moeflow.scheduler.cgopipe import CGOPipe
+    """cgopipe with the micro-batches of HRM's policy for `workload` on `system`, among
+    the policies of cgopipe's placement (attention on the CPU, the FFN on the GPU), its
+    batch at most `max_seqs` (the engine's cap): μ requests each, and for a step of
+    decodes alone up to μ·s of them (HRM sizes a micro-batch by a prefill chunk of μ
+    prompts of s tokens), at least min(n_ub, 3) for the pipeline's sake; and a line that
+    says what was chosen. Where HRM finds no policy, cgopipe as it comes (3
+    micro-batches) and why."""
+    from moeflow.scheduler.cgopipe import LOOKAHEAD, CGOPipe
 
     try:
         found = search(model, system, workload, placements=((False, True),),
@@ -371,11 +374,14 @@ def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: 
     except HRMError as exc:
         return CGOPipe(), f"cgopipe: HRM found no policy on {system.name} ({exc}); 3 micro-batches"
     policy = found.policy
+    budget = policy.micro_batch_size * workload.prompt_len
     line = (f"cgopipe: HRM's policy on {system.name} for prompts of {workload.prompt_len} "
             f"and {workload.gen_len} new tokens, at most {max_seqs} requests a batch: "
             f"N={policy.batch_size} μ={policy.micro_batch_size} r_w={policy.weights_gpu:.3f}, "
             f"{_rate(found.throughput)} tok/s predicted; micro-batches of "
-            f"{policy.micro_batch_size}")
+            f"{policy.micro_batch_size}, a step of decodes alone in "
+            f"{min(policy.num_micro_batches, LOOKAHEAD + 1)} or more of up to {budget:,} "
+            f"(μ prompts' tokens)")
     try:  # the other placements (cgopipe's was searched above)
         best = search(model, system, workload, max_batch=max_seqs,
                       placements=tuple(p for p in PLACEMENTS if p != (False, True)))
@@ -384,7 +390,8 @@ def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: 
     if best.policy.attention_on_gpu and best.throughput > 1.05 * found.throughput:
         line += (f" (HRM predicts {_rate(best.throughput)} tok/s with attention on the GPU, "
                  f"flexgen's placement)")
-    return CGOPipe(micro_batch_size=policy.micro_batch_size), line
+    return CGOPipe(micro_batches=policy.num_micro_batches, micro_batch_tokens=budget,
+                   micro_batch_size=policy.micro_batch_size), line
 
 
 def _rate(tok_s: float) -> str:

@@ -48,7 +48,18 @@ class SlicedPages(CGOPipe):
         super().__init__(micro_batches=4, pages=6)
 
 
-@pytest.mark.parametrize("policy", [CGOPipe, FourMicroBatches, SlicedPages, FlexGen])
+class TokenBudget(CGOPipe):
+    """As HRM's policy is taken: micro-batches of 2 requests, a step of decodes alone in
+    at least 3 (n_ub 5) of up to 4."""
+
+    name = "cgopipe-tokens"
+
+    def __init__(self) -> None:
+        super().__init__(micro_batches=5, micro_batch_size=2, micro_batch_tokens=4)
+
+
+@pytest.mark.parametrize("policy", [CGOPipe, FourMicroBatches, SlicedPages, TokenBudget,
+                                    FlexGen])
 def test_cgopipe_and_flexgen_pass_the_whole_suite_with_invariant_8(policy):
     check_scheduler(policy, max_examples=30, real_examples=3)
 
@@ -300,8 +311,12 @@ def test_cgopipe_named_with_hardware_takes_hrms_policy(tiny_factory, caplog):
                                               gpu_memory=cap, hardware="t4",
                                               lengths="5:6", max_seqs=4))
     assert type(core.scheduler) is CGOPipe
+    # micro-batches of μ; a step of decodes alone in up to μ prompts' tokens each
     assert core.scheduler.micro_batch_size == want.micro_batch_size
+    assert core.scheduler.micro_batch_tokens == want.micro_batch_size * 5
+    assert core.scheduler.micro_batches == want.num_micro_batches
     assert f"N={want.batch_size} μ={want.micro_batch_size}" in caplog.text
+    assert f"micro-batches of {want.micro_batch_size}, a step of decodes" in caplog.text
     assert core.cluster.placement.experts_of("cpu:1")  # paged: the cap holds
     tokens = generate(core.executor, spec, core.scheduler, core.cluster)[0]
     reference = build_engine_core(EngineConfig(str(path), "batch-ep", "cpu:0,cpu:1",

@@ -15,7 +15,7 @@ from moeflow.dataflow.offload import OffloadCut, compile_offload, offloaded_page
 from moeflow.models.families import spec_from_config
 from moeflow.models.tiny import TinyShape, tiny_config
 from moeflow.scheduler import Cluster
-from moeflow.scheduler.cgopipe import CGOPipe, FlexGen, algorithm2
+from moeflow.scheduler.cgopipe import CGOPipe, FlexGen, algorithm2, pack_by_tokens
 from moeflow.sim.cost import CostModel
 from moeflow.sim.hardware import load as load_hardware
 from moeflow.sim.simulator import Simulator
@@ -47,6 +47,31 @@ def test_algorithm2_closes_a_micro_batch_at_its_size():
     batches = algorithm2(decode([5] * 7), None, 2)
     assert len(batches) == 4 and max(len(b) for b in batches) == 2
     assert algorithm2(decode([5, 6]), 3, None) == ((0,), (1,))  # no more than sequences
+
+
+def test_a_token_budget_sizes_micro_batches_and_keeps_the_pipeline_full():
+    fresh = Unit(tuple(SeqChunk(i, 0, 10, "cpu:0") for i in range(6)))  # 60 new tokens
+    assert len(pack_by_tokens(fresh, 25, 8)) == 3  # two prompts a micro-batch
+    assert pack_by_tokens(fresh, 60, 8) == (tuple(range(6)),)  # nothing to overlap
+    # a decode step: one new token a request, so the budget alone would take 1; the host
+    # attends, so 3 keep the pipeline full, or HRM's n_ub if that is fewer
+    assert [len(b) for b in pack_by_tokens(decode([5] * 40), 100, 18)] == [14, 13, 13]
+    assert len(pack_by_tokens(decode([5] * 40), 100, 2)) == 2
+    assert len(pack_by_tokens(decode([5] * 40), 10, 18)) == 4  # the budget needs 4
+    assert pack_by_tokens(decode([5, 6]), 100, 18) == ((0,), (1,))  # no more than sequences
+    # prompts that fill the budget keep their micro-batches to themselves (prefilled whole
+    # on the GPU); the decodes beside them get their own
+    mixed = Unit(tuple(SeqChunk(i, 0, 100, "cpu:0") for i in range(2))
+                 + tuple(SeqChunk(i, 50, 1, "cpu:0") for i in range(2, 8)))
+    batches = pack_by_tokens(mixed, 100, 18)
+    assert (0,) in batches and (1,) in batches and len(batches) == 3
+    assert pack_by_tokens(Unit((SeqChunk(0, 0, 300, "cpu:0"),)), 100, 18) == ((0,),)
+    # as HRM's policy is taken: a step of decodes alone packed by tokens, any other unit
+    # in micro-batches of μ requests (Algorithm 2)
+    policy = CGOPipe(micro_batches=18, micro_batch_size=2, micro_batch_tokens=100)
+    assert policy.split(decode([5] * 40)) == pack_by_tokens(decode([5] * 40), 100, 18)
+    assert policy.split(mixed) == algorithm2(mixed, None, 2)
+    assert policy.split(fresh) == algorithm2(fresh, None, 2)
 
 
 def test_the_offloaded_graph_is_a_correct_forward_pass_with_pages_that_tile_the_layer():
