@@ -56,7 +56,7 @@ from moeflow.scheduler.base import checked_adjustments
 from moeflow.scheduler.plan import Plan, Stream
 from moeflow.scheduler.semantics import Execution, Group, SemanticsError, Task
 from moeflow.ops.sampling import (
-    Logprobs, SamplingError, SamplingParams, greedy_tokens, make_generator, sample,
+    Logprobs, SamplingError, SamplingParams, greedy_tokens, make_generator, sample, seed_draw,
     token_logprobs,
 )
 
@@ -454,6 +454,9 @@ class ActorCore:
                 last if len(greedy) == len(picks) else last[greedy])))
         for i, (seq, _, params, generator) in enumerate(picks):
             try:  # one request's sampling failing fails that request alone
+                if i not in tokens and params.seed is not None and generator is not None:
+                    chunk = seqs[seq]  # the new token's position: its draw's own seed
+                    seed_draw(generator, params.seed, chunk.start + chunk.num_tokens)
                 token = tokens[i] if i in tokens else sample(last[i], params, generator)
                 if token is None:
                     raise SamplingError("the model produced non-finite logits")

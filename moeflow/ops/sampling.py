@@ -1,8 +1,9 @@
 """SamplingParams and token sampling.
 
 Greedy when the temperature is below TEMPERATURE_FLOOR (0 included); otherwise temperature,
-then top-k, then top-p (nucleus), drawn from a per-request generator seeded by `seed` so a
-seeded request is reproducible whatever it is batched with.
+then top-k, then top-p (nucleus), drawn from a per-request generator; a seeded request's
+generator is set for each token from the seed and the token's position (`seed_draw`), so it
+is reproducible whatever it is batched with, and when it is preempted and recomputed.
 
 Every value the protocol accepts is safe: the arithmetic is fp32 over log-probabilities
 (never `exp` of a scaled logit), the most likely token always survives top-k and top-p, and
@@ -109,6 +110,17 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     else:
         gen.seed()
     return gen
+
+
+def seed_draw(generator: torch.Generator, seed: int, position: int) -> None:
+    """Set a seeded request's generator for the token at `position` (its index in the
+    sequence): each token's draw depends on the seed and where it falls alone, so a
+    request preempted and recomputed on a fresh generator, or batched with others, draws
+    what it would have (splitmix64 of the two, as the seed)."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & MAX_SEED
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MAX_SEED
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MAX_SEED
+    generator.manual_seed(z ^ (z >> 31))
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int | None]:

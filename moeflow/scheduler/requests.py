@@ -38,6 +38,9 @@ class SchedulingError(RuntimeError):
     sequences, a wrong start, a moved home, or more KV than the budget)."""
 
 
+KV_FULL = "kv_full"  # a finish reason: the sequence outgrew its device's KV cache alone
+
+
 class SeqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -113,6 +116,8 @@ class RequestBook:
         self.in_flight: dict[int, Job] = {}
         self._reserved: dict[int, int] = {}  # seq -> KV length its blocks are charged for
         self.evicted: list[tuple[str, int]] = []  # preempted (home, seq): executor frees KV
+        self.kv_full: list[int] = []  # ended at their device's KV capacity (KV_FULL): the
+        # engine says so and frees their KV as for any finish
         self._job_ids = itertools.count()
         self.plan_cache = plan_cache  # None: every unit planned anew (the simulator)
 
@@ -137,6 +142,12 @@ class RequestBook:
 
     def free_kv_blocks(self) -> dict[str, int]:
         return {d: self.kv_capacity[d] - self.kv_used[d] for d in self.kv_capacity}
+
+    @property
+    def kv_tokens(self) -> int:
+        """The tokens one sequence can hold alone on any serving device: past them its KV
+        cannot grow, whatever is evicted for it."""
+        return min(self.kv_capacity.values(), default=0) * self.block_size
 
     def __iter__(self) -> Iterator[Seq]:
         return iter(self.seqs.values())
@@ -230,7 +241,8 @@ class RequestBook:
         """While the idle running sequences' next tokens do not fit on a device, evict the
         newest sequence there. If that one is in flight, wait for it to come back instead:
         evicting an older idle one in its place would let two sequences that take turns
-        in flight evict each other for ever (sequences in flight keep their reservations)."""
+        in flight evict each other for ever (sequences in flight keep their reservations).
+        A sequence alone on its device that does not fit ends (KV_FULL, in `kv_full`)."""
         while True:
             need: dict[str, int] = {}
             for s in self.running:
@@ -239,15 +251,21 @@ class RequestBook:
                     assert seq.home is not None  # a running sequence has a home
                     need[seq.home] = need.get(seq.home, 0) + 1
             free = self.free_kv_blocks()
-            victims = []
+            victims, ended = [], False
             for device, n in need.items():
                 if n <= free[device]:
                     continue
-                newest = next(s for s in reversed(self.running)
-                              if self.seqs[s].home == device)
+                there = [s for s in self.running if self.seqs[s].home == device]
+                if len(there) == 1:  # alone and still short: evicted, it would come back
+                    # to the same wall for ever; it ends where its device's KV does
+                    self.finish(there[0], KV_FULL)
+                    self.kv_full.append(there[0])
+                    ended = True
+                    continue
+                newest = there[-1]
                 if not self.seqs[newest].in_flight:
                     victims.append(newest)
-            if not victims:
+            if not victims and not ended:
                 return
             for seq_id in victims:
                 self.preempt(seq_id)

@@ -63,6 +63,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.spec: Any = None
         self.tokenizer: Any = None
+        self.context = 0  # the tokens a request may reach (EngineCore.context), once started
         self._stopped = asyncio.Event()
 
     @classmethod
@@ -79,7 +80,7 @@ class AsyncEngine:
                                      self._on_exit)
         self._thread.start()
         core = await self._thread.ready
-        self.spec, self.tokenizer = core.spec, core.tokenizer
+        self.spec, self.tokenizer, self.context = core.spec, core.tokenizer, core.context
         return self
 
     async def stop(self) -> None:

@@ -88,6 +88,9 @@ class EngineCore:
         self._zombies: set[int] = set()  # popped while their unit was still in flight
         self._next_id = 0
         self.eos_ids = frozenset(spec.eos_token_ids)
+        # the tokens a request may reach: the model's context, or less where a device's KV
+        # cache holds less (a sequence alone there could not grow past it)
+        self.context = min(spec.max_position_embeddings, self.book.kv_tokens)
 
     # -- requests ------------------------------------------------------------------
 
@@ -99,10 +102,12 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
                              f"[0, {self.spec.vocab_size})")
-        limit = self.spec.max_position_embeddings
-        if len(prompt_ids) >= limit:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context "
-                             f"holds {limit}")
+        if len(prompt_ids) >= self.context:  # room for one new token at least
+            holds = ("the model's context holds"
+                     if self.context == self.spec.max_position_embeddings else
+                     "a device's KV cache (kv_cache_tokens) holds")
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; {holds} "
+                             f"{self.context}")
         if request_id is None:
             request_id = self._next_id
         if request_id in self.requests:
@@ -140,6 +145,13 @@ class EngineCore:
         jobs = self.book.schedule()
         while self.book.evicted:
             self.executor.release(*self.book.evicted.pop())
+        while self.book.kv_full:  # outgrew its device's KV alone (a context set larger
+            # than the cache, by a caller of the book): it ends as at the context's end
+            seq = self.book.seqs[self.book.kv_full.pop()]
+            if seq.home is not None:
+                self.executor.release(seq.home, seq.seq_id)
+            req = self.requests[seq.seq_id]
+            req.finish_reason, req.finish_time = "length", self.clock()
         dropped = self.plans.take_evicted()
         if dropped:
             self.executor.drop_plans(dropped)
@@ -254,7 +266,7 @@ class EngineCore:
             req.stop_scanned = len(text)
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"
-        if req.num_ids >= self.spec.max_position_embeddings:
+        if req.num_ids >= self.context:
             return "length"
         return None
 

@@ -153,11 +153,10 @@ class OpenAIFrontEnd:
         return await self._serve_call(request, chat=True)
 
     async def models(self, request: Any) -> Any:
-        spec = self.server.engine.spec
         return _json({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": int(self.server.started),
              "owned_by": "moeflow", "root": self.server.config.engine.model,
-             "max_model_len": spec.max_position_embeddings}]})
+             "max_model_len": self.server.engine.context}]})
 
     async def health(self, request: Any) -> Any:
         report = (await self.server.health_report()).wire()
@@ -204,7 +203,7 @@ class OpenAIFrontEnd:
             error = ApiError.of(exc)
             return _json(error.body(), error.status)
         return _json({"tokens": ids, "count": len(ids),
-                      "max_model_len": self.server.engine.spec.max_position_embeddings})
+                      "max_model_len": self.server.engine.context})
 
     # -- one generation ------------------------------------------------------------
 
@@ -217,8 +216,7 @@ class OpenAIFrontEnd:
                               max_new_tokens=self.server.limits.max_new_tokens,
                               defaults=self.defaults, render=self._render)
             prompt_ids = await self._prompt_ids(call)
-            params = fit_sampling(call, len(prompt_ids),
-                                  self.server.engine.spec.max_position_embeddings,
+            params = fit_sampling(call, len(prompt_ids), self.server.engine.context,
                                   self.server.limits.max_new_tokens, self.defaults)
             # a whole response without log-probabilities reads the final event alone
             engine_id = await self.server.engine.add(

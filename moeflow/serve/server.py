@@ -60,7 +60,8 @@ class ServerConfig:
 
     engine: EngineConfig
     bind: str | None = "tcp://127.0.0.1:5555"  # None: HTTP only
-    max_prompt_tokens: int | None = None  # None: the model's max_position_embeddings - 1
+    max_prompt_tokens: int | None = None  # None: the engine's context - 1 (the model's, or
+    # less where a device's KV cache holds less)
     max_prompt_bytes: int | None = None  # None: 16 per prompt token, at most 8 MiB
     max_new_tokens_limit: int = p.DEFAULT_MAX_NEW_TOKENS_LIMIT
     metrics_port: int | None = None
@@ -240,11 +241,14 @@ class RequestServer:
 
     def _set_limits(self) -> None:
         spec = self.engine.spec
-        most = spec.max_position_embeddings - 1  # the prompt needs room for one token
+        most = self.engine.context - 1  # the prompt needs room for one token
         asked = self.config.max_prompt_tokens
         if asked is not None and asked > most:
+            holds = ("max_position_embeddings - 1"
+                     if self.engine.context == spec.max_position_embeddings else
+                     "a device's KV cache, --kv-cache-tokens, less 1")
             raise ValueError(f"--max-prompt-tokens {asked} is more than {spec.name or 'the model'}"
-                             f" holds ({most}: max_position_embeddings - 1)")
+                             f" holds ({most}: {holds})")
         num_tokens = asked or most
         num_bytes = self.config.max_prompt_bytes or min(num_tokens * PROMPT_BYTES_PER_TOKEN,
                                                         MAX_MESSAGE_BYTES)

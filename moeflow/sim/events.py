@@ -242,6 +242,13 @@ class Run:
             jobs = self.book.schedule()
         except SchedulingError as exc:
             raise SimulationError(str(exc)) from None
+        if self.book.kv_full:  # the engine would end it at its KV's end; a simulated
+            # workload asks for its lengths whole
+            seq = self.book.seqs[self.book.kv_full[0]]
+            raise SimulationError(
+                f"request {seq.seq_id} (prompt {seq.num_prompt}, output {seq.max_new_tokens} "
+                f"tokens) outgrew the KV cache of its device alone ({self.book.kv_tokens:,} "
+                f"tokens): shorten the lengths or use devices with more memory")
         self._rebase()
         for job in jobs:
             table = self._table(job.plan)

@@ -247,3 +247,80 @@ def test_what_the_solver_prints_goes_to_stderr_not_stdout(capfd):
     out, err = capfd.readouterr()
     assert out.split() == ["before", "after"]
     assert "from C" in err and "from fd 1" in err
+
+
+def test_a_kv_cache_smaller_than_the_context_bounds_requests(tiny_factory, capsys):
+    """A device's KV cache below the model's context is the engine's context: a longer
+    prompt is refused, generation ends there with `length`, and a request never spins
+    being evicted and readmitted (it once did, blocking every other request)."""
+    import asyncio
+
+    from moeflow.serve.async_engine import AsyncEngine
+    from moeflow.serve.events import FinalEvent
+
+    path = str(tiny_factory("qwen3_moe"))
+    prompt = ",".join(map(str, range(1, 61)))
+    assert cli_main(["generate", path, "--prompt-ids", prompt, "--max-new-tokens", "20",
+                     "--kv-cache-tokens", "64", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4  # 60 + 4 = 64
+    long = ",".join(map(str, range(1, 71)))
+    assert cli_main(["generate", path, "--prompt-ids", long, "--kv-cache-tokens", "64"]) == 2
+    assert "a device's KV cache (kv_cache_tokens) holds 64" in capsys.readouterr().err
+
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
+                                               kv_cache_tokens=64) as engine:
+            assert engine.context == 64
+            with pytest.raises(ValueError, match="KV cache"):
+                await engine.add(list(range(1, 71)), SamplingParams(max_new_tokens=5))
+            async with asyncio.timeout(60):
+                finals = [e async for e in engine.generate(list(range(1, 61)),
+                                                           SamplingParams(max_new_tokens=20))
+                          if isinstance(e, FinalEvent)]
+                assert finals[0].finish_reason == "length"
+                assert finals[0].completion_tokens == 4
+                others = [e async for e in engine.generate([1, 2, 3],
+                                                           SamplingParams(max_new_tokens=3))]
+                assert others[-1].completion_tokens == 3
+
+    asyncio.run(main())
+
+
+def test_a_seeded_request_draws_the_same_tokens_when_preempted(tiny_factory):
+    """Each token's draw depends on the seed and its position alone: a request evicted
+    and recomputed (on a fresh generator) samples what it samples alone."""
+    from moeflow.serve.llm import LLM
+
+    path = str(tiny_factory("qwen3_moe"))
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7)
+    target, others = list(range(300, 340)), [list(range(5, 45)), list(range(50, 90))]
+    with LLM(path, devices="cpu:0") as llm:
+        [alone] = llm.generate([target], sampling=params)
+    with LLM(path, devices="cpu:0", kv_cache_tokens=112) as llm:  # 7 blocks for 3
+        evicted = []
+        preempt = llm.engine.book.preempt
+
+        def counting(seq_id: int) -> None:
+            evicted.append(seq_id)
+            preempt(seq_id)
+
+        llm.engine.book.preempt = counting  # type: ignore[method-assign]
+        assert llm.generate(others + [target], sampling=params)[-1].token_ids == \
+            alone.token_ids
+    assert evicted, "the KV cache was meant to force a preemption"
+
+
+def test_a_simulated_request_that_outgrows_the_kv_cache_is_an_error_not_a_hang():
+    from moeflow.scheduler import BatchEP
+    from moeflow.sim import hardware, models
+    from moeflow.sim.simulator import SimulationError, Simulator
+    from moeflow.sim.workload import SimRequest
+
+    spec = models.load("mixtral-8x7b")
+    sim = Simulator(spec, hardware.load("h100x8"), BatchEP(),
+                    Routing.parse("uniform", 8, 2, spec.num_layers), kv_block_size=16)
+    sim.kv_blocks = {d: 4 for d in sim.kv_blocks}  # 64 tokens a device
+    assert sim.run([SimRequest(0.0, 40, 20)]).metrics.throughput > 0
+    with pytest.raises(SimulationError, match="outgrew the KV cache of its device alone "
+                                              r"\(64 tokens\)"):
+        sim.run([SimRequest(0.0, 40, 40)])

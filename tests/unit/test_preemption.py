@@ -68,3 +68,25 @@ def test_a_requests_ids_are_its_prompt_and_output_read_together(prompt, output, 
     start = data.draw(st.integers(0, len(joined)))
     end = data.draw(st.integers(start, len(joined)))
     assert req.ids(start, end) == joined[start:end] and req.num_ids == len(joined)
+
+
+def test_a_sequence_alone_that_outgrows_its_device_ends_instead_of_evicting_itself():
+    """Evicted, a sequence alone on its device would be readmitted to the same wall for
+    ever (it once spun so, blocking every other request): it ends, KV_FULL."""
+    from moeflow.scheduler.requests import KV_FULL, SeqStatus
+
+    spec = models.load("olmoe-1b-7b")
+    cluster = Cluster.sharded(("cpu:0",), spec.moe.num_experts)
+    book = RequestBook(FineEP(), spec, cluster, {"cpu:0": 2}, BLOCK, max_batch_tokens=64)
+    assert book.kv_tokens == 2 * BLOCK
+    book.add(0, 6, 8, 0.0)  # 6 + 8 tokens: past the 8 the device holds
+    for _ in range(20):
+        jobs = book.schedule()
+        if book.kv_full:
+            break
+        for job in jobs:
+            book.complete(job)
+            book.add_output(0)
+    assert book.kv_full == [0] and book.seqs[0].status is SeqStatus.FINISHED
+    assert book.seqs[0].finish_reason == KV_FULL and book.seqs[0].num_preemptions == 0
+    assert book.free_kv_blocks() == {"cpu:0": 2} and not book.has_unfinished()
