@@ -97,6 +97,8 @@ class System:
     gpu: GpuSpec
     cpu: CpuSpec
     link_bandwidth: float
+    shared_memory: bool = False  # the "GPU" is the host's CPU too (a CPU-only machine):
+    # their memories are one
 
     def __post_init__(self) -> None:
         _require(self.link_bandwidth > 0, f"{self.name}: link bandwidth must be > 0")

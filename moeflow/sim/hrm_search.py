@@ -347,14 +347,22 @@ def system_of(hardware: Hardware, dtype: str = "bfloat16") -> System:
                   GpuSpec(device.name, gpu_flops, device.mem_bandwidth, device.memory),
                   CpuSpec(host.name, max(host.cores, 1), cpu_flops, host.mem_bandwidth,
                           hardware.memory_of(HOST) if gpu_node else device.memory),
-                  link.bandwidth)
+                  link.bandwidth, shared_memory=not gpu_node)
 
 
 def with_gpu_memory(system: System, weights: float) -> System:
     """`system` whose GPU may hold `weights` bytes (the engine's `gpu_memory` cap): HRM
-    budgets GPU_FRACTION of a GPU's memory, so the GPU is given weights / GPU_FRACTION."""
+    budgets GPU_FRACTION of a GPU's memory, so the GPU is given weights / GPU_FRACTION.
+    Where the two share one memory (a CPU-only machine), the host keeps what the cap
+    leaves of it."""
     _require(weights > 0, f"GPU memory must be > 0, got {weights}")
-    return replace(system, gpu=replace(system.gpu, memory=weights / GPU_FRACTION))
+    gpu = replace(system.gpu, memory=weights / GPU_FRACTION)
+    if not system.shared_memory:
+        return replace(system, gpu=gpu)
+    _require(weights < system.cpu.memory, f"GPU memory {weights:,.0f} B is the whole of "
+                                          f"this machine's {system.cpu.memory:,.0f} B")
+    return replace(system, gpu=gpu, cpu=replace(system.cpu,
+                                                memory=system.cpu.memory - weights))
 
 
 def hrm_cgopipe(model: ModelSpec, system: System, workload: Workload, max_seqs: int

@@ -242,9 +242,14 @@ def test_the_system_of_the_simulators_hardware(tmp_path):
     assert hrm_search.load_system(str(path), "float32").gpu.peak_flops == 1e11
     with pytest.raises(hrm.HRMError, match="no peak FLOP/s for float16"):
         hrm_search.load_system(str(path), "float16")
+    assert here.shared_memory and not h100.shared_memory
+    # the cap comes out of the one memory: the host keeps the rest (it counted it twice)
     capped = hrm_search.with_gpu_memory(here, 9e6)
     assert capped.gpu.memory * hrm.GPU_FRACTION == pytest.approx(9e6)
-    assert capped.cpu == here.cpu
+    assert capped.cpu == hrm.CpuSpec("cpu-2t", 2, 3e11, 4e10, 24e9 - 9e6)
+    assert hrm_search.with_gpu_memory(h100, 9e6).cpu == h100.cpu  # a GPU's own memory
+    with pytest.raises(hrm.HRMError, match="the whole of this machine's"):
+        hrm_search.with_gpu_memory(here, 24e9)
 
 
 @solver
