@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -257,8 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command runs: it unwinds as Ctrl-C does (a trace in
+    progress removed, actors stopped), not killed on the spot."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # serve sets its own
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:
@@ -266,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _message(exc: BaseException) -> str:
@@ -384,11 +405,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from moeflow.scheduler.cgopipe import CGOPipe
     from moeflow.scheduler.eps import EPS
     from moeflow.sim.eps_costs import with_hardware_costs
-    from moeflow.sim.offload import offload_layout
+    from moeflow.sim.offload import check_offload_hardware, offload_layout
     from moeflow.sim.simulator import SimulationError, Simulator
     from moeflow.sim.tracefile import open_trace
     from moeflow.sim.workload import Lengths, Routing, requests
 
+    if args.json_out:  # found before the run, not after it
+        _check_writable(args.json_out, "--json")
     spec = models.load(args.model)
     hw = hardware.load(args.hardware)
     routing = Routing.parse(args.routing, spec.moe.num_experts, spec.moe.top_k,
@@ -398,6 +421,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # eps chooses PN with the cost model's own figures for this hardware and dtype
     scheduler = with_hardware_costs(make_scheduler(args.scheduler), spec, hw, args.dtype)
     placement = homes = None
+    if isinstance(scheduler, CGOPipe):  # before HRM searches on hardware it cannot use
+        check_offload_hardware(hw, scheduler.name)
     if type(scheduler) is CGOPipe:
         scheduler = _hrm_cgopipe(spec, hw, reqs, args.max_seqs)
     if isinstance(scheduler, CGOPipe):  # one GPU and its host, experts paged in
@@ -444,11 +469,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json_out:
         from pathlib import Path
 
-        Path(args.json_out).write_text(json.dumps(
+        Path(args.json_out).write_text(json.dumps(_json_safe(
             {"title": title, "metrics": asdict(result.metrics),
-             "kernels": {str(layer): k for layer, k in sorted(result.kernels.items())}},
-            indent=2, default=float))
+             "kernels": {str(layer): k for layer, k in sorted(result.kernels.items())}}),
+            indent=2, default=float, allow_nan=False))
     return 0
+
+
+def _json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float (a percentile of no values: NaN) as None, which
+    JSON has; NaN and Infinity are not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 class _EpsShapes:
@@ -551,19 +588,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(path: str) -> None:
-    """ValueError unless a file can be written at `path`."""
-    import os
+def _check_writable(path: str, flag: str = "--out") -> None:
+    """ValueError unless a file can be written at `path` (given as `flag`)."""
     from pathlib import Path
 
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
-        raise ValueError(f"--out {path}: is a directory")
+        raise ValueError(f"{flag} {path}: is a directory")
     if not parent.is_dir():
-        raise ValueError(f"--out {path}: no directory {parent}")
+        raise ValueError(f"{flag} {path}: no directory {parent}")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"--out {path}: not writable")
+        raise ValueError(f"{flag} {path}: not writable")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -448,8 +448,11 @@ class ZmqExecutor:
             return
         self.closed = True
         self.coordinator.close_trace()  # first: nothing below may keep it from completing
-        for name in self.actors:
-            self._send(name, Shutdown())
+        for name, actor in self.actors.items():
+            if actor.data_address is None:  # still starting (a restart): it has no socket
+                actor.proc.terminate()  # for a Shutdown yet, so it would wait out the 5 s
+            else:
+                self._send(name, Shutdown())
         deadline = time.monotonic() + 5
         for actor in self.actors.values():
             with contextlib.suppress(subprocess.TimeoutExpired):

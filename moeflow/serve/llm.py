@@ -66,7 +66,12 @@ class _LoopThread:
         if not self.thread.is_alive():
             coro.close()
             raise RuntimeError("the LLM is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:  # Ctrl-C or a timeout here: the work stops there too (a
+            future.cancel()  # cancelled generate aborts its requests and frees their KV)
+            raise
 
     def stop(self) -> None:
         with contextlib.suppress(RuntimeError):  # already closed

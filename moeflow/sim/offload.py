@@ -23,14 +23,19 @@ from moeflow.sim.simulator import activation_bytes
 GPU_KV_SHARE = 0.5  # of the GPU's free memory kept for KV where the KV stays on the GPU
 
 
+def check_offload_hardware(hw: Hardware, policy: str) -> None:
+    """HardwareError unless `hw` is one GPU and its host, what an offloading policy runs on."""
+    if hw.device.kind != "gpu" or hw.num_devices != 1:
+        raise HardwareError(f"{policy} is simulated on one GPU and its host; {hw.name} has "
+                            f"{hw.num_devices} {hw.device.kind} device(s): use t4, l4, "
+                            f"a100-80g, h100, h800 or h200")
+
+
 def offload_layout(spec: ModelSpec, hw: Hardware, scheduler: Scheduler, dtype: str | None,
                    max_batch_tokens: int, max_seqs: int, headroom: float = 0.1,
                    gpu_kv_share: float = GPU_KV_SHARE
                    ) -> tuple[Placement, tuple[str, ...]]:
-    if hw.device.kind != "gpu" or hw.num_devices != 1:
-        raise HardwareError(f"{scheduler.name} is simulated on one GPU and its host; "
-                            f"{hw.name} has {hw.num_devices} {hw.device.kind} device(s): "
-                            f"use t4, l4, a100-80g, h100, h800 or h200")
+    check_offload_hardware(hw, scheduler.name)
     gpu = hw.device_names()[0]
     devices = (gpu, HOST)
     cost = CostModel(spec, hw, dtype)

@@ -106,7 +106,9 @@ class Simulator:
                     f"{self.weights[dev] / 1e9:.1f} GB of weights of a "
                     f"{self.budget[dev] / 1e9:.1f} GB budget"
                     + (" (fp8 weights would take half: --dtype fp8)" if self.cost.wb > 1
-                       and "float8" in hardware.device.peak_flops else ""))
+                       and "float8" in hardware.device.peak_flops
+                       and self.weights[dev] / self.cost.wb + self.activation_reserve
+                       + per_block <= self.budget[dev] else ""))
             kv_blocks[home] = int(room // per_block)
         self.kv_block_size = kv_block_size
         self.kv_bytes_per_block = per_block

@@ -130,13 +130,15 @@ def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
         try:
             row = json.loads(line)
             arrival = float(row["arrival"])
-            lengths = [int(row[key]) if row.get(key) is not None else dist.draw(rng)
+            lengths = [row[key] if row.get(key) is not None else dist.draw(rng)
                        for key, dist in (("prompt", prompt), ("output", output))]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(f"{path}:{n}: bad trace line ({exc})") from None
-        if not 0 <= arrival < math.inf or min(lengths) < 1:
+        if (not 0 <= arrival < math.inf or any(type(v) is not int for v in lengths)
+                or min(lengths) < 1):
             raise WorkloadError(f"{path}:{n}: bad trace line (arrival must be finite and "
-                                f">= 0, prompt and output >= 1 token): {line.strip()[:200]}")
+                                f">= 0, prompt and output whole tokens, >= 1): "
+                                f"{line.strip()[:200]}")
         out.append(SimRequest(arrival, *lengths))
     if not out:
         raise WorkloadError(f"{path}: the trace has no requests")

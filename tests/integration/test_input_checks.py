@@ -90,10 +90,12 @@ def test_simulate_refuses_bad_workloads_in_one_line(args, match, capsys):
 
 
 @pytest.mark.parametrize("line, match", [
-    ('{"arrival": 0, "output": 0}', "prompt and output >= 1"),
+    ('{"arrival": 0, "output": 0}', "whole tokens, >= 1"),
     ('{"arrival": -1}', "arrival must be finite"),
     ('{"arrival": NaN}', "arrival must be finite"),
     ('{"arrival": 0, "prompt": "x"}', "bad trace line"),
+    ('{"arrival": 0, "prompt": 3.7}', "whole tokens"),
+    ('{"arrival": 0, "output": true}', "whole tokens"),
 ])
 def test_a_trace_line_out_of_range_is_refused(tmp_path, line, match):
     trace = tmp_path / "t.jsonl"
@@ -324,3 +326,84 @@ def test_a_simulated_request_that_outgrows_the_kv_cache_is_an_error_not_a_hang()
     with pytest.raises(SimulationError, match="outgrew the KV cache of its device alone "
                                               r"\(64 tokens\)"):
         sim.run([SimRequest(0.0, 40, 40)])
+
+
+def test_an_interrupted_llm_generate_aborts_its_requests(tiny_factory):
+    """Ctrl-C (or a timeout) in LLM.generate stops the work it started: the requests are
+    aborted, not left running to their max_new_tokens behind later calls."""
+    import time
+
+    from moeflow.serve.llm import LLM
+
+    with LLM(str(tiny_factory("qwen3_moe")), devices="cpu:0") as llm:
+        batch = [[1, 2, 3, i] for i in range(8)]
+        with pytest.raises(TimeoutError):
+            llm._loop.run(llm._generate_all(batch, SamplingParams(max_new_tokens=1900,
+                                                                  ignore_eos=True)),
+                          timeout=0.3)
+        deadline = time.monotonic() + 30
+        while (llm.engine.requests or llm._async._streams) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not llm.engine.requests and not llm._async._streams
+        assert len(llm.generate([1, 2, 3], max_new_tokens=3)[0].token_ids) == 3
+
+
+def test_closing_while_an_actor_restarts_does_not_wait_out_its_shutdown(tiny_factory):
+    import os
+    import signal
+    import time
+
+    from moeflow.serve.llm import LLM
+
+    llm = LLM(str(tiny_factory("qwen3_moe")), devices="cpu:0,cpu:1", transport="zmq")
+    try:
+        llm.generate([[1, 2, 3]], max_new_tokens=2)
+        os.kill(llm.executor.actors["cpu:1"].proc.pid, signal.SIGKILL)
+        time.sleep(0.6)  # found dead, a new one starting: no socket for a Shutdown yet
+    finally:
+        start = time.monotonic()
+        llm.close()
+    assert time.monotonic() - start < 4  # it waited the full 5 s for the starting one
+
+
+def test_simulate_writes_json_without_nan_and_checks_where_first(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert cli_main([*SIM, "--output-len", "fixed:1", "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert metrics["metrics"]["tpot"]["p50"] is None  # one token: no time per token
+    capsys.readouterr()
+    assert cli_main([*SIM, "--json", str(tmp_path / "no" / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no directory" in err and "simulating" not in err
+
+
+def test_simulating_an_offloading_policy_on_other_hardware_is_refused_first(capsys):
+    assert cli_main(["simulate", "--model", "mixtral-8x7b", "--hardware", "h100x8",
+                     "--scheduler", "cgopipe", "--num-requests", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cgopipe is simulated on one GPU and its host" in err and "HRM" not in err
+
+
+def test_sigterm_stops_a_simulation_as_ctrl_c_does(tmp_path):
+    """The trace in progress is removed (a .part file was left), the exit status says
+    SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    trace = tmp_path / "o.json"
+    proc = subprocess.Popen([sys.executable, "-m", "moeflow", "simulate", "--model",
+                             "mixtral-8x7b", "--hardware", "h100x8", "--workload",
+                             "poisson:rate=20", "--num-requests", "2000", "--trace",
+                             str(trace)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not trace.with_suffix(".json.part").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert not trace.exists() and not trace.with_suffix(".json.part").exists()
