@@ -71,9 +71,8 @@ on a stream of 2048-token prompts it gained under 1 % (the link bounds both).
 
 The micro-batches come from HRM's policy search (`moeflow.sim.hrm_search.hrm_cgopipe`:
 `micro_batch_size` μ, `micro_batch_tokens` μ·s and `micro_batches` n_ub) where the
-machine is described:
-`moeflow simulate` on its hardware, the engine given `EngineConfig.hardware`
-(`moeflow.serve.build.searched_cgopipe`); else 3 micro-batches.
+machine is described: `moeflow simulate` on its hardware, the engine given
+`EngineConfig.hardware` (`moeflow.serve.build.searched_cgopipe`); else 3 micro-batches.
 """
 
 from __future__ import annotations
