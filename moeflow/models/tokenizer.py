@@ -47,6 +47,28 @@ class Tokenizer:
         return None if value is None else int(value)
 
 
+class IncrementalDecoder:
+    """A sequence's text decoded as it grows: each `step(ids)` returns the text its new
+    ids add, holding back the bytes of a character that is not complete yet. Each step
+    decodes a window of the last few ids, not the whole sequence, so a long output costs
+    the same per token as a short one."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = 0  # ids before this are already text
+        self.read = 0  # ids prefix..read are text too, kept as context for the next ones
+
+    def step(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        prefix_text = self.tokenizer.decode(ids[self.prefix:self.read])
+        new_text = self.tokenizer.decode(ids[self.prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE tokenizer of at most `vocab_size` tokens, trained on `texts`.
     Special tokens come first: <|endoftext|> is id 0."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 
 from moeflow.models.spec import ModelSpec
-from moeflow.models.tokenizer import Tokenizer
+from moeflow.models.tokenizer import IncrementalDecoder, Tokenizer
 from moeflow.scheduler.base import Cluster, Scheduler
 from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
@@ -37,8 +37,10 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: str | None = None
-    stop_text_end: int | None = None  # where a stop string cut the text
-    stop_scanned: int = 0  # characters of the text searched for stop strings so far
+    stop_text_end: int | None = None  # where a stop string cut `stop_text`
+    # with stop strings: the output's text so far, decoded a few tokens at a time
+    stop_text: str = ""
+    stop_decoder: IncrementalDecoder | None = None
 
     @property
     def num_ids(self) -> int:
@@ -254,16 +256,17 @@ class EngineCore:
         if token in self.eos_ids and not params.ignore_eos:
             return "stop"
         if params.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids)
-            # from where a stop string could begin that the last search could not see whole
-            # (a few characters more: the tail of the last text may have been mid-character)
-            start = max(0, req.stop_scanned - max(len(s) for s in params.stop) - 8)
-            hits = [text.find(s, start) for s in params.stop]
-            found = [h for h in hits if h >= 0]
-            if found:
-                req.stop_text_end = min(found)
-                return "stop"
-            req.stop_scanned = len(text)
+            if req.stop_decoder is None:
+                req.stop_decoder = IncrementalDecoder(self.tokenizer)
+            scanned = len(req.stop_text)
+            new = req.stop_decoder.step(req.output_ids)
+            if new:  # only the new text, and the tail where a stop could begin before it
+                req.stop_text += new
+                start = max(0, scanned - max(len(s) for s in params.stop) + 1)
+                found = [h for s in params.stop if (h := req.stop_text.find(s, start)) >= 0]
+                if found:
+                    req.stop_text_end = min(found)
+                    return "stop"
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"
         if req.num_ids >= self.context:
@@ -284,8 +287,9 @@ class EngineCore:
     def text_of(self, req: Request) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(req.output_ids)
-        return text if req.stop_text_end is None else text[:req.stop_text_end]
+        if req.stop_text_end is not None:  # the text the stop was found in, up to it
+            return req.stop_text[:req.stop_text_end]
+        return self.tokenizer.decode(req.output_ids)
 
 
 def _sampling(params: SamplingParams) -> dict[str, object]:

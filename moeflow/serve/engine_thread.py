@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from moeflow.models.tokenizer import IncrementalDecoder
 from moeflow.serve.build import build_engine_core, resolve_dtype
 from moeflow.serve.config import EngineConfig
 from moeflow.serve.events import FinalEvent, OverloadedError, TokenEvent
@@ -26,26 +27,6 @@ from moeflow.serve.metrics import Metrics
 log = logging.getLogger("moeflow.engine")
 MAX_RESTARTS = 3  # engine restarts allowed within RESTART_WINDOW_S before it gives up
 RESTART_WINDOW_S = 60.0
-
-
-class _Detokenizer:
-    """Incremental detokenization: each call returns the new text, holding back bytes of a
-    character that is not complete yet."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.prefix = 0
-        self.read = 0
-
-    def step(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        prefix_text = self.tokenizer.decode(ids[self.prefix:self.read])
-        new_text = self.tokenizer.decode(ids[self.prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(ids)
-            return new_text[len(prefix_text):]
-        return ""
 
 
 class EngineThread(threading.Thread):
@@ -65,7 +46,7 @@ class EngineThread(threading.Thread):
         self.commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
         self.ready: asyncio.Future[Any] = loop.create_future()
         self.core: Any = None
-        self.detok: dict[int, _Detokenizer | None] = {}  # None: not streamed
+        self.detok: dict[int, IncrementalDecoder | None] = {}  # None: not streamed
         self.restarts: list[float] = []  # monotonic times of restarts
         self.builds = 0  # cores built: a trace after a restart goes to a file of its own
         self.last_error: str | None = None
@@ -223,7 +204,7 @@ class EngineThread(threading.Thread):
                     self._resolve(future, error=exc)
                     continue
                 # None: the request's tokens are not published, only its final event
-                self.detok[req.request_id] = (_Detokenizer(self.core.tokenizer) if stream
+                self.detok[req.request_id] = (IncrementalDecoder(self.core.tokenizer) if stream
                                               else None)
                 self.metrics.request_started(len(prompt_ids))
                 self._resolve(future, req.request_id)
