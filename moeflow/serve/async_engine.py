@@ -168,6 +168,8 @@ class AsyncEngine:
             await thread.submit("add", (ids, params or SamplingParams(), request_id, stream))
         except BaseException:
             self._streams.pop(request_id, None)
+            if not thread.exited:  # the engine may admit it yet: withdraw it (FIFO after add)
+                thread.submit("abort", request_id).add_done_callback(_settled)
             raise
         return request_id
 

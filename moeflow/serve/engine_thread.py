@@ -211,7 +211,9 @@ class EngineThread(threading.Thread):
             elif command == "abort":
                 if payload in self.core.requests:
                     self.core.abort(payload)
-                    self._finalize(payload)
+                    final = self._finalize(payload)
+                    if final is not None:
+                        self._in_loop(self.deliver, [(payload, final)])
                 self._resolve(future)
             elif command == "call":
                 try:

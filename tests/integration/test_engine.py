@@ -141,3 +141,66 @@ def test_a_request_added_without_streaming_gets_only_its_final_event(path):
     assert (a.token_ids, a.text, a.finish_reason, a.completion_tokens) == (
         b.token_ids, b.text, b.finish_reason, b.completion_tokens)
     assert len(b.token_ids) == 6 and generated == 12
+
+
+def test_abort_by_id_ends_the_readers_stream_with_a_final_event(path):
+    """AsyncEngine.abort(id): whoever reads the request's events gets its FinalEvent
+    ("abort", the tokens so far), streamed or not; the engine then holds nothing of it."""
+    import asyncio
+
+    from moeflow.serve.async_engine import AsyncEngine
+    from moeflow.serve.events import FinalEvent
+
+    async def run() -> list[tuple[list[object], int]]:
+        async with AsyncEngine.from_pretrained(path) as engine:
+            out = []
+            for stream in (True, False):
+                rid = await engine.add(PROMPTS[0], greedy(100_000), stream=stream)
+                reader = asyncio.create_task(_collect(engine.events(rid)))
+                await engine.call(lambda core: core.step())  # a token or two in
+                await engine.abort(rid)
+                events = await asyncio.wait_for(reader, 30)
+                out.append((events, await engine.call(lambda core: len(core.requests))))
+            return out
+
+    for events, held in asyncio.run(run()):
+        final = events[-1]
+        assert isinstance(final, FinalEvent) and final.finish_reason == "abort"
+        assert all(not isinstance(e, FinalEvent) for e in events[:-1])
+        assert held == 0
+
+
+def test_a_request_cancelled_before_admission_is_withdrawn(path):
+    """A caller cancelled while its request waits to be admitted (the engine busy): the
+    request is aborted once admitted, not run to max_new_tokens holding KV."""
+    import asyncio
+    import threading
+
+    from moeflow.serve.async_engine import AsyncEngine
+
+    async def run() -> tuple[int, int, list[int]]:
+        async with AsyncEngine.from_pretrained(path) as engine:
+            gate = threading.Event()
+            busy = asyncio.ensure_future(engine.call(lambda core: gate.wait(30)))
+            adding = asyncio.create_task(engine.add(PROMPTS[1], greedy(100_000)))
+            await asyncio.sleep(0.05)  # the add waits behind the busy engine
+            adding.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await adding
+            gate.set()
+            await busy
+            for _ in range(20):  # a step or two for the abort to land
+                await engine.call(lambda core: core.step())
+            held = await engine.call(lambda core: (len(core.requests),
+                                                   core.num_unfinished))
+            free = await engine.call(lambda core: list(core.executor.free_kv_blocks().values()))
+            capacity = await engine.call(
+                lambda core: list(core.executor.kv_capacity_blocks().values()))
+            return held[0], held[1], [c - f for c, f in zip(capacity, free)]
+
+    requests, unfinished, used = asyncio.run(run())
+    assert (requests, unfinished) == (0, 0) and used == [0] * len(used)
+
+
+async def _collect(events):
+    return [event async for event in events]
