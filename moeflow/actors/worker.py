@@ -651,8 +651,10 @@ class DeviceWorker:
         q_nope, q_pe = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         latent, k_pe = kv_a.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         latent = rms_norm(latent, w.kv_a_norm, MLA_NORM_EPS)  # type: ignore[arg-type]
-        q_pe = apply_rope(q_pe, b.cos, b.sin, True)  # type: ignore[arg-type]
-        k_pe = apply_rope(k_pe[:, None, :], b.cos, b.sin, True)[:, 0, :]  # type: ignore[arg-type]
+        interleaved = self.spec.rope.interleaved  # V3's rope_interleave may turn it off
+        q_pe = apply_rope(q_pe, b.cos, b.sin, interleaved)  # type: ignore[arg-type]
+        k_pe = apply_rope(k_pe[:, None, :], b.cos, b.sin,  # type: ignore[arg-type]
+                          interleaved)[:, 0, :]
         query = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, nope + rope]
         cached = torch.cat((latent, k_pe), dim=-1)  # [T, kv_lora + rope]
         self.kv.write(layer, b.slots, cached)

@@ -193,9 +193,12 @@ class ExpertKeys:
 
 
 class Family:
-    """Adapter for one `model_type`."""
+    """Adapter for one `model_type`. `defaults`: what transformers' config class of the
+    family takes for fields a config.json leaves out (its token ids aside), so that a
+    trimmed or hand-written config means the same model here as there."""
 
     model_type: str = ""
+    defaults: dict[str, Any] = {}
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj")
     fused_experts = False  # one tensor per layer for all experts (fused_expert_key)
 
@@ -235,6 +238,8 @@ class Family:
 
 class Mixtral(Family):
     model_type = "mixtral"
+    defaults = {"max_position_embeddings": 131072, "num_key_value_heads": 8,
+                "rms_norm_eps": 1e-5}
     expert_keys = ExpertKeys("block_sparse_moe.", "w1", "w3", "w2")
 
     def parse(self, f: Fields) -> ModelSpec:
@@ -264,6 +269,9 @@ def _sparse_layers(f: Fields, num_experts: int) -> list[str]:
 
 class Qwen2Moe(Family):
     model_type = "qwen2_moe"
+    defaults = {"max_position_embeddings": 32768, "num_key_value_heads": 16,
+                "rms_norm_eps": 1e-6, "shared_expert_intermediate_size": 5632,
+                "max_window_layers": 28, "intermediate_size": 5632}
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_expert.")
 
     def parse(self, f: Fields) -> ModelSpec:
@@ -297,6 +305,8 @@ class Qwen2Moe(Family):
 
 class Qwen3Moe(Family):
     model_type = "qwen3_moe"
+    defaults = {"max_position_embeddings": 32768, "num_key_value_heads": 4,
+                "rms_norm_eps": 1e-6, "intermediate_size": 6144}
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
@@ -319,6 +329,8 @@ class Qwen3Moe(Family):
 
 class Olmoe(Family):
     model_type = "olmoe"
+    defaults = {"max_position_embeddings": 4096, "num_key_value_heads": 16,
+                "rms_norm_eps": 1e-5}
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
@@ -345,10 +357,14 @@ class Olmoe(Family):
 
 class DeepseekV2(Family):
     model_type = "deepseek_v2"
+    defaults = {"max_position_embeddings": 2048, "n_shared_experts": 2, "q_lora_rank": 1536,
+                "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                "v_head_dim": 128, "rms_norm_eps": 1e-6}
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_experts.")
 
     scoring = "softmax"
     topk_methods: tuple[str, ...] = ("greedy", "group_limited_greedy")
+    rope_interleave_field = False  # always interleaved
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
@@ -361,7 +377,8 @@ class DeepseekV2(Family):
         heads = f.integer("num_attention_heads", required=True, minimum=1)
         nope = f.integer("qk_nope_head_dim", 128, minimum=0)
         rope_dim = f.integer("qk_rope_head_dim", 64, minimum=2)
-        rope = _rope(f, rope_dim, 10000.0, interleaved=f.flag("rope_interleave", True))
+        rope = _rope(f, rope_dim, 10000.0, interleaved=(
+            f.flag("rope_interleave", True) if self.rope_interleave_field else True))
         scale = (nope + rope_dim) ** -0.5
         if rope.scaling == "yarn" and rope.mscale_all_dim:
             m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
@@ -409,8 +426,12 @@ class DeepseekV3(DeepseekV2):
     (`noaux_tc`). The multi-token-prediction layer after the last one is not used."""
 
     model_type = "deepseek_v3"
+    defaults = {**DeepseekV2.defaults, "max_position_embeddings": 4096, "n_shared_experts": 1,
+                "first_k_dense_replace": 3, "norm_topk_prob": True,
+                "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4}
     scoring = "sigmoid"
     topk_methods = ("noaux_tc",)
+    rope_interleave_field = True  # V3 honours rope_interleave (transformers' V2 does not)
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
@@ -425,6 +446,8 @@ class GptOss(Family):
     [E, F, D]. YaRN rope over halves."""
 
     model_type = "gpt_oss"
+    defaults = {"max_position_embeddings": 131072, "num_key_value_heads": 8, "head_dim": 64,
+                "sliding_window": 128, "rms_norm_eps": 1e-5}
     fused_experts = True
 
     def router_key(self, i: int, suffix: str = "weight") -> str:
@@ -495,7 +518,8 @@ def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> Model
                           f"not load for {model_type}; it loads float32, bfloat16 and float16 "
                           f"weights, and gpt_oss's mxfp4 experts")
     try:
-        spec = FAMILIES[model_type].parse(f)
+        family = FAMILIES[model_type]
+        spec = family.parse(Fields({**family.defaults, **config}, source))
     except SpecError as exc:
         raise f.error(str(exc)) from None
     return spec

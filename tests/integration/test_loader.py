@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moeflow.cli import main as cli_main
 from moeflow.models.checkpoint import Checkpoint, CheckpointError
-from moeflow.models.families import ConfigError, load_spec
+from moeflow.models.families import FAMILIES, ConfigError, load_spec, spec_from_config
 from moeflow.models.tiny import make_tiny
 from moeflow.models import weights
 from moeflow.models.weights import WeightLoader
@@ -272,3 +272,21 @@ def test_mxfp4_experts_load_near_their_dequantized_size(tiny_factory):
     print(f"MXFP4 load: peak grew {growth / 2**20:.0f} MiB for {experts / 2**20:.0f} MiB "
           f"of dequantized experts")
     assert growth <= 1.5 * experts + (64 << 20)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fields_left_out_mean_what_transformers_reads(family, tiny_factory):
+    """A config without one of its fields is either refused or read as transformers'
+    config class of the family reads it (its defaults), token ids aside."""
+    transformers = pytest.importorskip("transformers")
+    full = json.loads((tiny_factory(family, tokenizer=False) / "config.json").read_text())
+    for key in sorted(set(full) - {"model_type", "architectures", "transformers_version",
+                                   "bos_token_id", "eos_token_id"}):
+        part = {k: v for k, v in full.items() if k != key}
+        try:
+            ours = spec_from_config(part)
+        except ConfigError:
+            continue  # refused, with the field named: fine
+        theirs = transformers.AutoConfig.for_model(
+            family, **{k: v for k, v in part.items() if k != "model_type"}).to_dict()
+        assert ours == spec_from_config(theirs), key

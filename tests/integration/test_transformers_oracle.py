@@ -112,6 +112,7 @@ def test_chunked_prefill_matches_whole_prefill(checkpoints, step_runner):
     ("olmoe", {"clip_qkv": 0.5, "norm_topk_prob": True}),
     ("deepseek_v2", {"q_lora_rank": None, "topk_method": "greedy", "n_group": 1,
                      "topk_group": 1, "rope_scaling": None, "first_k_dense_replace": 0}),
+    ("deepseek_v3", {"rope_interleave": False}),
 ])
 def test_config_variants_match(family, overrides, tiny_factory, step_runner):
     path = tiny_factory(family, **overrides)
