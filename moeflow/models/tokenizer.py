@@ -36,8 +36,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.inner.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.inner.encode(text).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens`: the tokenizer's own (a BOS, say); off for a rendered chat
+        template, which writes its own."""
+        return list(self.inner.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self.inner.decode(list(ids), skip_special_tokens=True))

@@ -140,12 +140,14 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's token ids (with the tokenizer's special tokens, unless told:
+        a rendered chat template has its own), or token ids checked."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"{self.config.model} has no tokenizer.json, so text prompts "
                                  f"cannot be encoded; pass token ids instead")
-            return list(self.tokenizer.encode(prompt))
+            return list(self.tokenizer.encode(prompt, add_special_tokens))
         ids = list(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise TypeError(f"a token-id prompt must be a sequence of ints, got {ids[:8]!r}")

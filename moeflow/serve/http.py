@@ -190,13 +190,16 @@ class OpenAIFrontEnd:
             check_model(obj, self.model_name)  # optional here, but not another's
             if ("prompt" in obj) == ("messages" in obj):
                 raise bad("prompt", "give exactly one of prompt and messages")
+            # vLLM's defaults: a prompt gets the tokenizer's special tokens, a rendered
+            # chat template (which writes its own) none
+            special = Fields(obj).boolean("add_special_tokens", "prompt" in obj)
             if "prompt" in obj:
                 text = Fields(obj).string("prompt")
                 p.check_prompt_bytes(text, self.server.limits, None)
-                ids = await self._encode(text)
+                ids = await self._encode(text, special)
             else:
                 add = Fields(obj).boolean("add_generation_prompt", True)
-                ids = await self._encode(self._render(obj["messages"], add))
+                ids = await self._encode(self._render(obj["messages"], add), special)
         except ApiError as exc:
             return _json(exc.body(), exc.status)
         except p.ProtocolError as exc:
@@ -245,14 +248,16 @@ class OpenAIFrontEnd:
         limits = self.server.limits
         if call.prompt_ids is not None:
             ids = call.prompt_ids
-            outside = [t for t in ids if not 0 <= t < (limits.vocab_size or 1 << 62)]
-            if outside:
-                raise bad("prompt", f"prompt: token ids {outside[:5]} are outside the vocabulary "
-                                    f"[0, {limits.vocab_size})")
         else:
             assert call.prompt_text is not None
             p.check_prompt_bytes(call.prompt_text, limits, None)
-            ids = await self._encode(call.prompt_text)
+            # a chat template writes its own special tokens (a BOS): the tokenizer adds none
+            ids = await self._encode(call.prompt_text, not call.chat)
+        outside = [t for t in ids if not 0 <= t < (limits.vocab_size or 1 << 62)]
+        if outside:  # sent so, or the tokenizer's (one with tokens the model lacks)
+            raise bad("messages" if call.chat else "prompt",
+                      f"{'messages' if call.chat else 'prompt'}: token ids {outside[:5]} are "
+                      f"outside the model's vocabulary [0, {limits.vocab_size})")
         if not ids:
             raise bad("messages" if call.chat else "prompt", "the prompt is empty")
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
@@ -261,10 +266,10 @@ class OpenAIFrontEnd:
                       f"{limits.max_prompt_tokens}", "context_length_exceeded")
         return ids
 
-    async def _encode(self, text: str) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.server.engine.tokenizer is None:
             raise bad("prompt", "this model has no tokenizer: send the prompt as token ids")
-        return await asyncio.to_thread(self.server.engine.encode, text)
+        return await asyncio.to_thread(self.server.engine.encode, text, add_special_tokens)
 
     def _render(self, messages: Any, add_generation_prompt: bool) -> str:
         if self.template is None:

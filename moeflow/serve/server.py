@@ -363,6 +363,13 @@ class RequestServer:
             raise p.ProtocolError(p.INVALID_REQUEST, "prompt: the prompt is empty",
                                   request.id, "prompt")
         p.check_prompt_length(len(ids), self.limits, request.id)
+        vocab = self.limits.vocab_size
+        outside = [t for t in ids if vocab is not None and not 0 <= t < vocab]
+        if outside:  # a tokenizer with tokens the model lacks
+            raise p.ProtocolError(p.INVALID_REQUEST, f"prompt: the tokenizer gave token ids "
+                                                     f"{outside[:5]}, outside the model's "
+                                                     f"vocabulary [0, {vocab})", request.id,
+                                  "prompt")
         return ids
 
     async def _stream(self, job: _Job, engine_id: int, num_prompt: int,

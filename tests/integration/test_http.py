@@ -457,3 +457,48 @@ def test_chat_without_a_template_is_a_clear_400(model, tmp_path):
         assert reply.usage.completion_tokens == 2
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def _with_bos_tokenizer(model: Path, out: Path) -> Path:
+    """`model` with a tokenizer that adds a BOS itself (its <|pad|>) and a template that
+    writes {{ bos_token }}, as Mixtral's and DeepSeek's do."""
+    from tokenizers import Tokenizer, processors
+
+    out.mkdir()
+    for item in model.iterdir():
+        if item.name not in ("tokenizer.json", "tokenizer_config.json"):
+            (out / item.name).symlink_to(item)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    bos = tok.token_to_id("<|pad|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A", pair="<|pad|> $A <|pad|> $B", special_tokens=[("<|pad|>", bos)])
+    tok.save(str(out / "tokenizer.json"))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(bos_token="<|pad|>", chat_template=(
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_chat_template_that_writes_its_bos_gets_one(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    path = _with_bos_tokenizer(model, tmp_path / "bos")
+    messages = [{"role": "user", "content": "hello there"}]
+    expected = transformers.AutoTokenizer.from_pretrained(str(path)).apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True)
+    expected = list(getattr(expected, "input_ids", expected))
+    srv = Server(path, tmp_path / "server.log", "--http", "127.0.0.1:0", bind=None)
+    try:
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused", max_retries=0)
+        bos = expected[0]
+        chat = json.loads(_post(client, "/tokenize", {"messages": messages}))["tokens"]
+        assert chat == expected and chat.count(bos) == 1
+        prompt = json.loads(_post(client, "/tokenize", {"prompt": "hello"}))["tokens"]
+        bare = json.loads(_post(client, "/tokenize", {"prompt": "hello",
+                                                      "add_special_tokens": False}))["tokens"]
+        assert prompt == [bos, *bare] and bos not in bare
+        reply = client.chat.completions.create(model=str(path), messages=messages,
+                                               max_tokens=2)
+        assert reply.usage.prompt_tokens == len(expected)
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
