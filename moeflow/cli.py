@@ -8,7 +8,9 @@
     moeflow simulate --model NAME|DIR --hardware NAME|FILE --scheduler NAME
                      --workload poisson:rate=R|burst|trace:FILE [--trace out.json|out.html]
                      [--dtype fp8]      (hardware: a preset, any node size: h800x4)
-    moeflow calibrate --out cpu.json
+    moeflow plan [--model mixtral-8x7b] [--hardware t4] [--cpu-cores N] [--cpu-memory 192GB]
+                 [--prompt N] [--gen N]   (MoE-Lightning's HRM: cgopipe's policy)
+    moeflow calibrate [--out cpu.json] [--kernels] [--quick]
     moeflow serve MODEL_DIR [--bind tcp://127.0.0.1:5555] [--http 127.0.0.1:8000]
                   [--scheduler batch-ep] [--devices cpu:0]
                   [--transport inproc|zmq] [--dtype auto] [--max-waiting 64]
@@ -79,7 +81,8 @@ def _workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int, p
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The EngineConfig options `generate` and `serve` share."""
     parser.add_argument("--scheduler", default="batch-ep",
-                        help="batch-ep, fine-ep, an installed plugin's name, or module:Class")
+                        help="batch-ep, fine-ep, eps, cgopipe, flexgen, an installed plugin's "
+                             "name, or module:Class")
     parser.add_argument("--devices", default="cpu:0", help="e.g. cpu:0,cpu:1")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--transport", default="inproc", choices=TRANSPORTS,
@@ -165,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--hardware", required=True,
                      help="a preset (h100x8, h800x4: any xN, a100-80g, t4, ...) or a "
                           "`moeflow calibrate` file")
-    sim.add_argument("--scheduler", default="batch-ep")
+    sim.add_argument("--scheduler", default="batch-ep",
+                     help="batch-ep, fine-ep, eps, cgopipe, flexgen, an installed plugin's "
+                          "name, or module:Class")
     _workload_arguments(sim, num_requests=200, prompt_len="uniform:128-512",
                         output_len="uniform:32-256")
     sim.add_argument("--routing", default="uniform",
@@ -224,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=_positive, default=64,
                        help="requests in progress beyond which new ones get `overloaded`")
     serve.add_argument("--max-prompt-tokens", type=_positive, default=None,
-                       help="default: the model's max_position_embeddings - 1")
+                       help="the longest prompt in tokens (default: the engine's context - 1, "
+                            "the context being the smaller of the model's "
+                            "max_position_embeddings and --kv-cache-tokens)")
     serve.add_argument("--max-prompt-bytes", type=_positive, default=None,
                        help="the longest text prompt in UTF-8 bytes, checked before tokenizing "
                             "(default: 16 per prompt token, at most 8 MiB)")

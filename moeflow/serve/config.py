@@ -17,8 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """`scheduler`: a name (`batch-ep`, `fine-ep`, an entry point, `module:Class`) or a
-    Scheduler. `devices`: "cpu:0,cpu:1" or a sequence of names. `transport`: actors in this
+    """`scheduler`: a name (`batch-ep`, `fine-ep`, `eps`, `cgopipe`, `flexgen`, an entry
+    point, `module:Class`) or a Scheduler. `devices`: "cpu:0,cpu:1" or a sequence of names. `transport`: actors in this
     process ("inproc") or one process per device ("zmq"). `max_waiting`: requests in
     progress beyond which a new one gets OverloadedError. `faults`: chaos testing only
     (zmq): drop/delay the actors' data messages, see moeflow.actors.plane.Faults.

@@ -193,12 +193,12 @@ class OpenAIFrontEnd:
             # vLLM's defaults: a prompt gets the tokenizer's special tokens, a rendered
             # chat template (which writes its own) none
             special = Fields(obj).boolean("add_special_tokens", "prompt" in obj)
+            add = Fields(obj).boolean("add_generation_prompt", True)
             if "prompt" in obj:
                 text = Fields(obj).string("prompt")
                 p.check_prompt_bytes(text, self.server.limits, None)
                 ids = await self._encode(text, special)
             else:
-                add = Fields(obj).boolean("add_generation_prompt", True)
                 ids = await self._encode(self._render(obj["messages"], add), special)
         except ApiError as exc:
             return _json(exc.body(), exc.status)

@@ -97,6 +97,9 @@ class Fields(p._Checker):
     def optional(self, name: str) -> bool:
         return self.obj.get(name) is not None  # JSON null means "not given", as OpenAI
 
+    def boolean(self, name: str, default: bool) -> bool:
+        return super().boolean(name, default) if self.optional(name) else default
+
 
 def json_brief(value: Any) -> str:
     try:

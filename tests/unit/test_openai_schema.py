@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moeflow.serve.chat import GenerationDefaults
-from moeflow.serve.openai_schema import ApiError, fit_sampling, parse_call
+from moeflow.serve.openai_schema import (
+    CHAT_FIELDS, COMPLETION_FIELDS, ApiError, fit_sampling, parse_call,
+)
 from moeflow.serve.protocol import ProtocolError
 from moeflow.serve.sse import HoldBack
 
@@ -27,6 +29,16 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
     with pytest.raises(ProtocolError) as wrong:
         parse({"prompt": "x", "logprobs": True})  # completions take a count, not a bool
     assert wrong.value.field == "logprobs"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_field_given_null_takes_its_default(chat):
+    base = {"messages": [{"role": "user", "content": "x"}]} if chat else {"prompt": "x"}
+    plain = parse(base, chat)
+    for name in sorted((CHAT_FIELDS if chat else COMPLETION_FIELDS) - set(base) - {"model"}):
+        call = parse({**base, name: None}, chat)
+        assert (call.sampling, call.stream, call.include_usage, call.prompt_text) == (
+            plain.sampling, plain.stream, plain.include_usage, plain.prompt_text), name
 
 
 def test_logprobs_as_completions_and_chat_ask_for_them():
