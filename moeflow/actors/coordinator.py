@@ -64,7 +64,7 @@ from moeflow.actors.plane import (
     Faults, Gatekeeper, KeyPair, PlaneKeys, ipc_address, is_loopback, make_runtime_dir,
     recv_frames, remove_runtime_dir, require_curve, send_frames, serve_curve, user_id,
 )
-from moeflow.actors.process import ActorConfig, launch_message
+from moeflow.actors.process import EXIT_BAD_INPUT, ActorConfig, launch_message
 from moeflow.actors.tracing import RealTrace
 from moeflow.dataflow.graph import Placement
 from moeflow.scheduler.base import Scheduler, routes
@@ -74,6 +74,18 @@ log = logging.getLogger("moeflow.coordinator")
 
 class ActorStartError(RuntimeError):
     pass
+
+
+class ActorInputError(ActorStartError, ValueError):
+    """An actor could not start on what it was given (a bad checkpoint): its error is on
+    its stderr, and every retry would fail the same way."""
+
+
+def _start_failed(name: str, code: int) -> ActorStartError:
+    if code == EXIT_BAD_INPUT:
+        return ActorInputError(f"actor {name} could not load what it was given (its error is "
+                               f"above)")
+    return ActorStartError(f"actor {name} exited with code {code} while starting")
 
 
 @dataclass
@@ -201,7 +213,7 @@ class ZmqExecutor:
                 actor = self.actors[name]
                 code = actor.proc.poll()
                 if actor.data_address is None and code is not None and code > 0:
-                    raise ActorStartError(f"actor {name} exited with code {code} while starting")
+                    raise _start_failed(name, code)
             if all(self.actors[n].data_address is not None for n in names):
                 return
             if self.router.poll(100):
@@ -383,7 +395,7 @@ class ZmqExecutor:
             if code is not None and code > 0 and actor.data_address is None:
                 # it failed to start (its error is on stderr): another try would fail the
                 # same way. Killed by a signal, it is restarted
-                raise ActorStartError(f"actor {name} exited with code {code} while starting")
+                raise _start_failed(name, code)
             if code is not None:
                 self._restart(name, f"its process exited with code {code}")
             elif actor.data_address is None:  # starting: no heartbeats yet

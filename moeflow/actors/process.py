@@ -387,6 +387,11 @@ def build_core(config: ActorConfig) -> Any:
     return ActorCore(config.name, worker, on_routing)
 
 
+# the exit code of an actor that failed on what it was given (a bad checkpoint: a
+# ValueError, as moeflow.models' errors are), which no restart would mend
+EXIT_BAD_INPUT = 2
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -410,7 +415,9 @@ def main(argv: list[str]) -> int:
     except* Exception as group:
         log.error("%s: stopping: %s", config.name,
                   "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions))
-        code = 1
+        started = shell.thread is not None and shell.thread.core is not None
+        code = (EXIT_BAD_INPUT if not started and all(
+            isinstance(e, ValueError) for e in group.exceptions) else 1)
     if shell.thread is not None and shell.thread.is_alive():
         # a core thread stuck in a node would hold interpreter shutdown: leave at once
         logging.shutdown()

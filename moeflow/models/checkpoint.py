@@ -60,10 +60,14 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        if path.is_dir():
+            raise CheckpointError(f"{path}: a directory, not a safetensors file")
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot open it ({exc.strerror or exc})") from None
         try:
             size = os.fstat(fd).st_size
             if size < 8:
@@ -149,8 +153,10 @@ class Checkpoint:
 
     def _load_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except OSError as exc:
+            raise CheckpointError(f"{index}: cannot read it ({exc.strerror or exc})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: weight_map is not an object")

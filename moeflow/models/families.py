@@ -488,6 +488,10 @@ FAMILIES: dict[str, Family] = {
                                     DeepseekV3(), GptOss())}
 
 
+# model types that are another family's architecture under their own name: Kimi-K2's
+# config says kimi_k2 (its architectures: DeepseekV3ForCausalLM)
+ALIASES = {"kimi_k2": "deepseek_v3"}
+
 # (model_type, quant_method) pairs the loader reads: GPT-OSS's MXFP4 experts are
 # dequantized at load time (moeflow.models.weights, moeflow.models.mxfp4)
 QUANTIZATIONS = frozenset({("gpt_oss", "mxfp4")})
@@ -505,7 +509,7 @@ def family_of(spec_or_type: ModelSpec | str) -> Family:
 def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> ModelSpec:
     """A ModelSpec from a parsed config dict; `source` names it in errors."""
     f = Fields(config, source)
-    model_type = config.get("model_type")
+    model_type = ALIASES.get(config.get("model_type"), config.get("model_type"))  # type: ignore[arg-type]
     if model_type not in FAMILIES:
         raise f.error(f"unknown model family {model_type!r}; supported: "
                       f"{', '.join(sorted(FAMILIES))}")
@@ -527,25 +531,63 @@ def spec_from_config(config: dict[str, Any], source: str = CONFIG_FILE) -> Model
 
 def load_spec(model_dir: str | Path) -> ModelSpec:
     """The ModelSpec of a checkpoint directory: config.json, with generation_config.json's
-    eos ids when it has any (generation follows that file, as in transformers)."""
+    eos ids when it has any (generation follows that file, as in transformers). A config
+    that names no dtype takes its stored weights' (transformers' "auto" does the same)."""
     directory = Path(model_dir)
     path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory")
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    config = _read_json(path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: not a JSON object")
+    if config.get("dtype") is None and config.get("torch_dtype") is None:
+        stored = _stored_dtype(directory)
+        if stored is not None:
+            config = {**config, "torch_dtype": stored}
     gen_path = directory / GENERATION_CONFIG_FILE
-    if gen_path.exists():  # what generation uses: it may list several eos ids
+    generation = _read_json(gen_path) if gen_path.exists() else None
+    eos = None
+    if isinstance(generation, dict) and generation.get("eos_token_id") is not None:
+        # what generation uses (it may list several): config.json's are not read then
+        eos = Fields(generation, str(gen_path)).token_ids("eos_token_id")
+        config = {**config, "eos_token_id": None}
+    spec = replace(spec_from_config(config, str(path)), name=directory.name)
+    if eos is not None:
         try:
-            generation = json.loads(gen_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{gen_path}: not valid JSON ({exc})") from None
-        if isinstance(generation, dict) and generation.get("eos_token_id") is not None:
-            config["eos_token_id"] = generation["eos_token_id"]
-    return replace(spec_from_config(config, str(path)), name=directory.name)
+            spec = replace(spec, eos_token_ids=eos)
+        except SpecError as exc:
+            raise ConfigError(f"{gen_path}: {exc}") from None
+    return spec
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:  # a directory, unreadable
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+# safetensors' names of the dtypes a checkpoint's weights may be stored in
+_STORED = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def _stored_dtype(directory: Path) -> str | None:
+    """The dtype the token embedding is stored in (None when that cannot be read here; the
+    loader says why later), read from a safetensors header alone."""
+    name = "model.embed_tokens.weight"
+    try:
+        index = directory / "model.safetensors.index.json"
+        filename = (json.loads(index.read_text())["weight_map"][name] if index.exists()
+                    else "model.safetensors")
+        with open(directory / str(filename), "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(min(size, 100 << 20)))
+        return _STORED.get(header[name]["dtype"])
+    except Exception:  # noqa: BLE001 - any unreadable file: the loader reports it
+        return None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moeflow.actors.inproc import InProcessExecutor, load_workers
+from moeflow.models.checkpoint import Checkpoint
 from moeflow.models.families import load_spec
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import Tokenizer
@@ -132,6 +133,9 @@ def make_executor(transport: str, model_dir: Path, spec: ModelSpec, cluster: Clu
     if transport == "zmq":
         from moeflow.actors.coordinator import ZmqExecutor
 
+        # the actors open the weights; their files are checked here first (headers only),
+        # so a missing or truncated shard is the same one-line error as in process
+        Checkpoint(model_dir)
         return ZmqExecutor(str(model_dir), cluster.placement,
                            str(dtype).removeprefix("torch."), kv_tokens,
                            record_routing=record_routing, want_logits=want_logits,

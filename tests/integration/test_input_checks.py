@@ -407,3 +407,29 @@ def test_sigterm_stops_a_simulation_as_ctrl_c_does(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "Traceback" not in err
     assert not trace.exists() and not trace.with_suffix(".json.part").exists()
+
+
+def test_a_bad_checkpoint_over_actor_processes_is_a_one_line_error(tmp_path, capsys):
+    """--transport zmq: the actors open the weights, yet a missing shard is the same
+    one-line error (exit 2) as in process, and a tensor of the wrong shape names the
+    actor whose error it printed, with no traceback."""
+    import shutil
+
+    from moeflow.models.tiny import make_tiny
+
+    good = make_tiny("qwen3_moe", tmp_path / "good", shards=3)
+    missing = Path(shutil.copytree(good, tmp_path / "missing"))
+    (missing / "model-00002-of-00003.safetensors").unlink()
+    shaped = Path(shutil.copytree(good, tmp_path / "shaped"))
+    config = json.loads((shaped / "config.json").read_text())
+    config["moe_intermediate_size"] *= 2
+    (shaped / "config.json").write_text(json.dumps(config))
+    args = ["--prompt-ids", "1,2", "--max-new-tokens", "2", "--devices", "cpu:0,cpu:1",
+            "--transport", "zmq"]
+    assert cli_main(["generate", str(missing), *args]) == 2
+    err = capsys.readouterr().err
+    assert "model-00002-of-00003.safetensors: file not found" in err
+    assert "Traceback" not in err
+    assert cli_main(["generate", str(shaped), *args]) == 2
+    err = capsys.readouterr().err
+    assert "could not load what it was given" in err and "Traceback" not in err

@@ -129,6 +129,43 @@ def test_several_eos_ids_come_from_generation_config(ckpt):
     assert load_spec(ckpt).eos_token_ids == (0, 1, 2)
 
 
+def test_a_bad_eos_id_in_generation_config_is_named_there(ckpt):
+    path = ckpt / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [1, 10**6]}))
+    with pytest.raises(ConfigError, match=r"generation_config\.json: eos_token_id 1000000 "
+                                          r"outside the vocabulary"):
+        load_spec(ckpt)
+
+
+def test_a_config_without_a_dtype_takes_the_stored_weights(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    stored = config.get("dtype") or config.get("torch_dtype")
+    edit_config(ckpt, dtype=None, torch_dtype=None)
+    assert load_spec(ckpt).dtype == stored == "float32"
+
+
+def test_kimi_k2_reads_as_deepseek_v3(tiny_factory):
+    config = json.loads((tiny_factory("deepseek_v3") / "config.json").read_text())
+    kimi = spec_from_config({**config, "model_type": "kimi_k2"})
+    assert kimi == spec_from_config(config) and kimi.family == "deepseek_v3"
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json",
+                                  "model.safetensors.index.json"])
+def test_a_file_that_is_not_utf8_is_named(ckpt, name):
+    (ckpt / name).write_bytes(b'{"a": "\xff\xfe"}')
+    with pytest.raises((ConfigError, CheckpointError), match=rf"{name}: not UTF-8|{name}: not a "):
+        load_spec(ckpt)
+        Checkpoint(ckpt)
+
+
+def test_weights_that_are_a_directory_are_named(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a directory"):
+        Checkpoint(ckpt)
+
+
 def test_missing_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"empty/config\.json: file not found"):
