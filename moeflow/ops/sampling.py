@@ -165,6 +165,21 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         raise SamplingError("the model produced non-finite logits")
     if params.greedy:
         return best
+    logprobs, order = sampling_logprobs(scores, params)
+    # Gumbel-max over log-probabilities: exact sampling with no normalisation to overflow
+    uniform = torch.rand(logprobs.shape, generator=generator, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
+    pick = torch.argmax(logprobs + gumbel)
+    return int(pick if order is None else order[pick])
+
+
+def sampling_logprobs(scores: torch.Tensor, params: SamplingParams
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scores [V] (fp32, finite max) -> the log-probabilities `sample` draws from (not
+    renormalised after top-p: Gumbel-max needs no sum), and the token id of each position
+    (None: positions are token ids). Temperature, then top-k,
+    then top-p over what top-k left, renormalised: transformers' and vLLM's order. Top-k
+    keeps every token that scores as high as the k-th (ties too, as both do)."""
     truncated = 0 < params.top_k < scores.shape[-1] or params.top_p < 1.0
     # ranked by the raw scores, so top-k and top-p keep the likeliest tokens even when the
     # temperature flattens them to equal fp32 values
@@ -173,7 +188,8 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     # shifted so the largest score is 0: dividing by a small temperature gives -inf, never NaN
     logprobs = torch.log_softmax((ranked - ranked.max()) / params.temperature, dim=-1)  # [V]
     if params.top_k and params.top_k < logprobs.shape[-1]:
-        logprobs[params.top_k:] = float("-inf")
+        logprobs = logprobs.masked_fill(ranked < ranked[params.top_k - 1], float("-inf"))
+        logprobs = logprobs - torch.logsumexp(logprobs, dim=-1)  # top-p reads these
     if params.top_p < 1.0:
         probs = logprobs.exp()
         # the smallest prefix whose mass reaches top_p; the first token stays whatever top_p
@@ -181,8 +197,4 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         drop = torch.cumsum(probs, dim=-1) - probs >= params.top_p
         drop[0] = False
         logprobs = logprobs.masked_fill(drop, float("-inf"))
-    # Gumbel-max over log-probabilities: exact sampling with no normalisation to overflow
-    uniform = torch.rand(logprobs.shape, generator=generator, dtype=torch.float32)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
-    pick = torch.argmax(logprobs + gumbel)
-    return int(pick if order is None else order[pick])
+    return logprobs, order

@@ -133,3 +133,51 @@ def test_token_logprobs_are_the_models_log_probabilities():
     # they travel from the actors with the tokens
     part = UnitPart(3, "cpu:1", {0: 1, 1: 2}, logprobs={0: first, 1: second})
     assert decode(encode(part)) == part
+
+
+def _transformers_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    generation = pytest.importorskip("transformers.generation.logits_process")
+    scores = logits[None].float()
+    for warper in (generation.TemperatureLogitsWarper(params.temperature),
+                   generation.TopKLogitsWarper(params.top_k) if params.top_k else None,
+                   generation.TopPLogitsWarper(params.top_p) if params.top_p < 1 else None):
+        if warper is not None:
+            scores = warper(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+def _our_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    from moeflow.ops.sampling import sampling_logprobs
+
+    logprobs, order = sampling_logprobs(logits.float(), params)
+    probs = logprobs.exp()
+    probs /= probs.sum()  # what top-p drops is not renormalised: Gumbel-max needs no sum
+    return probs if order is None else torch.zeros_like(probs).scatter_(0, order, probs)
+
+
+def test_the_distribution_drawn_from_is_transformers_warpers():
+    """Temperature, top-k (ties at the k-th kept), top-p over what top-k left: the
+    probabilities sampled from equal transformers' warpers', on random and tied logits."""
+    rng = torch.Generator().manual_seed(0)
+    cases = [(torch.log(torch.tensor([0.5, 0.3, 0.2])),
+              SamplingParams(temperature=1.0, top_k=2, top_p=0.6)),
+             (torch.tensor([2.0, 1.0, 1.0, 0.0]), SamplingParams(temperature=1.0, top_k=2)),
+             (torch.tensor([1.0, 1.0, 0.0]), SamplingParams(temperature=1.0, top_k=1))]
+    for _ in range(300):
+        v = int(torch.randint(2, 40, (1,), generator=rng))
+        # bf16-like logits: coarse values, so ties are common
+        logits = (torch.randn(v, generator=rng) * 4).round() / 4
+        params = SamplingParams(
+            temperature=float(torch.rand(1, generator=rng)) * 2 + 0.05,
+            top_k=int(torch.randint(0, v + 2, (1,), generator=rng)),
+            top_p=float(torch.rand(1, generator=rng)) if torch.rand(1, generator=rng) < 0.7
+            else 1.0)
+        cases.append((logits, params))
+    for logits, params in cases:
+        ours, theirs = _our_probs(logits, params), _transformers_probs(logits, params)
+        # which of several tied tokens top-p cuts is either's own choice: compare the mass
+        # of each logit value
+        for value in logits.unique():
+            tied = logits == value
+            assert abs(float(ours[tied].sum() - theirs[tied].sum())) < 1e-5, (
+                logits, params, ours, theirs)
