@@ -103,6 +103,9 @@ class OpenAIFrontEnd:
         self.model_name = served_model_name or config.model
         self.template = ChatTemplate.load(config.model, chat_template)
         self.defaults = GenerationDefaults.load(config.model)
+        if self.defaults.ignored:  # sampled without them: say so once, at start-up
+            log.warning("generation_config.json sets %s, which moeflow does not apply: "
+                        "requests sample without them", ", ".join(self.defaults.ignored))
         self.calls: set[Call] = set()
         self.stopping = False  # shutdown began: new calls get 503, admitted ones "abort"
         self.address: str | None = None  # http://host:port once bound

@@ -286,7 +286,7 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
                     raise bad("messages", f"{where}.content: only text parts are served, got "
                                           f"{json_brief(part)}")
                 parts.append(part["text"])
-            content = "".join(parts)
+            content = "\n".join(parts)  # as vLLM joins a message's text parts
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):

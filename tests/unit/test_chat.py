@@ -63,3 +63,44 @@ def test_generation_defaults_come_from_generation_config(tmp_path):
     defaults = GenerationDefaults.load(tmp_path)
     assert defaults.values == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
     assert defaults.get("max_new_tokens", 16) == 16
+    assert defaults.ignored == ()
+
+
+def test_sampling_fields_not_applied_are_listed(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.7, "repetition_penalty": 1.05, "min_p": 0.0, "typical_p": 0.9}))
+    assert GenerationDefaults.load(tmp_path).ignored == ("repetition_penalty=1.05",
+                                                         "typical_p=0.9")
+
+
+TEMPLATES = [
+    # loop controls, transformers' tojson arguments, the special tokens beyond bos/eos
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{% continue %}"
+    "{% endif %}{{ m | tojson(ensure_ascii=False, sort_keys=True) }}{{ pad_token }}"
+    "{% if loop.index > 5 %}{% break %}{% endif %}{% endfor %}{{ unk_token }}",
+    # a {% generation %} block (marks an assistant's text for training)
+    "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}"
+    "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+    "{{ additional_special_tokens | join(',') }}",
+]
+
+
+@pytest.mark.parametrize("text", TEMPLATES)
+def test_templates_render_as_transformers_renders_them(text, tmp_path, tiny_factory):
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_factory("qwen3_moe"), model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(chat_template=text, bos_token="<s>", pad_token="<|pad|>",
+                  unk_token="<unk>", additional_special_tokens=["<a>", "<b>"])
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [*MESSAGES, {"role": "assistant", "content": "é ok"},
+                {"role": "user", "content": "more"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(model))
+    ours = ChatTemplate.load(model)
+    for add in (True, False):
+        assert ours.render(messages, add) == theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add)

@@ -6,7 +6,7 @@ import pytest
 
 from moeflow.serve.chat import GenerationDefaults
 from moeflow.serve.openai_schema import (
-    CHAT_FIELDS, COMPLETION_FIELDS, ApiError, fit_sampling, parse_call,
+    CHAT_FIELDS, COMPLETION_FIELDS, ApiError, fit_sampling, parse_call, parse_messages,
 )
 from moeflow.serve.protocol import ProtocolError
 from moeflow.serve.sse import HoldBack
@@ -102,3 +102,9 @@ def test_without_stops_text_is_sent_as_it_comes():
     held = HoldBack(())
     assert [held.add(p) for p in ("a", "", "bc")] == ["a", "", "bc"]
     assert held.rest("abc") == ""
+
+
+def test_a_messages_text_parts_are_joined_by_newlines_as_vllm_joins_them():
+    [message] = parse_messages([{"role": "user", "content": [
+        {"type": "text", "text": "Line one"}, {"type": "text", "text": "Line two"}]}])
+    assert message["content"] == "Line one\nLine two"
