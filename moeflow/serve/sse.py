@@ -117,6 +117,8 @@ class LogprobsFormat:
         tops: dict[str, float] = {}
         for i, v in top:  # tokens that decode alike: the likeliest one's (they come first)
             tops.setdefault(self.decode(i), v)
+        if top:  # OpenAI's "up to logprobs+1": the sampled token is always among them
+            tops.setdefault(text, lp)
         entry = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [tops],
                  "text_offset": [self.offset]}
         self.offset += len(text)

@@ -108,3 +108,14 @@ def test_a_messages_text_parts_are_joined_by_newlines_as_vllm_joins_them():
     [message] = parse_messages([{"role": "user", "content": [
         {"type": "text", "text": "Line one"}, {"type": "text", "text": "Line two"}]}])
     assert message["content"] == "Line one\nLine two"
+
+
+def test_completions_top_logprobs_hold_the_sampled_token():
+    """OpenAI's "up to logprobs+1": a sampled token outside the top N is among them too."""
+    from moeflow.serve.sse import LogprobsFormat
+
+    form = LogprobsFormat(False, lambda i: "abcdef"[i])
+    entry = form.of(5, (-6.9, ((0, -0.1), (1, -2.5))))
+    assert entry["top_logprobs"] == [{"a": -0.1, "b": -2.5, "f": -6.9}]
+    assert form.of(0, (-0.1, ((0, -0.1), (1, -2.5))))["top_logprobs"] == [
+        {"a": -0.1, "b": -2.5}]
