@@ -13,6 +13,9 @@ import socket
 from typing import Any
 
 GRACEFUL_S = 10  # at shutdown, how long uvicorn waits for calls in progress to end
+# connections and requests served at once; more get 503 at once (one client holding many
+# half-sent requests cannot use up the process's file descriptors)
+MAX_CONNECTIONS = 512
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -46,7 +49,8 @@ class HttpEndpoint:
         self.address = f"http://{host}:{sock.getsockname()[1]}"
         config = uvicorn.Config(self.app, http="httptools", lifespan="off",
                                 log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=GRACEFUL_S)
+                                timeout_graceful_shutdown=GRACEFUL_S,
+                                limit_concurrency=MAX_CONNECTIONS)
         self._uvicorn = _uvicorn_server(config)
         return self.address
 

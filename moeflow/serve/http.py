@@ -54,6 +54,7 @@ log = logging.getLogger("moeflow.http")
 
 MAX_BODY_BYTES = 8 << 20  # as the ZeroMQ side's largest message
 INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
+BODY_TIMEOUT_S = 30.0  # a request body not all here by then gets 408
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -291,12 +292,17 @@ class OpenAIFrontEnd:
             raise ApiError(413, f"the body has {size} bytes; at most {MAX_BODY_BYTES}", None,
                            "body_too_large")
         parts, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > MAX_BODY_BYTES:
-                raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", None,
-                               "body_too_large")
-            parts.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # a body sent a byte at a time
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > MAX_BODY_BYTES:
+                        raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", None,
+                                       "body_too_large")
+                    parts.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s", None,
+                           "timeout") from None
         body = b"".join(parts)
         try:
             obj = (await asyncio.to_thread(json.loads, body) if len(body) > INLINE_PARSE_BYTES
@@ -485,25 +491,57 @@ async def _not_allowed(request: Any, exc: Any) -> Any:
                           None, "method_not_allowed").body(), 405)
 
 
+def _loopback_host(host: bytes) -> bool:
+    """A Host header naming this machine's loopback (any port): what a client of a
+    loopback server sends, and what a page on another origin, DNS rebound to 127.0.0.1,
+    does not."""
+    name = host.decode("latin-1").strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    return name.endswith(".localhost") or is_loopback_host(name)
+
+
 class _Guard:
-    """ASGI middleware: the API key (when set) on every route but OPEN_PATHS."""
+    """ASGI middleware, before any route: the API key (when set) on every route but
+    OPEN_PATHS; a JSON body on POST (a form or text/plain POST is what a web page may send
+    cross-origin without asking first); and, with no key, a Host naming the loopback (a
+    DNS-rebound page names its own)."""
 
     def __init__(self, app: Any, api_key: str | None) -> None:
         self.app = app
         self.expected = None if api_key is None else b"Bearer " + api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if (self.expected is not None and scope["type"] == "http"
-                and scope["path"] not in OPEN_PATHS):
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = json.dumps(ApiError(401, "a valid API key is required: send "
-                                                "'Authorization: Bearer KEY'", None,
-                                           "invalid_api_key").body()).encode()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer")]})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            if self.expected is None:
+                host = next((v for k, v in headers if k == b"host"), b"")
+                if not _loopback_host(host):
+                    return await _refuse(send, 403, "this server (loopback, no API key) "
+                                         "answers requests to localhost or 127.0.0.1 only: "
+                                         f"Host {host.decode('latin-1')[:60]!r}",
+                                         "forbidden_host")
+            elif scope["path"] not in OPEN_PATHS:
+                given = next((v for k, v in headers if k == b"authorization"), b"")
+                if not hmac.compare_digest(given, self.expected):
+                    return await _refuse(send, 401, "a valid API key is required: send "
+                                         "'Authorization: Bearer KEY'", "invalid_api_key",
+                                         [(b"www-authenticate", b"Bearer")])
+            if scope["method"] == "POST":
+                kind = next((v for k, v in headers if k == b"content-type"), b"")
+                if kind.split(b";")[0].strip().lower() != b"application/json":
+                    return await _refuse(send, 415, "send the body as JSON, with "
+                                         "'Content-Type: application/json'",
+                                         "unsupported_media_type")
         await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, status: int, message: str, code: str,
+                  headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+    body = json.dumps(ApiError(status, message, None, code).body()).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})

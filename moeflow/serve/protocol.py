@@ -211,7 +211,8 @@ def parse_request(obj: object, limits: Limits = Limits()) -> Request:
             raise ProtocolError(INVALID_REQUEST, f"field names must be strings, got "
                                                  f"{_show(key)}", rid)
         if key not in _FIELDS[kind]:
-            name = key if len(key) <= MAX_ID_CHARS else _brief(key)
+            # quoted unless plain: a newline or an escape code must not reach a log as is
+            name = key if len(key) <= MAX_ID_CHARS and key.isprintable() else _brief(key)
             raise ProtocolError(INVALID_REQUEST, f"{name}: unknown field for {kind} (allowed: "
                                                  f"{', '.join(sorted(_FIELDS[kind]))})", rid, key)
     if kind in (HEALTH, METRICS):

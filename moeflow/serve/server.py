@@ -43,9 +43,33 @@ log = logging.getLogger("moeflow.server")
 
 HEALTH_TIMEOUT_S = 5.0  # the engine thread answers between steps
 REPLY_TIMEOUT_S = 1.0  # replies sent by the receive loop itself: it must not stall
+MAX_HEALTH_REPLIES = 256  # health queries answered at once; more are `overloaded`
 MAX_MESSAGE_BYTES = 8 << 20  # a peer sending more is disconnected by zmq
+REQUEST_ROOM_BYTES = 64 << 10  # a request's fields beside its prompt (stops, sampling, id)
 INLINE_PARSE_BYTES = 64 << 10  # larger frames are decoded and checked in a worker thread
 PROMPT_BYTES_PER_TOKEN = 16  # the default text limit: ~4x the bytes of an average token
+
+
+class _LogBudget:
+    """At most `per_minute` log lines a minute for one kind of event; the rest are counted
+    and reported as one line when the next minute allows lines again."""
+
+    def __init__(self, what: str, per_minute: int = 60) -> None:
+        self.what, self.per_minute = what, per_minute
+        self.window, self.used, self.suppressed = 0.0, 0, 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= 60.0:
+            if self.suppressed:
+                log.info("%d more %s were not logged in the last minute", self.suppressed,
+                         self.what)
+            self.window, self.used, self.suppressed = now, 0, 0
+        if self.used < self.per_minute:
+            self.used += 1
+            return True
+        self.suppressed += 1
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +167,10 @@ class RequestServer:
         self.failure: str | None = None  # why the engine gave up, if it did
         self._socket: zmq.asyncio.Socket | None = None
         self._tasks: asyncio.TaskGroup | None = None
+        # the engine's (waiting, running), asked once for every health query meanwhile
+        self._engine_counts: asyncio.Task[tuple[int, int]] | None = None
+        self._health_replies = 0  # health replies being prepared
+        self._refusals = _LogBudget("refused messages")
 
     def stop(self) -> None:
         """Begin a graceful shutdown (call in the server's event loop)."""
@@ -218,7 +246,7 @@ class RequestServer:
         socket.linger = 0
         socket.router_mandatory = 1  # a reply to a client that left raises
         socket.sndhwm = 100_000
-        socket.maxmsgsize = MAX_MESSAGE_BYTES
+        socket.maxmsgsize = self.max_message_bytes()
         auth = None
         if self.config.curve is not None:
             auth = secure(socket, context, self.config.curve)
@@ -228,6 +256,17 @@ class RequestServer:
             raise ValueError(f"cannot bind {address}: {exc}") from None
         self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         return auth
+
+    def max_message_bytes(self) -> int:
+        """The largest frame a valid request can be (its longest text prompt, or prompt ids
+        at up to 9 bytes each, and room for the rest), at most MAX_MESSAGE_BYTES: zmq drops
+        a peer that sends more before anything decodes it, and a frame's decoding holds
+        the interpreter for time that grows with its size."""
+        limits = self.limits
+        if limits.max_prompt_tokens is None or limits.max_prompt_bytes is None:
+            return MAX_MESSAGE_BYTES
+        return min(MAX_MESSAGE_BYTES,
+                   limits.max_prompt_bytes + 9 * limits.max_prompt_tokens + REQUEST_ROOM_BYTES)
 
     async def _watch_engine(self) -> None:
         """An engine that gave up (it failed again and again, or could not restart) stops
@@ -271,7 +310,8 @@ class RequestServer:
                     request = self._parse(body)
                 await self._dispatch(client, envelope, request)
             except p.ProtocolError as exc:
-                log.info("client %s: %s: %s", client.hex(), exc.code, exc.message)
+                if self._refusals.allow():  # a flood of bad messages is not a flood of logs
+                    log.info("client %s: %s: %s", client.hex(), exc.code, exc.message)
                 if (client, exc.request_id) in self.jobs:  # that request goes on
                     exc = p.detached(exc)
                 self.engine.metrics.rejected(exc.code)
@@ -293,6 +333,13 @@ class RequestServer:
                 raise p.ProtocolError(p.DUPLICATE_ID, f"id {request.id!r} is already in "
                                                       f"progress", None, "id")
             p.check_deadline(request, time.time())  # sent long ago (queued while we were down)
+            if len(self.jobs) >= self.config.engine.max_waiting:  # the engine would refuse
+                # it too: refused here, a flood of generates costs no task, no tokenizing
+                raise p.ProtocolError(p.OVERLOADED, f"the server is full: "
+                                                    f"{len(self.jobs)} requests are in "
+                                                    f"progress (the limit is "
+                                                    f"{self.config.engine.max_waiting})",
+                                      request.id)
             self.jobs[job.key] = job
             job.task = self._tasks.create_task(self._generate(job))
         elif isinstance(request, p.Abort):
@@ -305,6 +352,11 @@ class RequestServer:
                 target.task.cancel()
             # not admitted yet: its task sees abort_reason once the engine answers
         elif isinstance(request, p.HealthQuery):
+            if self._health_replies >= MAX_HEALTH_REPLIES:  # a flood of health queries
+                raise p.ProtocolError(p.OVERLOADED, f"{self._health_replies} health queries "
+                                                    f"are being answered; retry later",
+                                      request.id)
+            self._health_replies += 1
             self._tasks.create_task(self._health(client, envelope, request.id))
         else:
             await self._send(client, envelope,
@@ -435,16 +487,23 @@ class RequestServer:
 
     async def _health(self, client: bytes, envelope: list[bytes],
                       request_id: p.RequestId | None = None) -> None:
-        report = await self.health_report(request_id)
-        await self._send(client, envelope, report, self.config.send_timeout_s)
+        try:
+            report = await self.health_report(request_id)
+            await self._send(client, envelope, report, self.config.send_timeout_s)
+        finally:
+            self._health_replies -= 1
 
     async def health_report(self, request_id: p.RequestId | None = None) -> p.HealthReport:
         """The engine's state, asked of the engine thread (answered between steps)."""
         status = "ok"
+        if self._engine_counts is None or self._engine_counts.done():
+            self._engine_counts = asyncio.ensure_future(self.engine.call(
+                lambda core: (len(core.book.waiting), len(core.book.running))))
+            self._engine_counts.add_done_callback(  # its failure is read below, or moot
+                lambda t: t.cancelled() or t.exception())
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                waiting, running = await self.engine.call(
-                    lambda core: (len(core.book.waiting), len(core.book.running)))
+                waiting, running = await asyncio.shield(self._engine_counts)
         except (TimeoutError, EngineStopped):
             snapshot = self.engine.metrics.snapshot()
             status, waiting, running = "unresponsive", snapshot["waiting"], snapshot["running"]

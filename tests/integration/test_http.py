@@ -271,6 +271,24 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
         assert status == 400 and json.loads(reply)["error"]["code"] == "malformed"
 
 
+def test_a_web_page_cannot_drive_a_loopback_server(server, name):
+    """A page on another origin can POST a form or text/plain without asking first, and
+    by DNS rebinding reach 127.0.0.1 under its own host name: both are refused."""
+    body = json.dumps({"model": name, "prompt": "x", "max_tokens": 1}).encode()
+    url = server.http_url + "/v1/completions"
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        status, reply = _raw(url, body, {"Content-Type": kind})
+        assert status == 415 and json.loads(reply)["error"]["code"] == "unsupported_media_type"
+    port = server.http_url.rsplit(":", 1)[1]
+    for path, data in (("/v1/completions", body), ("/health", None), ("/v1/models", None)):
+        status, reply = _raw(server.http_url + path, data, {
+            "Host": f"rebind.attacker.example:{port}", "Content-Type": "application/json"})
+        assert status == 403 and json.loads(reply)["error"]["code"] == "forbidden_host", path
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        status, _ = _raw(url, body, {"Host": host, "Content-Type": "application/json"})
+        assert status == 200, host
+
+
 def test_sixteen_concurrent_streams_are_complete_and_well_formed(server, name):
     async def one(session: aiohttp.ClientSession, i: int) -> tuple[list[dict], bytes]:
         body = {"model": name, "prompt": f"{PROMPT} {i}", "max_tokens": 6 + i % 5,
@@ -395,11 +413,13 @@ def _announced(base: str, path: str, size: int) -> tuple[int, bytes]:
         conn.close()
 
 
-def _raw(url: str, body: bytes | None) -> tuple[int, bytes]:
+def _raw(url: str, body: bytes | None, headers: dict[str, str] | None = None
+         ) -> tuple[int, bytes]:
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, data=body)
+    request = urllib.request.Request(url, data=body, headers=headers or (
+        {"Content-Type": "application/json"} if body is not None else {}))
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return reply.status, reply.read()

@@ -219,6 +219,42 @@ def test_a_full_admission_queue_answers_overloaded(model, tmp_path):
         assert srv.stop() == 0
 
 
+def test_frames_larger_than_any_valid_request_are_dropped_unread(server, client):
+    """The frame limit follows the prompt limits (this tiny model's: well under 8 MiB): a
+    prompt a little over the limit is refused by name, a frame far past any valid request
+    never reaches the decoder, and the server goes on."""
+    client.send({"type": "health", "id": "h"})
+    context = client.next_for("h")["max_position_embeddings"]
+    over = client.generate("over", prompt="a" * (16 * context + 100), max_new_tokens=1)
+    assert over[-1]["code"] == "prompt_too_long"
+    huge = RawClient(server.address)
+    try:
+        huge.send({"type": "health", "id": "huge", "pad": "x" * (2 << 20)})
+        with pytest.raises(TimeoutError):
+            huge.recv(timeout=2.0)
+    finally:
+        huge.close()
+    client.send({"type": "health", "id": "h2"})
+    assert client.next_for("h2")["status"] == "ok"
+
+
+def test_a_flood_of_health_queries_is_answered_or_refused_and_the_server_goes_on(server):
+    """Thousands of health queries at once: each gets a health report or `overloaded` (no
+    unbounded queue of replies), and the server serves generates afterwards."""
+    flood = RawClient(server.address)
+    try:
+        for i in range(3000):
+            flood.send({"type": "health", "id": f"h{i}"})
+        replies = [flood.recv() for _ in range(3000)]
+        kinds = {r["type"] if r["type"] == "health" else r.get("code") for r in replies}
+        assert kinds <= {"health", "overloaded"} and "health" in kinds, kinds
+        assert sorted(r["id"] for r in replies) == sorted(f"h{i}" for i in range(3000))
+        done = flood.generate("after", prompt_ids=[1, 2, 3], max_new_tokens=2)
+        assert done[-1]["finish_reason"] == "length"
+    finally:
+        flood.close()
+
+
 @pytest.mark.timeout(120)
 def test_a_public_address_without_curve_is_refused(model, tmp_path):
     def serve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -437,3 +437,45 @@ def test_prometheus_uses_vllm_names_with_the_moeflow_prefix():
                  "# TYPE moeflow:kv_blocks_free gauge", "moeflow:kv_blocks_free 7"):
         assert line in text.splitlines(), line
     assert "moeflow_" not in text  # the names before vLLM's are gone
+
+
+def test_an_unknown_field_with_a_newline_is_quoted_in_the_message():
+    forged = "x\n2026-12-06 20:30:00,000 INFO moeflow.server: forged"
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse_request({"type": "health", forged: 1}, p.Limits())
+    assert "\n" not in info.value.message and "unknown field" in info.value.message
+
+
+def test_health_queries_at_once_share_one_engine_call():
+    """However many health queries wait, the engine thread is asked once (it answers
+    between steps): a flood of them queues no flood of engine calls."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from moeflow.serve.config import EngineConfig
+    from moeflow.serve.server import RequestServer, ServerConfig
+
+    class Engine:
+        calls = 0
+        spec = SimpleNamespace(name="m", family="qwen3_moe", vocab_size=8,
+                               max_position_embeddings=16)
+        metrics = SimpleNamespace(snapshot=lambda: {"waiting": 0, "running": 0})
+
+        async def call(self, fn):
+            Engine.calls += 1
+            await asyncio.sleep(0.05)  # a step in progress
+            return fn(SimpleNamespace(book=SimpleNamespace(waiting=[1], running=[2, 3])))
+
+        def health(self):
+            return {"status": "ok", "restarts": 0, "last_error": None}
+
+    async def run():
+        server = RequestServer(ServerConfig(EngineConfig("/unused")), engine=Engine())
+        reports = await asyncio.gather(*(server.health_report(i) for i in range(500)))
+        again = await server.health_report("later")  # a query after them asks anew
+        return reports, again
+
+    reports, again = asyncio.run(run())
+    assert Engine.calls == 2
+    assert all((r.status, r.waiting, r.running) == ("ok", 1, 2) for r in reports)
+    assert [r.id for r in reports] == list(range(500)) and again.id == "later"
