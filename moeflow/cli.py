@@ -89,8 +89,11 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="actors in this process, or one process per device over ZeroMQ")
     parser.add_argument("--kv-cache-tokens", type=_positive, default=65536,
                         help="KV-cache capacity per device, in tokens")
-    parser.add_argument("--max-batch-tokens", type=_positive, default=2048)
-    parser.add_argument("--max-seqs", type=_positive, default=64)
+    parser.add_argument("--max-batch-tokens", type=_positive, default=2048,
+                        help="tokens in flight in one step at most (prompts are cut into "
+                             "chunks to fit; default: 2048)")
+    parser.add_argument("--max-seqs", type=_positive, default=64,
+                        help="sequences in flight in one step at most (default: 64)")
     parser.add_argument("--gpu-memory", metavar="SIZE",
                         help="cgopipe/flexgen: weights the first device (the GPU) may hold, "
                              "e.g. 512KB or 2GB; the other experts are paged in from the last")
@@ -143,13 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     group = gen.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="text prompt (needs the checkpoint's tokenizer)")
     group.add_argument("--prompt-ids", type=_token_ids, help="token ids, e.g. 1,2,3")
-    gen.add_argument("--max-new-tokens", type=_positive, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-new-tokens", type=_positive, default=32,
+                     help="tokens to generate at most (default: 32)")
+    gen.add_argument("--temperature", type=float, default=0.0,
+                     help="0 (the default) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: the likeliest tokens holding this much "
+                          "probability (default: 1, off)")
+    gen.add_argument("--top-k", type=int, default=0,
+                     help="sample among the k likeliest tokens (default: 0, off)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="makes sampling reproducible, in [0, 2^64)")
     _engine_arguments(gen)
-    gen.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ...}')
+    gen.add_argument("--json", action="store_true",
+                     help='print {"token_ids": [...], "text": ..., "finish_reason": ...}')
     gen.add_argument("--stats", action="store_true", help="print prefill and decode speed")
     gen.add_argument("--record-routing", metavar="FILE",
                      help="write rows per expert per layer (for simulate --routing recorded:FILE)")
@@ -179,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bfloat16, float16, float32, or fp8 (fp8 weights and GEMMs, bf16 "
                           "activations; needs fp8 hardware: h100, h800, h200, l4); default: "
                           "the model's own")
-    sim.add_argument("--max-batch-tokens", type=_positive, default=8192)
-    sim.add_argument("--max-seqs", type=_positive, default=256)
+    sim.add_argument("--max-batch-tokens", type=_positive, default=8192,
+                     help="tokens in flight in one step at most (default: 8192)")
+    sim.add_argument("--max-seqs", type=_positive, default=256,
+                     help="sequences in flight in one step at most (default: 256)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--trace", help="write the trace: .json (Perfetto) or .html (timeline)")
     sim.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
@@ -227,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='the "model" HTTP clients name (default: MODEL_DIR as given)')
     _engine_arguments(serve)
     serve.add_argument("--max-waiting", type=_positive, default=64,
-                       help="requests in progress beyond which new ones get `overloaded`")
+                       help="requests in progress beyond which new ones get `overloaded` "
+                            "(default: 64)")
     serve.add_argument("--max-prompt-tokens", type=_positive, default=None,
                        help="the longest prompt in tokens (default: the engine's context - 1, "
                             "the context being the smaller of the model's "
@@ -235,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-bytes", type=_positive, default=None,
                        help="the longest text prompt in UTF-8 bytes, checked before tokenizing "
                             "(default: 16 per prompt token, at most 8 MiB)")
-    serve.add_argument("--max-new-tokens-limit", type=_positive, default=4096)
+    serve.add_argument("--max-new-tokens-limit", type=_positive, default=4096,
+                       help="the most tokens a request may ask for (default: 4096)")
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve GET /metrics (Prometheus) on 127.0.0.1:PORT (0: any port)")
     serve.add_argument("--curve-secret-key", metavar="FILE",
@@ -331,7 +345,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with llm:
         [out] = llm.generate(prompt, sampling=params)
     if args.json:
-        print(json.dumps({"token_ids": list(out.token_ids), "text": out.text}))
+        print(json.dumps({"token_ids": list(out.token_ids), "text": out.text,
+                          "finish_reason": out.finish_reason}))
     elif args.prompt is not None:
         print(args.prompt + out.text)
     else:
@@ -348,7 +363,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"prefill: {len(out.prompt_token_ids)} tokens in {out.ttft_s * 1e3:.1f} ms "
               f"({out.prefill_tokens_per_s:.0f} tok/s); decode: {len(out.token_ids)} tokens, "
               f"{out.decode_tokens_per_s:.1f} tok/s; devices {args.devices}, "
-              f"dtype {llm.dtype}".replace("torch.", "") + _kernel_note(args.devices),
+              f"dtype {llm.dtype}".replace("torch.", "") + _kernel_note(args.devices,
+                                                                         llm.dtype),
               file=sys.stderr)
     return 0
 
@@ -376,13 +392,13 @@ def _prompt_tokens(args: argparse.Namespace) -> int:
     return max(1, len(tokenizer.encode(args.prompt)))
 
 
-def _kernel_note(devices: str) -> str:
-    """The CPU GEMM path, for a stats line of a run with CPU devices."""
+def _kernel_note(devices: str, dtype: Any) -> str:
+    """The CPU GEMM path for the run's dtype, for a stats line of a run with CPU devices."""
     if "cpu" not in devices:
         return ""
     from moeflow.ops.cpu.choice import describe
 
-    return f"; CPU GEMMs: {describe()}"
+    return f"; CPU GEMMs: {describe(dtype)}"
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

@@ -155,6 +155,8 @@ class ZmqExecutor:
         self.started: dict[int, float] = {}  # job id -> when it was submitted
         self.actors: dict[str, _Actor] = {}
         self.lost: set[str] = set()
+        self.restarts = 0  # actor processes restarted, and why the last one was
+        self.last_restart: str | None = None
         self.dropped: dict[str, int] = {}  # messages the coordinator dropped, by reason
         self.outbox: dict[str, list[list[Any]]] = {}  # RunUnits submitted, not yet sent
         self.closed = False
@@ -441,6 +443,8 @@ class ZmqExecutor:
         """Fail the jobs `name` was part of now, and start its successor; a job that needs
         it waits for its Hello in `submit`."""
         log.error("actor %s died (%s); restarting it", name, why)
+        self.restarts += 1
+        self.last_restart = f"actor {name} died ({why}) and was restarted"
         old = self.actors[name]
         with contextlib.suppress(OSError):
             old.proc.kill()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import entry_points
 
 from moeflow.scheduler.base import Scheduler
@@ -37,7 +39,7 @@ def scheduler_class(name: str) -> type[Scheduler]:
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            module = importlib.import_module(module_name)
+            module = _import(module_name)
         except ImportError as exc:
             raise UnknownScheduler(f"scheduler {name!r}: cannot import {module_name!r} "
                                    f"({exc})") from None
@@ -49,6 +51,20 @@ def scheduler_class(name: str) -> type[Scheduler]:
         return _checked(cls, name)
     raise UnknownScheduler(f"unknown scheduler {name!r}; available: {', '.join(available())} "
                            f"(or a 'module:Class' path)")
+
+
+def _import(module_name: str) -> object:
+    """`module_name`, found on sys.path or, failing that, in the working directory (as
+    `python -m` and uvicorn find an app's module: the `moeflow` command's own path starts
+    at its script's directory, not the one it runs in)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(module_name)
 
 
 def make_scheduler(name_or_instance: str | Scheduler) -> Scheduler:

@@ -128,9 +128,12 @@ class AsyncEngine:
                     len(thread.restarts), "last_error": None if thread is None else
                     thread.fatal or thread.last_error}
         now = time.monotonic()
+        executor = getattr(thread.core, "executor", None)  # read across threads: two fields
         return {"status": "ok",
                 "restarts": sum(1 for t in thread.restarts if now - t < RESTART_WINDOW_S),
-                "last_error": thread.last_error}
+                "last_error": thread.last_error,
+                "actor_restarts": getattr(executor, "restarts", 0),
+                "last_actor_error": getattr(executor, "last_restart", None)}
 
     async def __aenter__(self) -> AsyncEngine:
         return await self.start()

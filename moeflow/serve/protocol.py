@@ -504,6 +504,8 @@ class HealthReport:
     waiting: int
     restarts: int = 0  # engine restarts after failures, in the last minute
     last_error: str | None = None  # the last failure of the engine, if any
+    actor_restarts: int = 0  # actor processes restarted since the engine started
+    last_actor_error: str | None = None  # why the last one was
     protocol_version: int = PROTOCOL_VERSION
     features: tuple[str, ...] = FEATURES
     id: RequestId | None = None  # the health request's id, if it had one

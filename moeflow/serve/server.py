@@ -516,7 +516,8 @@ class RequestServer:
                                 _scheduler_name(config.engine.scheduler),
                                 tuple(config.engine.devices), config.engine.transport, running,
                                 waiting, engine["restarts"],
-                                engine["last_error"], id=request_id)
+                                engine["last_error"], engine.get("actor_restarts", 0),
+                                engine.get("last_actor_error"), id=request_id)
         return report
 
     async def _send(self, client: bytes, envelope: list[bytes], reply: p.Reply,

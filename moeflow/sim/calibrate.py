@@ -113,7 +113,10 @@ def per_op_overhead(hw_probe: Hardware, steps: int) -> float:
 def calibrate(quick: bool = False, log: Callable[[str], None] = lambda _: None) -> Hardware:
     repeats = 2 if quick else 5
     threads = torch.get_num_threads()
-    log(f"calibrating with {threads} torch threads ...")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    log(f"calibrating with {threads} torch threads ..." + (
+        f" (fewer than the {cores} cores this process may use: OMP_NUM_THREADS? the figures "
+        f"are those of {threads})" if cores and threads < cores else ""))
     bf16 = gemm_peak(torch.bfloat16, repeats)
     fp32 = gemm_peak(torch.float32, repeats)
     log(f"  GEMM peak: bf16 {bf16 / 1e9:.0f} GFLOP/s, fp32 {fp32 / 1e9:.0f} GFLOP/s")

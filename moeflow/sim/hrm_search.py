@@ -56,7 +56,7 @@ def search(model: ModelSpec, system: System, workload: Workload, *,
     budgets = (gpu_fraction * system.gpu.memory, cpu_fraction * system.cpu.memory)
     best: Estimate | None = None
     tried, solves = [], 0
-    with solver_output_to_stderr():
+    with solver_output_discarded():
         found = [_best_of(model, system, workload, ag, fg, micro_batch_size,
                           num_micro_batches, min_micro_batches, budgets, max_batch)
                  for ag, fg in placements]
@@ -89,12 +89,13 @@ def _best_of(model: ModelSpec, system: System, workload: Workload, ag: bool, fg:
 
 
 @contextlib.contextmanager
-def solver_output_to_stderr() -> Iterator[None]:
-    """The process's stdout (fd 1) goes to stderr meanwhile. HiGHS (scipy's `milp`) may
+def solver_output_discarded() -> Iterator[None]:
+    """The process's stdout (fd 1) goes to /dev/null meanwhile. HiGHS (scipy's `milp`) may
     printf a debug line in a MIP solve whatever its log options (HiGHS 1.7-1.12: "Highs
-    MipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"); off stdout, it
-    cannot break what `moeflow plan` or `generate --json` print there. C's buffered stdout
-    is flushed before fd 1 comes back."""
+    MipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"): it must not
+    break what `moeflow plan` or `generate --json` print on stdout, and it means nothing
+    to a user on stderr either. C's buffered stdout is flushed before fd 1 comes back.
+    Only the solve runs inside; its errors are raised, not printed."""
     try:
         saved = os.dup(1)
     except OSError:  # no stdout to protect
@@ -102,14 +103,16 @@ def solver_output_to_stderr() -> Iterator[None]:
         return
     libc = _libc()
     sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(null, 1)
         yield
     finally:
         if libc is not None:
             libc.fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
+        os.close(null)
 
 
 def _libc() -> Any:

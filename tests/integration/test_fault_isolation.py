@@ -170,6 +170,7 @@ def test_an_actor_that_dies_while_idle_is_restarted_before_the_next_request(path
         async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
                                                transport="zmq") as engine:
             first = await final_of(engine, PROMPT, GREEDY)
+            assert engine.health()["actor_restarts"] == 0
             pids = await engine.call(lambda core: core.executor.pids())
             os.kill(pids["cpu:1"], signal.SIGKILL)
             deadline = time.monotonic() + 30
@@ -182,6 +183,9 @@ def test_an_actor_that_dies_while_idle_is_restarted_before_the_next_request(path
                 raise AssertionError("the dead actor was not restarted while idle")
             again = await final_of(engine, PROMPT, GREEDY)
             assert again.error is None and again.token_ids == first.token_ids
+            health = engine.health()  # what health reports say of it
+            assert health["actor_restarts"] == 1 and health["status"] == "ok"
+            assert "actor cpu:1 died" in health["last_actor_error"]
 
     asyncio.run(main())
 

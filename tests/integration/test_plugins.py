@@ -112,3 +112,22 @@ def test_cli_rejects_an_unknown_scheduler(tiny_factory, capsys):
     code = main(["generate", str(tiny_factory("qwen3_moe")), "--prompt-ids", "1,2",
                  "--scheduler", "nope"])
     assert code == 2 and "unknown scheduler 'nope'" in capsys.readouterr().err
+
+
+def test_a_module_in_the_working_directory_is_found_by_the_command(tmp_path, tiny_factory):
+    """`moeflow generate --scheduler mysched:MyScheduler`, run where mysched.py is: found
+    as `python -m` would find it (the command's own path starts at its script's
+    directory), in this process and in actor processes."""
+    (tmp_path / "mysched.py").write_text(PLUGIN)
+    command = Path(sys.executable).with_name("moeflow")
+    model = tiny_factory("qwen2_moe")
+    outs = []
+    for transport in ("inproc", "zmq"):
+        out = subprocess.run(
+            [str(command), "generate", str(model), "--prompt-ids", "5,17,33,2,99",
+             "--max-new-tokens", "8", "--devices", "cpu:0,cpu:1", "--transport", transport,
+             "--scheduler", "mysched:MyScheduler", "--json"],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(json.loads(out.stdout)["token_ids"])
+    assert outs[0] == outs[1] == generate(model, "batch-ep", tmp_path)

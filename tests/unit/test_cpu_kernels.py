@@ -29,6 +29,15 @@ def test_kernels_are_built():
     assert kernels.isas()[0] == 0 and kernels.describe() in kernels.ISA_NAMES.values()
 
 
+def test_the_stats_line_names_the_path_of_the_runs_dtype():
+    from moeflow.ops.cpu.choice import describe
+
+    assert "bf16 GEMMs" in describe(torch.bfloat16) and "fp32" not in describe(torch.bfloat16)
+    assert "fp32 GEMMs" in describe(torch.float32) and "bf16 GEMMs" not in describe(
+        torch.float32)
+    assert describe(torch.float16).startswith("torch's")
+
+
 def test_a_kernel_call_releases_the_gil():
     """Another Python thread runs while a kernel runs (the engine's thread must not stall
     the server's): the main thread watches a worker thread through one long call, and runs

@@ -173,14 +173,20 @@ def default_choice() -> KernelChoice:
     return KernelChoice()
 
 
-def describe() -> str:
-    """The kernel path and its crossovers, for stats lines."""
+def describe(dtype: torch.dtype = torch.bfloat16) -> str:
+    """The kernel path and its crossovers for GEMMs in `dtype`, for stats lines."""
     c = kernel_choice()
     if not kernels.available():
         return kernels.describe()
+    if dtype not in KERNEL_DTYPES:
+        return f"torch's ({str(dtype).removeprefix('torch.')}: no kernels)"
+
     def rows(n: int) -> str:
         return "any rows" if n >= ALL_ROWS else f"{n} rows"
 
+    if dtype == torch.float32:
+        return (f"{kernels.describe()} kernels for fp32 GEMMs up to {rows(c.fp32_rows)} per "
+                f"weight ({c.source})")
     panels = (f", on panels from {kernels.panel_rows()} rows" if kernels.best_isa() >= 2
               else "")
     return (f"{kernels.describe()} kernels for bf16 GEMMs up to {rows(c.linear_rows)} "
