@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("moeflow.http")
 
 MAX_BODY_BYTES = 8 << 20  # as the ZeroMQ side's largest message
+REQUEST_ROOM_BYTES = 64 << 10  # a call's fields beside its prompt (messages' roles, stops)
 INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 BODY_TIMEOUT_S = 30.0  # a request body not all here by then gets 408
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
@@ -111,6 +112,18 @@ class OpenAIFrontEnd:
         self.stopping = False  # shutdown began: new calls get 503, admitted ones "abort"
         self.address: str | None = None  # http://host:port once bound
         self._endpoint = HttpEndpoint(self.app(), self.host, self.port)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a valid call can be, at most MAX_BODY_BYTES: the longest text
+        prompt JSON-escaped (up to 6 bytes a byte: \\u0000), prompt ids at up to 9 bytes
+        each, and room for the rest. Parsing a body holds the interpreter for time that
+        grows with its size, so larger ones are refused unread."""
+        limits = self.server.limits
+        if limits.max_prompt_tokens is None or limits.max_prompt_bytes is None:
+            return MAX_BODY_BYTES
+        return min(MAX_BODY_BYTES, 6 * limits.max_prompt_bytes + 9 * limits.max_prompt_tokens
+                   + REQUEST_ROOM_BYTES)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -288,16 +301,17 @@ class OpenAIFrontEnd:
 
     async def _read_json(self, request: Any) -> dict[str, Any]:
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the body has {size} bytes; at most {MAX_BODY_BYTES}", None,
+        most = self.max_body_bytes
+        if size is not None and size.isdigit() and int(size) > most:
+            raise ApiError(413, f"the body has {size} bytes; at most {most}", None,
                            "body_too_large")
         parts, total = [], 0
         try:
             async with asyncio.timeout(BODY_TIMEOUT_S):  # a body sent a byte at a time
                 async for chunk in request.stream():
                     total += len(chunk)
-                    if total > MAX_BODY_BYTES:
-                        raise ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes", None,
+                    if total > most:
+                        raise ApiError(413, f"the body is over {most} bytes", None,
                                        "body_too_large")
                     parts.append(chunk)
         except TimeoutError:

@@ -102,8 +102,14 @@ class Fields(p._Checker):
 
 
 def json_brief(value: Any) -> str:
+    """`value` as JSON, cut to at most 60 characters: encoded only that far (a request's
+    megabytes of nested arrays cost no more than a short one)."""
+    text = ""
     try:
-        text = json.dumps(value)
+        for chunk in json.JSONEncoder().iterencode(value):
+            text += chunk
+            if len(text) > 60:
+                break
     except (TypeError, ValueError, RecursionError):
         text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."

@@ -271,6 +271,26 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
         assert status == 400 and json.loads(reply)["error"]["code"] == "malformed"
 
 
+def test_a_body_larger_than_any_valid_call_is_refused_unparsed(server, name):
+    """The body limit follows the prompt limits (this model's: under 2 MiB, not 8): a
+    prompt a little over the limit is parsed and refused by name, a body of 3 MiB (of
+    nested arrays, say) is refused before any of it is read."""
+    health = json.loads(urllib_get(server.http_url + "/health"))
+    most = 16 * (health["max_position_embeddings"] - 1)  # the default prompt bytes
+    over = json.dumps({"model": name, "prompt": "a" * (most + 100), "max_tokens": 1})
+    status, reply = _raw(server.http_url + "/v1/completions", over.encode())
+    assert status == 400 and "bytes" in json.loads(reply)["error"]["message"]
+    status, reply = _announced(server.http_url, "/v1/completions", 3 << 20)
+    assert status == 413 and json.loads(reply)["error"]["code"] == "body_too_large"
+
+
+def urllib_get(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return reply.read()
+
+
 def test_a_web_page_cannot_drive_a_loopback_server(server, name):
     """A page on another origin can POST a form or text/plain without asking first, and
     by DNS rebinding reach 127.0.0.1 under its own host name: both are refused."""

@@ -119,3 +119,12 @@ def test_completions_top_logprobs_hold_the_sampled_token():
     assert entry["top_logprobs"] == [{"a": -0.1, "b": -2.5, "f": -6.9}]
     assert form.of(0, (-0.1, ((0, -0.1), (1, -2.5))))["top_logprobs"] == [
         {"a": -0.1, "b": -2.5}]
+
+
+def test_json_brief_encodes_only_what_it_shows():
+    from moeflow.serve.openai_schema import json_brief
+
+    huge = [[i] for i in range(1 << 20)]
+    assert json_brief(huge).startswith("[[0], [1], [2]") and len(json_brief(huge)) == 60
+    assert json_brief({"a": None}) == '{"a": null}'
+    assert json_brief(object()) == "object"
