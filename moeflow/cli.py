@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="the Bearer token HTTP clients must send (default: the "
                             "MOEFLOW_API_KEY environment variable, if set)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="without an API key, a Host name HTTP calls may give beside "
+                            "localhost/127.0.0.1/[::1] (a local reverse proxy's public name; "
+                            "repeatable)")
     serve.add_argument("--chat-template", metavar="FILE", default=None,
                        help="a Jinja2 chat template replacing the checkpoint's")
     serve.add_argument("--served-model-name", default=None,
@@ -649,6 +653,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_new_tokens_limit=args.max_new_tokens_limit,
                           metrics_port=args.metrics_port, curve=curve, http=args.http,
                           api_key=api_key or None, chat_template=args.chat_template,
+                          allowed_hosts=tuple(args.allowed_host),
                           served_model_name=args.served_model_name)
     if args.http is not None:
         from moeflow.serve.chat import ChatTemplate

@@ -329,8 +329,7 @@ class Qwen3Moe(Family):
 
 class Olmoe(Family):
     model_type = "olmoe"
-    defaults = {"max_position_embeddings": 4096, "num_key_value_heads": 16,
-                "rms_norm_eps": 1e-5}
+    defaults = {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 
     def parse(self, f: Fields) -> ModelSpec:
         _check_act(f)
@@ -359,7 +358,7 @@ class DeepseekV2(Family):
     model_type = "deepseek_v2"
     defaults = {"max_position_embeddings": 2048, "n_shared_experts": 2, "q_lora_rank": 1536,
                 "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-                "v_head_dim": 128, "rms_norm_eps": 1e-6}
+                "v_head_dim": 128, "rms_norm_eps": 1e-6, "intermediate_size": 11008}
     expert_keys = ExpertKeys("mlp.", "gate_proj", "up_proj", "down_proj", "mlp.shared_experts.")
 
     scoring = "softmax"
@@ -428,7 +427,8 @@ class DeepseekV3(DeepseekV2):
     model_type = "deepseek_v3"
     defaults = {**DeepseekV2.defaults, "max_position_embeddings": 4096, "n_shared_experts": 1,
                 "first_k_dense_replace": 3, "norm_topk_prob": True,
-                "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4}
+                "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+                "intermediate_size": 18432}
     scoring = "sigmoid"
     topk_methods = ("noaux_tc",)
     rope_interleave_field = True  # V3 honours rope_interleave (transformers' V2 does not)

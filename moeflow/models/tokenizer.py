@@ -59,6 +59,9 @@ class IncrementalDecoder:
         self.tokenizer = tokenizer
         self.prefix = 0  # ids before this are already text
         self.read = 0  # ids prefix..read are text too, kept as context for the next ones
+        # the text held back by the last step: complete characters before the incomplete
+        # one, which later ids may still change (a stop string may already end in them)
+        self.held = ""
 
     def step(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -67,7 +70,9 @@ class IncrementalDecoder:
         new_text = self.tokenizer.decode(ids[self.prefix:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(ids)
+            self.held = ""
             return new_text[len(prefix_text):]
+        self.held = new_text[len(prefix_text):].rstrip("\ufffd")
         return ""
 
 

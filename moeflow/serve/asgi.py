@@ -13,8 +13,8 @@ import socket
 from typing import Any
 
 GRACEFUL_S = 10  # at shutdown, how long uvicorn waits for calls in progress to end
-# connections and requests served at once; more get 503 at once (one client holding many
-# half-sent requests cannot use up the process's file descriptors)
+# connections and requests served at once by default; more get 503 at once (one client
+# holding many half-sent requests cannot use up the process's file descriptors)
 MAX_CONNECTIONS = 512
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,8 +24,10 @@ class HttpEndpoint:
     (so that a busy port fails plainly, before serving starts), `run()` serves until
     `stop()`, `close()` lets go of the socket."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.app, self.host, self.port = app, host, port
+        self.max_connections = max_connections
         self.address: str | None = None  # http://host:port once bound
         self._socket: socket.socket | None = None
         self._uvicorn: Any = None
@@ -50,7 +52,7 @@ class HttpEndpoint:
         config = uvicorn.Config(self.app, http="httptools", lifespan="off",
                                 log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=GRACEFUL_S,
-                                limit_concurrency=MAX_CONNECTIONS)
+                                limit_concurrency=self.max_connections)
         self._uvicorn = _uvicorn_server(config)
         return self.address
 

@@ -259,13 +259,15 @@ class EngineCore:
             if req.stop_decoder is None:
                 req.stop_decoder = IncrementalDecoder(self.tokenizer)
             scanned = len(req.stop_text)
-            new = req.stop_decoder.step(req.output_ids)
-            if new:  # only the new text, and the tail where a stop could begin before it
-                req.stop_text += new
+            req.stop_text += req.stop_decoder.step(req.output_ids)
+            # with the complete characters held back before an incomplete one: the token
+            # that completes a stop string may begin the next character
+            text = req.stop_text + req.stop_decoder.held
+            if len(text) > scanned:  # only the new text, and the tail a stop could begin in
                 start = max(0, scanned - max(len(s) for s in params.stop) + 1)
-                found = [h for s in params.stop if (h := req.stop_text.find(s, start)) >= 0]
+                found = [h for s in params.stop if (h := text.find(s, start)) >= 0]
                 if found:
-                    req.stop_text_end = min(found)
+                    req.stop_text, req.stop_text_end = text, min(found)
                     return "stop"
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"

@@ -44,7 +44,7 @@ from moeflow.serve.openai_schema import (
     ApiError, Call, Fields, bad, check_model, check_names, fit_sampling, json_brief, parse_call,
     parse_messages,
 )
-from moeflow.serve.asgi import PROMETHEUS_TYPE, HttpEndpoint
+from moeflow.serve.asgi import MAX_CONNECTIONS, PROMETHEUS_TYPE, HttpEndpoint
 from moeflow.serve.sse import Chunks, HoldBack, LogprobsFormat, sse_json
 
 if TYPE_CHECKING:
@@ -95,12 +95,13 @@ class OpenAIFrontEnd:
     """The HTTP routes over a RequestServer's engine; `start()` binds, `run()` serves."""
 
     def __init__(self, server: RequestServer, address: str, *, api_key: str | None = None,
-                 chat_template: str | None = None, served_model_name: str | None = None
-                 ) -> None:
+                 chat_template: str | None = None, served_model_name: str | None = None,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         check_http_bind(address, api_key)
         self.server = server
         self.host, self.port = parse_address(address)
         self.api_key = api_key
+        self.allowed_hosts = allowed_hosts
         config = server.config.engine
         self.model_name = served_model_name or config.model
         self.template = ChatTemplate.load(config.model, chat_template)
@@ -111,7 +112,9 @@ class OpenAIFrontEnd:
         self.calls: set[Call] = set()
         self.stopping = False  # shutdown began: new calls get 503, admitted ones "abort"
         self.address: str | None = None  # http://host:port once bound
-        self._endpoint = HttpEndpoint(self.app(), self.host, self.port)
+        # room for every request in progress to stream, and as many more connections idle
+        self._endpoint = HttpEndpoint(self.app(), self.host, self.port,
+                                      max(MAX_CONNECTIONS, 2 * config.max_waiting))
 
     @property
     def max_body_bytes(self) -> int:
@@ -159,7 +162,7 @@ class OpenAIFrontEnd:
                   Route("/tokenize", self.tokenize, methods=["POST"])]
         app = Starlette(routes=routes, exception_handlers={404: _not_found,
                                                            405: _not_allowed})
-        return _Guard(app, self.api_key)
+        return _Guard(app, self.api_key, self.allowed_hosts)
 
     # -- routes --------------------------------------------------------------------
 
@@ -505,51 +508,68 @@ async def _not_allowed(request: Any, exc: Any) -> Any:
                           None, "method_not_allowed").body(), 405)
 
 
-def _loopback_host(host: bytes) -> bool:
-    """A Host header naming this machine's loopback (any port): what a client of a
-    loopback server sends, and what a page on another origin, DNS rebound to 127.0.0.1,
-    does not."""
-    name = host.decode("latin-1").strip().lower()
+def host_name(host: bytes | str) -> str:
+    """A Host header's name: lower case, without its port or a trailing dot."""
+    name = (host.decode("latin-1") if isinstance(host, bytes) else host).strip().lower()
     if name.startswith("["):  # [::1]:8000
         name = name[1:name.find("]")] if "]" in name else name
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
-    return name.endswith(".localhost") or is_loopback_host(name)
+    return name.removesuffix(".")
+
+
+def _local_host(host: bytes, allowed: frozenset[str]) -> bool:
+    """A Host header naming this machine's loopback (any port) or an allowed name: what a
+    client of a loopback server sends (a client without one, HTTP/1.0, is no browser), and
+    what a page on another origin, DNS rebound to 127.0.0.1, does not."""
+    if not host:
+        return True
+    name = host_name(host)
+    return name in allowed or name.endswith(".localhost") or is_loopback_host(name)
 
 
 class _Guard:
     """ASGI middleware, before any route: the API key (when set) on every route but
-    OPEN_PATHS; a JSON body on POST (a form or text/plain POST is what a web page may send
-    cross-origin without asking first); and, with no key, a Host naming the loopback (a
-    DNS-rebound page names its own)."""
+    OPEN_PATHS. Without a key (a loopback server): a Host naming the loopback or an allowed
+    name (a DNS-rebound page names its own), and a JSON body on POST (a form, text/plain or
+    untyped POST is what a web page may send to any origin without asking first)."""
 
-    def __init__(self, app: Any, api_key: str | None) -> None:
+    def __init__(self, app: Any, api_key: str | None, allowed_hosts: tuple[str, ...] = ()
+                 ) -> None:
         self.app = app
         self.expected = None if api_key is None else b"Bearer " + api_key.encode()
+        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             headers = scope["headers"]
-            if self.expected is None:
+            if self.expected is not None:  # a page cannot send the key without asking first
+                if scope["path"] not in OPEN_PATHS:
+                    given = next((v for k, v in headers if k == b"authorization"), b"")
+                    if not hmac.compare_digest(given, self.expected):
+                        return await _refuse(send, 401, "a valid API key is required: send "
+                                             "'Authorization: Bearer KEY'", "invalid_api_key",
+                                             [(b"www-authenticate", b"Bearer")])
+            else:
                 host = next((v for k, v in headers if k == b"host"), b"")
-                if not _loopback_host(host):
+                if not _local_host(host, self.allowed):
                     return await _refuse(send, 403, "this server (loopback, no API key) "
-                                         "answers requests to localhost or 127.0.0.1 only: "
-                                         f"Host {host.decode('latin-1')[:60]!r}",
-                                         "forbidden_host")
-            elif scope["path"] not in OPEN_PATHS:
-                given = next((v for k, v in headers if k == b"authorization"), b"")
-                if not hmac.compare_digest(given, self.expected):
-                    return await _refuse(send, 401, "a valid API key is required: send "
-                                         "'Authorization: Bearer KEY'", "invalid_api_key",
-                                         [(b"www-authenticate", b"Bearer")])
-            if scope["method"] == "POST":
+                                         "answers requests to localhost or 127.0.0.1 only "
+                                         "(--allowed-host adds a name): Host "
+                                         f"{host.decode('latin-1')[:60]!r}", "forbidden_host")
                 kind = next((v for k, v in headers if k == b"content-type"), b"")
-                if kind.split(b";")[0].strip().lower() != b"application/json":
+                if scope["method"] == "POST" and not _json_type(kind):
                     return await _refuse(send, 415, "send the body as JSON, with "
                                          "'Content-Type: application/json'",
                                          "unsupported_media_type")
         await self.app(scope, receive, send)
+
+
+def _json_type(kind: bytes) -> bool:
+    """application/json, or a +json type, parameters aside."""
+    media = kind.split(b";")[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/")
+                                            and media.endswith(b"+json"))
 
 
 async def _refuse(send: Any, status: int, message: str, code: str,

@@ -41,7 +41,20 @@ def nests_deeper(body: bytes, max_depth: int) -> bool:
     `max_depth` deep (a top-level map is depth 1). Reads heads only, without recursion, in
     time linear in len(body); answers False at bytes that are not msgpack or run short,
     which decoding then refuses."""
+    return _scan(body, max_depth, None) == "deep"
+
+
+def too_many_containers(body: bytes, max_containers: int) -> bool:
+    """Whether the msgpack object at the start of `body` holds more than `max_containers`
+    maps and arrays, empty ones too (decoding megabytes of `[]` takes seconds: a valid
+    request holds a few). Same reading as `nests_deeper`."""
+    return _scan(body, 1 << 30, max_containers) == "many"
+
+
+def _scan(body: bytes, max_depth: int, max_containers: int | None) -> str | None:
+    """"deep", "many" or None (fine, or not msgpack: decoding refuses that)."""
     end, pos = len(body), 0
+    containers = 0
     left = [1]  # objects still to read in each open container, innermost last
     while left:
         num_left = left[-1]
@@ -49,7 +62,7 @@ def nests_deeper(body: bytes, max_depth: int) -> bool:
             left.pop()
             continue
         if pos >= end:
-            return False
+            return None
         head = body[pos]
         size = _SCALAR_SIZE[head]
         if size == 1 or head in (0x80, 0x90):
@@ -57,6 +70,11 @@ def nests_deeper(body: bytes, max_depth: int) -> bool:
                    ).match(body, pos, pos + num_left)
             if run is not None:
                 num_run = run.end() - pos
+                if max_containers is not None:  # the run's empty maps and arrays
+                    containers += (body.count(b"\x80", pos, run.end())
+                                   + body.count(b"\x90", pos, run.end()))
+                    if containers > max_containers:
+                        return "many"
                 pos, left[-1] = pos + num_run, num_left - num_run
                 continue
         left[-1] = num_left - 1
@@ -74,8 +92,11 @@ def nests_deeper(body: bytes, max_depth: int) -> bool:
             pos += 1 + width + gap + int.from_bytes(body[pos + 1:pos + 1 + width], "big")
             continue
         else:  # 0xc1 is never used
-            return False
+            return None
         left.append(count)
+        containers += 1
         if len(left) - 1 > max_depth:
-            return True
-    return False
+            return "deep"
+        if max_containers is not None and containers > max_containers:
+            return "many"
+    return None

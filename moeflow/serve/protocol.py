@@ -28,7 +28,7 @@ from typing import Any, Union, cast
 
 import msgpack
 
-from moeflow.serve.msgpack_depth import nests_deeper
+from moeflow.serve.msgpack_depth import nests_deeper, too_many_containers
 
 PROTOCOL_VERSION = 2  # 1: before versioning (docs/protocol.md says what changed)
 # what this server takes beyond version 2's base: generate's "deadline"; an "id" on health
@@ -67,6 +67,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_DEPTH = 32  # containers nested in containers; a valid request nests 2 deep
+MAX_CONTAINERS = 256  # maps and arrays in one message; a valid request holds at most 4
 
 RequestId = Union[str, int]
 
@@ -320,6 +321,9 @@ def check_depth(body: bytes, max_depth: int = MAX_DEPTH) -> None:
     if nests_deeper(body, max_depth):
         raise ProtocolError(MALFORMED, f"the message nests containers more than "
                                        f"{max_depth} deep")
+    if too_many_containers(body, MAX_CONTAINERS):  # megabytes of [] decode for seconds
+        raise ProtocolError(MALFORMED, f"the message holds more than {MAX_CONTAINERS} maps "
+                                       f"and arrays")
 
 
 class _Checker:

@@ -45,7 +45,6 @@ HEALTH_TIMEOUT_S = 5.0  # the engine thread answers between steps
 REPLY_TIMEOUT_S = 1.0  # replies sent by the receive loop itself: it must not stall
 MAX_HEALTH_REPLIES = 256  # health queries answered at once; more are `overloaded`
 MAX_MESSAGE_BYTES = 8 << 20  # a peer sending more is disconnected by zmq
-REQUEST_ROOM_BYTES = 64 << 10  # a request's fields beside its prompt (stops, sampling, id)
 INLINE_PARSE_BYTES = 64 << 10  # larger frames are decoded and checked in a worker thread
 PROMPT_BYTES_PER_TOKEN = 16  # the default text limit: ~4x the bytes of an average token
 
@@ -95,6 +94,9 @@ class ServerConfig:
     api_key: str | None = None  # required by HTTP calls when set; needed off loopback
     chat_template: str | None = None  # a file overriding the checkpoint's chat template
     served_model_name: str | None = None  # the HTTP "model"; default: engine.model as given
+    # without an API key, Host names HTTP calls may give beside the loopback's (a local
+    # reverse proxy that forwards its public one)
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bind is None and self.http is None:
@@ -192,6 +194,7 @@ class RequestServer:
                 if self.config.http is not None:  # bound before the group: a busy port
                     self.http = OpenAIFrontEnd(  # fails plainly
                         self, self.config.http, api_key=self.config.api_key,
+                        allowed_hosts=self.config.allowed_hosts,
                         chat_template=self.config.chat_template,
                         served_model_name=self.config.served_model_name)
                     self.http.start()
@@ -246,7 +249,7 @@ class RequestServer:
         socket.linger = 0
         socket.router_mandatory = 1  # a reply to a client that left raises
         socket.sndhwm = 100_000
-        socket.maxmsgsize = self.max_message_bytes()
+        socket.maxmsgsize = MAX_MESSAGE_BYTES
         auth = None
         if self.config.curve is not None:
             auth = secure(socket, context, self.config.curve)
@@ -256,17 +259,6 @@ class RequestServer:
             raise ValueError(f"cannot bind {address}: {exc}") from None
         self.address = socket.getsockopt_string(zmq.LAST_ENDPOINT)
         return auth
-
-    def max_message_bytes(self) -> int:
-        """The largest frame a valid request can be (its longest text prompt, or prompt ids
-        at up to 9 bytes each, and room for the rest), at most MAX_MESSAGE_BYTES: zmq drops
-        a peer that sends more before anything decodes it, and a frame's decoding holds
-        the interpreter for time that grows with its size."""
-        limits = self.limits
-        if limits.max_prompt_tokens is None or limits.max_prompt_bytes is None:
-            return MAX_MESSAGE_BYTES
-        return min(MAX_MESSAGE_BYTES,
-                   limits.max_prompt_bytes + 9 * limits.max_prompt_tokens + REQUEST_ROOM_BYTES)
 
     async def _watch_engine(self) -> None:
         """An engine that gave up (it failed again and again, or could not restart) stops

@@ -219,21 +219,20 @@ def test_a_full_admission_queue_answers_overloaded(model, tmp_path):
         assert srv.stop() == 0
 
 
-def test_frames_larger_than_any_valid_request_are_dropped_unread(server, client):
-    """The frame limit follows the prompt limits (this tiny model's: well under 8 MiB): a
-    prompt a little over the limit is refused by name, a frame far past any valid request
-    never reaches the decoder, and the server goes on."""
-    client.send({"type": "health", "id": "h"})
-    context = client.next_for("h")["max_position_embeddings"]
-    over = client.generate("over", prompt="a" * (16 * context + 100), max_new_tokens=1)
+def test_a_long_prompt_is_refused_by_name_and_a_frame_of_many_arrays_unread(server, client):
+    """A prompt far past the limit (a large frame, one string) still gets its
+    `prompt_too_long`; a frame of a million empty arrays (seconds of decoding) is refused as
+    `malformed` from its bytes, and the server goes on."""
+    over = client.generate("over", prompt="a" * 300_000, max_new_tokens=1)
     assert over[-1]["code"] == "prompt_too_long"
-    huge = RawClient(server.address)
+    junk = RawClient(server.address)
     try:
-        huge.send({"type": "health", "id": "huge", "pad": "x" * (2 << 20)})
-        with pytest.raises(TimeoutError):
-            huge.recv(timeout=2.0)
+        junk.socket.send(b"\x82\xa4type\xa6health\xa3pad\xdd" + (1 << 20).to_bytes(4, "big")
+                         + b"\x90" * (1 << 20))
+        reply = junk.recv()
+        assert reply["code"] == "malformed" and "256 maps and arrays" in reply["message"]
     finally:
-        huge.close()
+        junk.close()
     client.send({"type": "health", "id": "h2"})
     assert client.next_for("h2")["status"] == "ok"
 

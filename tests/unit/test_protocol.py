@@ -479,3 +479,14 @@ def test_health_queries_at_once_share_one_engine_call():
     assert Engine.calls == 2
     assert all((r.status, r.waiting, r.running) == ("ok", 1, 2) for r in reports)
     assert [r.id for r in reports] == list(range(500)) and again.id == "later"
+
+
+def test_a_message_of_many_containers_is_malformed_before_decoding():
+    ok = msgpack.packb({"type": "generate", "id": 1, "prompt_ids": [1] * 5000,
+                        "stop": ["a", "b"], "stop_token_ids": [3]})
+    assert p.decode(ok)["prompt_ids"] == [1] * 5000
+    for junk in ({"type": "health", "pad": [[]] * 300}, {"type": "health", "pad": [{}] * 300},
+                 {"type": "health", "pad": [[1], [[2]]] * 100}):
+        with pytest.raises(p.ProtocolError, match="256 maps and arrays") as info:
+            p.decode(msgpack.packb(junk))
+        assert info.value.code == p.MALFORMED

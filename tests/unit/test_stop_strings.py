@@ -96,3 +96,21 @@ def test_incremental_decoder_holds_back_a_partial_character(tokenizer):
         assert "\ufffd" not in piece
         out.append(piece)
     assert "".join(out) == text
+
+
+class ByteTokenizer:
+    """Tokens of raw bytes, some of them half a character."""
+
+    VOCAB = {1: b"Hello", 2: b" END\xe4", 3: b"\xb8\xad", 4: b"!"}
+
+    def decode(self, ids):
+        return b"".join(self.VOCAB[i] for i in ids).decode("utf-8", "replace")
+
+
+def test_a_stop_string_ending_where_a_character_begins_stops_at_once():
+    """The token completing "END" also carries the first byte of the next character: the
+    stop is found on that token, not one later (the text then ends before the stop)."""
+    core = _Core(ByteTokenizer())
+    req, reason = _run(core, [1, 2, 3, 4], ("END",))
+    assert reason == "stop" and req.output_ids == [1, 2]
+    assert core.text_of(req) == "Hello "
