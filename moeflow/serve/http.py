@@ -69,14 +69,22 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def is_loopback_host(host: str) -> bool:
+    """localhost, or an address of the loopback: 127.0.0.1, ::1, ::ffff:127.0.0.1, and the
+    short forms of IPv4 that clients send as written (127.1, 2130706433)."""
     import ipaddress
+    import socket
 
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:  # inet_aton reads IPv4's short and numeric forms, as resolvers do
+            return ipaddress.IPv4Address(socket.inet_aton(host)).is_loopback
+        except OSError:
+            return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 def check_http_bind(address: str, api_key: str | None) -> None:

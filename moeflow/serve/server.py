@@ -99,6 +99,10 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in self.allowed_hosts:  # a host name, not a URL (http://x allowed "http")
+            if not name or any(c in name for c in "/@ \t") or name.count(":") > 1:
+                raise ValueError(f"--allowed-host {name!r}: expected a host name such as "
+                                 f"api.example.com")
         if self.bind is None and self.http is None:
             raise ValueError("nothing to serve: give a ZeroMQ bind address, an HTTP address, "
                              "or both")
