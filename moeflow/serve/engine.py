@@ -38,9 +38,17 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where a stop string cut `stop_text`
-    # with stop strings: the output's text so far, decoded a few tokens at a time
-    stop_text: str = ""
+    # with stop strings: the output's text so far, decoded a few tokens at a time, kept in
+    # pieces (appending to one string copies it whole each token); its length; its end,
+    # where a stop string may have begun that the last search could not see whole
+    stop_pieces: list[str] = field(default_factory=list)
+    stop_len: int = 0
+    stop_tail: str = ""
     stop_decoder: IncrementalDecoder | None = None
+
+    @property
+    def stop_text(self) -> str:
+        return "".join(self.stop_pieces)
 
     @property
     def num_ids(self) -> int:
@@ -258,17 +266,22 @@ class EngineCore:
         if params.stop and self.tokenizer is not None:
             if req.stop_decoder is None:
                 req.stop_decoder = IncrementalDecoder(self.tokenizer)
-            scanned = len(req.stop_text)
-            req.stop_text += req.stop_decoder.step(req.output_ids)
+            new = req.stop_decoder.step(req.output_ids)
             # with the complete characters held back before an incomplete one: the token
             # that completes a stop string may begin the next character
-            text = req.stop_text + req.stop_decoder.held
-            if len(text) > scanned:  # only the new text, and the tail a stop could begin in
-                start = max(0, scanned - max(len(s) for s in params.stop) + 1)
-                found = [h for s in params.stop if (h := text.find(s, start)) >= 0]
+            held = req.stop_decoder.held
+            if new or held:  # only the new text, and the tail a stop could begin in
+                window = req.stop_tail + new + held
+                found = [h for s in params.stop if (h := window.find(s)) >= 0]
                 if found:
-                    req.stop_text, req.stop_text_end = text, min(found)
+                    req.stop_pieces += (new, held)
+                    req.stop_text_end = req.stop_len - len(req.stop_tail) + min(found)
                     return "stop"
+            if new:
+                req.stop_pieces.append(new)
+                req.stop_len += len(new)
+                keep = max(len(s) for s in params.stop) - 1
+                req.stop_tail = (req.stop_tail + new)[-keep:] if keep else ""
         if len(req.output_ids) >= params.max_new_tokens:
             return "length"
         if req.num_ids >= self.context:
