@@ -203,6 +203,15 @@ class AsyncEngine:
         if self._thread is not None and not self._thread.exited:
             self._thread.submit("abort", request_id).add_done_callback(_settled)
 
+    def abort_soon(self, request_id: int) -> bool:
+        """Ask the engine to end a request now with finish_reason "abort": its events
+        still come, ending with a FinalEvent carrying the text and usage so far. False if
+        the engine is not running (no such final will come)."""
+        if request_id not in self._streams or self._thread is None or self._thread.exited:
+            return False
+        self._thread.submit("abort", request_id).add_done_callback(_settled)
+        return True
+
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None
                        ) -> AsyncIterator[Event]:
         """Stream a request's TokenEvents, then its FinalEvent."""

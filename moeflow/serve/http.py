@@ -34,6 +34,7 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,6 +59,9 @@ INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
 BODY_TIMEOUT_S = 30.0  # a request body not all here by then gets 408
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+SHUTDOWN_ABORT_S = 2.0  # at shutdown, how long a call waits for the engine's "abort" final
+# a \uD800-\uDFFF escape: the only way a lone surrogate gets into parsed JSON
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -148,14 +152,25 @@ class OpenAIFrontEnd:
     def shutdown(self) -> None:
         """End every call in progress with finish_reason "abort"; stop accepting."""
         self.stopping = True
+        loop = asyncio.get_running_loop()
         for call in list(self.calls):
             call.abort_reason = "shutdown"
-            if call.task is not None:
+            if call.task is None:
+                continue
+            if call.engine_id is not None and self.server.engine.abort_soon(call.engine_id):
+                # the engine ends it with an "abort" final that carries the text and the
+                # usage so far; cancelling is the fallback, should that final not come
+                loop.call_later(SHUTDOWN_ABORT_S, self._cancel_if_waiting, call)
+            else:
                 call.task.cancel()
         self._endpoint.stop()
 
     def close(self) -> None:
         self._endpoint.close()
+
+    def _cancel_if_waiting(self, call: Call) -> None:
+        if call in self.calls and call.task is not None:  # still reading its events
+            call.task.cancel()
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -164,6 +179,7 @@ class OpenAIFrontEnd:
         routes = [Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                   Route("/health", self.health, methods=["GET"]),
                   Route("/metrics", self.metrics, methods=["GET"]),
                   Route("/version", self.version, methods=["GET"]),
@@ -181,10 +197,21 @@ class OpenAIFrontEnd:
         return await self._serve_call(request, chat=True)
 
     async def models(self, request: Any) -> Any:
-        return _json({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": int(self.server.started),
-             "owned_by": "moeflow", "root": self.server.config.engine.model,
-             "max_model_len": self.server.engine.context}]})
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Any) -> Any:
+        """GET /v1/models/{model}: the served model's card, as /v1/models lists it."""
+        name = request.path_params["model"]
+        if name != self.model_name:
+            return _json(ApiError(404, f"model: {name!r} is not served here (this server "
+                                       f"serves {self.model_name!r})", "model",
+                                  "model_not_found").body(), 404)
+        return _json(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": int(self.server.started),
+                "owned_by": "moeflow", "root": self.server.config.engine.model,
+                "max_model_len": self.server.engine.context}
 
     async def health(self, request: Any) -> Any:
         report = (await self.server.health_report()).wire()
@@ -340,6 +367,11 @@ class OpenAIFrontEnd:
         if not isinstance(obj, dict):
             raise bad(None, f"the body must be a JSON object, got {json_brief(obj)}",
                       "malformed")
+        if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(obj):
+            # JSON lets \ud800 stand alone (a JavaScript string cut in the middle of an
+            # emoji); no tokenizer, and no UTF-8 reply, can hold it
+            raise bad(None, "the body has a string with an unpaired UTF-16 surrogate "
+                            "(\\ud800-\\udfff): not valid Unicode text", "malformed")
         return obj
 
     # -- answering -----------------------------------------------------------------
@@ -355,7 +387,7 @@ class OpenAIFrontEnd:
                       ) -> AsyncGenerator[Event | None, None]:
         """The request's events; None once, in place of the final, when the call was
         aborted (shutdown). Cancelling the caller aborts the request in the engine."""
-        call.task = asyncio.current_task()
+        call.task, call.engine_id = asyncio.current_task(), engine_id
         self.calls.add(call)
         if self.stopping:  # shutdown began before this call's events were read
             self.calls.discard(call)
@@ -487,6 +519,15 @@ class OpenAIFrontEnd:
         return _json({"id": call.id, "object": "chat.completion" if call.chat
                       else "text_completion", "created": call.created, "model": call.model,
                       "choices": [choice], "usage": usage})
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """Whether a string of JSON `obj` (a key or a value) holds an unpaired surrogate."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _nests_deeper(obj: Any, limit: int) -> bool:

@@ -24,8 +24,9 @@ class ApiError(Exception):
     """A call answered with an OpenAI error body instead of being served."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-             404: "invalid_request_error", 405: "invalid_request_error",
-             413: "invalid_request_error",
+             403: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 408: "invalid_request_error",
+             413: "invalid_request_error", 415: "invalid_request_error",
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
@@ -77,6 +78,7 @@ class Call:
     id: str = ""
     created: int = 0
     task: asyncio.Task[Any] | None = None
+    engine_id: int | None = None  # once admitted
     abort_reason: str | None = None  # "shutdown"
 
     def __post_init__(self) -> None:
@@ -164,7 +166,8 @@ def parse_call(obj: dict[str, Any], chat: bool, *, model_name: str, max_new_toke
         options = obj["stream_options"]
         if not stream:
             raise bad("stream_options", "stream_options: only with stream true")
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        if (not isinstance(options, dict) or set(options) - {"include_usage"}
+                or not isinstance(options.get("include_usage", False), (bool, type(None)))):
             raise bad("stream_options", f"stream_options: expected "
                                         f"{{\"include_usage\": bool}}, got "
                                         f"{json_brief(options)}")

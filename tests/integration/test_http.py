@@ -265,10 +265,39 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="gpt-4", prompt="x")
     assert info.value.body["code"] == "model_not_found"
+    [listed] = client.models.list().data
+    assert client.models.retrieve(listed.id) == listed
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4")
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=listed.id, prompt="x", stream=True,
+                                  stream_options={"include_usage": "yes"})  # type: ignore
+    assert info.value.body["param"] == "stream_options"
     deep = [b'{"prompt": "x", "user": ' + b"[" * n + b"]" * n + b"}" for n in (40, 5000)]
     for body in (b"{", b"[1, 2]", b"\xff", *deep):
         status, reply = _raw(server.http_url + "/v1/completions", body)
         assert status == 400 and json.loads(reply)["error"]["code"] == "malformed"
+
+
+def test_an_unpaired_surrogate_is_a_400_not_a_500(server, name):
+    """JSON may carry a lone \\ud800 (a JavaScript string cut inside an emoji): it is no
+    Unicode text, and is refused with OpenAI's error body, wherever it stands."""
+    bodies = [
+        ("/v1/completions", '{"model": "%s", "prompt": "a\\ud83c", "max_tokens": 1}'),
+        ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", '
+                                 '"content": "a\\ud83c"}], "max_tokens": 1}'),
+        ("/v1/completions", '{"model": "%s", "prompt": "a", "\\udc00": 1}'),
+        ("/tokenize", '{"model": "%s", "prompt": "\\udfff"}')]
+    for path, body in bodies:
+        status, reply = _raw(server.http_url + path, (body % name).encode())
+        assert status == 400, (path, body, reply)
+        assert json.loads(reply)["error"]["code"] == "malformed"
+    # a whole pair (and an escaped backslash before a "u") is text as usual
+    for text in ("a\\ud83c\\udf89", "a\\\\ud800"):
+        body = '{"model": "%s", "prompt": "%s", "max_tokens": 1}' % (name, text)
+        status, reply = _raw(server.http_url + "/v1/completions", body.encode())
+        assert status == 200, (text, reply)
 
 
 def test_a_body_larger_than_any_valid_call_is_refused_unparsed(server, name):
@@ -298,12 +327,16 @@ def test_a_web_page_cannot_drive_a_loopback_server(server, name):
     url = server.http_url + "/v1/completions"
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
         status, reply = _raw(url, body, {"Content-Type": kind})
-        assert status == 415 and json.loads(reply)["error"]["code"] == "unsupported_media_type"
+        error = json.loads(reply)["error"]
+        assert status == 415 and error["code"] == "unsupported_media_type"
+        assert error["type"] == "invalid_request_error"  # the client's doing, not the server's
     port = server.http_url.rsplit(":", 1)[1]
     for path, data in (("/v1/completions", body), ("/health", None), ("/v1/models", None)):
         status, reply = _raw(server.http_url + path, data, {
             "Host": f"rebind.attacker.example:{port}", "Content-Type": "application/json"})
-        assert status == 403 and json.loads(reply)["error"]["code"] == "forbidden_host", path
+        error = json.loads(reply)["error"]
+        assert status == 403 and error["code"] == "forbidden_host", path
+        assert error["type"] == "invalid_request_error", path
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
         status, _ = _raw(url, body, {"Host": host, "Content-Type": "application/json"})
         assert status == 200, host
@@ -397,6 +430,41 @@ def test_api_key_overload_and_chat_template_override(model, tmp_path):
         srv.proc.send_signal(signal.SIGTERM)
         rest = list(stream)
         assert rest[-1].choices[0].finish_reason == "abort"
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def test_shutdown_keeps_a_plain_calls_text_and_usage(model, tmp_path):
+    """At shutdown a call in progress ends with "abort", streamed or not, and says what it
+    generated so far: its tokens, its text and their count in the usage."""
+    srv = Server(model, tmp_path / "server.log", "--http", "127.0.0.1:0", bind=None)
+    try:
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused",
+                               max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        stream = client.completions.create(model=name, prompt=PROMPT, max_tokens=4000,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(client.completions.create, model=name, prompt=PROMPT,
+                                max_tokens=4000, extra_body={"ignore_eos": True,
+                                                             "return_token_ids": True})
+            deadline = time.monotonic() + 60
+            while health(srv)["running"] < 2:  # both running, and some tokens made
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)
+            srv.proc.send_signal(signal.SIGTERM)
+            reply = plain.result(timeout=60)
+        rest = list(stream)
+        assert rest[-1].choices[0].finish_reason == "abort"
+        choice = reply.choices[0]
+        assert choice.finish_reason == "abort"
+        ids = choice.model_extra["token_ids"]
+        assert 0 < len(ids) == reply.usage.completion_tokens
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + len(ids)
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
 

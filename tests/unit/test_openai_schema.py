@@ -128,3 +128,12 @@ def test_json_brief_encodes_only_what_it_shows():
     assert json_brief(huge).startswith("[[0], [1], [2]") and len(json_brief(huge)) == 60
     assert json_brief({"a": None}) == '{"a": null}'
     assert json_brief(object()) == "object"
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 408, 413, 415])
+def test_a_clients_error_is_typed_invalid_request_error(status):
+    """4xx refusals are the client's doing: OpenAI's `invalid_request_error`, never
+    `server_error` (which tells a client to blame, and retry, the server)."""
+    assert ApiError(status, "m").body()["error"]["type"] == "invalid_request_error"
+    assert ApiError(429, "m").body()["error"]["type"] == "rate_limit_error"
+    assert ApiError(503, "m").body()["error"]["type"] == "server_error"
