@@ -3,7 +3,9 @@ checkpoints (there is no model hub to fetch one from)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -47,6 +49,45 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         value = self.inner.token_to_id(token)
         return None if value is None else int(value)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text: its text decoded alone, except for a token
+        that holds part of a character (decoded alone, U+FFFD), whose own bytes are read
+        from its piece: a byte-level BPE piece (GPT-2's byte-to-character map undone), or
+        a SentencePiece byte-fallback piece `<0xNN>`. A special token skipped in the text
+        adds none."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.inner.id_to_token(token_id)
+        if piece is None:
+            return text.encode()
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        chars = _byte_level_chars()
+        if all(c in chars for c in piece):
+            return bytes(chars[c] for c in piece)
+        return text.encode()
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+@cache
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, inverted: the printable bytes stand for
+    themselves, the other 68 for code points from 256 up, in byte order (GPT-2's
+    bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class IncrementalDecoder:

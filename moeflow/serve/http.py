@@ -413,8 +413,8 @@ class OpenAIFrontEnd:
         if call.sampling.get("logprobs") is None:
             return None
         tokenizer = self.server.engine.tokenizer
-        return LogprobsFormat(call.chat, (lambda i: tokenizer.decode([i])) if tokenizer
-                              else (lambda i: ""))
+        return LogprobsFormat(call.chat, tokenizer.token_bytes if tokenizer
+                              else (lambda i: b""))
 
     async def _sse(self, call: Call, engine_id: int, num_prompt: int
                    ) -> AsyncIterator[bytes]:

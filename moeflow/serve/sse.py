@@ -4,6 +4,7 @@ the text), and the hold-back that keeps a stop string out of a stream."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Callable
 from typing import Any
@@ -99,29 +100,34 @@ class LogprobsFormat:
     """Log-probabilities in OpenAI's two shapes: completions' (parallel lists of tokens,
     their log-probabilities, the top tokens as {token: log-probability} and text offsets)
     and chat's (a `content` list of {token, logprob, bytes, top_logprobs}). A token is
-    named by its own text, decoded alone."""
+    named by its own text, decoded alone; one that holds only part of a character, as
+    OpenAI names it: "bytes:" and its bytes escaped (`\\xe5`), with those bytes in chat's
+    `bytes`, so that a client joining them gets the text back. A completion's text offset
+    moves when a character is complete."""
 
-    def __init__(self, chat: bool, decode: Callable[[int], str]) -> None:
-        self.chat, self.decode = chat, decode
+    def __init__(self, chat: bool, token_bytes: Callable[[int], bytes]) -> None:
+        self.chat, self.token_bytes = chat, token_bytes
         self.offset = 0  # completions: where the next token's text starts
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def of(self, token_id: int, logprobs: Logprobs) -> dict[str, Any]:
         """One token's, as a stream chunk carries it."""
         lp, top = _finite(logprobs[0]), [(i, _finite(v)) for i, v in logprobs[1]]
-        text = self.decode(token_id)
+        raw = self.token_bytes(token_id)
+        text = token_name(raw)
         if self.chat:
-            return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
+            return {"content": [{"token": text, "logprob": lp, "bytes": list(raw),
                                  "top_logprobs": [
-                                     {"token": (t := self.decode(i)), "logprob": v,
-                                      "bytes": list(t.encode())} for i, v in top]}]}
+                                     {"token": token_name(b := self.token_bytes(i)),
+                                      "logprob": v, "bytes": list(b)} for i, v in top]}]}
         tops: dict[str, float] = {}
         for i, v in top:  # tokens that decode alike: the likeliest one's (they come first)
-            tops.setdefault(self.decode(i), v)
+            tops.setdefault(token_name(self.token_bytes(i)), v)
         if top:  # OpenAI's "up to logprobs+1": the sampled token is always among them
             tops.setdefault(text, lp)
         entry = {"tokens": [text], "token_logprobs": [lp], "top_logprobs": [tops],
                  "text_offset": [self.offset]}
-        self.offset += len(text)
+        self.offset += len(self.utf8.decode(raw))  # the characters it completes
         return entry
 
     def join(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,6 +136,15 @@ class LogprobsFormat:
             return {"content": [c for part in parts for c in part["content"]]}
         return {key: [v for part in parts for v in part[key]]
                 for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def token_name(raw: bytes) -> str:
+    """A token's name in log-probabilities: its text, or, when its bytes are not whole
+    UTF-8 characters, "bytes:" and the bytes escaped, as OpenAI writes it."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _finite(logprob: float) -> float:

@@ -114,7 +114,7 @@ def test_completions_top_logprobs_hold_the_sampled_token():
     """OpenAI's "up to logprobs+1": a sampled token outside the top N is among them too."""
     from moeflow.serve.sse import LogprobsFormat
 
-    form = LogprobsFormat(False, lambda i: "abcdef"[i])
+    form = LogprobsFormat(False, lambda i: "abcdef"[i].encode())
     entry = form.of(5, (-6.9, ((0, -0.1), (1, -2.5))))
     assert entry["top_logprobs"] == [{"a": -0.1, "b": -2.5, "f": -6.9}]
     assert form.of(0, (-0.1, ((0, -0.1), (1, -2.5))))["top_logprobs"] == [
@@ -137,3 +137,23 @@ def test_a_clients_error_is_typed_invalid_request_error(status):
     assert ApiError(status, "m").body()["error"]["type"] == "invalid_request_error"
     assert ApiError(429, "m").body()["error"]["type"] == "rate_limit_error"
     assert ApiError(503, "m").body()["error"]["type"] == "server_error"
+
+
+def test_logprobs_name_a_token_that_holds_part_of_a_character_by_its_bytes():
+    """A token of part of a character is "bytes:" and its bytes, as OpenAI names it, with
+    those bytes in chat's `bytes` (joined, the text); tokens of different bytes stay apart
+    in completions' top_logprobs, and text offsets count characters of the text."""
+    from moeflow.serve.sse import LogprobsFormat
+
+    pieces = [b"a", b"\xe4", b"\xb8", b"\xad", b"b", b"\xe5"]  # "a", "中" in 3, "b"
+    chat = LogprobsFormat(True, pieces.__getitem__)
+    entries = [chat.of(i, (-1.0, ((i, -1.0), (5, -2.0))))["content"][0] for i in range(5)]
+    assert [e["token"] for e in entries] == ["a", "bytes:\\xe4", "bytes:\\xb8",
+                                             "bytes:\\xad", "b"]
+    assert bytes(b for e in entries for b in e["bytes"]).decode() == "a中b"
+    assert entries[1]["top_logprobs"][1] == {"token": "bytes:\\xe5", "logprob": -2.0,
+                                             "bytes": [0xe5]}
+    plain = LogprobsFormat(False, pieces.__getitem__)
+    parts = [plain.of(i, (-1.0, ((i, -1.0), (5, -2.0)))) for i in range(5)]
+    assert [p["text_offset"][0] for p in parts] == [0, 1, 1, 1, 2]
+    assert parts[1]["top_logprobs"][0] == {"bytes:\\xe4": -1.0, "bytes:\\xe5": -2.0}
