@@ -22,8 +22,10 @@ region, and a second team in the same process (here, on 2 cores) halves weight-s
 speed. Each heartbeat carries the core thread's progress (steps done, how long the current
 one has run), which the coordinator watches for a wedged core or a stalled job.
 
-The process exits when told, on SIGINT/SIGTERM, within a heartbeat of its parent dying, or
+The process exits when told, on SIGTERM, within a heartbeat of its parent dying, or
 promptly when its core thread dies; every shutdown step is bounded, so none is left behind.
+It ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the engine's
+process, which gets it too, decides what stops.
 """
 
 from __future__ import annotations
@@ -403,7 +405,11 @@ def main(argv: list[str]) -> int:
     # the socket thread must get the GIL back quickly while the core thread runs Python
     # between ops: a message waits up to one switch interval (5 ms by default) per hop
     sys.setswitchinterval(float(os.environ.get("MOEFLOW_SWITCH_INTERVAL", "0.0002")))
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGINT already raises KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C in a terminal goes to the whole process group: the engine's process decides
+    # (it aborts the requests and goes on, or stops its actors); an actor that died of it
+    # would be restarted, every request on it lost
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shell = ActorShell(config, keys)
     code = 0
     try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import operator
 import queue
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -52,6 +53,17 @@ def _settled(future: asyncio.Future[Any]) -> None:
     """For a command nobody waits on: its outcome (an engine that stopped) is moot."""
     if not future.cancelled():
         future.exception()
+
+
+def is_token_id(value: object) -> bool:
+    """An integer (Python's, numpy's, a one-element integer tensor's), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 class AsyncEngine:
@@ -94,6 +106,7 @@ class AsyncEngine:
         await asyncio.to_thread(thread.join, STOP_TIMEOUT_S)
         for stream in self._streams.values():
             stream.events.put_nowait(EngineStopped("the engine stopped"))
+        self._stopped.set()  # _on_exit finds no thread any more: wait_stopped() returns
 
     def _on_exit(self) -> None:
         """In the loop, once the engine thread has stopped (told to, or given up): nothing
@@ -151,10 +164,13 @@ class AsyncEngine:
                 raise ValueError(f"{self.config.model} has no tokenizer.json, so text prompts "
                                  f"cannot be encoded; pass token ids instead")
             return list(self.tokenizer.encode(prompt, add_special_tokens))
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("a prompt is a str or a sequence of token ids, not bytes: "
+                            "decode it first")
         ids = list(prompt)
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not all(is_token_id(t) for t in ids):
             raise TypeError(f"a token-id prompt must be a sequence of ints, got {ids[:8]!r}")
-        return ids
+        return [operator.index(t) for t in ids]  # numpy's and torch's integers as ints
 
     async def add(self, prompt: Prompt, params: SamplingParams | None = None, *,
                   stream: bool = True) -> int:

@@ -45,6 +45,8 @@ class Request:
     stop_len: int = 0
     stop_tail: str = ""
     stop_decoder: IncrementalDecoder | None = None
+    # with `params.logprobs`: each output token's log-probability and the top tokens'
+    logprobs: list[Logprobs] = field(default_factory=list)
 
     @property
     def stop_text(self) -> str:
@@ -108,6 +110,9 @@ class EngineCore:
                     request_id: int | None = None) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if params.stop and self.tokenizer is None:  # they could never match: say so
+            raise ValueError("stop strings need the checkpoint's tokenizer (tokenizer.json), "
+                             "which this one lacks: use stop_token_ids instead")
         bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
@@ -209,6 +214,9 @@ class EngineCore:
                 events.append(TokenEvent(seq_id, -1, True, req.finish_reason))
                 continue
             req.output_ids.append(token)
+            logprobs = result.logprobs.get(index[seq_id])
+            if req.params.logprobs is not None and logprobs is not None:
+                req.logprobs.append(logprobs)
             self.book.add_output(seq_id)
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -218,8 +226,7 @@ class EngineCore:
                 reason = f"error: checking stops failed: {type(exc).__name__}: {exc}"
             if reason is not None:
                 self._finish(req, reason, now)
-            events.append(TokenEvent(seq_id, token, reason is not None, reason,
-                                     result.logprobs.get(index[seq_id])))
+            events.append(TokenEvent(seq_id, token, reason is not None, reason, logprobs))
         return events
 
     def fail(self, job: Job, reason: str) -> list[TokenEvent]:

@@ -273,7 +273,8 @@ class EngineThread(threading.Thread):
             text = ""
         final = FinalEvent(request_id, req.finish_reason or "abort", tuple(req.output_ids),
                            text, len(req.prompt_ids), n, first - req.arrival,
-                           (end - first) / (n - 1) if n > 1 else 0.0, end - req.arrival)
+                           (end - first) / (n - 1) if n > 1 else 0.0, end - req.arrival,
+                           tuple(req.logprobs) if req.params.logprobs is not None else None)
         self.metrics.request_finished(final)
         return final
 

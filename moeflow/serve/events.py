@@ -41,6 +41,9 @@ class FinalEvent:
     ttft_s: float
     tpot_s: float
     e2e_s: float
+    # if the request asked (`SamplingParams.logprobs`): per generated token, as on its
+    # TokenEvent; so a request added with stream=False (and `moeflow.LLM`) gets them too
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
     @property
     def error(self) -> str | None:

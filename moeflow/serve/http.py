@@ -292,6 +292,8 @@ class OpenAIFrontEnd:
                                         None, p.OVERLOADED))
         except EngineStopped as exc:
             return self._error(ApiError(503, str(exc), None, "unavailable"))
+        except ValueError as exc:  # the engine refused the request (stop strings, say)
+            return self._error(ApiError(400, str(exc), None, "invalid_request"))
         if call.stream:
             from starlette.responses import StreamingResponse
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from moeflow.scheduler.base import Scheduler
-from moeflow.serve.async_engine import AsyncEngine, FinalEvent
+from moeflow.serve.async_engine import AsyncEngine, FinalEvent, OverloadedError, is_token_id
 from moeflow.serve.config import EngineConfig
 from moeflow.serve.engine import EngineCore
 from moeflow.ops.sampling import SamplingParams
@@ -41,6 +41,9 @@ class Completion:
     finish_reason: str | None
     ttft_s: float
     e2e_s: float
+    # with `SamplingParams(logprobs=N)`: per generated token, its log-probability and the N
+    # likeliest tokens' (id, log-probability), most likely first; else None
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -134,32 +137,55 @@ class LLM:
                                    f"cannot be encoded; pass token ids instead")
         return self._async.encode(prompt)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 16,
-                 temperature: float = 0.0, *, sampling: SamplingParams | None = None
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int | None = None,
+                 temperature: float | None = None, *, sampling: SamplingParams | None = None
                  ) -> list[Completion]:
-        """Generate for one prompt or a list of them; returns one Completion per prompt."""
-        params = sampling or SamplingParams(max_new_tokens=max_new_tokens,
-                                            temperature=temperature)
+        """Generate for one prompt or a list of them; returns one Completion per prompt.
+        `max_new_tokens` (default 16) and `temperature` (default 0: greedy), or a whole
+        `sampling`, not both."""
+        if sampling is not None and (max_new_tokens is not None or temperature is not None):
+            raise TypeError("give max_new_tokens and temperature, or sampling=SamplingParams"
+                            "(...) holding them, not both")
+        params = sampling or SamplingParams(
+            max_new_tokens=16 if max_new_tokens is None else max_new_tokens,
+            temperature=0.0 if temperature is None else temperature)
         batch = [self.encode(p) for p in _as_batch(prompts)]
         return list(self._loop.run(self._generate_all(batch, params)))
 
     async def _generate_all(self, batch: list[list[int]], params: SamplingParams
                             ) -> list[Completion]:
+        # each request is collected as soon as it is admitted; when `max_waiting` requests
+        # are in progress (an EngineConfig's 1024, or another caller's), the rest wait for
+        # one of this batch's to finish instead of failing the whole batch
         ids: list[int] = []
+        collecting: list[asyncio.Task[Completion]] = []
         try:
             for prompt in batch:
-                ids.append(await self._async.add(prompt, params, stream=False))
-        except BaseException:  # the queue is full, say: what was admitted is withdrawn
-            for request_id in ids:
-                self._async.drop(request_id)
+                while True:
+                    try:
+                        request_id = await self._async.add(prompt, params, stream=False)
+                        break
+                    except OverloadedError:
+                        running = [t for t in collecting if not t.done()]
+                        if not running:  # none of ours to wait for: the caller's to handle
+                            raise
+                        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                ids.append(request_id)
+                collecting.append(asyncio.ensure_future(self._collect(request_id, prompt)))
+            return list(await asyncio.gather(*collecting))
+        except BaseException:  # cancelled, or failed: what was admitted is withdrawn
+            for request_id, task in zip(ids, collecting):
+                task.cancel()
+                self._async.drop(request_id)  # also if its task never started reading
+            await asyncio.gather(*collecting, return_exceptions=True)
             raise
-        return list(await asyncio.gather(*(self._collect(i, p) for i, p in zip(ids, batch))))
 
     async def _collect(self, request_id: int, prompt: list[int]) -> Completion:
         async for event in self._async.events(request_id):
             if isinstance(event, FinalEvent):
                 return Completion(request_id, tuple(prompt), event.token_ids, event.text,
-                                  event.finish_reason, event.ttft_s, event.e2e_s)
+                                  event.finish_reason, event.ttft_s, event.e2e_s,
+                                  event.logprobs)
         raise RuntimeError(f"request {request_id} ended without a final event")
 
     def routing_recording(self) -> dict[str, object]:
@@ -174,12 +200,12 @@ class LLM:
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    if not isinstance(prompts, Sequence):
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a text, a list of token ids, or a list of those, "
                         f"got {type(prompts).__name__}")
     items = list(prompts)
     if not items:
         raise ValueError("no prompts given")
-    if any(isinstance(t, int) for t in items):
+    if any(is_token_id(t) for t in items):
         return [items]  # one token-id prompt (checked when encoded)
     return items

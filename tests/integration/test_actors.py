@@ -127,6 +127,40 @@ def test_no_actor_process_outlives_its_parent(how, tiny_factory):
         time.sleep(0.05)
 
 
+CTRL_C_SCRIPT = """
+import sys
+from moeflow.serve.llm import LLM
+from moeflow.ops.sampling import SamplingParams
+with LLM(sys.argv[1], devices="cpu:0,cpu:1", transport="zmq") as llm:
+    print("ready", flush=True)
+    try:
+        llm.generate([1, 2, 3], sampling=SamplingParams(max_new_tokens=100000, ignore_eos=True))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    [out] = llm.generate([1, 2, 3], sampling=SamplingParams(max_new_tokens=4, ignore_eos=True))
+    print("tokens", len(out.token_ids), "restarts", llm._async.health()["actor_restarts"])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_in_a_terminal_interrupts_the_call_not_the_actors(tiny_factory):
+    """A terminal's Ctrl-C signals the whole process group: the call is interrupted, and
+    the actors, which share the group, carry on (none restarted, the next call served)."""
+    path = tiny_factory("qwen3_moe")
+    parent = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(path)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # generating
+        os.killpg(parent.pid, signal.SIGINT)
+        out, _ = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert parent.returncode == 0
+    assert out.split() == ["interrupted", "tokens", "4", "restarts", "0"]
+
+
 @pytest.mark.timeout(120)
 def test_cli_generate_over_zmq(tiny_factory, capsys):
     from moeflow.cli import main

@@ -473,6 +473,23 @@ def test_shutdown_keeps_a_plain_calls_text_and_usage(model, tmp_path):
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
 
 
+def test_stop_strings_without_a_tokenizer_are_a_400(tiny_factory, tmp_path):
+    """A checkpoint without tokenizer.json serves token-id prompts; a stop string could
+    never match there, so asking for one is refused, not run to max_tokens."""
+    path = tiny_factory("qwen3_moe", tokenizer=False)
+    srv = Server(path, tmp_path / "server.log", "--http", "127.0.0.1:0", bind=None)
+    try:
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="unused",
+                               max_retries=0)
+        name = client.models.list().data[0].id
+        with pytest.raises(openai.BadRequestError, match="stop strings need"):
+            client.completions.create(model=name, prompt=[1, 2, 3], max_tokens=4, stop="a")
+        reply = client.completions.create(model=name, prompt=[1, 2, 3], max_tokens=4)
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
 def _post(client: openai.OpenAI, path: str, body: dict, key: str | None = None) -> str:
     import urllib.request
 
