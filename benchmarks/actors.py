@@ -249,6 +249,9 @@ def main() -> int:
     parser.add_argument("--fault-tries", type=int, default=5)
     parser.add_argument("--checkpoint", type=Path, default=Path(".cache/bench-qwen3-moe"))
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
     torch.set_num_threads(1)
     results: dict[str, object] = {}
     if not args.skip_transfers:

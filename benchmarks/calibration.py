@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     if not (args.checkpoint / "config.json").exists():
         print(f"building the benchmark checkpoint in {args.checkpoint} ...", file=sys.stderr)

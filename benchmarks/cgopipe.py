@@ -293,13 +293,19 @@ def main() -> int:
                         help="generation lengths simulated (of 32, 64, 128, 256)")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON here")
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json_out, "--json")  # before minutes of measuring
     if min(args.requests, args.gen, args.rounds) < 1:
         parser.error("--requests, --gen and --rounds must be >= 1")
     only = args.only.split(",")
     if not set(only) <= set(SECTIONS):
         parser.error(f"--only takes {', '.join(SECTIONS)}")
-    gens = tuple(int(g) for g in args.gens.split(","))
-    if not set(gens) <= set(GENS):
+    try:
+        gens = tuple(int(g) for g in args.gens.split(","))
+    except ValueError:
+        gens = ()
+    if not gens or not set(gens) <= set(GENS):
         parser.error(f"--gens takes {', '.join(map(str, GENS))} (the paper's lengths)")
     out: dict[str, Any] = {}
     if "sim" in only:

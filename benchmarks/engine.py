@@ -295,6 +295,11 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     only = set(args.only.split(","))
     if not only <= set(SECTIONS):
         parser.error(f"--only takes {', '.join(SECTIONS)}, not {args.only}")

@@ -290,6 +290,9 @@ def main() -> int:
     parser.add_argument("--trace-dir", help="with --real: write the real traces here")
     parser.add_argument("--json", dest="json_out", help="write the results as JSON here")
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json_out, "--json")  # before minutes of measuring
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     result = run(args.quick)

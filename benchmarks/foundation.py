@@ -271,6 +271,9 @@ def main() -> int:
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
     torch.set_num_threads(args.threads or min(torch.get_num_threads(), 2))
     threads = torch.get_num_threads()
     if args.sampler:  # a child of in_own_process

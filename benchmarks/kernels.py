@@ -237,6 +237,9 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true",
                         help="sweep tile configs and write a table for this GPU first")
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
     if not torch.cuda.is_available():
         return interpreter_check()
     ceil = ceilings()

@@ -429,6 +429,9 @@ def main() -> int:
     ap.add_argument("--devices", default="cpu:0,cpu:1")
     ap.add_argument("--json", dest="json_out", help="write every row as JSON here")
     args = ap.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(ap, args.json_out, "--json")  # before minutes of measuring
     both = not args.sim and not args.real and not args.http
     report: dict[str, Any] = {}
     if args.sim or both:

@@ -275,6 +275,9 @@ def main() -> int:
                         help="requests through the OpenAI-compatible front end")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    from moeflow.cli import check_output
+
+    check_output(parser, args.json, "--json")  # before minutes of measuring
     model = args.model or soak_checkpoint()
     fault_every = args.fault_every if args.transport == "zmq" else 0.0  # no actor to fault
     with Server(model, args.scheduler, "cpu:0,cpu:1", args.transport, http=args.http) as server:

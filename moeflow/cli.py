@@ -71,11 +71,15 @@ def _workload_arguments(parser: argparse.ArgumentParser, *, num_requests: int, p
                         output_len: str) -> None:
     """The workload options `simulate` and `bench` share (moeflow.sim.workload)."""
     parser.add_argument("--workload", default="poisson:rate=10",
-                        help="poisson:rate=R, burst, or trace:FILE (JSON lines)")
-    parser.add_argument("--num-requests", type=_positive, default=num_requests)
+                        help="arrivals: poisson:rate=R (requests a second), burst (all at "
+                             "once), or trace:FILE (JSON lines) (default: %(default)s)")
+    parser.add_argument("--num-requests", type=_positive, default=num_requests,
+                        help="requests simulated (default: %(default)s)")
     parser.add_argument("--prompt-len", default=prompt_len,
-                        help="fixed:N, uniform:A-B or lognormal:MEAN,SIGMA")
-    parser.add_argument("--output-len", default=output_len)
+                        help="prompt tokens: fixed:N, uniform:A-B or lognormal:MEAN,SIGMA "
+                             "(default: %(default)s)")
+    parser.add_argument("--output-len", default=output_len,
+                        help="output tokens, as --prompt-len (default: %(default)s)")
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"moeflow {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path given that cannot be written or read (permissions,
+        # a file where a directory should be, a full disk): the user's to fix, no traceback
+        if exc.filename is None:
+            raise
+        print(f"moeflow {args.command}: error: {exc.filename}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except _Terminated:
@@ -338,6 +349,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.record_routing:  # found before the model loads and runs, not after
+        _check_writable(args.record_routing, "--record-routing")
     extra: dict[str, Any] = {}
     if args.hardware is not None:  # HRM plans for this request, and says what it chose
         _show_policy()
@@ -463,15 +476,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None
     title = (f"{spec.name or spec.family} on {hw.name}, {args.scheduler}, {args.workload}, "
              f"{len(reqs)} requests")
+    if args.trace:  # an .html timeline is written at the end only: check it before the run
+        from pathlib import Path
+
+        from moeflow.sim.trace import FORMATS
+
+        if Path(args.trace).suffix.lower() in FORMATS:  # else open_trace says what to use
+            Path(args.trace).parent.mkdir(parents=True, exist_ok=True)  # as writers do
+            _check_writable(args.trace, "--trace")
     sink = open_trace(args.trace, title) if args.trace else None  # streams as it runs
-    bar = Progress(len(reqs), "simulating")
+    # counted in output tokens: under a burst every request finishes near the end
+    bar = Progress(sum(r.output for r in reqs), "simulating (output tokens)")
     shapes = _EpsShapes() if isinstance(scheduler, EPS) else None
     try:
-        result = sim.run(reqs, progress=bar.update, record=False, sink=sink,
+        result = sim.run(reqs, token_progress=bar.update, record=False, sink=sink,
                          on_plan=shapes.see if shapes is not None else None)
-    except BaseException:
+    except BaseException as exc:
         if sink is not None:
             sink.abort()
+        if isinstance(exc, SimulationError):  # e.g. a request outgrew its KV cache
+            raise ValueError(str(exc)) from None
         raise
     print(title)
     print(result.metrics.table())
@@ -627,6 +651,16 @@ def _check_writable(path: str, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: no directory {parent}")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"{flag} {path}: not writable")
+
+
+def check_output(parser: argparse.ArgumentParser, path: str | None, flag: str) -> None:
+    """A script's output path, if given, checked before it runs (the benchmarks' --json,
+    written after minutes of measuring): `parser.error` (exit 2) if it cannot be written."""
+    if path:
+        try:
+            _check_writable(str(path), flag)
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from moeflow.models.families import FAMILIES, family_of, spec_from_config
 from moeflow.models.spec import ModelSpec
 from moeflow.models.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, train_tokenizer
 from moeflow.models.weights import torch_dtype
+
+# a byte-level BPE tokenizer holds every byte and the special tokens at least
+TOKENIZER_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 # ChatML-style, as many MoE checkpoints use; the markers are plain text to the tiny tokenizer
 CHAT_TEMPLATE = (
@@ -251,18 +256,39 @@ def _mxfp4_experts(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str,
     return state
 
 
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' file, readable as the checkpoint's other files are (it creates its own
+    0600, which another user, or a container's, cannot load)."""
+    save_file(state, str(path), metadata={"format": "pt"})
+    path.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux tells it (setting it, even
+    for an instant, changes it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_safetensors(state: dict[str, torch.Tensor], out_dir: Path, shards: int = 1) -> None:
     """Write `state` as model.safetensors, or as `shards` files plus the index."""
     names = list(state)
     if shards <= 1:
-        save_file(state, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        _save(state, out_dir / SINGLE_FILE)
         return
     per = -(-len(names) // shards)
     weight_map: dict[str, str] = {}
     for s in range(shards):
         filename = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: state[n] for n in names[s * per:(s + 1) * per]}
-        save_file(part, str(out_dir / filename), metadata={"format": "pt"})
+        _save(part, out_dir / filename)
         weight_map.update({n: filename for n in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (out_dir / INDEX_FILE).write_text(json.dumps(
@@ -281,9 +307,26 @@ def make_tiny(family: str, out_dir: str | Path, shape: TinyShape = TinyShape(), 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
+    if tokenizer and shape.vocab < TOKENIZER_MIN_VOCAB:  # its byte alphabet and specials
+        raise ValueError(f"a vocabulary of {shape.vocab} is smaller than the tokenizer's "
+                         f"{TOKENIZER_MIN_VOCAB} tokens (256 bytes and "
+                         f"{len(SPECIAL_TOKENS)} special tokens): give --vocab >= "
+                         f"{TOKENIZER_MIN_VOCAB}, or --no-tokenizer for token ids only")
     config = tiny_config(family, shape, dtype, **config_overrides)
     spec = spec_from_config(config, str(out / "config.json"))  # a bad shape leaves no
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # directory behind
+    try:
+        _write(out, family, config, spec, shape, seed, dtype, shards, tokenizer, mxfp4)
+    except BaseException:  # a shape MXFP4 cannot pack, Ctrl-C: no half checkpoint left
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(out: Path, family: str, config: dict[str, Any], spec: Any, shape: TinyShape,
+           seed: int, dtype: str, shards: int, tokenizer: bool, mxfp4: bool) -> None:
     state = random_state(spec, seed, torch_dtype(dtype))
     if mxfp4:
         state = _mxfp4_experts(spec, state)
@@ -302,4 +345,3 @@ def make_tiny(family: str, out_dir: str | Path, shape: TinyShape = TinyShape(), 
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"eos_token": SPECIAL_TOKENS[0], "pad_token": SPECIAL_TOKENS[1],
              "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
-    return out

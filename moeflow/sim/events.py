@@ -67,10 +67,14 @@ class Run:
     def __init__(self, sim: Simulator, requests: Sequence[SimRequest],
                  progress: Callable[[int, int], None] | None,
                  on_plan: Callable[[Job], None] | None, record: bool,
-                 sink: TraceSink | None) -> None:
+                 sink: TraceSink | None,
+                 token_progress: Callable[[int, int], None] | None = None) -> None:
         self.sim = sim
         self.requests = list(requests)
         self.progress = progress
+        self.token_progress = token_progress
+        self.tokens_done = 0
+        self.tokens_total = sum(r.output for r in self.requests)
         self.on_plan = on_plan
         self.record = record
         self.sink = sink
@@ -325,6 +329,9 @@ class Run:
                                                   self.now, r.prompt, r.output))
                 if self.progress is not None:
                     self.progress(len(self.timings), len(self.requests))
+        if done.sampled and self.token_progress is not None:
+            self.tokens_done += len(done.sampled)
+            self.token_progress(self.tokens_done, self.tokens_total)
         self._rebase()
 
     # -- nodes ---------------------------------------------------------------------

@@ -235,6 +235,10 @@ def load(name_or_path: str) -> Hardware:
             raise HardwareError(f"{path}: file not found") from None
         except json.JSONDecodeError as exc:
             raise HardwareError(f"{path}: not valid JSON ({exc})") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a directory, say
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise HardwareError(f"{path}: cannot read a hardware description ({reason})"
+                                ) from None
         return Hardware.from_dict(data, str(path))
     raise HardwareError(f"unknown hardware {name_or_path!r}; presets: "
                         f"{', '.join(sorted(table))}, or a calibration .json file")

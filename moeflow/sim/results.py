@@ -12,6 +12,7 @@ Pure: plain data and arithmetic.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,7 +121,8 @@ class Metrics:
             stats([t.ttft for t in timings]),
             stats([t.tpot for t in timings if t.output > 1]),
             stats([t.e2e for t in timings]),
-            {r: b / span for r, b in sorted(busy.items())}, peak, budget, preemptions)
+            {r: b / span for r, b in sorted(busy.items(), key=lambda rb: _natural(rb[0]))},
+            peak, budget, preemptions)
 
     def table(self) -> str:
         ms = 1e3
@@ -130,9 +132,14 @@ class Metrics:
             f"throughput          {self.throughput:.1f} output tok/s, "
             f"{self.request_rate:.2f} req/s",
         ]
+
+        def shown(seconds: float) -> str:  # a percentile of no values (TPOT when every
+            # request makes one token) is NaN: shown as "-", not "nan ms"
+            return f"{seconds * ms:9.2f} ms" if seconds == seconds else f"{'-':>9s}   "
+
         for name, st in (("TTFT", self.ttft), ("TPOT", self.tpot), ("end-to-end", self.e2e)):
-            lines.append(f"{name:19s} p50 {st['p50'] * ms:9.2f} ms   p90 {st['p90'] * ms:9.2f} ms"
-                         f"   p99 {st['p99'] * ms:9.2f} ms")
+            lines.append(f"{name:19s} p50 {shown(st['p50'])}   p90 {shown(st['p90'])}"
+                         f"   p99 {shown(st['p99'])}")
         lines.append("utilization         " + "  ".join(
             f"{r} {u:.0%}" for r, u in self.utilization.items()))
         lines.append("peak memory         " + "  ".join(
@@ -141,6 +148,11 @@ class Metrics:
         if self.num_preemptions:
             lines.append(f"preemptions         {self.num_preemptions}")
         return "\n".join(lines)
+
+
+def _natural(text: str) -> tuple[str | int, ...]:
+    """'cuda:10' -> ('cuda:', 10, ''): cuda:2 before cuda:10, as the traces order them."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", text)))
 
 
 @dataclass

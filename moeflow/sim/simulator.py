@@ -122,13 +122,16 @@ class Simulator:
     def run(self, requests: Sequence[SimRequest],
             progress: Callable[[int, int], None] | None = None,
             on_plan: Callable[[Job], None] | None = None, *, record: bool = True,
-            sink: TraceSink | None = None) -> SimResult:
-        """Simulate `requests`. `progress(done, total)` is called as requests finish;
+            sink: TraceSink | None = None,
+            token_progress: Callable[[int, int], None] | None = None) -> SimResult:
+        """Simulate `requests`. `progress(done, total)` is called as requests finish,
+        `token_progress(done, total)` as units produce output tokens (of all requests');
         `on_plan(job)` sees every unit's plan before it runs (checks may raise there).
         `record` keeps every event in the result (its memory grows with the events run);
         `sink` sees each as it starts (its `close` is the caller's to call)."""
         with _sparse_gc():
-            return Run(self, requests, progress, on_plan, record, sink).go()
+            return Run(self, requests, progress, on_plan, record, sink,
+                       token_progress).go()
 
 
 @contextlib.contextmanager

@@ -94,9 +94,11 @@ def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
     if num_requests < 1:
         raise WorkloadError("the workload needs at least one request")
     if kind == "burst":
+        if args:
+            raise WorkloadError(f"burst arrivals take no parameters, got {arrivals!r}")
         times = [0.0] * num_requests
     elif kind == "poisson":
-        params = dict(p.split("=", 1) for p in args.split(",") if "=" in p)
+        params = _params(args, ("rate",), arrivals)
         try:
             rate = float(params["rate"])
         except (KeyError, ValueError):
@@ -111,6 +113,19 @@ def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
         raise WorkloadError(f"unknown arrivals {arrivals!r}: expected poisson:rate=R, burst "
                             f"or trace:PATH")
     return [SimRequest(t, prompt.draw(rng), output.draw(rng)) for t in times]
+
+
+def _params(text: str, known: Sequence[str], whole: str) -> dict[str, str]:
+    """`name=value,...` with every name among `known`: a typo (`zipf:1.5`, `rate=4,burst`)
+    is an error, not a default taken in silence."""
+    params: dict[str, str] = {}
+    for part in text.split(",") if text else ():
+        name, eq, value = part.partition("=")
+        if not eq or name.strip() not in known:
+            raise WorkloadError(f"bad parameter {part!r} in {whole!r}: expected "
+                                f"{', '.join(f'{k}=VALUE' for k in known)}")
+        params[name.strip()] = value
+    return params
 
 
 def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
@@ -190,9 +205,11 @@ class Routing:
             moe_layers = range(num_layers)
         kind, _, arg = text.partition(":")
         if kind in ("uniform", "remote"):
+            if arg:
+                raise WorkloadError(f"{kind} routing takes no parameters, got {text!r}")
             return Routing(kind, num_experts, top_k, num_layers, seed)
         if kind == "zipf":
-            params = dict(p.split("=", 1) for p in arg.split(",") if "=" in p)
+            params = _params(arg, ("s",), text)
             try:
                 zipf_s = float(params.get("s", 1.0))
             except ValueError:

@@ -82,6 +82,14 @@ def test_an_actor_fails_the_unit_of_bad_sampling_fields_and_keeps_nothing():
     (["--routing", "zipf:s=1e400"], "zipf's exponent"),
     (["--routing", "zipf:s=abc"], "zipf's exponent"),
     (["--workload", "trace:/"], "cannot read the trace"),
+    # a parameter the parser does not know is refused, not dropped for a default
+    (["--routing", "zipf:1.5"], "bad parameter '1.5' in 'zipf:1.5'"),
+    (["--routing", "zipf:s=2,t=1"], "bad parameter 't=1'"),
+    (["--routing", "uniform:s=2"], "uniform routing takes no parameters"),
+    (["--workload", "poisson:rate=4,burst"], "bad parameter 'burst'"),
+    (["--workload", "poisson:rate=4,seed=1"], "bad parameter 'seed=1'"),
+    (["--workload", "burst:rate=3"], "burst arrivals take no parameters"),
+    (["--hardware", "/"], "/: cannot read a hardware description"),
 ])
 def test_simulate_refuses_bad_workloads_in_one_line(args, match, capsys):
     assert cli_main([*SIM, *args]) == 2
@@ -188,15 +196,15 @@ def test_make_tiny_refuses_a_file_and_leaves_nothing_for_a_bad_shape(tmp_path, c
     assert not out.exists()
 
 
-def test_llm_withdraws_what_it_admitted_when_the_queue_fills(tiny_factory):
+def test_llm_withdraws_what_it_admitted_when_a_prompt_is_refused(tiny_factory):
+    """A batch whose third prompt the engine refuses withdraws the two it admitted."""
     import time
 
-    from moeflow.serve.async_engine import OverloadedError
     from moeflow.serve.llm import LLM
 
     with LLM(str(tiny_factory("qwen3_moe")), max_waiting=2) as llm:
-        with pytest.raises(OverloadedError):
-            llm.generate([[1, 2], [3, 4], [5, 6]], max_new_tokens=2000)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            llm.generate([[1, 2], [3, 4], [10**9]], max_new_tokens=2000)
         deadline = time.monotonic() + 60
         while llm._async.num_active and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -434,3 +442,85 @@ def test_a_bad_checkpoint_over_actor_processes_is_a_one_line_error(tmp_path, cap
     assert cli_main(["generate", str(shaped), *args]) == 2
     err = capsys.readouterr().err
     assert "could not load what it was given" in err and "Traceback" not in err
+
+
+def test_a_simulated_request_that_outgrows_its_kv_cache_is_a_one_line_error(tmp_path, capsys):
+    """The run stops with the simulator's reason, exit 2, and leaves no trace behind."""
+    trace = tmp_path / "kv.json"
+    assert cli_main(["simulate", "--model", "olmoe-1b-7b", "--hardware", "l4",
+                     "--num-requests", "1", "--workload", "burst", "--prompt-len",
+                     "fixed:3000000", "--output-len", "fixed:2", "--trace", str(trace)]) == 2
+    err = capsys.readouterr().err
+    assert "outgrew the KV cache of its device alone" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [
+    [*SIM, "--trace", "{file}/t.json"],
+    [*SIM, "--trace", "{file}/t.html"],  # an .html timeline is written at the end only
+    ["graph", "{tiny}", "--out", "{file}/g.dot"],
+    ["make-tiny", "qwen3_moe", "{file}/tiny"],
+])
+def test_a_path_that_cannot_be_written_is_a_one_line_error_before_any_work(
+        command, tiny_factory, tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    tiny = tiny_factory("qwen3_moe") if command[0] == "graph" else ""
+    assert cli_main([a.format(file=file, tiny=tiny) for a in command]) == 2
+    err = capsys.readouterr().err
+    assert str(file) in err and "Traceback" not in err and "simulating" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_make_tiny_writes_weights_as_readable_as_its_other_files(tmp_path):
+    import os
+
+    from moeflow.models.tiny import TinyShape, make_tiny
+
+    out = make_tiny("qwen3_moe", tmp_path / "t", TinyShape(layers=1, experts=2))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    assert modes["model.safetensors"] & 0o044 == 0o044 & ~os.umask(os.umask(0))
+
+
+def test_make_tiny_refuses_a_vocabulary_its_tokenizer_overflows(tmp_path, capsys):
+    out = tmp_path / "small"
+    assert cli_main(["make-tiny", "qwen3_moe", str(out), "--vocab", "100"]) == 2
+    assert "--vocab >= 258" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["make-tiny", "qwen3_moe", str(out), "--vocab", "100",
+                     "--no-tokenizer"]) == 0
+    # a shape MXFP4 cannot pack fails after the directory was made: it is removed again
+    packed = tmp_path / "mxfp4"
+    assert cli_main(["make-tiny", "gpt_oss", str(packed), "--mxfp4", "--intermediate",
+                     "7"]) == 2
+    assert not packed.exists()
+
+
+def test_a_burst_shows_progress_in_tokens_as_it_runs(capsys):
+    """Under a burst every request finishes near the end: progress counts output tokens."""
+    assert cli_main(["simulate", "--model", "olmoe-1b-7b", "--hardware", "h100x8",
+                     "--workload", "burst", "--num-requests", "4", "--prompt-len",
+                     "fixed:64", "--output-len", "fixed:20"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("simulating")]
+    assert len(lines) >= 5 and lines[-1].startswith("simulating (output tokens): 80/80")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("eps.py", ["--quick"]),
+    ("cgopipe.py", ["--only", "sim"]),
+    ("engine.py", ["--only", "sim"]),
+])
+def test_a_benchmark_checks_its_json_path_before_it_runs(script, args, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args,
+                           "--json", str(tmp_path / "no" / "out.json")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "no directory" in done.stderr
+    assert "Traceback" not in done.stderr and not done.stdout

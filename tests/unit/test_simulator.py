@@ -422,3 +422,21 @@ def test_every_row_dispatched_to_other_devices_comes_back_in_their_combines():
     for job, layer in layers:
         assert moved.get((job, layer, "dispatch"), 0.0) == pytest.approx(
             moved.get((job, layer, "combine"), 0.0), rel=1e-6, abs=1e-6)
+
+
+def test_the_metrics_table_lists_devices_in_natural_order_and_no_nan():
+    reqs = requests("burst", 16, Lengths.parse("fixed:64"), Lengths.parse("fixed:1"))
+    metrics = sim("mixtral-8x7b", "h100x16").run(reqs, record=False).metrics
+    devices = list(dict.fromkeys(r.split("/")[0] for r in metrics.utilization))
+    assert devices == sorted(devices, key=lambda d: int(d.split(":")[1]))
+    table = metrics.table()
+    assert "nan" not in table and "TPOT" in table  # one token each: no time per token
+
+
+def test_token_progress_is_reported_as_units_finish_not_only_at_the_end():
+    reqs = requests("burst", 4, Lengths.parse("fixed:32"), Lengths.parse("fixed:10"))
+    seen: list[tuple[int, int]] = []
+    sim("olmoe-1b-7b", "h100x8").run(reqs, record=False,
+                                     token_progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (40, 40) and len(seen) >= 10
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
