@@ -222,7 +222,9 @@ def test_expert_ffn_splits_long_runs_of_wide_tiles(dtype):
                                   [70, 3, 64, 63, 0]])
 def test_expert_ffn_with_many_rows_per_expert_matches_ref(dtype, rows):
     """Prefill-sized: an expert with many rows takes packed panels of 16 weight rows (from
-    16 rows on AVX2, from 64 on the bf16 pairs), one with fewer the tiles, in the same call
+    16 rows on AVX2; on the bf16 pairs from a number that scales with the GEMM's inputs,
+    here 46 for gate/up (300 inputs) and 16 for down (70): an expert of 20-40 rows takes
+    tiles for one and panels for the other), one with fewer the tiles, in the same call
     (widths here not a multiple of 16 or 8, and wider than one 256-column block)."""
     assert_expert_ffn_close(*routed_problem(dtype, rows, d=300, f=70))
 
@@ -464,8 +466,9 @@ def test_calibration_is_saved_and_taken_on_this_cpu_only(tmp_path, monkeypatch):
 
 
 def test_panel_rows_choose_the_path_not_the_result():
-    """The bf16 pairs take tiles below `panel_rows` rows per weight and packed panels from
-    there: either way within 1 ulp of the reference, and a bad setting is refused."""
+    """The bf16 pairs take tiles below `panel_rows` rows per weight (scaled by K/1024, at
+    least 16) and packed panels from there: either way within 1 ulp of the reference, and
+    a bad setting is refused."""
     before = kernels.panel_rows()
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(20, 259, generator=gen).bfloat16()
@@ -473,7 +476,9 @@ def test_panel_rows_choose_the_path_not_the_result():
     gate_up = (torch.randn(2, 2 * 37, 259, generator=gen) / 16).bfloat16()
     down = (torch.randn(2, 259, 37, generator=gen) / 6).bfloat16()
     try:
-        for rows in (1, 20, 21, 1 << 40):  # panels, panels, tiles, tiles
+        # K 259: panels from 16, 20 (83 * 259 // 1024), 21 (84 ...) rows: the 20 rows of x
+        # take panels, panels, tiles, tiles
+        for rows in (1, 83, 84, 1 << 40):
             kernels.set_panel_rows(rows)
             assert kernels.panel_rows() == rows
             assert_close(kernels.linear(x, w), kernels.linear_ref(x, w))

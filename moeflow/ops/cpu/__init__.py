@@ -68,9 +68,11 @@ and as many threads as torch has (the actor's cores).
 The instruction set is chosen at run time by the CPU's features: AVX-512 BF16 where present
 (bf16 GEMMs multiply bf16 pairs as they are, by vdpbf16ps: 32 products an instruction, the
 input rows kept in bf16, the panels packed as pairs; the tiles, as dense in vdpbf16ps as the
-panels and streaming their weights as they multiply, take GEMMs up to 64 rows per weight,
-not 16, or up to where `moeflow calibrate --kernels` measured panels to take over
-(`panel_rows`); everything else as on AVX2), AVX2 +
+panels and streaming their weights as they multiply, take GEMMs of 1,024 inputs up to 160
+rows per weight, not 16, or up to where `moeflow calibrate --kernels` measured panels to
+take over (`panel_rows`), and a GEMM of K inputs up to K/1,024 of that (at least 16): a
+tile's 16 sums are reduced together once its products are done, a cost a shorter K spreads
+over fewer products; everything else as on AVX2), AVX2 +
 FMA, portable C++ otherwise (the compiler's baseline vectorization). Each op takes `isa` so
 a test can run every path the machine has; the row-wise pieces that the fused ops share with
 the unfused path (the norms, the rotation, residual adds, combine's sums) take 8 lanes
@@ -235,8 +237,9 @@ def isas() -> list[int]:
 
 
 def panel_rows() -> int:
-    """Rows per weight from which bf16 GEMMs on pairs (AVX-512 BF16) take packed panels
-    rather than tiles, in this process (the other paths: from 16); 0 without kernels."""
+    """Rows per weight from which bf16 GEMMs of 1,024 inputs on pairs (AVX-512 BF16) take
+    packed panels rather than tiles, in this process (a GEMM of K inputs from K/1,024 of
+    that, at least 16; the other paths: from 16); 0 without kernels."""
     ops = load()
     return 0 if ops is None else int(ops.panel_rows())
 

@@ -295,6 +295,23 @@ BF16_FN inline __m512 dot_pairs(__m512 acc, __m512i x, __m512i w) {
   return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
 }
 
+// a[j] holds 16 partial sums of output j -> the 16 outputs' sums, in order: a transposing
+// tree, 15 adds and 30 shuffles for all 16 (a horizontal sum each is 16 x 8 instructions)
+BF16_FN inline __m512 reduce16(const __m512 (&a)[16]) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a, b, a, b] of keys 2i, 2i + 1
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per block: keys 4i .. 4i + 3, each its block's sum
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // blocks: keys 8i .. 8i + 3 twice, 8i + 4 .. 8i + 7 twice
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
+                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
 // The tiles' kernel on pairs: R input rows by C weight rows, 32 columns a step (a last
 // partial step masked: columns past K read as zero). Its steps prefetch the `span` bytes
 // from `ahead` evenly: a tile read by several row groups spreads the next tile's prefetch
@@ -344,7 +361,13 @@ BF16_FN void tile_pairs_fixed(const bf16* x, int64_t ldx, const bf16* w, int64_t
     if (C > 2) out[i * NR + 2] = _mm512_reduce_add_ps(a##i##2); \
     if (C > 3) out[i * NR + 3] = _mm512_reduce_add_ps(a##i##3); \
   }
-  MOEFLOW_SUMS(0) MOEFLOW_SUMS(1) MOEFLOW_SUMS(2) MOEFLOW_SUMS(3)
+  if constexpr (R == 4 && C == 4 && NR == 4) {  // out[i * NR + j]: the 16 sums in order
+    const __m512 a[16] = {a00, a01, a02, a03, a10, a11, a12, a13,
+                          a20, a21, a22, a23, a30, a31, a32, a33};
+    _mm512_storeu_ps(out, reduce16(a));
+  } else {
+    MOEFLOW_SUMS(0) MOEFLOW_SUMS(1) MOEFLOW_SUMS(2) MOEFLOW_SUMS(3)
+  }
 #undef MOEFLOW_W
 #undef MOEFLOW_ROW
 #undef MOEFLOW_STEP
@@ -425,13 +448,22 @@ constexpr int64_t WIDE_ROWS = 16;  // rows per weight from which GEMMs take pane
 // F 384) 0.79-0.88 at 16, 0.85-0.97 at 24-32 and 0.93-0.99 at 64 rows per expert,
 // 1.02-1.03 at 128. That is the default; `moeflow calibrate --kernels` measures this CPU's and the worker sets it
 // (set_panel_rows) for the process.
-constexpr int64_t WIDE_ROWS_PAIRS = 64;
+constexpr int64_t WIDE_ROWS_PAIRS = 160;
 std::atomic<int64_t> panel_rows_pairs{WIDE_ROWS_PAIRS};
 constexpr int64_t RUN_BYTES = 256 << 10;  // the expert FFN's tile sums of a run, at most
 
-// the rows per weight from which a GEMM takes panels, on pairs or not
-inline int64_t wide_rows(bool pairs) {
-  return pairs ? panel_rows_pairs.load(std::memory_order_relaxed) : WIDE_ROWS;
+// The rows per weight from which a GEMM of K inputs takes panels, on pairs or not. On pairs
+// panel_rows is for K = PANEL_K and scales with K: a tile's cost per output beyond its
+// products is the reduction of its sums, which a shorter K spreads over fewer products, and
+// panels have none. Measured on the 2-core EPYC (64 experts' cold weights, both paths in
+// one process): tiles at least as fast as panels up to 160 rows at K 1024 (D 1024, F 384
+// gate/up: 397 against 395 GFLOP/s at 160, 392 against 400 at 256) and up to 64 at K 384
+// (their down projection: 318 against 310 at 64, 290 against 311 at 80).
+constexpr int64_t PANEL_K = 1024;
+inline int64_t wide_rows(bool pairs, int64_t K) {
+  if (!pairs) return WIDE_ROWS;
+  const int64_t rows = panel_rows_pairs.load(std::memory_order_relaxed);
+  return std::max<int64_t>(WIDE_ROWS, rows * std::min<int64_t>(K, PANEL_K) / PANEL_K);
 }
 
 int64_t panel_rows() { return panel_rows_pairs.load(); }
@@ -666,6 +698,37 @@ int64_t grain(int64_t tile_bytes) {
   return std::max<int64_t>(1, CHUNK_BYTES / std::max<int64_t>(1, tile_bytes));
 }
 
+// f(t0, t1) over tasks [0, n) cut into at most torch's threads contiguous chunks of about
+// equal cost(t), each of `grain` tasks at least, in parallel. at::parallel_for cuts by count:
+// the routed experts' tasks cost by their rows (a 512-token prefill over 64 experts gives
+// them 49-80 each), and each pass ends at a barrier where the thread with less waits.
+template <typename Cost, typename F>
+void parallel_by_cost(int64_t n, int64_t grain_tasks, const Cost& cost, const F& f) {
+  const int64_t parts =
+      std::min<int64_t>(at::get_num_threads(), (n + grain_tasks - 1) / grain_tasks);
+  if (parts <= 1) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  std::vector<double> prefix(n + 1, 0.0);
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + cost(t);
+  std::vector<int64_t> cut(parts + 1, n);
+  cut[0] = 0;
+  for (int64_t p = 1; p < parts; ++p)
+    cut[p] = std::max(cut[p - 1], static_cast<int64_t>(
+        std::lower_bound(prefix.begin(), prefix.end(), prefix[n] * p / parts) -
+        prefix.begin()));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (cut[p] < cut[p + 1]) f(cut[p], cut[p + 1]);
+  });
+}
+
+// A task's cost in a routed-expert pass, in weight rows times input rows: its rows are
+// multiplied, its weights streamed once (at a few rows the stream is the cost: reading a
+// weight from memory takes about as long as multiplying it with a dozen rows here)
+constexpr double STREAM_ROWS = 12.0;
+
 // Where input k of a row sits once widened: bf16 weights on AVX2 read each block of 16 as
 // its 8 even elements, then its 8 odd ones (see load16); elements past the last whole block,
 // and every element on the other paths, stay in place.
@@ -715,7 +778,7 @@ template <typename T>
 void linear_impl(int64_t isa, const at::Tensor& x, const at::Tensor& w,
                  const c10::optional<at::Tensor>& bias, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const bool wide = M >= wide_rows(pairs_bf16<T>(isa));
+  const bool wide = M >= wide_rows(pairs_bf16<T>(isa), K);
   const T* wp = w.data_ptr<T>();
   const T* bp = bias ? bias->data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
@@ -871,33 +934,41 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     row += counts[e];
   }
   const int64_t active = static_cast<int64_t>(experts.size());
-  // Each expert on panels from wide_rows rows, on tiles below (a skewed prefill has both):
-  // its rows widened in the layout of its path, its tasks TW weight rows wide.
+  // Each expert's pass on panels from wide_rows rows, on tiles below (a skewed prefill has
+  // both; on pairs the down projection, of F inputs, takes panels from fewer rows than the
+  // gate/up one, of D): its input rows in the layout of its path, its tasks TW weight rows
+  // wide.
   constexpr bool pairs = std::is_same<X, bf16>::value;  // natural layout on pairs
-  std::vector<char> wide(active);
+  std::vector<char> wide_up(active), wide_down(active);
   int64_t out_len = 0, tile_len = 0;  // sums of a task: any expert's, a tiled expert's
   bool any_wide = false;
   for (int64_t i = 0; i < active; ++i) {
     const int64_t rows = counts[experts[i]];
-    wide[i] = rows >= wide_rows(pairs);
-    any_wide = any_wide || wide[i];
-    if (!wide[i]) tile_len = std::max(tile_len, ((rows + MR - 1) / MR) * MR * NR);
-    out_len = std::max(out_len, wide[i] ? rows * PB : tile_len);
+    wide_up[i] = rows >= wide_rows(pairs, D);
+    wide_down[i] = rows >= wide_rows(pairs, F);
+    any_wide = any_wide || wide_up[i] || wide_down[i];
+    if (!wide_up[i] || !wide_down[i])
+      tile_len = std::max(tile_len, ((rows + MR - 1) / MR) * MR * NR);
+    if (wide_up[i] || wide_down[i]) out_len = std::max(out_len, rows * PB);
   }
+  out_len = std::max(out_len, tile_len);
   const Layout natural{false, 0}, x_split = pairs ? natural : Layout::of<T>(isa, D),
                a_split = pairs ? natural : Layout::of<T>(isa, F);
-  std::vector<X> xf(n * D);  // [n, D], expert-major
+  // [n, D], expert-major; every element written before it is read, so left uninitialized
+  // (zeroing it and `a` was 11 MB of stores a layer at a 512-token prefill)
+  const std::unique_ptr<X[]> xf_rows(new X[n * D]);
+  X* const xf = xf_rows.get();
   for (int64_t i = 0; i < active; ++i) {
     const int64_t r0 = starts[i], rows = counts[experts[i]];
     widen_rows(x.data_ptr<T>() + (order ? 0 : r0 * D), D, order ? order + r0 : nullptr, rows,
-               wide[i] ? natural : x_split, xf.data() + r0 * D);
+               wide_up[i] ? natural : x_split, xf + r0 * D);
   }
   // the tasks of a pass: (expert index, first weight row, weight rows)
   struct Task {
     int64_t i, first;
     int nr;
   };
-  auto tasks_of = [&](int64_t width) {
+  auto tasks_of = [&](int64_t width, const std::vector<char>& wide) {
     std::vector<Task> tasks;
     for (int64_t i = 0; i < active; ++i) {
       const int tw = wide[i] ? PB : NR;
@@ -906,10 +977,10 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     }
     return tasks;
   };
-  // sums[rows][PB or NR] = xs[rows, K] . w[nr, K]^T, on expert i's path
-  auto gemm = [&](int64_t i, const X* xs, int64_t rows, const T* w, int nr, int64_t K,
+  // sums[rows][PB or NR] = xs[rows, K] . w[nr, K]^T, on panels or tiles
+  auto gemm = [&](bool wide, const X* xs, int64_t rows, const T* w, int nr, int64_t K,
                   float* sums, float* pack) {
-    if (wide[i])
+    if (wide)
       panel(isa, xs, K, rows, w, K, nr, K, sums, pack);
     else
       tile(isa, xs, K, rows, w, K, nr, K, sums);
@@ -927,7 +998,8 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
   // call; the runs of the benchmark's shapes (F 384, D 1024) stay whole.
   const int64_t most_tasks =
       std::max<int64_t>(1, RUN_BYTES / std::max<int64_t>(1, tile_len * sizeof(float)));
-  auto run_end = [&](const std::vector<Task>& tasks, int64_t t, int64_t t1) {
+  auto run_end = [&](const std::vector<Task>& tasks, const std::vector<char>& wide, int64_t t,
+                     int64_t t1) {
     int64_t end = t + 1;
     if (!wide[tasks[t].i])
       while (end < t1 && end - t < most_tasks && tasks[end].i == tasks[t].i) ++end;
@@ -943,11 +1015,18 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
       std::memcpy(dst + (s - t) * NR, slots + (s - t) * tile_len + m * NR, NR * sizeof(float));
   };
 
-  std::vector<X> a(n * F);  // [n, F] silu(gate) * up, each expert in its path's layout
+  // [n, F] silu(gate) * up, each expert in its down path's layout
+  const std::unique_ptr<X[]> a_rows(new X[n * F]);
+  X* const a = a_rows.get();
   const T* gu = gate_up.data_ptr<T>();
-  const std::vector<Task> up_tasks = tasks_of(F);
-  at::parallel_for(0, static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
-                   [&](int64_t t0, int64_t t1) {
+  const std::vector<Task> up_tasks = tasks_of(F, wide_up);
+  auto task_cost = [&](const std::vector<Task>& tasks) {
+    return [&](int64_t t) {
+      return tasks[t].nr * (counts[experts[tasks[t].i]] + STREAM_ROWS);
+    };
+  };
+  parallel_by_cost(static_cast<int64_t>(up_tasks.size()), grain(2 * NR * D * sizeof(T)),
+                   task_cost(up_tasks), [&](int64_t t0, int64_t t1) {
     // A run of an expert's tile tasks reads its gate rows, then its up rows: gate and up
     // alternating a tile (8 KiB) at a time streamed slower (64 experts, 8 active, 1 row
     // each: 27.1 -> 29.6 GB/s with runs of 8; 4 rows each: 19.7 -> 24.5), and so did runs
@@ -956,18 +1035,18 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
     std::vector<float> g(run_len), u(run_len), pack(any_wide ? KC * PB : 0);
     std::vector<float> gr(run * NR), ur(run * NR);  // a row's outputs of a run
     for (int64_t t = t0; t < t1;) {
-      const int64_t i = up_tasks[t].i, end = run_end(up_tasks, t, t1);
+      const int64_t i = up_tasks[t].i, end = run_end(up_tasks, wide_up, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
-      const int64_t tw = wide[i] ? PB : NR;
-      const Layout at = wide[i] ? natural : a_split;
+      const int64_t tw = wide_up[i] ? PB : NR;
+      const Layout at = wide_down[i] ? natural : a_split;
       const T* w = gu + e * 2 * F * D;
       for (int64_t s = t; s < end; ++s)
-        gemm(i, xf.data() + r0 * D, rows, w + up_tasks[s].first * D, up_tasks[s].nr, D,
-             g.data() + (s - t) * tile_len, pack.data());
+        gemm(wide_up[i], xf + r0 * D, rows, w + up_tasks[s].first * D, up_tasks[s].nr,
+             D, g.data() + (s - t) * tile_len, pack.data());
       for (int64_t s = t; s < end; ++s)
-        gemm(i, xf.data() + r0 * D, rows, w + (F + up_tasks[s].first) * D, up_tasks[s].nr, D,
-             u.data() + (s - t) * tile_len, pack.data());
-      if (!wide[i] && !at.split) {  // a row's outputs of the run gathered: one pass each
+        gemm(wide_up[i], xf + r0 * D, rows, w + (F + up_tasks[s].first) * D,
+             up_tasks[s].nr, D, u.data() + (s - t) * tile_len, pack.data());
+      if (!wide_up[i] && !at.split) {  // a row's outputs of the run gathered: one pass each
         const int64_t f0 = up_tasks[t].first;
         const int width = static_cast<int>(up_tasks[end - 1].first + up_tasks[end - 1].nr - f0);
         for (int64_t m = 0; m < rows; ++m) {
@@ -997,27 +1076,27 @@ void expert_ffn_impl(int64_t isa, const at::Tensor& x, const int64_t* order,
 
   const T* dp = down.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  const std::vector<Task> down_tasks = tasks_of(D);
-  at::parallel_for(0, static_cast<int64_t>(down_tasks.size()), grain(NR * F * sizeof(T)),
-                   [&](int64_t t0, int64_t t1) {
+  const std::vector<Task> down_tasks = tasks_of(D, wide_down);
+  parallel_by_cost(static_cast<int64_t>(down_tasks.size()), grain(NR * F * sizeof(T)),
+                   task_cost(down_tasks), [&](int64_t t0, int64_t t1) {
     // runs of an expert's tile tasks, as above, so that a row's outputs are scaled and
     // stored in one pass (4 at a time, the pass's setup was a third of its cost)
     const int64_t run = longest_run(D);
     std::vector<float> out(std::max(out_len, tile_len * run)), pack(any_wide ? KC * PB : 0);
     std::vector<float> vr(run * NR);
     for (int64_t t = t0; t < t1;) {
-      const int64_t i = down_tasks[t].i, end = run_end(down_tasks, t, t1);
+      const int64_t i = down_tasks[t].i, end = run_end(down_tasks, wide_down, t, t1);
       const int64_t e = experts[i], rows = counts[e], r0 = starts[i];
-      const int64_t d0 = down_tasks[t].first, tw = wide[i] ? PB : NR;
+      const int64_t d0 = down_tasks[t].first, tw = wide_down[i] ? PB : NR;
       for (int64_t s = t; s < end; ++s)
-        gemm(i, a.data() + r0 * F, rows, dp + (e * D + down_tasks[s].first) * F,
+        gemm(wide_down[i], a + r0 * F, rows, dp + (e * D + down_tasks[s].first) * F,
              down_tasks[s].nr, F, out.data() + (s - t) * tile_len, pack.data());
       const int width = static_cast<int>(down_tasks[end - 1].first + down_tasks[end - 1].nr - d0);
       for (int64_t m = 0; m < rows; ++m) {
         const int64_t dest = order ? order[r0 + m] : r0 + m;
         const float s = scale ? round_to<T>(scale[dest]) : 1.f;
         const float* v = out.data() + m * tw;
-        if (!wide[i]) {
+        if (!wide_down[i]) {
           gather_row(vr.data(), out.data(), t, end, m);
           v = vr.data();
         }
@@ -1260,22 +1339,6 @@ AVX2_FN void attend_seq_avx2(const T* q, int64_t G, int64_t d, const T* pool, in
 // probabilities are not rounded to bf16), prefetched into L1 while the scores are taken.
 // One layer of Mixtral's heads (32 query, 8 KV of 128), 2 threads, on a 2-core EPYC:
 // 64 sequences of 512 keys 13.6-14.0 -> 8.0-8.2 ms, 16 of 2,048 13.0-14.5 -> 8.0-8.2.
-
-// a[j] holds 16 partial sums of key j -> the 16 keys' sums, in order
-BF16_FN inline __m512 reduce16(const __m512 (&a)[16]) {
-  __m512 x[8], y[4], z[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a, b, a, b] of keys 2i, 2i + 1
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i)  // per block: keys 4i .. 4i + 3, each its block's sum
-    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
-                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
-  for (int i = 0; i < 2; ++i)  // blocks: keys 8i .. 8i + 3 twice, 8i + 4 .. 8i + 7 twice
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88),
-                       _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
-}
 
 // 16 bf16 widened to fp32 (lanes past the mask 0)
 BF16_FN inline __m512 widen16(const bf16* p, __mmask16 mask) {
