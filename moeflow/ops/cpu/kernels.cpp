@@ -1549,7 +1549,15 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
       // than threads (a chunk's slots are then read whole, by every head of the share)
       const int64_t threads = at::get_num_threads();
       const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (threads + B - 1) / B));
-      at::parallel_for(0, B * parts, 1, [&](int64_t i0, int64_t i1) {
+      // cut among threads by the keys each task reads (sequences of a batch differ in
+      // length), plus a few for its fixed work
+      auto cost = [&](int64_t i) {
+        const int64_t b = i / parts, part = i % parts, len = lengths[b];
+        const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
+        const int64_t heads = kv_heads * (part + 1) / parts - kv_heads * part / parts;
+        return static_cast<double>(heads) * static_cast<double>(len - lo + KEY_CHUNK);
+      };
+      parallel_by_cost(B * parts, 1, cost, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = i / parts, part = i % parts, len = lengths[b];
           const int64_t kh0 = kv_heads * part / parts, kh1 = kv_heads * (part + 1) / parts;
@@ -1572,7 +1580,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& pool,
       return;
     }
 #endif
-    at::parallel_for(0, B * kv_heads, 1, [&](int64_t i0, int64_t i1) {
+    auto cost = [&](int64_t i) {
+      const int64_t len = lengths[i / kv_heads];
+      const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
+      return static_cast<double>(len - lo + KEY_CHUNK);
+    };
+    parallel_by_cost(B * kv_heads, 1, cost, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / kv_heads, kh = i % kv_heads, len = lengths[b];
         const int64_t lo = window ? std::max<int64_t>(0, len - *window) : 0;
