@@ -195,7 +195,13 @@ class AsyncEngine:
         return request_id
 
     async def events(self, request_id: int) -> AsyncIterator[Event]:
-        stream = self._streams[request_id]
+        """A request's events, once: its TokenEvents (unless added with stream=False),
+        then its FinalEvent. A request added and never read keeps its events until
+        `drop(request_id)`."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"request {request_id} is not in progress here: never added, or "
+                           f"its events were already read (each request's, once)")
         finished = False
         try:
             while True:

@@ -105,3 +105,16 @@ def test_prompts_of_numpy_integers_and_bytes(path):
                 llm.generate(bad, max_new_tokens=2)
         with pytest.raises(TypeError, match="not both"):
             llm.generate([5], max_new_tokens=2, sampling=greedy(3))
+
+
+def test_a_requests_events_are_read_once(path):
+    """Reading a finished request's events again says why, not a bare KeyError: 8."""
+    async def run() -> None:
+        async with AsyncEngine.from_pretrained(path) as engine:
+            rid = await engine.add([5, 17, 33], greedy(2), stream=False)
+            events = [e async for e in engine.events(rid)]
+            assert len(events) == 1 and events[0].finish_reason == "length"
+            with pytest.raises(KeyError, match="already read"):
+                [e async for e in engine.events(rid)]
+
+    asyncio.run(run())
