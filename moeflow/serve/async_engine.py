@@ -134,12 +134,14 @@ class AsyncEngine:
         return None if self._thread is None else self._thread.fatal
 
     def health(self) -> dict[str, Any]:
-        """"ok" (restarts and the last failure, if any), or "failed" with the reason."""
+        """"ok" (restarts and the last failure, if any), "failed" with the reason once the
+        engine gave up, or "stopped" (not started, or stopped when told)."""
         thread = self._thread
         if thread is None or thread.exited:
-            return {"status": "failed", "restarts": 0 if thread is None else
-                    len(thread.restarts), "last_error": None if thread is None else
-                    thread.fatal or thread.last_error}
+            fatal = None if thread is None else thread.fatal
+            return {"status": "failed" if fatal else "stopped",
+                    "restarts": 0 if thread is None else len(thread.restarts),
+                    "last_error": None if thread is None else fatal or thread.last_error}
         now = time.monotonic()
         executor = getattr(thread.core, "executor", None)  # read across threads: two fields
         return {"status": "ok",

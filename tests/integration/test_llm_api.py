@@ -82,9 +82,13 @@ def test_stop_strings_without_a_tokenizer_are_refused(tiny_factory):
 
 def test_wait_stopped_returns_after_stop(path):
     async def run() -> object:
-        engine = await AsyncEngine.from_pretrained(path).start()
+        engine = AsyncEngine.from_pretrained(path)
+        assert engine.health()["status"] == "stopped"  # not started
+        await engine.start()
+        assert engine.health()["status"] == "ok"
         waiter = asyncio.create_task(engine.wait_stopped())
         await engine.stop()
+        assert engine.health() == {"status": "stopped", "restarts": 0, "last_error": None}
         return await asyncio.wait_for(waiter, 10)
 
     assert asyncio.run(run()) is None
