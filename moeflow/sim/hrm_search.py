@@ -323,6 +323,12 @@ def load_system(name: str, dtype: str = "bfloat16") -> System:
         hardware = load(name)
     except HardwareError as exc:
         raise HRMError(f"{exc}; HRM's own presets: {', '.join(sorted(PRESETS))}") from None
+    if hardware.device.kind == "gpu" and hardware.num_devices != 1:
+        # HRM plans one GPU and its host: the first of eight against the whole node's host
+        # memory would be a policy no GPU of it can run
+        raise HRMError(f"HRM plans one GPU and its host; {hardware.name} has "
+                       f"{hardware.num_devices} GPUs: use a one-GPU preset (t4, l4, "
+                       f"a100-80g, h100, h800, h200) or HRM's own ({', '.join(sorted(PRESETS))})")
     return system_for(hardware, dtype)
 
 

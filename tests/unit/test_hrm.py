@@ -302,3 +302,10 @@ def test_importing_hrm_pulls_in_no_numpy_scipy_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_node_of_several_gpus_is_refused_not_planned_as_one():
+    """HRM plans one GPU and its host: h100x8 would be one GPU against eight GPUs' host."""
+    with pytest.raises(hrm.HRMError, match="one GPU and its host; h100x8 has 8 GPUs"):
+        hrm_search.load_system("h100x8")
+    assert hrm_search.load_system("h100").gpu is not None
