@@ -24,6 +24,7 @@ from itertools import combinations, compress, repeat, starmap
 from operator import lt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 from moeflow.dataflow.graph import Placement
@@ -130,9 +131,9 @@ def _params(text: str, known: Sequence[str], whole: str) -> dict[str, str]:
 
 def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
            limit: int) -> list[SimRequest]:
-    """One JSON object a line: `arrival` (seconds, >= 0), and `prompt` and `output` in
-    tokens (>= 1; drawn from the lengths given where absent)."""
-    out = []
+    """One JSON object a line: `arrival` (seconds, >= 0; counted from the first), and
+    `prompt` and `output` in tokens (>= 1; drawn from the lengths given where absent)."""
+    rows: list[tuple[Decimal, int, int]] = []
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -143,22 +144,30 @@ def _trace(path: Path, prompt: Lengths, output: Lengths, rng: random.Random,
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            arrival = float(row["arrival"])
+            # arrivals read exactly, so that time counts from the first without losing
+            # what float seconds near a Unix timestamp cannot hold (their 0.24 us steps)
+            row = json.loads(line, parse_float=Decimal)
+            value = row["arrival"]
+            arrival = value if isinstance(value, Decimal) else Decimal(float(value))
             lengths = [row[key] if row.get(key) is not None else dist.draw(rng)
                        for key, dist in (("prompt", prompt), ("output", output))]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(f"{path}:{n}: bad trace line ({exc})") from None
-        if (not 0 <= arrival < math.inf or any(type(v) is not int for v in lengths)
+        if (not arrival.is_finite() or arrival < 0 or any(type(v) is not int for v in lengths)
                 or min(lengths) < 1):
             raise WorkloadError(f"{path}:{n}: bad trace line (arrival must be finite and "
                                 f">= 0, prompt and output whole tokens, >= 1): "
                                 f"{line.strip()[:200]}")
-        out.append(SimRequest(arrival, *lengths))
-    if not out:
+        rows.append((arrival, *lengths))
+    if not rows:
         raise WorkloadError(f"{path}: the trace has no requests")
-    out.sort(key=lambda r: r.arrival)
-    return out[:limit] if limit > 0 else out
+    rows.sort(key=lambda r: r[0])
+    rows = rows[:limit] if limit > 0 else rows
+    # time counts from the first arrival: a trace of Unix timestamps (1.7e9 s) would leave
+    # float seconds too coarse for microsecond steps, and a makespan of 54 years
+    first = rows[0][0]
+    return [SimRequest(float(arrival - first), prompt_len, output_len)
+            for arrival, prompt_len, output_len in rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,10 @@ def test_a_trace_line_out_of_range_is_refused(tmp_path, line, match):
     trace.write_text('{"arrival": 0.5}\n')  # lengths absent: drawn
     [req] = requests(f"trace:{trace}", 0, Lengths.parse("fixed:4"), Lengths.parse("fixed:2"))
     assert (req.prompt, req.output) == (4, 2)
+    # Unix timestamps: time counts from the first arrival, to the microsecond
+    trace.write_text('{"arrival": 1764979200.25}\n{"arrival": 1764979200.250003}\n')
+    reqs = requests(f"trace:{trace}", 0, Lengths.parse("fixed:4"), Lengths.parse("fixed:2"))
+    assert reqs[0].arrival == 0 and reqs[1].arrival == pytest.approx(3e-6, rel=1e-3)
 
 
 def test_a_routing_recording_of_another_model_is_refused(tmp_path):
