@@ -196,8 +196,11 @@ class ZmqExecutor:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         if self.scheduler:  # its class is found in the actor where it is found here
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
+        # a process group of its own: a terminal's Ctrl-C (and hang-up) goes to the engine's
+        # process alone, which decides what stops, from the actor's first instant (it also
+        # ignores SIGINT, but only once its imports are done)
         proc = subprocess.Popen([sys.executable, "-m", "moeflow.actors.process", name],
-                                stdin=subprocess.PIPE, env=env)
+                                stdin=subprocess.PIPE, env=env, process_group=0)
         assert proc.stdin is not None
         # a secret key travels only through this pipe, never a command line or environment
         with contextlib.suppress(BrokenPipeError):  # a child that died shows in liveness

@@ -60,8 +60,9 @@ BODY_TIMEOUT_S = 30.0  # a request body not all here by then gets 408
 OPEN_PATHS = frozenset({"/health", "/version"})  # served without the API key
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SHUTDOWN_ABORT_S = 2.0  # at shutdown, how long a call waits for the engine's "abort" final
-# a \uD800-\uDFFF escape: the only way a lone surrogate gets into parsed JSON
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# how a lone surrogate gets into parsed JSON: a \uD800-\uDFFF escape, or (json.loads
+# decodes bytes with "surrogatepass") a surrogate's own UTF-8 bytes, ED A0-BF xx
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -369,7 +370,8 @@ class OpenAIFrontEnd:
         if not isinstance(obj, dict):
             raise bad(None, f"the body must be a JSON object, got {json_brief(obj)}",
                       "malformed")
-        if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(obj):
+        if ((_SURROGATE.search(body) or not _utf8_bytes(body))
+                and _has_lone_surrogate(obj)):
             # JSON lets \ud800 stand alone (a JavaScript string cut in the middle of an
             # emoji); no tokenizer, and no UTF-8 reply, can hold it
             raise bad(None, "the body has a string with an unpaired UTF-16 surrogate "
@@ -521,6 +523,12 @@ class OpenAIFrontEnd:
         return _json({"id": call.id, "object": "chat.completion" if call.chat
                       else "text_completion", "created": call.created, "model": call.model,
                       "choices": [choice], "usage": usage})
+
+
+def _utf8_bytes(body: bytes) -> bool:
+    """Whether json.loads reads `body` as UTF-8 (else UTF-16 or UTF-32, by its BOM or its
+    zero bytes, where a surrogate's code unit stands as itself)."""
+    return not (b"\x00" in body[:4] or body.startswith((b"\xff\xfe", b"\xfe\xff")))
 
 
 def _has_lone_surrogate(obj: Any) -> bool:

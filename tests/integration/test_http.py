@@ -631,3 +631,20 @@ def test_a_chat_template_that_writes_its_bos_gets_one(model, tmp_path):
         assert reply.usage.prompt_tokens == len(expected)
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def test_a_surrogate_sent_as_raw_bytes_is_a_400_too(server, name):
+    """A lone surrogate need not come as a \\u escape: json.loads decodes a body's bytes
+    with "surrogatepass", so UTF-8-encoded surrogate bytes (b"\\xed\\xa0\\xbc", as WTF-8 or
+    CESU-8 writers send them) and a UTF-16 body's unpaired code unit parse to one too."""
+    bodies = [
+        ("/v1/completions", b'{"model": "%s", "prompt": "a\xed\xa0\xbc", "max_tokens": 1}'
+         % name.encode()),
+        ("/tokenize", b'{"model": "%s", "prompt": "\xed\xbf\xbf"}' % name.encode()),
+        ("/v1/completions", ('{"model": "%s", "prompt": "a\\ud83c", "max_tokens": 1}'
+                             % name).encode("utf-16")),
+    ]
+    for path, body in bodies:
+        status, reply = _raw(server.http_url + path, body)
+        assert status == 400, (path, body, status, reply[:300])
+        assert json.loads(reply)["error"]["code"] == "malformed"

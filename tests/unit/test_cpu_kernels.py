@@ -477,13 +477,16 @@ def test_panel_rows_choose_the_path_not_the_result():
     down = (torch.randn(2, 259, 37, generator=gen) / 6).bfloat16()
     try:
         # K 259: panels from 16, 20 (83 * 259 // 1024), 21 (84 ...) rows: the 20 rows of x
-        # take panels, panels, tiles, tiles
+        # take panels, panels, tiles, tiles; an expert of 17 rows, panels for gate/up (K
+        # 259) then tiles, and for down (K 37: from 16 whatever the setting) until panels
+        # start past 17 rows at every K (1 << 40); one of 3 rows, tiles throughout
         for rows in (1, 83, 84, 1 << 40):
             kernels.set_panel_rows(rows)
             assert kernels.panel_rows() == rows
             assert_close(kernels.linear(x, w), kernels.linear_ref(x, w))
-            assert_close(kernels.expert_ffn(x, [12, 8], gate_up, down),
-                         kernels.expert_ffn_ref(x, [12, 8], gate_up, down), ulp=2)
+            for counts in ([12, 8], [17, 3]):
+                assert_close(kernels.expert_ffn(x, counts, gate_up, down),
+                             kernels.expert_ffn_ref(x, counts, gate_up, down), ulp=2)
         with pytest.raises(RuntimeError, match="at least 1"):
             kernels.set_panel_rows(0)
     finally:

@@ -462,7 +462,10 @@ constexpr int64_t RUN_BYTES = 256 << 10;  // the expert FFN's tile sums of a run
 constexpr int64_t PANEL_K = 1024;
 inline int64_t wide_rows(bool pairs, int64_t K) {
   if (!pairs) return WIDE_ROWS;
-  const int64_t rows = panel_rows_pairs.load(std::memory_order_relaxed);
+  // capped so that the product cannot overflow (set_panel_rows takes any rows >= 1; past
+  // 2^53 it wrapped, and a "never panels" setting took panels from 16 rows)
+  const int64_t rows =
+      std::min<int64_t>(panel_rows_pairs.load(std::memory_order_relaxed), int64_t(1) << 48);
   return std::max<int64_t>(WIDE_ROWS, rows * std::min<int64_t>(K, PANEL_K) / PANEL_K);
 }
 
