@@ -65,6 +65,11 @@ SHUTDOWN_ABORT_S = 2.0  # at shutdown, how long a call waits for the engine's "a
 _SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
+class _Gone(Exception):
+    """The client disconnected before its request's body all arrived: nobody reads a
+    reply (a client timing out on a slow upload, a proxy dropping the connection)."""
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """"HOST:PORT" (IPv6 in brackets) -> (host, port); ValueError otherwise."""
     host, sep, port = address.rpartition(":")
@@ -239,6 +244,12 @@ class OpenAIFrontEnd:
         """{"prompt": str} or {"messages": [...]} -> {"tokens", "count", "max_model_len"}
         (vLLM's shape)."""
         try:
+            return await self._tokenize(request)
+        except _Gone:
+            return _gone()
+
+    async def _tokenize(self, request: Any) -> Any:
+        try:
             obj = await self._read_json(request)
             fields = {"model", "prompt", "messages", "add_generation_prompt",
                       "add_special_tokens"}
@@ -267,6 +278,12 @@ class OpenAIFrontEnd:
     # -- one generation ------------------------------------------------------------
 
     async def _serve_call(self, request: Any, chat: bool) -> Any:
+        try:
+            return await self._serve_admitted(request, chat)
+        except _Gone:  # not admitted: nothing runs, nothing is counted
+            return _gone()
+
+    async def _serve_admitted(self, request: Any, chat: bool) -> Any:
         try:
             if self.stopping:
                 raise EngineStopped("the server is shutting down")
@@ -341,6 +358,10 @@ class OpenAIFrontEnd:
             raise bad("messages", f"messages: {exc}") from None
 
     async def _read_json(self, request: Any) -> dict[str, Any]:
+        """The body as a JSON object; ApiError if it is not one, _Gone if the client left
+        before sending all of it."""
+        from starlette.requests import ClientDisconnect
+
         size = request.headers.get("content-length")
         most = self.max_body_bytes
         if size is not None and size.isdigit() and int(size) > most:
@@ -358,6 +379,10 @@ class OpenAIFrontEnd:
         except TimeoutError:
             raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT_S:.0f} s", None,
                            "timeout") from None
+        except ClientDisconnect:
+            log.info("%s: the client left before its body arrived (%d bytes of %s)",
+                     request.url.path, total, size or "?")
+            raise _Gone() from None
         body = b"".join(parts)
         try:
             obj = (await asyncio.to_thread(json.loads, body) if len(body) > INLINE_PARSE_BYTES
@@ -494,9 +519,7 @@ class OpenAIFrontEnd:
             if watch.done() and not watch.cancelled() and watch.exception() is not None:
                 log.info("call %s: the connection failed: %r", call.id, watch.exception())
         if work.cancelled():
-            from starlette.responses import Response
-
-            return Response(status_code=499)  # nobody reads it
+            return _gone()
         try:
             final = work.result()
         except EngineStopped as exc:
@@ -555,6 +578,13 @@ def _json(obj: Any, status: int = 200) -> Any:
     from starlette.responses import JSONResponse
 
     return JSONResponse(obj, status)
+
+
+def _gone() -> Any:
+    """The response to a client that has left: nobody reads it (nginx's 499)."""
+    from starlette.responses import Response
+
+    return Response(status_code=499)
 
 
 async def _not_found(request: Any, exc: Any) -> Any:

@@ -317,6 +317,29 @@ def test_a_body_larger_than_any_valid_call_is_refused_unparsed(server, name):
     assert status == 413 and json.loads(reply)["error"]["code"] == "body_too_large"
 
 
+def test_a_client_leaving_before_its_body_arrives_logs_no_traceback(server, name):
+    """A client that hangs up with its body half sent (a timeout on a slow upload, a proxy
+    dropping the connection) is nobody to answer: no request runs, and the log gets no
+    "Exception in ASGI application" traceback for it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(server.http_url)
+    body = json.dumps({"model": name, "prompt": PROMPT, "max_tokens": 4}).encode()
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        for sent in (0, len(body) // 2):
+            head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            with socket.create_connection((where.hostname, where.port), timeout=30) as sock:
+                sock.sendall(head.encode() + body[:sent])
+    status, _ = _raw(server.http_url + "/v1/completions", body)  # the server goes on
+    assert status == 200
+    wait_idle(server)
+    log = server.log.read_text()
+    assert "ClientDisconnect" not in log and "Exception in ASGI application" not in log, \
+        log[-3000:]
+
+
 def urllib_get(url: str) -> bytes:
     import urllib.request
 
