@@ -301,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import threading
 
     args = build_parser().parse_args(argv)
+    from moeflow.ops.onednn_cache import bound_onednn_cache
+
+    bound_onednn_cache()  # before the first GEMM: a server meets a new shape per prompt
     previous = None
     if threading.current_thread() is threading.main_thread():  # serve sets its own
         previous = signal.signal(signal.SIGTERM, _terminate)

@@ -67,6 +67,7 @@ from moeflow.actors.plane import (
 from moeflow.actors.process import EXIT_BAD_INPUT, ActorConfig, launch_message
 from moeflow.actors.tracing import RealTrace
 from moeflow.dataflow.graph import Placement
+from moeflow.ops.onednn_cache import bound_onednn_cache
 from moeflow.scheduler.base import Scheduler, routes
 
 log = logging.getLogger("moeflow.coordinator")
@@ -194,6 +195,7 @@ class ZmqExecutor:
         keys = PlaneKeys(self.actor_keys[name], self.keys.public,
                          {n: k.public for n, k in self.actor_keys.items()})
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        bound_onednn_cache(env)
         if self.scheduler:  # its class is found in the actor where it is found here
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)
         # a process group of its own: a terminal's Ctrl-C (and hang-up) goes to the engine's

@@ -197,3 +197,29 @@ def test_gates_report_their_counts_only_to_a_coordinator_that_records_them(tiny_
     with ZmqExecutor(str(path), cluster.placement, "float32", 4096, record_routing=True) as zmq:
         record_generation(zmq, spec, BatchEP(), cluster, PROMPTS, STEPS)
         assert zmq.routing == recorded[True]
+
+
+@pytest.mark.timeout(120)
+def test_actors_bound_onednns_cache_of_compiled_gemms(tiny_factory, monkeypatch):
+    """oneDNN keeps a compiled GEMM per shape, 1,024 by default (~0.4 MB each): a server's
+    actors, meeting a new shape with most prompts, start with a smaller bound, unless the
+    environment sets one."""
+    from moeflow.ops.onednn_cache import ONEDNN_CACHE_ENTRIES, ONEDNN_CACHE_VAR
+
+    def actor_values(llm: LLM) -> list[str]:
+        values = []
+        for pid in children_of(os.getpid()):
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            if any(b"moeflow.actors.process" in part
+                   for part in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")):
+                values += [v.split(b"=", 1)[1].decode() for v in environ
+                           if v.startswith(ONEDNN_CACHE_VAR.encode() + b"=")]
+        return values
+
+    path = tiny_factory("qwen3_moe")
+    monkeypatch.delenv(ONEDNN_CACHE_VAR, raising=False)
+    with LLM(path, devices="cpu:0,cpu:1", transport="zmq") as llm:
+        assert actor_values(llm) == [str(ONEDNN_CACHE_ENTRIES)] * 2
+    monkeypatch.setenv(ONEDNN_CACHE_VAR, "7")
+    with LLM(path, devices="cpu:0,cpu:1", transport="zmq") as llm:
+        assert actor_values(llm) == ["7"] * 2
