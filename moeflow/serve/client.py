@@ -51,18 +51,33 @@ class _Inbox:
     def __init__(self) -> None:
         self.queues: dict[Key, deque[dict[str, Any]]] = {}
         self.waiters: dict[Key, int] = {}
+        # generates left early (an abort sent): their id is in progress on the server until
+        # its final (or error) arrives, and a reply for it must not reach a new generate
+        # given the same id
+        self.draining: set[Key] = set()
 
     def open(self, key: Key) -> None:
         self.waiters[key] = self.waiters.get(key, 0) + 1
         self.queues.setdefault(key, deque())
 
-    def close(self, key: Key) -> None:
+    def close(self, key: Key, drain: bool = False) -> None:
+        """Stop waiting on `key`; `drain`: a generate left before its final, whose later
+        replies are dropped until that final (or error) arrives."""
         self.waiters[key] -= 1
         if not self.waiters[key]:
+            if drain and not any(_ends(r) for r in self.queues[key]):
+                self.draining.add(key)
             del self.waiters[key], self.queues[key]
 
     def put(self, reply: Any) -> None:
-        queue = self.queues.get(_route(reply)) if isinstance(reply, dict) else None
+        if not isinstance(reply, dict):
+            return
+        key = _route(reply)
+        if key in self.draining:
+            if _ends(reply):
+                self.draining.discard(key)
+            return
+        queue = self.queues.get(key)
         if queue is not None:
             queue.append(reply)
 
@@ -82,6 +97,12 @@ def _route(reply: dict[str, Any]) -> Key:
             return ("duplicate_id",)  # nobody waits: generate refuses duplicates itself
         return ("health",)  # only health and metrics can fail without an id here
     return ("generate", rid)
+
+
+def _ends(reply: dict[str, Any]) -> bool:
+    """A generate's last reply: its final, or an error carrying its id."""
+    return reply.get("type") == p.FINAL or (reply.get("type") == p.ERROR
+                                            and reply.get("id") is not None)
 
 
 def _generate_message(request_id: p.RequestId, prompt: str | None,
@@ -177,6 +198,7 @@ class AsyncClient:
         if timeout is not None and self._features is None:
             self._features = _features(await self.health(timeout=timeout))
         params = _with_deadline(params, timeout, self._features or frozenset())
+        await self._drained(key, timeout)
         _unique(self._inbox, key)
         self._inbox.open(key)
         finished = False
@@ -192,7 +214,7 @@ class AsyncClient:
                     finished = True
                     return
         finally:
-            self._inbox.close(key)
+            self._inbox.close(key, drain=not finished)
             if not finished:  # the caller left early: stop the work on the server
                 await self._send({"type": p.ABORT, "id": request_id}, timeout)
 
@@ -246,6 +268,22 @@ class AsyncClient:
             raise TimeoutError(f"no reply from {self.address} within {seconds:g} s") from None
         return reply
 
+    async def _drained(self, key: Key, timeout: float | None) -> None:
+        """Wait until a generate left early under this id has ended on the server (its id
+        is in progress there until then: reusing it would be a duplicate_id)."""
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(seconds):
+                while key in self._inbox.draining:
+                    async with self._recv_lock:
+                        if key not in self._inbox.draining:
+                            break
+                        frames = await self._socket.recv_multipart()
+                        self._inbox.put(_decode(frames[-1]))
+        except TimeoutError:
+            raise TimeoutError(f"id {key[1]!r}: its abort was not answered by "
+                               f"{self.address} within {seconds:g} s") from None
+
     def close(self) -> None:
         self._socket.close(linger=0)
 
@@ -282,6 +320,7 @@ class Client:
         if timeout is not None and self._features is None:
             self._features = _features(self.health(timeout=timeout))
         params = _with_deadline(params, timeout, self._features or frozenset())
+        self._drained(key, timeout)
         _unique(self._inbox, key)
         self._inbox.open(key)
         finished = False
@@ -297,7 +336,7 @@ class Client:
                     finished = True
                     return
         finally:
-            self._inbox.close(key)
+            self._inbox.close(key, drain=not finished)
             if not finished:
                 self._send({"type": p.ABORT, "id": request_id})
 
@@ -342,6 +381,17 @@ class Client:
                 raise TimeoutError(f"no reply from {self.address} within {seconds:g} s")
             self._inbox.put(_decode(self._socket.recv_multipart()[-1]))
         return reply
+
+    def _drained(self, key: Key, timeout: float | None) -> None:
+        """As AsyncClient._drained."""
+        seconds = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + seconds
+        while key in self._inbox.draining:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._socket.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                raise TimeoutError(f"id {key[1]!r}: its abort was not answered by "
+                                   f"{self.address} within {seconds:g} s")
+            self._inbox.put(_decode(self._socket.recv_multipart()[-1]))
 
     def close(self) -> None:
         self._socket.close(linger=0)

@@ -137,6 +137,7 @@ class _Job:
     task: asyncio.Task[None] | None = None
     admitted: bool = False
     abort_reason: str | None = None  # "client" (an abort request) or "shutdown"
+    aborts: int = 0  # abort requests received for it: each is answered with one `aborted`
 
     @property
     def key(self) -> tuple[bytes, p.RequestId]:
@@ -344,6 +345,7 @@ class RequestServer:
                 raise p.ProtocolError(p.NOT_FOUND, f"id {request.id!r} is not in progress",
                                       request.id, "id")
             target.abort_reason = "client"
+            target.aborts += 1  # a second abort while the first takes effect: one more reply
             if target.admitted and target.task is not None:
                 target.task.cancel()
             # not admitted yet: its task sees abort_reason once the engine answers
@@ -468,9 +470,10 @@ class RequestServer:
             log.info("%s: the client is gone; aborted", who)
             return
         sent = await self._send(job.client, job.envelope, terminal, self.config.send_timeout_s)
-        if job.abort_reason == "client" and sent:
-            await self._send(job.client, job.envelope, p.Aborted(job.request.id),
-                             self.config.send_timeout_s)
+        for _ in range(job.aborts if sent else 0):  # one `aborted` per abort request
+            if not await self._send(job.client, job.envelope, p.Aborted(job.request.id),
+                                    self.config.send_timeout_s):
+                break
         if isinstance(terminal, p.ErrorReply):
             log.info("%s: error %s: %s", who, terminal.code, terminal.message)
         else:

@@ -351,6 +351,46 @@ def test_the_python_example_in_the_protocol_doc_runs(server):
     assert "length" in run.stdout and "completion_tokens" in run.stdout
 
 
+def test_each_abort_of_a_generate_in_progress_gets_its_aborted(client):
+    client.send({"type": "generate", "id": "twice", "prompt_ids": [1, 2],
+                 "max_new_tokens": 2000, "ignore_eos": True})
+    assert client.next_for("twice")["type"] == "token"
+    client.send({"type": "abort", "id": "twice"})
+    client.send({"type": "abort", "id": "twice"})  # read before the first took effect
+    assert client.next_for("twice", ("final",))["finish_reason"] == "abort"
+    assert client.next_for("twice", ("aborted",)) == {"type": "aborted", "id": "twice"}
+    assert client.next_for("twice", ("aborted",), timeout=10) == {"type": "aborted",
+                                                                  "id": "twice"}
+
+
+@pytest.mark.timeout(120)
+def test_a_python_client_reusing_the_id_of_a_generate_it_left_gets_its_own_replies(server):
+    import moeflow
+
+    with moeflow.Client(server.address, timeout=30) as c:
+        for _ in c.generate(prompt_ids=[1, 2], id="again", max_new_tokens=2000,
+                            ignore_eos=True):
+            break  # leaving early aborts it: "again" is in progress until its final
+        replies = list(c.generate(prompt_ids=[3, 4, 5], id="again", max_new_tokens=3))
+        assert [r["type"] for r in replies] == ["token"] * 3 + ["final"]
+        assert [r["index"] for r in replies[:-1]] == [0, 1, 2]
+        assert replies[-1]["finish_reason"] == "length"
+        assert replies[-1]["usage"]["prompt_tokens"] == 3
+
+    async def reuse() -> list[dict[str, Any]]:
+        async with moeflow.AsyncClient(server.address, timeout=30) as ac:
+            stream = ac.generate(prompt_ids=[1, 2], id="again", max_new_tokens=2000,
+                                 ignore_eos=True)
+            async for _ in stream:
+                break
+            await stream.aclose()
+            return [r async for r in ac.generate(prompt_ids=[3, 4, 5], id="again",
+                                                 max_new_tokens=3)]
+    replies = asyncio.run(reuse())
+    assert [r["type"] for r in replies] == ["token"] * 3 + ["final"]
+    assert replies[-1]["usage"]["prompt_tokens"] == 3
+
+
 @pytest.mark.timeout(120)
 def test_python_clients_round_trip(server):
     import moeflow

@@ -490,3 +490,25 @@ def test_a_message_of_many_containers_is_malformed_before_decoding():
         with pytest.raises(p.ProtocolError, match="256 maps and arrays") as info:
             p.decode(msgpack.packb(junk))
         assert info.value.code == p.MALFORMED
+
+
+def test_a_client_inbox_drops_the_replies_of_a_generate_left_early_until_its_final():
+    from moeflow.serve.client import _Inbox
+
+    inbox, key = _Inbox(), ("generate", "x")
+    inbox.open(key)
+    inbox.put({"type": "token", "id": "x", "index": 0})
+    inbox.close(key, drain=True)  # left after its first token: an abort is on its way
+    assert key in inbox.draining
+    inbox.open(key)  # a new generate reusing the id (the clients wait for the drain first)
+    inbox.put({"type": "token", "id": "x", "index": 1})  # the old request's
+    inbox.put({"type": "final", "id": "x", "finish_reason": "abort"})  # the old request's
+    assert inbox.take(key) is None and key not in inbox.draining
+    inbox.put({"type": "token", "id": "x", "index": 0})
+    assert inbox.take(key) == {"type": "token", "id": "x", "index": 0}
+    inbox.close(key)
+    # its final already received: nothing to drain
+    inbox.open(key)
+    inbox.put({"type": "final", "id": "x", "finish_reason": "length"})
+    inbox.close(key, drain=True)
+    assert key not in inbox.draining
