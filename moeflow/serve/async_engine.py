@@ -191,8 +191,7 @@ class AsyncEngine:
             await thread.submit("add", (ids, params or SamplingParams(), request_id, stream))
         except BaseException:
             self._streams.pop(request_id, None)
-            if not thread.exited:  # the engine may admit it yet: withdraw it (FIFO after add)
-                thread.submit("abort", request_id).add_done_callback(_settled)
+            self._abort_soon(request_id)  # the engine may admit it yet (FIFO after add)
             raise
         return request_id
 
@@ -217,23 +216,26 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self._thread is not None and not self._thread.exited:
-                # the consumer went away: abort the request and free its KV
-                self._thread.submit("abort", request_id).add_done_callback(_settled)
+            if not finished:  # the consumer went away: abort the request and free its KV
+                self._abort_soon(request_id)
 
     def drop(self, request_id: int) -> None:
         """Abort an admitted request whose events nobody will read, and free its KV."""
         self._streams.pop(request_id, None)
-        if self._thread is not None and not self._thread.exited:
-            self._thread.submit("abort", request_id).add_done_callback(_settled)
+        self._abort_soon(request_id)
 
     def abort_soon(self, request_id: int) -> bool:
         """Ask the engine to end a request now with finish_reason "abort": its events
         still come, ending with a FinalEvent carrying the text and usage so far. False if
         the engine is not running (no such final will come)."""
-        if request_id not in self._streams or self._thread is None or self._thread.exited:
+        return request_id in self._streams and self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: int) -> bool:
+        """Submit an abort nobody waits on; False if the engine thread has stopped."""
+        thread = self._thread
+        if thread is None or thread.exited:
             return False
-        self._thread.submit("abort", request_id).add_done_callback(_settled)
+        thread.submit("abort", request_id).add_done_callback(_settled)
         return True
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None
