@@ -23,7 +23,7 @@ from moeflow.scheduler.base import Scheduler
 from moeflow.serve.async_engine import AsyncEngine, FinalEvent, OverloadedError, is_token_id
 from moeflow.serve.config import EngineConfig
 from moeflow.serve.engine import EngineCore
-from moeflow.ops.sampling import SamplingParams
+from moeflow.ops.sampling import Logprobs, SamplingParams
 
 Prompt = Union[str, Sequence[int]]
 
@@ -43,7 +43,7 @@ class Completion:
     e2e_s: float
     # with `SamplingParams(logprobs=N)`: per generated token, its log-probability and the N
     # likeliest tokens' (id, log-probability), most likely first; else None
-    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
+    logprobs: tuple[Logprobs, ...] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
