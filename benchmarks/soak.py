@@ -17,8 +17,9 @@ before any fault.
 
 Reported: requests sent, completed with the right tokens, completed with wrong tokens
 (must be 0), failed with a clear error, lost (no final and no error within the request
-timeout: must be 0); faults injected; RSS of the server and of cpu:0 at minute 2 and at the
-end, and their growth (goal: < 5 %). Progress goes to stderr once a minute.
+timeout: must be 0); faults injected; RSS of the server and of each actor that lived
+through the run (cpu:0; both without faults) at minute 2 and at the end, and their growth
+(goal: < 5 %). Progress goes to stderr once a minute.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from serving import Server, real_checkpoint  # noqa: E402
 SOAK_CHECKPOINT = Path(".cache/soak-qwen3-moe")
 
 
+ACTORS = ("cpu:0", "cpu:1")  # the server's devices; cpu:1 is the one faulted
 PROMPTS = [[5, 17, 33, 2, 99, 4], [250, 7, 8], [8, 9, 10, 11, 300, 301, 302, 40], [61, 62]]
 MAX_NEW_TOKENS = 16
 REQUEST_TIMEOUT_S = 60.0
@@ -79,7 +81,7 @@ def actor_pids(server_pid: int) -> dict[str, int]:
         except OSError:
             continue
         parts = cmd.split()
-        if "moeflow.actors.process" in parts and parts[-1] in ("cpu:0", "cpu:1"):
+        if "moeflow.actors.process" in parts and parts[-1] in ACTORS:
             found[parts[-1]] = pid
     return found
 
@@ -208,16 +210,15 @@ async def soak(address: str, server_pid: int, minutes: float, rate: float, fault
         while time.monotonic() < end:
             now = time.monotonic()
             if now >= next_sample:
-                actors = actor_pids(server_pid)
-                memory.append({"t_s": now - start, "server_mb": rss_mb(server_pid),
-                               "cpu0_pid": actors.get("cpu:0"),
-                               "cpu0_mb": rss_mb(actors["cpu:0"]) if "cpu:0" in actors
-                               else None})
+                sample: dict[str, Any] = {"t_s": now - start, "server_mb": rss_mb(server_pid)}
+                for device, pid in actor_pids(server_pid).items():
+                    sample[f"{device}_pid"], sample[f"{device}_mb"] = pid, rss_mb(pid)
+                memory.append(sample)
                 if int(now - start) // 60 != int(next_sample - 10 - start) // 60:
-                    actor = memory[-1]["cpu0_mb"]
                     print(f"# {(now - start) / 60:.1f} min: {stats}, server "
-                          f"{memory[-1]['server_mb']:.0f} MB"
-                          + (f", cpu:0 {actor:.0f} MB" if actor else ""), file=sys.stderr)
+                          f"{sample['server_mb']:.0f} MB" + "".join(
+                              f", {d} {sample[f'{d}_mb']:.0f} MB" for d in ACTORS
+                              if sample.get(f"{d}_mb")), file=sys.stderr)
                 next_sample = now + 10
             if now >= next_fault:
                 victim = actor_pids(server_pid).get("cpu:1")
@@ -249,11 +250,15 @@ async def _resume_later(pid: int, delay: float) -> None:
 
 
 def growth(memory: list[dict[str, Any]], key: str, from_s: float) -> dict[str, Any]:
-    rows = [m for m in memory if m[key] is not None]
-    if key == "cpu0_mb":  # one process throughout, or the figure means nothing
-        pids = {m["cpu0_pid"] for m in rows}
+    """RSS of `key` ("server" or an actor's device) from `from_s` to the end."""
+    rows = [m for m in memory if m.get(f"{key}_mb") is not None]
+    if not rows:
+        return {"error": f"{key} was never seen"}
+    if key != "server":  # one process throughout, or the figure means nothing
+        pids = {m[f"{key}_pid"] for m in rows}
         if len(pids) != 1:
-            return {"error": f"cpu:0 was restarted ({len(pids)} processes)"}
+            return {"error": f"{key} was restarted ({len(pids)} processes)"}
+    key = f"{key}_mb"
     later = [m for m in rows if m["t_s"] >= from_s] or rows[-1:]
     first, last = later[0][key], rows[-1][key]
     return {"at_start_mb": round(first, 1), "at_end_mb": round(last, 1),
@@ -280,13 +285,15 @@ def main() -> int:
     check_output(parser, args.json, "--json")  # before minutes of measuring
     model = args.model or soak_checkpoint()
     fault_every = args.fault_every if args.transport == "zmq" else 0.0  # no actor to fault
-    with Server(model, args.scheduler, "cpu:0,cpu:1", args.transport, http=args.http) as server:
+    with Server(model, args.scheduler, ",".join(ACTORS), args.transport,
+                http=args.http) as server:
         result = asyncio.run(soak(server.address, server.proc.pid, args.minutes, args.rate,
                                   fault_every, args.seed, server.base_url))
     from_s = min(120.0, args.minutes * 60 / 5)
-    memories = {"server": growth(result["memory"], "server_mb", from_s)}
-    if args.transport == "zmq":
-        memories["actor cpu:0"] = growth(result["memory"], "cpu0_mb", from_s)
+    memories = {"server": growth(result["memory"], "server", from_s)}
+    if args.transport == "zmq":  # each actor that lived through the run: not a faulted one
+        for device in ACTORS[:1] if fault_every else ACTORS:
+            memories[f"actor {device}"] = growth(result["memory"], device, from_s)
     result["memory_growth"] = memories
     stats = result["stats"]
     faults = (f"{stats['faults']} faults (actor cpu:1 killed or stopped every "
