@@ -58,6 +58,9 @@ class JobResult:
     tokens: dict[int, int] = field(default_factory=dict)  # unit seq index -> token
     logits: dict[int, torch.Tensor] = field(default_factory=dict)
     error: str | None = None  # the whole job failed
+    # it failed for no fault of its requests (an actor died, a message was lost): they
+    # may run again
+    retry: bool = False
     lost: tuple[str, ...] = ()
     errors: dict[int, str] = field(default_factory=dict)  # unit seq index -> why it failed
     logprobs: dict[int, Logprobs] = field(default_factory=dict)  # for requests that asked
@@ -91,12 +94,12 @@ class JobTracker:
         del self.waiting[job_id]
         return self.results.pop(job_id)
 
-    def fail(self, job_id: int, error: str) -> JobResult | None:
+    def fail(self, job_id: int, error: str, retry: bool = False) -> JobResult | None:
         if job_id not in self.waiting:
             return None
         del self.waiting[job_id]
         result = self.results.pop(job_id)
-        result.error = error
+        result.error, result.retry = error, retry
         return result
 
     def involving_any(self) -> list[int]:
@@ -223,11 +226,12 @@ class CoordinatorCore:
             raise TypeError(f"a {type(msg).__name__} is not a reply")
         return []
 
-    def fail(self, unit_ids: Iterable[int], error: str) -> list[int]:
-        """Fail the jobs still in flight among `unit_ids`; those failed now."""
+    def fail(self, unit_ids: Iterable[int], error: str, retry: bool = False) -> list[int]:
+        """Fail the jobs still in flight among `unit_ids`; those failed now. `retry`: for no
+        fault of their requests (see JobResult)."""
         failed = []
         for unit_id in unit_ids:
-            result = self.tracker.fail(unit_id, error)
+            result = self.tracker.fail(unit_id, error, retry)
             if result is not None:
                 self.done.append(result)
                 failed.append(unit_id)

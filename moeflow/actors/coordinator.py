@@ -25,8 +25,9 @@ Faults: a poll checks every actor's process and its heartbeats, which carry the 
 of the actor's core thread. A dead or silent actor (no heartbeat for `heartbeat_timeout`,
 3 s by default), or a wedged one (its core on one step for `node_timeout`), fails the jobs
 it was part of with a clear error, the other actors drop those units, and the actor is
-restarted for later work; its KV cache is gone, so results report it in `lost` and the
-engine fails the requests it served. A job that none of the actors still owing a share of
+restarted for later work; its KV cache is gone, so results report it in `lost`. Jobs
+failed this way (and by a lost message) are marked `retry`: the engine runs their requests
+again (see moeflow.serve.engine). A job that none of the actors still owing a share of
 it has worked on for `stall_timeout` (no node finished and none running on any of them: a
 message was lost) fails alone. Busy actors keep a job alive: a long node never looks like
 a stall, and a stall shows once its actors fall idle. `close()` stops every process
@@ -385,8 +386,8 @@ class ZmqExecutor:
         else:
             self._drop("unexpected", f"an unexpected {kind} from {name}")
 
-    def _fail(self, unit_ids: list[int], error: str) -> None:
-        self._abort(self.coordinator.fail(unit_ids, error))
+    def _fail(self, unit_ids: list[int], error: str, retry: bool = False) -> None:
+        self._abort(self.coordinator.fail(unit_ids, error, retry))
 
     def _abort(self, failed: list[int]) -> None:
         if failed:
@@ -435,7 +436,7 @@ class ZmqExecutor:
                 stalled[job_id] = idle
         for job_id, idle in stalled.items():
             self._fail([job_id], f"no progress for {idle:.1f} s on any of its actors: a "
-                                 f"message was lost?")
+                                 f"message was lost?", retry=True)
         for job_id in stalled:
             self.started.pop(job_id, None)
 
@@ -455,7 +456,7 @@ class ZmqExecutor:
             old.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             old.proc.wait(timeout=5)
-        self._fail(self.tracker.involving(name), f"actor {name} died ({why})")
+        self._fail(self.tracker.involving(name), f"actor {name} died ({why})", retry=True)
         self.lost.add(name)
         self.coordinator.restarted(name)
         self.actors[name] = self._spawn(name)

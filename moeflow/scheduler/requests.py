@@ -13,6 +13,8 @@ It holds what every engine needs and nothing about tokens or tensors:
                      executor to free
     complete(job)    the job's forward pass is done: its sequences' KV now holds the
                      tokens; returns the sequences that produced logits (to sample from)
+    requeue(job, ..) the job failed: its sequences end, or (for no fault of theirs: an
+                     actor died) wait again, to be recomputed, as preempted ones are
 
 The real engine (`moeflow.serve.engine`) adds token ids and sampling; the simulator adds a
 clock and a cost model. Both drive the same book, so they admit, batch and preempt alike.
@@ -300,11 +302,17 @@ class RequestBook:
                 sampled.append(seq.seq_id)
         return Completed(sampled, released)
 
-    def fail(self, job: Job, reason: str) -> Completed:
-        """`job` did not finish: its sequences end with `reason` and their KV is freed."""
+    def requeue(self, job: Job, again: set[int], reason: str) -> Completed:
+        """`job` did not finish: the sequences in `again` (it failed for no fault of
+        theirs: an actor died) wait again, their KV dropped, to be recomputed from prompt
+        and outputs (as a preempted sequence is); the others end with `reason`."""
         for chunk in job.unit.seqs:
-            self.finish(chunk.seq_id, reason)
+            if chunk.seq_id not in again:
+                self.finish(chunk.seq_id, reason)
         done = self.complete(job)
+        for chunk in reversed(job.unit.seqs):  # each goes first in line: in their order
+            if self.seqs[chunk.seq_id].status is SeqStatus.RUNNING:
+                self.preempt(chunk.seq_id)
         return Completed([], done.released)
 
     def add_output(self, seq_id: int) -> Seq:

@@ -4,6 +4,13 @@
     job_spec(job) -> JobSpec       what the executor runs: the plan, new token ids, sampling
     complete(job, result)          take the sampled tokens, check stops, free what finished
 
+A request whose job failed for no fault of its own (an actor died or stopped answering, a
+message was lost: the executor says `retry`), or whose KV cache was lost with an actor,
+runs again once the actor is back: it waits again and is recomputed from its prompt and
+the tokens it has, as a preempted request is. Each request runs again at most
+MAX_RETRIES times; after that it fails with the error (a request that itself kills its
+actor must not take it down for ever).
+
 `step()` does the three in order for a synchronous caller (`moeflow.LLM`); an async caller
 (`moeflow.AsyncEngine`) schedules whenever work may start and completes each job as it
 finishes. Counting, admission and memory live in the pure `RequestBook` (shared with the
@@ -13,6 +20,7 @@ happens where the logits are, on the actor that serves the request.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +33,9 @@ from moeflow.scheduler.plan_cache import DEFAULT_CAPACITY, PlanCache
 from moeflow.scheduler.requests import Job, RequestBook, Seq, SeqStatus
 from moeflow.actors.cluster import Executor, JobResult, JobSpec
 from moeflow.ops.sampling import Logprobs, SamplingParams
+
+log = logging.getLogger("moeflow.engine")
+MAX_RETRIES = 1  # times a request runs again after losing its actor (see the docstring)
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Request:
     stop_decoder: IncrementalDecoder | None = None
     # with `params.logprobs`: each output token's log-probability and the top tokens'
     logprobs: list[Logprobs] = field(default_factory=list)
+    retries: int = 0  # times it ran again after losing its actor
 
     @property
     def stop_text(self) -> str:
@@ -196,10 +208,18 @@ class EngineCore:
         return events
 
     def complete(self, job: Job, result: JobResult) -> list[TokenEvent]:
-        for device in result.lost:
-            self.lose(device)
+        """Take the job's result; then, if devices lost their state meanwhile, what they
+        held (its requests too, idle by then) runs again or fails (`lose`)."""
         if result.error is not None:
-            return self.fail(job, f"error: {result.error}")
+            events = self.fail(job, f"error: {result.error}", retry=result.retry)
+        else:
+            events = self._took(job, result)
+        for device in result.lost:
+            events.extend(self.lose(device))
+        return events
+
+    def _took(self, job: Job, result: JobResult) -> list[TokenEvent]:
+        """A job that ran: its sampled tokens, stops checked."""
         done = self.book.complete(job)
         self._released(done.released)
         index = {c.seq_id: i for i, c in enumerate(job.unit.seqs)}
@@ -229,18 +249,31 @@ class EngineCore:
             events.append(TokenEvent(seq_id, token, reason is not None, reason, logprobs))
         return events
 
-    def fail(self, job: Job, reason: str) -> list[TokenEvent]:
-        """`job` could not run: end its requests with `reason`."""
-        done = self.book.fail(job, reason)
+    def fail(self, job: Job, reason: str, retry: bool = False) -> list[TokenEvent]:
+        """`job` could not run: end its requests with `reason`; with `retry` (it failed for
+        no fault of theirs) each that may runs again instead (see the module docstring)."""
+        again = {c.seq_id for c in job.unit.seqs
+                 if retry and self._may_retry(c.seq_id, reason)}
+        done = self.book.requeue(job, again, reason)
         self._released(done.released)
         now = self.clock()
         events = []
         for chunk in job.unit.seqs:
             req = self.requests.get(chunk.seq_id)
-            if req is not None and req.finish_time is None:
+            if chunk.seq_id not in again and req is not None and req.finish_time is None:
                 req.finish_reason, req.finish_time = reason, now
                 events.append(TokenEvent(req.request_id, -1, True, reason))
         return events
+
+    def _may_retry(self, request_id: int, why: str) -> bool:
+        """Whether the request runs again after losing its actor (counted if so)."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished or req.retries >= MAX_RETRIES:
+            return False
+        req.retries += 1
+        log.warning("request %d runs again (%s; retry %d of %d)", request_id,
+                    why.removeprefix("error: "), req.retries, MAX_RETRIES)
+        return True
 
     def _released(self, released: list[tuple[str, int]]) -> None:
         for home, seq_id in released:
@@ -250,17 +283,21 @@ class EngineCore:
                 self.book.pop(seq_id)
 
     def lose(self, device: str) -> list[TokenEvent]:
-        """`device` lost its state (its actor restarted): fail the requests it served, and
-        those whose KV cache it kept (a policy's `kv_devices`)."""
+        """`device` lost its state (its actor restarted): the requests it served, and those
+        whose KV cache it kept (a policy's `kv_devices`), run again (recomputed) if they
+        may, else fail."""
         events = []
         kept = self.scheduler.kv_devices(self.spec, self.cluster)
         homes = {device} | {home for home, where in kept.items() if where == device}
+        reason = f"error: {device} restarted and lost this request's state"
         for seq in list(self.book):
             if seq.home in homes and seq.status is SeqStatus.RUNNING and not seq.in_flight:
                 req = self.requests[seq.seq_id]
+                if self._may_retry(seq.seq_id, reason):
+                    self.book.preempt(seq.seq_id)  # its KV is freed with the evicted
+                    continue
                 self.book.finish(seq.seq_id, "lost")
-                req.finish_reason = f"error: {device} restarted and lost this request's state"
-                req.finish_time = self.clock()
+                req.finish_reason, req.finish_time = reason, self.clock()
                 events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         return events
 

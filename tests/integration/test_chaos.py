@@ -1,9 +1,9 @@
 """Chaos: actors killed, stopped and restarted at random, and data messages dropped and
 delayed, under a running load. Seeded and bounded.
 
-Every request either completes with exactly the tokens of an unfaulted run, or fails with
-a clear error soon after it last made progress; none is lost, and no process is left
-behind. The counts are printed (run with -s to see them).
+Every request either completes with exactly the tokens of an unfaulted run (a request
+whose actor died runs again, recomputed), or fails with a clear error soon after it last
+made progress (a second loss); none is lost, and no process is left behind. The counts are printed (run with -s to see them).
 """
 
 from __future__ import annotations

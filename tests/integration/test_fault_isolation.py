@@ -190,6 +190,74 @@ def test_an_actor_that_dies_while_idle_is_restarted_before_the_next_request(path
     asyncio.run(main())
 
 
+def test_a_request_whose_actor_dies_mid_generation_runs_again_and_completes(path, caplog):
+    """Killed while a request decodes, the actor is restarted and the request runs again,
+    recomputed from its prompt and its tokens so far: its stream pauses, and it ends with
+    the tokens of an unfaulted run."""
+    params = SamplingParams(max_new_tokens=300, ignore_eos=True)
+
+    async def main() -> None:
+        async with AsyncEngine.from_pretrained(path, devices="cpu:0,cpu:1",
+                                               transport="zmq") as engine:
+            expected = await final_of(engine, PROMPT, params)
+            pids = await engine.call(lambda core: core.executor.pids())
+            streamed: list[int] = []
+            final = None
+            async with asyncio.timeout(120):
+                async for event in engine.generate(PROMPT, params):
+                    if isinstance(event, FinalEvent):
+                        final = event
+                        continue
+                    streamed.append(event.token_id)
+                    if len(streamed) == 4:
+                        os.kill(pids["cpu:1"], signal.SIGKILL)
+            assert final is not None and final.error is None, final
+            assert final.token_ids == expected.token_ids
+            assert streamed == list(expected.token_ids)  # each token streamed once
+            assert engine.health()["actor_restarts"] == 1
+
+    with caplog.at_level("WARNING", logger="moeflow.engine"):
+        asyncio.run(main())
+    assert any("runs again" in r.getMessage() and "retry 1 of 1" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_request_runs_again_once_then_fails_if_it_loses_its_actor_again(path):
+    """A job failed for no fault of its requests (`retry`) runs them again, once: a second
+    such failure ends them with the error, so a request that kills its actor cannot keep
+    doing so."""
+    from moeflow.serve.build import build_engine_core
+
+    core = build_engine_core(path)
+    run_many, failures = core.executor.run_many, []
+
+    def failing(jobs):  # every job fails as an actor's death fails it
+        results = run_many(jobs)
+        for r in results:
+            failures.append(r.job_id)
+            r.tokens, r.error, r.retry = {}, "actor cpu:0 died (killed)", True
+        return results
+
+    try:
+        core.executor.run_many = failing
+        req = core.add_request(PROMPT, GREEDY)
+        events = []
+        for _ in range(10):
+            events += core.step()
+            if req.finished:
+                break
+        assert len(failures) == 2 and req.retries == 1
+        assert req.finish_reason == "error: actor cpu:0 died (killed)"
+        assert [e.finish_reason for e in events] == [req.finish_reason]
+        core.executor.run_many = run_many  # the next request is served as usual
+        again = core.add_request(PROMPT, GREEDY)
+        while not again.finished:
+            core.step()
+        assert again.finish_reason == "length" and len(again.output_ids) == 6
+    finally:
+        core.executor.close()
+
+
 def test_a_server_whose_engine_gives_up_stops_with_an_error(path, monkeypatch):
     from moeflow.serve.client import AsyncClient, ServerError
     from moeflow.serve.config import EngineConfig

@@ -90,3 +90,24 @@ def test_a_sequence_alone_that_outgrows_its_device_ends_instead_of_evicting_itse
     assert book.kv_full == [0] and book.seqs[0].status is SeqStatus.FINISHED
     assert book.seqs[0].finish_reason == KV_FULL and book.seqs[0].num_preemptions == 0
     assert book.free_kv_blocks() == {"cpu:0": 2} and not book.has_unfinished()
+
+
+def test_a_job_that_failed_for_no_fault_of_its_own_requeues_or_ends_its_sequences():
+    """`requeue`: the sequences asked to run again wait first in line, their KV released
+    and their computed tokens forgotten (they are recomputed); the others end."""
+    from moeflow.scheduler.requests import SeqStatus
+
+    book, jobs = book_with_two_decoding()
+    assert book.kv_used["cpu:0"] == 2
+    done = book.requeue(jobs[1], {1}, "error: actor cpu:0 died")
+    seq = book.seqs[1]
+    assert seq.status is SeqStatus.WAITING and seq.num_computed == 0 and not seq.in_flight
+    assert seq.num_preemptions == 1 and book.waiting[0] == 1
+    assert book.evicted == [("cpu:0", 1)] and done.released == [] and done.sampled == []
+    assert book.kv_used["cpu:0"] == 1
+    done = book.requeue(jobs[0], set(), "error: actor cpu:0 died")
+    assert book.seqs[0].status is SeqStatus.FINISHED
+    assert book.seqs[0].finish_reason == "error: actor cpu:0 died"
+    assert done.released == [("cpu:0", 0)] and book.kv_used["cpu:0"] == 0
+    [job] = book.schedule()  # the requeued one is admitted again, from its first token
+    assert job.unit.seqs[0].seq_id == 1 and job.unit.seqs[0].start == 0
