@@ -66,14 +66,19 @@ def test_actor_processes_match_the_in_process_executor(family, num_actors, tiny_
 
 def long_generation(llm, prompt, out):
     out["completions"] = llm.generate(prompt, sampling=SamplingParams(
-        max_new_tokens=2000, ignore_eos=True))
+        max_new_tokens=LONG, ignore_eos=True))
+
+
+LONG = 300
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("victim", ["cpu:1", "cpu:0"])  # an expert owner, then the home
-def test_a_killed_actor_fails_its_request_clearly_and_the_next_one_succeeds(victim, tiny_factory):
+def test_a_killed_actors_request_runs_again_and_completes_as_if_nothing_happened(
+        victim, tiny_factory):
     path = tiny_factory("qwen3_moe")
-    expected = LLM(path, devices="cpu:0,cpu:1").generate([3, 4, 5], max_new_tokens=6)[0]
+    with LLM(path, devices="cpu:0,cpu:1") as reference:
+        expected = reference.generate([1, 2, 3], max_new_tokens=LONG)[0]
     with LLM(path, devices="cpu:0,cpu:1", transport="zmq") as llm:
         before = llm.executor.pids()
         out: dict[str, object] = {}
@@ -84,15 +89,13 @@ def test_a_killed_actor_fails_its_request_clearly_and_the_next_one_succeeds(vict
             assert time.monotonic() < deadline, "generation never started"
             time.sleep(0.01)
         os.kill(before[victim], signal.SIGKILL)
-        worker.join(timeout=60)
+        worker.join(timeout=90)
         assert not worker.is_alive(), "the request hung after an actor died"
-        [failed] = out["completions"]  # type: ignore[misc]
-        assert failed.finish_reason.startswith("error") and f"{victim} died" in failed.finish_reason
-        assert 0 < len(failed.token_ids) < 2000
-        [ok] = llm.generate([3, 4, 5], max_new_tokens=6)
-        assert ok.token_ids == expected.token_ids and ok.finish_reason == "length"
+        [done] = out["completions"]  # type: ignore[misc]
+        assert done.finish_reason == "length" and done.token_ids == expected.token_ids
         after = llm.executor.pids()
         assert after[victim] != before[victim]
+        assert f"actor {victim} died" in llm.executor.last_restart
     for pid in [*before.values(), *after.values()]:
         assert not alive(pid)
 
