@@ -35,6 +35,10 @@ SUBSETS = 4096
 MAX_MEAN_LENGTH = 1e7  # tokens
 MAX_SIGMA = 4.0  # a lognormal length's: e^(4 * 6) times the median six sigmas out
 MAX_ZIPF_S = 50.0  # past it, popularity underflows: 256 ** -50 ~ 1e-120 still counts
+# the latest arrival, in seconds from the first (about 3 years): the simulator's times are
+# float seconds, which past it keep less than 0.1 us (a rate of 1e-300 once gave a makespan
+# of 300 digits, and every latency 0.00 ms, its steps lost in the rounding)
+MAX_SPAN_S = 1e8
 
 class WorkloadError(ValueError):
     pass
@@ -88,8 +92,19 @@ class Lengths:
 def requests(arrivals: str, num_requests: int, prompt: Lengths, output: Lengths,
              seed: int = 0) -> list[SimRequest]:
     """The requests of a workload, sorted by arrival."""
-    rng = random.Random(seed)
     kind, _, args = arrivals.partition(":")
+    out = _requests(kind, args, arrivals, num_requests, prompt, output, random.Random(seed))
+    span = out[-1].arrival - out[0].arrival
+    if span > MAX_SPAN_S:
+        raise WorkloadError(f"the arrivals of {arrivals!r} span {span:.3g} s, more than the "
+                            f"{MAX_SPAN_S:.0e} s over which simulated times stay exact to "
+                            f"0.1 us: " + ("a higher rate" if kind == "poisson"
+                                           else "a shorter trace") + ", or fewer requests")
+    return out
+
+
+def _requests(kind: str, args: str, arrivals: str, num_requests: int, prompt: Lengths,
+              output: Lengths, rng: random.Random) -> list[SimRequest]:
     if kind == "trace":
         return _trace(Path(args), prompt, output, rng, num_requests)
     if num_requests < 1:

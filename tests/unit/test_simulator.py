@@ -103,6 +103,25 @@ def test_skewed_routing_loads_the_hot_experts_owner_more():
     assert spread(skewed) > spread(uniform)
 
 
+def test_arrivals_spanning_more_than_float_seconds_keep_exact_are_refused(tmp_path):
+    """A rate of 1e-300 once simulated a makespan of 300 digits with every latency 0.00 ms
+    (the steps lost in rounding times that large): arrivals must span at most
+    MAX_SPAN_S."""
+    from moeflow.sim.workload import MAX_SPAN_S
+
+    one = Lengths.parse("fixed:1")
+    for rate in ("1e-300", "1e-8"):
+        with pytest.raises(WorkloadError, match="span .* a higher rate"):
+            requests(f"poisson:rate={rate}", 3, one, one)
+    assert requests("poisson:rate=1e-6", 3, one, one)[-1].arrival < MAX_SPAN_S
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 5}\n{"arrival": 200000005}\n')
+    with pytest.raises(WorkloadError, match="span 2e\\+08 s.*a shorter trace"):
+        requests(f"trace:{trace}", 0, one, one)
+    trace.write_text('{"arrival": 1700000000.5}\n{"arrival": 1700000001}\n')  # Unix times
+    assert [r.arrival for r in requests(f"trace:{trace}", 0, one, one)] == [0.0, 0.5]
+
+
 def test_workloads_and_routing_models():
     reqs = requests("poisson:rate=100", 2000, Lengths.parse("fixed:8"), Lengths.parse("fixed:4"))
     gaps = [b.arrival - a.arrival for a, b in zip(reqs, reqs[1:])]
