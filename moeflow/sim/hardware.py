@@ -91,9 +91,9 @@ HOST = "cpu"  # the host's device name in a simulated node of GPUs
 
 @dataclass(frozen=True, slots=True)
 class Hardware:
-    """`num_devices` devices of one kind, and the host CPU they hang off (`host`, named
-    "cpu" in a plan: policies that offload run attention or keep weights there), reached
-    over `host_link` (PCIe)."""
+    """`num_devices` devices of one kind, and for GPUs the host CPU they hang off (`host`,
+    named "cpu" in a plan: policies that offload run attention or keep weights there),
+    reached over `host_link` (PCIe). A node of CPUs has no other host: its devices are it."""
 
     name: str
     device: DeviceSpec
@@ -102,12 +102,12 @@ class Hardware:
     host_link: LinkSpec  # host memory <-> device
     host_memory: float = 512 * GB
     notes: str = field(default="", compare=False)
-    host: DeviceSpec | None = None  # the host's roofline; None: a generic server CPU
+    host: DeviceSpec | None = None  # a GPU node's host roofline; None: a generic server CPU
 
     def __post_init__(self) -> None:
         if self.num_devices < 1:
             raise HardwareError(f"{self.name}: num_devices must be >= 1")
-        if self.host is None:
+        if self.host is None and self.device.kind == "gpu":
             object.__setattr__(self, "host", _server_host(self.host_memory))
 
     def device_names(self) -> tuple[str, ...]:

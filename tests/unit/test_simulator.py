@@ -459,3 +459,18 @@ def test_token_progress_is_reported_as_units_finish_not_only_at_the_end():
                                      token_progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (40, 40) and len(seen) >= 10
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_cpu_node_has_no_invented_host_and_a_gpu_node_a_server_cpu():
+    """`moeflow calibrate` on a CPU machine used to write a generic server CPU as its
+    "host", which nothing reads: a node of CPUs is its own host."""
+    from moeflow.sim.hardware import HOST, DeviceSpec, Hardware, LinkSpec
+
+    link = LinkSpec(40e9)
+    cpu = Hardware("cpu-calibrated", DeviceSpec("cpu-2t", "cpu", {"bfloat16": 3e11}, 3e10,
+                                                2.4e10), 1, link, link, 2.4e10)
+    assert cpu.host is None and json.loads(cpu.to_json())["host"] is None
+    assert hardware.Hardware.from_dict(json.loads(cpu.to_json())) == cpu
+    assert cpu.with_host() == ("cpu:0",) and cpu.spec("cpu:0") is cpu.device
+    gpu = hardware.presets()["h100"]
+    assert gpu.host is not None and gpu.spec(HOST) is gpu.host and HOST in gpu.with_host()
