@@ -56,8 +56,15 @@ def activation_bytes(spec: ModelSpec, tokens: int, seqs: int, dtype_bytes: int) 
     """An upper bound on a device's live activations while `tokens` tokens of `seqs`
     sequences are in flight: each layer holds at most the attention output and residual,
     the gate's rows, routed rows in and out, a shared expert's output and the previous
-    layer's output ((6 + 3k) rows of D per token), plus fp32 logits per sequence."""
-    per_token = (6 + 3 * spec.moe.top_k) * spec.hidden_size * dtype_bytes
+    layer's output ((6 + 3k) rows of D per token); the MLP of one layer at a time holds its
+    intermediates, gate/up and their product (3 rows of the FFN's width for each routed
+    row, k a token, and for a shared expert's or a dense layer's); plus fp32 logits per
+    sequence. (Without the intermediates, which for Mixtral's F = 14,336 are 1.7x the rest,
+    the bound fell short.)"""
+    moe = spec.moe
+    ffn = 3 * max(moe.top_k * moe.intermediate_size + moe.shared_intermediate_size,
+                  spec.dense_intermediate_size)
+    per_token = ((6 + 3 * moe.top_k) * spec.hidden_size + ffn) * dtype_bytes
     return tokens * per_token + seqs * spec.vocab_size * 4
 
 

@@ -474,3 +474,21 @@ def test_a_cpu_node_has_no_invented_host_and_a_gpu_node_a_server_cpu():
     assert cpu.with_host() == ("cpu:0",) and cpu.spec("cpu:0") is cpu.device
     gpu = hardware.presets()["h100"]
     assert gpu.host is not None and gpu.spec(HOST) is gpu.host and HOST in gpu.with_host()
+
+
+def test_the_activation_reserve_bounds_the_mlp_intermediates_too():
+    """Per token, (6 + 3k) rows of D, and a layer's MLP intermediates: gate/up and their
+    product, 3 rows of the FFN width for each of the k routed rows (a shared expert's and
+    a dense layer's counted too), plus fp32 logits per sequence. Mixtral's intermediates
+    are 1.7x the rest: without them the bound fell short."""
+    from moeflow.sim.simulator import activation_bytes
+
+    spec = models.load("mixtral-8x7b")
+    rows = (6 + 3 * 2) * 4096
+    ffn = 3 * 2 * 14336
+    assert activation_bytes(spec, 4096, 8, 2) == 4096 * (rows + ffn) * 2 + 8 * 32000 * 4
+    ds = models.load("deepseek-v2")  # a shared expert, and a first dense layer
+    moe = ds.moe
+    per_token = activation_bytes(ds, 1, 0, 1) - (6 + 3 * moe.top_k) * ds.hidden_size
+    assert per_token == 3 * max(moe.top_k * moe.intermediate_size
+                                + moe.shared_intermediate_size, ds.dense_intermediate_size)
