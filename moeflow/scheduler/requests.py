@@ -118,6 +118,7 @@ class RequestBook:
         self.in_flight: dict[int, Job] = {}
         self._reserved: dict[int, int] = {}  # seq -> KV length its blocks are charged for
         self.evicted: list[tuple[str, int]] = []  # preempted (home, seq): executor frees KV
+        self.num_preemptions = 0  # sequences preempted so far (to be recomputed)
         self.kv_full: list[int] = []  # ended at their device's KV capacity (KV_FULL): the
         # engine says so and frees their KV as for any finish
         self._job_ids = itertools.count()
@@ -282,6 +283,7 @@ class RequestBook:
         self.running.remove(seq_id)
         seq.status, seq.home, seq.num_computed = SeqStatus.WAITING, None, 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq_id)
 
     # -- completion ----------------------------------------------------------------

@@ -110,6 +110,7 @@ class EngineCore:
                                 max_seqs=max_seqs, plan_cache=self.plans)
         self.requests: dict[int, Request] = {}
         self._zombies: set[int] = set()  # popped while their unit was still in flight
+        self.num_retries = 0  # requests run again after losing their actor, so far
         self._next_id = 0
         self.eos_ids = frozenset(spec.eos_token_ids)
         # the tokens a request may reach: the model's context, or less where a device's KV
@@ -271,6 +272,7 @@ class EngineCore:
         if req is None or req.finished or req.retries >= MAX_RETRIES:
             return False
         req.retries += 1
+        self.num_retries += 1
         log.warning("request %d runs again (%s; retry %d of %d)", request_id,
                     why.removeprefix("error: "), req.retries, MAX_RETRIES)
         return True

@@ -52,6 +52,7 @@ class EngineThread(threading.Thread):
         self.last_error: str | None = None
         self.fatal: str | None = None
         self.exited = False  # set in the loop by AsyncEngine once this thread has stopped
+        self._recomputed = (0, 0)  # the core's preemptions and retries handed to metrics
 
     # called from the event loop
     def submit(self, command: str, payload: Any = None) -> asyncio.Future[Any]:
@@ -114,9 +115,19 @@ class EngineThread(threading.Thread):
                         self._publish(self.core.complete(job, result))
                 self.metrics.gauge(waiting=len(self.core.book.waiting),
                                    running=len(self.core.book.running))
+                self._count_recomputed()
         except Exception as exc:
             log.exception("the engine failed")
             return not self._recover(exc)
+
+    def _count_recomputed(self) -> None:
+        """Hand the core's new preemptions and retries to the metrics."""
+        core = self.core
+        preempted, retried = core.book.num_preemptions, core.num_retries
+        if (preempted, retried) != self._recomputed:
+            self.metrics.recomputed(preempted - self._recomputed[0],
+                                    retried - self._recomputed[1])
+            self._recomputed = (preempted, retried)
 
     def _recover(self, exc: Exception) -> bool:
         """Fail every request in progress, rebuild the core; False when giving up."""
@@ -177,6 +188,7 @@ class EngineThread(threading.Thread):
             config = dataclasses.replace(config, trace=f"{stem}.restart{self.builds}.{suffix}")
         self.builds += 1
         self.core = build_engine_core(config)
+        self._recomputed = (0, 0)
         self.dtype = resolve_dtype(self.config.dtype, self.core.spec.dtype)
 
     def _drain(self, block: bool) -> bool:

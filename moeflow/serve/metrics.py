@@ -66,6 +66,8 @@ class Metrics:
         self.token_rate = Rate()
         self.waiting = 0
         self.running = 0
+        self.preemptions = 0  # requests preempted (KV dropped, recomputed later)
+        self.retries = 0  # requests run again after losing their actor
         self.ttft, self.tpot, self.e2e = Histogram(), Histogram(), Histogram()
 
     def request_started(self, prompt_tokens: int) -> None:
@@ -97,6 +99,12 @@ class Metrics:
         with self.lock:
             self.waiting, self.running = waiting, running
 
+    def recomputed(self, preemptions: int, retries: int) -> None:
+        """Add this many preemptions and retries (see EngineCore.num_retries)."""
+        with self.lock:
+            self.preemptions += preemptions
+            self.retries += retries
+
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
         with self.lock:
@@ -126,6 +134,12 @@ class Metrics:
                      "Prompt tokens admitted."),
                     ("moeflow:generation_tokens_total", self.generated_tokens, "counter",
                      "Tokens generated."),
+                    ("moeflow:num_preemptions_total", self.preemptions, "counter",
+                     "Requests preempted: their KV cache dropped, to be recomputed (a "
+                     "device's cache was full, or an actor was lost)."),
+                    ("moeflow:request_retries_total", self.retries, "counter",
+                     "Requests run again after losing their actor (it died or stopped "
+                     "answering, or a message was lost)."),
                     ("moeflow:num_requests_waiting", self.waiting, "gauge",
                      "Admitted requests without KV cache (not started, or preempted)."),
                     ("moeflow:num_requests_running", self.running, "gauge",

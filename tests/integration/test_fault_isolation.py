@@ -215,6 +215,9 @@ def test_a_request_whose_actor_dies_mid_generation_runs_again_and_completes(path
             assert final.token_ids == expected.token_ids
             assert streamed == list(expected.token_ids)  # each token streamed once
             assert engine.health()["actor_restarts"] == 1
+            text = engine.metrics.prometheus().splitlines()
+            assert "moeflow:request_retries_total 1" in text
+            assert "moeflow:num_preemptions_total 1" in text  # its KV, dropped to recompute
 
     with caplog.at_level("WARNING", logger="moeflow.engine"):
         asyncio.run(main())

@@ -427,8 +427,12 @@ def test_prometheus_uses_vllm_names_with_the_moeflow_prefix():
     metrics.token()
     metrics.request_finished(_Final())
     metrics.gauge(waiting=2, running=1)
+    metrics.recomputed(preemptions=3, retries=1)
+    metrics.recomputed(preemptions=0, retries=1)
     text = metrics.prometheus(extra={"moeflow:kv_blocks_free": 7})
     for line in ('moeflow:request_success_total{finished_reason="stop"} 1',
+                 "moeflow:num_preemptions_total 3", "moeflow:request_retries_total 2",
+                 "# TYPE moeflow:request_retries_total counter",
                  "moeflow:prompt_tokens_total 5", "moeflow:generation_tokens_total 1",
                  "moeflow:num_requests_waiting 2", "moeflow:num_requests_running 1",
                  'moeflow:time_to_first_token_seconds_bucket{le="0.025"} 1',
