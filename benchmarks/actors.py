@@ -232,6 +232,8 @@ def prefill_alarm(checkpoint: Path, stall_timeout: float,
         alarms = []
         if request.finish_reason != "length":
             alarms.append(f"the request ended with {request.finish_reason}")
+        if request.retries:  # a job failed, silently run again
+            alarms.append("the request ran again")
         if executor.pids() != pids:  # type: ignore[attr-defined]
             alarms.append("an actor was restarted")
         dropped = {k: v for k, v in executor.dropped.items()}  # type: ignore[attr-defined]

@@ -327,8 +327,10 @@ class ZmqExecutor:
             if deadline is None and not len(self.tracker) and not self.coordinator.done:
                 break
         done = self.coordinator.take_done()
-        if done and self.lost:
-            done[0].lost = tuple(sorted(self.lost))
+        if done and self.lost:  # on each: the engine takes them in any order
+            lost = tuple(sorted(self.lost))
+            for result in done:
+                result.lost = lost
             self.lost.clear()
         return done
 

@@ -111,6 +111,9 @@ class EngineCore:
         self.requests: dict[int, Request] = {}
         self._zombies: set[int] = set()  # popped while their unit was still in flight
         self.num_retries = 0  # requests run again after losing their actor, so far
+        # requests in flight when a device they need lost its state: why, to run again (or
+        # fail) once their job is back (`lose`)
+        self._stale: dict[int, str] = {}
         self._next_id = 0
         self.eos_ids = frozenset(spec.eos_token_ids)
         # the tokens a request may reach: the model's context, or less where a device's KV
@@ -215,6 +218,16 @@ class EngineCore:
             events = self.fail(job, f"error: {result.error}", retry=result.retry)
         else:
             events = self._took(job, result)
+            for chunk in job.unit.seqs:  # its KV was lost while it ran: recomputed
+                why = self._stale.pop(chunk.seq_id, None)
+                req = self.requests.get(chunk.seq_id)
+                if why is None or req is None or req.finished:
+                    continue
+                if self._may_retry(req.request_id, why):
+                    self.book.preempt(req.request_id)
+                else:
+                    self._finish(req, why)
+                    events.append(TokenEvent(req.request_id, -1, True, why))
         for device in result.lost:
             events.extend(self.lose(device))
         return events
@@ -253,6 +266,8 @@ class EngineCore:
     def fail(self, job: Job, reason: str, retry: bool = False) -> list[TokenEvent]:
         """`job` could not run: end its requests with `reason`; with `retry` (it failed for
         no fault of theirs) each that may runs again instead (see the module docstring)."""
+        for chunk in job.unit.seqs:
+            self._stale.pop(chunk.seq_id, None)  # its request runs again or ends here
         again = {c.seq_id for c in job.unit.seqs
                  if retry and self._may_retry(c.seq_id, reason)}
         done = self.book.requeue(job, again, reason)
@@ -287,20 +302,24 @@ class EngineCore:
     def lose(self, device: str) -> list[TokenEvent]:
         """`device` lost its state (its actor restarted): the requests it served, and those
         whose KV cache it kept (a policy's `kv_devices`), run again (recomputed) if they
-        may, else fail."""
+        may, else fail; one in flight does so once its job is back (a job that finished
+        before the loss was noticed may come back after it)."""
         events = []
         kept = self.scheduler.kv_devices(self.spec, self.cluster)
         homes = {device} | {home for home, where in kept.items() if where == device}
         reason = f"error: {device} restarted and lost this request's state"
         for seq in list(self.book):
-            if seq.home in homes and seq.status is SeqStatus.RUNNING and not seq.in_flight:
-                req = self.requests[seq.seq_id]
-                if self._may_retry(seq.seq_id, reason):
-                    self.book.preempt(seq.seq_id)  # its KV is freed with the evicted
-                    continue
-                self.book.finish(seq.seq_id, "lost")
-                req.finish_reason, req.finish_time = reason, self.clock()
-                events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
+            if seq.home not in homes or seq.status is not SeqStatus.RUNNING:
+                continue
+            if seq.in_flight:
+                self._stale[seq.seq_id] = reason
+                continue
+            req = self.requests[seq.seq_id]
+            if self._may_retry(seq.seq_id, reason):
+                self.book.preempt(seq.seq_id)  # its KV is freed with the evicted
+                continue
+            self._finish(req, reason)  # and its KV on the actors that kept theirs
+            events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         return events
 
     def _stop_reason(self, req: Request, token: int) -> str | None:

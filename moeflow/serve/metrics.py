@@ -114,6 +114,7 @@ class Metrics:
                     "generated_tokens": self.generated_tokens,
                     "generated_tokens_per_s": self.token_rate.per_s(now, self.started),
                     "waiting": self.waiting, "running": self.running,
+                    "preemptions": self.preemptions, "retries": self.retries,
                     "ttft_mean_s": self.ttft.sum / self.ttft.total if self.ttft.total else None,
                     "tpot_mean_s": self.tpot.sum / self.tpot.total if self.tpot.total else None,
                     "e2e_mean_s": self.e2e.sum / self.e2e.total if self.e2e.total else None}

@@ -261,6 +261,66 @@ def test_a_request_runs_again_once_then_fails_if_it_loses_its_actor_again(path):
         core.executor.close()
 
 
+def test_a_job_back_after_its_device_was_lost_runs_its_request_again(path):
+    """Two units in flight (fine-ep); the second finishes on its home, then that actor dies
+    while the first still runs: the first fails (`retry`, `lost`), and the second comes back
+    after the loss was taken in, its KV gone. It must run again, not resume where its
+    cache no longer is (it failed with 'not cached here', its retry unused)."""
+    from moeflow.serve.build import build_engine_core
+
+    core = build_engine_core(path, devices="cpu:0,cpu:1", scheduler="fine-ep")
+    executor, steps = core.executor, []
+    run_many = executor.run_many
+
+    def dies_after_the_second(jobs):
+        results = run_many(jobs)
+        steps.append(len(jobs))
+        if len(steps) == 3:
+            assert len(jobs) == 2
+            victim = jobs[1].unit.seqs[0].home
+            first = results[0]
+            first.tokens, first.error, first.retry = {}, f"actor {victim} died (killed)", True
+            first.lost = (victim,)
+            worker = executor.actors[victim].worker  # what a restart leaves: no KV
+            for seq_id in list(worker.kv.seqs):
+                worker.release(seq_id)
+        return results
+
+    executor.run_many = dies_after_the_second
+    a, b = core.add_request(PROMPT, GREEDY), core.add_request(PROMPT[::-1], GREEDY)
+    for _ in range(30):
+        core.step()
+        if a.finished and b.finished:
+            break
+    assert (a.finish_reason, b.finish_reason) == ("length", "length")
+    assert (a.retries, b.retries) == (1, 1)
+    executor.run_many = run_many
+    for want, req in ((a, PROMPT), (b, PROMPT[::-1])):
+        again = core.add_request(req, GREEDY)
+        while not again.finished:
+            core.step()
+        assert again.output_ids == want.output_ids  # recomputed, as if nothing happened
+    assert core.book.kv_used == {"cpu:0": 0, "cpu:1": 0}
+
+
+def test_a_request_failed_for_a_lost_device_frees_its_kv_where_it_was_kept(path):
+    """cgopipe keeps a request's KV on the host (cpu:1), not its home (cpu:0). When the
+    home is lost and the request may not run again, the host frees its blocks too."""
+    from moeflow.serve.build import build_engine_core
+
+    core = build_engine_core(path, devices="cpu:0,cpu:1", scheduler="cgopipe")
+    assert core.scheduler.kv_devices(core.spec, core.cluster) == {"cpu:0": "cpu:1"}
+    req = core.add_request(PROMPT, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    for _ in range(3):
+        core.step()
+    host = core.executor.actors["cpu:1"].worker.kv
+    assert req.request_id in host.seqs
+    req.retries = 1  # its one retry spent
+    [event] = core.lose("cpu:0")
+    assert event.finished and "cpu:0 restarted" in req.finish_reason
+    assert req.request_id not in host.seqs and core.book.kv_used["cpu:0"] == 0
+
+
 def test_a_server_whose_engine_gives_up_stops_with_an_error(path, monkeypatch):
     from moeflow.serve.client import AsyncClient, ServerError
     from moeflow.serve.config import EngineConfig

@@ -429,6 +429,7 @@ def test_prometheus_uses_vllm_names_with_the_moeflow_prefix():
     metrics.gauge(waiting=2, running=1)
     metrics.recomputed(preemptions=3, retries=1)
     metrics.recomputed(preemptions=0, retries=1)
+    assert (metrics.snapshot()["preemptions"], metrics.snapshot()["retries"]) == (3, 2)
     text = metrics.prometheus(extra={"moeflow:kv_blocks_free": 7})
     for line in ('moeflow:request_success_total{finished_reason="stop"} 1',
                  "moeflow:num_preemptions_total 3", "moeflow:request_retries_total 2",
