@@ -83,6 +83,13 @@ class Request:
         return self.finish_reason is not None
 
 
+def _again(reason: str, req: Request) -> str:
+    """Why a request that lost its actor ends: with how often it had run again already."""
+    if not req.retries:
+        return reason
+    return f"{reason} (it had already run again {req.retries}x after losing an actor)"
+
+
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
     request_id: int
@@ -226,8 +233,8 @@ class EngineCore:
                 if self._may_retry(req.request_id, why):
                     self.book.preempt(req.request_id)
                 else:
-                    self._finish(req, why)
-                    events.append(TokenEvent(req.request_id, -1, True, why))
+                    self._finish(req, _again(why, req))
+                    events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         for device in result.lost:
             events.extend(self.lose(device))
         return events
@@ -277,8 +284,9 @@ class EngineCore:
         for chunk in job.unit.seqs:
             req = self.requests.get(chunk.seq_id)
             if chunk.seq_id not in again and req is not None and req.finish_time is None:
-                req.finish_reason, req.finish_time = reason, now
-                events.append(TokenEvent(req.request_id, -1, True, reason))
+                req.finish_reason = _again(reason, req) if retry else reason
+                req.finish_time = now
+                events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         return events
 
     def _may_retry(self, request_id: int, why: str) -> bool:
@@ -318,7 +326,7 @@ class EngineCore:
             if self._may_retry(seq.seq_id, reason):
                 self.book.preempt(seq.seq_id)  # its KV is freed with the evicted
                 continue
-            self._finish(req, reason)  # and its KV on the actors that kept theirs
+            self._finish(req, _again(reason, req))  # and its KV where it was kept
             events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
         return events
 

@@ -250,7 +250,8 @@ def test_a_request_runs_again_once_then_fails_if_it_loses_its_actor_again(path):
             if req.finished:
                 break
         assert len(failures) == 2 and req.retries == 1
-        assert req.finish_reason == "error: actor cpu:0 died (killed)"
+        assert req.finish_reason == ("error: actor cpu:0 died (killed) (it had already run "
+                                     "again 1x after losing an actor)")
         assert [e.finish_reason for e in events] == [req.finish_reason]
         core.executor.run_many = run_many  # the next request is served as usual
         again = core.add_request(PROMPT, GREEDY)
@@ -317,7 +318,9 @@ def test_a_request_failed_for_a_lost_device_frees_its_kv_where_it_was_kept(path)
     assert req.request_id in host.seqs
     req.retries = 1  # its one retry spent
     [event] = core.lose("cpu:0")
-    assert event.finished and "cpu:0 restarted" in req.finish_reason
+    assert event.finished and req.finish_reason == (
+        "error: cpu:0 restarted and lost this request's state (it had already run again 1x "
+        "after losing an actor)")
     assert req.request_id not in host.seqs and core.book.kv_used["cpu:0"] == 0
 
 
