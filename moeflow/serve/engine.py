@@ -225,16 +225,11 @@ class EngineCore:
             events = self.fail(job, f"error: {result.error}", retry=result.retry)
         else:
             events = self._took(job, result)
-            for chunk in job.unit.seqs:  # its KV was lost while it ran: recomputed
+            for chunk in job.unit.seqs if self._stale else ():  # KV lost while it ran
                 why = self._stale.pop(chunk.seq_id, None)
                 req = self.requests.get(chunk.seq_id)
-                if why is None or req is None or req.finished:
-                    continue
-                if self._may_retry(req.request_id, why):
-                    self.book.preempt(req.request_id)
-                else:
-                    self._finish(req, _again(why, req))
-                    events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
+                if why is not None and req is not None and not req.finished:
+                    events.extend(self._again_or_end(req, why))
         for device in result.lost:
             events.extend(self.lose(device))
         return events
@@ -322,13 +317,17 @@ class EngineCore:
             if seq.in_flight:
                 self._stale[seq.seq_id] = reason
                 continue
-            req = self.requests[seq.seq_id]
-            if self._may_retry(seq.seq_id, reason):
-                self.book.preempt(seq.seq_id)  # its KV is freed with the evicted
-                continue
-            self._finish(req, _again(reason, req))  # and its KV where it was kept
-            events.append(TokenEvent(req.request_id, -1, True, req.finish_reason))
+            events.extend(self._again_or_end(self.requests[seq.seq_id], reason))
         return events
+
+    def _again_or_end(self, req: Request, reason: str) -> list[TokenEvent]:
+        """An idle running request whose KV an actor lost: it runs again (recomputed) if it
+        may, else it ends with `reason`, its KV freed where it was kept."""
+        if self._may_retry(req.request_id, reason):
+            self.book.preempt(req.request_id)  # its KV is freed with the evicted
+            return []
+        self._finish(req, _again(reason, req))
+        return [TokenEvent(req.request_id, -1, True, req.finish_reason)]
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         params = req.params
